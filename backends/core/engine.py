@@ -1,0 +1,211 @@
+"""The engine: one model, one KV pool, one scheduler. `step()` = schedule, execute, update.
+
+Roles: "both" runs prefill and decode (the colocated engine); "prefill" stops each sequence
+after its first token and keeps its KV blocks for hand-off (`export_kv`, then `release`);
+"decode" takes sequences whose KV was computed elsewhere (`add_prefilled`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from backends.core.config import ModelConfig
+from backends.core.kv_cache import BlockManager, KVLayout, KVPool
+from backends.core.model_runner import ModelRunner, build_model
+from backends.core.sampling import SamplingParams
+from backends.core.scheduler import Batch, Scheduler, SchedulerConfig
+from backends.core.sequence import FinishReason, Sequence, SequenceStatus
+
+Role = Literal["both", "prefill", "decode"]
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    dtype: str = "bfloat16"
+    block_size: int = 16
+    num_kv_blocks: int = 1024
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 4096
+    max_model_len: int | None = None       # default: the model's context length
+    role: Role = "both"
+
+    def __post_init__(self) -> None:
+        if self.role not in ("both", "prefill", "decode"):
+            raise ValueError(f"role must be both, prefill or decode, got {self.role!r}")
+        if self.max_model_len is not None and self.max_model_len <= 1:
+            raise ValueError(f"max_model_len must be > 1, got {self.max_model_len}")
+        if self.num_kv_blocks <= 0:
+            raise ValueError(f"num_kv_blocks must be > 0, got {self.num_kv_blocks}")
+
+
+@dataclass
+class StepOutput:
+    req_id: str
+    new_token_ids: list[int]
+    finished: bool = False
+    finish_reason: FinishReason | None = None
+
+
+@dataclass
+class EngineStats:
+    num_waiting: int
+    num_running: int
+    num_blocks_used: int
+    num_blocks_total: int
+    last_batch_size: int = 0
+    last_batch_tokens: int = 0
+
+
+class LLMEngine:
+    def __init__(self, config: ModelConfig, state_dict: dict[str, torch.Tensor],
+                 engine_config: EngineConfig = EngineConfig(), kv_buffer: object | None = None,
+                 eos_token_ids: tuple[int, ...] | None = None) -> None:
+        self.model_config = config
+        self.config = engine_config
+        self.max_model_len = min(engine_config.max_model_len or config.max_position_embeddings,
+                                 config.max_position_embeddings)
+        self.eos_token_ids = frozenset(config.eos_token_ids if eos_token_ids is None else eos_token_ids)
+        layout = KVLayout.for_model(config, engine_config.num_kv_blocks, engine_config.block_size,
+                                    engine_config.dtype)
+        self.runner = ModelRunner(build_model(config, state_dict, engine_config.dtype),
+                                  KVPool(layout, kv_buffer))
+        self.blocks = BlockManager(engine_config.num_kv_blocks)
+        self.scheduler = Scheduler(SchedulerConfig(engine_config.max_num_seqs,
+                                                   engine_config.max_num_batched_tokens,
+                                                   engine_config.block_size), self.blocks)
+        self.seqs: dict[str, Sequence] = {}
+        self._last_batch: Batch | None = None
+
+    @classmethod
+    def from_path(cls, path: str, engine_config: EngineConfig = EngineConfig(), **kw) -> LLMEngine:
+        from backends.core.weights import load_checkpoint
+        config, sd = load_checkpoint(path, dtype=_torch_dtype(engine_config.dtype))
+        return cls(config, sd, engine_config, **kw)
+
+    @property
+    def kv(self) -> KVPool:
+        return self.runner.kv
+
+    # -- requests -------------------------------------------------------------------------
+    def validate_prompt(self, prompt_ids: list[int]) -> None:
+        if not prompt_ids:
+            raise ValueError("prompt is empty")
+        if len(prompt_ids) >= self.max_model_len:
+            raise ValueError(f"prompt has {len(prompt_ids)} tokens; the context length is "
+                             f"{self.max_model_len}, so at most {self.max_model_len - 1} fit")
+        bad = [t for t in prompt_ids if not 0 <= t < self.model_config.vocab_size]
+        if bad:
+            raise ValueError(f"token ids out of range [0, {self.model_config.vocab_size}): {bad[:5]}")
+        need = -(-len(prompt_ids) // self.config.block_size)
+        if need > self.config.num_kv_blocks:
+            raise ValueError(f"prompt needs {need} KV blocks; this engine has {self.config.num_kv_blocks}")
+
+    def add_request(self, req_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+        if self.config.role == "decode":
+            raise RuntimeError("a decode engine takes prefilled sequences: use add_prefilled")
+        self._check_new(req_id)
+        self.validate_prompt(prompt_ids)
+        seq = Sequence(req_id, list(prompt_ids), params)
+        self.seqs[req_id] = seq
+        self.scheduler.add(seq)
+
+    def abort(self, req_id: str) -> None:
+        seq = self.seqs.pop(req_id, None)
+        if seq is not None:
+            seq.finish_reason = FinishReason.ABORT
+            self.scheduler.finish(seq)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    def _check_new(self, req_id: str) -> None:
+        if req_id in self.seqs:
+            raise ValueError(f"request id {req_id!r} is already in use")
+
+    # -- the step -------------------------------------------------------------------------
+    def step(self) -> list[StepOutput]:
+        batch = self.scheduler.schedule()
+        self._last_batch = batch
+        if batch is None:
+            return []
+        token_ids = self.runner.execute(batch.seqs, batch.is_prefill)
+        return [self._update(seq, tok, batch.is_prefill) for seq, tok in zip(batch.seqs, token_ids)]
+
+    def _update(self, seq: Sequence, token_id: int, was_prefill: bool) -> StepOutput:
+        seq.output_ids.append(token_id)
+        reason = self._finish_reason(seq, token_id)
+        if reason is not None:
+            seq.finish_reason = reason
+            self.scheduler.finish(seq)
+            del self.seqs[seq.req_id]
+        elif was_prefill and self.config.role == "prefill":
+            self.scheduler.running.remove(seq)          # KV stays allocated for hand-off
+            seq.status = SequenceStatus.PREFILLED
+        return StepOutput(seq.req_id, [token_id], reason is not None, reason)
+
+    def _finish_reason(self, seq: Sequence, token_id: int) -> FinishReason | None:
+        p = seq.params
+        if token_id in p.stop_token_ids or (not p.ignore_eos and token_id in self.eos_token_ids):
+            return FinishReason.STOP
+        if seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            return FinishReason.LENGTH
+        return None
+
+    def stats(self) -> EngineStats:
+        b = self._last_batch
+        return EngineStats(len(self.scheduler.waiting), len(self.scheduler.running),
+                           self.blocks.num_used, self.blocks.num_blocks,
+                           len(b.seqs) if b else 0, b.num_tokens if b else 0)
+
+    # -- disaggregation seam --------------------------------------------------------------
+    def export_kv(self, req_id: str) -> tuple[list[int], int]:
+        """(block ids, tokens cached) of a PREFILLED sequence; blocks stay held until release."""
+        seq = self.seqs.get(req_id)
+        if seq is None or seq.status != SequenceStatus.PREFILLED:
+            raise KeyError(f"no prefilled sequence {req_id!r} to export")
+        return list(seq.block_ids), seq.num_cached
+
+    def release(self, req_id: str) -> None:
+        """Free a PREFILLED sequence's blocks once its KV has been handed off."""
+        seq = self.seqs.pop(req_id, None)
+        if seq is not None:
+            self.scheduler.finish(seq)
+
+    def add_prefilled(self, req_id: str, prompt_ids: list[int], first_token_id: int,
+                      params: SamplingParams, num_blocks: int) -> list[int]:
+        """Admit a sequence whose prompt KV was computed elsewhere.
+
+        Allocates `num_blocks` blocks and returns their ids: the caller copies the prompt's KV
+        into them, then calls `start_decoding(req_id)`. Raises MemoryError if no room.
+        """
+        if self.config.role == "prefill":
+            raise RuntimeError("a prefill engine does not decode")
+        self._check_new(req_id)
+        self.validate_prompt(prompt_ids)
+        if num_blocks != -(-len(prompt_ids) // self.config.block_size):
+            raise ValueError(f"{num_blocks} blocks do not fit a {len(prompt_ids)}-token prompt")
+        if params.seed is None:
+            raise ValueError("a prefilled sequence must carry its seed")
+        seq = Sequence(req_id, list(prompt_ids), params, output_ids=[first_token_id],
+                       status=SequenceStatus.WAITING_FOR_KV)
+        seq.block_ids = self.blocks.allocate(num_blocks)
+        self.seqs[req_id] = seq
+        return list(seq.block_ids)
+
+    def start_decoding(self, req_id: str) -> None:
+        seq = self.seqs[req_id]
+        if seq.status != SequenceStatus.WAITING_FOR_KV:
+            raise ValueError(f"request {req_id!r} is not waiting for KV")
+        seq.num_cached = seq.num_prompt_tokens
+        seq.status = SequenceStatus.RUNNING
+        self.scheduler.running.append(seq)
+
+    def can_admit(self, num_blocks: int) -> bool:
+        return self.blocks.can_allocate(num_blocks) and \
+            len(self.scheduler.running) < self.config.max_num_seqs
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]

@@ -1,0 +1,148 @@
+"""Decoder-only transformers (Llama / Mistral / Qwen2, and OPT) over the paged KV cache.
+
+One forward serves both phases: `forward(input_ids, positions, meta, kv)` runs a packed batch of
+new tokens (a prefill chunk per sequence, or one token per sequence in decode), writes their
+K/V into the pool and returns hidden states. Weights arrive with Hugging Face names and are
+packed on load (q/k/v into one matmul, gate/up into one) to cut per-layer op count.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from backends.core.attention import AttentionMetadata, paged_attention, store_kv
+from backends.core.config import ModelConfig
+from backends.core.kv_cache import KVPool
+
+
+def rope_cos_sin(config: ModelConfig, max_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables [max_pos, head_dim] in float32 (HF's rotate_half layout)."""
+    d = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    rs = config.rope_scaling
+    if rs is not None and rs.rope_type == "linear":
+        inv_freq = inv_freq / rs.factor
+    elif rs is not None and rs.rope_type == "llama3":
+        inv_freq = _llama3_inv_freq(inv_freq, rs)
+    t = torch.arange(max_pos, dtype=torch.int64).float()
+    freqs = torch.outer(t, inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def _llama3_inv_freq(inv_freq: torch.Tensor, rs) -> torch.Tensor:
+    low_wavelen = rs.original_max_position_embeddings / rs.low_freq_factor
+    high_wavelen = rs.original_max_position_embeddings / rs.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / rs.factor, inv_freq)
+    smooth = (rs.original_max_position_embeddings / wavelen - rs.low_freq_factor) / (
+        rs.high_freq_factor - rs.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / rs.factor + smooth * scaled
+    is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: [N, heads, hd]; cos/sin: [N, 1, hd] in x's dtype
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class DecoderLayer(nn.Module):
+    """Llama-family layer: pre-norm attention with RoPE + gated SiLU MLP."""
+
+    def __init__(self, c: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
+        q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        self.qkv_proj = nn.Linear(c.hidden_size, q + 2 * kv, bias=c.qkv_bias)
+        self.o_proj = nn.Linear(q, c.hidden_size, bias=False)
+        self.gate_up_proj = nn.Linear(c.hidden_size, 2 * c.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
+        self.input_layernorm = RMSNorm(c.hidden_size, c.norm_eps)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.norm_eps)
+        self.scale = c.head_dim ** -0.5
+
+    def forward(self, x, cos, sin, meta: AttentionMetadata, k_cache, v_cache):
+        # x: [N, D]
+        n, q_dim, kv_dim = x.shape[0], self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = self.qkv_proj(self.input_layernorm(x)).split([q_dim, kv_dim, kv_dim], dim=-1)
+        q = apply_rope(q.view(n, self.num_heads, self.head_dim), cos, sin)
+        k = apply_rope(k.view(n, self.num_kv_heads, self.head_dim), cos, sin)
+        v = v.view(n, self.num_kv_heads, self.head_dim)
+        store_kv(k_cache, v_cache, k, v, meta)
+        x = x + self.o_proj(paged_attention(q, k, v, k_cache, v_cache, meta, self.scale))
+        gate, up = self.gate_up_proj(self.post_attention_layernorm(x)).chunk(2, dim=-1)
+        return x + self.down_proj(F.silu(gate) * up)
+
+
+class CausalLM(nn.Module):
+    """Llama / Mistral / Qwen2."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        cos, sin = rope_cos_sin(config, config.max_position_embeddings)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                kv: KVPool) -> torch.Tensor:
+        # input_ids, positions: [N] -> hidden states [N, D]
+        x = self.embed_tokens(input_ids)
+        cos = self.rope_cos[positions].to(x.dtype).unsqueeze(1)
+        sin = self.rope_sin[positions].to(x.dtype).unsqueeze(1)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, meta, kv.k[i], kv.v[i])
+        return self.norm(x)
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()
+
+    def load_hf_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
+        """Load Hugging Face-named weights, packing q/k/v and gate/up."""
+        own: dict[str, torch.Tensor] = {
+            "embed_tokens.weight": sd["model.embed_tokens.weight"],
+            "norm.weight": sd["model.norm.weight"],
+            "lm_head.weight": sd.get("lm_head.weight", sd["model.embed_tokens.weight"])
+            if not self.config.tie_word_embeddings else sd["model.embed_tokens.weight"],
+        }
+        for i in range(self.config.num_layers):
+            p = f"model.layers.{i}."
+            a = p + "self_attn."
+            own[f"layers.{i}.qkv_proj.weight"] = torch.cat(
+                [sd[a + "q_proj.weight"], sd[a + "k_proj.weight"], sd[a + "v_proj.weight"]])
+            if self.config.qkv_bias:
+                own[f"layers.{i}.qkv_proj.bias"] = torch.cat(
+                    [sd[a + "q_proj.bias"], sd[a + "k_proj.bias"], sd[a + "v_proj.bias"]])
+            own[f"layers.{i}.o_proj.weight"] = sd[a + "o_proj.weight"]
+            own[f"layers.{i}.gate_up_proj.weight"] = torch.cat(
+                [sd[p + "mlp.gate_proj.weight"], sd[p + "mlp.up_proj.weight"]])
+            own[f"layers.{i}.down_proj.weight"] = sd[p + "mlp.down_proj.weight"]
+            own[f"layers.{i}.input_layernorm.weight"] = sd[p + "input_layernorm.weight"]
+            own[f"layers.{i}.post_attention_layernorm.weight"] = sd[p + "post_attention_layernorm.weight"]
+        self.load_state_dict(own, strict=True)
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight

@@ -1,0 +1,66 @@
+"""Owns the model weights, the KV pool and the torch threads of one engine."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from backends.core.attention import AttentionMetadata
+from backends.core.config import ModelConfig
+from backends.core.kv_cache import KVLayout, KVPool
+from backends.core.model import CausalLM, rope_cos_sin
+from backends.core.sampling import sample
+from backends.core.sequence import Sequence
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def pin_threads(cores: list[int] | None, num_threads: int | None = None) -> None:
+    """Pin this process to `cores` and match torch's thread count. Call before the first torch op."""
+    if cores:
+        os.sched_setaffinity(0, set(cores))
+    n = num_threads or (len(cores) if cores else None)
+    if n:
+        torch.set_num_threads(n)
+
+
+def build_model(config: ModelConfig, state_dict: dict[str, torch.Tensor], dtype: str) -> CausalLM:
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not supported; use one of {list(DTYPES)}")
+    with torch.device("meta"):
+        model = CausalLM(config)
+    model = model.to_empty(device="cpu").to(DTYPES[dtype])
+    # RoPE tables stay float32 (cast per step, as HF does); meta tensors had no values.
+    model.rope_cos, model.rope_sin = rope_cos_sin(config, config.max_position_embeddings)
+    model.load_hf_state_dict(state_dict)
+    return model.eval()
+
+
+class ModelRunner:
+    def __init__(self, model: CausalLM, kv: KVPool) -> None:
+        self.model = model
+        self.kv = kv
+        self.block_size = kv.layout.block_size
+
+    def execute(self, seqs: list[Sequence], is_prefill: bool) -> list[int]:
+        """Run one packed forward over `seqs` and sample one token for each."""
+        logits = self.forward_logits(seqs, is_prefill)
+        return sample(logits, [s.params for s in seqs], [s.num_output_tokens for s in seqs])
+
+    def forward_logits(self, seqs: list[Sequence], is_prefill: bool) -> torch.Tensor:
+        """Write the new tokens' K/V into the pool; return next-token logits [B, V] float32."""
+        ids, positions, query_lens, context_lens = [], [], [], []
+        for s in seqs:
+            start = s.num_cached if is_prefill else s.num_tokens - 1
+            ids += s.all_ids[start:s.num_tokens]
+            positions += range(start, s.num_tokens)
+            query_lens.append(s.num_tokens - start)
+            context_lens.append(s.num_tokens)
+        meta = AttentionMetadata.build(is_prefill, query_lens, context_lens,
+                                       [s.block_ids for s in seqs], self.block_size)
+        hidden = self.model(torch.tensor(ids), torch.tensor(positions), meta, self.kv)
+        last = torch.tensor(query_lens).cumsum(0) - 1
+        logits = self.model.logits(hidden[last])
+        for s in seqs:
+            s.num_cached = s.num_tokens
+        return logits

@@ -1,0 +1,103 @@
+"""Sampling parameters and the sampler.
+
+Randomness is stateless per token: the noise for a request's n-th sampled token comes from a
+generator seeded with mix(seed, n). A request therefore samples the same tokens whatever batch
+it runs in and whichever engine (prefill instance, then decode instance) draws each token; only
+the seed travels with it.
+"""
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import dataclass, replace
+
+import torch
+
+MAX_SEED = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0          # 0 means greedy
+    top_p: float = 1.0
+    top_k: int = 0                    # 0 means no top-k
+    seed: int | None = None           # None: a random seed is drawn when the request is made
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
+            raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        if not isinstance(self.temperature, (int, float)) or math.isnan(self.temperature) \
+                or math.isinf(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not 0 <= self.seed <= MAX_SEED):
+            raise ValueError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise ValueError(f"stop must be non-empty strings, got {self.stop!r}")
+        if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+    def with_seed(self) -> SamplingParams:
+        """These params with a concrete seed (drawn at random if none was given)."""
+        if self.seed is not None:
+            return self
+        return replace(self, seed=secrets.randbelow(MAX_SEED))
+
+
+def _mix(seed: int, n: int) -> int:
+    """splitmix64 of (seed, n): well-spread generator seeds for consecutive tokens."""
+    z = (seed + 0x9E3779B97F4A7C15 * (n + 1)) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (z ^ (z >> 31)) & MAX_SEED
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams], steps: list[int]) -> list[int]:
+    """Pick one token per row.
+
+    Args:
+        logits: [B, V] float32.
+        params: per-row sampling parameters (seeded; see `with_seed`).
+        steps: per-row index of the token being sampled (0 for the first output token).
+    Returns:
+        B token ids.
+    """
+    greedy = logits.argmax(dim=-1).tolist()
+    out: list[int] = []
+    for i, p in enumerate(params):
+        out.append(greedy[i] if p.is_greedy else _sample_row(logits[i], p, steps[i]))
+    return out
+
+
+def _sample_row(logits: torch.Tensor, p: SamplingParams, step: int) -> int:
+    # logits: [V]
+    x = logits / p.temperature
+    if p.top_k and p.top_k < x.numel():
+        kth = torch.topk(x, p.top_k).values[-1]
+        x = x.masked_fill(x < kth, float("-inf"))
+    probs = torch.softmax(x, dim=-1)
+    if p.top_p < 1.0:
+        sorted_p, idx = probs.sort(descending=True)
+        cum = sorted_p.cumsum(0)
+        drop = cum - sorted_p > p.top_p      # keep the smallest prefix whose mass reaches top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter_(0, idx, sorted_p)
+    gen = torch.Generator().manual_seed(_mix(p.seed if p.seed is not None else 0, step))
+    noise = torch.empty_like(probs).exponential_(generator=gen)
+    return int((probs / noise).argmax())      # exponential race == sampling from probs

