@@ -12,7 +12,7 @@ from typing import Literal
 import torch
 
 from backends.core.config import ModelConfig
-from backends.core.kv_cache import BlockManager, KVLayout, KVPool
+from backends.core.kv_cache import BlockManager, KVLayout, KVPool, dtype_from_name
 from backends.core.model_runner import ModelRunner, build_model
 from backends.core.sampling import SamplingParams
 from backends.core.scheduler import Batch, Scheduler, SchedulerConfig
@@ -32,6 +32,8 @@ class EngineConfig:
     role: Role = "both"
 
     def __post_init__(self) -> None:
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
         if self.role not in ("both", "prefill", "decode"):
             raise ValueError(f"role must be both, prefill or decode, got {self.role!r}")
         if self.max_model_len is not None and self.max_model_len <= 1:
@@ -81,7 +83,7 @@ class LLMEngine:
     @classmethod
     def from_path(cls, path: str, engine_config: EngineConfig = EngineConfig(), **kw) -> LLMEngine:
         from backends.core.weights import load_checkpoint
-        config, sd = load_checkpoint(path, dtype=_torch_dtype(engine_config.dtype))
+        config, sd = load_checkpoint(path, dtype=dtype_from_name(engine_config.dtype))
         return cls(config, sd, engine_config, **kw)
 
     @property
@@ -205,7 +207,3 @@ class LLMEngine:
     def can_admit(self, num_blocks: int) -> bool:
         return self.blocks.can_allocate(num_blocks) and \
             len(self.scheduler.running) < self.config.max_num_seqs
-
-
-def _torch_dtype(name: str) -> torch.dtype:
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]

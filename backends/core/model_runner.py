@@ -9,6 +9,7 @@ from backends.core.attention import AttentionMetadata
 from backends.core.config import ModelConfig
 from backends.core.kv_cache import KVLayout, KVPool
 from backends.core.model import CausalLM, rope_cos_sin
+from backends.core.opt import OPTCausalLM
 from backends.core.sampling import sample
 from backends.core.sequence import Sequence
 
@@ -24,14 +25,17 @@ def pin_threads(cores: list[int] | None, num_threads: int | None = None) -> None
         torch.set_num_threads(n)
 
 
-def build_model(config: ModelConfig, state_dict: dict[str, torch.Tensor], dtype: str) -> CausalLM:
+def build_model(config: ModelConfig, state_dict: dict[str, torch.Tensor],
+                dtype: str) -> CausalLM | OPTCausalLM:
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not supported; use one of {list(DTYPES)}")
+    model_cls = OPTCausalLM if config.arch == "opt" else CausalLM
     with torch.device("meta"):
-        model = CausalLM(config)
+        model = model_cls(config)
     model = model.to_empty(device="cpu").to(DTYPES[dtype])
-    # RoPE tables stay float32 (cast per step, as HF does); meta tensors had no values.
-    model.rope_cos, model.rope_sin = rope_cos_sin(config, config.max_position_embeddings)
+    if isinstance(model, CausalLM):
+        # RoPE tables stay float32 (cast per step, as HF does); meta tensors had no values.
+        model.rope_cos, model.rope_sin = rope_cos_sin(config, config.max_position_embeddings)
     model.load_hf_state_dict(state_dict)
     return model.eval()
 

@@ -1,0 +1,35 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL = ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def default_model_path() -> Path:
+    return Path(os.environ.get("DISTSERVE_MODEL", DEFAULT_MODEL))
+
+
+@pytest.fixture(scope="session")
+def gguf_path() -> Path:
+    path = default_model_path()
+    if not path.exists():
+        pytest.skip(f"default model not found at {path} (run ./build.sh setup or set DISTSERVE_MODEL)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm_fp32(gguf_path):
+    """(ModelConfig, HF-named float32 state dict) of the default model, loaded once."""
+    from backends.core.weights import load_checkpoint
+    return load_checkpoint(gguf_path, dtype=torch.float32)
+
+
+@pytest.fixture(scope="session")
+def smollm_tokenizer(gguf_path):
+    from backends.core.tokenizer import Tokenizer
+    return Tokenizer.load(gguf_path)
