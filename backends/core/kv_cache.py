@@ -2,9 +2,11 @@
 
 Lifecycle of a block: free -> allocated to a sequence (its block table lists it) -> freed when
 the sequence finishes, is aborted, or (on a prefill instance) when its KV has been handed off.
-The pool is one tensor laid out block-major, [num_blocks, num_layers, 2 (K,V), block_size,
-num_kv_heads, head_dim], so one block's KV for every layer is a single contiguous range: a
-transfer of a request's KV is one copy per block, whatever the layer count.
+The pool is one tensor laid out block-major, [num_blocks, num_layers, 2 (K,V), num_kv_heads,
+block_size, head_dim], so one block's KV for every layer is a single contiguous range: a
+transfer of a request's KV is one copy per block, whatever the layer count. Inside a block
+each KV head's tokens are contiguous, so attention gathers one head's context as a dense
+[tokens, head_dim] matrix with no transposing copy.
 """
 from __future__ import annotations
 
@@ -56,7 +58,7 @@ class KVLayout:
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return (self.num_blocks, self.num_layers, 2, self.block_size, self.num_kv_heads, self.head_dim)
+        return (self.num_blocks, self.num_layers, 2, self.num_kv_heads, self.block_size, self.head_dim)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -89,12 +91,12 @@ class KVPool:
                 raise ValueError(f"KV buffer has {view.nbytes} bytes, layout needs {layout.nbytes}")
             count = math.prod(layout.shape)
             self.data = torch.frombuffer(view, dtype=layout.torch_dtype, count=count).view(layout.shape)
-        # Per-layer views [num_blocks, block_size, num_kv_heads, head_dim] (no copies).
+        # Per-layer views [num_blocks, num_kv_heads, block_size, head_dim] (no copies).
         self.k = [self.data[:, i, 0] for i in range(layout.num_layers)]
         self.v = [self.data[:, i, 1] for i in range(layout.num_layers)]
 
     def read_blocks(self, block_ids: list[int]) -> torch.Tensor:
-        """Copy of the given blocks: [len(block_ids), num_layers, 2, block_size, kvh, head_dim]."""
+        """Copy of the given blocks: [len(block_ids), num_layers, 2, kvh, block_size, head_dim]."""
         return self.data[torch.as_tensor(block_ids, dtype=torch.long)]
 
     def write_blocks(self, block_ids: list[int], blocks: torch.Tensor) -> None:
