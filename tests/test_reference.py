@@ -96,3 +96,24 @@ def test_smollm_gguf_prefill_logits_match_hf(smollm_fp32, smollm_tokenizer, hf_g
         _close(ours, ref)
         assert int(ours.argmax()) == int(ref.argmax())
     assert_no_leaks(engine)
+
+
+def test_prefill_in_two_chunks_matches_one_pass(tiny):
+    """A prefill chunk after a cached prefix (the chunked-prefill path) reads the prefix back
+    through the block table."""
+    hf, config, sd = tiny
+    engine = make_engine(config, sd, block_size=4, num_kv_blocks=64)
+    prompt = torch.randint(0, 128, (19,), generator=torch.Generator().manual_seed(5)).tolist()
+    seq = Sequence("a", prompt[:7], SamplingParams(temperature=0))
+    engine.seqs["a"] = seq
+    engine.scheduler.add(seq)
+    batch = engine.scheduler.schedule()
+    engine.runner.forward_logits(batch.seqs, True)
+    seq.prompt_ids += prompt[7:]
+    seq.block_ids += engine.blocks.allocate(-(-19 // 4) - len(seq.block_ids))
+    logits = engine.runner.forward_logits([seq], True)[0]
+    with torch.no_grad():
+        ref = hf(torch.tensor([prompt])).logits[0, -1]
+    _close(logits, ref)
+    engine.abort("a")
+    assert_no_leaks(engine)

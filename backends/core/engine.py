@@ -62,17 +62,18 @@ class EngineStats:
 
 class LLMEngine:
     def __init__(self, config: ModelConfig, state_dict: dict[str, torch.Tensor],
-                 engine_config: EngineConfig = EngineConfig(), kv_buffer: object | None = None,
+                 engine_config: EngineConfig = EngineConfig(), kv_pool: KVPool | None = None,
                  eos_token_ids: tuple[int, ...] | None = None) -> None:
         self.model_config = config
         self.config = engine_config
         self.max_model_len = min(engine_config.max_model_len or config.max_position_embeddings,
                                  config.max_position_embeddings)
         self.eos_token_ids = frozenset(config.eos_token_ids if eos_token_ids is None else eos_token_ids)
-        layout = KVLayout.for_model(config, engine_config.num_kv_blocks, engine_config.block_size,
-                                    engine_config.dtype)
+        layout = self.kv_layout(config, engine_config)
+        if kv_pool is not None and kv_pool.layout != layout:
+            raise ValueError(f"KV pool layout {kv_pool.layout} does not match the engine's {layout}")
         self.runner = ModelRunner(build_model(config, state_dict, engine_config.dtype),
-                                  KVPool(layout, kv_buffer))
+                                  kv_pool if kv_pool is not None else KVPool(layout))
         self.blocks = BlockManager(engine_config.num_kv_blocks)
         self.scheduler = Scheduler(SchedulerConfig(engine_config.max_num_seqs,
                                                    engine_config.max_num_batched_tokens,
@@ -85,6 +86,11 @@ class LLMEngine:
         from backends.core.weights import load_checkpoint
         config, sd = load_checkpoint(path, dtype=dtype_from_name(engine_config.dtype))
         return cls(config, sd, engine_config, **kw)
+
+    @staticmethod
+    def kv_layout(config: ModelConfig, engine_config: EngineConfig) -> KVLayout:
+        return KVLayout.for_model(config, engine_config.num_kv_blocks, engine_config.block_size,
+                                  engine_config.dtype)
 
     @property
     def kv(self) -> KVPool:

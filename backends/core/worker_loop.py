@@ -1,0 +1,67 @@
+"""The background step loop that drives one worker inside a server process.
+
+    loop = WorkerLoop(worker, emit=on_output, poll_cancelled=lambda: [...])
+    loop.start(); ...; loop.wake() after submit(); ...; loop.stop()
+
+Each turn: cancel what the host reports cancelled, then `worker.step()`, then `emit` each output.
+With nothing to do it sleeps until woken (or `idle_s`, so lease expiry still runs). If a step
+raises, every request the host knows of is failed through `on_crash` and the loop goes on:
+one bad batch must not take the server down.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any, Protocol
+
+log = logging.getLogger(__name__)
+
+
+class Worker(Protocol):
+    def has_work(self) -> bool: ...
+    def step(self) -> list[Any]: ...
+    def cancel(self, req_id: str) -> None: ...
+
+
+class WorkerLoop:
+    def __init__(self, worker: Worker, emit: Callable[[Any], None],
+                 poll_cancelled: Callable[[], list[str]] = lambda: [],
+                 on_crash: Callable[[BaseException], None] = lambda e: None,
+                 idle_s: float = 0.05, name: str = "worker-loop") -> None:
+        self.worker = worker
+        self.emit = emit
+        self.poll_cancelled = poll_cancelled
+        self.on_crash = on_crash
+        self.idle_s = idle_s
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for req_id in self.poll_cancelled():
+                self.worker.cancel(req_id)
+            if not self.worker.has_work():
+                self._wake.wait(self.idle_s)
+                self._wake.clear()
+            try:
+                outputs = self.worker.step()
+            except Exception as e:          # noqa: BLE001 - keep serving; report per request
+                log.exception("worker step failed")
+                self.on_crash(e)
+                continue
+            for out in outputs:
+                self.emit(out)

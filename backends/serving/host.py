@@ -1,0 +1,152 @@
+"""Everything a prefill or decode instance does inside a Triton model process, minus Triton.
+
+    host = build_prefill_host(deployment, index, send)     # in initialize()
+    req = host.parse(raw_request); host.submit(req)         # in execute(), per request
+    host.close()                                            # in finalize()
+
+The host owns the worker, its step loop thread and its control socket, and tracks which
+requests are outstanding. The adapter gives it `send(req_id, payload, error, final)`, which
+turns one output into a Triton response, and `is_cancelled(req_id)`.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from backends.core.control import ControlServer, instance_handler, run_dir, socket_path
+from backends.core.engine import EngineConfig, LLMEngine
+from backends.core.messages import DecodeOutput, DecodeRequest, PrefillRequest
+from backends.core.tokenizer import Tokenizer
+from backends.core.weights import load_checkpoint
+from backends.core.kv_cache import dtype_from_name
+from backends.core.worker_loop import WorkerLoop
+from backends.decode.worker import DecodeWorker
+from backends.prefill.worker import PrefillError, PrefillWorker
+from kvtransfer import make_exporter, make_importer
+
+log = logging.getLogger(__name__)
+Send = Callable[[str, "str | None", "str | None", bool], None]
+
+
+class InstanceHost:
+    def __init__(self, worker: Any, instance_id: str, send: Send,
+                 is_cancelled: Callable[[str], bool], parse: Callable[[bytes], Any]) -> None:
+        self.worker = worker
+        self.instance_id = instance_id
+        self._send = send
+        self._is_cancelled = is_cancelled
+        self._parse = parse
+        self._lock = threading.Lock()
+        self._outstanding: set[str] = set()
+        self.loop = WorkerLoop(worker, self._emit, self._poll_cancelled, self._crash,
+                               name=f"{instance_id}-loop")
+        self.control = ControlServer(socket_path(run_dir(), instance_id),
+                                     instance_handler(self._cancel, self.stats, self.loop.wake))
+        self.loop.start()
+
+    def parse(self, raw: bytes) -> Any:
+        """The request message; ValueError (with a clear message) if it is malformed."""
+        return self._parse(raw)
+
+    def submit(self, req: Any) -> None:
+        """Queue one parsed request; ValueError if it cannot be served."""
+        with self._lock:
+            if req.req_id in self._outstanding:
+                raise ValueError(f"request id {req.req_id!r} is already in flight here")
+            self._outstanding.add(req.req_id)
+        try:
+            self.worker.submit(req)
+        except ValueError:
+            with self._lock:
+                self._outstanding.discard(req.req_id)
+            raise
+        self.loop.wake()
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            n = len(self._outstanding)
+        return {"instance_id": self.instance_id, "outstanding": n, **self.worker.stats()}
+
+    def _emit(self, out: Any) -> None:
+        if isinstance(out, PrefillError):
+            self._finish(out.req_id, None, out.error)
+        elif isinstance(out, DecodeOutput):
+            if out.error:
+                self._finish(out.req_id, None, out.error)
+            elif out.finished:
+                self._finish(out.req_id, out.to_json(), None)
+            else:
+                with self._lock:
+                    if out.req_id in self._outstanding:
+                        self._send(out.req_id, out.to_json(), None, False)
+        else:                                    # a PrefillResult: exactly one response
+            self._finish(out.req_id, out.to_json(), None)
+
+    def _finish(self, req_id: str, payload: str | None, error: str | None) -> None:
+        with self._lock:
+            if req_id not in self._outstanding:
+                return
+            self._outstanding.discard(req_id)
+        self._send(req_id, payload, error, True)
+
+    def _poll_cancelled(self) -> list[str]:
+        with self._lock:
+            ids = [r for r in self._outstanding if self._is_cancelled(r)]
+        for r in ids:
+            self._finish(r, None, "cancelled")
+        return ids
+
+    def _cancel(self, req_id: str) -> None:
+        """From the control socket: stop the request and free its KV."""
+        self.worker.cancel(req_id)
+        self._finish(req_id, None, "cancelled")
+
+    def _crash(self, e: BaseException) -> None:
+        with self._lock:
+            ids = list(self._outstanding)
+        for r in ids:
+            self.worker.cancel(r)
+            self._finish(r, None, f"internal error in {self.instance_id}: {e}")
+
+    def close(self) -> None:
+        self.loop.stop()
+        self.control.close()
+        self.worker.close()
+
+
+def _engine_config(deployment: Any, phase: Any, role: str) -> EngineConfig:
+    return EngineConfig(dtype=deployment.dtype, block_size=deployment.block_size,
+                        num_kv_blocks=phase.num_kv_blocks, max_num_seqs=phase.max_num_seqs,
+                        max_num_batched_tokens=phase.max_num_batched_tokens,
+                        max_model_len=deployment.max_model_len, role=role)
+
+
+def _load(deployment: Any) -> tuple[Any, dict, tuple[int, ...]]:
+    path = str(deployment.resolved_model_path())
+    config, sd = load_checkpoint(path, dtype_from_name(deployment.dtype))
+    eos = tuple(sorted(Tokenizer.load(path).stop_token_ids))
+    return config, sd, eos
+
+
+def build_prefill_host(deployment: Any, index: int, send: Send,
+                       is_cancelled: Callable[[str], bool]) -> InstanceHost:
+    config, sd, eos = _load(deployment)
+    ecfg = _engine_config(deployment, deployment.prefill, "prefill")
+    instance_id = f"prefill-{index}"
+    exporter = make_exporter(deployment.kv_transport, LLMEngine.kv_layout(config, ecfg), instance_id,
+                             lease_timeout_s=deployment.lease_timeout_s)
+    engine = LLMEngine(config, sd, ecfg, kv_pool=exporter.pool, eos_token_ids=eos)
+    return InstanceHost(PrefillWorker(engine, exporter), instance_id, send, is_cancelled,
+                        PrefillRequest.from_json)
+
+
+def build_decode_host(deployment: Any, index: int, send: Send,
+                      is_cancelled: Callable[[str], bool]) -> InstanceHost:
+    config, sd, eos = _load(deployment)
+    engine = LLMEngine(config, sd, _engine_config(deployment, deployment.decode, "decode"),
+                       eos_token_ids=eos)
+    instance_id = f"decode-{index}"
+    worker = DecodeWorker(engine, make_importer(deployment.kv_transport, engine.kv), instance_id)
+    return InstanceHost(worker, instance_id, send, is_cancelled, DecodeRequest.from_json)
