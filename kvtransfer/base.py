@@ -1,0 +1,125 @@
+"""The transport interface: a prefill-side exporter and a decode-side importer.
+
+Lifecycle of one request's KV: prefill `exporter.grant(block_ids, num_tokens)` -> descriptor
+JSON through Triton -> decode `importer.fetch(desc, dst_block_ids)` (or `importer.release(desc)`
+if the request was cancelled before admission) -> prefill `exporter.collect_released()` frees
+the blocks; `exporter.expire()` reclaims leases nobody fetched; `close()` on both sides.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+from backends.core.kv_cache import KVLayout, KVPool
+from kvtransfer.control import same_block_format
+from kvtransfer.descriptor import KVDescriptor
+
+
+@dataclass(frozen=True)
+class TransferStats:
+    num_bytes: int
+    seconds: float
+
+    def __post_init__(self) -> None:
+        if self.num_bytes < 0 or self.seconds < 0:
+            raise ValueError(f"TransferStats must be non-negative, got {self.num_bytes}, {self.seconds}")
+
+    @property
+    def gb_per_s(self) -> float:
+        return self.num_bytes / self.seconds / 1e9 if self.seconds > 0 else float("inf")
+
+
+class KVExporter(ABC):
+    """Prefill side: owns a KV pool other processes can read, and the leases on its blocks."""
+    kind: ClassVar[str]
+
+    @property
+    @abstractmethod
+    def pool(self) -> KVPool:
+        """The pool the model writes its KV into."""
+
+    @property
+    @abstractmethod
+    def pool_name(self) -> str:
+        """The pool's shm segment name (for cuda_ipc: its control segment)."""
+
+    @property
+    @abstractmethod
+    def num_leases(self) -> int:
+        """Leases granted and not yet collected, expired or revoked."""
+
+    @abstractmethod
+    def grant(self, block_ids: Sequence[int], num_tokens: int, now: float | None = None) -> KVDescriptor:
+        """Lend `block_ids` (holding `num_tokens` tokens of KV) to one decode fetch.
+
+        Args: now: the grant time for expiry (default time.monotonic()).
+        Returns: the descriptor to send to decode.
+        """
+
+    @abstractmethod
+    def collect_released(self) -> list[int]:
+        """Lease ids whose blocks decode has copied: those blocks may be freed now."""
+
+    @abstractmethod
+    def expire(self, now: float | None = None) -> list[int]:
+        """Lease ids granted more than lease_timeout_s before `now` and never released: their
+        blocks are reclaimed and may be freed now."""
+
+    @abstractmethod
+    def revoke(self, lease_id: int) -> tuple[int, ...]:
+        """End a lease now (request cancelled). Returns its block ids, () if not outstanding."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Invalidate every lease, release the pool and its memory. Idempotent."""
+
+    def __enter__(self) -> KVExporter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class KVImporter(ABC):
+    """Decode side: copies leased blocks from prefill pools into its own pool."""
+    kind: ClassVar[str]
+
+    @abstractmethod
+    def fetch(self, desc: KVDescriptor, dst_block_ids: Sequence[int]) -> TransferStats:
+        """Copy the descriptor's blocks into `dst_block_ids` of our pool, then release the lease.
+
+        Raises: LeaseError (nothing read) if the lease is not granted on every block,
+            TransferAborted if it was reclaimed mid-copy (dst blocks hold garbage: free them),
+            SegmentError / InvalidDescriptor / ValueError if pool or descriptor do not match.
+        """
+
+    @abstractmethod
+    def release(self, desc: KVDescriptor) -> None:
+        """Give a lease back without copying (request cancelled before admission)."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Unmap every prefill pool. Idempotent."""
+
+    def __enter__(self) -> KVImporter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def check_destination(desc: KVDescriptor, dst: KVLayout, dst_block_ids: Sequence[int]) -> tuple[int, ...]:
+    """The destination blocks can take the descriptor's blocks. ValueError otherwise."""
+    if not same_block_format(desc.layout, dst):
+        raise ValueError(f"descriptor layout {desc.layout} is not block-compatible with the "
+                         f"decode pool {dst} (different model, block size or dtype)")
+    ids = tuple(dst_block_ids)
+    if len(ids) != len(desc.block_ids):
+        raise ValueError(f"{len(desc.block_ids)} source blocks but {len(ids)} destination blocks")
+    if not all(isinstance(b, int) and not isinstance(b, bool) and 0 <= b < dst.num_blocks for b in ids):
+        raise ValueError(f"destination block ids must be ints in [0, {dst.num_blocks})")
+    if len(set(ids)) != len(ids):
+        raise ValueError("destination block ids contain duplicates")
+    return ids

@@ -1,0 +1,381 @@
+"""KV transfer over shared memory: segment security and cleanup, lease table, fetch in-process
+and across a real process boundary, and the failure paths that must read nothing."""
+from __future__ import annotations
+
+import dataclasses
+import gc
+import hashlib
+import multiprocessing as mp
+import os
+import stat
+import struct
+
+import pytest
+import torch
+
+import kvtransfer
+from backends.core.kv_cache import KVLayout, KVPool
+from kvtransfer import (KVDescriptor, LeaseError, SegmentError, TransferAborted, make_exporter,
+                        make_importer)
+from kvtransfer.blockcopy import block_bytes, block_runs
+from kvtransfer.control import SegmentHeader
+from kvtransfer.descriptor import POOL_NAME_RE, make_pool_name
+from kvtransfer.lease import Lease, LeaseBook
+from kvtransfer.segment import SHM_DIR, list_segments, reap_stale_segments, segment_creator_pid
+from kvtransfer.shm import ShmKVExporter, ShmKVImporter
+
+LAYOUT = KVLayout(num_blocks=16, num_layers=2, block_size=4, num_kv_heads=2, head_dim=8)
+DST_LAYOUT = dataclasses.replace(LAYOUT, num_blocks=12)
+HANDLE = "ab" * 64
+
+
+def _our_segments() -> set[str]:
+    return {n for n in list_segments() if segment_creator_pid(n) == os.getpid()}
+
+
+@pytest.fixture(autouse=True)
+def shm_leak_check():
+    before = _our_segments()
+    yield
+    gc.collect()
+    leaked = _our_segments() - before
+    for name in leaked:
+        os.unlink(os.path.join(SHM_DIR, name))
+    assert not leaked, f"test left shared-memory segments behind: {leaked}"
+
+
+@pytest.fixture
+def exporter():
+    ex = ShmKVExporter(LAYOUT, "prefill-0", lease_timeout_s=5.0)
+    torch.manual_seed(0)
+    ex.pool.data.normal_()
+    yield ex
+    ex.close()
+    assert not os.path.exists(os.path.join(SHM_DIR, ex.pool_name))
+
+
+@pytest.fixture
+def dst_pool() -> KVPool:
+    pool = KVPool(DST_LAYOUT)
+    pool.data.fill_(7.0)
+    return pool
+
+
+@pytest.fixture
+def importer(dst_pool):
+    imp = ShmKVImporter(dst_pool)
+    yield imp
+    imp.close()
+    assert imp.attached == []
+
+
+def assert_blocks_equal(src: KVPool, src_ids, dst: KVPool, dst_ids) -> None:
+    assert torch.equal(src.data[list(src_ids)], dst.data[list(dst_ids)])
+
+
+# ---- segment ------------------------------------------------------------------------------
+
+def test_segment_is_0600_ours_and_unguessable():
+    old_umask = os.umask(0)  # even a permissive umask must not widen the mode
+    try:
+        ex = ShmKVExporter(LAYOUT, "prefill-0")
+    finally:
+        os.umask(old_umask)
+    st = os.stat(os.path.join(SHM_DIR, ex.pool_name))
+    assert stat.S_IMODE(st.st_mode) == 0o600 and st.st_uid == os.geteuid()
+    match = POOL_NAME_RE.match(ex.pool_name)
+    assert match and int(match.group(1)) == os.geteuid()
+    assert len(match.group(2)) * 4 >= 64  # hex digits from secrets.token_hex(8)
+    names = {make_pool_name() for _ in range(2000)}
+    assert len(names) == 2000
+    ex.close()
+
+
+def test_close_unlinks_is_idempotent_and_runs_on_gc():
+    ex = ShmKVExporter(LAYOUT, "prefill-0")
+    path = os.path.join(SHM_DIR, ex.pool_name)
+    assert os.path.exists(path)
+    ex.close()
+    ex.close()
+    assert not os.path.exists(path)
+    with pytest.raises(RuntimeError, match="closed"):
+        ex.grant([0], 1)
+    imp = ShmKVImporter(KVPool(DST_LAYOUT))
+    imp.close()
+    imp.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        imp.release(KVDescriptor("shm", "prefill-0", ex.pool_name, LAYOUT, (0,), 1, 1))
+    ex2 = ShmKVExporter(LAYOUT, "prefill-0")
+    path2 = os.path.join(SHM_DIR, ex2.pool_name)
+    del ex2
+    gc.collect()
+    assert not os.path.exists(path2)
+
+
+@pytest.mark.filterwarnings("ignore:.*fork.*:DeprecationWarning")
+def test_forked_child_does_not_unlink_parents_segment(exporter):
+    pid = os.fork()
+    if pid == 0:  # child: closing its inherited copy must leave the parent's segment alone
+        exporter.close()
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert os.path.exists(os.path.join(SHM_DIR, exporter.pool_name))
+    exporter.revoke(exporter.grant([0], 1).lease_id)
+    assert exporter.num_leases == 0
+
+
+def test_header_round_trip_and_rejects_foreign_data():
+    header = SegmentHeader("cuda_ipc", LAYOUT, "prefill-0", 123, 0, 0, 1, HANDLE, "cd" * 64)
+    assert SegmentHeader.unpack(header.pack().ljust(512, b"\0")) == header
+    with pytest.raises(SegmentError, match="magic"):
+        SegmentHeader.unpack(b"X" * 512)
+    bumped = bytearray(header.pack().ljust(512, b"\0"))
+    struct.pack_into("<I", bumped, 8, 99)
+    with pytest.raises(SegmentError, match="version 99"):
+        SegmentHeader.unpack(bytes(bumped))
+
+
+def test_attach_refuses_wrong_mode_and_owner(exporter, importer):
+    desc = exporter.grant([0, 1, 2], 10)
+    path = os.path.join(SHM_DIR, exporter.pool_name)
+    os.chmod(path, 0o644)
+    with pytest.raises(SegmentError, match="mode 0o644"):
+        importer.fetch(desc, [0, 1, 2])
+    os.chmod(path, 0o600)
+    if os.geteuid() == 0:  # only root can give the file away
+        os.chown(path, 12345, -1)
+        with pytest.raises(SegmentError, match="owned by uid 12345"):
+            importer.fetch(desc, [0, 1, 2])
+        os.chown(path, 0, -1)
+    importer.fetch(desc, [0, 1, 2])
+    assert exporter.collect_released() == [desc.lease_id]
+
+
+def test_forged_layout_is_refused_before_reading(exporter, importer, dst_pool):
+    desc = exporter.grant([0, 1, 2], 10)
+    before = dst_pool.data.clone()
+    forged = dataclasses.replace(desc, layout=dataclasses.replace(LAYOUT, num_blocks=1000),
+                                 block_ids=(500, 1, 2))
+    with pytest.raises(SegmentError, match="bytes"):
+        importer.fetch(forged, [0, 1, 2])
+    with pytest.raises(SegmentError, match="instance"):
+        importer.fetch(dataclasses.replace(desc, instance_id="prefill-1"), [0, 1, 2])
+    assert torch.equal(dst_pool.data, before)
+    exporter.revoke(desc.lease_id)
+    assert exporter.num_leases == 0
+
+
+def test_reap_stale_segments_removes_dead_creators(exporter):
+    proc = mp.get_context("spawn").Process(target=int)
+    proc.start()
+    proc.join()
+    path = os.path.join(SHM_DIR, exporter.pool_name)
+    with open(path, "r+b") as f:  # pretend the dead process created it
+        f.seek(24)
+        f.write(struct.pack("<Q", proc.pid))
+    assert exporter.pool_name in reap_stale_segments()
+    assert not os.path.exists(path)
+
+
+# ---- shm transport: success paths ---------------------------------------------------------
+
+def test_fetch_copies_blocks_and_releases_lease(exporter, importer, dst_pool):
+    desc = exporter.grant([3, 4, 5, 9], 14)
+    untouched = [i for i in range(DST_LAYOUT.num_blocks) if i not in (0, 7, 8, 2)]
+    before = dst_pool.data[untouched].clone()
+    stats = importer.fetch(KVDescriptor.from_json(desc.to_json()), [0, 7, 8, 2])
+    assert stats.num_bytes == 4 * LAYOUT.block_nbytes and stats.seconds > 0
+    assert_blocks_equal(exporter.pool, [3, 4, 5, 9], dst_pool, [0, 7, 8, 2])
+    assert torch.equal(dst_pool.data[untouched], before)
+    assert exporter.num_leases == 1
+    assert exporter.collect_released() == [desc.lease_id]
+    assert exporter.collect_released() == [] and exporter.num_leases == 0
+
+
+def test_release_without_copy_frees_the_lease(exporter, importer, dst_pool):
+    desc = exporter.grant([0], 3)
+    before = dst_pool.data.clone()
+    importer.release(desc)
+    assert torch.equal(dst_pool.data, before)
+    assert exporter.collect_released() == [desc.lease_id] and exporter.num_leases == 0
+
+
+def _decode_child(desc_json: str, dst_ids: list[int], conn) -> None:
+    pool = KVPool(DST_LAYOUT)
+    with make_importer("shm", pool) as imp:
+        stats = imp.fetch(KVDescriptor.from_json(desc_json), dst_ids)
+        digest = hashlib.sha256(block_bytes(pool.data)[dst_ids].tobytes()).hexdigest()
+    conn.send((digest, stats.num_bytes))
+
+
+def test_two_process_fetch(exporter):
+    desc = exporter.grant([2, 3, 11, 12, 13], 17)
+    expected = hashlib.sha256(block_bytes(exporter.pool.data)[list(desc.block_ids)].tobytes()).hexdigest()
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_decode_child, args=(desc.to_json(), [11, 0, 5, 6, 1], child))
+    proc.start()
+    child.close()  # the child holds its end now; a crash shows up as EOF
+    assert parent.poll(60), "decode child did not answer"
+    digest, num_bytes = parent.recv()
+    proc.join(30)
+    assert proc.exitcode == 0
+    assert digest == expected and num_bytes == 5 * LAYOUT.block_nbytes
+    assert exporter.collect_released() == [desc.lease_id]
+    assert os.path.exists(os.path.join(SHM_DIR, exporter.pool_name))  # no tracker unlinked it
+    assert exporter.num_leases == 0
+
+
+# ---- shm transport: stale or forged leases read nothing ------------------------------------
+
+def test_wrong_lease_id_reads_nothing(exporter, importer, dst_pool):
+    desc = exporter.grant([0, 1, 2], 10)
+    before = dst_pool.data.clone()
+    with pytest.raises(LeaseError, match="different lease"):
+        importer.fetch(dataclasses.replace(desc, lease_id=desc.lease_id ^ 1), [0, 1, 2])
+    with pytest.raises(LeaseError, match="not granted"):
+        importer.fetch(dataclasses.replace(desc, block_ids=(0, 1, 3)), [0, 1, 2])
+    assert torch.equal(dst_pool.data, before)
+    assert exporter.collect_released() == []
+    exporter.revoke(desc.lease_id)
+    assert exporter.num_leases == 0
+
+
+def test_expired_lease_reads_nothing(exporter, importer, dst_pool):
+    desc = exporter.grant([0, 1, 2], 10, now=100.0)
+    assert exporter.expire(now=104.9) == []
+    assert exporter.expire(now=105.1) == [desc.lease_id]
+    before = dst_pool.data.clone()
+    with pytest.raises(LeaseError, match="expired"):
+        importer.fetch(desc, [0, 1, 2])
+    assert torch.equal(dst_pool.data, before)
+    assert exporter.num_leases == 0
+
+
+def test_block_reused_by_another_lease_reads_nothing(exporter, importer, dst_pool):
+    old = exporter.grant([4, 5], 8)
+    assert exporter.revoke(old.lease_id) == (4, 5)
+    assert exporter.revoke(old.lease_id) == ()
+    new = exporter.grant([5, 4], 8)
+    before = dst_pool.data.clone()
+    with pytest.raises(LeaseError, match="reclaimed and reused"):
+        importer.fetch(old, [0, 1])
+    assert torch.equal(dst_pool.data, before)
+    importer.fetch(new, [0, 1])
+    assert_blocks_equal(exporter.pool, [5, 4], dst_pool, [0, 1])
+    assert exporter.collect_released() == [new.lease_id] and exporter.num_leases == 0
+
+
+def test_reclaim_during_copy_is_detected(exporter, importer, monkeypatch):
+    desc = exporter.grant([6, 7], 5)
+    real_copy = kvtransfer.shm.copy_blocks
+
+    def copy_then_reclaim(*args):
+        real_copy(*args)
+        exporter.revoke(desc.lease_id)       # prefill takes the blocks back...
+        exporter.pool.data[6].fill_(0.0)     # ...and reuses them while decode still holds a copy
+
+    monkeypatch.setattr(kvtransfer.shm, "copy_blocks", copy_then_reclaim)
+    with pytest.raises(TransferAborted, match="reclaimed"):
+        importer.fetch(desc, [0, 1])
+    assert exporter.collect_released() == [] and exporter.num_leases == 0
+
+
+def test_closed_prefill_pool_is_detected_and_unmapped(exporter, importer):
+    first = exporter.grant([0], 1)
+    importer.fetch(first, [0])
+    second = exporter.grant([1], 1)
+    assert importer.attached == [exporter.pool_name]
+    exporter.close()
+    with pytest.raises(SegmentError, match="does not exist"):
+        importer.fetch(second, [1])
+    assert importer.attached == []
+
+
+def test_prune_unmaps_pools_of_closed_instances(importer):
+    exporters = [ShmKVExporter(LAYOUT, f"prefill-{i}") for i in range(2)]
+    for ex in exporters:
+        importer.fetch(ex.grant([0], 1), [0])
+    assert importer.attached == [ex.pool_name for ex in exporters]
+    exporters[0].close()
+    assert importer.prune() == [exporters[0].pool_name]
+    assert importer.attached == [exporters[1].pool_name]
+    assert exporters[1].collect_released() and exporters[1].num_leases == 0
+    exporters[1].close()
+
+
+# ---- destination checks and grant validation ----------------------------------------------
+
+def test_destination_must_match(exporter, importer, dst_pool):
+    desc = exporter.grant([0, 1], 8)
+    before = dst_pool.data.clone()
+    other_model = ShmKVImporter(KVPool(dataclasses.replace(DST_LAYOUT, head_dim=16)))
+    with pytest.raises(ValueError, match="block-compatible"):
+        other_model.fetch(desc, [0, 1])
+    for dst_ids, message in (([0], "destination"), ([0, 0], "duplicates"), ([0, 12], r"\[0, 12\)")):
+        with pytest.raises(ValueError, match=message):
+            importer.fetch(desc, dst_ids)
+    assert torch.equal(dst_pool.data, before)
+    assert other_model.attached == [] and importer.attached == []
+    exporter.revoke(desc.lease_id)
+
+
+@pytest.mark.parametrize("block_ids, num_tokens, message", [
+    ([0, 1], 9, "need 3 blocks"), ([0, 0], 8, "unique"), ([0, 16], 8, "unique and in"),
+    ([0], 0, "positive"),
+])
+def test_grant_validates(exporter, block_ids, num_tokens, message):
+    with pytest.raises(ValueError, match=message):
+        exporter.grant(block_ids, num_tokens)
+    assert exporter.num_leases == 0
+
+
+def test_grant_refuses_blocks_already_lent(exporter):
+    desc = exporter.grant([0, 1], 8)
+    with pytest.raises(ValueError, match="already granted"):
+        exporter.grant([1, 2], 8)
+    assert exporter.num_leases == 1
+    exporter.revoke(desc.lease_id)
+    assert exporter.num_leases == 0
+
+
+# ---- lease policy -------------------------------------------------------------------------
+
+def test_lease_book_expiry_with_fake_clock():
+    book = LeaseBook(lease_timeout_s=5.0)
+    book.add(Lease(1, (0,), granted_at=0.0))
+    book.add(Lease(2, (1,), granted_at=3.0))
+    assert book.expired(5.0) == []
+    assert [lease.lease_id for lease in book.expired(5.01)] == [1]
+    assert [lease.lease_id for lease in book.expired(9.0)] == [1, 2]
+    with pytest.raises(ValueError, match="already outstanding"):
+        book.add(Lease(1, (2,), 4.0))
+    with pytest.raises(ValueError, match="lease_timeout_s"):
+        LeaseBook(0)
+
+
+def test_released_lease_is_collected_not_expired(exporter, importer):
+    desc = exporter.grant([0, 1], 8, now=0.0)
+    importer.fetch(desc, [0, 1])
+    assert exporter.expire(now=1000.0) == []
+    assert exporter.collect_released() == [desc.lease_id]
+    assert exporter.num_leases == 0
+
+
+# ---- registry and block runs --------------------------------------------------------------
+
+def test_registry():
+    with make_exporter("shm", LAYOUT, "prefill-0", lease_timeout_s=1.0) as ex:
+        assert isinstance(ex, kvtransfer.KVExporter) and ex.kind == "shm"
+    with pytest.raises(ValueError, match="unknown KV transport 'rdma'; valid: cuda_ipc, shm"):
+        make_exporter("rdma", LAYOUT, "prefill-0")
+    with pytest.raises(ValueError, match="valid: cuda_ipc, shm"):
+        make_importer("nccl", KVPool(LAYOUT))
+    assert set(kvtransfer._REGISTRY) == set(kvtransfer.TRANSPORTS)
+
+
+def test_block_runs():
+    assert block_runs([3, 4, 5, 9], [0, 1, 2, 3]) == [(3, 0, 3), (9, 3, 1)]
+    assert block_runs([1, 2], [5, 4]) == [(1, 5, 1), (2, 4, 1)]
+    assert block_runs([], []) == []
