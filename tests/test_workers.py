@@ -84,7 +84,7 @@ def test_disaggregated_tokens_equal_one_engine(tiny, pair):
     for i, req in enumerate(reqs):
         tokens = [results[req.req_id].first_token_id] + [t for o in outs[req.req_id] for t in o.token_ids]
         assert tokens == reference[i]
-        assert outs[req.req_id][0].kv_bytes > 0                  # the hand-off is reported
+        assert any(o.kv_bytes > 0 for o in outs[req.req_id])      # the hand-off is reported
     prefill.step()                                               # collects released leases
     assert_no_leaks(prefill.engine)
     assert_no_leaks(decode.engine)
