@@ -3,7 +3,8 @@
     loop = WorkerLoop(worker, emit=on_output, poll_cancelled=lambda: [...])
     loop.start(); ...; loop.wake() after submit(); ...; loop.stop()
 
-Each turn: cancel what the host reports cancelled, then `worker.step()`, then `emit` each output.
+Each turn: cancel what the host reports cancelled, then `worker.step()`, then `emit` each output,
+then `after_step()` (metrics).
 With nothing to do it sleeps until woken (or `idle_s`, so lease expiry still runs). If a step
 raises, every request the host knows of is failed through `on_crash` and the loop goes on:
 one bad batch must not take the server down.
@@ -28,11 +29,13 @@ class WorkerLoop:
     def __init__(self, worker: Worker, emit: Callable[[Any], None],
                  poll_cancelled: Callable[[], list[str]] = lambda: [],
                  on_crash: Callable[[BaseException], None] = lambda e: None,
+                 after_step: Callable[[], None] = lambda: None,
                  idle_s: float = 0.05, name: str = "worker-loop") -> None:
         self.worker = worker
         self.emit = emit
         self.poll_cancelled = poll_cancelled
         self.on_crash = on_crash
+        self.after_step = after_step
         self.idle_s = idle_s
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -65,3 +68,4 @@ class WorkerLoop:
                 continue
             for out in outputs:
                 self.emit(out)
+            self.after_step()

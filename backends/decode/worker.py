@@ -114,7 +114,8 @@ class DecodeWorker:
         s = self.engine.stats()
         return {"pending": len(self.pending) + self._inbox.qsize(), "running": s.num_running,
                 "kv_blocks_used": s.num_blocks_used, "kv_blocks_total": s.num_blocks_total,
-                "last_batch_size": s.last_batch_size}
+                "last_batch_size": s.last_batch_size, "kv_transfer_bytes": self.kv_bytes,
+                "kv_transfer_seconds": self.kv_seconds}
 
     def close(self) -> None:
         self.importer.close()

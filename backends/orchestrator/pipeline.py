@@ -160,7 +160,7 @@ class Orchestrator:
             last = Chunk(proc.text, list(tokens))
         timing.update(e2e_s=time.perf_counter() - t0, output_tokens=len(tokens))
         last.finish_reason = reason or "length"
-        last.timing = timing if gen.return_timing else None
+        last.timing = timing
         return last
 
     @staticmethod

@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from backends.serving.host import build_decode_host, build_prefill_host
+from backends.serving.metrics import EngineMetrics
 
 log = logging.getLogger(__name__)
 _BUILDERS = {"prefill": build_prefill_host, "decode": build_decode_host}
@@ -44,7 +45,9 @@ class EngineModel:
         deployment, _, index = init_instance(args, self.PHASE)
         self._senders: dict[str, tuple[Any, Any]] = {}
         self._lock = threading.Lock()
-        self.host = _BUILDERS[self.PHASE](deployment, index, self._send, self._is_cancelled)
+        metrics = EngineMetrics(self.pb, self.PHASE, f"{self.PHASE}-{index}")
+        self.host = _BUILDERS[self.PHASE](deployment, index, self._send, self._is_cancelled,
+                                          metrics.update)
 
     def execute(self, requests: list[Any]) -> None:
         for request in requests:

@@ -32,7 +32,8 @@ Send = Callable[[str, "str | None", "str | None", bool], None]
 
 class InstanceHost:
     def __init__(self, worker: Any, instance_id: str, send: Send,
-                 is_cancelled: Callable[[str], bool], parse: Callable[[bytes], Any]) -> None:
+                 is_cancelled: Callable[[str], bool], parse: Callable[[bytes], Any],
+                 on_step: Callable[[dict[str, Any]], None] | None = None) -> None:
         self.worker = worker
         self.instance_id = instance_id
         self._send = send
@@ -40,7 +41,8 @@ class InstanceHost:
         self._parse = parse
         self._lock = threading.Lock()
         self._outstanding: set[str] = set()
-        self.loop = WorkerLoop(worker, self._emit, self._poll_cancelled, self._crash,
+        after = (lambda: on_step(self.stats())) if on_step else (lambda: None)
+        self.loop = WorkerLoop(worker, self._emit, self._poll_cancelled, self._crash, after,
                                name=f"{instance_id}-loop")
         self.control = ControlServer(socket_path(run_dir(), instance_id),
                                      instance_handler(self._cancel, self.stats, self.loop.wake))
@@ -131,7 +133,7 @@ def _load(deployment: Any) -> tuple[Any, dict, tuple[int, ...]]:
 
 
 def build_prefill_host(deployment: Any, index: int, send: Send,
-                       is_cancelled: Callable[[str], bool]) -> InstanceHost:
+                       is_cancelled: Callable[[str], bool], on_step=None) -> InstanceHost:
     config, sd, eos = _load(deployment)
     ecfg = _engine_config(deployment, deployment.prefill, "prefill")
     instance_id = f"prefill-{index}"
@@ -139,14 +141,14 @@ def build_prefill_host(deployment: Any, index: int, send: Send,
                              lease_timeout_s=deployment.lease_timeout_s)
     engine = LLMEngine(config, sd, ecfg, kv_pool=exporter.pool, eos_token_ids=eos)
     return InstanceHost(PrefillWorker(engine, exporter), instance_id, send, is_cancelled,
-                        PrefillRequest.from_json)
+                        PrefillRequest.from_json, on_step)
 
 
 def build_decode_host(deployment: Any, index: int, send: Send,
-                      is_cancelled: Callable[[str], bool]) -> InstanceHost:
+                      is_cancelled: Callable[[str], bool], on_step=None) -> InstanceHost:
     config, sd, eos = _load(deployment)
     engine = LLMEngine(config, sd, _engine_config(deployment, deployment.decode, "decode"),
                        eos_token_ids=eos)
     instance_id = f"decode-{index}"
     worker = DecodeWorker(engine, make_importer(deployment.kv_transport, engine.kv), instance_id)
-    return InstanceHost(worker, instance_id, send, is_cancelled, DecodeRequest.from_json)
+    return InstanceHost(worker, instance_id, send, is_cancelled, DecodeRequest.from_json, on_step)

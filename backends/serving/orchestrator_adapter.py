@@ -15,8 +15,9 @@ from typing import Any, AsyncIterator, ClassVar
 import numpy as np
 
 from backends.core.control import run_dir, send, socket_path
-from backends.orchestrator.pipeline import Chunk, Orchestrator
-from backends.serving.adapter import bytes_input, bytes_tensor
+from backends.orchestrator.pipeline import Chunk, Generation, Orchestrator
+from backends.serving.adapter import bytes_tensor
+from backends.serving.metrics import RequestMetrics
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,7 @@ class OrchestratorModel:
         self.orch = Orchestrator(tokenizer, deployment.max_model_len, deployment.default_max_tokens)
         self.pool = ThreadPoolExecutor(max_workers=256, thread_name_prefix="bls-stream")
         self.control_dir = run_dir()
+        self.metrics = RequestMetrics(self.pb)
 
     async def execute(self, requests: list[Any]) -> None:
         await asyncio.gather(*(self._serve(r) for r in requests))
@@ -77,8 +79,9 @@ class OrchestratorModel:
             async for chunk in self.orch.run(gen, self._prefill, self._decode, self._cancel,
                                              request.is_cancelled):
                 done = chunk.finish_reason is not None
-                sender.send(self._response(chunk, gen.return_token_ids), flags=final if done else 0)
+                sender.send(self._response(chunk, gen), flags=final if done else 0)
                 if done:
+                    self.metrics.observe(chunk.timing or {})
                     return
             sender.send(flags=final)                 # cancelled: no more responses
         except Exception as e:                       # noqa: BLE001 - becomes the client's error
@@ -89,14 +92,14 @@ class OrchestratorModel:
             except Exception:                        # noqa: BLE001 - the client is gone
                 pass
 
-    def _response(self, chunk: Chunk, with_ids: bool) -> Any:
+    def _response(self, chunk: Chunk, gen: Generation) -> Any:
         pb = self.pb
         tensors = [bytes_tensor(pb, "text_output", chunk.text)]
-        if with_ids:
+        if gen.return_token_ids:
             tensors.append(pb.Tensor("token_ids", np.array(chunk.token_ids, dtype=np.int32)))
         if chunk.finish_reason is not None:
             tensors.append(bytes_tensor(pb, "finish_reason", chunk.finish_reason))
-        if chunk.timing is not None:
+        if chunk.timing is not None and gen.return_timing:
             tensors.append(bytes_tensor(pb, "timing", json.dumps(chunk.timing)))
         return pb.InferenceResponse(tensors)
 
