@@ -1,0 +1,118 @@
+"""One request's inputs: type-checked plain values, then the HTTP JSON body or gRPC tensors.
+
+Only types are checked here; what the values mean (ranges, exactly one prompt form, context
+length) is the server's to judge, so its messages reach the caller unchanged. Names, dtypes
+and dims come from deploy.contract.DISTSERVE_SPEC.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from tritonclient.utils import triton_to_np_dtype
+
+from deploy.contract import (DISTSERVE_SPEC, IGNORE_EOS, INPUT_IDS, MAX_TOKENS, MESSAGES,
+                             RETURN_TIMING, RETURN_TOKEN_IDS, SEED, STOP, STREAM, TEMPERATURE,
+                             TEXT_INPUT, TOP_K, TOP_P)
+
+Messages = Sequence[dict[str, Any]] | str       # chat messages, or that list as a JSON string
+
+
+def build_inputs(prompt: str | None = None, *, messages: Messages | None = None,
+                 input_ids: Sequence[int] | None = None, max_tokens: int | None = None,
+                 temperature: float | None = None, top_p: float | None = None,
+                 top_k: int | None = None, seed: int | None = None,
+                 stop: str | Sequence[str] | None = None, ignore_eos: bool | None = None,
+                 return_token_ids: bool = False, return_timing: bool = False,
+                 stream: bool = False) -> dict[str, Any]:
+    """Input name -> plain value for the `distserve` model; arguments left as None are omitted
+    (the server's defaults apply). Raises TypeError for a value of the wrong type."""
+    values: dict[str, Any] = {
+        TEXT_INPUT: _check(prompt, str, "prompt"),
+        MESSAGES: _messages(messages),
+        INPUT_IDS: _int_list(input_ids),
+        MAX_TOKENS: _int(max_tokens, "max_tokens"),
+        TEMPERATURE: _float(temperature, "temperature"),
+        TOP_P: _float(top_p, "top_p"),
+        TOP_K: _int(top_k, "top_k"),
+        SEED: _int(seed, "seed"),
+        STOP: _stop(stop),
+        IGNORE_EOS: _check(ignore_eos, bool, "ignore_eos"),
+        RETURN_TOKEN_IDS: _check(return_token_ids, bool, "return_token_ids") or None,
+        RETURN_TIMING: _check(return_timing, bool, "return_timing") or None,
+        STREAM: _check(stream, bool, "stream"),
+    }
+    return {name: value for name, value in values.items() if value is not None}
+
+
+def http_body(values: dict[str, Any]) -> bytes:
+    """The JSON body of a `generate` / `generate_stream` request."""
+    return json.dumps(values, ensure_ascii=False).encode("utf-8")
+
+
+def grpc_inputs(values: dict[str, Any], module: Any = None) -> list[Any]:
+    """One tritonclient InferInput per value, shaped and typed as the contract says."""
+    if module is None:
+        import tritonclient.grpc as module
+    inputs = []
+    for name, value in values.items():
+        array = to_array(name, value)
+        tensor = module.InferInput(name, list(array.shape), DISTSERVE_SPEC.input(name).dtype)
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    return inputs
+
+
+def to_array(name: str, value: Any) -> np.ndarray:
+    """A plain value as the numpy array the contract's spec for `name` asks for."""
+    spec = DISTSERVE_SPEC.input(name)
+    items = list(value) if spec.dims == (-1,) else [value]
+    if spec.dtype == "BYTES":
+        return np.array([str(x).encode("utf-8") for x in items], dtype=np.object_)
+    return np.array(items, dtype=triton_to_np_dtype(spec.dtype))
+
+
+def _check(value: Any, kind: type, name: str) -> Any:
+    if value is not None and (not isinstance(value, kind) or (kind is not bool and isinstance(value, bool))):
+        raise TypeError(f"{name} must be {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+def _int(value: Any, name: str) -> int | None:
+    if isinstance(value, np.integer):
+        value = int(value)
+    return _check(value, int, name)
+
+
+def _float(value: Any, name: str) -> float | None:
+    if isinstance(value, (int, np.integer, np.floating)) and not isinstance(value, bool):
+        value = float(value)
+    return _check(value, float, name)
+
+
+def _int_list(values: Sequence[int] | None) -> list[int] | None:
+    if values is None:
+        return None
+    if isinstance(values, (str, bytes)):
+        raise TypeError("input_ids must be a sequence of int, got a string")
+    return [_int(v, "each of input_ids") for v in values]
+
+
+def _messages(messages: Messages | None) -> str | None:
+    if messages is None or isinstance(messages, str):
+        return messages
+    if not isinstance(messages, Sequence) or not all(isinstance(m, dict) for m in messages):
+        raise TypeError("messages must be a list of dicts like {'role': 'user', 'content': '...'} "
+                        "or that list as a JSON string")
+    return json.dumps(list(messages), ensure_ascii=False)
+
+
+def _stop(stop: str | Sequence[str] | None) -> list[str] | None:
+    if stop is None:
+        return None
+    stops = [stop] if isinstance(stop, str) else list(stop)
+    for s in stops:
+        _check(s, str, "each stop string")
+    return stops or None

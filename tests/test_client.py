@@ -1,0 +1,298 @@
+"""client/ without Triton: SSE, request tensors, outputs, client timing, HTTP against a stdlib
+server, gRPC against a fake tritonclient module, and the CLI when nothing listens."""
+from __future__ import annotations
+
+import http.server
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException, deserialize_bytes_tensor
+
+from client import Chunk, DistServeClient, DistServeError
+from client.grpc_stream import GrpcStream
+from client.http_stream import _status_error, split_url
+from client.request import build_inputs, grpc_inputs
+from client.results import chunk_from_arrays, chunk_from_json
+from client.sdk import Stream
+from client.sse import iter_sse_data, iter_sse_events
+from client.timer import ClientTimer
+from deploy.contract import DISTSERVE_SPEC
+
+ROOT = Path(__file__).resolve().parent.parent
+ALL_ARGS = dict(max_tokens=8, temperature=0.5, top_p=0.9, top_k=4, seed=7, stop=["\n", "END"],
+                ignore_eos=True, return_token_ids=True, return_timing=True, stream=True)
+
+
+# -- SSE ------------------------------------------------------------------------------------
+def test_sse_events_multiline_comments_blanks_and_crlf():
+    lines = [b": keep-alive\n", b"\n", b"\n", b'data: {"text_output": "a"}\r\n', b"\r\n",
+             "event: message\n", "id: 3\n", 'data:{"text_output":\n', 'data: "b c"}\n', "\n",
+             b"data: \n", b"\n", b'data: {"text_output": "\xc3\xa9"}\n']          # no final blank
+    assert list(iter_sse_data(lines)) == ['{"text_output": "a"}', '{"text_output":\n"b c"}', "",
+                                          '{"text_output": "é"}']
+    assert [e["text_output"] for e in iter_sse_events(lines)] == ["a", "b c", "é"]
+
+
+def test_sse_error_payload_raises_with_the_servers_message():
+    events = iter_sse_events(['data: {"text_output": "x"}', "", 'data: {"error": "boom: bad"}', ""])
+    assert next(events) == {"text_output": "x"}
+    with pytest.raises(DistServeError, match="^boom: bad$"):
+        next(events)
+    with pytest.raises(DistServeError, match="malformed"):
+        list(iter_sse_events(["data: {not json", ""]))
+
+
+def test_error_status_bodies():
+    e = _status_error(400, 'data: {"error":"max_tokens must be positive"}\n\n')
+    assert (e.message, e.status) == ("max_tokens must be positive", 400)
+    assert _status_error(404, '{"error": "unknown model"}').message == "unknown model"
+    assert _status_error(502, "<html>bad gateway</html>").message == "HTTP 502: <html>bad gateway</html>"
+
+
+# -- outputs --------------------------------------------------------------------------------
+def test_chunks_from_json_scalars_and_arrays_and_from_numpy():
+    # Triton writes a one-element output as a scalar, anything else as an array.
+    one = chunk_from_json({"text_output": "a", "token_ids": 29, "model_name": "distserve"})
+    assert one == Chunk("a", [29], None, None)
+    last = chunk_from_json({"text_output": ["b", "c"], "token_ids": [1, 2], "finish_reason": "stop",
+                            "timing": json.dumps({"ttft_s": 0.1})})
+    assert last == Chunk("bc", [1, 2], "stop", {"ttft_s": 0.1})
+    assert chunk_from_json({"text_output": "", "token_ids": 0}) == Chunk("", [0])
+    with pytest.raises(DistServeError, match="nope"):
+        chunk_from_json({"error": "nope"})
+    arrays = {"text_output": np.array([b"h\xc3\xa9"], dtype=object),
+              "token_ids": np.array([5, 6], dtype=np.int32), "finish_reason": None,
+              "timing": np.array([b'{"e2e_s": 1.5}'], dtype=object)}
+    assert chunk_from_arrays(arrays) == Chunk("hé", [5, 6], None, {"e2e_s": 1.5})
+    assert chunk_from_arrays({}) == Chunk()
+
+
+# -- inputs ---------------------------------------------------------------------------------
+def test_build_inputs_omits_unset_and_checks_types():
+    assert build_inputs("hi") == {"text_input": "hi", "stream": False}
+    values = build_inputs(messages=[{"role": "user", "content": "é"}], stop="x", temperature=1)
+    assert json.loads(values["messages"]) == [{"role": "user", "content": "é"}]
+    assert values["stop"] == ["x"] and values["temperature"] == 1.0
+    for bad in (dict(max_tokens=True), dict(max_tokens=1.5), dict(temperature="0"),
+                dict(stop=["a", 1]), dict(input_ids="12"), dict(messages=["hi"]),
+                dict(ignore_eos=1)):
+        with pytest.raises(TypeError):
+            build_inputs("hi", **bad)
+
+
+def test_grpc_inputs_follow_the_contract():
+    values = build_inputs("héllo", input_ids=[1, 2, 3], **ALL_ARGS)
+    tensors = {t.name(): t for t in grpc_inputs(values, grpcclient)}
+    assert set(tensors) == {s.name for s in DISTSERVE_SPEC.inputs} - {"messages"}
+    for spec in DISTSERVE_SPEC.inputs:
+        if spec.name in tensors:
+            assert tensors[spec.name].datatype() == spec.dtype
+            assert tensors[spec.name].shape() == ([len(values[spec.name])] if spec.dims == (-1,) else [1])
+    assert (tensors["max_tokens"].datatype(), tensors["max_tokens"].shape()) == ("INT32", [1])
+    assert (tensors["stop"].datatype(), tensors["stop"].shape()) == ("BYTES", [2])
+    assert (tensors["seed"].datatype(), tensors["temperature"].datatype()) == ("INT64", "FP32")
+    assert deserialize_bytes_tensor(tensors["stop"]._get_content()).tolist() == [b"\n", b"END"]
+    assert deserialize_bytes_tensor(tensors["text_input"]._get_content()).tolist() == ["héllo".encode()]
+    assert np.frombuffer(tensors["input_ids"]._get_content(), np.int32).tolist() == [1, 2, 3]
+    assert np.frombuffer(tensors["max_tokens"]._get_content(), np.int32).tolist() == [8]
+    assert np.frombuffer(tensors["stream"]._get_content(), np.bool_).tolist() == [True]
+    assert split_url("http://localhost:9000/") == ("localhost", 9000)
+    assert split_url("example.org") == ("example.org", 8000)
+
+
+# -- client-side timing ---------------------------------------------------------------------
+class FakeClock:
+    now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class ListTransport:
+    """Yields chunks, advancing the fake clock before each one by the given step."""
+
+    def __init__(self, clock: FakeClock, steps_and_chunks: list[tuple[float, Chunk]]) -> None:
+        self.clock, self.items, self.num_cancels = clock, steps_and_chunks, 0
+
+    def __iter__(self):
+        for step, chunk in self.items:
+            self.clock.now += step
+            yield chunk
+
+    def cancel(self) -> None:
+        self.num_cancels += 1
+
+
+def test_ttft_tpot_e2e_on_a_fake_clock():
+    clock = FakeClock()
+    items = [(0.5, Chunk("")), (0.25, Chunk("a")), (0.1, Chunk("b")), (0.3, Chunk("", [7])),
+             (0.2, Chunk("c", finish_reason="length", timing={"tpot_s": 0.2}))]
+    transport = ListTransport(clock, items)
+    stream = Stream(transport, ClientTimer(clock))
+    completion = stream.collect()
+    assert completion.text == "abc" and completion.token_ids == [7]
+    assert (completion.finish_reason, completion.timing) == ("length", {"tpot_s": 0.2})
+    assert completion.ttft_s == pytest.approx(0.75)          # the empty first chunk does not count
+    assert completion.tpot_s == pytest.approx((0.1 + 0.3 + 0.2) / 3)   # 4 token chunks
+    assert completion.e2e_s == pytest.approx(1.35) and completion.num_chunks == 5
+    stream.close()
+    assert transport.num_cancels == 1
+    timer = ClientTimer(clock)                               # one token chunk: no TPOT
+    clock.now += 2.0
+    timer.observe(has_tokens=True)
+    timer.finish()
+    assert (timer.ttft_s, timer.tpot_s, timer.e2e_s) == (2.0, None, 2.0)
+    assert ClientTimer(clock).ttft_s is None
+
+
+# -- HTTP against a stdlib server -----------------------------------------------------------
+class SSEHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    bodies: list[dict] = []
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.bodies.append({"path": self.path, **body})
+        status, lines, delay = self.server.script[body["text_input"]]
+        self.send_response(status)
+        self.send_header("Connection", "close")
+        self.end_headers()
+        for line in lines:
+            self.wfile.write(line.encode())
+            self.wfile.flush()
+        time.sleep(delay)
+
+    def log_message(self, *args) -> None:          # quiet
+        pass
+
+
+@pytest.fixture
+def sse_server():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), SSEHandler)
+    server.daemon_threads = True
+    server.script = {
+        "ok": (200, [": ping\n\n", 'data: {"text_output":"a","token_ids":1}\n\n',
+                     'data: {"text_output":"b","token_ids":2,"finish_reason":"stop"}\n\n'], 0),
+        "bad": (400, ['data: {"error":"max_tokens must be positive"}\n\n'], 0),
+        "mid": (200, ['data: {"text_output":"a"}\n\n', 'data: {"error":"decode failed"}\n\n'], 0),
+        "slow": (200, ['data: {"text_output":"a"}\n\n'], 3.0),
+    }
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_http_stream_and_errors(sse_server):
+    client = DistServeClient(sse_server, timeout=0.5)
+    stream = client.stream("ok", max_tokens=2, return_token_ids=True)
+    assert [c.text for c in stream] == ["a", "b"]
+    assert (stream.token_ids, stream.finish_reason) == ([1, 2], "stop")
+    assert SSEHandler.bodies[-1] == {"path": "/v2/models/distserve/generate_stream", "text_input": "ok",
+                                     "max_tokens": 2, "return_token_ids": True, "stream": True}
+    with pytest.raises(DistServeError, match="^max_tokens must be positive$") as info:
+        client.generate("bad")
+    assert info.value.status == 400
+    stream = client.stream("mid")
+    assert next(stream).text == "a"
+    with pytest.raises(DistServeError, match="^decode failed$"):
+        next(stream)
+    start = time.perf_counter()
+    with pytest.raises(DistServeError, match="within 0.5 s") as info:
+        list(client.stream("slow"))
+    assert info.value.status == "timeout" and time.perf_counter() - start < 2.0
+
+
+def test_http_cancel_from_another_thread_ends_the_stream(sse_server):
+    stream = DistServeClient(sse_server, timeout=10).stream("slow")
+    assert next(stream).text == "a"
+    threading.Timer(0.2, stream.cancel).start()
+    start = time.perf_counter()
+    assert list(stream) == [] and time.perf_counter() - start < 2.0
+
+
+# -- gRPC against a fake tritonclient -------------------------------------------------------
+class FakeResult:
+    def __init__(self, outputs: dict[str, np.ndarray], final: bool) -> None:
+        self.as_numpy = outputs.get
+        param = SimpleNamespace(bool_param=final)
+        response = SimpleNamespace(outputs=[SimpleNamespace(name=n) for n in outputs],
+                                   parameters={"triton_final_response": param})
+        self.get_response = lambda: response
+
+
+class FakeGrpc:                  # the tritonclient.grpc module; replays `script` into the callback
+    InferInput = grpcclient.InferInput
+
+    def __init__(self, script: list) -> None:
+        self.script, self.calls = script, []
+
+    def InferenceServerClient(self, url: str):
+        return self
+
+    def start_stream(self, callback) -> None:
+        self.callback = callback
+
+    def async_stream_infer(self, model, inputs, request_id, enable_empty_final_response) -> None:
+        self.calls.append(("infer", model, [i.name() for i in inputs], enable_empty_final_response))
+        for item in self.script:
+            self.callback(*item)
+
+    def stop_stream(self, cancel_requests: bool = False) -> None:
+        self.calls.append(("stop", cancel_requests))
+
+    def close(self) -> None:
+        self.calls.append(("close",))
+
+
+def text(s: str, **more) -> dict[str, np.ndarray]:
+    return {"text_output": np.array([s.encode()], dtype=object), **more}
+
+
+def test_grpc_stream_until_the_final_flag():
+    fake = FakeGrpc([(FakeResult(text("a"), False), None), (FakeResult(text("b"), False), None),
+                     (FakeResult({}, True), None)])
+    chunks = list(GrpcStream("h:1", "distserve", build_inputs("hi", stream=True), 1.0, fake))
+    assert [c.text for c in chunks] == ["a", "b"]
+    assert fake.calls == [("infer", "distserve", ["text_input", "stream"], True), ("stop", False), ("close",)]
+
+
+def test_grpc_errors_timeout_and_cancel():
+    error = InferenceServerException("give exactly one of text_input, messages or input_ids")
+    with pytest.raises(DistServeError, match="^give exactly one"):
+        list(GrpcStream("h:1", "distserve", {}, 1.0, FakeGrpc([(None, error)])))
+    refused = InferenceServerException("failed to connect: Connection refused", "StatusCode.UNAVAILABLE")
+    with pytest.raises(DistServeError, match="cannot reach Triton at h:1: connection refused"):
+        list(GrpcStream("h:1", "distserve", {}, 1.0, FakeGrpc([(None, refused)])))
+    fake = FakeGrpc([(FakeResult(text("a"), False), None)])
+    with pytest.raises(DistServeError, match="within 0.2 s"):
+        list(GrpcStream("h:1", "distserve", {}, 0.2, fake))
+    assert ("stop", True) in fake.calls                      # unfinished: the request is cancelled
+    fake = FakeGrpc([(FakeResult(text("a"), False), None)])
+    stream = GrpcStream("h:1", "distserve", {}, 10.0, fake)
+    threading.Timer(0.2, stream.cancel).start()
+    assert [c.text for c in stream] == ["a"]                 # then the cancel ends it quietly
+    assert fake.calls[1:] == [("stop", True), ("close",)]
+
+
+# -- CLI ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_cli_reports_an_unreachable_server(protocol):
+    with socket.socket() as sock:                  # a port that was free a moment ago
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.run([sys.executable, "-m", "client", "hi", "--url", f"127.0.0.1:{port}",
+                           "--protocol", protocol], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr == (f"error: cannot reach Triton at 127.0.0.1:{port}: connection refused"
+                           " — is ./build.sh serve running?\n")
