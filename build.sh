@@ -90,8 +90,8 @@ case "$cmd" in
     ;;
   serve)
     setup
-    die "serve is not built yet (issue #3); try ./build.sh generate \"Hello\""
+    exec "$PY" -m deploy serve --model "$DEFAULT_MODEL" "$@"
     ;;
-  help|-h|--help) sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//' ;;
+  help|-h|--help) sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//' ;;
   *) die "unknown command '$cmd' (setup | test | serve | bench | generate)" ;;
 esac

@@ -7,10 +7,11 @@ the blocks; `exporter.expire()` reclaims leases nobody fetched; `close()` on bot
 """
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from backends.core.kv_cache import KVLayout, KVPool
 from kvtransfer.control import same_block_format
@@ -80,6 +81,45 @@ class KVExporter(ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class LeaseBackedExporter(KVExporter):
+    """The parts every exporter shares: a pool, a LeaseGranter and a close finalizer.
+    Subclasses set `_pool`, `_leases` and `_finalizer`, and implement `pool_name` and `grant`."""
+    _pool: KVPool
+    _leases: Any
+    _finalizer: Any
+
+    @property
+    def pool(self) -> KVPool:
+        return self._pool
+
+    @property
+    def num_leases(self) -> int:
+        return len(self._leases)
+
+    @property
+    def closed(self) -> bool:
+        return not self._finalizer.alive
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise RuntimeError(f"KV exporter {self.pool_name} is closed")
+
+    def collect_released(self) -> list[int]:
+        self._check_open()
+        return self._leases.collect_released()
+
+    def expire(self, now: float | None = None) -> list[int]:
+        self._check_open()
+        return self._leases.expire(time.monotonic() if now is None else now)
+
+    def revoke(self, lease_id: int) -> tuple[int, ...]:
+        self._check_open()
+        return self._leases.revoke(lease_id)
+
+    def close(self) -> None:
+        self._finalizer()
 
 
 class KVImporter(ABC):

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from backends.core.kv_cache import KVLayout, KVPool
-from kvtransfer.base import KVExporter, KVImporter, TransferStats, check_destination
+from kvtransfer.base import KVImporter, LeaseBackedExporter, TransferStats, check_destination
 from kvtransfer.blockcopy import block_runs
 from kvtransfer.control import check_granted, check_header, check_still_granted, mark_released
 from kvtransfer.descriptor import IPC_HANDLE_HEX_LEN, KVDescriptor
@@ -150,7 +150,7 @@ def _close_exporter(pool: KVPool, segment: Segment, memory: _ExportedMemory) -> 
     memory.free()
 
 
-class CudaIpcKVExporter(KVExporter):
+class CudaIpcKVExporter(LeaseBackedExporter):
     kind = "cuda_ipc"
 
     def __init__(self, layout: KVLayout, instance_id: str,
@@ -170,20 +170,8 @@ class CudaIpcKVExporter(KVExporter):
         self._finalizer = weakref.finalize(self, _close_exporter, self._pool, self._segment, self._memory)
 
     @property
-    def pool(self) -> KVPool:
-        return self._pool
-
-    @property
     def pool_name(self) -> str:
         return self._segment.name
-
-    @property
-    def num_leases(self) -> int:
-        return len(self._leases)
-
-    def _check_open(self) -> None:
-        if not self._finalizer.alive:
-            raise RuntimeError(f"KV exporter {self.pool_name} is closed")
 
     def grant(self, block_ids: Sequence[int], num_tokens: int, now: float | None = None) -> KVDescriptor:
         self._check_open()
@@ -191,21 +179,6 @@ class CudaIpcKVExporter(KVExporter):
         lease = self._leases.grant(block_ids, num_tokens, time.monotonic() if now is None else now)
         return KVDescriptor("cuda_ipc", self.instance_id, self.pool_name, self.layout, lease.block_ids,
                             num_tokens, lease.lease_id, self._memory.mem_handle, self._memory.event_handle)
-
-    def collect_released(self) -> list[int]:
-        self._check_open()
-        return self._leases.collect_released()
-
-    def expire(self, now: float | None = None) -> list[int]:
-        self._check_open()
-        return self._leases.expire(time.monotonic() if now is None else now)
-
-    def revoke(self, lease_id: int) -> tuple[int, ...]:
-        self._check_open()
-        return self._leases.revoke(lease_id)
-
-    def close(self) -> None:
-        self._finalizer()
 
 
 class _IpcSource:

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from backends.core.kv_cache import KVLayout, KVPool
-from kvtransfer.base import KVExporter, KVImporter, TransferStats, check_destination
+from kvtransfer.base import KVImporter, LeaseBackedExporter, TransferStats, check_destination
 from kvtransfer.blockcopy import block_bytes, copy_blocks
 from kvtransfer.control import check_granted, check_still_granted, mark_released
 from kvtransfer.descriptor import KVDescriptor
@@ -32,7 +32,7 @@ def _close_exporter(pool: KVPool, segment: Segment) -> None:
     segment.close()
 
 
-class ShmKVExporter(KVExporter):
+class ShmKVExporter(LeaseBackedExporter):
     kind = "shm"
 
     def __init__(self, layout: KVLayout, instance_id: str,
@@ -49,45 +49,14 @@ class ShmKVExporter(KVExporter):
         self._finalizer = weakref.finalize(self, _close_exporter, self._pool, self._segment)
 
     @property
-    def pool(self) -> KVPool:
-        return self._pool
-
-    @property
     def pool_name(self) -> str:
         return self._segment.name
-
-    @property
-    def num_leases(self) -> int:
-        return len(self._leases)
-
-    @property
-    def closed(self) -> bool:
-        return not self._finalizer.alive
-
-    def _check_open(self) -> None:
-        if self.closed:
-            raise RuntimeError(f"KV exporter {self.pool_name} is closed")
 
     def grant(self, block_ids: Sequence[int], num_tokens: int, now: float | None = None) -> KVDescriptor:
         self._check_open()
         lease = self._leases.grant(block_ids, num_tokens, time.monotonic() if now is None else now)
         return KVDescriptor("shm", self.instance_id, self.pool_name, self.layout, lease.block_ids,
                             num_tokens, lease.lease_id)
-
-    def collect_released(self) -> list[int]:
-        self._check_open()
-        return self._leases.collect_released()
-
-    def expire(self, now: float | None = None) -> list[int]:
-        self._check_open()
-        return self._leases.expire(time.monotonic() if now is None else now)
-
-    def revoke(self, lease_id: int) -> tuple[int, ...]:
-        self._check_open()
-        return self._leases.revoke(lease_id)
-
-    def close(self) -> None:
-        self._finalizer()
 
 
 class _Source:

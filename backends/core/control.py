@@ -29,11 +29,13 @@ def run_dir(server_pid: int | None = None) -> Path:
     base = Path(os.environ.get("DISTSERVE_RUN_DIR") or
                 Path(tempfile.gettempdir()) / f"distserve-{os.geteuid()}")
     path = base / str(server_pid if server_pid is not None else os.getppid())
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
     for p in (base, path):
+        p.mkdir(mode=0o700, exist_ok=True)
         st = p.stat()
-        if st.st_uid != os.geteuid() or st.st_mode & 0o077:
-            raise PermissionError(f"{p} must be owned by uid {os.geteuid()} with mode 0700")
+        if st.st_uid != os.geteuid():
+            raise PermissionError(f"{p} is not owned by uid {os.geteuid()}")
+        if st.st_mode & 0o077:
+            os.chmod(p, 0o700)              # ours, but made with a looser umask
     return path
 
 

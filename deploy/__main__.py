@@ -1,0 +1,142 @@
+"""python -m deploy render | serve | show-default.
+
+    python -m deploy render --out DIR [--deployment FILE] [--num-cores N]
+    python -m deploy serve [--deployment FILE] [--model PATH] [--host 127.0.0.1]
+                           [--http-port 8000 --grpc-port 8001 --metrics-port 8002]
+    python -m deploy show-default [--num-cores N]      # print the default deployment JSON
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+from deploy.deployment import DEFAULT_MODEL_PATH, ROOT, Deployment, default_deployment
+from deploy.render import SRC_REPO, missing_code, render_repository
+from deploy.server import ServerError, TritonServer
+
+
+def load_deployment(args: argparse.Namespace) -> Deployment:
+    check_host = not getattr(args, "other_host", False)
+    if args.deployment:
+        deployment = Deployment.load(args.deployment, check_host=check_host)
+    else:
+        deployment = default_deployment(DEFAULT_MODEL_PATH, getattr(args, "num_cores", None))
+    if getattr(args, "model", None):
+        deployment = deployment.with_model_path(Path(args.model).resolve())
+    return deployment
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    deployment = load_deployment(args)
+    out = render_repository(deployment, args.out, src_repo=args.src)
+    missing = missing_code(args.src)
+    print(f"rendered {out}" + (f" (configs only for {missing}: no 1/model.py yet)" if missing else ""))
+    return 0
+
+
+def cmd_show_default(args: argparse.Namespace) -> int:
+    print(default_deployment(DEFAULT_MODEL_PATH, args.num_cores).to_json(indent=2))
+    return 0
+
+
+def usage_text(server: TritonServer) -> str:
+    http = f"http://{server.http_url}"
+    body = '{"text_input": "Hello", "max_tokens": 32}'
+    stream_body = '{"text_input": "Hello", "max_tokens": 32, "stream": true}'
+    return "\n".join([
+        f"DistServe is ready. HTTP {http}  gRPC {server.grpc_url}  metrics {server.metrics_url}",
+        f"  curl -s {http}/v2/models/distserve/generate -d '{body}'",
+        f"  curl -sN {http}/v2/models/distserve/generate_stream -d '{stream_body}'",
+        f'  .venv/bin/python -m client --url {server.http_url} "Hello"',
+        f"Server log: {server.log_file}. Ctrl-C stops the server.",
+    ])
+
+
+def _raise_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    deployment = load_deployment(args)
+    model_file = deployment.resolved_model_path()
+    if not model_file.exists():
+        print(f"error: model file {model_file} not found (run ./build.sh setup)", file=sys.stderr)
+        return 2
+    run_dir = Path(args.run_dir).resolve()
+    shutil.rmtree(run_dir / "model_repository", ignore_errors=True)
+    try:
+        repo = render_repository(deployment, run_dir / "model_repository", src_repo=args.src,
+                                 require_code=True)
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    deployment.save(run_dir / "deployment.json")
+    server = TritonServer(repo, run_dir=run_dir, host=args.host, http_port=args.http_port,
+                          grpc_port=args.grpc_port, metrics_port=args.metrics_port,
+                          log_verbose=args.log_verbose)
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        print(f"starting tritonserver (log: {server.log_file}) ...", flush=True)
+        server.start().wait_ready(args.ready_timeout)
+        print(usage_text(server), flush=True)
+        while server.is_alive():
+            time.sleep(0.5)
+        print(f"error: tritonserver exited with code {server.process.returncode}\n{server.log_tail()}",
+              file=sys.stderr)
+        return 1
+    except ServerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("stopping tritonserver ...", flush=True)
+        return 0
+    finally:
+        server.stop()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m deploy", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    render = sub.add_parser("render", help="render the model repository")
+    render.add_argument("--out", required=True, help="output repository directory")
+    render.add_argument("--deployment", help="deployment JSON (default: the default deployment)")
+    render.add_argument("--num-cores", type=int, help="render the default deployment for an N-core host")
+    render.add_argument("--other-host", action="store_true",
+                        help="the deployment is for another host: skip the checks against this one")
+    render.add_argument("--src", default=str(SRC_REPO), help="source repository with the adapters' code")
+    render.set_defaults(func=cmd_render)
+    show = sub.add_parser("show-default", help="print the default deployment JSON")
+    show.add_argument("--num-cores", type=int)
+    show.set_defaults(func=cmd_show_default)
+    serve = sub.add_parser("serve", help="render into a run dir, start tritonserver, stay in the foreground")
+    serve.add_argument("--deployment", help="deployment JSON (default: the default deployment)")
+    serve.add_argument("--model", help="model file; overrides the deployment's model_path")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--http-port", type=int, default=8000)
+    serve.add_argument("--grpc-port", type=int, default=8001)
+    serve.add_argument("--metrics-port", type=int, default=8002)
+    serve.add_argument("--run-dir", default=str(ROOT / "run" / "serve"),
+                       help="where the rendered repository, deployment.json and server.log go")
+    serve.add_argument("--src", default=str(SRC_REPO), help="source repository with the adapters' code")
+    serve.add_argument("--ready-timeout", type=float, default=600.0)
+    serve.add_argument("--log-verbose", type=int, default=0)
+    serve.set_defaults(func=cmd_serve)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""The I/O contract of every model in the repository: names, dtypes, dims, in one place.
+
+The config templates render their `input`/`output` sections from these specs, and the client
+imports the names from here (this module needs nothing beyond the standard library).
+
+`distserve` follows the de-facto LLM contract, so Triton's `generate` / `generate_stream`
+endpoints and existing LLM tools work unchanged: top-level JSON keys map to inputs by name
+and each output becomes a JSON field. All `distserve` inputs are optional; one of
+`text_input`, `messages` or `input_ids` must be given. `prefill` and `decode` are internal:
+one JSON document in `request`, one JSON document per `response`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# The models.
+DISTSERVE = "distserve"
+PREFILL = "prefill"
+DECODE = "decode"
+
+# distserve inputs.
+TEXT_INPUT = "text_input"              # the prompt, UTF-8
+MESSAGES = "messages"                  # JSON chat messages [{"role": ..., "content": ...}]
+INPUT_IDS = "input_ids"                # a pre-tokenized prompt
+MAX_TOKENS = "max_tokens"
+STREAM = "stream"
+TEMPERATURE = "temperature"
+TOP_P = "top_p"
+TOP_K = "top_k"
+SEED = "seed"
+STOP = "stop"                          # stop strings
+IGNORE_EOS = "ignore_eos"
+RETURN_TOKEN_IDS = "return_token_ids"
+RETURN_TIMING = "return_timing"
+
+# distserve outputs.
+TEXT_OUTPUT = "text_output"
+TOKEN_IDS = "token_ids"
+FINISH_REASON = "finish_reason"        # one of FINISH_REASONS, on the last response only
+TIMING = "timing"                      # JSON, when return_timing is set
+
+FINISH_REASONS = ("stop", "length", "abort")
+
+# prefill / decode: a JSON document each way.
+REQUEST = "request"
+RESPONSE = "response"
+
+# Triton wire dtype -> config.pbtxt data_type.
+_CONFIG_DTYPES = {"BYTES": "TYPE_STRING", "BOOL": "TYPE_BOOL", "INT32": "TYPE_INT32",
+                  "INT64": "TYPE_INT64", "FP32": "TYPE_FP32"}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str                  # Triton wire dtype (what tritonclient's InferInput takes)
+    dims: tuple[int, ...]
+    optional: bool = False
+
+    def __post_init__(self) -> None:
+        if self.dtype not in _CONFIG_DTYPES:
+            raise ValueError(f"dtype of {self.name!r} must be one of {sorted(_CONFIG_DTYPES)}, "
+                             f"got {self.dtype!r}")
+
+    @property
+    def config_dtype(self) -> str:
+        return _CONFIG_DTYPES[self.dtype]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    decoupled: bool
+
+    def input(self, name: str) -> TensorSpec:
+        return _find(self.inputs, name, f"{self.name} input")
+
+    def output(self, name: str) -> TensorSpec:
+        return _find(self.outputs, name, f"{self.name} output")
+
+
+def _find(specs: tuple[TensorSpec, ...], name: str, what: str) -> TensorSpec:
+    for spec in specs:
+        if spec.name == name:
+            return spec
+    raise KeyError(f"no {what} named {name!r}; have {[s.name for s in specs]}")
+
+
+def _opt(name: str, dtype: str, dims: tuple[int, ...] = (1,)) -> TensorSpec:
+    return TensorSpec(name, dtype, dims, optional=True)
+
+
+DISTSERVE_SPEC = ModelSpec(
+    DISTSERVE,
+    inputs=(
+        _opt(TEXT_INPUT, "BYTES"), _opt(MESSAGES, "BYTES"), _opt(INPUT_IDS, "INT32", (-1,)),
+        _opt(MAX_TOKENS, "INT32"), _opt(STREAM, "BOOL"), _opt(TEMPERATURE, "FP32"),
+        _opt(TOP_P, "FP32"), _opt(TOP_K, "INT32"), _opt(SEED, "INT64"),
+        _opt(STOP, "BYTES", (-1,)), _opt(IGNORE_EOS, "BOOL"), _opt(RETURN_TOKEN_IDS, "BOOL"),
+        _opt(RETURN_TIMING, "BOOL"),
+    ),
+    outputs=(
+        TensorSpec(TEXT_OUTPUT, "BYTES", (-1,)), TensorSpec(TOKEN_IDS, "INT32", (-1,)),
+        TensorSpec(FINISH_REASON, "BYTES", (1,)), TensorSpec(TIMING, "BYTES", (1,)),
+    ),
+    decoupled=True,
+)
+
+# request: {"req_id", "prompt_token_ids", "sampling": {...}}
+# response: {"req_id", "first_token_id", "kv": <KV descriptor>, "timing": {...}}
+PREFILL_SPEC = ModelSpec(
+    PREFILL,
+    inputs=(TensorSpec(REQUEST, "BYTES", (1,)),),
+    outputs=(TensorSpec(RESPONSE, "BYTES", (1,)),),
+    decoupled=False,
+)
+
+# request: {"req_id", "prompt_token_ids", "first_token_id", "sampling": {...}, "kv": {...}}
+# response, one per step: {"req_id", "new_token_ids", "finished", "finish_reason"}
+DECODE_SPEC = ModelSpec(
+    DECODE,
+    inputs=(TensorSpec(REQUEST, "BYTES", (1,)),),
+    outputs=(TensorSpec(RESPONSE, "BYTES", (1,)),),
+    decoupled=True,
+)
+
+MODEL_SPECS: dict[str, ModelSpec] = {s.name: s for s in (DISTSERVE_SPEC, PREFILL_SPEC, DECODE_SPEC)}

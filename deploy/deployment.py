@@ -1,0 +1,266 @@
+"""A deployment: which model, which devices each phase gets, and the engines' limits.
+
+One `Deployment` renders the whole model repository (deploy/render.py) and travels, as JSON,
+inside every model's config.pbtxt, so a model.py needs nothing else. On CPU hosts a "device"
+is a set of cores: `devices` holds one core-id list per instance. On GPU hosts it holds one
+GPU id per instance.
+"""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Literal
+
+DeviceKind = Literal["cpu", "gpu"]
+DEVICE_KINDS = ("cpu", "gpu")
+DTYPES = ("bfloat16", "float32")
+KV_TRANSPORTS = ("shm", "cuda_ipc")
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL_PATH = "models/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass(frozen=True)
+class PhaseSpec:
+    """Devices and engine limits of one phase (prefill, decode, or a colocated baseline)."""
+    device: DeviceKind = "cpu"
+    num_instances: int = 1
+    devices: tuple = ((0,),)              # cpu: core ids per instance; gpu: a gpu id per instance
+    num_kv_blocks: int = 1024
+    max_num_seqs: int = 32
+    max_num_batched_tokens: int = 2048    # prefill's token budget per batch (L_m)
+    num_threads: int | None = None        # torch threads per instance; default len(cores), 1 on gpu
+
+    def __post_init__(self) -> None:
+        if self.device not in DEVICE_KINDS:
+            raise ValueError(f"device must be one of {DEVICE_KINDS}, got {self.device!r}")
+        for name in ("num_instances", "num_kv_blocks", "max_num_seqs", "max_num_batched_tokens"):
+            _check_positive_int(name, getattr(self, name))
+        if self.num_threads is not None:
+            _check_positive_int("num_threads", self.num_threads)
+        object.__setattr__(self, "devices", _normalize_devices(self.device, self.devices))
+        if len(self.devices) != self.num_instances:
+            raise ValueError(f"devices must list one entry per instance: {self.num_instances} "
+                             f"instances, {len(self.devices)} entries ({list(self.devices)})")
+
+    def cores(self, index: int) -> tuple[int, ...]:
+        """Core ids of CPU instance `index`."""
+        if self.device != "cpu":
+            raise ValueError(f"a {self.device} phase has no core sets")
+        return self.devices[index]
+
+    def gpu(self, index: int) -> int:
+        if self.device != "gpu":
+            raise ValueError(f"a {self.device} phase has no gpu ids")
+        return self.devices[index]
+
+    def threads(self, index: int) -> int:
+        """Torch threads for instance `index`."""
+        if self.num_threads is not None:
+            return self.num_threads
+        return len(self.cores(index)) if self.device == "cpu" else 1
+
+    def all_devices(self) -> set[int]:
+        if self.device == "gpu":
+            return set(self.devices)
+        return {core for cores in self.devices for core in cores}
+
+
+def _check_positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _is_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _normalize_devices(kind: str, devices: Any) -> tuple:
+    if not isinstance(devices, (list, tuple)):
+        raise ValueError(f"devices must be a list, got {devices!r}")
+    if kind == "gpu":
+        if not devices or not all(_is_id(d) for d in devices):
+            raise ValueError(f"devices of a gpu phase must be gpu ids (ints >= 0), got {devices!r}")
+        if len(set(devices)) != len(devices):
+            raise ValueError(f"devices of a gpu phase must be distinct gpu ids, got {devices!r}")
+        return tuple(devices)
+    out = []
+    for cores in devices:
+        if not isinstance(cores, (list, tuple)) or not cores or not all(_is_id(c) for c in cores):
+            raise ValueError(f"devices of a cpu phase must be one non-empty list of core ids "
+                             f"(ints >= 0) per instance, got {devices!r}")
+        if len(set(cores)) != len(cores):
+            raise ValueError(f"devices: core ids repeat within one instance: {list(cores)}")
+        out.append(tuple(cores))
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """The whole deployment. `check_host=False` skips the checks against this machine (to
+    render for another host); it is not part of the JSON."""
+    model_path: str
+    prefill: PhaseSpec
+    decode: PhaseSpec
+    dtype: str = "bfloat16"
+    block_size: int = 16
+    kv_transport: str | None = None       # default: cuda_ipc when both phases are on gpu, else shm
+    lease_timeout_s: float = 30.0         # an unclaimed prefill KV lease expires after this
+    num_orchestrator_instances: int = 1
+    default_max_tokens: int = 128
+    max_model_len: int = 2048
+    colocated: PhaseSpec | None = None    # for a colocated (non-disaggregated) baseline model
+    check_host: bool = field(default=True, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model_path, str) or not self.model_path:
+            raise ValueError(f"model_path must be a non-empty string, got {self.model_path!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        for name in ("block_size", "num_orchestrator_instances", "default_max_tokens", "max_model_len"):
+            _check_positive_int(name, getattr(self, name))
+        if isinstance(self.lease_timeout_s, bool) or not isinstance(self.lease_timeout_s, (int, float)) \
+                or not self.lease_timeout_s > 0:
+            raise ValueError(f"lease_timeout_s must be a number > 0, got {self.lease_timeout_s!r}")
+        if self.default_max_tokens >= self.max_model_len:
+            raise ValueError(f"default_max_tokens ({self.default_max_tokens}) must be < max_model_len "
+                             f"({self.max_model_len})")
+        for name, phase in self.phases().items():
+            self._check_phase(name, phase)
+        object.__setattr__(self, "kv_transport", self._resolve_transport())
+        self._warn_overlap()
+
+    def phases(self) -> dict[str, PhaseSpec]:
+        out = {"prefill": self.prefill, "decode": self.decode}
+        if self.colocated is not None:
+            out["colocated"] = self.colocated
+        return out
+
+    def _check_phase(self, name: str, phase: PhaseSpec) -> None:
+        if not isinstance(phase, PhaseSpec):
+            raise ValueError(f"{name} must be a PhaseSpec, got {type(phase).__name__}")
+        capacity = phase.num_kv_blocks * self.block_size
+        if capacity < self.max_model_len:
+            raise ValueError(f"{name}.num_kv_blocks: {phase.num_kv_blocks} blocks x {self.block_size} "
+                             f"tokens cannot hold one max_model_len ({self.max_model_len}) sequence")
+        num_cores = os.cpu_count() or 1
+        if self.check_host and phase.device == "cpu" and max(phase.all_devices()) >= num_cores:
+            raise ValueError(f"{name}.devices: core {max(phase.all_devices())} does not exist on this "
+                             f"{num_cores}-core host (use check_host=False to render for another host)")
+
+    def _resolve_transport(self) -> str:
+        on_gpu = self.prefill.device == "gpu" and self.decode.device == "gpu"
+        transport = self.kv_transport or ("cuda_ipc" if on_gpu else "shm")
+        if transport not in KV_TRANSPORTS:
+            raise ValueError(f"kv_transport must be one of {KV_TRANSPORTS}, got {transport!r}")
+        if transport == "cuda_ipc" and not on_gpu:
+            raise ValueError("kv_transport: cuda_ipc needs both prefill and decode on gpu")
+        return transport
+
+    def _warn_overlap(self) -> None:
+        if self.prefill.device != self.decode.device:
+            return
+        shared = self.prefill.all_devices() & self.decode.all_devices()
+        if shared:
+            what = "cores" if self.prefill.device == "cpu" else "gpus"
+            warnings.warn(f"prefill and decode share {what} {sorted(shared)}: the phases will interfere",
+                          stacklevel=3)
+
+    def resolved_model_path(self, root: str | Path | None = None) -> Path:
+        """model_path; a relative one is taken from `root`, $DISTSERVE_ROOT, or the repo root."""
+        path = Path(self.model_path)
+        if path.is_absolute():
+            return path
+        return Path(root or os.environ.get("DISTSERVE_ROOT") or ROOT) / path
+
+    def with_model_path(self, model_path: str | Path) -> Deployment:
+        return replace(self, model_path=str(model_path))
+
+    # ---- JSON ----
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.pop("check_host")
+        return data
+
+    def to_json(self, indent: int | None = None) -> str:
+        separators = None if indent else (",", ":")
+        return json.dumps(self.to_dict(), indent=indent, separators=separators)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json(indent=2) + "\n")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], check_host: bool = True) -> Deployment:
+        if not isinstance(data, dict):
+            raise ValueError(f"a deployment must be a JSON object, got {type(data).__name__}")
+        _check_keys("deployment", data, cls)
+        kw = dict(data)
+        for name in ("prefill", "decode", "colocated"):
+            if kw.get(name) is not None:
+                kw[name] = _phase_from_dict(name, kw[name])
+        return cls(**kw, check_host=check_host)
+
+    @classmethod
+    def from_json(cls, text: str, check_host: bool = True) -> Deployment:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"deployment is not valid JSON: {exc}") from exc
+        return cls.from_dict(data, check_host=check_host)
+
+    @classmethod
+    def load(cls, path: str | Path, check_host: bool = True) -> Deployment:
+        return cls.from_json(Path(path).read_text(), check_host=check_host)
+
+
+def _check_keys(what: str, data: dict, cls: type) -> None:
+    known = [f for f in fields(cls) if f.name != "check_host"]
+    names = {f.name for f in known}
+    required = {f.name for f in known if f.default is MISSING and f.default_factory is MISSING}
+    unknown = sorted(set(data) - names)
+    missing = sorted(n for n in required if n not in data)
+    if unknown:
+        raise ValueError(f"{what}: unknown field(s) {unknown}; known: {sorted(names)}")
+    if missing:
+        raise ValueError(f"{what}: missing field(s) {missing}")
+
+
+def _phase_from_dict(name: str, data: Any) -> PhaseSpec:
+    if not isinstance(data, dict):
+        raise ValueError(f"{name} must be a JSON object, got {data!r}")
+    _check_keys(name, data, PhaseSpec)
+    try:
+        return PhaseSpec(**data)
+    except ValueError as exc:
+        raise ValueError(f"{name}.{exc}") from None
+
+
+def split_cores(num_cores: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Prefill gets the first half of the cores (rounded up), decode the rest."""
+    if num_cores < 2:
+        return (0,), (0,)
+    half = (num_cores + 1) // 2
+    return tuple(range(half)), tuple(range(half, num_cores))
+
+
+def default_deployment(model_path: str | Path = DEFAULT_MODEL_PATH,
+                       num_cores: int | None = None) -> Deployment:
+    """One prefill and one decode instance on disjoint cores of a `num_cores`-core host.
+
+    On 2 cores: prefill on core 0, decode on core 1. On 1 core both share core 0 (with a
+    warning). `num_cores` defaults to this machine's; another count renders for another host.
+    """
+    host_cores = os.cpu_count() or 1
+    num_cores = host_cores if num_cores is None else num_cores
+    _check_positive_int("num_cores", num_cores)
+    prefill_cores, decode_cores = split_cores(num_cores)
+    return Deployment(
+        model_path=str(model_path),
+        prefill=PhaseSpec(device="cpu", devices=(prefill_cores,), num_kv_blocks=512,
+                          max_num_seqs=16, max_num_batched_tokens=2048),
+        decode=PhaseSpec(device="cpu", devices=(decode_cores,), num_kv_blocks=1024,
+                         max_num_seqs=32, max_num_batched_tokens=2048),
+        check_host=num_cores <= host_cores,
+    )

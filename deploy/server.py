@@ -1,0 +1,353 @@
+"""Launch the tritonserver shipped in the nvidia-pytriton wheel, on loopback by default.
+
+Lifecycle: `start()` prepares a backend directory (the wheel's python backend plus the stub
+built for this interpreter's Python version), starts `tritonserver` in its own session with
+stdout/stderr going to a log file; `wait_ready()` polls `v2/health/ready`; `stop()` sends
+SIGTERM to the whole process group (server and python backend stubs), escalates to SIGKILL
+after a timeout and checks that no process of the group survived. `stop()` is idempotent and
+the context manager does start + wait_ready / stop.
+
+The environment follows pytriton's own launcher (pytriton/server/triton_server.py), plus the
+base interpreter's libpython directory on LD_LIBRARY_PATH: without it the stub binds the
+system libpython and e.g. `multiprocessing.shared_memory` breaks.
+"""
+from __future__ import annotations
+
+import ctypes
+import http.client
+import importlib.util
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+import urllib.request
+from collections import deque
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+PR_SET_PDEATHSIG = 1
+_ERROR_LINE = re.compile(r"^E\d{4} ")
+_HARMLESS = ("CudaDriverHelper has not been initialized",)
+_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))   # loopback: never a proxy
+
+
+class ServerError(RuntimeError):
+    """The server failed to start, exited early, or did not become ready."""
+
+
+def triton_dist_dir() -> Path:
+    """pytriton/tritonserver/ of the nvidia-pytriton wheel (found without importing pytriton)."""
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        raise ServerError("nvidia-pytriton is not installed (it ships tritonserver)")
+    return Path(list(spec.submodule_search_locations)[0]).resolve() / "tritonserver"
+
+
+def triton_libs_dir() -> Path:
+    return triton_dist_dir().parent.parent / "nvidia_pytriton.libs"
+
+
+def python_lib_dir() -> Path:
+    """Directory of the libpython that this interpreter (the venv's base python) uses."""
+    return Path(sysconfig.get_config_var("LIBDIR"))
+
+
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """`n` distinct ports that were free on `host` a moment ago (bind to port 0, then close)."""
+    sockets = []
+    try:
+        for _ in range(n):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.bind((host, 0))
+            sockets.append(sock)
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def check_ports_free(host: str, ports: list[int]) -> None:
+    """Raise ServerError naming the first port on `host` that something else holds."""
+    for port in ports:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((host, port))
+            except OSError as exc:
+                raise ServerError(f"port {port} on {host} is in use ({exc.strerror}); is another "
+                                  f"server running?") from None
+
+
+def prepare_backend_dir(dest: Path) -> Path:
+    """Write `dest/python/` = the wheel's python backend + the stub for this Python version.
+
+    Returns `dest`, to pass as `--backend-directory`.
+    """
+    dist = triton_dist_dir()
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = dist / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.exists():
+        raise ServerError(f"the nvidia-pytriton wheel has no python backend stub for Python "
+                          f"{version} ({stub})")
+    python_dir = Path(dest) / "python"
+    python_dir.mkdir(parents=True, exist_ok=True)
+    for src in (dist / "backends" / "python").iterdir():
+        if src.is_file():
+            shutil.copy2(src, python_dir / src.name)
+    shutil.copy2(stub, python_dir / stub.name)
+    return Path(dest)
+
+
+def server_env(base: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for tritonserver and its python backend stubs."""
+    env = dict(os.environ if base is None else base)
+    venv_bin = str(Path(sys.prefix) / "bin")
+    env["PATH"] = os.pathsep.join(p for p in (venv_bin, env.get("PATH", "")) if p)
+    libs = [str(python_lib_dir()), str(triton_libs_dir()), env.get("LD_LIBRARY_PATH", "")]
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in libs if p)
+    # The stubs run Python with -E (PYTHONPATH ignored) and with "" (the cwd) on sys.path:
+    # the server runs in the repo root so adapters can import backends, kvtransfer, deploy.
+    # PYTHONPATH still serves any plain Python child.
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    env.setdefault("DISTSERVE_ROOT", str(ROOT))
+    return env
+
+
+def _die_with_parent() -> None:
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+class TritonServer:
+    """One tritonserver process serving `model_repository`.
+
+    Args:
+        model_repository: directory with `<model>/config.pbtxt` and `<model>/<version>/`.
+        run_dir: where the backend directory and `server.log` go (default: a new temp dir).
+        host: address all three endpoints bind to (127.0.0.1 unless told otherwise).
+        http_port, grpc_port, metrics_port: endpoint ports.
+        log_verbose: tritonserver --log-verbose level.
+        exit_timeout_s: how long the server waits, on SIGTERM, for in-flight requests and open
+            HTTP/gRPC connections (a client's keep-alive connection counts) before it unloads.
+        extra_args: more tritonserver flags, appended last.
+        env: extra environment variables for the server and the stubs.
+        die_with_parent: the server gets SIGTERM when the thread that started it ends (Linux
+            PDEATHSIG, as pytriton does), so a crashed test run leaves no server behind. Turn
+            it off when starting from a short-lived thread.
+    """
+
+    def __init__(self, model_repository: str | Path, *, run_dir: str | Path | None = None,
+                 host: str = "127.0.0.1", http_port: int = 8000, grpc_port: int = 8001,
+                 metrics_port: int = 8002, log_verbose: int = 0, exit_timeout_s: int = 10,
+                 extra_args: tuple[str, ...] = (), env: dict[str, str] | None = None,
+                 die_with_parent: bool = True) -> None:
+        self.model_repository = Path(model_repository).resolve()
+        self.run_dir = Path(run_dir) if run_dir else Path(tempfile.mkdtemp(prefix="tritonserver-"))
+        self.host = host
+        self.http_port, self.grpc_port, self.metrics_port = http_port, grpc_port, metrics_port
+        self.log_verbose = log_verbose
+        self.exit_timeout_s = exit_timeout_s
+        self.extra_args = tuple(extra_args)
+        self.extra_env = dict(env or {})
+        self.die_with_parent = die_with_parent
+        self.log_file = self.run_dir / "server.log"
+        # /dev/shm/<prefix>*: the python backend's regions (and kvtransfer's, if it uses the
+        # prefix); unique, so two servers never clash
+        self.shm_prefix = f"distserve{os.getpid()}_{secrets.token_hex(3)}_"
+        self.process: subprocess.Popen | None = None
+        self.control_dir: Path | None = None
+
+    @property
+    def client_host(self) -> str:
+        return "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+
+    @property
+    def http_url(self) -> str:
+        return f"{self.client_host}:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.client_host}:{self.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.client_host}:{self.metrics_port}/metrics"
+
+    def command(self, backend_dir: Path) -> list[str]:
+        return [
+            str(triton_dist_dir() / "bin" / "tritonserver"),
+            "--model-repository", str(self.model_repository),
+            "--backend-directory", str(backend_dir),
+            "--cache-directory", str(triton_dist_dir() / "caches"),
+            "--backend-config", f"python,shm-region-prefix-name={self.shm_prefix}",
+            "--http-address", self.host, "--http-port", str(self.http_port),
+            "--grpc-address", self.host, "--grpc-port", str(self.grpc_port),
+            "--metrics-address", self.host, "--metrics-port", str(self.metrics_port),
+            "--allow-metrics", "true", "--allow-gpu-metrics", "false",
+            "--log-verbose", str(self.log_verbose),
+            "--exit-timeout-secs", str(self.exit_timeout_s),
+            *self.extra_args,
+        ]
+
+    def start(self) -> TritonServer:
+        if self.process is not None and self.process.poll() is None:
+            raise ServerError(f"server already running (pid {self.process.pid})")
+        if not self.model_repository.is_dir():
+            raise ServerError(f"model repository {self.model_repository} does not exist")
+        check_ports_free(self.host, [self.http_port, self.grpc_port, self.metrics_port])
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        backend_dir = prepare_backend_dir(self.run_dir / "backends")
+        env = server_env() | self._private_env() | self.extra_env
+        with open(self.log_file, "wb") as log:
+            self.process = subprocess.Popen(
+                self.command(backend_dir), stdin=subprocess.DEVNULL, stdout=log,
+                stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+                start_new_session=True, preexec_fn=_die_with_parent if self.die_with_parent else None)
+        return self
+
+    def _private_env(self) -> dict[str, str]:
+        """Per-server names: a private (0700, short-path) directory for the instances' control
+        sockets, removed by stop(); and the shm prefix, which kvtransfer may use so that
+        stop() sweeps its segments too after a hard kill."""
+        env = {"DISTSERVE_SHM_PREFIX": self.shm_prefix}
+        if "DISTSERVE_RUN_DIR" not in os.environ and "DISTSERVE_RUN_DIR" not in self.extra_env:
+            self.control_dir = Path(tempfile.mkdtemp(prefix="distserve-ctl-"))
+            env["DISTSERVE_RUN_DIR"] = str(self.control_dir)
+        return env
+
+    def is_alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def is_ready(self) -> bool:
+        url = f"http://{self.http_url}/v2/health/ready"
+        try:
+            with _NO_PROXY.open(url, timeout=2) as response:
+                return response.status == 200
+        except (OSError, http.client.HTTPException):       # URLError and HTTPError are OSErrors
+            return False
+
+    def wait_ready(self, timeout: float = 120.0) -> TritonServer:
+        """Poll until ready; raise ServerError (with the log's tail) on timeout or early exit."""
+        if self.process is None:
+            raise ServerError("server not started")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.is_alive():
+                raise ServerError(self._failure(f"exited early with code {self.process.returncode}"))
+            if self.is_ready():
+                return self
+            time.sleep(0.2)
+        raise ServerError(self._failure(f"not ready after {timeout:.0f}s"))
+
+    def log_tail(self, num_lines: int = 30) -> str:
+        try:
+            with open(self.log_file, errors="replace") as f:
+                return "".join(deque(f, maxlen=num_lines))
+        except FileNotFoundError:
+            return "(no log)"
+
+    def error_lines(self, limit: int = 20) -> list[str]:
+        """Triton's error lines (`E<mmdd> ...`), minus the harmless ones of a CPU-only host."""
+        try:
+            with open(self.log_file, errors="replace") as f:
+                lines = [line.rstrip("\n") for line in f if _ERROR_LINE.match(line)]
+        except FileNotFoundError:
+            return []
+        return [line for line in lines if not any(h in line for h in _HARMLESS)][:limit]
+
+    def _failure(self, what: str) -> str:
+        errors = "\n".join(self.error_lines()) or "(none)"
+        return (f"tritonserver {what}; log: {self.log_file}\n--- error lines ---\n{errors}\n"
+                f"--- last lines ---\n{self.log_tail()}")
+
+    def stop(self, timeout: float | None = None) -> int | None:
+        """SIGTERM the process group, SIGKILL it after `timeout`; return the exit code.
+
+        `timeout` defaults to exit_timeout_s + 30 (time to unload the models). After a SIGKILL
+        the python backend's /dev/shm regions (our unique prefix) are removed here.
+        Raises ServerError if a process of the group (e.g. a python backend stub) survives.
+        """
+        timeout = self.exit_timeout_s + 30 if timeout is None else timeout
+        if self.process is None:
+            return None
+        pgid = self.process.pid             # start_new_session: the server leads its group
+        members = _group_members(pgid)
+        if self.process.poll() is None:
+            _signal_group(pgid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                _signal_group(pgid, signal.SIGKILL)
+                self.process.wait(10)
+        _reap(members, pgid, timeout=10)
+        leftovers = [p.pid for p in _group_members(pgid)] + [p.pid for p in members if _alive(p)]
+        if leftovers:
+            raise ServerError(f"processes of tritonserver pid {pgid} survived stop(): "
+                              f"{sorted(set(leftovers))}")
+        for region in Path("/dev/shm").glob(self.shm_prefix + "*"):
+            region.unlink(missing_ok=True)
+        if self.control_dir is not None:
+            shutil.rmtree(self.control_dir, ignore_errors=True)
+        return self.process.returncode
+
+    def __enter__(self) -> TritonServer:
+        self.start()
+        try:
+            return self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _alive(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _group_members(pgid: int) -> list[psutil.Process]:
+    """Live processes in process group `pgid`, plus the server's descendants (in any group)."""
+    found = {}
+    for proc in psutil.process_iter():
+        try:
+            if os.getpgid(proc.pid) == pgid and _alive(proc):
+                found[proc.pid] = proc
+        except (ProcessLookupError, psutil.NoSuchProcess):
+            continue
+    try:
+        for child in psutil.Process(pgid).children(recursive=True):
+            found.setdefault(child.pid, child)
+    except psutil.NoSuchProcess:
+        pass
+    return [p for p in found.values() if _alive(p)]
+
+
+def _reap(members: list[psutil.Process], pgid: int, timeout: float) -> None:
+    """Wait for the group's processes to go; SIGKILL whatever is left at the deadline."""
+    _, alive = psutil.wait_procs([p for p in members if _alive(p)], timeout=timeout)
+    for proc in alive + _group_members(pgid):
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=5)

@@ -1,0 +1,74 @@
+"""Integration fixtures: a real tritonserver on 127.0.0.1 with free ports.
+
+`start_server(repo_dir, **kw)` is the reusable piece: a context manager that starts
+deploy.server.TritonServer on free loopback ports, waits until ready, and stops it (stop()
+raises if any process of the server's group survives).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from deploy.render import pbtxt_string
+from deploy.server import TritonServer, free_ports
+
+ROOT = Path(__file__).resolve().parents[2]
+ECHO_REPO = ROOT / "tests" / "fixtures" / "echo_repository"
+# A string parameter with everything protobuf text format must escape.
+PROBE = 'quote " backslash \\ newline \n tab \t unicode é 漢字 json {"a": [1, "b"]} ${x} {{y}}'
+
+
+def echo_cores() -> list[list[int]]:
+    """Core set per echo instance: disjoint when the host has two cores."""
+    return [[0], [1]] if (os.cpu_count() or 1) >= 2 else [[0], [0]]
+
+
+def http_post(http_url: str, path: str, body: dict) -> tuple[int, str]:
+    """POST JSON to http://<http_url><path>; (status, body text), also for error statuses."""
+    request = urllib.request.Request(f"http://{http_url}{path}", data=json.dumps(body).encode(),
+                                     method="POST")
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(request, timeout=30) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+@contextlib.contextmanager
+def start_server(repo_dir: str | Path, *, ready_timeout: float = 300.0, **kw) -> Iterator[TritonServer]:
+    """A ready TritonServer for `repo_dir` on free loopback ports; stopped on exit."""
+    http_port, grpc_port, metrics_port = free_ports(3)
+    kw = {"http_port": http_port, "grpc_port": grpc_port, "metrics_port": metrics_port, **kw}
+    server = TritonServer(repo_dir, **kw)
+    server.start()
+    try:
+        server.wait_ready(ready_timeout)
+        yield server
+    finally:
+        server.stop()
+
+
+def make_echo_repository(dest: Path) -> Path:
+    """The echo fixture plus the parameters "probe" (escaped by us) and "cores"."""
+    shutil.copytree(ECHO_REPO, dest, ignore=shutil.ignore_patterns("__pycache__"))
+    parameters = {"probe": PROBE, "cores": json.dumps(echo_cores())}
+    with open(dest / "echo" / "config.pbtxt", "a") as f:
+        for key, value in parameters.items():
+            f.write(f'parameters {{ key: "{key}" value {{ string_value: {pbtxt_string(value)} }} }}\n')
+    return dest
+
+
+@pytest.fixture(scope="session")
+def echo_server(tmp_path_factory) -> Iterator[TritonServer]:
+    repo = make_echo_repository(tmp_path_factory.mktemp("echo") / "repository")
+    with start_server(repo, run_dir=tmp_path_factory.mktemp("echo_run")) as server:
+        yield server

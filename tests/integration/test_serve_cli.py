@@ -1,0 +1,117 @@
+"""`python -m deploy serve` end to end, with stand-in adapters in place of the real ones.
+
+The stand-ins load no model: each pins itself with deploy.runtime.init_instance (reading
+the deployment from its rendered config, as the real adapters do) and answers one JSON
+document naming its model, instance and CPU affinity. That checks the rendered configs
+against the real server, the contract's inputs, the per-phase pinning, and that SIGTERM
+stops the foreground launcher and everything it started.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from deploy.contract import DECODE, DISTSERVE, PREFILL
+from deploy.server import free_ports
+
+from .conftest import ROOT, http_post
+
+STAND_IN = '''
+import json, os
+import numpy as np
+import triton_python_backend_utils as pb_utils
+from deploy.runtime import init_instance
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        self.name, self.instance = args["model_name"], args["model_instance_name"]
+        if self.name != "distserve":
+            init_instance(args, self.name)
+
+    def execute(self, requests):
+        output = "text_output" if self.name == "distserve" else "response"
+        for request in requests:
+            answer = {"model": self.name, "instance": self.instance,
+                      "affinity": sorted(os.sched_getaffinity(0)),
+                      "inputs": sorted(t.name() for t in request.inputs())}
+            tensor = pb_utils.Tensor(output, np.array([json.dumps(answer).encode()], dtype=np.object_))
+            request.get_response_sender().send(pb_utils.InferenceResponse([tensor]),
+                                               flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        return None
+'''
+
+
+def stand_in_repository(dest: Path) -> Path:
+    for model in (DISTSERVE, PREFILL, DECODE):
+        (dest / model / "1").mkdir(parents=True)
+        (dest / model / "1" / "model.py").write_text(STAND_IN)
+    return dest
+
+
+def wait_for_line(proc: subprocess.Popen, needle: str, timeout: float) -> list[str]:
+    lines, deadline = [], time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line and proc.poll() is not None:
+            break
+        lines.append(line)
+        if needle in line:
+            return lines
+    pytest.fail(f"no {needle!r} from serve (exit {proc.poll()}):\n{''.join(lines)}")
+
+
+@pytest.fixture
+def serving(tmp_path):
+    """A `python -m deploy serve` process on free ports; yields (process, http_url)."""
+    http_port, grpc_port, metrics_port = free_ports(3)
+    model_file = tmp_path / "model.gguf"
+    model_file.write_bytes(b"")                    # serve only checks that it exists
+    cmd = [sys.executable, "-m", "deploy", "serve", "--model", str(model_file),
+           "--src", str(stand_in_repository(tmp_path / "src")), "--run-dir", str(tmp_path / "run"),
+           "--http-port", str(http_port), "--grpc-port", str(grpc_port),
+           "--metrics-port", str(metrics_port), "--ready-timeout", "120"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for_line(proc, "DistServe is ready", timeout=150)
+        yield proc, f"127.0.0.1:{http_port}"
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(60)
+
+
+def generate(http_url: str, model: str, body: dict) -> dict:
+    status, text = http_post(http_url, f"/v2/models/{model}/generate", body)
+    assert status == 200, text
+    answer = json.loads(text)
+    return json.loads(answer["text_output" if model == DISTSERVE else "response"])
+
+
+def test_serve_renders_pins_and_stops_cleanly(serving):
+    proc, http_url = serving
+    body = {"text_input": "Hello", "max_tokens": 8, "stream": False, "temperature": 0.0,
+            "top_p": 1.0, "top_k": 0, "seed": 1, "stop": ["\n"], "ignore_eos": False,
+            "return_token_ids": True, "return_timing": True}
+    answer = generate(http_url, DISTSERVE, body)
+    assert answer["inputs"] == sorted(body)              # every contract input is accepted
+    cores = [[0], [1]] if (os.cpu_count() or 1) >= 2 else [[0], [0]]
+    for model, expected in ((PREFILL, cores[0]), (DECODE, cores[1])):
+        answer = generate(http_url, model, {"request": "{}"})
+        assert (answer["instance"], answer["affinity"]) == (f"{model}_0_0", expected)
+
+    server_pids = [p.pid for p in psutil.Process(proc.pid).children(recursive=True)]
+    assert len(server_pids) == 4                          # tritonserver + three stubs
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == 0
+    assert "stopping tritonserver" in proc.stdout.read()
+    assert not [pid for pid in server_pids if psutil.pid_exists(pid)
+                and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]

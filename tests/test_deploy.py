@@ -1,0 +1,308 @@
+"""deploy/: deployment validation and JSON, strict config rendering, pbtxt escaping, the
+committed configs, the adapters' start-up helpers and the launcher's pieces (no server here;
+tests/integration/ runs the real one)."""
+from __future__ import annotations
+
+import json
+import socket
+import sys
+import sysconfig
+import warnings
+from dataclasses import replace
+from pathlib import Path
+
+import jinja2
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+
+from deploy import contract
+from deploy.__main__ import main as deploy_main
+from deploy.deployment import DEFAULT_MODEL_PATH, ROOT, Deployment, PhaseSpec, default_deployment
+from deploy.render import (MODELS, TEMPLATES_DIR, check_no_placeholder, pbtxt_string, render_config,
+                           render_configs, render_repository, render_text)
+from deploy.runtime import deployment_from_config, instance_index, parse_instance_name
+from deploy.server import (ServerError, TritonServer, check_ports_free, free_ports, prepare_backend_dir,
+                           server_env)
+
+
+def two_core() -> Deployment:
+    return default_deployment(DEFAULT_MODEL_PATH, num_cores=2)
+
+
+def gpu_deployment() -> Deployment:
+    gpu = PhaseSpec(device="gpu", num_instances=2, devices=[0, 1])
+    return Deployment("m.gguf", prefill=gpu, decode=replace(gpu, devices=(2, 3)), check_host=False)
+
+
+def parse_config(text: str) -> model_config_pb2.ModelConfig:
+    return text_format.Parse(text, model_config_pb2.ModelConfig())
+
+
+# ---- deployment ----
+
+def test_default_deployment_two_cores():
+    d = two_core()
+    assert (d.prefill.cores(0), d.decode.cores(0)) == ((0,), (1,))
+    assert (d.prefill.threads(0), d.decode.threads(0)) == (1, 1)
+    assert d.kv_transport == "shm" and d.colocated is None
+
+
+def test_default_deployment_one_core_shares_core_zero_with_a_warning():
+    with pytest.warns(UserWarning, match="share cores"):
+        d = default_deployment(num_cores=1)
+    assert d.prefill.cores(0) == d.decode.cores(0) == (0,)
+
+
+def test_default_deployment_splits_a_bigger_host():
+    d = default_deployment(num_cores=5)
+    assert (d.prefill.cores(0), d.decode.cores(0)) == ((0, 1, 2), (3, 4))
+    assert d.prefill.threads(0) == 3
+
+
+def test_json_round_trip(tmp_path):
+    d = replace(two_core(), colocated=PhaseSpec(devices=[[0, 1]], num_threads=2))
+    assert Deployment.from_json(d.to_json()) == d
+    d.save(tmp_path / "d.json")
+    assert Deployment.load(tmp_path / "d.json") == d
+    assert json.loads(d.to_json())["prefill"]["devices"] == [[0]]
+
+
+def _mutated(path: str, value) -> dict:
+    data = json.loads(two_core().to_json())
+    *parents, key = path.split(".")
+    target = data
+    for name in parents:
+        target = target[name]
+    target[key] = value
+    return data
+
+
+@pytest.mark.parametrize("path, value, message", [
+    ("dtype", "float16", "dtype"),
+    ("block_size", 0, "block_size"),
+    ("model_path", "", "model_path"),
+    ("lease_timeout_s", 0, "lease_timeout_s"),
+    ("num_orchestrator_instances", 0, "num_orchestrator_instances"),
+    ("default_max_tokens", 4096, "default_max_tokens"),
+    ("kv_transport", "tcp", "kv_transport"),
+    ("kv_transport", "cuda_ipc", "kv_transport: cuda_ipc needs both"),
+    ("prefill.device", "tpu", "prefill.device"),
+    ("prefill.num_kv_blocks", 0, "prefill.num_kv_blocks"),
+    ("decode.num_kv_blocks", 100, "decode.num_kv_blocks: 100 blocks"),
+    ("decode.max_num_seqs", -1, "decode.max_num_seqs"),
+    ("prefill.max_num_batched_tokens", 1.5, "prefill.max_num_batched_tokens"),
+    ("prefill.num_threads", 0, "prefill.num_threads"),
+    ("prefill.num_instances", 2, "prefill.devices must list one entry per instance"),
+    ("prefill.devices", [[]], "prefill.devices"),
+    ("prefill.devices", [[0, 0]], "prefill.devices: core ids repeat"),
+    ("decode.devices", [[999]], "decode.devices: core 999 does not exist"),
+    ("prefill.bogus", 1, "prefill: unknown field"),
+    ("bogus", 1, "deployment: unknown field"),
+])
+def test_validation_names_the_field(path, value, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        Deployment.from_dict(_mutated(path, value))
+
+
+def test_missing_field_is_named():
+    data = json.loads(two_core().to_json())
+    del data["decode"]
+    with pytest.raises(ValueError, match=r"missing field\(s\) \['decode'\]"):
+        Deployment.from_dict(data)
+
+
+def test_gpu_phase_needs_gpu_ids():
+    with pytest.raises(ValueError, match="gpu ids"):
+        PhaseSpec(device="gpu")                         # the default devices are core lists
+    with pytest.raises(ValueError, match="distinct"):
+        PhaseSpec(device="gpu", num_instances=2, devices=[0, 0])
+
+
+def test_gpu_deployment_defaults_to_cuda_ipc():
+    d = gpu_deployment()
+    assert d.kv_transport == "cuda_ipc" and d.prefill.gpu(1) == 1 and d.decode.threads(0) == 1
+
+
+def test_unknown_cores_allowed_when_rendering_for_another_host():
+    data = _mutated("decode.devices", [[999]])
+    assert Deployment.from_dict(data, check_host=False).decode.cores(0) == (999,)
+
+
+def test_overlapping_phases_warn():
+    with pytest.warns(UserWarning, match=r"share cores \[0\]"):
+        Deployment.from_dict(_mutated("decode.devices", [[0]]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        two_core()
+
+
+def test_resolved_model_path(monkeypatch, tmp_path):
+    d = two_core()
+    monkeypatch.delenv("DISTSERVE_ROOT", raising=False)
+    assert d.resolved_model_path() == ROOT / DEFAULT_MODEL_PATH
+    monkeypatch.setenv("DISTSERVE_ROOT", str(tmp_path))
+    assert d.resolved_model_path() == tmp_path / DEFAULT_MODEL_PATH
+    assert d.with_model_path("/abs/m.gguf").resolved_model_path() == Path("/abs/m.gguf")
+
+
+# ---- rendering ----
+
+def test_committed_configs_equal_rendered_defaults():
+    """Regenerate them with: python -m deploy render --out model_repository --num-cores 2"""
+    for model, text in render_configs(two_core()).items():
+        committed = ROOT / "model_repository" / model / "config.pbtxt"
+        assert committed.read_text() == text, f"{committed} drifted from the default deployment"
+
+
+@pytest.mark.parametrize("deployment", [two_core(), gpu_deployment()], ids=["cpu", "gpu"])
+def test_rendered_configs_match_the_contract(deployment):
+    for model in MODELS:
+        config = parse_config(render_config(deployment, model))
+        spec = contract.MODEL_SPECS[model]
+        assert config.name == model and config.backend == "python" and config.max_batch_size == 0
+        assert config.model_transaction_policy.decoupled == spec.decoupled
+        for tensors, specs in ((config.input, spec.inputs), (config.output, spec.outputs)):
+            assert [(t.name, model_config_pb2.DataType.Name(t.data_type), tuple(t.dims)) for t in tensors] \
+                == [(s.name, s.config_dtype, s.dims) for s in specs]
+        assert [t.optional for t in config.input] == [s.optional for s in spec.inputs]
+        carried = config.parameters["deployment"].string_value
+        assert Deployment.from_json(carried, check_host=False) == deployment
+
+
+def instance_groups(deployment: Deployment, model: str) -> list[tuple]:
+    kind = model_config_pb2.ModelInstanceGroup.Kind.Name
+    return [(kind(g.kind), g.count, list(g.gpus))
+            for g in parse_config(render_config(deployment, model)).instance_group]
+
+
+def test_instance_groups():
+    assert instance_groups(gpu_deployment(), "prefill") == [("KIND_GPU", 1, [0, 1])]   # one per gpu
+    assert instance_groups(gpu_deployment(), "distserve") == [("KIND_CPU", 1, [])]
+    cpu = replace(two_core(), decode=PhaseSpec(num_instances=2, devices=[[1], [1]]))
+    assert instance_groups(cpu, "decode") == [("KIND_CPU", 2, [])]
+
+
+def test_no_placeholder_survives():
+    for text in render_configs(two_core()).values():
+        check_no_placeholder(text, "rendered")
+        assert "{{" not in text and "{%" not in text and "${" not in text
+
+
+def test_rendering_is_strict():
+    with pytest.raises(jinja2.UndefinedError):
+        render_text("name: {{ nope }}")
+    template = (TEMPLATES_DIR / "prefill.pbtxt").read_text()
+    with pytest.raises(jinja2.UndefinedError, match="deployment_json"):
+        render_text(template, spec=contract.PREFILL_SPEC, groups=[])
+    with pytest.raises(ValueError, match=r"unrendered placeholder '\$\{' on line 2"):
+        render_text("a\nb: ${x}")
+
+
+@pytest.mark.parametrize("value", [
+    "", "plain", 'quote " and backslash \\', "new\nline\r\ttab", "é 漢字 🚀", "\x00\x01\x7f",
+    "{{ not a placeholder here }}", two_core().to_json(indent=2),
+])
+def test_pbtxt_string_round_trip(value):
+    text = f'name: "x" parameters {{ key: "k" value {{ string_value: {pbtxt_string(value)} }} }}'
+    assert parse_config(text).parameters["k"].string_value == value
+
+
+def test_render_repository_copies_code(tmp_path):
+    src = tmp_path / "src"
+    for model in MODELS:
+        (src / model / "1" / "__pycache__").mkdir(parents=True)
+        (src / model / "1" / "model.py").write_text(f"# {model}\n")
+        (src / model / "1" / "__pycache__" / "model.cpython-311.pyc").write_bytes(b"")
+    (src / "shared.py").write_text("X = 1\n")
+    out = render_repository(two_core(), tmp_path / "out", src_repo=src, require_code=True)
+    for model in MODELS:
+        assert (out / model / "1" / "model.py").read_text() == f"# {model}\n"
+        assert not (out / model / "1" / "__pycache__").exists()
+        assert (out / model / "config.pbtxt").read_text() == render_config(two_core(), model)
+    assert (out / "shared.py").exists()
+
+
+def test_render_repository_tolerates_missing_code_until_launch(tmp_path):
+    out = render_repository(two_core(), tmp_path / "out", src_repo=tmp_path / "empty")
+    assert sorted(p.name for p in out.iterdir()) == sorted(MODELS)
+    with pytest.raises(FileNotFoundError, match="model.py"):
+        render_repository(two_core(), tmp_path / "out", src_repo=tmp_path / "empty", require_code=True)
+
+
+def test_render_cli(tmp_path, capsys):
+    assert deploy_main(["render", "--out", str(tmp_path / "r"), "--num-cores", "2"]) == 0
+    assert (tmp_path / "r" / "decode" / "config.pbtxt").read_text() == render_config(two_core(), "decode")
+    assert deploy_main(["show-default", "--num-cores", "2"]) == 0
+    assert Deployment.from_json(capsys.readouterr().out.split("\n", 1)[1]) == two_core()
+    (tmp_path / "bad.json").write_text(json.dumps(_mutated("dtype", "int8")))
+    bad = ["render", "--out", str(tmp_path / "r2"), "--deployment", str(tmp_path / "bad.json")]
+    assert deploy_main(bad) == 2
+    assert "dtype" in capsys.readouterr().err
+
+
+# ---- what a model.py reads ----
+
+def test_deployment_from_model_config():
+    d = two_core()
+    config = {"name": "prefill", "parameters": {"deployment": {"string_value": d.to_json()}}}
+    assert deployment_from_config(json.dumps(config)) == d
+    with pytest.raises(ValueError, match="python -m deploy render"):
+        deployment_from_config({"name": "prefill", "parameters": {}})
+
+
+def test_instance_index():
+    cpu = PhaseSpec(num_instances=2, devices=[[0], [1]])
+    assert parse_instance_name("prefill_0_1") == (0, 1)
+    assert parse_instance_name("my_model_0_12") == (0, 12)
+    assert instance_index({"model_instance_name": "decode_0_1"}, cpu) == 1
+    for bad in ("prefill", "prefill_0_x", "prefill_1_0", "decode_0_2"):
+        with pytest.raises(ValueError):
+            instance_index({"model_instance_name": bad}, cpu)
+    gpu = gpu_deployment().decode
+    assert instance_index({"model_instance_name": "decode_0_0", "model_instance_device_id": "3"}, gpu) == 1
+    with pytest.raises(ValueError, match="gpu 7"):
+        instance_index({"model_instance_device_id": "7"}, gpu)
+
+
+# ---- launcher pieces ----
+
+def test_backend_dir_has_the_stub_for_this_python(tmp_path):
+    python_dir = prepare_backend_dir(tmp_path) / "python"
+    assert {"libtriton_python.so", "triton_python_backend_utils.py", "triton_python_backend_stub"} \
+        <= {p.name for p in python_dir.iterdir()}
+
+
+def test_server_env_paths():
+    env = server_env({"PATH": "/usr/bin", "LD_LIBRARY_PATH": "/opt/lib"})
+    assert env["PATH"].split(":")[0] == str(Path(sys.prefix) / "bin")
+    libs = env["LD_LIBRARY_PATH"].split(":")
+    assert libs[0] == sysconfig.get_config_var("LIBDIR")
+    assert Path(libs[0], sysconfig.get_config_var("INSTSONAME")).exists()     # libpython3.X.so.1.0
+    assert libs[1].endswith("nvidia_pytriton.libs") and libs[-1] == "/opt/lib"
+
+
+def test_command_binds_loopback_by_default(tmp_path):
+    args = TritonServer(tmp_path).command(tmp_path / "backends")
+    for flag in ("--http-address", "--grpc-address", "--metrics-address"):
+        assert args[args.index(flag) + 1] == "127.0.0.1"
+    assert args[args.index("--allow-metrics") + 1] == "true"
+
+
+def test_ports(tmp_path):
+    ports = free_ports(3)
+    assert len(set(ports)) == 3
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        busy = sock.getsockname()[1]
+        with pytest.raises(ServerError, match=f"port {busy} on 127.0.0.1 is in use"):
+            TritonServer(tmp_path, http_port=ports[0], grpc_port=busy, metrics_port=ports[2]).start()
+    check_ports_free("127.0.0.1", ports)
+
+
+def test_stop_before_start_is_a_no_op(tmp_path):
+    server = TritonServer(tmp_path)
+    assert server.stop() is None and server.stop() is None
+    with pytest.raises(ServerError, match="not started"):
+        server.wait_ready(1)
