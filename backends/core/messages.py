@@ -136,6 +136,7 @@ class DecodeOutput:
     kv_bytes: int = 0                   # set on the first output: the KV hand-off
     kv_seconds: float = 0.0
     instance_id: str = ""
+    admitted_at: float = 0.0            # time.monotonic() when the KV was in (host-wide clock)
 
     def to_json(self) -> str:
         return json.dumps({k: v for k, v in asdict(self).items() if v not in (None, 0, 0.0, "", [])

@@ -11,6 +11,7 @@ cancelled, or failed (bad descriptor, lost lease): its blocks are freed either w
 from __future__ import annotations
 
 import queue
+import time
 from collections import deque
 
 from backends.core.engine import LLMEngine
@@ -90,8 +91,8 @@ class DecodeWorker:
             self.engine.start_decoding(req.req_id)
             self.kv_bytes += stats.num_bytes
             self.kv_seconds += stats.seconds
-            outs.append(DecodeOutput(req.req_id, kv_bytes=stats.num_bytes,
-                                     kv_seconds=stats.seconds, instance_id=self.instance_id))
+            outs.append(DecodeOutput(req.req_id, kv_bytes=stats.num_bytes, kv_seconds=stats.seconds,
+                                     instance_id=self.instance_id, admitted_at=time.monotonic()))
         return outs
 
     def _cancel(self, req_id: str) -> None:

@@ -117,6 +117,7 @@ class Orchestrator:
                               "stop" if delta.stopped else res.finish_reason, timing, t0)
             return
         pending = Chunk(delta.text, list(tokens))
+        timing["first_token_at"] = time.monotonic()   # before decode is even asked
         if gen.stream:
             yield pending
             pending = Chunk()
@@ -129,7 +130,8 @@ class Orchestrator:
                 raise RuntimeError(out.error)
             instance = out.instance_id or instance
             if out.kv_bytes:
-                timing.update(kv_bytes=out.kv_bytes, kv_transfer_s=out.kv_seconds)
+                timing.update(kv_bytes=out.kv_bytes, kv_transfer_s=out.kv_seconds,
+                              decode_admitted_at=out.admitted_at)
             tokens += out.token_ids
             delta = proc.feed(out.token_ids) if out.token_ids else None
             if delta is not None:

@@ -1,0 +1,228 @@
+"""The disaggregated system end to end: a real tritonserver serving the real model repository
+(prefill on core 0, decode on core 1), called through HTTP generate / generate_stream and
+gRPC streaming. float32 so outputs compare exactly with the offline engine."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from backends.core.control import send
+from backends.core.engine import EngineConfig
+from backends.core.llm import LLM
+from backends.core.sampling import SamplingParams
+from client import DistServeClient, DistServeError
+from deploy.deployment import default_deployment
+from deploy.render import render_repository
+from tests.integration.conftest import http_post, start_server
+
+LEASE_TIMEOUT_S = 3.0
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time",
+           "List three colours:", "Water boils at", "The quick brown fox jumps over the lazy dog. " * 4,
+           "In 1969, the first person to walk on the moon was", "Hello, my name is"]
+
+
+def _our_segments() -> set[str]:
+    return {n for n in os.listdir("/dev/shm") if n.startswith(f"distserve-kv-{os.geteuid()}-")}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, gguf_path):
+    deployment = dataclasses.replace(default_deployment(str(gguf_path)), dtype="float32",
+                                     lease_timeout_s=LEASE_TIMEOUT_S, max_model_len=1024,
+                                     default_max_tokens=32)
+    deployment = dataclasses.replace(
+        deployment, prefill=dataclasses.replace(deployment.prefill, num_kv_blocks=256),
+        decode=dataclasses.replace(deployment.decode, num_kv_blocks=256))
+    repo = render_repository(deployment, tmp_path_factory.mktemp("repo") / "model_repository",
+                             require_code=True)
+    before = _our_segments()
+    with start_server(repo, run_dir=tmp_path_factory.mktemp("run")) as srv:
+        yield srv
+    leftover = _our_segments() - before
+    assert not leftover, f"shared-memory segments left after the server stopped: {leftover}"
+
+
+@pytest.fixture(scope="module")
+def offline(smollm_tokenizer, gguf_path):
+    llm = LLM.from_path(str(gguf_path), EngineConfig(dtype="float32", num_kv_blocks=256))
+    return lambda prompt, n: llm.generate([prompt], SamplingParams(max_tokens=n, temperature=0,
+                                                                   ignore_eos=True))[0]
+
+
+def _stats(server, instance: str) -> dict:
+    return send(server.control_dir / str(server.process.pid) / f"{instance}.sock", {"op": "stats"})
+
+
+def _wait_all_free(server, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        used = {i: _stats(server, i)["kv_blocks_used"] for i in ("prefill-0", "decode-0")}
+        if not any(used.values()):
+            return
+        assert time.monotonic() < deadline, f"KV blocks still in use: {used}"
+        time.sleep(0.2)
+
+
+def _metric(server, name: str, phase: str) -> float:
+    with urllib.request.urlopen(server.metrics_url, timeout=10) as r:
+        text = r.read().decode()
+    m = re.search(rf'^{name}{{[^}}]*phase="{phase}"[^}}]*}} (\S+)$', text, re.M)
+    return float(m.group(1)) if m else float("nan")
+
+
+def test_greedy_output_identical_over_http_sse_and_grpc(server, offline):
+    expected = offline(PROMPTS[0], 24)
+    body = {"text_input": PROMPTS[0], "max_tokens": 24, "ignore_eos": True, "return_token_ids": True}
+    status, text = http_post(server.http_url, "/v2/models/distserve/generate", body)
+    assert status == 200, text
+    assert json.loads(text)["text_output"] == expected.text
+    http = DistServeClient(server.http_url, "http")
+    grpc = DistServeClient(server.grpc_url, "grpc")
+    for client in (http, grpc):
+        chunks = list(client.stream(PROMPTS[0], max_tokens=24, ignore_eos=True, return_token_ids=True))
+        assert "".join(c.text for c in chunks) == expected.text
+        assert [t for c in chunks for t in c.token_ids] == expected.token_ids
+        assert chunks[-1].finish_reason == "length"
+
+
+def test_16_concurrent_streams_are_batched_and_correct(server, offline):
+    jobs = [(PROMPTS[i % len(PROMPTS)], 8 + 3 * i) for i in range(16)]
+    expected = [offline(p, n).text for p, n in jobs]
+    peak, done = [0.0], threading.Event()
+
+    def watch():
+        while not done.is_set():
+            peak[0] = max(peak[0], _metric(server, "distserve_running", "decode"))
+            time.sleep(0.05)
+
+    def run(job):
+        client = DistServeClient(server.grpc_url, "grpc", timeout=300)
+        return "".join(c.text for c in client.stream(job[0], max_tokens=job[1], ignore_eos=True))
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        with ThreadPoolExecutor(16) as pool:
+            got = list(pool.map(run, jobs))
+    finally:
+        done.set()
+        watcher.join()
+    assert got == expected
+    assert peak[0] > 1, f"decode never ran more than {peak[0]} sequences at once"
+    _wait_all_free(server)
+
+
+def test_first_token_is_sent_before_decode_starts(server):
+    client = DistServeClient(server.grpc_url, "grpc")
+    chunks = list(client.stream(PROMPTS[5], max_tokens=16, ignore_eos=True, return_timing=True,
+                                return_token_ids=True))
+    assert len(chunks[0].token_ids) == 1                 # the first chunk is prefill's token alone
+    timing = chunks[-1].timing
+    assert timing["first_token_at"] < timing["decode_admitted_at"]
+    assert timing["ttft_s"] < timing["e2e_s"]
+    assert timing["kv_bytes"] > 0
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_cancel_mid_stream_frees_kv_on_both_instances(server, protocol):
+    url = server.grpc_url if protocol == "grpc" else server.http_url
+    stream = DistServeClient(url, protocol).stream(PROMPTS[2], max_tokens=400, ignore_eos=True)
+    for i, _ in enumerate(stream):
+        if i == 3:
+            assert _stats(server, "decode-0")["kv_blocks_used"] > 0
+            stream.cancel()
+            break
+    _wait_all_free(server)
+
+
+def test_unclaimed_prefill_lease_is_reclaimed(server, smollm_tokenizer):
+    request = {"req_id": "orphan", "prompt_ids": smollm_tokenizer.encode(PROMPTS[5]),
+               "params": {"max_tokens": 8, "temperature": 0.0, "seed": 1}}
+    status, text = http_post(server.http_url, "/v2/models/prefill/infer", {"inputs": [
+        {"name": "request", "datatype": "BYTES", "shape": [1], "data": [json.dumps(request)]}]})
+    assert status == 200, text
+    assert _stats(server, "prefill-0")["kv_blocks_used"] > 0
+    time.sleep(LEASE_TIMEOUT_S + 1.0)
+    assert _stats(server, "prefill-0")["kv_blocks_used"] == 0
+
+
+BAD = [({"text_input": ""}, "empty"), ({"text_input": "hi", "max_tokens": 0}, "max_tokens"),
+       ({"text_input": "hi", "max_tokens": -5}, "max_tokens"),
+       ({"text_input": "hi", "max_tokens": 10**9}, "too large"),
+       ({"text_input": "hi", "temperature": float("nan")}, "temperature"),
+       ({"text_input": "hi", "top_p": 2.0}, "top_p"),
+       ({"text_input": "hello " * 2000}, "context length"),
+       ({"text_input": "hi", "max_tokens": "ten"}, "Unable to parse")]   # wrong dtype: Triton rejects
+
+
+@pytest.mark.parametrize("body, match", BAD, ids=[str(i) for i in range(len(BAD))])
+def test_bad_requests_get_clear_errors_and_server_stays_healthy(server, body, match):
+    status, text = http_post(server.http_url, "/v2/models/distserve/generate",
+                             {**body, "stream": False})
+    assert status in (400, 500), text       # Triton answers its own parse errors with 500
+    assert match in json.loads(text)["error"]
+    status, text = http_post(server.http_url, "/v2/models/distserve/generate",
+                             {"text_input": "Hi", "max_tokens": 3})
+    assert status == 200 and json.loads(text)["text_output"]
+
+
+def test_forged_or_stale_descriptor_sent_straight_to_decode(server, smollm_tokenizer):
+    prompt = smollm_tokenizer.encode(PROMPTS[0])
+    prefill = {"req_id": "real", "prompt_ids": prompt,
+               "params": {"max_tokens": 8, "temperature": 0.0, "seed": 1}}
+    status, text = http_post(server.http_url, "/v2/models/prefill/infer", {"inputs": [
+        {"name": "request", "datatype": "BYTES", "shape": [1], "data": [json.dumps(prefill)]}]})
+    result = json.loads(json.loads(text)["outputs"][0]["data"][0])
+    kv = json.loads(result["kv"])
+    forged = dict(kv, lease_id=kv["lease_id"] ^ 0x5A5A)
+    grpc = DistServeClient(server.grpc_url, "grpc")
+    def decode_req(desc: str) -> dict:
+        return {"req_id": "x", "prompt_ids": prompt, "first_token_id": result["first_token_id"],
+                "params": {"max_tokens": 8, "temperature": 0.0, "seed": 1}, "kv": desc}
+
+    for desc in (json.dumps(forged), json.dumps(dict(kv, block_ids=[10**6])), "garbage"):
+        with pytest.raises(DistServeError, match="lease|descriptor|KV|block ids|invalid"):
+            _raw_decode(server, decode_req(desc))
+    outputs = _raw_decode(server, decode_req(result["kv"]))          # the genuine one works once
+    assert sum(len(json.loads(o).get("token_ids", [])) for o in outputs) == 7
+    with pytest.raises(DistServeError, match="stale|lease"):
+        _raw_decode(server, decode_req(result["kv"]))                 # ... and is then stale
+    _wait_all_free(server)
+    assert grpc.generate("Hi", max_tokens=3).text
+
+
+def _raw_decode(server, request: dict) -> list[str]:
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+    results, errors = [], []
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    client.start_stream(callback=lambda result, error: errors.append(error) if error else results.append(result))
+    tensor = grpcclient.InferInput("request", [1], "BYTES")
+    tensor.set_data_from_numpy(np.array([json.dumps(request).encode()], dtype=np.object_))
+    client.async_stream_infer("decode", [tensor], request_id="raw")
+    deadline = time.monotonic() + 30
+    while not errors and time.monotonic() < deadline and not any(
+            r.get_response().parameters.get("triton_final_response", None) and
+            r.get_response().parameters["triton_final_response"].bool_param for r in results):
+        time.sleep(0.05)
+    client.stop_stream()
+    client.close()
+    if errors:
+        raise DistServeError(str(errors[0]))
+    return [r.as_numpy("response")[0].decode() for r in results if r.as_numpy("response") is not None]
+
+
+def _wait_prefill_reclaims(server) -> None:
+    deadline = time.monotonic() + LEASE_TIMEOUT_S + 5
+    while _stats(server, "prefill-0")["kv_blocks_used"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _stats(server, "prefill-0")["kv_blocks_used"] == 0
