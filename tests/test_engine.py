@@ -169,3 +169,12 @@ def test_unknown_model_file_is_a_clear_error(tmp_path):
         LLMEngine.from_path(str(tmp_path / "nope.gguf"))
     with pytest.raises(ValueError, match="dtype"):
         EngineConfig(dtype="int8")
+
+
+def test_gpu_device_without_a_gpu_is_a_clear_error(smollm_fp32):
+    if torch.cuda.is_available():
+        pytest.skip("this host has a GPU")
+    with pytest.raises(RuntimeError, match="needs an NVIDIA GPU"):
+        make_engine(*smollm_fp32, num_kv_blocks=8, device="cuda:0")
+    with pytest.raises(ValueError, match="device"):
+        make_engine(*smollm_fp32, num_kv_blocks=8, device="tpu")

@@ -24,7 +24,8 @@ class AttentionMetadata:
 
     @classmethod
     def build(cls, is_prefill: bool, query_lens: list[int], context_lens: list[int],
-              tables: list[list[int]], block_size: int) -> AttentionMetadata:
+              tables: list[list[int]], block_size: int,
+              device: torch.device | str = "cpu") -> AttentionMetadata:
         blocks, offsets = [], []
         for qlen, clen, table in zip(query_lens, context_lens, tables):
             for pos in range(clen - qlen, clen):
@@ -32,11 +33,13 @@ class AttentionMetadata:
                 offsets.append(pos % block_size)
         max_blocks = max(-(-c // block_size) for c in context_lens)
         padded = [t[:max_blocks] + [0] * (max_blocks - len(t[:max_blocks])) for t in tables]
-        meta = cls(is_prefill, torch.tensor(blocks), torch.tensor(offsets), query_lens,
-                   context_lens, torch.tensor(padded, dtype=torch.long))
+        meta = cls(is_prefill, torch.tensor(blocks, device=device),
+                   torch.tensor(offsets, device=device), query_lens, context_lens,
+                   torch.tensor(padded, dtype=torch.long, device=device))
         if not is_prefill:
-            t = torch.arange(max_blocks * block_size)
-            meta.decode_mask = (t[None, :] < torch.tensor(context_lens)[:, None])[:, None, None, :]
+            t = torch.arange(max_blocks * block_size, device=device)
+            lens = torch.tensor(context_lens, device=device)
+            meta.decode_mask = (t[None, :] < lens[:, None])[:, None, None, :]
         return meta
 
 
@@ -80,7 +83,7 @@ def _prefill_attention(q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale
         else:                   # chunk after a cached prefix: read the whole context back
             table = meta.block_tables[i:i + 1, :-(-clen // k_cache.shape[2])]
             ki, vi = _gather(k_cache, table, clen), _gather(v_cache, table, clen)
-            mask = torch.ones(qlen, clen, dtype=torch.bool).tril(diagonal=clen - qlen)
+            mask = torch.ones(qlen, clen, dtype=torch.bool, device=q.device).tril(diagonal=clen - qlen)
             o = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=scale,
                                                enable_gqa=True)
         outs.append(o[0].transpose(0, 1).reshape(qlen, -1))
@@ -95,6 +98,11 @@ def _decode_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float
     B, H, hd = q.shape
     kvh = k_cache.shape[1]
     T = meta.decode_mask.shape[-1]
+    if B == 1:              # no padding to mask: one fused SDPA call beats the per-head loop
+        T = meta.context_lens[0]
+        k, v = _gather(k_cache, meta.block_tables, T), _gather(v_cache, meta.block_tables, T)
+        o = F.scaled_dot_product_attention(q[:, :, None], k, v, scale=scale, enable_gqa=True)
+        return o.reshape(1, H * hd)
     qg = q.view(B, kvh, H // kvh, hd)                                  # [B, KVH, G, hd]
     mask = ~meta.decode_mask[:, 0]                                     # [B, 1, T]
     outs = []

@@ -13,7 +13,7 @@ import torch
 
 from backends.core.config import ModelConfig
 from backends.core.kv_cache import BlockManager, KVLayout, KVPool, dtype_from_name
-from backends.core.model_runner import ModelRunner, build_model
+from backends.core.model_runner import ModelRunner, build_model, resolve_device
 from backends.core.sampling import SamplingParams
 from backends.core.scheduler import Batch, Scheduler, SchedulerConfig
 from backends.core.sequence import FinishReason, Sequence, SequenceStatus
@@ -30,6 +30,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 4096
     max_model_len: int | None = None       # default: the model's context length
     role: Role = "both"
+    device: str = "cpu"                     # or "cuda[:N]"
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16"):
@@ -69,11 +70,14 @@ class LLMEngine:
         self.max_model_len = min(engine_config.max_model_len or config.max_position_embeddings,
                                  config.max_position_embeddings)
         self.eos_token_ids = frozenset(config.eos_token_ids if eos_token_ids is None else eos_token_ids)
+        device = resolve_device(engine_config.device)
         layout = self.kv_layout(config, engine_config)
         if kv_pool is not None and kv_pool.layout != layout:
             raise ValueError(f"KV pool layout {kv_pool.layout} does not match the engine's {layout}")
-        self.runner = ModelRunner(build_model(config, state_dict, engine_config.dtype),
-                                  kv_pool if kv_pool is not None else KVPool(layout))
+        kv_pool = kv_pool if kv_pool is not None else KVPool(layout, device=device)
+        if kv_pool.data.device != device:
+            raise ValueError(f"KV pool is on {kv_pool.data.device}, the engine on {device}")
+        self.runner = ModelRunner(build_model(config, state_dict, engine_config.dtype, device), kv_pool)
         self.blocks = BlockManager(engine_config.num_kv_blocks)
         self.scheduler = Scheduler(SchedulerConfig(engine_config.max_num_seqs,
                                                    engine_config.max_num_batched_tokens,

@@ -81,10 +81,11 @@ class KVPool:
     """The KV storage. `buffer` (anything exposing the buffer protocol, e.g. a shared-memory
     segment's `.buf`) makes the pool live in memory another process can map."""
 
-    def __init__(self, layout: KVLayout, buffer: object | None = None) -> None:
+    def __init__(self, layout: KVLayout, buffer: object | None = None,
+                 device: torch.device | str = "cpu") -> None:
         self.layout = layout
         if buffer is None:
-            self.data = torch.zeros(layout.shape, dtype=layout.torch_dtype)
+            self.data = torch.zeros(layout.shape, dtype=layout.torch_dtype, device=device)
         else:
             view = memoryview(buffer).cast("B")
             if view.nbytes < layout.nbytes:

@@ -81,11 +81,11 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, cos, sin, meta: AttentionMetadata, k_cache, v_cache):
         # x: [N, D]
-        n, q_dim, kv_dim = x.shape[0], self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q, k, v = self.qkv_proj(self.input_layernorm(x)).split([q_dim, kv_dim, kv_dim], dim=-1)
-        q = apply_rope(q.view(n, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rope(k.view(n, self.num_kv_heads, self.head_dim), cos, sin)
-        v = v.view(n, self.num_kv_heads, self.head_dim)
+        n, h, kvh, hd = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = self.qkv_proj(self.input_layernorm(x))
+        qk = apply_rope(qkv[:, :(h + kvh) * hd].view(n, h + kvh, hd), cos, sin)  # q and k at once
+        q, k = qk.split([h, kvh], dim=1)
+        v = qkv[:, (h + kvh) * hd:].view(n, kvh, hd)
         store_kv(k_cache, v_cache, k, v, meta)
         x = x + self.o_proj(paged_attention(q, k, v, k_cache, v_cache, meta, self.scale))
         gate, up = self.gate_up_proj(self.post_attention_layernorm(x)).chunk(2, dim=-1)

@@ -16,6 +16,22 @@ from backends.core.sequence import Sequence
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
+def resolve_device(name: str) -> torch.device:
+    """'cpu' or 'cuda[:N]', checked now so a GPU deployment on a host without one fails clearly."""
+    if not isinstance(name, str) or not (name == "cpu" or name == "cuda" or name.startswith("cuda:")):
+        raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {name!r}")
+    device = torch.device(name)
+    if device.type == "cpu":
+        return device
+    if not torch.cuda.is_available():
+        build = "a CPU-only build" if torch.version.cuda is None else f"CUDA {torch.version.cuda}"
+        raise RuntimeError(f"device {name!r} needs an NVIDIA GPU and driver, but torch ({build}) "
+                           "sees none on this host; deploy this phase on cpu instead")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise RuntimeError(f"device {name!r} does not exist: {torch.cuda.device_count()} GPU(s) visible")
+    return device
+
+
 def pin_threads(cores: list[int] | None, num_threads: int | None = None) -> None:
     """Pin this process to `cores` and match torch's thread count. Call before the first torch op."""
     if cores:
@@ -26,16 +42,17 @@ def pin_threads(cores: list[int] | None, num_threads: int | None = None) -> None
 
 
 def build_model(config: ModelConfig, state_dict: dict[str, torch.Tensor],
-                dtype: str) -> CausalLM | OPTCausalLM:
+                dtype: str, device: torch.device = torch.device("cpu")) -> CausalLM | OPTCausalLM:
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not supported; use one of {list(DTYPES)}")
     model_cls = OPTCausalLM if config.arch == "opt" else CausalLM
     with torch.device("meta"):
         model = model_cls(config)
-    model = model.to_empty(device="cpu").to(DTYPES[dtype])
+    model = model.to_empty(device=device).to(DTYPES[dtype])
     if isinstance(model, CausalLM):
         # RoPE tables stay float32 (cast per step, as HF does); meta tensors had no values.
-        model.rope_cos, model.rope_sin = rope_cos_sin(config, config.max_position_embeddings)
+        cos, sin = rope_cos_sin(config, config.max_position_embeddings)
+        model.rope_cos, model.rope_sin = cos.to(device), sin.to(device)
     model.load_hf_state_dict(state_dict)
     return model.eval()
 
@@ -45,6 +62,7 @@ class ModelRunner:
         self.model = model
         self.kv = kv
         self.block_size = kv.layout.block_size
+        self.device = kv.data.device
 
     def execute(self, seqs: list[Sequence], is_prefill: bool) -> list[int]:
         """Run one packed forward over `seqs` and sample one token for each."""
@@ -61,10 +79,12 @@ class ModelRunner:
             query_lens.append(s.num_tokens - start)
             context_lens.append(s.num_tokens)
         meta = AttentionMetadata.build(is_prefill, query_lens, context_lens,
-                                       [s.block_ids for s in seqs], self.block_size)
-        hidden = self.model(torch.tensor(ids), torch.tensor(positions), meta, self.kv)
-        last = torch.tensor(query_lens).cumsum(0) - 1
-        logits = self.model.logits(hidden[last])
+                                       [s.block_ids for s in seqs], self.block_size, self.device)
+        dev = self.device
+        hidden = self.model(torch.tensor(ids, device=dev), torch.tensor(positions, device=dev),
+                            meta, self.kv)
+        last = torch.tensor(query_lens, device=dev).cumsum(0) - 1
+        logits = self.model.logits(hidden[last]).cpu()
         for s in seqs:
             s.num_cached = s.num_tokens
         return logits

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import logging
 import threading
+
+import torch
 from collections.abc import Callable
 from typing import Any
 
@@ -21,6 +23,7 @@ from backends.core.messages import DecodeOutput, DecodeRequest, PrefillRequest
 from backends.core.tokenizer import Tokenizer
 from backends.core.weights import load_checkpoint
 from backends.core.kv_cache import dtype_from_name
+from backends.core.model_runner import resolve_device
 from backends.core.worker_loop import WorkerLoop
 from backends.decode.worker import DecodeWorker
 from backends.prefill.worker import PrefillError, PrefillWorker
@@ -118,11 +121,18 @@ class InstanceHost:
         self.worker.close()
 
 
-def _engine_config(deployment: Any, phase: Any, role: str) -> EngineConfig:
+def _engine_config(deployment: Any, phase: Any, role: str, index: int) -> EngineConfig:
+    device = f"cuda:{phase.gpu(index)}" if phase.device == "gpu" else "cpu"
     return EngineConfig(dtype=deployment.dtype, block_size=deployment.block_size,
                         num_kv_blocks=phase.num_kv_blocks, max_num_seqs=phase.max_num_seqs,
                         max_num_batched_tokens=phase.max_num_batched_tokens,
-                        max_model_len=deployment.max_model_len, role=role)
+                        max_model_len=deployment.max_model_len, role=role, device=device)
+
+
+def _transport_options(deployment: Any, ecfg: EngineConfig) -> dict[str, Any]:
+    if deployment.kv_transport == "cuda_ipc":
+        return {"device": torch.device(ecfg.device).index or 0}
+    return {}
 
 
 def _load(deployment: Any) -> tuple[Any, dict, tuple[int, ...]]:
@@ -135,10 +145,12 @@ def _load(deployment: Any) -> tuple[Any, dict, tuple[int, ...]]:
 def build_prefill_host(deployment: Any, index: int, send: Send,
                        is_cancelled: Callable[[str], bool], on_step=None) -> InstanceHost:
     config, sd, eos = _load(deployment)
-    ecfg = _engine_config(deployment, deployment.prefill, "prefill")
+    ecfg = _engine_config(deployment, deployment.prefill, "prefill", index)
+    resolve_device(ecfg.device)                  # a clear error before any pool is made
     instance_id = f"prefill-{index}"
     exporter = make_exporter(deployment.kv_transport, LLMEngine.kv_layout(config, ecfg), instance_id,
-                             lease_timeout_s=deployment.lease_timeout_s)
+                             lease_timeout_s=deployment.lease_timeout_s,
+                             **_transport_options(deployment, ecfg))
     engine = LLMEngine(config, sd, ecfg, kv_pool=exporter.pool, eos_token_ids=eos)
     return InstanceHost(PrefillWorker(engine, exporter), instance_id, send, is_cancelled,
                         PrefillRequest.from_json, on_step)
@@ -147,7 +159,7 @@ def build_prefill_host(deployment: Any, index: int, send: Send,
 def build_decode_host(deployment: Any, index: int, send: Send,
                       is_cancelled: Callable[[str], bool], on_step=None) -> InstanceHost:
     config, sd, eos = _load(deployment)
-    engine = LLMEngine(config, sd, _engine_config(deployment, deployment.decode, "decode"),
+    engine = LLMEngine(config, sd, _engine_config(deployment, deployment.decode, "decode", index),
                        eos_token_ids=eos)
     instance_id = f"decode-{index}"
     worker = DecodeWorker(engine, make_importer(deployment.kv_transport, engine.kv), instance_id)
