@@ -1,9 +1,13 @@
 """python -m deploy render | serve | show-default.
 
-    python -m deploy render --out DIR [--deployment FILE] [--num-cores N]
-    python -m deploy serve [--deployment FILE] [--model PATH] [--host 127.0.0.1]
+    python -m deploy render --out DIR [--deployment FILE | --baseline B] [--num-cores N]
+    python -m deploy serve [--deployment FILE | --baseline B] [--model PATH] [--host 127.0.0.1]
                            [--http-port 8000 --grpc-port 8001 --metrics-port 8002]
-    python -m deploy show-default [--num-cores N]      # print the default deployment JSON
+    python -m deploy show-default [--baseline B] [--num-cores N]   # print the deployment JSON
+
+--baseline colocated|chunked serves the colocated baseline instead of DistServe, on the same
+cores (one instance per core, each running both phases; `chunked` adds chunked prefill under
+--token-budget tokens per step). Call it as model `distserve_colocated`, like `distserve`.
 """
 from __future__ import annotations
 
@@ -14,17 +18,33 @@ import sys
 import time
 from pathlib import Path
 
-from deploy.deployment import DEFAULT_MODEL_PATH, ROOT, Deployment, default_deployment
+from deploy.contract import DISTSERVE, DISTSERVE_COLOCATED
+from deploy.deployment import (DEFAULT_CHUNKED_TOKEN_BUDGET, DEFAULT_MODEL_PATH, ROOT, Deployment,
+                               colocated_deployment, default_deployment)
 from deploy.render import SRC_REPO, missing_code, render_repository
 from deploy.server import ServerError, TritonServer
 
 
+BASELINES = ("colocated", "chunked")
+
+
+def built_in_deployment(args: argparse.Namespace) -> Deployment:
+    """The default deployment, or with --baseline the colocated baseline on the same cores."""
+    num_cores = getattr(args, "num_cores", None)
+    if args.baseline is None:
+        return default_deployment(DEFAULT_MODEL_PATH, num_cores)
+    return colocated_deployment(DEFAULT_MODEL_PATH, num_cores, chunked_prefill=args.baseline == "chunked",
+                                token_budget=args.token_budget)
+
+
 def load_deployment(args: argparse.Namespace) -> Deployment:
     check_host = not getattr(args, "other_host", False)
-    if args.deployment:
+    if getattr(args, "deployment", None):
+        if args.baseline is not None:
+            raise ValueError("give --deployment or --baseline, not both")
         deployment = Deployment.load(args.deployment, check_host=check_host)
     else:
-        deployment = default_deployment(DEFAULT_MODEL_PATH, getattr(args, "num_cores", None))
+        deployment = built_in_deployment(args)
     if getattr(args, "model", None):
         deployment = deployment.with_model_path(Path(args.model).resolve())
     return deployment
@@ -39,21 +59,21 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 
 def cmd_show_default(args: argparse.Namespace) -> int:
-    print(default_deployment(DEFAULT_MODEL_PATH, args.num_cores).to_json(indent=2))
+    print(built_in_deployment(args).to_json(indent=2))
     return 0
 
 
-def usage_text(server: TritonServer) -> str:
+def usage_text(server: TritonServer, deployment: Deployment) -> str:
     http = f"http://{server.http_url}"
     body = '{"text_input": "Hello", "max_tokens": 32}'
     stream_body = '{"text_input": "Hello", "max_tokens": 32, "stream": true}'
-    return "\n".join([
-        f"DistServe is ready. HTTP {http}  gRPC {server.grpc_url}  metrics {server.metrics_url}",
-        f"  curl -s {http}/v2/models/distserve/generate -d '{body}'",
-        f"  curl -sN {http}/v2/models/distserve/generate_stream -d '{stream_body}'",
-        f'  .venv/bin/python -m client --url {server.http_url} "Hello"',
-        f"Server log: {server.log_file}. Ctrl-C stops the server.",
-    ])
+    lines = [f"DistServe is ready. HTTP {http}  gRPC {server.grpc_url}  metrics {server.metrics_url}"]
+    for system, model in (("disaggregated", DISTSERVE), ("colocated", DISTSERVE_COLOCATED)):
+        if system in deployment.systems:
+            lines += [f"  curl -s {http}/v2/models/{model}/generate -d '{body}'",
+                      f"  curl -sN {http}/v2/models/{model}/generate_stream -d '{stream_body}'",
+                      f'  .venv/bin/python -m client --url {server.http_url} --model {model} "Hello"']
+    return "\n".join(lines + [f"Server log: {server.log_file}. Ctrl-C stops the server."])
 
 
 def _raise_interrupt(signum, frame) -> None:
@@ -82,7 +102,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         print(f"starting tritonserver (log: {server.log_file}) ...", flush=True)
         server.start().wait_ready(args.ready_timeout)
-        print(usage_text(server), flush=True)
+        print(usage_text(server, deployment), flush=True)
         while server.is_alive():
             time.sleep(0.5)
         print(f"error: tritonserver exited with code {server.process.returncode}\n{server.log_tail()}",
@@ -98,6 +118,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         server.stop()
 
 
+def add_baseline_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--baseline", choices=BASELINES,
+                        help="the colocated baseline on the same cores instead of DistServe "
+                             "(chunked: with chunked prefill)")
+    parser.add_argument("--token-budget", type=int, default=DEFAULT_CHUNKED_TOKEN_BUDGET,
+                        help="tokens per step with --baseline chunked (default %(default)s)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m deploy", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -105,16 +133,19 @@ def build_parser() -> argparse.ArgumentParser:
     render = sub.add_parser("render", help="render the model repository")
     render.add_argument("--out", required=True, help="output repository directory")
     render.add_argument("--deployment", help="deployment JSON (default: the default deployment)")
+    add_baseline_arguments(render)
     render.add_argument("--num-cores", type=int, help="render the default deployment for an N-core host")
     render.add_argument("--other-host", action="store_true",
                         help="the deployment is for another host: skip the checks against this one")
     render.add_argument("--src", default=str(SRC_REPO), help="source repository with the adapters' code")
     render.set_defaults(func=cmd_render)
     show = sub.add_parser("show-default", help="print the default deployment JSON")
+    add_baseline_arguments(show)
     show.add_argument("--num-cores", type=int)
     show.set_defaults(func=cmd_show_default)
     serve = sub.add_parser("serve", help="render into a run dir, start tritonserver, stay in the foreground")
     serve.add_argument("--deployment", help="deployment JSON (default: the default deployment)")
+    add_baseline_arguments(serve)
     serve.add_argument("--model", help="model file; overrides the deployment's model_path")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--http-port", type=int, default=8000)

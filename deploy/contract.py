@@ -6,17 +6,20 @@ imports the names from here (this module needs nothing beyond the standard libra
 `distserve` follows the de-facto LLM contract, so Triton's `generate` / `generate_stream`
 endpoints and existing LLM tools work unchanged: top-level JSON keys map to inputs by name
 and each output becomes a JSON field. All `distserve` inputs are optional; one of
-`text_input`, `messages` or `input_ids` must be given. `prefill` and `decode` are internal:
+`text_input`, `messages` or `input_ids` must be given. `distserve_colocated`, the colocated
+baseline's front end, has the same contract. `prefill`, `decode` and `colocated` are internal:
 one JSON document in `request`, one JSON document per `response`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 # The models.
 DISTSERVE = "distserve"
 PREFILL = "prefill"
 DECODE = "decode"
+DISTSERVE_COLOCATED = "distserve_colocated"   # the colocated baseline, called like distserve
+COLOCATED = "colocated"
 
 # distserve inputs.
 TEXT_INPUT = "text_input"              # the prompt, UTF-8
@@ -126,4 +129,10 @@ DECODE_SPEC = ModelSpec(
     decoupled=True,
 )
 
-MODEL_SPECS: dict[str, ModelSpec] = {s.name: s for s in (DISTSERVE_SPEC, PREFILL_SPEC, DECODE_SPEC)}
+# request: {"req_id", "prompt_ids", "params": {...}}
+# response, one per step: as decode's; the first token's carries "queue_s" and "prefill_s"
+COLOCATED_SPEC = replace(DECODE_SPEC, name=COLOCATED)
+DISTSERVE_COLOCATED_SPEC = replace(DISTSERVE_SPEC, name=DISTSERVE_COLOCATED)
+
+MODEL_SPECS: dict[str, ModelSpec] = {s.name: s for s in (DISTSERVE_SPEC, PREFILL_SPEC, DECODE_SPEC,
+                                                         DISTSERVE_COLOCATED_SPEC, COLOCATED_SPEC)}

@@ -3,7 +3,9 @@
 One `Deployment` renders the whole model repository (deploy/render.py) and travels, as JSON,
 inside every model's config.pbtxt, so a model.py needs nothing else. On CPU hosts a "device"
 is a set of cores: `devices` holds one core-id list per instance. On GPU hosts it holds one
-GPU id per instance.
+GPU id per instance. `systems` says what the repository serves: our disaggregated system
+(`distserve` over `prefill` + `decode`), the colocated baseline (`distserve_colocated` over
+`colocated`, each instance running both phases), or both.
 """
 from __future__ import annotations
 
@@ -16,10 +18,13 @@ from typing import Any, Literal
 
 DeviceKind = Literal["cpu", "gpu"]
 DEVICE_KINDS = ("cpu", "gpu")
+System = Literal["disaggregated", "colocated"]
+SYSTEMS = ("disaggregated", "colocated")
 DTYPES = ("bfloat16", "float32")
 KV_TRANSPORTS = ("shm", "cuda_ipc")
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_PATH = "models/SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_CHUNKED_TOKEN_BUDGET = 512        # Sarathi-Serve's and vLLM's usual chunk budget
 
 
 @dataclass(frozen=True)
@@ -30,8 +35,9 @@ class PhaseSpec:
     devices: tuple = ((0,),)              # cpu: core ids per instance; gpu: a gpu id per instance
     num_kv_blocks: int = 1024
     max_num_seqs: int = 32
-    max_num_batched_tokens: int = 2048    # prefill's token budget per batch (L_m)
+    max_num_batched_tokens: int = 2048    # prefill's token budget per batch (L_m); per step if chunked
     num_threads: int | None = None        # torch threads per instance; default len(cores), 1 on gpu
+    chunked_prefill: bool = False         # colocated only: prefill chunks ride in decode steps
 
     def __post_init__(self) -> None:
         if self.device not in DEVICE_KINDS:
@@ -40,6 +46,12 @@ class PhaseSpec:
             _check_positive_int(name, getattr(self, name))
         if self.num_threads is not None:
             _check_positive_int("num_threads", self.num_threads)
+        if not isinstance(self.chunked_prefill, bool):
+            raise ValueError(f"chunked_prefill must be true or false, got {self.chunked_prefill!r}")
+        if self.chunked_prefill and self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= "
+                             f"max_num_seqs ({self.max_num_seqs}) with chunked_prefill: every "
+                             "running sequence's decode token must fit in one step")
         object.__setattr__(self, "devices", _normalize_devices(self.device, self.devices))
         if len(self.devices) != self.num_instances:
             raise ValueError(f"devices must list one entry per instance: {self.num_instances} "
@@ -111,7 +123,8 @@ class Deployment:
     num_orchestrator_instances: int = 1
     default_max_tokens: int = 128
     max_model_len: int = 2048
-    colocated: PhaseSpec | None = None    # for a colocated (non-disaggregated) baseline model
+    colocated: PhaseSpec | None = None    # the colocated baseline: each instance runs both phases
+    systems: tuple = ("disaggregated",)   # what the repository serves (SYSTEMS); one at a time
     check_host: bool = field(default=True, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -127,6 +140,7 @@ class Deployment:
         if self.default_max_tokens >= self.max_model_len:
             raise ValueError(f"default_max_tokens ({self.default_max_tokens}) must be < max_model_len "
                              f"({self.max_model_len})")
+        self._check_systems()
         for name, phase in self.phases().items():
             self._check_phase(name, phase)
         object.__setattr__(self, "kv_transport", self._resolve_transport())
@@ -138,9 +152,22 @@ class Deployment:
             out["colocated"] = self.colocated
         return out
 
+    def _check_systems(self) -> None:
+        systems = self.systems
+        if not isinstance(systems, (list, tuple)) or not systems or len(set(systems)) != len(systems) \
+                or any(s not in SYSTEMS for s in systems):
+            raise ValueError(f"systems must be distinct names from {SYSTEMS}, got {systems!r}")
+        object.__setattr__(self, "systems", tuple(systems))
+        if ("colocated" in systems) != (self.colocated is not None):
+            raise ValueError("systems lists 'colocated' exactly when the colocated phase is set "
+                             f"(systems {list(systems)}, colocated {'set' if self.colocated else 'unset'})")
+
     def _check_phase(self, name: str, phase: PhaseSpec) -> None:
         if not isinstance(phase, PhaseSpec):
             raise ValueError(f"{name} must be a PhaseSpec, got {type(phase).__name__}")
+        if phase.chunked_prefill and name != "colocated":
+            raise ValueError(f"{name}.chunked_prefill: only the colocated baseline mixes prefill "
+                             "chunks into decode steps")
         capacity = phase.num_kv_blocks * self.block_size
         if capacity < self.max_model_len:
             raise ValueError(f"{name}.num_kv_blocks: {phase.num_kv_blocks} blocks x {self.block_size} "
@@ -160,7 +187,7 @@ class Deployment:
         return transport
 
     def _warn_overlap(self) -> None:
-        if self.prefill.device != self.decode.device:
+        if self.prefill.device != self.decode.device or "disaggregated" not in self.systems:
             return
         shared = self.prefill.all_devices() & self.decode.all_devices()
         if shared:
@@ -264,3 +291,23 @@ def default_deployment(model_path: str | Path = DEFAULT_MODEL_PATH,
                          max_num_seqs=32, max_num_batched_tokens=2048),
         check_host=num_cores <= host_cores,
     )
+
+
+def colocated_deployment(model_path: str | Path = DEFAULT_MODEL_PATH, num_cores: int | None = None,
+                         chunked_prefill: bool = False,
+                         token_budget: int = DEFAULT_CHUNKED_TOKEN_BUDGET) -> Deployment:
+    """The baseline DistServe is measured against, on the same devices as `default_deployment`:
+    one colocated instance on the prefill instance's cores and one on the decode instance's
+    (on 2 cores: [[0], [1]]), each running both phases with our decode instance's limits;
+    Triton takes turns over them. Without chunked prefill a prompt batch takes a whole step
+    (budget 2048, our prefill's L_m); with it every step carries the running decodes plus
+    prompt chunks, `token_budget` tokens in all. Serves only the baseline."""
+    with warnings.catch_warnings():         # prefill and decode sharing a core: they are not served
+        warnings.simplefilter("ignore")
+        base = default_deployment(model_path, num_cores)
+    core_sets = tuple(dict.fromkeys(base.prefill.devices + base.decode.devices))   # 1 on 1 core
+    budget = token_budget if chunked_prefill else base.prefill.max_num_batched_tokens
+    colocated = PhaseSpec(device="cpu", num_instances=len(core_sets), devices=core_sets,
+                          num_kv_blocks=1024, max_num_seqs=32, max_num_batched_tokens=budget,
+                          chunked_prefill=chunked_prefill)
+    return replace(base, colocated=colocated, systems=("colocated",))

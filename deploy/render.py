@@ -1,9 +1,10 @@
 """Render the Triton model repository from a Deployment.
 
-Each model's config.pbtxt comes from `deploy/templates/<model>.pbtxt` (jinja2 with
-StrictUndefined, so a missing key fails) and carries the whole deployment as the string
-parameter "deployment". The adapters' code (`model_repository/<model>/<version>/`) and any
-top-level `*.py` of the source repository are copied next to the rendered configs.
+Each model the deployment serves (its `systems`) gets a config.pbtxt from
+`deploy/templates/<model>.pbtxt` (jinja2 with StrictUndefined, so a missing key fails) that
+carries the whole deployment as the string parameter "deployment". The adapters' code
+(`model_repository/<model>/<version>/`) and any top-level `*.py` of the source repository are
+copied next to the rendered configs.
 """
 from __future__ import annotations
 
@@ -14,12 +15,15 @@ from typing import Any
 
 import jinja2
 
-from deploy.contract import DECODE, DISTSERVE, MODEL_SPECS, PREFILL
+from deploy.contract import COLOCATED, DECODE, DISTSERVE, DISTSERVE_COLOCATED, MODEL_SPECS, PREFILL
 from deploy.deployment import ROOT, Deployment, PhaseSpec
 
 TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
 SRC_REPO = ROOT / "model_repository"
-MODELS = (DISTSERVE, PREFILL, DECODE)
+SYSTEM_MODELS = {"disaggregated": (DISTSERVE, PREFILL, DECODE),
+                 "colocated": (DISTSERVE_COLOCATED, COLOCATED)}
+MODELS = tuple(m for models in SYSTEM_MODELS.values() for m in models)
+FRONT_ENDS = (DISTSERVE, DISTSERVE_COLOCATED)       # the orchestrators users call
 DEPLOYMENT_PARAMETER = "deployment"
 _PLACEHOLDER = re.compile(r"\{\{|\{%|\$\{")
 _ESCAPES = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
@@ -73,8 +77,13 @@ def instance_groups(phase: PhaseSpec) -> list[dict[str, Any]]:
     return [{"kind": "KIND_CPU", "count": phase.num_instances, "gpus": []}]
 
 
+def served_models(deployment: Deployment) -> tuple[str, ...]:
+    """The models of the systems `deployment` serves."""
+    return tuple(m for system in deployment.systems for m in SYSTEM_MODELS[system])
+
+
 def _context(deployment: Deployment, model: str) -> dict[str, Any]:
-    if model == DISTSERVE:
+    if model in FRONT_ENDS:
         groups = [{"kind": "KIND_CPU", "count": deployment.num_orchestrator_instances, "gpus": []}]
     else:
         groups = instance_groups(deployment.phases()[model])
@@ -85,13 +94,15 @@ def render_config(deployment: Deployment, model: str) -> str:
     """The config.pbtxt text of `model` for `deployment`."""
     if model not in MODELS:
         raise ValueError(f"unknown model {model!r}; the repository has {MODELS}")
+    if model not in served_models(deployment):
+        raise ValueError(f"the deployment does not serve {model!r} (systems {list(deployment.systems)})")
     text = _environment().get_template(f"{model}.pbtxt").render(**_context(deployment, model))
     check_no_placeholder(text, f"templates/{model}.pbtxt")
     return text
 
 
 def render_configs(deployment: Deployment) -> dict[str, str]:
-    return {model: render_config(deployment, model) for model in MODELS}
+    return {model: render_config(deployment, model) for model in served_models(deployment)}
 
 
 def write_configs(deployment: Deployment, repo_dir: str | Path) -> None:
@@ -101,9 +112,9 @@ def write_configs(deployment: Deployment, repo_dir: str | Path) -> None:
         (Path(repo_dir) / model / "config.pbtxt").write_text(text)
 
 
-def missing_code(src_repo: str | Path = SRC_REPO) -> list[str]:
+def missing_code(src_repo: str | Path = SRC_REPO, models: tuple[str, ...] = MODELS) -> list[str]:
     """The models whose adapter (`<model>/1/model.py`) is missing from `src_repo`."""
-    return [m for m in MODELS if not (Path(src_repo) / m / "1" / "model.py").is_file()]
+    return [m for m in models if not (Path(src_repo) / m / "1" / "model.py").is_file()]
 
 
 def render_repository(deployment: Deployment, out_dir: str | Path, src_repo: str | Path = SRC_REPO,
@@ -118,12 +129,14 @@ def render_repository(deployment: Deployment, out_dir: str | Path, src_repo: str
     if out_dir == src_repo:
         write_configs(deployment, out_dir)
         return out_dir
-    if require_code and missing_code(src_repo):
-        raise FileNotFoundError(f"no adapter code for {missing_code(src_repo)}: expected "
+    models = served_models(deployment)
+    if require_code and missing_code(src_repo, models):
+        raise FileNotFoundError(f"no adapter code for {missing_code(src_repo, models)}: expected "
                                 f"{src_repo}/<model>/1/model.py")
     out_dir.mkdir(parents=True, exist_ok=True)
     for model in MODELS:
         shutil.rmtree(out_dir / model, ignore_errors=True)
+    for model in models:
         _copy_versions(src_repo / model, out_dir / model)
     write_configs(deployment, out_dir)
     for shared in sorted(src_repo.glob("*.py")):

@@ -33,3 +33,13 @@ def smollm_fp32(gguf_path):
 def smollm_tokenizer(gguf_path):
     from backends.core.tokenizer import Tokenizer
     return Tokenizer.load(gguf_path)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory):
+    """(ModelConfig, float32 state dict) of a tiny random-weight Llama (tests/helpers.py)."""
+    from backends.core.weights import load_checkpoint
+    from tests.helpers import save_tiny_hf_model
+    path = tmp_path_factory.mktemp("tiny_llama")
+    save_tiny_hf_model("llama", path)
+    return load_checkpoint(path, torch.float32)

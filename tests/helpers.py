@@ -55,7 +55,7 @@ def prefill_logits(engine: LLMEngine, prompt: list[int]) -> torch.Tensor:
     engine.seqs[seq.req_id] = seq
     engine.scheduler.add(seq)
     batch = engine.scheduler.schedule()
-    logits = engine.runner.forward_logits(batch.seqs, batch.is_prefill)[0]
+    logits = engine.runner.forward_logits(batch)[0]
     engine.abort(seq.req_id)
     return logits
 

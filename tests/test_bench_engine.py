@@ -35,13 +35,13 @@ def test_hf_baseline_has_our_weights(tiny_checkpoint) -> None:
     ids = bench._prompts(1, 8, config.vocab_size)
     with torch.inference_mode():
         ref = hf(ids).logits[0, -1]
-    logits = ours.runner.forward_logits([_prefilled(ours, ids[0].tolist())], is_prefill=True)[0]
+    logits = ours.runner.forward_logits(_prefill_batch(ours, ids[0].tolist()))[0]
     torch.testing.assert_close(logits, ref.float(), atol=1e-4, rtol=1e-4)
 
 
-def _prefilled(engine, prompt_ids):
+def _prefill_batch(engine, prompt_ids):
     bench._add(engine, torch.tensor([prompt_ids]), 1)
-    return engine.scheduler.schedule().seqs[0]
+    return engine.scheduler.schedule()
 
 
 def test_run_writes_report(tiny_checkpoint, tmp_path: Path) -> None:

@@ -18,9 +18,10 @@ from tritonclient.grpc import model_config_pb2
 
 from deploy import contract
 from deploy.__main__ import main as deploy_main
-from deploy.deployment import DEFAULT_MODEL_PATH, ROOT, Deployment, PhaseSpec, default_deployment
+from deploy.deployment import (DEFAULT_MODEL_PATH, ROOT, Deployment, PhaseSpec, colocated_deployment,
+                               default_deployment)
 from deploy.render import (MODELS, TEMPLATES_DIR, check_no_placeholder, pbtxt_string, render_config,
-                           render_configs, render_repository, render_text)
+                           render_configs, render_repository, render_text, served_models)
 from deploy.runtime import deployment_from_config, instance_index, parse_instance_name
 from deploy.server import (ServerError, TritonServer, check_ports_free, free_ports, prepare_backend_dir,
                            server_env)
@@ -28,6 +29,10 @@ from deploy.server import (ServerError, TritonServer, check_ports_free, free_por
 
 def two_core() -> Deployment:
     return default_deployment(DEFAULT_MODEL_PATH, num_cores=2)
+
+
+def baseline(chunked: bool = False) -> Deployment:
+    return colocated_deployment(DEFAULT_MODEL_PATH, num_cores=2, chunked_prefill=chunked)
 
 
 def gpu_deployment() -> Deployment:
@@ -60,8 +65,19 @@ def test_default_deployment_splits_a_bigger_host():
     assert d.prefill.threads(0) == 3
 
 
+def test_colocated_baseline_on_the_same_two_cores():
+    d, chunked = baseline(), baseline(chunked=True)
+    assert d.systems == ("colocated",) and d.colocated.devices == ((0,), (1,))
+    assert d.colocated.threads(1) == 1 and not d.colocated.chunked_prefill
+    assert d.colocated.max_num_batched_tokens == d.prefill.max_num_batched_tokens
+    assert chunked.colocated.chunked_prefill and chunked.colocated.max_num_batched_tokens == 512
+    assert served_models(d) == ("distserve_colocated", "colocated")
+    assert served_models(two_core()) == ("distserve", "prefill", "decode")
+
+
 def test_json_round_trip(tmp_path):
-    d = replace(two_core(), colocated=PhaseSpec(devices=[[0, 1]], num_threads=2))
+    d = replace(two_core(), colocated=PhaseSpec(devices=[[0, 1]], num_threads=2),
+                systems=("disaggregated", "colocated"))
     assert Deployment.from_json(d.to_json()) == d
     d.save(tmp_path / "d.json")
     assert Deployment.load(tmp_path / "d.json") == d
@@ -99,10 +115,23 @@ def _mutated(path: str, value) -> dict:
     ("decode.devices", [[999]], "decode.devices: core 999 does not exist"),
     ("prefill.bogus", 1, "prefill: unknown field"),
     ("bogus", 1, "deployment: unknown field"),
+    ("prefill.chunked_prefill", True, "prefill.chunked_prefill: only the colocated baseline"),
+    ("systems", ["colocated"], "exactly when the colocated phase is set"),
+    ("systems", [], "systems must be"),
+    ("systems", ["vllm"], "systems must be"),
 ])
 def test_validation_names_the_field(path, value, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
         Deployment.from_dict(_mutated(path, value))
+
+
+def test_colocated_validation():
+    data = json.loads(baseline(chunked=True).to_json())
+    data["colocated"]["max_num_batched_tokens"] = 8
+    with pytest.raises(ValueError, match=r"colocated\.max_num_batched_tokens \(8\) must be >= max_num_seqs"):
+        Deployment.from_dict(data)
+    with pytest.raises(ValueError, match="exactly when"):
+        replace(baseline(), systems=("disaggregated",))
 
 
 def test_missing_field_is_named():
@@ -155,9 +184,11 @@ def test_committed_configs_equal_rendered_defaults():
         assert committed.read_text() == text, f"{committed} drifted from the default deployment"
 
 
-@pytest.mark.parametrize("deployment", [two_core(), gpu_deployment()], ids=["cpu", "gpu"])
+@pytest.mark.parametrize("deployment", [two_core(), gpu_deployment(), baseline(chunked=True)],
+                         ids=["cpu", "gpu", "colocated"])
 def test_rendered_configs_match_the_contract(deployment):
-    for model in MODELS:
+    assert set(render_configs(deployment)) == set(served_models(deployment))
+    for model in served_models(deployment):
         config = parse_config(render_config(deployment, model))
         spec = contract.MODEL_SPECS[model]
         assert config.name == model and config.backend == "python" and config.max_batch_size == 0
@@ -181,6 +212,10 @@ def test_instance_groups():
     assert instance_groups(gpu_deployment(), "distserve") == [("KIND_CPU", 1, [])]
     cpu = replace(two_core(), decode=PhaseSpec(num_instances=2, devices=[[1], [1]]))
     assert instance_groups(cpu, "decode") == [("KIND_CPU", 2, [])]
+    assert instance_groups(baseline(), "colocated") == [("KIND_CPU", 2, [])]         # one per core
+    assert instance_groups(baseline(), "distserve_colocated") == [("KIND_CPU", 1, [])]
+    with pytest.raises(ValueError, match="does not serve 'colocated'"):
+        render_config(two_core(), "colocated")
 
 
 def test_no_placeholder_survives():
@@ -216,16 +251,18 @@ def test_render_repository_copies_code(tmp_path):
         (src / model / "1" / "__pycache__" / "model.cpython-311.pyc").write_bytes(b"")
     (src / "shared.py").write_text("X = 1\n")
     out = render_repository(two_core(), tmp_path / "out", src_repo=src, require_code=True)
-    for model in MODELS:
+    for model in served_models(two_core()):
         assert (out / model / "1" / "model.py").read_text() == f"# {model}\n"
         assert not (out / model / "1" / "__pycache__").exists()
         assert (out / model / "config.pbtxt").read_text() == render_config(two_core(), model)
     assert (out / "shared.py").exists()
+    render_repository(baseline(), out, src_repo=src, require_code=True)      # the other system
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == sorted(served_models(baseline()))
 
 
 def test_render_repository_tolerates_missing_code_until_launch(tmp_path):
     out = render_repository(two_core(), tmp_path / "out", src_repo=tmp_path / "empty")
-    assert sorted(p.name for p in out.iterdir()) == sorted(MODELS)
+    assert sorted(p.name for p in out.iterdir()) == sorted(served_models(two_core()))
     with pytest.raises(FileNotFoundError, match="model.py"):
         render_repository(two_core(), tmp_path / "out", src_repo=tmp_path / "empty", require_code=True)
 
@@ -239,6 +276,14 @@ def test_render_cli(tmp_path, capsys):
     bad = ["render", "--out", str(tmp_path / "r2"), "--deployment", str(tmp_path / "bad.json")]
     assert deploy_main(bad) == 2
     assert "dtype" in capsys.readouterr().err
+    assert deploy_main(["show-default", "--num-cores", "2", "--baseline", "chunked", "--token-budget", "256"]) == 0
+    shown = Deployment.from_json(capsys.readouterr().out)
+    assert shown == replace(baseline(chunked=True), colocated=replace(shown.colocated, max_num_batched_tokens=256))
+    assert deploy_main(["render", "--out", str(tmp_path / "b"), "--num-cores", "2", "--baseline", "colocated"]) == 0
+    assert (tmp_path / "b" / "colocated" / "config.pbtxt").read_text() == render_config(baseline(), "colocated")
+    assert deploy_main(["render", "--out", str(tmp_path / "b"), "--baseline", "colocated",
+                        "--deployment", str(tmp_path / "bad.json")]) == 2
+    assert "not both" in capsys.readouterr().err
 
 
 # ---- what a model.py reads ----

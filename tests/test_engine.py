@@ -54,7 +54,7 @@ def test_preemption_under_kv_pressure_keeps_results(smollm_fp32, prompts, alone)
     tokens: dict[str, list[int]] = {}
     while engine.has_unfinished():
         outs = engine.step()
-        seen_preempt |= bool(engine._last_batch and engine._last_batch.preempted)
+        seen_preempt |= bool(engine.last_batch and engine.last_batch.preempted)
         assert engine.blocks.num_used <= 24
         for o in outs:
             tokens.setdefault(o.req_id, []).extend(o.new_token_ids)

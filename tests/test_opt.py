@@ -9,6 +9,7 @@ import torch
 from backends.core.engine import EngineConfig, LLMEngine
 from backends.core.opt import OPTCausalLM
 from backends.core.sampling import SamplingParams
+from backends.core.scheduler import Batch
 from backends.core.sequence import Sequence
 from backends.core.weights import load_checkpoint
 
@@ -64,8 +65,8 @@ def record_logits(engine: LLMEngine) -> list[torch.Tensor]:
     seen: list[torch.Tensor] = []
     forward = engine.runner.forward_logits
 
-    def spy(seqs: list[Sequence], is_prefill: bool) -> torch.Tensor:
-        logits = forward(seqs, is_prefill)
+    def spy(batch: Batch) -> torch.Tensor:
+        logits = forward(batch)
         seen.append(logits.clone())
         return logits
 
@@ -98,7 +99,7 @@ def test_prefill_logits_match_hf(tmp_path: Path) -> None:
     engine.scheduler.add(Sequence("a", prompt, SamplingParams(temperature=0.0)))
     batch = engine.scheduler.schedule()
     assert batch is not None and batch.is_prefill and len(batch.seqs) == 1
-    logits = engine.runner.forward_logits(batch.seqs, batch.is_prefill)      # [1, V]
+    logits = engine.runner.forward_logits(batch)                             # [1, V]
     assert logits.dtype == torch.float32 and logits.shape == (1, TINY_OPT["vocab_size"])
     assert_rel_close(logits[0], hf_next_logits(hf, prompt))
     engine.scheduler.finish(batch.seqs[0])

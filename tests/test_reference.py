@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from backends.core.sampling import SamplingParams
+from backends.core.scheduler import Batch
 from backends.core.sequence import Sequence
 from backends.core.weights import load_checkpoint
 from tests.helpers import assert_no_leaks, make_engine, prefill_logits, save_tiny_hf_model
@@ -38,7 +39,7 @@ def test_tiny_prefill_and_24_decode_steps_match_hf(tiny, block_size):
     for step in range(25):
         batch = engine.scheduler.schedule()
         assert batch.is_prefill == (step == 0)
-        logits = engine.runner.forward_logits(batch.seqs, batch.is_prefill)[0]
+        logits = engine.runner.forward_logits(batch)[0]
         with torch.no_grad():
             ref = hf(torch.tensor([ids])).logits[0, -1]
         _close(logits, ref)
@@ -107,11 +108,12 @@ def test_prefill_in_two_chunks_matches_one_pass(tiny):
     seq = Sequence("a", prompt[:7], SamplingParams(temperature=0))
     engine.seqs["a"] = seq
     engine.scheduler.add(seq)
-    batch = engine.scheduler.schedule()
-    engine.runner.forward_logits(batch.seqs, True)
+    engine.runner.forward_logits(engine.scheduler.schedule())
     seq.prompt_ids += prompt[7:]
     seq.block_ids += engine.blocks.allocate(-(-19 // 4) - len(seq.block_ids))
-    logits = engine.runner.forward_logits([seq], True)[0]
+    chunk = Batch()
+    chunk.add(seq, 19 - 7)
+    logits = engine.runner.forward_logits(chunk)[0]
     with torch.no_grad():
         ref = hf(torch.tensor([prompt])).logits[0, -1]
     _close(logits, ref)

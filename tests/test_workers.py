@@ -4,16 +4,14 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from backends.core.engine import EngineConfig, LLMEngine
 from backends.core.messages import DecodeRequest, PrefillRequest, PrefillResult
 from backends.core.sampling import SamplingParams
-from backends.core.weights import load_checkpoint
 from backends.decode.worker import DecodeWorker
 from backends.prefill.worker import PrefillError, PrefillWorker
 from kvtransfer import make_exporter, make_importer
-from tests.helpers import assert_no_leaks, generate, save_tiny_hf_model
+from tests.helpers import assert_no_leaks, generate
 
 PARAMS = SamplingParams(max_tokens=12, temperature=0.7, seed=3, ignore_eos=True)
 
@@ -26,16 +24,9 @@ class FakeClock:
         return self.now
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    path = tmp_path_factory.mktemp("llama")
-    save_tiny_hf_model("llama", path)
-    return load_checkpoint(path, torch.float32)
-
-
 @pytest.fixture
-def pair(tiny):
-    config, sd = tiny
+def pair(tiny_llama):
+    config, sd = tiny_llama
     clock = FakeClock()
     pcfg = EngineConfig(dtype="float32", block_size=4, num_kv_blocks=32, role="prefill")
     exporter = make_exporter("shm", LLMEngine.kv_layout(config, pcfg), "prefill-0", lease_timeout_s=5.0)
@@ -71,10 +62,10 @@ def _decode_request(req: PrefillRequest, res: PrefillResult) -> DecodeRequest:
     return DecodeRequest(req.req_id, req.prompt_ids, res.first_token_id, params, res.kv)
 
 
-def test_disaggregated_tokens_equal_one_engine(tiny, pair):
+def test_disaggregated_tokens_equal_one_engine(tiny_llama, pair):
     prefill, decode, _ = pair
     prompts = [list(range(3, 3 + n)) for n in (5, 9, 22)]
-    reference = generate(LLMEngine(*tiny, EngineConfig(dtype="float32", block_size=4)), prompts, PARAMS)
+    reference = generate(LLMEngine(*tiny_llama, EngineConfig(dtype="float32", block_size=4)), prompts, PARAMS)
     reqs = [PrefillRequest(f"r{i}", p, PARAMS) for i, p in enumerate(prompts)]
     results = _prefill(prefill, reqs)
     assert prefill.engine.stats().last_batch_size == 3          # batched in one prefill
@@ -90,7 +81,7 @@ def test_disaggregated_tokens_equal_one_engine(tiny, pair):
     assert_no_leaks(decode.engine)
 
 
-def test_pull_based_admission_waits_for_free_blocks(tiny, pair):
+def test_pull_based_admission_waits_for_free_blocks(tiny_llama, pair):
     prefill, decode, _ = pair
     # 16 decode blocks of 4 tokens; each request needs 4 prompt blocks (+ growth): not all fit.
     reqs = [PrefillRequest(f"r{i}", list(range(5, 21)), PARAMS) for i in range(5)]

@@ -2,7 +2,8 @@
 
 Tokens of all sequences in a step are packed along one axis (no padding): q/k/v are [N, heads,
 head_dim]. Prefill sequences attend causally over their cached prefix plus their new tokens;
-decode sequences contribute one new token each.
+decode sequences contribute one new token each. A batch is all-prefill, all-decode, or mixed
+(chunked prefill): decode rows first, then prefill chunks, each part through its own kernel.
 """
 from __future__ import annotations
 
@@ -14,16 +15,25 @@ import torch.nn.functional as F
 
 @dataclass
 class AttentionMetadata:
-    is_prefill: bool
+    num_decodes: int               # the first num_decodes sequences decode (one token each)
     slot_blocks: torch.Tensor      # [N] block id each new token's K/V goes to
     slot_offsets: torch.Tensor     # [N] offset inside that block
     query_lens: list[int]          # [B] new tokens per sequence
     context_lens: list[int]        # [B] cached + new tokens per sequence
     block_tables: torch.Tensor     # [B, max_blocks] padded with 0
     decode_mask: torch.Tensor | None = None   # [B, 1, 1, T] for decode: key t is valid
+    parts: tuple[AttentionMetadata, AttentionMetadata] | None = None   # mixed: (decodes, prefills)
+
+    @property
+    def is_prefill(self) -> bool:
+        return self.num_decodes == 0
+
+    @property
+    def is_decode(self) -> bool:
+        return self.num_decodes == len(self.query_lens)
 
     @classmethod
-    def build(cls, is_prefill: bool, query_lens: list[int], context_lens: list[int],
+    def build(cls, num_decodes: int, query_lens: list[int], context_lens: list[int],
               tables: list[list[int]], block_size: int,
               device: torch.device | str = "cpu") -> AttentionMetadata:
         blocks, offsets = [], []
@@ -33,10 +43,15 @@ class AttentionMetadata:
                 offsets.append(pos % block_size)
         max_blocks = max(-(-c // block_size) for c in context_lens)
         padded = [t[:max_blocks] + [0] * (max_blocks - len(t[:max_blocks])) for t in tables]
-        meta = cls(is_prefill, torch.tensor(blocks, device=device),
+        meta = cls(num_decodes, torch.tensor(blocks, device=device),
                    torch.tensor(offsets, device=device), query_lens, context_lens,
                    torch.tensor(padded, dtype=torch.long, device=device))
-        if not is_prefill:
+        if 0 < num_decodes < len(query_lens):
+            # Mixed: each part gets its own tables, so decodes never gather a long prompt's width.
+            d = num_decodes
+            meta.parts = (cls.build(d, query_lens[:d], context_lens[:d], tables[:d], block_size, device),
+                          cls.build(0, query_lens[d:], context_lens[d:], tables[d:], block_size, device))
+        elif num_decodes:
             t = torch.arange(max_blocks * block_size, device=device)
             lens = torch.tensor(context_lens, device=device)
             meta.decode_mask = (t[None, :] < lens[:, None])[:, None, None, :]
@@ -55,7 +70,12 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     """q: [N, H, hd], k/v: [N, KVH, hd] (already stored in the cache). Returns [N, H * hd]."""
     if meta.is_prefill:
         return _prefill_attention(q, k, v, k_cache, v_cache, meta, scale)
-    return _decode_attention(q, k_cache, v_cache, meta, scale)
+    if meta.is_decode:
+        return _decode_attention(q, k_cache, v_cache, meta, scale)
+    decodes, prefills = meta.parts          # mixed (chunked prefill): decode rows come first
+    d = meta.num_decodes
+    return torch.cat([_decode_attention(q[:d], k_cache, v_cache, decodes, scale),
+                      _prefill_attention(q[d:], k[d:], v[d:], k_cache, v_cache, prefills, scale)])
 
 
 def _gather_head(cache: torch.Tensor, head: int, table: torch.Tensor, length: int) -> torch.Tensor:

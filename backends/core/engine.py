@@ -1,6 +1,8 @@
 """The engine: one model, one KV pool, one scheduler. `step()` = schedule, execute, update.
 
-Roles: "both" runs prefill and decode (the colocated engine); "prefill" stops each sequence
+Roles: "both" runs prefill and decode (the colocated engine), with whole prompts pre-empting
+the decode batch for a step, or with `chunked_prefill` prompt chunks riding in the decode steps
+(a sequence yields its first token once its last chunk has run); "prefill" stops each sequence
 after its first token and keeps its KV blocks for hand-off (`export_kv`, then `release`);
 "decode" takes sequences whose KV was computed elsewhere (`add_prefilled`).
 """
@@ -31,6 +33,7 @@ class EngineConfig:
     max_model_len: int | None = None       # default: the model's context length
     role: Role = "both"
     device: str = "cpu"                     # or "cuda[:N]"
+    chunked_prefill: bool = False           # mixed steps under max_num_batched_tokens (role "both")
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16"):
@@ -41,6 +44,9 @@ class EngineConfig:
             raise ValueError(f"max_model_len must be > 1, got {self.max_model_len}")
         if self.num_kv_blocks <= 0:
             raise ValueError(f"num_kv_blocks must be > 0, got {self.num_kv_blocks}")
+        if self.chunked_prefill and self.role != "both":
+            raise ValueError(f"chunked_prefill needs role 'both' (it mixes prefill chunks into "
+                             f"decode steps), got role {self.role!r}")
 
 
 @dataclass
@@ -81,9 +87,10 @@ class LLMEngine:
         self.blocks = BlockManager(engine_config.num_kv_blocks)
         self.scheduler = Scheduler(SchedulerConfig(engine_config.max_num_seqs,
                                                    engine_config.max_num_batched_tokens,
-                                                   engine_config.block_size), self.blocks)
+                                                   engine_config.block_size,
+                                                   engine_config.chunked_prefill), self.blocks)
         self.seqs: dict[str, Sequence] = {}
-        self._last_batch: Batch | None = None
+        self.last_batch: Batch | None = None           # the latest step's batch
 
     @classmethod
     def from_path(cls, path: str, engine_config: EngineConfig = EngineConfig(), **kw) -> LLMEngine:
@@ -139,20 +146,20 @@ class LLMEngine:
     # -- the step -------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
         batch = self.scheduler.schedule()
-        self._last_batch = batch
+        self.last_batch = batch
         if batch is None:
             return []
-        token_ids = self.runner.execute(batch.seqs, batch.is_prefill)
-        return [self._update(seq, tok, batch.is_prefill) for seq, tok in zip(batch.seqs, token_ids)]
+        token_ids = self.runner.execute(batch)
+        return [self._update(seq, tok) for seq, tok in zip(batch.sampled_seqs, token_ids)]
 
-    def _update(self, seq: Sequence, token_id: int, was_prefill: bool) -> StepOutput:
+    def _update(self, seq: Sequence, token_id: int) -> StepOutput:
         seq.output_ids.append(token_id)
         reason = self._finish_reason(seq, token_id)
         if reason is not None:
             seq.finish_reason = reason
             self.scheduler.finish(seq)
             del self.seqs[seq.req_id]
-        elif was_prefill and self.config.role == "prefill":
+        elif self.config.role == "prefill":             # a prefill engine never decodes
             self.scheduler.running.remove(seq)          # KV stays allocated for hand-off
             seq.status = SequenceStatus.PREFILLED
         return StepOutput(seq.req_id, [token_id], reason is not None, reason)
@@ -166,7 +173,7 @@ class LLMEngine:
         return None
 
     def stats(self) -> EngineStats:
-        b = self._last_batch
+        b = self.last_batch
         return EngineStats(len(self.scheduler.waiting), len(self.scheduler.running),
                            self.blocks.num_used, self.blocks.num_blocks,
                            len(b.seqs) if b else 0, b.num_tokens if b else 0)

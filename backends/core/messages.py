@@ -1,13 +1,15 @@
-"""Messages between the orchestrator and the prefill / decode instances (JSON over BYTES tensors).
+"""Messages between the orchestrator and the prefill / decode / colocated instances (JSON over
+BYTES tensors).
 
-Full request data crosses once (orchestrator -> prefill -> decode); decode streams back only new
-tokens. Parsing is strict: a message from the network is validated before anything acts on it.
+Full request data crosses once (orchestrator -> prefill -> decode, or orchestrator ->
+colocated); decode and colocated instances stream back only new tokens. Parsing is strict: a
+message from the network is validated before anything acts on it.
 """
 from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from backends.core.sampling import SamplingParams
 
@@ -67,6 +69,7 @@ class PrefillRequest:
     req_id: str
     prompt_ids: list[int]
     params: SamplingParams
+    KIND: ClassVar[str] = "prefill request"
 
     def to_json(self) -> str:
         return json.dumps({"req_id": self.req_id, "prompt_ids": self.prompt_ids,
@@ -74,8 +77,14 @@ class PrefillRequest:
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> PrefillRequest:
-        d = _load(raw, "prefill request")
+        d = _load(raw, cls.KIND)
         return cls(_req_id(d), _token_ids(d, "prompt_ids"), params_from_dict(d.get("params", {})))
+
+
+@dataclass(frozen=True)
+class GenerateRequest(PrefillRequest):
+    """A whole request for a colocated instance (both phases in one engine): same fields."""
+    KIND: ClassVar[str] = "generate request"
 
 
 @dataclass(frozen=True)
@@ -128,6 +137,7 @@ class DecodeRequest:
 
 @dataclass(frozen=True)
 class DecodeOutput:
+    """One streamed output of a decode (or colocated) instance: new tokens, or news about them."""
     req_id: str
     token_ids: list[int] = field(default_factory=list)
     finished: bool = False
@@ -137,6 +147,8 @@ class DecodeOutput:
     kv_seconds: float = 0.0
     instance_id: str = ""
     admitted_at: float = 0.0            # time.monotonic() when the KV was in (host-wide clock)
+    queue_s: float = 0.0                # colocated, with the first token: waiting before its first step
+    prefill_s: float = 0.0              # colocated, with the first token: first step to first token
 
     def to_json(self) -> str:
         return json.dumps({k: v for k, v in asdict(self).items() if v not in (None, 0, 0.0, "", [])

@@ -11,7 +11,7 @@ from backends.core.kv_cache import KVLayout, KVPool
 from backends.core.model import CausalLM, rope_cos_sin
 from backends.core.opt import OPTCausalLM
 from backends.core.sampling import sample
-from backends.core.sequence import Sequence
+from backends.core.scheduler import Batch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -64,27 +64,29 @@ class ModelRunner:
         self.block_size = kv.layout.block_size
         self.device = kv.data.device
 
-    def execute(self, seqs: list[Sequence], is_prefill: bool) -> list[int]:
-        """Run one packed forward over `seqs` and sample one token for each."""
-        logits = self.forward_logits(seqs, is_prefill)
+    def execute(self, batch: Batch) -> list[int]:
+        """Run one packed forward over `batch`; one token for each of `batch.sampled_seqs`."""
+        logits = self.forward_logits(batch)
+        seqs = batch.sampled_seqs
         return sample(logits, [s.params for s in seqs], [s.num_output_tokens for s in seqs])
 
-    def forward_logits(self, seqs: list[Sequence], is_prefill: bool) -> torch.Tensor:
-        """Write the new tokens' K/V into the pool; return next-token logits [B, V] float32."""
-        ids, positions, query_lens, context_lens = [], [], [], []
-        for s in seqs:
-            start = s.num_cached if is_prefill else s.num_tokens - 1
-            ids += s.all_ids[start:s.num_tokens]
-            positions += range(start, s.num_tokens)
-            query_lens.append(s.num_tokens - start)
-            context_lens.append(s.num_tokens)
-        meta = AttentionMetadata.build(is_prefill, query_lens, context_lens,
-                                       [s.block_ids for s in seqs], self.block_size, self.device)
+    def forward_logits(self, batch: Batch) -> torch.Tensor:
+        """Write the new tokens' K/V into the pool; return next-token logits [S, V] float32 of
+        the S sequences whose last token ran (a prompt chunk short of the end yields none)."""
+        ids, positions, context_lens, last = [], [], [], []
+        for s, n, is_sampled in zip(batch.seqs, batch.num_new, batch.is_sampled):
+            start = s.num_cached
+            ids += s.token_ids(start, start + n)
+            positions += range(start, start + n)
+            context_lens.append(start + n)
+            if is_sampled:
+                last.append(len(ids) - 1)
+        meta = AttentionMetadata.build(batch.num_decodes, batch.num_new, context_lens,
+                                       [s.block_ids for s in batch.seqs], self.block_size, self.device)
         dev = self.device
         hidden = self.model(torch.tensor(ids, device=dev), torch.tensor(positions, device=dev),
                             meta, self.kv)
-        last = torch.tensor(query_lens, device=dev).cumsum(0) - 1
-        logits = self.model.logits(hidden[last]).cpu()
-        for s in seqs:
-            s.num_cached = s.num_tokens
+        logits = self.model.logits(hidden[torch.tensor(last, dtype=torch.long, device=dev)]).cpu()
+        for s, n in zip(batch.seqs, batch.num_new):
+            s.num_cached += n
         return logits

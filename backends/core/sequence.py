@@ -62,6 +62,15 @@ class Sequence:
     def all_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
 
+    def token_ids(self, start: int, stop: int) -> list[int]:
+        """all_ids[start:stop] without copying the whole sequence (a decode needs one token)."""
+        n = len(self.prompt_ids)
+        if start >= n:
+            return self.output_ids[start - n:stop - n]
+        if stop <= n:
+            return self.prompt_ids[start:stop]
+        return self.prompt_ids[start:] + self.output_ids[:stop - n]
+
     @property
     def is_finished(self) -> bool:
         return self.status == SequenceStatus.FINISHED

@@ -1,4 +1,5 @@
-"""The background step loop that drives one worker inside a server process.
+"""The background step loop that drives one worker inside a server process, and the inbox
+through which other threads hand a worker requests and cancellations.
 
     loop = WorkerLoop(worker, emit=on_output, poll_cancelled=lambda: [...])
     loop.start(); ...; loop.wake() after submit(); ...; loop.stop()
@@ -12,8 +13,10 @@ one bad batch must not take the server down.
 from __future__ import annotations
 
 import logging
+import queue
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 log = logging.getLogger(__name__)
@@ -23,6 +26,32 @@ class Worker(Protocol):
     def has_work(self) -> bool: ...
     def step(self) -> list[Any]: ...
     def cancel(self, req_id: str) -> None: ...
+
+
+class Inbox:
+    """Submissions and cancellations from any thread, taken in order by the step thread (a
+    cancel never overtakes the submit it follows). Submissions are stamped on `clock`."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+
+    def submit(self, req: Any) -> None:
+        self._queue.put(("submit", req, self.clock()))
+
+    def cancel(self, req_id: str) -> None:
+        self._queue.put(("cancel", req_id, 0.0))
+
+    def empty(self) -> bool:
+        return self._queue.empty()
+
+    def qsize(self) -> int:
+        return self._queue.qsize()
+
+    def drain(self) -> Iterator[tuple[str, Any, float]]:
+        """("submit", request, arrival time) or ("cancel", req_id, 0.0), oldest first."""
+        while not self._queue.empty():
+            yield self._queue.get()
 
 
 class WorkerLoop:

@@ -10,12 +10,12 @@ cancelled, or failed (bad descriptor, lost lease): its blocks are freed either w
 """
 from __future__ import annotations
 
-import queue
 import time
 from collections import deque
 
 from backends.core.engine import LLMEngine
 from backends.core.messages import DecodeOutput, DecodeRequest
+from backends.core.worker_loop import Inbox
 from kvtransfer import KVDescriptor, KVImporter, KVTransferError
 
 
@@ -26,17 +26,17 @@ class DecodeWorker:
         self.engine = engine
         self.importer = importer
         self.instance_id = instance_id
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._inbox = Inbox()
         self.pending: deque[tuple[DecodeRequest, KVDescriptor]] = deque()
         self.kv_bytes = 0
         self.kv_seconds = 0.0
 
     # -- any thread -----------------------------------------------------------------------
     def submit(self, req: DecodeRequest) -> None:
-        self._inbox.put(("submit", req))
+        self._inbox.submit(req)
 
     def cancel(self, req_id: str) -> None:
-        self._inbox.put(("cancel", req_id))
+        self._inbox.cancel(req_id)
 
     # -- the step thread ------------------------------------------------------------------
     def has_work(self) -> bool:
@@ -53,8 +53,7 @@ class DecodeWorker:
 
     def _drain_inbox(self) -> list[DecodeOutput]:
         outs = []
-        while not self._inbox.empty():
-            op, arg = self._inbox.get()
+        for op, arg, _ in self._inbox.drain():
             if op == "cancel":
                 self._cancel(arg)
                 continue

@@ -5,11 +5,13 @@ Lifecycle: `parse()` turns the caller's inputs (plain Python values) into a `Gen
 first token at once (TTFT) -> sends the KV descriptor to decode and relays its tokens,
 detokenized incrementally, cutting at stop strings -> a final chunk with the finish reason.
 If the caller cancels or a stop string hits, decode (or, before decode, the prefill lease)
-is cancelled through the instance's control channel. Transport (Triton BLS) is injected as
-callables, so this runs and is tested without Triton.
+is cancelled through the instance's control channel. `run_colocated()` serves the colocated
+baseline the same way from one stream (a colocated instance runs both phases). Transport
+(Triton BLS) is injected as callables, so this runs and is tested without Triton.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import uuid
@@ -17,7 +19,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from backends.core.messages import (DecodeOutput, DecodeRequest, PrefillRequest, PrefillResult)
+from backends.core.messages import (DecodeOutput, DecodeRequest, GenerateRequest, PrefillRequest,
+                                    PrefillResult)
 from backends.core.output import RequestOutputProcessor
 from backends.core.sampling import SamplingParams
 from backends.core.tokenizer import Tokenizer
@@ -98,74 +101,117 @@ class Orchestrator:
     # -- the request ----------------------------------------------------------------------
     async def run(self, gen: Generation, prefill: CallPrefill, decode: CallDecode, cancel: Cancel,
                   is_cancelled: Callable[[], bool] = lambda: False) -> AsyncIterator[Chunk]:
-        t0 = time.perf_counter()
-        timing: dict[str, Any] = {}
-        proc = RequestOutputProcessor(self.tokenizer, gen.params.stop)
+        """Disaggregated: prefill, the first token at once, then decode's stream."""
+        out = _Output(gen, RequestOutputProcessor(self.tokenizer, gen.params.stop))
         res = PrefillResult.from_json(await prefill(PrefillRequest(gen.req_id, gen.prompt_ids,
                                                                    gen.params).to_json()))
-        timing.update(ttft_s=time.perf_counter() - t0, prefill_queue_s=res.queue_s,
-                      prefill_s=res.prefill_s, prompt_tokens=len(gen.prompt_ids))
+        out.timing.update(ttft_s=time.perf_counter() - out.t0, prefill_queue_s=res.queue_s,
+                          prefill_s=res.prefill_s)
         if is_cancelled():
             self._cancel_lease(res, cancel, gen.req_id)
             return
-        tokens = [res.first_token_id]
-        delta = proc.feed(tokens)
-        if res.finished or delta.stopped:
-            if delta.stopped:
+        stopped = out.add([res.first_token_id])
+        if res.finished or stopped:
+            if stopped:
                 self._cancel_lease(res, cancel, gen.req_id)
-            yield self._final(gen, proc, Chunk(delta.text, list(tokens)), tokens,
-                              "stop" if delta.stopped else res.finish_reason, timing, t0)
+            yield out.final("stop" if stopped else res.finish_reason)
             return
-        pending = Chunk(delta.text, list(tokens))
-        timing["first_token_at"] = time.monotonic()   # before decode is even asked
+        out.timing["first_token_at"] = time.monotonic()   # before decode is even asked
         if gen.stream:
-            yield pending
-            pending = Chunk()
+            yield out.take()
         params = SamplingParams(**{**gen.params.__dict__, "seed": res.seed})
         request = DecodeRequest(gen.req_id, gen.prompt_ids, res.first_token_id, params, res.kv)
-        instance, reason, t_first = "", None, time.perf_counter()
-        async for raw in decode(request.to_json()):
-            out = DecodeOutput.from_json(raw)
-            if out.error:
-                raise RuntimeError(out.error)
-            instance = out.instance_id or instance
-            if out.kv_bytes:
-                timing.update(kv_bytes=out.kv_bytes, kv_transfer_s=out.kv_seconds,
-                              decode_admitted_at=out.admitted_at)
-            tokens += out.token_ids
-            delta = proc.feed(out.token_ids) if out.token_ids else None
-            if delta is not None:
-                pending.text += delta.text
-                pending.token_ids += out.token_ids
-            if delta is not None and delta.stopped:
-                cancel(instance, gen.req_id)
-                reason = "stop"
-                break
-            if is_cancelled():
-                cancel(instance, gen.req_id)
-                return
-            if out.finished:
-                reason = out.finish_reason
-                break
-            if gen.stream and (pending.text or pending.token_ids):
-                yield pending
-                pending = Chunk()
-        timing["tpot_s"] = (time.perf_counter() - t_first) / max(1, len(tokens) - 1)
-        yield self._final(gen, proc, pending, tokens, reason, timing, t0)
+        async for chunk in self._relay(out, decode(request.to_json()), cancel, is_cancelled):
+            yield chunk
 
-    def _final(self, gen: Generation, proc: RequestOutputProcessor, last: Chunk, tokens: list[int],
-               reason: str | None, timing: dict[str, Any], t0: float) -> Chunk:
-        """The last chunk: the rest of the text (all of it when not streaming) and the reason."""
-        if reason != "stop":
-            last.text += proc.finish().text
-        if not gen.stream:
-            last = Chunk(proc.text, list(tokens))
-        timing.update(e2e_s=time.perf_counter() - t0, output_tokens=len(tokens))
-        last.finish_reason = reason or "length"
-        last.timing = timing
-        return last
+    async def run_colocated(self, gen: Generation, generate: CallDecode, cancel: Cancel,
+                            is_cancelled: Callable[[], bool] = lambda: False) -> AsyncIterator[Chunk]:
+        """Colocated baseline: one stream from an instance that runs both phases."""
+        out = _Output(gen, RequestOutputProcessor(self.tokenizer, gen.params.stop))
+        request = GenerateRequest(gen.req_id, gen.prompt_ids, gen.params)
+        async for chunk in self._relay(out, generate(request.to_json()), cancel, is_cancelled):
+            yield chunk
+
+    async def _relay(self, out: _Output, stream: AsyncIterator[str], cancel: Cancel,
+                     is_cancelled: Callable[[], bool]) -> AsyncIterator[Chunk]:
+        """Relay an instance's token stream: detokenize, cut at stop strings, end with the final
+        chunk; cancel the request on the instance if a stop string hits or the caller cancels."""
+        instance, reason = "", None
+        t_first = time.perf_counter() if out.tokens else None
+        async with contextlib.aclosing(stream):            # an early exit closes the stream
+            async for raw in stream:
+                msg = DecodeOutput.from_json(raw)
+                if msg.error:
+                    raise RuntimeError(msg.error)
+                instance = msg.instance_id or instance
+                if msg.token_ids and t_first is None:       # colocated: the first token
+                    t_first = time.perf_counter()
+                out.note(msg)
+                if msg.token_ids and out.add(msg.token_ids):
+                    cancel(instance, out.gen.req_id)
+                    reason = "stop"
+                    break
+                if is_cancelled():
+                    cancel(instance, out.gen.req_id)
+                    return
+                if msg.finished:
+                    reason = msg.finish_reason
+                    break
+                if out.gen.stream and out.has_pending():
+                    yield out.take()
+        if t_first is not None:
+            out.timing["tpot_s"] = (time.perf_counter() - t_first) / max(1, len(out.tokens) - 1)
+        yield out.final(reason)
 
     @staticmethod
     def _cancel_lease(res: PrefillResult, cancel: Cancel, req_id: str) -> None:
         if res.kv is not None:
             cancel(res.instance_id, req_id)
+
+
+class _Output:
+    """One request's output so far: tokens, text not yet sent, timing."""
+
+    def __init__(self, gen: Generation, proc: RequestOutputProcessor) -> None:
+        self.gen = gen
+        self.proc = proc
+        self.t0 = time.perf_counter()
+        self.tokens: list[int] = []
+        self.pending = Chunk()
+        self.timing: dict[str, Any] = {"prompt_tokens": len(gen.prompt_ids)}
+
+    def note(self, msg: DecodeOutput) -> None:
+        """Timing news from an instance: the KV hand-off (decode), the first token (colocated)."""
+        if msg.kv_bytes:
+            self.timing.update(kv_bytes=msg.kv_bytes, kv_transfer_s=msg.kv_seconds,
+                               decode_admitted_at=msg.admitted_at)
+        if msg.token_ids and "ttft_s" not in self.timing:
+            self.timing.update(ttft_s=time.perf_counter() - self.t0, prefill_queue_s=msg.queue_s,
+                               prefill_s=msg.prefill_s, first_token_at=time.monotonic())
+
+    def add(self, token_ids: list[int]) -> bool:
+        """Take new tokens; True if a stop string hit (the text is cut before it)."""
+        delta = self.proc.feed(token_ids)
+        self.tokens += token_ids
+        self.pending.text += delta.text
+        self.pending.token_ids += token_ids
+        return delta.stopped
+
+    def has_pending(self) -> bool:
+        return bool(self.pending.text or self.pending.token_ids)
+
+    def take(self) -> Chunk:
+        chunk, self.pending = self.pending, Chunk()
+        return chunk
+
+    def final(self, reason: str | None) -> Chunk:
+        """The last chunk: the rest of the text (all of it when not streaming) and the reason."""
+        last = self.pending
+        if reason != "stop":
+            last.text += self.proc.finish().text
+        if not self.gen.stream:
+            last = Chunk(self.proc.text, list(self.tokens))
+        self.timing.update(e2e_s=time.perf_counter() - self.t0, output_tokens=len(self.tokens))
+        last.finish_reason = reason or "length"
+        last.timing = self.timing
+        return last

@@ -9,12 +9,12 @@ cancelled) -> the blocks are freed at the start of a later step.
 """
 from __future__ import annotations
 
-import queue
 import time
 from dataclasses import dataclass
 
 from backends.core.engine import LLMEngine
 from backends.core.messages import PrefillRequest, PrefillResult
+from backends.core.worker_loop import Inbox
 from kvtransfer import KVExporter
 
 
@@ -31,7 +31,7 @@ class PrefillWorker:
         self.engine = engine
         self.exporter = exporter
         self.clock = clock
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._inbox = Inbox(clock)
         self._arrival: dict[str, float] = {}
         self._lease_to_req: dict[int, str] = {}
         self._req_to_lease: dict[str, int] = {}
@@ -39,10 +39,10 @@ class PrefillWorker:
     # -- any thread -----------------------------------------------------------------------
     def submit(self, req: PrefillRequest) -> None:
         self.engine.validate_prompt(req.prompt_ids)       # fail fast, in the caller's thread
-        self._inbox.put(("submit", req, self.clock()))
+        self._inbox.submit(req)
 
     def cancel(self, req_id: str) -> None:
-        self._inbox.put(("cancel", req_id, 0.0))
+        self._inbox.cancel(req_id)
 
     # -- the step thread ------------------------------------------------------------------
     def has_work(self) -> bool:
@@ -60,8 +60,7 @@ class PrefillWorker:
 
     def _drain_inbox(self) -> list[PrefillError]:
         errors = []
-        while not self._inbox.empty():
-            op, arg, t = self._inbox.get()
+        for op, arg, t in self._inbox.drain():
             if op == "cancel":
                 self._cancel(arg)
                 continue

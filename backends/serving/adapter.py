@@ -1,6 +1,6 @@
-"""Triton glue shared by the prefill and decode models, with Triton's module injected.
+"""Triton glue shared by the prefill, decode and colocated models, with Triton's module injected.
 
-`model_repository/{prefill,decode}/1/model.py` subclass `EngineModel` and set `pb` to
+`model_repository/{prefill,decode,colocated}/1/model.py` subclass `EngineModel` and set `pb` to
 `triton_python_backend_utils`; this file never imports it, so core stays Triton-free and the
 glue runs in tests with fake Triton types.
 """
@@ -12,11 +12,12 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from backends.serving.host import build_decode_host, build_prefill_host
+from backends.serving.host import build_colocated_host, build_decode_host, build_prefill_host
 from backends.serving.metrics import EngineMetrics
 
 log = logging.getLogger(__name__)
-_BUILDERS = {"prefill": build_prefill_host, "decode": build_decode_host}
+_BUILDERS = {"prefill": build_prefill_host, "decode": build_decode_host,
+             "colocated": build_colocated_host}
 
 
 def bytes_input(pb: Any, request: Any, name: str) -> bytes:
@@ -35,8 +36,8 @@ def bytes_tensor(pb: Any, name: str, text: str) -> Any:
 
 
 class EngineModel:
-    """A prefill or decode instance: requests go to the host's engine thread, which answers
-    through each request's response sender."""
+    """A prefill, decode or colocated instance: requests go to the host's engine thread, which
+    answers through each request's response sender."""
     PHASE: ClassVar[str] = ""
     pb: ClassVar[Any] = None
 

@@ -1,4 +1,5 @@
-"""Everything a prefill or decode instance does inside a Triton model process, minus Triton.
+"""Everything a prefill, decode or colocated instance does inside a Triton model process,
+minus Triton.
 
     host = build_prefill_host(deployment, index, send)     # in initialize()
     req = host.parse(raw_request); host.submit(req)         # in execute(), per request
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 import torch
 from collections.abc import Callable
@@ -19,7 +21,8 @@ from typing import Any
 
 from backends.core.control import ControlServer, instance_handler, run_dir, socket_path
 from backends.core.engine import EngineConfig, LLMEngine
-from backends.core.messages import DecodeOutput, DecodeRequest, PrefillRequest
+from backends.colocated.worker import ColocatedWorker
+from backends.core.messages import DecodeOutput, DecodeRequest, GenerateRequest, PrefillRequest
 from backends.core.tokenizer import Tokenizer
 from backends.core.weights import load_checkpoint
 from backends.core.kv_cache import dtype_from_name
@@ -33,6 +36,22 @@ log = logging.getLogger(__name__)
 Send = Callable[[str, "str | None", "str | None", bool], None]
 
 
+# Each metric update is an IPC round trip to the server per gauge: publish a few times a
+# second, not after every engine step (part of the decode stub's extra CPU per token).
+METRICS_PERIOD_S = 0.1
+
+
+def _throttled(fn: Callable[[], None], period_s: float) -> Callable[[], None]:
+    last = [float("-inf")]
+
+    def call() -> None:
+        now = time.monotonic()
+        if now - last[0] >= period_s:
+            last[0] = now
+            fn()
+    return call
+
+
 class InstanceHost:
     def __init__(self, worker: Any, instance_id: str, send: Send,
                  is_cancelled: Callable[[str], bool], parse: Callable[[bytes], Any],
@@ -44,7 +63,7 @@ class InstanceHost:
         self._parse = parse
         self._lock = threading.Lock()
         self._outstanding: set[str] = set()
-        after = (lambda: on_step(self.stats())) if on_step else (lambda: None)
+        after = _throttled(lambda: on_step(self.stats()), METRICS_PERIOD_S) if on_step else (lambda: None)
         self.loop = WorkerLoop(worker, self._emit, self._poll_cancelled, self._crash, after,
                                name=f"{instance_id}-loop")
         self.control = ControlServer(socket_path(run_dir(), instance_id),
@@ -126,7 +145,8 @@ def _engine_config(deployment: Any, phase: Any, role: str, index: int) -> Engine
     return EngineConfig(dtype=deployment.dtype, block_size=deployment.block_size,
                         num_kv_blocks=phase.num_kv_blocks, max_num_seqs=phase.max_num_seqs,
                         max_num_batched_tokens=phase.max_num_batched_tokens,
-                        max_model_len=deployment.max_model_len, role=role, device=device)
+                        max_model_len=deployment.max_model_len, role=role, device=device,
+                        chunked_prefill=phase.chunked_prefill)
 
 
 def _transport_options(deployment: Any, ecfg: EngineConfig) -> dict[str, Any]:
@@ -164,3 +184,15 @@ def build_decode_host(deployment: Any, index: int, send: Send,
     instance_id = f"decode-{index}"
     worker = DecodeWorker(engine, make_importer(deployment.kv_transport, engine.kv), instance_id)
     return InstanceHost(worker, instance_id, send, is_cancelled, DecodeRequest.from_json, on_step)
+
+
+def build_colocated_host(deployment: Any, index: int, send: Send,
+                         is_cancelled: Callable[[str], bool], on_step=None) -> InstanceHost:
+    if deployment.colocated is None:
+        raise ValueError("the deployment has no colocated phase")
+    config, sd, eos = _load(deployment)
+    engine = LLMEngine(config, sd, _engine_config(deployment, deployment.colocated, "both", index),
+                       eos_token_ids=eos)
+    instance_id = f"colocated-{index}"
+    return InstanceHost(ColocatedWorker(engine, instance_id), instance_id, send, is_cancelled,
+                        GenerateRequest.from_json, on_step)

@@ -51,14 +51,14 @@ class EngineMetrics:
 class RequestMetrics:
     """Histograms of what users see: TTFT, TPOT, end-to-end latency."""
 
-    def __init__(self, pb: Any) -> None:
+    def __init__(self, pb: Any, model: str = "distserve") -> None:
         self._hist = {}
         for key, text in (("ttft_seconds", "Time to first token"),
                           ("tpot_seconds", "Time per output token after the first"),
                           ("e2e_seconds", "Request latency, end to end")):
             family = pb.MetricFamily(name=f"distserve_{key}", description=text,
                                      kind=pb.MetricFamily.HISTOGRAM)
-            self._hist[key] = (family, family.Metric(labels={"model": "distserve"},
+            self._hist[key] = (family, family.Metric(labels={"model": model},
                                                      buckets=LATENCY_BUCKETS))
 
     def observe(self, timing: dict[str, Any]) -> None:

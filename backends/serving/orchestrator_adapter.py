@@ -1,8 +1,10 @@
-"""Triton glue of the `distserve` model (the BLS orchestrator), with Triton's module injected.
+"""Triton glue of the `distserve` model (the BLS orchestrator) and of `distserve_colocated` (the
+colocated baseline's front end, MODE "colocated"), with Triton's module injected.
 
 Each request runs as its own coroutine: prefill is one BLS call, decode a decoupled BLS stream
 whose blocking iterator is read on a thread pool (its `next` releases the GIL) so one slow
-stream never stalls the others. Every failure becomes an error response followed by FINAL.
+stream never stalls the others; the colocated mode has only the stream, from `colocated`.
+Every failure becomes an error response followed by FINAL.
 """
 from __future__ import annotations
 
@@ -48,6 +50,11 @@ def read_inputs(pb: Any, request: Any) -> dict[str, Any]:
     return out
 
 
+def _drain(responses: Any) -> None:
+    for _ in responses:
+        pass
+
+
 def _text(name: str, value: Any) -> str:
     try:
         return value.decode("utf-8") if isinstance(value, bytes) else str(value)
@@ -57,6 +64,7 @@ def _text(name: str, value: Any) -> str:
 
 class OrchestratorModel:
     pb: ClassVar[Any] = None
+    MODE: ClassVar[str] = "disaggregated"       # or "colocated"
 
     def initialize(self, args: dict[str, Any]) -> None:
         from backends.core.tokenizer import Tokenizer
@@ -66,7 +74,9 @@ class OrchestratorModel:
         self.orch = Orchestrator(tokenizer, deployment.max_model_len, deployment.default_max_tokens)
         self.pool = ThreadPoolExecutor(max_workers=256, thread_name_prefix="bls-stream")
         self.control_dir = run_dir()
-        self.metrics = RequestMetrics(self.pb)
+        if self.MODE not in ("disaggregated", "colocated"):
+            raise ValueError(f"MODE must be disaggregated or colocated, got {self.MODE!r}")
+        self.metrics = RequestMetrics(self.pb, args["model_name"])
 
     async def execute(self, requests: list[Any]) -> None:
         await asyncio.gather(*(self._serve(r) for r in requests))
@@ -76,8 +86,7 @@ class OrchestratorModel:
         final = self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         try:
             gen = self.orch.parse(read_inputs(self.pb, request))
-            async for chunk in self.orch.run(gen, self._prefill, self._decode, self._cancel,
-                                             request.is_cancelled):
+            async for chunk in self._run(gen, request.is_cancelled):
                 done = chunk.finish_reason is not None
                 sender.send(self._response(chunk, gen), flags=final if done else 0)
                 if done:
@@ -91,6 +100,13 @@ class OrchestratorModel:
                 sender.send(self.pb.InferenceResponse(error=self.pb.TritonError(str(e))), flags=final)
             except Exception:                        # noqa: BLE001 - the client is gone
                 pass
+
+    def _run(self, gen: Generation, is_cancelled) -> AsyncIterator[Chunk]:
+        if self.MODE == "colocated":
+            return self.orch.run_colocated(gen, self._stream_from("colocated"), self._cancel,
+                                           is_cancelled)
+        return self.orch.run(gen, self._prefill, self._stream_from("decode"), self._cancel,
+                             is_cancelled)
 
     def _response(self, chunk: Chunk, gen: Generation) -> Any:
         pb = self.pb
@@ -120,16 +136,27 @@ class OrchestratorModel:
             raise RuntimeError("prefill returned no response")
         return out
 
-    async def _decode(self, payload: str) -> AsyncIterator[str]:
-        stream = await self._bls("decode", payload).async_exec(decoupled=True)
-        loop = asyncio.get_running_loop()
-        while True:
-            response = await loop.run_in_executor(self.pool, next, stream, None)
-            if response is None:
-                return
-            out = self._payload(response)
-            if out is not None:
-                yield out
+    def _stream_from(self, model: str):
+        """A decoupled BLS stream from `model` (decode or colocated): payload -> responses.
+
+        Closed early (cancel, stop string), it reads the rest in the background: the instance
+        ends the stream at once after a cancel, and an unread BLS stream would keep this model
+        from unloading."""
+        async def stream(payload: str) -> AsyncIterator[str]:
+            responses = await self._bls(model, payload).async_exec(decoupled=True)
+            loop = asyncio.get_running_loop()
+            done = False
+            try:
+                while not done:
+                    response = await loop.run_in_executor(self.pool, next, responses, None)
+                    done = response is None
+                    out = None if done else self._payload(response)
+                    if out is not None:
+                        yield out
+            finally:
+                if not done:
+                    self.pool.submit(_drain, responses)
+        return stream
 
     def _cancel(self, instance_id: str, req_id: str) -> None:
         if not instance_id:

@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import shutil
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from backends.core.control import send
 from deploy.render import pbtxt_string
 from deploy.server import TritonServer, free_ports
 
@@ -41,6 +43,22 @@ def http_post(http_url: str, path: str, body: dict) -> tuple[int, str]:
             return response.status, response.read().decode()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read().decode()
+
+
+def instance_stats(server: TritonServer, instance_id: str) -> dict:
+    """An engine instance's stats, through its control socket."""
+    return send(server.control_dir / str(server.process.pid) / f"{instance_id}.sock", {"op": "stats"})
+
+
+def wait_kv_free(server: TritonServer, instance_ids: tuple[str, ...], timeout: float = 10.0) -> None:
+    """Wait until no instance holds KV blocks; fail naming what is still held."""
+    deadline = time.monotonic() + timeout
+    while True:
+        used = {i: instance_stats(server, i)["kv_blocks_used"] for i in instance_ids}
+        if not any(used.values()):
+            return
+        assert time.monotonic() < deadline, f"KV blocks still in use: {used}"
+        time.sleep(0.2)
 
 
 @contextlib.contextmanager

@@ -15,14 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from backends.core.control import send
 from backends.core.engine import EngineConfig
 from backends.core.llm import LLM
 from backends.core.sampling import SamplingParams
 from client import DistServeClient, DistServeError
 from deploy.deployment import default_deployment
 from deploy.render import render_repository
-from tests.integration.conftest import http_post, start_server
+from tests.integration.conftest import http_post, instance_stats, start_server, wait_kv_free
 
 LEASE_TIMEOUT_S = 3.0
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time",
@@ -59,17 +58,11 @@ def offline(smollm_tokenizer, gguf_path):
 
 
 def _stats(server, instance: str) -> dict:
-    return send(server.control_dir / str(server.process.pid) / f"{instance}.sock", {"op": "stats"})
+    return instance_stats(server, instance)
 
 
 def _wait_all_free(server, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        used = {i: _stats(server, i)["kv_blocks_used"] for i in ("prefill-0", "decode-0")}
-        if not any(used.values()):
-            return
-        assert time.monotonic() < deadline, f"KV blocks still in use: {used}"
-        time.sleep(0.2)
+    wait_kv_free(server, ("prefill-0", "decode-0"), timeout)
 
 
 def _metric(server, name: str, phase: str) -> float:

@@ -8,6 +8,7 @@ stops the foreground launcher and everything it started.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -19,7 +20,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from deploy.contract import DECODE, DISTSERVE, PREFILL
+from deploy.contract import COLOCATED, DECODE, DISTSERVE, DISTSERVE_COLOCATED, PREFILL
+from deploy.deployment import colocated_deployment
 from deploy.server import free_ports
 
 from .conftest import ROOT, http_post
@@ -34,11 +36,11 @@ from deploy.runtime import init_instance
 class TritonPythonModel:
     def initialize(self, args):
         self.name, self.instance = args["model_name"], args["model_instance_name"]
-        if self.name != "distserve":
+        if not self.name.startswith("distserve"):
             init_instance(args, self.name)
 
     def execute(self, requests):
-        output = "text_output" if self.name == "distserve" else "response"
+        output = "text_output" if self.name.startswith("distserve") else "response"
         for request in requests:
             answer = {"model": self.name, "instance": self.instance,
                       "affinity": sorted(os.sched_getaffinity(0)),
@@ -51,7 +53,7 @@ class TritonPythonModel:
 
 
 def stand_in_repository(dest: Path) -> Path:
-    for model in (DISTSERVE, PREFILL, DECODE):
+    for model in (DISTSERVE, PREFILL, DECODE, DISTSERVE_COLOCATED, COLOCATED):
         (dest / model / "1").mkdir(parents=True)
         (dest / model / "1" / "model.py").write_text(STAND_IN)
     return dest
@@ -71,6 +73,12 @@ def wait_for_line(proc: subprocess.Popen, needle: str, timeout: float) -> list[s
 
 @pytest.fixture
 def serving(tmp_path):
+    with serve(tmp_path) as running:
+        yield running
+
+
+@contextlib.contextmanager
+def serve(tmp_path: Path, *extra: str):
     """A `python -m deploy serve` process on free ports; yields (process, http_url)."""
     http_port, grpc_port, metrics_port = free_ports(3)
     model_file = tmp_path / "model.gguf"
@@ -78,7 +86,7 @@ def serving(tmp_path):
     cmd = [sys.executable, "-m", "deploy", "serve", "--model", str(model_file),
            "--src", str(stand_in_repository(tmp_path / "src")), "--run-dir", str(tmp_path / "run"),
            "--http-port", str(http_port), "--grpc-port", str(grpc_port),
-           "--metrics-port", str(metrics_port), "--ready-timeout", "120"]
+           "--metrics-port", str(metrics_port), "--ready-timeout", "120", *extra]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         wait_for_line(proc, "DistServe is ready", timeout=150)
@@ -93,7 +101,7 @@ def generate(http_url: str, model: str, body: dict) -> dict:
     status, text = http_post(http_url, f"/v2/models/{model}/generate", body)
     assert status == 200, text
     answer = json.loads(text)
-    return json.loads(answer["text_output" if model == DISTSERVE else "response"])
+    return json.loads(answer["text_output" if model.startswith(DISTSERVE) else "response"])
 
 
 def test_serve_renders_pins_and_stops_cleanly(serving):
@@ -115,3 +123,17 @@ def test_serve_renders_pins_and_stops_cleanly(serving):
     assert "stopping tritonserver" in proc.stdout.read()
     assert not [pid for pid in server_pids if psutil.pid_exists(pid)
                 and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+
+
+def test_serve_the_colocated_baseline_on_the_same_cores(tmp_path):
+    with serve(tmp_path, "--baseline", "chunked") as (proc, http_url):
+        answer = generate(http_url, DISTSERVE_COLOCATED, {"text_input": "Hello", "max_tokens": 8})
+        assert answer["model"] == DISTSERVE_COLOCATED
+        seen = set()
+        for _ in range(4):                          # Triton takes turns over the instances
+            answer = generate(http_url, COLOCATED, {"request": "{}"})
+            seen.add((answer["instance"], tuple(answer["affinity"])))
+        cores = colocated_deployment().colocated.devices
+        assert seen == {(f"{COLOCATED}_0_{i}", c) for i, c in enumerate(cores)}
+        status, _ = http_post(http_url, f"/v2/models/{DISTSERVE}/generate", {"text_input": "Hi"})
+        assert status == 404                        # only the baseline is served
