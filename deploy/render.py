@@ -112,9 +112,19 @@ def write_configs(deployment: Deployment, repo_dir: str | Path) -> None:
         (Path(repo_dir) / model / "config.pbtxt").write_text(text)
 
 
+# Adapters of models the default deployment does not serve (the colocated baseline) live
+# outside model_repository/, so Triton pointed straight at it finds no config-less models.
+BASELINE_SRC = Path(__file__).resolve().parent / "baseline_models"
+
+
+def _code_dir(src_repo: str | Path, model: str) -> Path:
+    own = Path(src_repo) / model
+    return own if own.is_dir() or not (BASELINE_SRC / model).is_dir() else BASELINE_SRC / model
+
+
 def missing_code(src_repo: str | Path = SRC_REPO, models: tuple[str, ...] = MODELS) -> list[str]:
     """The models whose adapter (`<model>/1/model.py`) is missing from `src_repo`."""
-    return [m for m in models if not (Path(src_repo) / m / "1" / "model.py").is_file()]
+    return [m for m in models if not (_code_dir(src_repo, m) / "1" / "model.py").is_file()]
 
 
 def render_repository(deployment: Deployment, out_dir: str | Path, src_repo: str | Path = SRC_REPO,
@@ -137,7 +147,7 @@ def render_repository(deployment: Deployment, out_dir: str | Path, src_repo: str
     for model in MODELS:
         shutil.rmtree(out_dir / model, ignore_errors=True)
     for model in models:
-        _copy_versions(src_repo / model, out_dir / model)
+        _copy_versions(_code_dir(src_repo, model), out_dir / model)
     write_configs(deployment, out_dir)
     for shared in sorted(src_repo.glob("*.py")):
         shutil.copy2(shared, out_dir / shared.name)

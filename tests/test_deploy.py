@@ -351,3 +351,10 @@ def test_stop_before_start_is_a_no_op(tmp_path):
     assert server.stop() is None and server.stop() is None
     with pytest.raises(ServerError, match="not started"):
         server.wait_ready(1)
+
+
+def test_committed_repository_has_no_model_without_a_config():
+    """Triton loads every folder of a repository: a config-less one would fail the server."""
+    from deploy.render import SRC_REPO
+    folders = [p for p in SRC_REPO.iterdir() if p.is_dir() and not p.name.startswith(("_", "."))]
+    assert folders and all((p / "config.pbtxt").is_file() for p in folders), folders
