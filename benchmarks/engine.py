@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import itertools
-import json
 import os
 import shlex
 import statistics
@@ -28,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from benchmarks import report as report_files
 from backends.core.config import ModelConfig
 from backends.core.engine import EngineConfig, LLMEngine
 from backends.core.model_runner import DTYPES, pin_threads
@@ -318,10 +318,7 @@ def plot(report: dict, path: Path) -> None:
 
 
 def write_outputs(report: dict, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(report))
-    plot(report, out.with_suffix(".png"))
+    report_files.write_outputs(report, out, markdown, plot, indent=2)
 
 
 def run(config: ModelConfig, sd: dict[str, torch.Tensor], dtype: str, s: Settings) -> dict:

@@ -30,6 +30,7 @@ import psutil
 import torch
 from tqdm import tqdm
 
+from benchmarks import report as report_files
 from backends.core.control import send
 from backends.core.engine import EngineConfig, LLMEngine
 from backends.core.model_runner import DTYPES
@@ -327,10 +328,7 @@ def plot(report: dict, path: Path) -> None:
 
 
 def write_outputs(report: dict, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
-    out.with_suffix(".md").write_text(markdown(report))
-    plot(report, out.with_suffix(".png"))
+    report_files.write_outputs(report, out, markdown, plot, indent=1)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from backends.core.kv_cache import KVLayout, KVPool
-from kvtransfer.control import same_block_format
+from kvtransfer.control import (check_granted, check_still_granted, mark_released,
+                                same_block_format)
 from kvtransfer.descriptor import KVDescriptor
 
 
@@ -148,6 +149,46 @@ class KVImporter(ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class LeaseCheckedImporter(KVImporter):
+    """The fetch protocol every importer shares: check the destination, check the lease on
+    every block, copy, check the lease again (a reclaim mid-copy aborts), mark it released.
+    Subclasses set `dst_pool` and `_sources` (a SourceCache) and implement `_copy`."""
+    dst_pool: KVPool
+    _sources: Any
+
+    @property
+    def attached(self) -> list[str]:
+        return self._sources.names
+
+    def _source(self, desc: KVDescriptor) -> Any:
+        return self._sources.get(desc)
+
+    @abstractmethod
+    def _copy(self, src: Any, desc: KVDescriptor, dst_ids: tuple[int, ...]) -> None:
+        """Copy the descriptor's blocks from `src` into `dst_ids` of our pool."""
+
+    def fetch(self, desc: KVDescriptor, dst_block_ids: Sequence[int]) -> TransferStats:
+        start = time.perf_counter()
+        dst_ids = check_destination(desc, self.dst_pool.layout, dst_block_ids)
+        with self._sources.lock:
+            src = self._source(desc)
+            check_granted(src.segment.table, desc)
+            self._copy(src, desc, dst_ids)
+            check_still_granted(src.segment.table, desc)
+            mark_released(src.segment.table, desc)
+        return TransferStats(desc.num_bytes, time.perf_counter() - start)
+
+    def release(self, desc: KVDescriptor) -> None:
+        with self._sources.lock:
+            src = self._source(desc)
+            check_granted(src.segment.table, desc)
+            mark_released(src.segment.table, desc)
+
+    def prune(self) -> list[str]:
+        """Unmap prefill pools whose instance closed (also done whenever a new pool attaches)."""
+        return self._sources.prune()
 
 
 def check_destination(desc: KVDescriptor, dst: KVLayout, dst_block_ids: Sequence[int]) -> tuple[int, ...]:

@@ -27,9 +27,9 @@ from typing import Any
 import torch
 
 from backends.core.kv_cache import KVLayout, KVPool
-from kvtransfer.base import KVImporter, LeaseBackedExporter, TransferStats, check_destination
+from kvtransfer.base import LeaseBackedExporter, LeaseCheckedImporter
 from kvtransfer.blockcopy import block_runs
-from kvtransfer.control import check_granted, check_header, check_still_granted, mark_released
+from kvtransfer.control import check_header
 from kvtransfer.descriptor import IPC_HANDLE_HEX_LEN, KVDescriptor
 from kvtransfer.errors import CudaError, CudaUnavailableError
 from kvtransfer.lease import DEFAULT_LEASE_TIMEOUT_S, LeaseGranter, check_exporter_args
@@ -220,7 +220,7 @@ def copy_device_blocks(cudart: Any, stream: Any, src: _IpcSource, dst_ptr: int, 
     check(cudart.cudaStreamSynchronize(stream), "cudaStreamSynchronize")
 
 
-class CudaIpcKVImporter(KVImporter):
+class CudaIpcKVImporter(LeaseCheckedImporter):
     kind = "cuda_ipc"
 
     def __init__(self, dst_pool: KVPool, max_attached: int = 64) -> None:
@@ -235,35 +235,13 @@ class CudaIpcKVImporter(KVImporter):
         self._sources: SourceCache[_IpcSource] = SourceCache(
             self.kind, lambda desc: _IpcSource(cudart, desc), max_attached)
 
-    @property
-    def attached(self) -> list[str]:
-        return self._sources.names
-
-    def fetch(self, desc: KVDescriptor, dst_block_ids: Sequence[int]) -> TransferStats:
-        start = time.perf_counter()
-        dst_ids = check_destination(desc, self.dst_pool.layout, dst_block_ids)
-        with self._sources.lock:
-            src = self._source(desc)
-            check_granted(src.segment.table, desc)
-            copy_device_blocks(self._cudart, self._stream, src, self.dst_pool.data.data_ptr(),
-                               desc.layout.block_nbytes, desc.block_ids, dst_ids)
-            check_still_granted(src.segment.table, desc)
-            mark_released(src.segment.table, desc)
-        return TransferStats(desc.num_bytes, time.perf_counter() - start)
-
-    def release(self, desc: KVDescriptor) -> None:
-        with self._sources.lock:
-            src = self._source(desc)
-            check_granted(src.segment.table, desc)
-            mark_released(src.segment.table, desc)
+    def _copy(self, src: _IpcSource, desc: KVDescriptor, dst_ids: tuple[int, ...]) -> None:
+        copy_device_blocks(self._cudart, self._stream, src, self.dst_pool.data.data_ptr(),
+                           desc.layout.block_nbytes, desc.block_ids, dst_ids)
 
     def _source(self, desc: KVDescriptor) -> _IpcSource:
         check(self._cudart.cudaSetDevice(self.device), f"cudaSetDevice({self.device})")
         return self._sources.get(desc)
-
-    def prune(self) -> list[str]:
-        """Close prefill pools whose instance closed (also done whenever a new pool attaches)."""
-        return self._sources.prune()
 
     def close(self) -> None:
         with self._sources.lock:

@@ -19,9 +19,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from backends.core.kv_cache import KVLayout, KVPool
-from kvtransfer.base import KVImporter, LeaseBackedExporter, TransferStats, check_destination
+from kvtransfer.base import LeaseBackedExporter, LeaseCheckedImporter
 from kvtransfer.blockcopy import block_bytes, copy_blocks
-from kvtransfer.control import check_granted, check_still_granted, mark_released
 from kvtransfer.descriptor import KVDescriptor
 from kvtransfer.lease import DEFAULT_LEASE_TIMEOUT_S, LeaseGranter, check_exporter_args
 from kvtransfer.segment import Segment
@@ -77,7 +76,7 @@ def _attach(desc: KVDescriptor) -> _Source:
     return _Source(Segment.attach(desc.pool_name, desc.transport, desc.layout))
 
 
-class ShmKVImporter(KVImporter):
+class ShmKVImporter(LeaseCheckedImporter):
     kind = "shm"
 
     def __init__(self, dst_pool: KVPool, max_attached: int = 64) -> None:
@@ -87,30 +86,8 @@ class ShmKVImporter(KVImporter):
         self._dst_blocks = block_bytes(dst_pool.data)
         self._sources: SourceCache[_Source] = SourceCache(self.kind, _attach, max_attached)
 
-    @property
-    def attached(self) -> list[str]:
-        return self._sources.names
-
-    def fetch(self, desc: KVDescriptor, dst_block_ids: Sequence[int]) -> TransferStats:
-        start = time.perf_counter()
-        dst_ids = check_destination(desc, self.dst_pool.layout, dst_block_ids)
-        with self._sources.lock:
-            src = self._sources.get(desc)
-            check_granted(src.segment.table, desc)
-            copy_blocks(src.blocks, self._dst_blocks, desc.block_ids, dst_ids)
-            check_still_granted(src.segment.table, desc)
-            mark_released(src.segment.table, desc)
-        return TransferStats(desc.num_bytes, time.perf_counter() - start)
-
-    def release(self, desc: KVDescriptor) -> None:
-        with self._sources.lock:
-            src = self._sources.get(desc)
-            check_granted(src.segment.table, desc)
-            mark_released(src.segment.table, desc)
-
-    def prune(self) -> list[str]:
-        """Unmap prefill pools whose instance closed (also done whenever a new pool attaches)."""
-        return self._sources.prune()
+    def _copy(self, src: _Source, desc: KVDescriptor, dst_ids: tuple[int, ...]) -> None:
+        copy_blocks(src.blocks, self._dst_blocks, desc.block_ids, dst_ids)
 
     def close(self) -> None:
         self._sources.close()
