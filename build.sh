@@ -5,7 +5,7 @@
 #   ./build.sh test [pytest args]   setup, then run the whole test suite
 #   ./build.sh serve            setup, then serve the default model (see README)
 #   ./build.sh bench engine     setup, then the engine benchmark (writes docs/)
-#   ./build.sh bench goodput    setup, then the goodput benchmark (python -m client.bench ...)
+#   ./build.sh bench goodput    setup, then the headline goodput comparison (python -m client.bench compare ...)
 #   ./build.sh generate "text"  setup, then offline generation on the default model
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")" && pwd)"
@@ -120,7 +120,7 @@ case "$cmd" in
     what="${1:-}"; shift || true
     case "$what" in
       engine) exec "$PY" -m benchmarks.engine --model "$DEFAULT_MODEL" "$@" ;;
-      goodput) exec "$PY" -m client.bench "$@" ;;
+      goodput) exec "$PY" -m client.bench compare "$@" ;;
       *) die "usage: ./build.sh bench engine|goodput [options]" ;;
     esac
     ;;

@@ -1,4 +1,6 @@
-"""`python -m client.bench run|goodput|plot|baseline|describe ...` (default: goodput).
+"""`python -m client.bench run|goodput|compare|plot|baseline|describe ...` (default: goodput).
+
+    python -m client.bench compare --workload chatbot-history     # = ./build.sh bench goodput
 
     python -m client.bench describe --workload chatbot --max-output-tokens 64
     python -m client.bench run --workload chatbot --rate 1 --num-requests 50 \\
@@ -30,7 +32,13 @@ from .workloads import DEFAULT_TOKENIZER, WORKLOADS, LengthCaps, Workload, Workl
 
 DEFAULT_URLS = {"triton-http": "127.0.0.1:8000", "triton-grpc": "127.0.0.1:8001",
                 "openai": "http://127.0.0.1:8000"}
-COMMANDS = ("run", "goodput", "plot", "baseline", "describe")
+COMMANDS = ("run", "goodput", "compare", "plot", "baseline", "describe")
+# compare's default SLOs, as multiples of the single-request TTFT / TPOT: the paper's SLO
+# (Table 1) over the paper's model's single-request latency on an A100 at the workload's median
+# prompt, from the published coefficients (../shared/anchors): chatbot OPT-13B 0.25 s / 0.1 s;
+# code OPT-66B (TP4) 0.125 s / 0.2 s; summarization OPT-66B (TP4) 15 s / 0.15 s.
+PAPER_SLO_MULTIPLES = {"chatbot": (12.0, 5.0), "chatbot-history": (2.7, 4.9), "code": (2.6, 6.5),
+                       "summarization": (42.0, 4.7)}
 
 
 def _workload_args(p: argparse.ArgumentParser) -> None:
@@ -75,6 +83,19 @@ def _slo_args(p: argparse.ArgumentParser, required: bool) -> None:
     g.add_argument("--target", type=float, default=0.9, help="attainment target (default: 0.9)")
 
 
+def _search_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("goodput search")
+    g.add_argument("--cv", type=float, default=1.0, help="arrival gaps' CV (1: Poisson)")
+    g.add_argument("--start-rate", type=float, default=1.0)
+    g.add_argument("--min-rate", type=float, default=0.02)
+    g.add_argument("--max-rate", type=float, default=256.0)
+    g.add_argument("--rel-tol", type=float, default=0.1, help="stop when the bracket is this "
+                   "narrow, relative (default: 0.1)")
+    g.add_argument("--max-measurements", type=int, default=10)
+    g.add_argument("--sweep-rate", type=float, help="rate of the SLO-scale sweep and CDFs "
+                   "(default: the goodput found)")
+
+
 def _floats(text: str) -> list[float]:
     return [float(x) for x in text.split(",") if x.strip()]
 
@@ -98,17 +119,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     _workload_args(good)
     _server_args(good)
     _slo_args(good, required=True)
-    good.add_argument("--cv", type=float, default=1.0, help="arrival gaps' CV (1: Poisson)")
-    good.add_argument("--start-rate", type=float, default=1.0)
-    good.add_argument("--min-rate", type=float, default=0.02)
-    good.add_argument("--max-rate", type=float, default=256.0)
-    good.add_argument("--rel-tol", type=float, default=0.1, help="stop when the bracket is this "
-                      "narrow, relative (default: 0.1)")
-    good.add_argument("--max-measurements", type=int, default=10)
-    good.add_argument("--sweep-rate", type=float, help="rate of the SLO-scale sweep and CDFs "
-                      "(default: the goodput found)")
+    _search_args(good)
     good.add_argument("--out", type=Path, help="JSON file (default: results/goodput-<workload>-...json)")
     good.add_argument("--no-plot", dest="plot", action="store_false")
+    comp = sub.add_parser("compare", help="the headline: disaggregated vs colocated vs chunked "
+                          "prefill on the same cores (starts each server in turn)")
+    _workload_args(comp)
+    g = comp.add_argument_group("endpoint")
+    g.add_argument("--endpoint", choices=("triton-grpc", "triton-http"), default="triton-grpc")
+    g.add_argument("--timeout", type=float, default=600.0, help="per request, s (default: 600)")
+    g.add_argument("--warmup", type=int, default=2, help="unrecorded requests first (default: 2)")
+    g.add_argument("--no-progress", dest="progress", action="store_false")
+    _slo_args(comp, required=False)
+    _search_args(comp)
+    from .compare import add_compare_arguments
+    add_compare_arguments(comp)
     plot = sub.add_parser("plot", help="PNG plots of result files, one line per file")
     plot.add_argument("files", nargs="+", type=Path)
     plot.add_argument("--labels", nargs="+", help="one per file (default: the files' labels)")
@@ -122,11 +147,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     _workload_args(desc)
     args = p.parse_args(argv)
     args.argv = argv
-    if hasattr(args, "endpoint"):
+    if args.command == "compare":
+        args.label = args.url = args.model = None
+        _default_slo(args)
+    elif hasattr(args, "endpoint"):
         args.url = args.url or DEFAULT_URLS[args.endpoint]
         args.model = args.model or ("default" if args.endpoint == "openai" else "distserve")
         args.label = args.label or f"{args.endpoint}:{args.model}"
     return args
+
+
+def _default_slo(args: argparse.Namespace) -> None:
+    """compare without SLOs: the paper's, as multiples (PAPER_SLO_MULTIPLES)."""
+    if (args.slo_ttft is None) != (args.slo_tpot is None):
+        raise SystemExit("error: give both --slo-ttft and --slo-tpot, or neither")
+    if args.slo_ttft is None:
+        if args.slo_mode != "relative":
+            raise SystemExit("error: --slo-mode absolute needs --slo-ttft and --slo-tpot")
+        args.slo_ttft, args.slo_tpot = PAPER_SLO_MULTIPLES[args.workload]
 
 
 def build_workload(args: argparse.Namespace) -> Workload:
@@ -136,8 +174,10 @@ def build_workload(args: argparse.Namespace) -> Workload:
     return load_workload(spec, args.tokenizer)
 
 
-def resolve_slo(args: argparse.Namespace, workload: Workload) -> tuple[SLO | None, dict[str, Any] | None]:
-    """The SLO in seconds, and what the result file records about it."""
+def resolve_slo(args: argparse.Namespace, workload: Workload, url: str | None = None,
+                model: str | None = None) -> tuple[SLO | None, dict[str, Any] | None]:
+    """The SLO in seconds, and what the result file records about it (a relative SLO's
+    baseline is measured on url/model, default: the command line's)."""
     if args.slo_ttft is None or args.slo_tpot is None:
         return None, None
     info: dict[str, Any] = {"mode": args.slo_mode}
@@ -147,17 +187,17 @@ def resolve_slo(args: argparse.Namespace, workload: Workload) -> tuple[SLO | Non
         if args.baseline_ttft is not None and args.baseline_tpot is not None:
             base = {"ttft_s": args.baseline_ttft, "tpot_s": args.baseline_tpot, "source": "given"}
         else:
-            b = _baseline(args, workload)
+            b = _baseline(args, workload, url or args.url, model or args.model)
             base = {**asdict(b), "source": "measured"}
         slo = SLO(base["ttft_s"] * args.slo_ttft, base["tpot_s"] * args.slo_tpot)
         info.update(ttft_multiple=args.slo_ttft, tpot_multiple=args.slo_tpot, baseline=base)
     return slo, {**info, "ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s}
 
 
-def _baseline(args: argparse.Namespace, workload: Workload) -> Any:
+def _baseline(args: argparse.Namespace, workload: Workload, url: str, model: str) -> Any:
     requests = [r for r in workload.requests if r.output_len >= 2][:args.baseline_requests]
-    log(f"measuring the baseline: {len(requests)} requests one at a time on {args.url}")
-    b = measure_baseline(args.endpoint, args.url, args.model, requests, args.timeout)
+    log(f"measuring the baseline: {len(requests)} requests one at a time on {url} ({model})")
+    b = measure_baseline(args.endpoint, url, model, requests, args.timeout)
     log(f"baseline: TTFT {b.ttft_s * 1e3:.1f} ms, TPOT {b.tpot_s * 1e3:.1f} ms")
     return b
 
@@ -191,19 +231,35 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_goodput(args: argparse.Namespace) -> int:
     workload = build_workload(args)
     slo, slo_info = resolve_slo(args, workload)
+    doc = goodput_doc(args, workload, slo, slo_info, url=args.url, model=args.model,
+                      label=args.label, start_rate=args.start_rate)
+    out = args.out or Path("results") / f"goodput-{args.workload}-{args.endpoint}.json"
+    write_json(out, doc)
+    print(format_goodput(doc))
+    if args.plot:
+        from .plots import plot_docs
+        for path in plot_docs([doc], [args.label], out.parent, prefix=out.stem + "-"):
+            log(f"wrote {path}")
+    return 0
+
+
+def goodput_doc(args: argparse.Namespace, workload: Workload, slo: SLO, slo_info: dict[str, Any],
+                *, url: str, model: str, label: str, start_rate: float) -> dict[str, Any]:
+    """Search one endpoint's goodput, then measure the SLO-scale sweep at the goodput found;
+    the result document (every request of every rate measured)."""
     warmup = list(workload.requests[:args.warmup])
 
     def measure(rate: float) -> list[Any]:
-        results = replay(args.endpoint, args.url, args.model, workload.requests,
+        results = replay(args.endpoint, url, model, workload.requests,
                          workload.arrivals(rate, args.cv), timeout_s=args.timeout,
-                         warmup=warmup, progress=args.progress, desc=f"{args.label} @ {rate:.3g} rps")
+                         warmup=warmup, progress=args.progress, desc=f"{label} @ {rate:.3g} rps")
         warmup.clear()                                       # only before the first rate
         return results
 
     def report(p: Point) -> None:
-        log(f"rate {p.rate:.3g} rps: attainment {100 * p.attainment:.1f}%")
+        log(f"{label}: rate {p.rate:.3g} rps: attainment {100 * p.attainment:.1f}%")
 
-    found = search_goodput(measure, slo, target=args.target, start_rate=args.start_rate,
+    found = search_goodput(measure, slo, target=args.target, start_rate=start_rate,
                            min_rate=args.min_rate, max_rate=args.max_rate, rel_tol=args.rel_tol,
                            max_measurements=args.max_measurements, on_point=report)
     sweep_rate = args.sweep_rate or found.goodput_rps or min(p.rate for p in found.points)
@@ -211,24 +267,32 @@ def cmd_goodput(args: argparse.Namespace) -> int:
         results = tuple(measure(sweep_rate))
         extra = Point(sweep_rate, attainment(results, slo), results)
         found = GoodputResult(found.goodput_rps, found.fail_rps, found.target, found.points + (extra,))
-    doc = {**header(args, workload, "goodput"), "slo": slo_info, "target": args.target,
-           "goodput_rps": found.goodput_rps, "fail_rps": found.fail_rps,
-           "is_capped": found.is_capped,
-           "points": [{"rate": p.rate, "attainment": p.attainment,
-                       "summary": summarize(p.results, slo),
-                       "results": [r.to_json() for r in p.results]} for p in found.points],
-           "sweep": {"rate": sweep_rate, "scales": args.scales,
-                     "points": sweep(found.point(sweep_rate).results, slo, args.scales)}}
-    out = args.out or Path("results") / f"goodput-{args.workload}-{args.endpoint}.json"
-    write_json(out, doc)
-    bound = "at least " if found.is_capped else ""
-    print(f"{args.label}: goodput {bound}{found.goodput_rps:.3g} rps at {100 * args.target:.0f}% "
-          f"attainment (TTFT <= {slo.ttft_s * 1e3:.0f} ms, TPOT <= {slo.tpot_s * 1e3:.0f} ms); "
-          f"{len(found.points)} rates measured -> {out}")
-    if args.plot:
-        from .plots import plot_docs
-        for path in plot_docs([doc], [args.label], out.parent, prefix=out.stem + "-"):
-            log(f"wrote {path}")
+    return {**header(args, workload, "goodput"), "label": label,
+            "endpoint": {"name": args.endpoint, "url": url, "model": model},
+            "slo": slo_info, "target": args.target,
+            "goodput_rps": found.goodput_rps, "fail_rps": found.fail_rps,
+            "is_capped": found.is_capped,
+            "points": [{"rate": p.rate, "attainment": p.attainment,
+                        "summary": summarize(p.results, slo),
+                        "results": [r.to_json() for r in p.results]} for p in found.points],
+            "sweep": {"rate": sweep_rate, "scales": args.scales,
+                      "points": sweep(found.point(sweep_rate).results, slo, args.scales)}}
+
+
+def format_goodput(doc: dict[str, Any]) -> str:
+    slo = doc["slo"]
+    bound = "at least " if doc["is_capped"] else ""
+    return (f"{doc['label']}: goodput {bound}{doc['goodput_rps']:.3g} rps at "
+            f"{100 * doc['target']:.0f}% attainment (TTFT <= {slo['ttft_s'] * 1e3:.0f} ms, "
+            f"TPOT <= {slo['tpot_s'] * 1e3:.0f} ms); {len(doc['points'])} rates measured")
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .compare import format_table, run_compare, write_summary
+    combined = run_compare(args)
+    for path in write_summary(combined, args.out_dir, args.workload):
+        log(f"wrote {path}")
+    print(format_table(combined))
     return 0
 
 
@@ -244,7 +308,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_baseline(args: argparse.Namespace) -> int:
-    b = _baseline(args, build_workload(args))
+    b = _baseline(args, build_workload(args), args.url, args.model)
     print(json.dumps(asdict(b)))
     return 0
 
@@ -277,6 +341,6 @@ def log(message: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    handlers = {"run": cmd_run, "goodput": cmd_goodput, "plot": cmd_plot,
+    handlers = {"run": cmd_run, "goodput": cmd_goodput, "compare": cmd_compare, "plot": cmd_plot,
                 "baseline": cmd_baseline, "describe": cmd_describe}
     return handlers[args.command](args)

@@ -182,3 +182,34 @@ def _mean_server_timing(results: Sequence[RequestResult]) -> dict[str, float]:
             if isinstance(value, (int, float)) and not isinstance(value, bool) and not key.endswith("_at"):
                 sums.setdefault(key, []).append(float(value))
     return {key: sum(values) / len(values) for key, values in sorted(sums.items())}
+
+
+BREAKDOWN_KEYS = ("ttft", "queue", "prefill", "ttft_other", "handoff", "transfer", "decode",
+                  "e2e", "tpot")
+
+
+def time_breakdown(results: Sequence[RequestResult]) -> dict[str, float]:
+    """Where a completed request's time went, mean seconds over the requests the server timed:
+
+    ttft = queue (waiting for the first step) + prefill (the step(s) computing the prompt)
+    + ttft_other (orchestrator, Triton, network); then handoff (disaggregated: first token
+    sent -> KV admitted on decode, which includes `transfer`, the KV copy alone) and decode
+    (to the last token); e2e is the client's. Colocated requests have no hand-off.
+    """
+    rows = []
+    for r in results:
+        t = r.server_timing
+        if not r.ok or not t or r.ttft_s is None or r.e2e_s is None:
+            continue
+        handoff = 0.0
+        if "decode_admitted_at" in t and "first_token_at" in t:
+            handoff = max(0.0, t["decode_admitted_at"] - t["first_token_at"])
+        queue, prefill = t.get("prefill_queue_s", 0.0), t.get("prefill_s", 0.0)
+        rows.append({"ttft": r.ttft_s, "queue": queue, "prefill": prefill,
+                     "ttft_other": r.ttft_s - queue - prefill, "handoff": handoff,
+                     "transfer": t.get("kv_transfer_s", 0.0),
+                     "decode": r.e2e_s - r.ttft_s - handoff, "e2e": r.e2e_s,
+                     "tpot": r.tpot_s or 0.0})
+    if not rows:
+        return {}
+    return {k: float(np.mean([row[k] for row in rows])) for k in BREAKDOWN_KEYS} | {"num_requests": len(rows)}

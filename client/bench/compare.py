@@ -1,0 +1,266 @@
+"""The headline comparison: our disaggregated system vs the colocated baselines, same cores,
+same workload, same SLOs, one after the other in one run.
+
+    python -m client.bench compare --workload chatbot-history --slo-ttft 5 --slo-tpot 5
+    ./build.sh bench goodput --workload code ...        # the same command
+
+For each system (--systems, default disaggregated,colocated,chunked) it renders the model
+repository from the deployment (deploy.deployment: the default 1 prefill core + 1 decode core;
+colocated: 2 instances x 1 core, each doing both phases; chunked-N: the same with chunked
+prefill under an N-token budget), starts tritonserver on free loopback ports, searches the
+goodput with the same workload and SLOs, and stops the server before the next one starts.
+Relative SLOs are multiples of the single-request latency measured once, on the first system,
+and shared by all. Writes the full results to results/ and a summary (JSON without per-request
+records, a markdown table with ratios and a time breakdown, PNG plots) to --out-dir.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from .metrics import RequestResult, time_breakdown
+
+DEFAULT_SYSTEMS = ("disaggregated", "colocated", "chunked")
+SYSTEM_LABELS = {"disaggregated": "DistServe (1 prefill + 1 decode core)",
+                 "colocated": "colocated (2 x 1 core)",
+                 "chunked": "colocated + chunked prefill (2 x 1 core, budget {budget})"}
+
+
+@dataclass(frozen=True)
+class System:
+    """One system to measure: its name (`chunked-256` has a token budget), model to call."""
+    kind: str                        # disaggregated | colocated | chunked
+    token_budget: int | None = None
+
+    @property
+    def name(self) -> str:
+        return f"chunked-{self.token_budget}" if self.kind == "chunked" else self.kind
+
+    @property
+    def label(self) -> str:
+        return SYSTEM_LABELS[self.kind].format(budget=self.token_budget)
+
+    @property
+    def model(self) -> str:
+        from deploy.contract import DISTSERVE, DISTSERVE_COLOCATED
+        return DISTSERVE if self.kind == "disaggregated" else DISTSERVE_COLOCATED
+
+    def deployment(self, model_path: str | Path, num_cores: int | None = None) -> Any:
+        from deploy.deployment import colocated_deployment, default_deployment
+        if self.kind == "disaggregated":
+            return default_deployment(model_path, num_cores)
+        if self.kind == "colocated":
+            return colocated_deployment(model_path, num_cores)
+        return colocated_deployment(model_path, num_cores, chunked_prefill=True,
+                                    token_budget=self.token_budget)
+
+
+def parse_system(text: str) -> System:
+    """`disaggregated`, `colocated`, `chunked` (the default budget) or `chunked-<budget>`."""
+    from deploy.deployment import DEFAULT_CHUNKED_TOKEN_BUDGET
+    text = text.strip()
+    if text in ("disaggregated", "colocated"):
+        return System(text)
+    m = re.fullmatch(r"chunked(?:-(\d+))?", text)
+    if not m:
+        raise ValueError(f"unknown system {text!r}: use disaggregated, colocated, chunked or "
+                         f"chunked-<token budget>")
+    budget = int(m.group(1)) if m.group(1) else DEFAULT_CHUNKED_TOKEN_BUDGET
+    if budget < 1:
+        raise ValueError(f"{text}: the token budget must be >= 1")
+    return System("chunked", budget)
+
+
+def parse_systems(text: str) -> list[System]:
+    systems = [parse_system(s) for s in text.split(",") if s.strip()]
+    names = [s.name for s in systems]
+    if not systems or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"need distinct systems, got {text!r}")
+    return systems
+
+
+def add_compare_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("systems")
+    g.add_argument("--systems", type=_systems_arg, default=list(map(parse_system, DEFAULT_SYSTEMS)),
+                   help="comma-separated: disaggregated, colocated, chunked, chunked-<budget> "
+                        f"(default: {','.join(DEFAULT_SYSTEMS)})")
+    g.add_argument("--serve-model", help="model file served (default: the deployment's default)")
+    g.add_argument("--out-dir", type=Path, default=Path("docs") / "goodput",
+                   help="summary JSON, markdown and plots (default: docs/goodput)")
+    g.add_argument("--run-dir", type=Path, default=None,
+                   help="server logs and rendered repositories (default: run/bench)")
+    g.add_argument("--ready-timeout", type=float, default=600.0)
+
+
+def _systems_arg(text: str) -> list[System]:
+    try:
+        return parse_systems(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def run_compare(args: argparse.Namespace) -> dict[str, Any]:
+    """Measure every system in turn; the combined document (also written to results/)."""
+    from deploy.deployment import DEFAULT_MODEL_PATH, ROOT
+    from deploy.render import render_repository
+    from deploy.server import TritonServer, free_ports
+
+    from .cli import build_workload, goodput_doc, log, resolve_slo, write_json
+    workload = build_workload(args)
+    run_root = (args.run_dir or ROOT / "run" / "bench").resolve()
+    model_path = Path(args.serve_model).resolve() if args.serve_model else DEFAULT_MODEL_PATH
+    slo = slo_info = None
+    start_rate = args.start_rate
+    docs = []
+    for system in args.systems:
+        deployment = system.deployment(model_path)
+        run_dir = run_root / system.name
+        repo = render_repository(deployment, run_dir / "model_repository", require_code=True)
+        http_port, grpc_port, metrics_port = free_ports(3)
+        server = TritonServer(repo, run_dir=run_dir, http_port=http_port, grpc_port=grpc_port,
+                              metrics_port=metrics_port)
+        log(f"{system.name}: starting tritonserver (log {server.log_file})")
+        server.start()
+        try:
+            server.wait_ready(args.ready_timeout)
+            url = server.grpc_url if args.endpoint == "triton-grpc" else server.http_url
+            if slo is None:                                  # measured once, on the first system
+                slo, slo_info = resolve_slo(args, workload, url=url, model=system.model)
+                slo_info = {**slo_info, "measured_on": system.name}
+            load_before = os.getloadavg()
+            t0 = time.monotonic()
+            doc = goodput_doc(args, workload, slo, slo_info, url=url, model=system.model,
+                              label=system.label, start_rate=start_rate)
+            doc["system"] = {"name": system.name, "deployment": deployment.to_dict(),
+                             "load_avg_before": load_before, "load_avg_after": os.getloadavg(),
+                             "seconds": time.monotonic() - t0}
+        finally:
+            server.stop()
+        docs.append(doc)
+        log(f"{system.name}: goodput {doc['goodput_rps']:.3g} rps")
+        if doc["goodput_rps"] > 0:
+            start_rate = doc["goodput_rps"]               # the next search starts near it
+    combined = {"kind": "compare", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "command": "python -m client.bench " + " ".join(args.argv),
+                "workload": workload.describe(), "slo": slo_info, "target": args.target,
+                "systems": docs}
+    write_json(Path("results") / f"compare-{args.workload}.json", combined)
+    return combined
+
+
+def write_summary(combined: dict[str, Any], out_dir: Path, name: str) -> list[Path]:
+    """docs: <name>.json (no per-request records), <name>.md, <name>-*.png."""
+    import json
+
+    from .plots import plot_docs
+    out_dir.mkdir(parents=True, exist_ok=True)
+    docs = combined["systems"]
+    paths = plot_docs(docs, [d["label"] for d in docs], out_dir, prefix=f"{name}-")
+    summary = {**combined, "systems": [_strip(d) for d in docs]}
+    (out_dir / f"{name}.json").write_text(json.dumps(summary, indent=1))
+    md = out_dir / f"{name}.md"
+    md.write_text(markdown(summary, [p.name for p in paths]))
+    return [out_dir / f"{name}.json", md, *paths]
+
+
+def _strip(doc: dict[str, Any]) -> dict[str, Any]:
+    """A system's document without per-request records, plus the time breakdown at each rate."""
+    points = []
+    for p in doc["points"]:
+        results = [RequestResult.from_json(r) for r in p["results"]]
+        points.append({k: v for k, v in p.items() if k != "results"} |
+                      {"breakdown": time_breakdown(results)})
+    return {k: v for k, v in doc.items() if k != "points"} | {"points": points}
+
+
+def _ratio(value: float, base: float | None) -> str:
+    if not base:
+        return "-"
+    return f"{value / base:.2f}x"
+
+
+def markdown(summary: dict[str, Any], plots: Sequence[str]) -> str:
+    docs = summary["systems"]
+    w = summary["workload"]
+    slo = summary["slo"]
+    base = next((d["goodput_rps"] for d in docs if d["system"]["name"] == "colocated"), None)
+    lines = [f"# Goodput: {w['name']}", "",
+             f"Command: `{summary['command']}` ({summary['created']}).", "",
+             f"Workload: {w['num_requests']} requests per rate, seed {w['seed']}, caps "
+             f"{_caps(w['caps'])}; prompt tokens p50 {w['lengths']['prompt']['p50']:.0f} "
+             f"(mean {w['lengths']['prompt']['mean']:.0f}), output tokens p50 "
+             f"{w['lengths']['output']['p50']:.0f} (mean {w['lengths']['output']['mean']:.0f}). "
+             f"Poisson arrivals.", "",
+             f"SLOs: TTFT <= {slo['ttft_s'] * 1e3:.0f} ms, TPOT <= {slo['tpot_s'] * 1e3:.0f} ms"
+             + _slo_origin(slo) + f"; goodput = the highest rate with >= "
+             f"{100 * summary['target']:.0f}% of requests meeting both.", "",
+             "| system | goodput (rps) | per core | vs colocated | rates measured (attainment) "
+             "| load avg before/after | minutes |",
+             "|---|---|---|---|---|---|---|"]
+    for d in docs:
+        cores = len(_cores(d["system"]["deployment"]))
+        g = d["goodput_rps"]
+        bound = ">= " if d["is_capped"] else ""
+        pts = ", ".join(f"{p['rate']:.3g} ({100 * p['attainment']:.0f}%)"
+                        for p in sorted(d["points"], key=lambda p: p["rate"]))
+        lines.append(f"| {d['label']} | {bound}{g:.3g} | {g / cores:.3g} | {_ratio(g, base)} | "
+                     f"{pts} | {d['system']['load_avg_before'][0]:.1f} / "
+                     f"{d['system']['load_avg_after'][0]:.1f} | {d['system']['seconds'] / 60:.1f} |")
+    lines += ["", "## Where the time goes", "",
+              "Mean seconds per completed request at each system's highest passing rate (or its "
+              "lowest rate if none passed), from the server's timing: queue = waiting for the "
+              "first step; prefill = the step(s) computing the prompt; ttft other = the rest of "
+              "TTFT (orchestrator, Triton, network); hand-off = first token sent -> KV admitted "
+              "on decode (waiting for a decode slot + the copy); transfer = the KV copy alone; "
+              "decode = KV admitted (colocated: first token) -> last token.", "",
+              "| system | rate | TTFT | queue | prefill | ttft other | hand-off | transfer "
+              "| decode | e2e | TPOT | TTFT met | TPOT met |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for d in docs:
+        rate = d["goodput_rps"] or min(p["rate"] for p in d["points"])
+        p = next(p for p in d["points"] if p["rate"] == rate)
+        b = p["breakdown"]
+        s = p["summary"]
+        cells = [f"{b.get(k, 0.0):.3f}" for k in ("ttft", "queue", "prefill", "ttft_other",
+                                                   "handoff", "transfer", "decode", "e2e", "tpot")]
+        lines.append(f"| {d['system']['name']} | {rate:.3g} | " + " | ".join(cells) +
+                     f" | {100 * s.get('ttft_attainment', 0):.0f}% | "
+                     f"{100 * s.get('tpot_attainment', 0):.0f}% |")
+    lines += ["", "Plots: " + ", ".join(f"[{p}]({p})" for p in plots), ""]
+    return "\n".join(lines)
+
+
+def _cores(deployment: dict[str, Any]) -> set[int]:
+    phases = [deployment.get("colocated")] if "colocated" in deployment["systems"] else \
+        [deployment["prefill"], deployment["decode"]]
+    return {c for ph in phases if ph for dev in ph["devices"] for c in dev}
+
+
+def _caps(caps: dict[str, Any]) -> str:
+    parts = [f"{k}={v}" for k, v in caps.items() if v not in (None, 1.0)]
+    return ", ".join(parts) or "none"
+
+
+def _slo_origin(slo: dict[str, Any]) -> str:
+    if slo.get("mode") != "relative":
+        return " (absolute)"
+    b = slo["baseline"]
+    return (f" ({slo['ttft_multiple']:g}x / {slo['tpot_multiple']:g}x the single-request "
+            f"TTFT {b['ttft_s'] * 1e3:.0f} ms / TPOT {b['tpot_s'] * 1e3:.0f} ms, "
+            f"{b['source']} on {slo.get('measured_on', 'the first system')})")
+
+
+def format_table(combined: dict[str, Any]) -> str:
+    docs = combined["systems"]
+    base = next((d["goodput_rps"] for d in docs if d["system"]["name"] == "colocated"), None)
+    rows = [f"{'system':<16} {'goodput rps':>12} {'vs colocated':>13}"]
+    for d in docs:
+        bound = ">=" if d["is_capped"] else ""
+        rows.append(f"{d['system']['name']:<16} {bound + format(d['goodput_rps'], '.3g'):>12} "
+                    f"{_ratio(d['goodput_rps'], base):>13}")
+    return "\n".join(rows)
