@@ -90,3 +90,30 @@ def echo_server(tmp_path_factory) -> Iterator[TritonServer]:
     repo = make_echo_repository(tmp_path_factory.mktemp("echo") / "repository")
     with start_server(repo, run_dir=tmp_path_factory.mktemp("echo_run")) as server:
         yield server
+
+
+def replay_and_account(server: TritonServer, model: str, endpoint: str, num_good: int,
+                       rate: float, seed: int = 0) -> list:
+    """Replay `num_good` real chatbot requests (short caps) plus two the server must refuse
+    (a prompt over the context, a token id outside the vocabulary) at `rate` rps through the
+    benchmark client; check every request comes back in order, completed in full or reported
+    failed with the server's reason; return the results."""
+    from client.bench.pools import Request
+    from client.bench.runner import replay
+    from client.bench.workloads import LengthCaps, WorkloadSpec, arrival_times, load_workload
+    w = load_workload(WorkloadSpec("chatbot", num_good, seed, LengthCaps(96, 12)))
+    bad = [Request((1,) * 1100, 4, "too-long"), Request((1, 10 ** 6, 2), 4, "bad-token-id")]
+    requests = list(w.requests[:num_good // 2]) + bad + list(w.requests[num_good // 2:])
+    url = server.grpc_url if endpoint == "triton-grpc" else server.http_url
+    results = replay(endpoint, url, model, requests, arrival_times(len(requests), rate, seed=seed),
+                     timeout_s=120, progress=False)
+    assert [r.index for r in results] == list(range(len(requests)))
+    for req, r in zip(requests, results):
+        if req.source in ("too-long", "bad-token-id"):
+            assert not r.ok and r.error, (req.source, r)
+            continue
+        assert r.ok, (req.source, r.error)
+        assert r.error is None and r.num_tokens == req.output_len and r.finish_reason == "length"
+        assert r.ttft_s is not None and r.e2e_s >= r.ttft_s > 0
+        assert r.server_timing and r.server_timing["output_tokens"] == req.output_len
+    return results

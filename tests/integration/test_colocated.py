@@ -17,7 +17,8 @@ from client import DistServeClient
 from deploy.contract import DISTSERVE_COLOCATED
 from deploy.deployment import colocated_deployment
 from deploy.render import render_repository
-from tests.integration.conftest import http_post, instance_stats, start_server, wait_kv_free
+from tests.integration.conftest import (http_post, instance_stats, replay_and_account, start_server,
+                                        wait_kv_free)
 
 INSTANCES = ("colocated-0", "colocated-1")
 LONG = "The quick brown fox jumps over the lazy dog. " * 6          # ~60 tokens: several chunks
@@ -98,3 +99,9 @@ def test_bad_requests_get_clear_errors(server, body, match):
     status, text = http_post(server.http_url, f"/v2/models/{DISTSERVE_COLOCATED}/generate",
                              {"text_input": "Hi", "max_tokens": 3})
     assert status == 200 and json.loads(text)["text_output"]
+
+
+def test_benchmark_replay_accounts_for_every_request(server):
+    """The baseline through the same benchmark client: every request accounted for."""
+    replay_and_account(server, DISTSERVE_COLOCATED, "triton-grpc", 24, rate=8.0, seed=1)
+    wait_kv_free(server, INSTANCES)

@@ -21,7 +21,8 @@ from backends.core.sampling import SamplingParams
 from client import DistServeClient, DistServeError
 from deploy.deployment import default_deployment
 from deploy.render import render_repository
-from tests.integration.conftest import http_post, instance_stats, start_server, wait_kv_free
+from tests.integration.conftest import (http_post, instance_stats, replay_and_account, start_server,
+                                        wait_kv_free)
 
 LEASE_TIMEOUT_S = 3.0
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time",
@@ -219,3 +220,13 @@ def _wait_prefill_reclaims(server) -> None:
     while _stats(server, "prefill-0")["kv_blocks_used"] and time.monotonic() < deadline:
         time.sleep(0.2)
     assert _stats(server, "prefill-0")["kv_blocks_used"] == 0
+
+
+@pytest.mark.parametrize("endpoint, num_good", [("triton-grpc", 30), ("triton-http", 12)])
+def test_benchmark_replay_accounts_for_every_request(server, endpoint, num_good):
+    """A few dozen real ShareGPT requests at 8 rps through the benchmark client (plus two the
+    server refuses): every one completes in full or is reported failed; no KV is left held."""
+    results = replay_and_account(server, "distserve", endpoint, num_good, rate=8.0)
+    bad = [r.error for r in results if not r.ok]
+    assert len(bad) == 2 and any("context" in e or "long" in e for e in bad), bad
+    _wait_all_free(server)

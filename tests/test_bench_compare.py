@@ -1,0 +1,86 @@
+"""The headline comparison's pieces that need no server: system names, the time breakdown,
+the summary table (a real multi-system run is in tests/integration and docs/goodput)."""
+from __future__ import annotations
+
+import pytest
+
+from client.bench.cli import PAPER_SLO_MULTIPLES, parse_args
+from client.bench.compare import System, markdown, parse_system, parse_systems, _strip
+from client.bench.metrics import RequestResult, time_breakdown
+from deploy.deployment import DEFAULT_CHUNKED_TOKEN_BUDGET
+
+
+def test_system_names_and_deployments():
+    assert parse_system("chunked") == System("chunked", DEFAULT_CHUNKED_TOKEN_BUDGET)
+    s = parse_system("chunked-256")
+    assert (s.name, s.model, s.token_budget) == ("chunked-256", "distserve_colocated", 256)
+    d = s.deployment("models/x.gguf", num_cores=2)
+    assert d.systems == ("colocated",) and d.colocated.chunked_prefill
+    assert d.colocated.max_num_batched_tokens == 256 and d.colocated.devices == ((0,), (1,))
+    dis = parse_system("disaggregated").deployment("models/x.gguf", num_cores=2)
+    assert dis.systems == ("disaggregated",) and dis.prefill.devices != dis.decode.devices
+    for bad in ("vllm", "chunked-0", "chunked-x"):
+        with pytest.raises(ValueError, match="system|budget"):
+            parse_system(bad)
+    with pytest.raises(Exception, match="distinct"):
+        parse_systems("colocated,colocated")
+
+
+def test_compare_defaults_to_the_papers_slo_multiples():
+    args = parse_args(["compare", "--workload", "code"])
+    assert (args.slo_ttft, args.slo_tpot) == PAPER_SLO_MULTIPLES["code"]
+    assert [s.name for s in args.systems] == ["disaggregated", "colocated", f"chunked-{DEFAULT_CHUNKED_TOKEN_BUDGET}"]
+    args = parse_args(["compare", "--slo-ttft", "3", "--slo-tpot", "2", "--systems", "colocated,chunked-64"])
+    assert (args.slo_ttft, args.slo_tpot) == (3, 2) and len(args.systems) == 2
+    with pytest.raises(SystemExit):
+        parse_args(["compare", "--slo-ttft", "3"])
+
+
+def _result(i, ttft, e2e, timing, error=None):
+    tpot = None if error else (e2e - ttft) / 10
+    return RequestResult(i, 100, 11, 0.0, 0.0, ttft, tpot, e2e, 0 if error else 11,
+                         "length", error, timing)
+
+
+def test_time_breakdown_splits_ttft_and_the_hand_off():
+    dis = {"prefill_queue_s": 0.2, "prefill_s": 0.5, "first_token_at": 10.0,
+           "decode_admitted_at": 10.3, "kv_transfer_s": 0.01}
+    rows = [_result(0, 1.0, 3.0, dis), _result(1, 0.8, 2.0, dis | {"prefill_queue_s": 0.0}),
+            _result(2, None, None, None, error="boom")]             # a failure is not timed
+    b = time_breakdown(rows)
+    assert b["num_requests"] == 2
+    assert b["ttft"] == pytest.approx(0.9) and b["queue"] == pytest.approx(0.1)
+    assert b["ttft_other"] == pytest.approx(0.9 - 0.1 - 0.5)
+    assert b["handoff"] == pytest.approx(0.3) and b["transfer"] == pytest.approx(0.01)
+    assert b["decode"] == pytest.approx((3.0 - 1.0 - 0.3 + 2.0 - 0.8 - 0.3) / 2)
+    col = time_breakdown([_result(0, 1.0, 3.0, {"prefill_queue_s": 0.4, "prefill_s": 0.3})])
+    assert col["handoff"] == 0 and col["decode"] == pytest.approx(2.0)
+    assert time_breakdown([]) == {}
+
+
+def _doc(name, goodput, atts, cores):
+    deployment = {"systems": ["colocated"], "colocated": {"devices": [[c] for c in range(cores)]}} \
+        if name != "disaggregated" else {"systems": ["disaggregated"], "prefill": {"devices": [[0]]},
+                                         "decode": {"devices": [[1]]}}
+    res = _result(0, 1.0, 3.0, {"prefill_queue_s": 0.1, "prefill_s": 0.5}).to_json()
+    return {"label": name, "goodput_rps": goodput, "is_capped": False,
+            "system": {"name": name, "deployment": deployment, "load_avg_before": [1.0, 1, 1],
+                       "load_avg_after": [2.0, 1, 1], "seconds": 120},
+            "points": [{"rate": r, "attainment": a, "summary": {"ttft_attainment": a, "tpot_attainment": 1.0},
+                        "results": [res]} for r, a in atts]}
+
+
+def test_summary_table_has_ratios_against_colocated():
+    summary = {"command": "python -m client.bench compare", "created": "now", "target": 0.9,
+               "workload": {"name": "chatbot", "num_requests": 40, "seed": 0,
+                            "caps": {"max_prompt_tokens": 512, "prompt_scale": 1.0},
+                            "lengths": {"prompt": {"p50": 300, "mean": 310}, "output": {"p50": 60, "mean": 70}}},
+                   "slo": {"mode": "absolute", "ttft_s": 1.0, "tpot_s": 0.2},
+                   "systems": [_strip(_doc("disaggregated", 0.8, [(0.4, 1.0), (0.8, 0.95), (1.6, 0.2)], 2)),
+                               _strip(_doc("colocated", 0.4, [(0.4, 0.92), (0.8, 0.5)], 2))]}
+    md = markdown(summary, ["a.png"])
+    assert "| disaggregated | 0.8 | 0.4 | 2.00x |" in md
+    assert "| colocated | 0.4 | 0.2 | 1.00x |" in md
+    assert "0.4 (100%), 0.8 (95%), 1.6 (20%)" in md
+    assert "| disaggregated | 0.8 | 1.000 | 0.100 | 0.500 | 0.400 |" in md
+    assert "results" not in summary["systems"][0]["points"][0]
