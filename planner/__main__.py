@@ -1,5 +1,16 @@
-"""python -m planner plan --profile PATH --model opt-13b (--workload lengths.json | --synthetic
-| --chatbot) --ttft 0.25 --tpot 0.1 --devices 4x8 [--baseline-profile PATH] [--out dep.json]"""
+"""The planner's commands.
+
+    python -m planner profile [--model PATH] [--out docs/profile_cpu.json] [--quick]
+    python -m planner plan --ttft S --tpot S [--profile PATH] [--workload NAME|FILE] [--devices NxM]
+                           [--baseline-profile PATH | --no-baseline] [--out dep.json] [--json plan.json]
+    python -m planner replan --trace TRACE --deployment DEP.json --ttft S --tpot S [--profile PATH]
+
+`plan` defaults to the published A100 coefficients (OPT-13B, 4x8 GPUs); with a profile made by
+`profile` it plans for that model on this machine's cores (devices default 1xCORES, the
+colocated baseline from the same profile). --workload: a client/bench workload name (chatbot,
+chatbot-history, code, summarization: real lengths via load_workload), a JSON list of
+[prompt_len, output_len], or a request trace (see planner/replan.py); default chatbot.
+"""
 from __future__ import annotations
 
 import argparse
@@ -11,9 +22,13 @@ from pathlib import Path
 
 import numpy as np
 
-from planner.latency import KV_BYTES_PER_TOKEN, anchor_path, load_kv_capacity, load_profile, model_key
-from planner.placement import plan_colocated, plan_high, plan_low
-from planner.search import SLO, Cluster, Placement, Planner, SearchSpace
+from planner import profile as profiling
+from planner.deployment import Target, best_of, load_target, make_planner, search
+from planner.latency import load_profile
+from planner.placement import plan_colocated
+from planner.search import SLO, Placement, Planner
+
+POOL_SIZE = 2000          # requests drawn from a named workload for the planner's length pool
 
 
 def synthetic_lengths(n: int, mean_prompt: float, mean_output: float, seed: int = 0,
@@ -29,50 +44,105 @@ def synthetic_lengths(n: int, mean_prompt: float, mean_output: float, seed: int 
     return out
 
 
-def chatbot_lengths(n: int, seed: int = 0) -> list[tuple[int, int]]:
-    """Real ShareGPT lengths through client/bench/workloads.py (SmolLM2 tokenizer)."""
-    from client.bench.workloads import WorkloadSpec, load_workload
-    w = load_workload(WorkloadSpec("chatbot", num_requests=n, seed=seed))
+def workload_lengths(name: str, n: int, seed: int = 0, max_prompt: int | None = None,
+                     max_output: int | None = None) -> list[tuple[int, int]]:
+    """Real lengths of a client/bench workload (SmolLM2 tokenizer), capped like the bench."""
+    from client.bench.workloads import LengthCaps, WorkloadSpec, load_workload
+    caps = LengthCaps(max_prompt_tokens=max_prompt, max_output_tokens=max_output)
+    w = load_workload(WorkloadSpec(name, num_requests=n, seed=seed, caps=caps))
     return [(r.prompt_len, r.output_len) for r in w.requests]
 
 
 def load_lengths(args: argparse.Namespace) -> tuple[list[tuple[int, int]], str]:
-    if args.workload:
-        data = json.loads(Path(args.workload).read_text())
-        return [(int(p), int(o)) for p, o in data], f"file {args.workload}"
+    from client.bench.workloads import WORKLOADS
+    from planner.replan import load_trace
     if args.synthetic:
         p, o = args.synthetic
-        return synthetic_lengths(2000, p, o, args.seed), f"synthetic means {p}/{o}"
-    return chatbot_lengths(2000, args.seed), "ShareGPT (client/bench chatbot workload)"
+        return synthetic_lengths(POOL_SIZE, p, o, args.seed), f"synthetic means {p}/{o}"
+    name = args.workload or "chatbot"
+    caps = (args.max_prompt_tokens, args.max_output_tokens)
+    if name in WORKLOADS:
+        return workload_lengths(name, POOL_SIZE, args.seed, *caps), f"client/bench workload {name}"
+    path = Path(name)
+    if not path.is_file():
+        raise SystemExit(f"--workload: {name!r} is neither a workload ({', '.join(WORKLOADS)}) "
+                         "nor a file")
+    try:
+        data = json.loads(path.read_text())
+        if isinstance(data, list) and all(isinstance(x, list) and len(x) == 2 for x in data):
+            return [(int(p), int(o)) for p, o in data], f"file {name}"
+    except json.JSONDecodeError:
+        pass                                             # JSONL or CSV: a trace
+    trace = load_trace(path)
+    return trace.lengths, f"trace {name}"
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m planner")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("plan", help="choose a placement by simulation")
-    p.add_argument("--profile", default=str(anchor_path("distserve-a100-profile.distserve.json")))
-    p.add_argument("--baseline-profile", default=None,
-                   help="colocated baseline coefficients (e.g. the vLLM A100 file)")
-    p.add_argument("--capacity", default=str(anchor_path("distserve-a100-max-num-tokens.csv")))
-    p.add_argument("--device", default="a100-80gb")
-    p.add_argument("--model", default="opt-13b")
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--workload", help="JSON list of [prompt_len, output_len]")
-    src.add_argument("--synthetic", nargs=2, type=float, metavar=("MEAN_PROMPT", "MEAN_OUTPUT"))
-    p.add_argument("--ttft", type=float, required=True)
-    p.add_argument("--tpot", type=float, required=True)
+def add_target_arguments(p: argparse.ArgumentParser, slo_required: bool = True) -> None:
+    """The hardware, model, SLOs and simulation budget (plan and replan)."""
+    p.add_argument("--profile", default=None,
+                   help="latency coefficients (default: the published A100 file)")
+    p.add_argument("--capacity", default=None,
+                   help="KV capacity CSV (model,tp,pp,max_num_tokens); default: the A100 file, "
+                        "or --kv-blocks x block size with our profiles")
+    p.add_argument("--device", default=None, help="device kind (default: the profile's, else a100-80gb)")
+    p.add_argument("--model", default=None, help="model key (default: the profile's, else opt-13b)")
+    p.add_argument("--ttft", type=float, required=slo_required, help="TTFT SLO, seconds")
+    p.add_argument("--tpot", type=float, required=slo_required, help="TPOT SLO, seconds")
     p.add_argument("--target", type=float, default=0.9)
-    p.add_argument("--devices", default="4x8", help="NODESxDEVICES_PER_NODE")
-    p.add_argument("--pps", default="1,2", help="pipeline degrees to consider")
+    p.add_argument("--devices", default=None,
+                   help="NODESxDEVICES_PER_NODE (default: 1xCORES with our profiles, else 4x8)")
+    p.add_argument("--pps", default=None,
+                   help="pipeline degrees to consider (default 1,2; 1 on CPU cores)")
     p.add_argument("--prefill-budget", type=int, default=2048, help="L_m")
+    p.add_argument("--kv-blocks", type=int, default=1024, help="KV blocks per instance (CPU plans)")
+    p.add_argument("--max-num-seqs", type=int, default=None,
+                   help="decode batch limit (default 32 with our profiles, as deploy; else 256)")
     p.add_argument("--requests", type=int, default=300)
     p.add_argument("--span", type=float, default=30.0, help="min seconds of arrivals per probe")
     p.add_argument("--max-requests", type=int, default=1500)
     p.add_argument("--seed", type=int, default=0)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    from planner import replan
+    ap = argparse.ArgumentParser(prog="python -m planner")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("plan", help="choose a placement by simulation")
+    add_target_arguments(p)
+    base = p.add_mutually_exclusive_group()
+    base.add_argument("--baseline-profile", default=None,
+                      help="colocated baseline coefficients (default: --profile when it is ours)")
+    base.add_argument("--no-baseline", action="store_true", help="skip the colocated baseline")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--workload", help="workload name, JSON list of [prompt_len, output_len], "
+                                        "or a request trace (default: chatbot)")
+    src.add_argument("--synthetic", nargs=2, type=float, metavar=("MEAN_PROMPT", "MEAN_OUTPUT"))
+    p.add_argument("--max-prompt-tokens", type=int, default=None, help="cap a named workload's prompts")
+    p.add_argument("--max-output-tokens", type=int, default=None, help="cap a named workload's outputs")
     p.add_argument("--algorithm", choices=("low", "high", "both"), default="both")
     p.add_argument("--out", help="write a deploy.deployment.Deployment JSON (CPU hosts)")
     p.add_argument("--json", help="write the plan as JSON")
+    prof = sub.add_parser("profile", help="profile our engine on one core, fit the latency model")
+    profiling.add_arguments(prof)
+    rp = sub.add_parser("replan", help="check a deployment against a recorded request trace")
+    add_target_arguments(rp, slo_required=False)
+    replan.add_arguments(rp)
     return ap.parse_args(argv)
+
+
+def resolve_target(args: argparse.Namespace) -> Target:
+    return load_target(args.profile, args.device, args.model, args.capacity, args.kv_blocks)
+
+
+def build_planner(args: argparse.Namespace, target: Target, lengths) -> Planner:
+    ours = target.measured_here
+    pps = args.pps or ("1" if ours else "1,2")
+    max_seqs = args.max_num_seqs or (32 if ours else 256)
+    return make_planner(target, lengths, SLO(args.ttft, args.tpot, args.target), args.devices,
+                        pps=tuple(int(x) for x in pps.split(",")), prefill_budget=args.prefill_budget,
+                        max_num_seqs=max_seqs, block_size=target.info.get("block_size", 16),
+                        num_requests=args.requests, min_span_s=args.span,
+                        max_requests=args.max_requests, seed=args.seed)
 
 
 def describe(p: Placement | None) -> str:
@@ -82,44 +152,40 @@ def describe(p: Placement | None) -> str:
     if p.decode is not None:
         parts.append(f"decode tp{p.decode.tp} pp{p.decode.pp} x{p.num_decode}")
     units = f" per unit, {p.num_units} unit(s)" if p.algorithm == "low" else ""
-    return (f"{p.algorithm:9s} {', '.join(parts)}{units}: {p.goodput:.2f} req/s on "
-            f"{p.num_devices} devices = {p.per_device:.3f} req/s/device")
+    return (f"{p.algorithm:9s} {', '.join(parts)}{units}: {p.goodput:.3g} req/s on "
+            f"{p.num_devices} devices = {p.per_device:.3g} req/s/device")
 
 
 def run_plan(args: argparse.Namespace) -> dict:
+    target = resolve_target(args)
     lengths, source = load_lengths(args)
-    table = load_profile(args.profile, args.device)
-    space = SearchSpace(model_key(args.model), table, load_kv_capacity(args.capacity),
-                        pps=tuple(int(x) for x in args.pps.split(",")),
-                        prefill_budget=args.prefill_budget,
-                        kv_bytes_per_token=KV_BYTES_PER_TOKEN.get(model_key(args.model), 0.0),
-                        num_requests=args.requests, min_span_s=args.span,
-                        max_requests=args.max_requests, seed=args.seed)
-    planner = Planner(space, lengths, SLO(args.ttft, args.tpot, args.target),
-                      Cluster.parse(args.devices, args.device))
+    planner = build_planner(args, target, lengths)
     t0 = time.perf_counter()
-    plans = {}
-    if args.algorithm in ("low", "both"):
-        plans["low"] = plan_low(planner)
-    if args.algorithm in ("high", "both"):
-        plans["high"] = plan_high(planner)
+    plans = search(planner, args.algorithm)
     search_s = time.perf_counter() - t0
-    best = max((p for p in plans.values() if p), key=lambda p: p.per_device, default=None)
-    doc = {"workload": source, "mean_prompt": float(np.mean([p for p, _ in lengths])),
+    best = best_of(plans)
+    doc = {"workload": source, "model": target.model, "device": target.device,
+           "devices": f"{planner.cluster.num_nodes}x{planner.cluster.gpus_per_node}",
+           "slo": asdict(planner.slo),
+           "mean_prompt": float(np.mean([p for p, _ in lengths])),
            "mean_output": float(np.mean([o for _, o in lengths])), "search_s": search_s,
            "num_sims": planner.num_sims, "plans": {k: _plan_dict(v) for k, v in plans.items()},
            "chosen": _plan_dict(best)}
+    print(f"{target.model} on {doc['devices']} {target.device}; SLO TTFT {args.ttft:g} s, "
+          f"TPOT {args.tpot:g} s, {100 * args.target:.0f}% attainment")
     print(f"workload: {source}; mean prompt {doc['mean_prompt']:.0f}, output {doc['mean_output']:.0f}")
     for p in plans.values():
         print(describe(p))
     print(f"search: {search_s:.1f} s, {planner.num_sims} simulations")
-    if args.baseline_profile:
-        doc["colocated"] = _baseline(args, planner, best)
-    return doc | {"_best": best}
+    baseline = args.baseline_profile or (args.profile if target.measured_here else None)
+    if baseline and not args.no_baseline:
+        doc["colocated"] = _baseline(planner, load_profile(baseline, target.device), best)
+    print(f"chosen: {describe(best).strip()}" if best else "chosen: none fits")
+    return doc | {"_best": best, "_target": target}
 
 
-def _baseline(args: argparse.Namespace, planner: Planner, best: Placement | None) -> dict:
-    colo = plan_colocated(planner, load_profile(args.baseline_profile, args.device))
+def _baseline(planner: Planner, table, best: Placement | None) -> dict:
+    colo = plan_colocated(planner, table)
     print(describe(colo))
     gain = best.per_device / colo.per_device if best and colo and colo.per_device else None
     if gain:
@@ -131,20 +197,45 @@ def _plan_dict(p: Placement | None) -> dict | None:
     return None if p is None else {**asdict(p), "per_device": p.per_device}
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def deployment_for(best: Placement, target: Target, args: argparse.Namespace):
+    """The Deployment that serves `best` (our profile's model file, dtype and block size)."""
+    from deploy.deployment import DEFAULT_MODEL_PATH
+    from planner.deployment import to_deployment
+    info = target.info
+    return to_deployment(best, info.get("model_path", DEFAULT_MODEL_PATH), args.kv_blocks,
+                         args.max_num_seqs or 32, args.prefill_budget,
+                         info.get("dtype", "bfloat16"), info.get("block_size", 16))
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
     doc = run_plan(args)
-    best = doc.pop("_best")
+    best, target = doc.pop("_best"), doc.pop("_target")
     if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
     if args.out:
         if best is None:
             print("no placement to write", file=sys.stderr)
             return 1
-        from planner.deployment import to_deployment
-        to_deployment(best).save(args.out)
-        print(f"wrote {args.out}")
+        from planner.deployment import describe_cores
+        dep = deployment_for(best, target, args)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        dep.save(args.out)
+        print(f"cores: {describe_cores(dep)}")
+        print(f"wrote {args.out} (serve it: python -m deploy serve --deployment {args.out})")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    if args.cmd == "profile":
+        return profiling.main(args, argv)
+    if args.cmd == "replan":
+        from planner.replan import cmd_replan
+        target = resolve_target(args)
+        return cmd_replan(args, target, lambda lengths: build_planner(args, target, lengths))
+    return cmd_plan(args)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,116 @@
-"""A Placement as a deploy.deployment.Deployment for CPU hosts: a device is a set of cores, so
-an instance of tp x pp devices gets tp * pp consecutive cores (core ids counted from 0 across
-the whole plan; `check_host=False` because the plan may be for a bigger host)."""
+"""Between the planner and deploy/: what a latency profile says about the hardware (`Target`),
+a Placement as a deploy.deployment.Deployment, and a Deployment as simulator configs.
+
+CPU hosts: a device is a set of cores, so an instance of tp x pp devices gets tp * pp
+consecutive cores (core ids counted from 0 across the whole plan; `check_host=False` because
+the plan may be for a bigger host; `deploy serve` checks the cores against the host it runs on).
+"""
 from __future__ import annotations
 
-from deploy.deployment import DEFAULT_MODEL_PATH, Deployment, PhaseSpec
-from planner.search import Placement
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
+from deploy.deployment import DEFAULT_MODEL_PATH, Deployment, PhaseSpec
+from planner.latency import (KV_BYTES_PER_TOKEN, LatencyTable, Link, anchor_path, load_kv_capacity,
+                             load_profile, model_key)
+from planner.profile import profile_info
+from planner.placement import plan_high, plan_low
+from planner.search import Cluster, Placement, Planner, SearchSpace
+from planner.simulator import InstanceSpec, SimConfig
+
+A100_PROFILE = anchor_path("distserve-a100-profile.distserve.json")
+A100_CAPACITY = anchor_path("distserve-a100-max-num-tokens.csv")
+A100 = "a100-80gb"
+
+
+@dataclass(frozen=True)
+class Target:
+    """The model and device kind a plan is for, with their latency models and KV limits."""
+    table: LatencyTable
+    model: str
+    device: str
+    capacity: dict[tuple[str, int, int], int]       # KV tokens per (model, tp, pp)
+    kv_bytes_per_token: float
+    link: Link | None = None                          # measured KV copy (our profiles)
+    info: dict = field(default_factory=dict)          # the profile's own section ({} for A100)
+
+    @property
+    def measured_here(self) -> bool:
+        """A profile of our engine (`python -m planner profile`), not a published table."""
+        return bool(self.info)
+
+    def cluster(self, devices: str | None) -> Cluster:
+        """'NODESxPER_NODE'; default: this host's cores for our profiles, else 4x8. Our
+        profiles' KV link is the intra-node one (the shm copy between instances)."""
+        default = f"1x{os.cpu_count() or 1}" if self.measured_here else "4x8"
+        cluster = Cluster.parse(devices or default, self.device)
+        return replace(cluster, intra_link=self.link) if self.link else cluster
+
+    def instance(self, tp: int, phase: PhaseSpec, block_size: int) -> InstanceSpec:
+        """A deployed phase's instance as the simulator sees it."""
+        return InstanceSpec(self.table.get(self.model, self.device, tp), phase.num_kv_blocks,
+                            phase.max_num_seqs, phase.max_num_batched_tokens, block_size,
+                            phase.chunked_prefill)
+
+
+def load_target(profile: str | Path | None = None, device: str | None = None,
+                model: str | None = None, capacity: str | Path | None = None,
+                kv_blocks: int = 1024, block_size: int = 16) -> Target:
+    """Our profile files name their model and device; the published A100 files hold several
+    models (default opt-13b) and take their device kind and KV capacities from outside.
+    Without a capacity file, our profiles hold `kv_blocks * block_size` tokens per instance."""
+    profile = profile or A100_PROFILE
+    info = profile_info(profile)
+    device = device or info.get("device") or A100
+    table = load_profile(profile, device)
+    model = model_key(model or info.get("model") or "opt-13b")
+    if capacity is not None or not info:
+        caps = load_kv_capacity(capacity or A100_CAPACITY)
+    else:
+        caps = {(model, tp, pp): kv_blocks * block_size
+                for tp in table.tps(model, device) for pp in (1, 2, 4, 8)}
+    kv = info.get("kv_bytes_per_token") or KV_BYTES_PER_TOKEN.get(model, 0.0)
+    link = Link(**info["kv_link"]) if "kv_link" in info else None
+    return Target(table, model, device, caps, float(kv), link, info)
+
+
+def make_planner(target: Target, lengths, slo, devices: str | None, **space) -> Planner:
+    """A Planner over `target`'s table; `space` are SearchSpace fields (pps, budgets...)."""
+    return Planner(SearchSpace(target.model, target.table, target.capacity,
+                               kv_bytes_per_token=target.kv_bytes_per_token, **space),
+                   lengths, slo, target.cluster(devices))
+
+
+def search(planner: Planner, algorithm: str = "both") -> dict[str, Placement | None]:
+    """The paper's placement algorithms: "low" and/or "high" node-affinity."""
+    plans = {}
+    if algorithm in ("low", "both"):
+        plans["low"] = plan_low(planner)
+    if algorithm in ("high", "both"):
+        plans["high"] = plan_high(planner)
+    return plans
+
+
+def best_of(plans: dict[str, Placement | None]) -> Placement | None:
+    """The highest goodput per device (then the highest goodput)."""
+    return max((p for p in plans.values() if p), key=lambda p: (p.per_device, p.goodput), default=None)
+
+
+def placement_config(planner: Planner, p: Placement) -> SimConfig:
+    """The whole placement as one simulated deployment (a low-affinity plan's units pooled)."""
+    space, cluster = planner.space, planner.cluster
+    units = p.num_units if p.algorithm == "low" else 1
+    if p.decode is None:
+        return SimConfig("colocated", prefill=space.instance(cluster.device, p.prefill.tp, 1),
+                         num_prefill=p.num_prefill)
+    link = cluster.inter_link if p.algorithm == "high" and cluster.num_nodes > 1 else cluster.intra_link
+    return SimConfig("disaggregated", space.instance(cluster.device, p.prefill.tp, p.prefill.pp),
+                     space.instance(cluster.device, p.decode.tp, p.decode.pp),
+                     p.num_prefill * units, p.num_decode * units, link, space.kv_bytes_per_token)
+
+
+# ---- plan -> deployment ----------------------------------------------------------------------
 
 def _core_sets(start: int, count: int, size: int) -> tuple[tuple[tuple[int, ...], ...], int]:
     sets = tuple(tuple(range(start + i * size, start + (i + 1) * size)) for i in range(count))
@@ -13,7 +118,8 @@ def _core_sets(start: int, count: int, size: int) -> tuple[tuple[tuple[int, ...]
 
 
 def to_deployment(p: Placement, model_path: str = DEFAULT_MODEL_PATH, num_kv_blocks: int = 1024,
-                  max_num_seqs: int = 32, prefill_budget: int = 2048) -> Deployment:
+                  max_num_seqs: int = 32, prefill_budget: int = 2048, dtype: str = "bfloat16",
+                  block_size: int = 16) -> Deployment:
     if p.decode is None:
         raise ValueError("a colocated placement has no prefill/decode split to deploy")
     units = p.num_units if p.algorithm == "low" else 1
@@ -22,7 +128,45 @@ def to_deployment(p: Placement, model_path: str = DEFAULT_MODEL_PATH, num_kv_blo
     decode_cores, _ = _core_sets(nxt, m, p.decode.num_devices)
     common = dict(device="cpu", num_kv_blocks=num_kv_blocks, max_num_seqs=max_num_seqs,
                   max_num_batched_tokens=prefill_budget)
-    return Deployment(model_path=model_path,
+    return Deployment(model_path=model_path, dtype=dtype, block_size=block_size,
                       prefill=PhaseSpec(num_instances=n, devices=prefill_cores, **common),
                       decode=PhaseSpec(num_instances=m, devices=decode_cores, **common),
                       check_host=False)
+
+
+# ---- deployment -> simulator ------------------------------------------------------------------
+
+def _tp(phase: PhaseSpec, what: str) -> int:
+    """Devices per instance: cores on CPU (torch threads over them), one GPU on GPU hosts."""
+    if phase.device == "gpu":
+        return 1
+    sizes = {len(c) for c in phase.devices}
+    if len(sizes) != 1:
+        raise ValueError(f"{what}: instances with different core counts {sorted(sizes)} "
+                         "cannot be simulated as one kind")
+    return sizes.pop()
+
+
+def deployment_configs(dep: Deployment, target: Target) -> dict[str, SimConfig]:
+    """One simulator config per system the deployment serves ('disaggregated', 'colocated')."""
+    out = {}
+    bs = dep.block_size
+    if "disaggregated" in dep.systems:
+        pre = target.instance(_tp(dep.prefill, "prefill"), dep.prefill, bs)
+        dec = target.instance(_tp(dep.decode, "decode"), dep.decode, bs)
+        out["disaggregated"] = SimConfig("disaggregated", pre, dec, dep.prefill.num_instances,
+                                         dep.decode.num_instances, target.link,
+                                         target.kv_bytes_per_token)
+    if "colocated" in dep.systems:
+        spec = target.instance(_tp(dep.colocated, "colocated"), dep.colocated, bs)
+        out["colocated"] = SimConfig("colocated", prefill=spec, num_prefill=dep.colocated.num_instances)
+    return out
+
+
+def describe_cores(dep: Deployment) -> str:
+    """'prefill [0]; decode [1]': the devices of each instance of each phase served."""
+    phases = dep.phases()
+    names = (["prefill", "decode"] if "disaggregated" in dep.systems else []) + \
+        (["colocated"] if "colocated" in dep.systems else [])
+    return "; ".join(f"{name} " + ", ".join(str(list(d)) if isinstance(d, tuple) else str(d)
+                                           for d in phases[name].devices) for name in names)

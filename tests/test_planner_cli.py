@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import json
+import os
+
+import pytest
 
 from deploy.deployment import Deployment
 from planner.__main__ import main
@@ -37,3 +40,56 @@ def test_plan_writes_a_deployment(tmp_path, capsys):
     assert dep.prefill.num_instances == chosen["num_prefill"] * units
     assert dep.decode.num_instances == chosen["num_decode"] * units
     assert not dep.prefill.all_devices() & dep.decode.all_devices()
+
+
+def write_cpu_profile(path, model="toy-cpu"):
+    """A profile in the format `python -m planner profile` writes (our engine on CPU cores)."""
+    lat = LatencyModel(model, "cpu-core", 1, (0.01, 5e-4, 1e-7), (0.02, 1e-6, 1e-3), (0.02, 1e-6, 1e-3))
+    doc = json.loads(LatencyTable([lat]).to_json())
+    doc["profile"] = {"model": model, "device": "cpu-core", "tp": 1, "dtype": "bfloat16",
+                      "block_size": 16, "model_path": "models/toy.gguf", "kv_bytes_per_token": 23040,
+                      "kv_link": {"bandwidth_Bps": 4e9, "latency_s": 5e-5}}
+    path.write_text(json.dumps(doc))
+    return path
+
+
+FAST = ["--requests", "100", "--span", "10", "--max-requests", "300"]
+
+
+def test_plan_for_this_machine_with_a_cpu_profile(tmp_path, capsys):
+    profile = write_cpu_profile(tmp_path / "cpu.json")
+    (tmp_path / "w.json").write_text(json.dumps([[50 + 7 * i % 100, 5 + i % 15] for i in range(200)]))
+    rc = main(["plan", "--profile", str(profile), "--workload", str(tmp_path / "w.json"),
+               "--ttft", "0.5", "--tpot", "0.1", "--devices", "1x2", *FAST,
+               "--out", str(tmp_path / "dep.json"), "--json", str(tmp_path / "plan.json")])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "toy-cpu on 1x2 cpu-core" in out and "colocated" in out      # baseline from the same profile
+    assert "cores: prefill [0]; decode [1]" in out and "chosen:" in out
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert plan["chosen"]["prefill"]["pp"] == 1 and plan["chosen"]["goodput"] > 0   # no pp on cores
+    assert plan["colocated"]["plan"]["num_prefill"] == 2
+    dep = Deployment.load(tmp_path / "dep.json", check_host=(os.cpu_count() or 1) >= 2)
+    assert dep.prefill.devices == ((0,),) and dep.decode.devices == ((1,),)
+    assert dep.model_path == "models/toy.gguf" and dep.dtype == "bfloat16" and dep.block_size == 16
+
+
+def test_plan_takes_a_named_workload_or_a_trace(tmp_path, monkeypatch, capsys):
+    import planner.__main__ as cli
+    calls = []
+
+    def fake(name, n, seed=0, max_prompt=None, max_output=None):
+        calls.append((name, max_prompt, max_output))
+        return [(40 + i % 60, 4 + i % 10) for i in range(n)]
+    monkeypatch.setattr(cli, "workload_lengths", fake)
+    profile = str(write_cpu_profile(tmp_path / "cpu.json"))
+    args = ["--profile", profile, "--ttft", "0.5", "--tpot", "0.1", "--devices", "1x2",
+            "--algorithm", "high", "--no-baseline", *FAST]
+    assert main(["plan", "--workload", "code", "--max-output-tokens", "64", *args]) == 0
+    assert calls == [("code", None, 64)]
+    assert "client/bench workload code" in capsys.readouterr().out
+    (tmp_path / "t.csv").write_text("arrival_s,prompt_len,output_len\n0,30,5\n0.5,60,8\n1.0,90,3\n")
+    assert main(["plan", "--workload", str(tmp_path / "t.csv"), *args]) == 0
+    assert "mean prompt 60, output 5" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="neither a workload"):
+        main(["plan", "--workload", "no-such-thing", *args])
