@@ -84,3 +84,16 @@ def test_summary_table_has_ratios_against_colocated():
     assert "0.4 (100%), 0.8 (95%), 1.6 (20%)" in md
     assert "| disaggregated | 0.8 | 1.000 | 0.100 | 0.500 | 0.400 |" in md
     assert "results" not in summary["systems"][0]["points"][0]
+
+
+def test_baseline_requests_are_those_near_the_p90_prompt():
+    from client.bench.cli import baseline_requests
+    from client.bench.pools import Request
+    reqs = [Request((1,) * n, out, str(i)) for i, (n, out) in
+            enumerate([(10, 5), (20, 5), (30, 1), (40, 5), (50, 5), (60, 5), (70, 5), (80, 5), (90, 5), (100, 5)])]
+    picked = baseline_requests(reqs, 3, 0.9)
+    assert [r.prompt_len for r in picked] == [80, 90, 100]          # in workload order
+    assert [r.prompt_len for r in baseline_requests(reqs, 2, 0.5)] == [50, 60]
+    assert all(r.output_len >= 2 for r in baseline_requests(reqs, 9, 0.0))
+    with pytest.raises(ValueError):
+        baseline_requests(reqs, 3, 1.5)
