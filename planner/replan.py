@@ -175,6 +175,13 @@ def evaluate(config: SimConfig, trace: Trace, slo: SLO) -> dict[str, Any]:
             "tpot_p50_s": _pct(tpot, 50), "tpot_p90_s": _pct(tpot, 90)}
 
 
+def alone_miss(trace: Trace, lat, slo: SLO) -> float:
+    """The share of the trace's requests that miss an SLO with an instance to themselves."""
+    miss = [lat.prefill_time([p]) > slo.ttft or (o > 1 and lat.decode_time(1, p + 1) > slo.tpot)
+            for p, o in trace.lengths]
+    return sum(miss) / len(miss)
+
+
 def config_goodput(planner: Planner, config: SimConfig, guess: float) -> float:
     """Poisson goodput of a whole deployment on the planner's lengths."""
     scale = max(1, (config.num_prefill + config.num_decode) // 2)
@@ -254,6 +261,7 @@ def replan(dep, target: Target, trace: Trace, planner_for: Callable[[list], Plan
         "slo": asdict(slo), "model": target.model, "device": target.device,
         "deployment": {"cores": describe_cores(dep), "systems": list(dep.systems)}}
     doc["current"] = _current(dep, target, planner, trace)
+    doc["trace"]["alone_miss"] = alone_miss(trace, target.table.get(target.model, target.device, 1), slo)
     if plan:
         doc["planner"] = {"devices": f"{planner.cluster.num_nodes}x{planner.cluster.gpus_per_node}",
                           "chosen": _chosen(planner, trace, doc["current"]),
@@ -286,15 +294,22 @@ def report(doc: dict[str, Any]) -> str:
     lines.append(f"current deployment ({doc['deployment']['cores']}):")
     for system, c in doc["current"].items():
         verdict = "MEETS the target" if c["trace"]["meets"] else "MISSES the target"
-        share = t["rate"] / c["goodput"] if c["goodput"] else float("inf")
+        headroom = (f"goodput {c['goodput']:.3g} req/s, the trace runs at "
+                    f"{100 * t['rate'] / c['goodput']:.0f}% of it" if c["goodput"] else
+                    "goodput 0: no rate reaches the target with these lengths")
         shape = (f"{c['num_prefill']} prefill + {c['num_decode']} decode" if c["num_decode"]
                  else f"{c['num_prefill']} colocated")
-        lines.append(f"  {system} ({shape}): simulated {_ev(c['trace'])}: {verdict}; goodput "
-                     f"{c['goodput']:.3g} req/s, the trace runs at {100 * share:.0f}% of it")
+        lines.append(f"  {system} ({shape}): simulated {_ev(c['trace'])}: {verdict}; {headroom}")
+    if t["alone_miss"] > 1 - slo["target"]:
+        lines.append(f"  {100 * t['alone_miss']:.0f}% of the trace's requests miss the SLOs even "
+                     f"alone on an idle instance (a prompt's prefill over the TTFT, or one decode "
+                     f"step over the TPOT): more of these devices cannot reach the target; faster "
+                     f"ones (tp) or looser SLOs can")
     if "planner" in doc:
         ch = doc["planner"]["chosen"]
         if ch is None:
-            lines.append(f"planner on {doc['planner']['devices']}: no placement fits")
+            lines.append(f"planner on {doc['planner']['devices']}: no placement reaches the target "
+                         "at any rate")
         else:
             units = ch["num_units"] if ch["algorithm"] == "low" else 1
             same = " (the current deployment)" if ch["same_as_current"] else ""

@@ -149,3 +149,17 @@ def test_evaluate_is_the_simulated_attainment(setup):
     ev = evaluate(config, trace, SLO(1.0, 1.0))
     assert ev["attainment"] == 1.0 and ev["ttft_p50_s"] == pytest.approx(target.table.get(
         target.model, "cpu-core", 1).prefill_time([100]), rel=1e-6)
+
+
+def test_requests_too_long_for_the_slo_are_called_out(setup, capsys):
+    tmp_path, profile = setup
+    records = synthetic_trace(20, 1.0)
+    for r in records[::2]:
+        r["prompt_len"] = 2000                  # 1.4 s of prefill alone, TTFT SLO 0.5 s
+    write_csv(tmp_path / "t.csv", records)
+    assert main(["replan", "--trace", str(tmp_path / "t.csv"), "--deployment", str(tmp_path / "dep.json"),
+                 "--profile", profile, *SLO_ARGS, *FAST, "--json", str(tmp_path / "r.json")]) == 0
+    out = capsys.readouterr().out
+    assert "50% of the trace's requests miss the SLOs even alone" in out
+    assert "goodput 0: no rate reaches the target" in out and "no placement reaches the target" in out
+    assert json.loads((tmp_path / "r.json").read_text())["trace"]["alone_miss"] == 0.5
