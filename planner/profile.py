@@ -40,6 +40,7 @@ from planner.latency import FORMAT, LatencyModel, LatencyTable, Link, fit_model,
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = "models/SmolLM2-135M-Instruct.Q4_1.gguf"      # deploy.deployment.DEFAULT_MODEL_PATH
 DEFAULT_OUT = "docs/profile_cpu.json"
+QUICK_OUT = "results/profile_cpu_quick.json"      # a smoke run never replaces the real profile
 DEVICE = "cpu-core"
 PROFILE_KEY = "profile"          # the top-level key beside FORMAT's "entries"
 
@@ -314,7 +315,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help=".gguf file or HF model directory")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--out", default=DEFAULT_OUT, help="coefficients JSON (with the raw samples)")
+    p.add_argument("--out", default=None, help=f"coefficients JSON with the raw samples (default "
+                                                 f"{DEFAULT_OUT}; with --quick {QUICK_OUT})")
     p.add_argument("--quick", action="store_true", help="few, short configurations (a smoke run)")
     p.add_argument("--core", type=int, default=None, help="core to pin to (default: the first allowed)")
     p.add_argument("--device", default=DEVICE, help="device kind the coefficients are filed under")
@@ -336,7 +338,7 @@ def main(args: argparse.Namespace, argv: Sequence[str]) -> int:
               threshold=args.threshold, progress=not args.no_progress)
     doc[PROFILE_KEY].update(machine(core), load_avg_before=load_before, load_avg_after=os.getloadavg(),
                             command=shlex.join(["python", "-m", "planner", *argv]))
-    out = Path(args.out)
+    out = Path(args.out or (QUICK_OUT if args.quick else DEFAULT_OUT))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(dumps(doc) + "\n")
     print(summary(doc))
