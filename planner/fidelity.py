@@ -6,9 +6,10 @@
 Input: a `python -m client.bench compare` result (every request of every rate measured, with
 its scheduled arrival and lengths, the SLOs, and each system's deployment). For every measured
 rate of the disaggregated and the colocated systems, the simulator replays the very same
-requests at the very same arrival times on a SimConfig built from that system's deployment
-(instance counts, KV blocks, batch limits, block size, chunking) with the latency model fitted
-on this machine (`./build.sh profile`), and computes the attainment under the same SLOs.
+requests at the very same arrival times on the SimConfig of that system's deployment
+(planner.deployment.deployment_configs: instance counts, KV blocks, batch limits, block size,
+chunking) with the latency model and KV copy bandwidth profiled on this machine
+(`./build.sh profile`), and computes the attainment under the same SLOs.
 Measured failures count as misses, as in the benchmark.
 
 Output: <out>.json, <out>.md (a table per system: rate, measured, simulated, difference in
@@ -24,35 +25,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from planner.latency import LatencyModel, Link, load_profile
-from planner.simulator import InstanceSpec, Request, SimConfig, Simulator
+from deploy.deployment import Deployment
+from planner.deployment import Target, deployment_configs, load_target
+from planner.simulator import Request, SimConfig, Simulator
 
-# decode's KV fetch from the prefill pool is a memcpy (docs/bench_serving.md: 4-6 GB/s for
-# 3-12 MB) after the descriptor's trip through the orchestrator (~3 ms hand-off)
-SHM_LINK = Link(5e9, 3e-3)
 SYSTEMS = ("disaggregated", "colocated")
-
-
-def instance_spec(phase: dict[str, Any], latency: LatencyModel, block_size: int) -> InstanceSpec:
-    return InstanceSpec(latency, num_kv_blocks=phase["num_kv_blocks"],
-                        max_num_seqs=phase["max_num_seqs"],
-                        max_num_batched_tokens=phase["max_num_batched_tokens"],
-                        block_size=block_size, chunked_prefill=phase.get("chunked_prefill", False))
-
-
-def sim_config(deployment: dict[str, Any], latency: LatencyModel, kv_bytes_per_token: float,
-               link: Link = SHM_LINK) -> SimConfig:
-    """The SimConfig of a deployment (deploy.Deployment.to_dict()) that serves one system."""
-    bs = deployment["block_size"]
-    if "colocated" in deployment["systems"]:
-        col = deployment["colocated"]
-        return SimConfig("colocated", prefill=instance_spec(col, latency, bs),
-                         num_prefill=col["num_instances"])
-    pre, dec = deployment["prefill"], deployment["decode"]
-    return SimConfig("disaggregated", prefill=instance_spec(pre, latency, bs),
-                     decode=instance_spec(dec, latency, bs), num_prefill=pre["num_instances"],
-                     num_decode=dec["num_instances"], link=link,
-                     kv_bytes_per_token=kv_bytes_per_token)
 
 
 def _meets(ttft: float | None, tpot: float | None, slo: dict[str, float]) -> tuple[bool, bool]:
@@ -86,34 +63,19 @@ def _summary(flags: Sequence[tuple[bool, bool]], ttfts: Sequence[float]) -> dict
             "mean_ttft_s": float(np.mean(ttfts)) if ttfts else float("nan")}
 
 
-def pick_latency(table: Any, model: str | None) -> LatencyModel:
-    """The profile's one tp=1 entry (or the one for `model`)."""
-    entries = [m for m in table._models.values() if m.tp == 1 and (model is None or m.model == model)]
-    if len(entries) != 1:
-        have = sorted(k[0] for k in table._models)
-        raise SystemExit(f"error: need exactly one tp=1 latency model in the profile"
-                         f"{' for ' + model if model else ''}; have {have} (use --latency-model)")
-    return entries[0]
-
-
-def kv_bytes_per_token(deployment: dict[str, Any], model_config: dict[str, Any] | None) -> float:
-    if not model_config:
-        return 0.0
-    elt = 2 if deployment.get("dtype", "bfloat16") in ("bfloat16", "float16") else 4
-    return 2.0 * model_config["num_layers"] * model_config["num_kv_heads"] * model_config["head_dim"] * elt
-
-
-def run(compare: dict[str, Any], latency: LatencyModel,
-        model_config: dict[str, Any] | None = None) -> dict[str, Any]:
+def run(compare: dict[str, Any], target: Target) -> dict[str, Any]:
     slo = compare["slo"]
     out = {"source_command": compare["command"], "workload": compare["workload"], "slo": slo,
-           "latency_model": latency.to_dict(), "systems": []}
+           "latency_model": {"model": target.model, "device": target.device,
+                             "kv_bytes_per_token": target.kv_bytes_per_token,
+                             "link": None if target.link is None else vars(target.link)},
+           "systems": []}
     for doc in compare["systems"]:
         name = doc["system"]["name"]
         if name not in SYSTEMS:
             continue
-        deployment = doc["system"]["deployment"]
-        config = sim_config(deployment, latency, kv_bytes_per_token(deployment, model_config))
+        deployment = Deployment.from_dict(doc["system"]["deployment"], check_host=False)
+        config = deployment_configs(deployment, target)[name]
         points = []
         for p in sorted(doc["points"], key=lambda p: p["rate"]):
             m = measured_point(p["results"], slo)
@@ -182,16 +144,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m planner.fidelity", description=__doc__.split("\n\n")[0])
     p.add_argument("compare", type=Path, help="a `python -m client.bench compare` result JSON")
     p.add_argument("--profile", type=Path, default=Path("docs/profile_cpu.json"))
-    p.add_argument("--latency-model", help="model key in the profile (default: its only one)")
     p.add_argument("--out", type=Path, default=Path("docs/planner_fidelity"),
                    help="output prefix (default: docs/planner_fidelity)")
     args = p.parse_args(argv)
     compare = json.loads(args.compare.read_text())
     if compare.get("kind") != "compare":
         raise SystemExit(f"error: {args.compare} is not a `client.bench compare` result")
-    latency = pick_latency(load_profile(args.profile), args.latency_model)
-    model_config = _model_config(compare)
-    result = run(compare, latency, model_config)
+    result = run(compare, load_target(args.profile))
     command = "python -m planner.fidelity " + " ".join(sys.argv[1:] if argv is None else argv)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     png = args.out.with_suffix(".png")
@@ -200,19 +159,6 @@ def main(argv: list[str] | None = None) -> int:
     args.out.with_suffix(".md").write_text(markdown(result, command, png.name))
     print(args.out.with_suffix(".md").read_text())
     return 0
-
-
-def _model_config(compare: dict[str, Any]) -> dict[str, Any] | None:
-    """The served model's shape (for KV bytes per token), read from its file if present."""
-    from backends.core.weights import load_checkpoint
-    from deploy.deployment import ROOT
-    path = Path(compare["systems"][0]["system"]["deployment"]["model_path"])
-    path = path if path.is_absolute() else ROOT / path
-    if not path.exists():
-        print(f"warning: {path} not found: KV transfers take no time", file=sys.stderr)
-        return None
-    cfg, _ = load_checkpoint(path)
-    return {"num_layers": cfg.num_layers, "num_kv_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim}
 
 
 if __name__ == "__main__":

@@ -5,22 +5,28 @@ from __future__ import annotations
 import pytest
 
 from deploy.deployment import colocated_deployment, default_deployment
-from planner.fidelity import SHM_LINK, measured_point, run, sim_config
-from planner.latency import LatencyModel
+from planner.deployment import Target, deployment_configs
+from planner.fidelity import measured_point, run
+from planner.latency import LatencyModel, LatencyTable, Link
 from planner.simulator import Request, Simulator
 
 LAT = LatencyModel("toy", "cpu-core", 1, prefill=(0.01, 1e-3, 1e-7), decode_small=(0.03, 1e-6, 2e-3),
                    decode_large=(0.03, 1e-6, 2e-3))
 SLO = {"ttft_s": 0.5, "tpot_s": 0.05}
+LINK = Link(5e9, 1e-3)
+TARGET = Target(LatencyTable([LAT]), "toy", "cpu-core", {}, 100.0, LINK, {"device": "cpu-core"})
+
+
+def sim_config(deployment):
+    return deployment_configs(deployment, TARGET)[deployment.systems[0]]
 
 
 def test_deployments_become_sim_configs():
-    dis = sim_config(default_deployment("m.gguf", 2).to_dict(), LAT, 100.0)
+    dis = sim_config(default_deployment("m.gguf", 2))
     assert dis.mode == "disaggregated" and (dis.num_prefill, dis.num_decode) == (1, 1)
     assert dis.prefill.num_kv_blocks == 512 and dis.decode.max_num_seqs == 32
-    assert dis.link == SHM_LINK and dis.kv_bytes_per_token == 100.0
-    col = sim_config(colocated_deployment("m.gguf", 2, chunked_prefill=True, token_budget=64).to_dict(),
-                     LAT, 100.0)
+    assert dis.link == LINK and dis.kv_bytes_per_token == 100.0
+    col = sim_config(colocated_deployment("m.gguf", 2, chunked_prefill=True, token_budget=64))
     assert col.mode == "colocated" and col.num_prefill == 2
     assert col.prefill.chunked_prefill and col.prefill.max_num_batched_tokens == 64
 
@@ -37,14 +43,14 @@ def _fake_measurement(config, rate, n=40):
 @pytest.mark.parametrize("make", [lambda: default_deployment("m.gguf", 2),
                                   lambda: colocated_deployment("m.gguf", 2)])
 def test_a_simulated_measurement_is_reproduced(make):
-    deployment = make().to_dict()
-    config = sim_config(deployment, LAT, 100.0)
-    name = "colocated" if "colocated" in deployment["systems"] else "disaggregated"
+    dep = make()
+    config = sim_config(dep)
+    deployment, name = dep.to_dict(), dep.systems[0]
     points = [{"rate": r, "results": _fake_measurement(config, r)} for r in (1.0, 4.0, 16.0)]
     compare = {"command": "x", "workload": {"name": "toy", "num_requests": 40}, "slo": SLO,
                "systems": [{"label": name, "system": {"name": name, "deployment": deployment},
                             "points": points}]}
-    out = run(compare, LAT, {"num_layers": 1, "num_kv_heads": 1, "head_dim": 25})
+    out = run(compare, TARGET)
     atts = [p["measured"]["attainment"] for p in out["systems"][0]["points"]]
     assert atts[0] > atts[-1]                       # the rates span low to overloaded
     assert out["max_abs_diff_pp"] == 0
