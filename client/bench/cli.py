@@ -282,6 +282,12 @@ def goodput_doc(args: argparse.Namespace, workload: Workload, slo: SLO, slo_info
 
     def report(p: Point) -> None:
         log(f"{label}: rate {p.rate:.3g} rps: attainment {100 * p.attainment:.1f}%")
+        # each rate's requests as soon as they are in, so an interrupted search keeps them
+        partial = Path("results") / "partial" / f"{args.workload}-{model}-{url.replace(':', '_')}-{p.rate:.4g}.json"
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text(json.dumps({"label": label, "rate": p.rate, "attainment": p.attainment,
+                                       "summary": summarize(p.results, slo),
+                                       "results": [r.to_json() for r in p.results]}))
 
     found = search_goodput(measure, slo, target=args.target, start_rate=start_rate,
                            min_rate=args.min_rate, max_rate=args.max_rate, rel_tol=args.rel_tol,
@@ -316,7 +322,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from .compare import format_table, run_compare, write_summary
     signal.signal(signal.SIGTERM, _interrupt)              # stop the server in use on SIGTERM too
     combined = run_compare(args)
-    for path in write_summary(combined, args.out_dir, args.workload):
+    for path in write_summary(combined, args.out_dir, args.name or args.workload):
         log(f"wrote {path}")
     print(format_table(combined))
     return 0

@@ -19,7 +19,7 @@ import argparse
 import os
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -92,6 +92,9 @@ def add_compare_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--serve-model", help="model file served (default: the deployment's default)")
     g.add_argument("--out-dir", type=Path, default=Path("docs") / "goodput",
                    help="summary JSON, markdown and plots (default: docs/goodput)")
+    g.add_argument("--max-model-len", type=int, help="serve with this context length instead of "
+                   "the deployment's (2048), e.g. for summarization's 1900-2048-token prompts")
+    g.add_argument("--name", help="file name stem of the outputs (default: the workload's name)")
     g.add_argument("--run-dir", type=Path, default=None,
                    help="server logs and rendered repositories (default: run/bench)")
     g.add_argument("--ready-timeout", type=float, default=600.0)
@@ -119,6 +122,8 @@ def run_compare(args: argparse.Namespace) -> dict[str, Any]:
     docs = []
     for system in args.systems:
         deployment = system.deployment(model_path)
+        if args.max_model_len:
+            deployment = replace(deployment, max_model_len=args.max_model_len)
         run_dir = run_root / system.name
         repo = render_repository(deployment, run_dir / "model_repository", require_code=True)
         http_port, grpc_port, metrics_port = free_ports(3)
@@ -149,7 +154,7 @@ def run_compare(args: argparse.Namespace) -> dict[str, Any]:
                 "command": "python -m client.bench " + " ".join(args.argv),
                 "workload": workload.describe(), "slo": slo_info, "target": args.target,
                 "systems": docs}
-    write_json(Path("results") / f"compare-{args.workload}.json", combined)
+    write_json(Path("results") / f"compare-{args.name or args.workload}.json", combined)
     return combined
 
 
