@@ -1,6 +1,6 @@
 """Simulator fidelity: simulated vs measured SLO attainment on this machine.
 
-    python -m planner.fidelity results/compare-chatbot-history.json \\
+    python -m planner.fidelity results/compare-chatbot-history.json [more compare results] \\
         --profile docs/profile_cpu.json --out docs/planner_fidelity
 
 Input: a `python -m client.bench compare` result (every request of every rate measured, with
@@ -88,75 +88,84 @@ def run(compare: dict[str, Any], target: Target) -> dict[str, Any]:
     return out
 
 
-def markdown(result: dict[str, Any], command: str, plot: str) -> str:
-    slo = result["slo"]
+def markdown(results: Sequence[dict[str, Any]], command: str, plot_name: str) -> str:
     lines = ["# Simulator fidelity: simulated vs measured SLO attainment", "",
-             f"Command: `{command}`. Measurements: `{result['source_command']}`.", "",
-             f"Workload {result['workload']['name']}, {result['workload']['num_requests']} requests "
-             f"per rate; SLOs TTFT <= {slo['ttft_s'] * 1e3:.0f} ms, TPOT <= "
-             f"{slo['tpot_s'] * 1e3:.0f} ms. The simulator replays each measured rate's requests "
-             f"at their measured arrival times on the deployment's configuration, with the "
-             f"latency model fitted on this machine (`{result['latency_model']['model']}`, "
-             f"`{result['latency_model']['device']}`). Target: within 2 percentage points.", ""]
-    for s in result["systems"]:
-        lines += [f"## {s['label']}", "",
-                  "| rate (rps) | measured | simulated | diff (pp) | TTFT met meas/sim "
-                  "| TPOT met meas/sim | mean TTFT meas/sim (s) |",
-                  "|---|---|---|---|---|---|---|"]
-        for p in s["points"]:
-            m, q = p["measured"], p["simulated"]
-            lines.append(f"| {p['rate']:.3g} | {100 * m['attainment']:.1f}% | "
-                         f"{100 * q['attainment']:.1f}% | {p['diff_pp']:+.1f} | "
-                         f"{100 * m['ttft_attainment']:.0f}% / {100 * q['ttft_attainment']:.0f}% | "
-                         f"{100 * m['tpot_attainment']:.0f}% / {100 * q['tpot_attainment']:.0f}% | "
-                         f"{m['mean_ttft_s']:.2f} / {q['mean_ttft_s']:.2f} |")
-        lines.append("")
-    worst = result["max_abs_diff_pp"]
-    if worst is not None:
-        lines.append(f"Largest difference: {worst:.1f} pp (target 2 pp: "
-                     f"{'met' if worst <= 2 else '**not met**'}).")
-    lines += ["", f"![attainment]({plot})", ""]
+             f"Command: `{command}`.", "",
+             "For each measured rate of each run, the simulator replays that rate's requests at "
+             "their measured arrival times on the deployment's configuration, with the latency "
+             "model profiled on this machine (`docs/profile_cpu.json`), and judges them by the "
+             "run's SLOs. Target: within 2 percentage points.", ""]
+    for result in results:
+        slo = result["slo"]
+        lines += [f"## {result['name']}", "",
+                  f"Measured by `{result['source_command']}`: {result['workload']['name']}, "
+                  f"{result['workload']['num_requests']} requests per rate; SLOs TTFT <= "
+                  f"{slo['ttft_s'] * 1e3:.0f} ms, TPOT <= {slo['tpot_s'] * 1e3:.0f} ms.", ""]
+        for s in result["systems"]:
+            lines += [f"**{s['label']}**", "",
+                      "| rate (rps) | measured | simulated | diff (pp) | TTFT met meas/sim "
+                      "| TPOT met meas/sim | mean TTFT meas/sim (s) |",
+                      "|---|---|---|---|---|---|---|"]
+            for p in s["points"]:
+                m, q = p["measured"], p["simulated"]
+                lines.append(f"| {p['rate']:.3g} | {100 * m['attainment']:.1f}% | "
+                             f"{100 * q['attainment']:.1f}% | {p['diff_pp']:+.1f} | "
+                             f"{100 * m['ttft_attainment']:.0f}% / {100 * q['ttft_attainment']:.0f}% | "
+                             f"{100 * m['tpot_attainment']:.0f}% / {100 * q['tpot_attainment']:.0f}% | "
+                             f"{m['mean_ttft_s']:.2f} / {q['mean_ttft_s']:.2f} |")
+            lines.append("")
+        worst = result["max_abs_diff_pp"]
+        if worst is not None:
+            lines += [f"Largest difference: {worst:.1f} pp (target 2 pp: "
+                      f"{'met' if worst <= 2 else '**not met**'}).", ""]
+    lines += [f"![attainment]({plot_name})", ""]
     return "\n".join(lines)
 
 
-def plot(result: dict[str, Any], path: Path) -> None:
+def plot(results: Sequence[dict[str, Any]], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    for s, color in zip(result["systems"], ("C0", "C1", "C2")):
-        rates = [p["rate"] for p in s["points"]]
-        ax.plot(rates, [100 * p["measured"]["attainment"] for p in s["points"]], "o-",
-                color=color, label=f"{s['name']} measured")
-        ax.plot(rates, [100 * p["simulated"]["attainment"] for p in s["points"]], "x--",
-                color=color, label=f"{s['name']} simulated")
-    ax.axhline(90, color="grey", lw=0.8, ls=":")
-    ax.set_xlabel("rate (requests/s)")
-    ax.set_ylabel("SLO attainment (%)")
-    ax.set_title(f"Simulated vs measured: {result['workload']['name']}", fontsize=10)
-    ax.legend(fontsize=7)
+    fig, axes = plt.subplots(1, len(results), figsize=(4.6 * len(results), 3.6), squeeze=False)
+    for ax, result in zip(axes[0], results):
+        for s, color in zip(result["systems"], ("C0", "C1", "C2")):
+            rates = [p["rate"] for p in s["points"]]
+            ax.plot(rates, [100 * p["measured"]["attainment"] for p in s["points"]], "o-",
+                    color=color, label=f"{s['name']} measured")
+            ax.plot(rates, [100 * p["simulated"]["attainment"] for p in s["points"]], "x--",
+                    color=color, label=f"{s['name']} simulated")
+        ax.axhline(90, color="grey", lw=0.8, ls=":")
+        ax.set_xlabel("rate (requests/s)")
+        ax.set_ylabel("SLO attainment (%)")
+        ax.set_title(result["name"], fontsize=9)
+        ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m planner.fidelity", description=__doc__.split("\n\n")[0])
-    p.add_argument("compare", type=Path, help="a `python -m client.bench compare` result JSON")
+    p.add_argument("compare", type=Path, nargs="+", help="`python -m client.bench compare` result JSONs")
     p.add_argument("--profile", type=Path, default=Path("docs/profile_cpu.json"))
     p.add_argument("--out", type=Path, default=Path("docs/planner_fidelity"),
                    help="output prefix (default: docs/planner_fidelity)")
     args = p.parse_args(argv)
-    compare = json.loads(args.compare.read_text())
-    if compare.get("kind") != "compare":
-        raise SystemExit(f"error: {args.compare} is not a `client.bench compare` result")
-    result = run(compare, load_target(args.profile))
-    command = "python -m planner.fidelity " + " ".join(sys.argv[1:] if argv is None else argv)
+    target = load_target(args.profile)
+    results = []
+    for path in args.compare:
+        compare = json.loads(path.read_text())
+        if compare.get("kind") != "compare":
+            raise SystemExit(f"error: {path} is not a `client.bench compare` result")
+        results.append({"name": path.stem.removeprefix("compare-"), **run(compare, target)})
+    command = "python -m planner.fidelity " + " ".join(sys.argv[1:] if argv is None else map(str, argv))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     png = args.out.with_suffix(".png")
-    plot(result, png)
-    args.out.with_suffix(".json").write_text(json.dumps({"command": command, **result}, indent=1))
-    args.out.with_suffix(".md").write_text(markdown(result, command, png.name))
+    plot(results, png)
+    diffs = [r["max_abs_diff_pp"] for r in results if r["max_abs_diff_pp"] is not None]
+    args.out.with_suffix(".json").write_text(json.dumps(
+        {"command": command, "max_abs_diff_pp": max(diffs, default=None), "runs": results}, indent=1))
+    args.out.with_suffix(".md").write_text(markdown(results, command, png.name))
     print(args.out.with_suffix(".md").read_text())
     return 0
 
