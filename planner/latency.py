@@ -9,8 +9,11 @@ and the JSON files that hold coefficients per (model, device kind, tp, pp).
 
 Pipeline degree pp, when the coefficients were measured at pp = 1 (the published A100 files):
 prefill T / pp + pp * pp_overhead_s (1 ms per stage in the artifact's formula), decode T / pp.
-Coefficients measured at the pp itself are used as they are. Everything here is in seconds; the
-published files are in milliseconds and are converted when loaded.
+These are the time one pipeline stage spends on a batch: the simulator keeps up to pp batches
+in flight (one per virtual engine) and a batch is done after pp stage times, so pp raises
+throughput, not a batch's latency. Coefficients measured at the pp itself are used as they are
+(as stage times). Everything here is in seconds; the published files are in milliseconds and
+are converted when loaded.
 """
 from __future__ import annotations
 
@@ -94,13 +97,16 @@ class LatencyModel:
         t = a + b * s1 + c * s2
         return t / self.pp + self.pp * self.pp_overhead_s if self._derived else t
 
+    def decode_coeffs(self, batch_size: int) -> Coeffs:
+        """The (a, b, c) of a decode step of `batch_size` sequences at this pp."""
+        coeffs = self.decode_small if batch_size < self.decode_threshold else self.decode_large
+        return tuple(v / self.pp for v in coeffs) if self._derived else coeffs
+
     def decode_time(self, batch_size: int, total_ctx: int, marginal: bool = False) -> float:
         """Seconds for one decode step of `batch_size` sequences with `total_ctx` context tokens
         (`marginal`: without the constant term)."""
-        small = batch_size < self.decode_threshold
-        a, b, c = self.decode_small if small else self.decode_large
-        t = (0.0 if marginal else a) + b * total_ctx + c * batch_size
-        return t / self.pp if self._derived else t
+        a, b, c = self.decode_coeffs(batch_size)
+        return (0.0 if marginal else a) + b * total_ctx + c * batch_size
 
     def to_dict(self) -> dict:
         d = asdict(self)

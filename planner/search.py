@@ -1,7 +1,11 @@
-"""Goodput search and DistServe's two placement algorithms.
+"""Goodput search and DistServe's two placement algorithms (placement.py runs them).
 
 goodput(sim config) = the highest Poisson rate at which >= `target` of requests meet both SLOs,
-found by bracketing then bisecting the rate, one seeded simulation per probe.
+found by bracketing then bisecting the rate, one seeded simulation per probe. A probe measures
+steady state: a warm-up of one request lifetime is simulated but not counted, and the counted
+window lasts several lifetimes (SearchSpace). Counting from an empty system reads a decode
+batch that has not filled yet as capacity: with ShareGPT's ~340-token outputs, a 30 s run
+doubled the decode goodput that long runs sustain (docs/planner_paper_check.md).
 
 High node-affinity (the paper's Algorithm 1): the best (tp, pp) per phase by its own goodput per
 device (prefill simulated alone, decode simulated alone), then replicate the two to fill the
@@ -9,14 +13,22 @@ cluster: n = ceil(R / prefill goodput), m = ceil(R / decode goodput).
 Low node-affinity (Algorithm 2): both phases share pp; stage k of every instance of a unit sits
 on node k, so KV moves over the node's fast link. A unit is n_p prefill (tp_p) + n_d decode
 (tp_d) instances with n_p * tp_p + n_d * tp_d <= GPUs per node. Units are ranked by the
-per-phase goodputs (min(n_p * g_p, n_d * g_d)), the best few are simulated whole.
+per-phase goodputs (min(n_p * g_p, n_d * g_d)), the best are simulated whole.
+
+The search is branch and bound: prefill alone is cheap to simulate and is searched for every
+(tp, pp); decode alone is not, and a decode (tp, pp) is searched only when its bound (the fluid
+rate of decode_fluid_rate() x a margin) could beat what has been found. Phase searches are
+memoised and independent ones run in worker processes.
 """
 from __future__ import annotations
 
 import math
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Callable, Literal, Sequence
+
+import numpy as np
 
 from planner.latency import ETHERNET_25G, NVLINK_A100, LatencyTable, Link, model_key
 from planner.simulator import InstanceSpec, SimConfig, simulate
@@ -59,7 +71,14 @@ class Cluster:
 
 @dataclass(frozen=True)
 class SearchSpace:
-    """What the planner may choose, and the simulation budget per probe."""
+    """What the planner may choose, and the simulation budget per probe.
+
+    A probe is one seeded run at a Poisson rate. Its first `warmup_lifetimes` request lifetimes
+    of arrivals only load the system (a decode batch takes about one lifetime to fill, and a
+    run that counts them reads a half-empty system as capacity); attainment counts the requests
+    after it, over at least `window_lifetimes` lifetimes, `min_span_s` seconds and
+    `num_requests` requests, at most `max_requests`. A lifetime is TTFT + mean output x TPOT,
+    the longest a request may live and meet both SLOs (TTFT alone when prefill runs alone)."""
     model: str
     table: LatencyTable
     capacity: dict[tuple[str, int, int], int]       # KV tokens per (model, tp, pp)
@@ -68,11 +87,17 @@ class SearchSpace:
     max_num_seqs: int = 256
     prefill_budget: int = 2048                       # L_m
     kv_bytes_per_token: float = 0.0
-    num_requests: int = 300                          # at least this many per probe...
-    min_span_s: float = 60.0                         # ...and arrivals over at least this long
-    max_requests: int = 6000
+    num_requests: int = 300
+    min_span_s: float = 30.0
+    max_requests: int = 20000
+    warmup_lifetimes: float = 1.0
+    window_lifetimes: float = 4.0
+    verify_lifetimes: float = 1.0                    # window of a whole-deployment check...
+    verify_rel_tol: float = 0.08                     # ...and its resolution
+    decode_bound_margin: float = 1.2                 # fluid decode rate x this bounds its goodput
     seed: int = 0
     rel_tol: float = 0.04
+    workers: int = 1                                 # processes for independent searches
 
     def instance(self, device: str, tp: int, pp: int, table: LatencyTable | None = None,
                  max_num_seqs: int | None = None) -> InstanceSpec | None:
@@ -92,24 +117,27 @@ Probe = Callable[[float], float]        # rate -> attainment
 
 
 def goodput(probe: Probe, target: float, guess: float = 1.0, rel_tol: float = 0.04,
-            max_probes: int = 24) -> float:
-    """Highest rate with probe(rate) >= target: bracket from `guess` by factors of 2, then
-    bisect (geometrically) until hi / lo <= 1 + rel_tol. 0.0 if even guess / 2**8 fails."""
+            max_probes: int = 24, step: float = 2.0, max_rate: float = math.inf) -> float:
+    """Highest rate (at most `max_rate`) with probe(rate) >= target: bracket from `guess` by a
+    factor that squares after every move (step, step^2, step^4...: a good guess costs few
+    probes, a bad one few more), then bisect geometrically until hi / lo <= 1 + rel_tol.
+    0.0 if even guess / 256 fails."""
     lo, hi = 0.0, None
-    rate, probes = guess, 0
-    while probes < max_probes and (hi is None or lo == 0.0):
+    rate, factor, probes = min(guess, max_rate), step, 0
+    while probes < max_probes:
         ok = probe(rate) >= target
         probes += 1
         if ok:
             lo = rate
-            if hi is not None:
+            if hi is not None or rate >= max_rate:
                 break
-            rate *= 2
+            rate = min(rate * factor, max_rate)
         else:
             hi = rate
             if lo > 0 or rate < guess / 256:
                 break
-            rate /= 2
+            rate /= factor
+        factor *= factor
     if hi is None:
         return lo
     while lo > 0 and hi / lo > 1 + rel_tol and probes < max_probes:
@@ -128,33 +156,48 @@ def cycle(lengths: Sequence[tuple[int, int]], n: int) -> list[tuple[int, int]]:
 
 
 def make_probe(config: SimConfig, lengths: Sequence[tuple[int, int]], slo: SLO, seed: int,
-               min_requests: int, min_span_s: float, max_requests: int) -> Probe:
-    """Attainment at a rate, over enough requests that arrivals span `min_span_s` (a short
-    burst of a few hundred requests hides overload at high rates)."""
+               min_requests: int, min_span_s: float, max_requests: int,
+               warmup_s: float = 0.0) -> Probe:
+    """Attainment at a rate: `warmup_s` of arrivals that load the system uncounted, then the
+    measured requests, arriving over at least `min_span_s` (a short burst hides overload), at
+    least `min_requests` and at most `max_requests` of them."""
+    stop = (slo.ttft, slo.tpot, slo.target)
+
     def probe(rate: float) -> float:
-        n = min(max_requests, max(min_requests, math.ceil(rate * min_span_s)))
-        stop = (slo.ttft, slo.tpot, slo.target)
-        res = simulate(config, cycle(lengths, n), rate, seed, stop_below=stop)
+        measured = min(max_requests, max(min_requests, math.ceil(rate * min_span_s)))
+        n = math.ceil(rate * warmup_s) + measured
+        res = simulate(config, cycle(lengths, n), rate, seed, stop_below=stop,
+                       window=(warmup_s, math.inf))
         return res.attainment(slo.ttft, slo.tpot)
     return probe
 
 
-def decode_guess(spec: InstanceSpec, lengths: Sequence[tuple[int, int]], slo: SLO) -> float:
-    """Rate at which a decode batch just meets the TPOT SLO (Little's law), a search start."""
-    mean_out = sum(o for _, o in lengths) / len(lengths)
-    mean_ctx = sum(p + o / 2 for p, o in lengths) / len(lengths)
-    best = 0.0
-    for b in range(1, spec.max_num_seqs + 1):
-        t = spec.latency.decode_time(b, int(b * mean_ctx))
-        if t > slo.tpot or b * mean_ctx > spec.num_kv_blocks * spec.block_size:
-            break
-        best = b / t / mean_out
-    return max(best, 0.01)
+def lifetime(lengths: Sequence[tuple[int, int]], slo: SLO, mode: str) -> float:
+    """The longest a request may live and meet both SLOs: TTFT + its decode steps x TPOT on
+    average (TTFT alone for prefill simulated alone)."""
+    if mode == "prefill":
+        return slo.ttft
+    return slo.ttft + slo.tpot * sum(o - 1 for _, o in lengths) / len(lengths)
 
 
-def prefill_guess(spec: InstanceSpec, lengths: Sequence[tuple[int, int]]) -> float:
-    mean_t = sum(spec.latency.prefill_time([p]) for p, _ in lengths) / len(lengths)
-    return 0.7 / mean_t
+def fits(spec: InstanceSpec, lengths: Sequence[tuple[int, int]]) -> bool:
+    """Every request's whole sequence fits the instance's KV cache."""
+    return spec.blocks_for(max(p + o for p, o in lengths)) <= spec.num_kv_blocks
+
+
+def prefill_capacity(spec: InstanceSpec, lengths: Sequence[tuple[int, int]]) -> float:
+    """Requests/s of prefill alone when saturated: the pool's prompts batched in order under the
+    token budget (and the batch cap), one batch per stage time. The goodput lies below it (a
+    queue that long breaks TTFT): 0.36-0.88 of it on the ShareGPT workloads."""
+    lat, budget = spec.latency, spec.max_num_batched_tokens
+    total, batch, used = 0.0, [], 0
+    for p, _ in lengths:
+        if batch and (used + p > budget or len(batch) >= spec.max_num_seqs):
+            total += lat.prefill_time(batch)
+            batch, used = [], 0
+        batch.append(p)
+        used += p
+    return len(lengths) / (total + lat.prefill_time(batch))
 
 
 @dataclass(frozen=True)
@@ -189,48 +232,182 @@ class Placement:
         return self.goodput / self.num_devices if self.num_devices else 0.0
 
 
+Search = tuple[SimConfig, float, float]      # config, first guess, bracketing step
+PhaseKey = tuple[str, int, int]              # ("prefill" | "decode", tp, pp)
+
+
 class Planner:
-    """Caches per-phase goodputs so both algorithms and the report share them."""
+    """Goodput searches for one workload, SLO and cluster, memoised: each (phase, tp, pp) is
+    searched once and each (config, rate) probed once; independent searches run in
+    `space.workers` processes (the same results: every search is seeded). `num_sims` counts
+    the simulations run, in those processes too."""
 
     def __init__(self, space: SearchSpace, lengths: Sequence[tuple[int, int]], slo: SLO,
                  cluster: Cluster) -> None:
         self.space, self.slo, self.cluster = space, slo, cluster
         self.lengths = list(lengths)
         self.num_sims = 0
-        self.phase_goodput = lru_cache(maxsize=None)(self._phase_goodput)
+        self._probes: dict[tuple, float] = {}
+        self._phases: dict[PhaseKey, PhaseChoice | None] = {}
 
-    def probe(self, config: SimConfig, scale: int = 1) -> Probe:
-        """A counted probe; `scale` multiplies the request counts (for many instances)."""
+    def probe(self, config: SimConfig, scale: int = 1, verify: bool = False) -> Probe:
+        """A counted, memoised probe; `scale` multiplies the request counts (for many instances).
+        `verify`: the shorter window of a whole-deployment check (`verify_lifetimes`)."""
         s = self.space
-        probe = make_probe(config, self.lengths, self.slo, s.seed, s.num_requests * scale,
-                           s.min_span_s, s.max_requests * scale)
+        life = lifetime(self.lengths, self.slo, config.mode)
+        span = s.verify_lifetimes * life if verify else max(s.min_span_s, s.window_lifetimes * life)
+        probe = make_probe(config, self.lengths, self.slo, s.seed, s.num_requests * scale, span,
+                           s.max_requests * scale, s.warmup_lifetimes * life)
 
-        def counted(rate: float) -> float:
-            self.num_sims += 1
-            return probe(rate)
-        return counted
+        def memo(rate: float) -> float:
+            key = (config, scale, span, rate)
+            if key not in self._probes:
+                self.num_sims += 1
+                self._probes[key] = probe(rate)
+            return self._probes[key]
+        return memo
 
-    def _goodput(self, config: SimConfig, guess: float) -> float:
-        return goodput(self.probe(config), self.slo.target, guess, self.space.rel_tol)
-
-    def _phase_goodput(self, phase: str, tp: int, pp: int) -> PhaseChoice | None:
-        spec = self.space.instance(self.cluster.device, tp, pp)
-        if spec is None or tp > self.cluster.gpus_per_node or pp > self.cluster.num_nodes:
-            return None
+    def search_goodput(self, config: SimConfig, guess: float, step: float = 2.0) -> float | None:
+        """goodput() of one config; None if a request does not fit its KV cache."""
         try:
-            if phase == "prefill":
-                cfg = SimConfig("prefill", prefill=spec)
-                guess = prefill_guess(spec, self.lengths)
-            else:
-                cfg = SimConfig("decode", decode=spec)
-                guess = decode_guess(spec, self.lengths, self.slo)
-            return PhaseChoice(tp, pp, self._goodput(cfg, guess))
-        except ValueError:                          # a request does not fit this instance
+            return goodput(self.probe(config), self.slo.target, guess, self.space.rel_tol, step=step)
+        except ValueError:
             return None
+
+    def search_many(self, searches: Sequence[Search]) -> list[float | None]:
+        """search_goodput() of each, in worker processes when there are several."""
+        workers = min(self.space.workers, len(searches))
+        if workers <= 1:
+            return [self.search_goodput(*s) for s in searches]
+        jobs = [(self.space, self.lengths, self.slo, self.cluster, s) for s in searches]
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+            results = list(pool.map(_search_job, jobs))
+        self.num_sims += sum(n for _, n in results)
+        return [g for g, _ in results]
+
+    # ---- one phase alone ------------------------------------------------------------------
+    def phase_spec(self, tp: int, pp: int) -> InstanceSpec | None:
+        if tp > self.cluster.gpus_per_node or pp > self.cluster.num_nodes:
+            return None
+        return self.space.instance(self.cluster.device, tp, pp)
+
+    def _phase_search(self, phase: str, spec: InstanceSpec) -> Search:
+        """Prefill alone starts at 0.6 x its saturated throughput; decode alone at its fluid
+        rate, which the simulated goodput stays close to (so a small step)."""
+        if phase == "prefill":
+            return SimConfig("prefill", prefill=spec), 0.6 * prefill_capacity(spec, self.lengths), 1.3
+        guess = decode_fluid_rate(spec, self.lengths, self.slo)
+        return SimConfig("decode", decode=spec), max(guess, 1e-3), 1.1
+
+    def prefetch(self, keys: Sequence[PhaseKey]) -> None:
+        """Search the phase goodputs not known yet (in parallel)."""
+        todo = [k for k in dict.fromkeys(keys) if k not in self._phases]
+        specs = {k: self.phase_spec(k[1], k[2]) for k in todo}
+        runnable = [k for k in todo if specs[k] is not None]
+        found = self.search_many([self._phase_search(k[0], specs[k]) for k in runnable])
+        for k in todo:
+            self._phases[k] = None
+        for k, g in zip(runnable, found):
+            self._phases[k] = None if g is None else PhaseChoice(k[1], k[2], g)
+
+    def is_searched(self, phase: str, tp: int, pp: int) -> bool:
+        return (phase, tp, pp) in self._phases
+
+    def phase_goodput(self, phase: str, tp: int, pp: int) -> PhaseChoice | None:
+        """Goodput of one (tp, pp) instance of `phase` simulated alone (None: does not fit)."""
+        self.prefetch([(phase, tp, pp)])
+        return self._phases[(phase, tp, pp)]
+
+    def phase_bound(self, phase: str, tp: int, pp: int) -> float | None:
+        """phase_goodput() if known; else, for decode, the fluid rate x decode_bound_margin (the
+        simulated decode goodput stays below it; prefill alone is cheap, so searched)."""
+        key = (phase, tp, pp)
+        if key in self._phases or phase == "prefill":
+            choice = self.phase_goodput(*key)
+            return None if choice is None else choice.goodput
+        spec = self.phase_spec(tp, pp)
+        if spec is None or not fits(spec, self.lengths):
+            return None
+        return decode_fluid_rate(spec, self.lengths, self.slo) * self.space.decode_bound_margin
+
+    def phase_keys(self, phase: str) -> list[PhaseKey]:
+        tps = self.space.table.tps(self.space.model, self.cluster.device)
+        return [(phase, tp, pp) for tp in tps for pp in self.space.pps]
 
     def phase_choices(self, phase: str) -> list[PhaseChoice]:
-        out = [self.phase_goodput(phase, tp, pp) for tp in self.space.table.tps(self.space.model,
-                                                                               self.cluster.device)
-               for pp in self.space.pps]
-        return sorted((c for c in out if c is not None and c.goodput > 0),
-                      key=lambda c: (-c.per_device, c.num_devices))
+        """Every configuration of `phase` searched, best goodput per device first."""
+        keys = self.phase_keys(phase)
+        self.prefetch(keys)
+        out = [self._phases[k] for k in keys]
+        return sorted((c for c in out if c is not None and c.goodput > 0), key=_rank)
+
+    def best_choice(self, phase: str) -> PhaseChoice | None:
+        """The best configuration of `phase` by goodput per device (then fewer devices), by
+        branch and bound: configurations in order of their bound per device, searched (a few
+        at a time, in parallel) only while the bound can beat the best found."""
+        keys = self.phase_keys(phase)
+        if phase == "prefill":
+            self.prefetch(keys)
+        bounds = {k: self.phase_bound(*k) for k in keys}
+        per_device = {k: bounds[k] / (k[1] * k[2]) for k in keys if bounds[k]}
+        order = sorted(per_device, key=lambda k: -per_device[k])
+        best = None
+        while order:
+            batch = [k for k in order[:max(1, self.space.workers)]
+                     if best is None or per_device[k] > best.per_device]
+            if not batch:
+                break
+            self.prefetch(batch)
+            for k in batch:
+                c = self._phases[k]
+                if c is not None and c.goodput > 0 and (best is None or _rank(c) < _rank(best)):
+                    best = c
+            order = order[len(batch):]
+        return best
+
+
+def _rank(c: PhaseChoice) -> tuple[float, int]:
+    return (-c.per_device, c.num_devices)
+
+
+def _search_job(job: tuple) -> tuple[float | None, int]:
+    """One search_goodput() in a worker process: (goodput, simulations run)."""
+    space, lengths, slo, cluster, search = job
+    planner = Planner(space, lengths, slo, cluster)
+    return planner.search_goodput(*search), planner.num_sims
+
+
+def decode_fluid_rate(spec: InstanceSpec, lengths: Sequence[tuple[int, int]], slo: SLO) -> float:
+    """The highest rate one decode instance sustains in a fluid (mean-value) model. Every
+    running sequence of a (virtual) engine steps together; a request takes O = E[o - 1] steps
+    over contexts summing to K = E[(o - 1) p + (o - 1) o / 2], so by Little's law an engine
+    fed R requests/s batches B = R O T and caches R K T tokens, and its step time
+    T = a + b R K T + c B solves to T = a / (1 - R (b K + c O)). At pp > 1 each of the pp
+    virtual engines gets R / pp and steps in pp stage times (the coefficients at pp 1), and
+    they share the cache. Feasible while T <= TPOT, the cache holds every engine's tokens
+    (plus half a block per sequence) and B <= max_num_seqs. Past the memory limit the real
+    scheduler preempts and recomputes and the queue grows without bound, however long a
+    finite run takes to show it. A search start and a bound for pruning, not a result."""
+    lat = spec.latency
+    pp = lat.pp
+    num_steps = sum(o - 1 for _, o in lengths) / len(lengths)
+    ctx_steps = sum((o - 1) * p + (o - 1) * o / 2 for p, o in lengths) / len(lengths)
+    cache = spec.num_kv_blocks * spec.block_size
+    regimes = [tuple(v * pp for v in lat.decode_coeffs(bs)) for bs in (1, lat.decode_threshold)]
+
+    def step_time(rate: float) -> float:
+        t = math.inf
+        for i, (a, b, c) in enumerate(regimes):
+            den = 1 - rate * (b * ctx_steps + c * num_steps)
+            t = a / den if den > 0 else math.inf
+            if i == 0 and rate * num_steps * t < lat.decode_threshold:
+                break
+        return t
+
+    def feasible(rate: float) -> bool:
+        t = step_time(rate / pp)
+        return (t <= slo.tpot and rate / pp * num_steps * t <= spec.max_num_seqs
+                and rate * t * (ctx_steps + num_steps * spec.block_size / 2) <= cache)
+
+    hi = pp * max(1 / (b * ctx_steps + c * num_steps) for _, b, c in regimes)
+    return max((r for r in np.linspace(hi / 1000, hi, 1000) if feasible(r)), default=0.0)

@@ -14,6 +14,12 @@ blocks freed when the copy ends -> continuous batching, one token per step -> fi
 freed. Colocated: one engine does both (prefill first, as vLLM). Two per-phase modes serve the
 high-affinity search: "prefill" (decode is free and instant) and "decode" (requests arrive
 already prefilled, TTFT 0).
+
+An instance of pipeline degree pp is pp virtual engines (each its own scheduler, queues and
+batch; one KV cache between them) sharing the first pipeline stage: a batch holds the stage
+for the latency model's stage time and is done pp stage times later. At pp = 1 that is the
+plain engine. The scheduler is driven as it is; only its Sequence and BlockManager are thin
+subclasses that make its per-row bookkeeping cheap (SimSequence, SimBlocks).
 """
 from __future__ import annotations
 
@@ -21,6 +27,7 @@ import heapq
 import math
 from collections import deque
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Callable, Literal, Sequence as Seq
 
 import numpy as np
@@ -34,13 +41,7 @@ from planner.latency import LatencyModel, Link
 Mode = Literal["disaggregated", "colocated", "prefill", "decode"]
 MODES = ("disaggregated", "colocated", "prefill", "decode")
 _PARAMS = SamplingParams(max_tokens=1, seed=0, ignore_eos=True)   # shared; lengths live below
-
-
-class SimSequence(Sequence):
-    """A Sequence compared by identity: the scheduler's `in`/`remove` stay cheap with no
-    field-by-field dataclass comparison (no behavioural difference: req_ids are unique)."""
-    __eq__ = object.__eq__
-    __hash__ = object.__hash__
+_NUM_TOKENS = attrgetter("num_tokens")
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,36 @@ class Record:
         return self.ttft <= ttft and self.tpot <= tpot
 
 
+class SimSequence(Sequence):
+    """The engine's Sequence, made cheap for the scheduler's per-row work (no behavioural
+    difference): compared by identity (its `in`/`remove` skip the dataclass's field-by-field
+    comparison; req_ids are unique), and `num_tokens` a plain attribute that `add_token` keeps
+    equal to len(prompt_ids) + len(output_ids) (the simulator is the only one to append tokens;
+    the scheduler reads it several times per row per step). `rec` is the request's Record."""
+    __eq__ = object.__eq__
+    __hash__ = object.__hash__
+    num_tokens = 0                      # shadows Sequence.num_tokens (a property)
+
+    def __init__(self, rec: Record, output_ids: Seq[int] = (),
+                 status: SequenceStatus = SequenceStatus.WAITING) -> None:
+        super().__init__(str(rec.req.req_id), [0] * rec.req.prompt_len, _PARAMS,
+                         output_ids=list(output_ids), status=status)
+        self.rec = rec
+        self.num_tokens = rec.req.prompt_len + len(self.output_ids)
+
+    def add_token(self) -> None:
+        self.output_ids.append(0)
+        self.num_tokens += 1
+
+
+class SimBlocks(BlockManager):
+    """The engine's BlockManager; `allocate(0)` (most decode rows need no new block) returns
+    at once instead of building an empty list through the pool."""
+
+    def allocate(self, n: int) -> list[int]:
+        return super().allocate(n) if n else []
+
+
 @dataclass(frozen=True)
 class InstanceSpec:
     latency: LatencyModel
@@ -83,10 +114,10 @@ class InstanceSpec:
     block_size: int = 16
     chunked_prefill: bool = False
 
-    def scheduler(self) -> Scheduler:
+    def scheduler(self, blocks: BlockManager | None = None) -> Scheduler:
         config = SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens, self.block_size,
                                  self.chunked_prefill)
-        return Scheduler(config, BlockManager(self.num_kv_blocks))
+        return Scheduler(config, blocks or SimBlocks(self.num_kv_blocks))
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -113,11 +144,26 @@ class SimConfig:
             raise ValueError("instance counts must be >= 1")
 
 
+class _Stage:
+    """The first pipeline stage of one instance, shared by its pp virtual engines: one batch
+    at a time enters it and holds it for the latency model's (per-stage) time; the batch is
+    done pp stage times later, so pp batches can be in flight but none is faster than at pp 1."""
+
+    def __init__(self, pp: int) -> None:
+        self.pp = pp
+        self.busy = False
+        self.engines: list[_Engine] = []
+
+
 class _Engine:
-    def __init__(self, role: str, index: int, spec: InstanceSpec) -> None:
-        self.role, self.index, self.spec = role, index, spec
-        self.scheduler = spec.scheduler()
-        self.blocks = self.scheduler.blocks
+    """One scheduler: an instance at pp 1, one of its pp virtual engines otherwise (vLLM's
+    virtual engines: own queues and batches, one KV cache shared by the instance)."""
+
+    def __init__(self, role: str, index: int, spec: InstanceSpec, stage: _Stage,
+                 blocks: BlockManager) -> None:
+        self.role, self.index, self.spec, self.stage = role, index, spec, stage
+        self.scheduler = spec.scheduler(blocks)
+        self.blocks = blocks
         self.pending: deque[tuple[Sequence, _Engine | None]] = deque()
         self.busy = False
         self.num_steps = self.num_preempted = self.peak_blocks = 0
@@ -133,11 +179,15 @@ class _Engine:
         k = batch.num_decodes
         decode = 0.0
         if k:
-            decode = lat.decode_time(k, sum(s.num_tokens for s in batch.seqs[:k]))
+            decode = lat.decode_time(k, sum(map(_NUM_TOKENS, batch.seqs[:k])))
             if k == len(batch.seqs):
                 return decode
             decode -= lat.decode_time(k, 0) - lat.decode_time(k, 0, marginal=True)
         return lat.prefill_time(batch.num_new[k:]) + decode
+
+
+def in_window(window: tuple[float, float] | None, t: float) -> bool:
+    return window is None or window[0] <= t < window[1]
 
 
 @dataclass
@@ -146,29 +196,42 @@ class SimResult:
     end_time: float
     stopped_early: bool = False
     stats: dict[str, dict] = field(default_factory=dict)
+    window: tuple[float, float] | None = None       # arrivals counted by attainment()
+
+    @property
+    def measured(self) -> list[Record]:
+        """The records whose arrival falls in the window (all of them without one)."""
+        if self.window is None:
+            return self.records
+        return [r for r in self.records if in_window(self.window, r.req.arrival)]
 
     def attainment(self, ttft: float, tpot: float) -> float:
-        if self.stopped_early:
+        measured = self.measured
+        if self.stopped_early or not measured:
             return 0.0
-        return sum(r.meets(ttft, tpot) for r in self.records) / len(self.records)
+        return sum(r.meets(ttft, tpot) for r in measured) / len(measured)
 
     def mean_ttft(self) -> float:
         return float(np.mean([r.ttft for r in self.records]))
 
 
 class Simulator:
-    """One run over `requests`. `stop_below=(ttft, tpot, target)` ends the run as soon as the
-    attainment target can no longer be met (the result is then marked `stopped_early`)."""
+    """One run over `requests`. `window=(t0, t1)`: only requests arriving in [t0, t1) count
+    towards attainment (the others load the system: a warm-up before, a tail after).
+    `stop_below=(ttft, tpot, target)` ends the run as soon as the attainment target can no
+    longer be met (the result is then marked `stopped_early`)."""
 
     def __init__(self, config: SimConfig, requests: Seq[Request],
-                 stop_below: tuple[float, float, float] | None = None) -> None:
+                 stop_below: tuple[float, float, float] | None = None,
+                 window: tuple[float, float] | None = None) -> None:
         self.config = config
         self.requests = sorted(requests, key=lambda r: (r.arrival, r.req_id))
         self.records = {r.req_id: Record(r) for r in self.requests}
         if len(self.records) != len(self.requests):
             raise ValueError("request ids must be unique")
-        self.stop_below = stop_below
-        self._max_misses = (math.floor((1 - stop_below[2]) * len(self.requests))
+        self.stop_below, self.window = stop_below, window
+        num_measured = sum(in_window(window, r.arrival) for r in self.requests)
+        self._max_misses = (math.floor((1 - stop_below[2]) * num_measured)
                             if stop_below else len(self.requests))
         self._misses = 0
         self._events: list = []
@@ -183,7 +246,14 @@ class Simulator:
         self._validate()
 
     def _make(self, role: str, n: int, spec: InstanceSpec | None, used: bool) -> list[_Engine]:
-        return [_Engine(role, i, spec) for i in range(n)] if used else []
+        if not used:
+            return []
+        pp, engines = spec.latency.pp, []
+        for i in range(n):
+            stage, blocks = _Stage(pp), SimBlocks(spec.num_kv_blocks)
+            stage.engines = [_Engine(role, i * pp + v, spec, stage, blocks) for v in range(pp)]
+            engines += stage.engines
+        return engines
 
     def _validate(self) -> None:
         for r in self.requests:
@@ -212,14 +282,15 @@ class Simulator:
                 break
         if not stopped:
             self._check_drained()
-        return SimResult(list(self.records.values()), self.now, stopped, self._stats())
+        return SimResult(list(self.records.values()), self.now, stopped, self._stats(), self.window)
 
     def _arrive(self, r: Request) -> None:
-        seq = SimSequence(str(r.req_id), [0] * r.prompt_len, _PARAMS)
+        rec = self.records[r.req_id]
+        seq = SimSequence(rec)
         if self.config.mode == "decode":
-            seq.output_ids.append(0)
+            seq.add_token()
             seq.status = SequenceStatus.PREFILLED
-            self._first_token(self.records[r.req_id])
+            self._first_token(rec)
             self._hand_off(seq, None)
             return
         engines = self.colocated or self.prefills
@@ -228,8 +299,10 @@ class Simulator:
         self._poke(engine)
 
     def _poke(self, e: _Engine) -> None:
-        """Start a step on an idle engine if it has anything to do (schedule, execute...)."""
-        if e.busy:
+        """Start a step on an idle engine if it has anything to do (schedule, execute...).
+        Each pipeline stage copies its own layers' KV, so a copy holds a stage 1/pp of it."""
+        stage = e.stage
+        if e.busy or stage.busy:
             return
         transfer = self._admit(e) if e.role == "decode" else 0.0
         batch = e.scheduler.schedule()
@@ -240,8 +313,16 @@ class Simulator:
         e.peak_blocks = max(e.peak_blocks, e.blocks.num_used)
         if batch is not None:
             e.num_preempted += len(batch.preempted)
-        duration = transfer + (e.step_time(batch) if batch is not None else 0.0)
-        self._at(self.now + duration, self._step_done, e, batch)
+        duration = transfer / stage.pp + (e.step_time(batch) if batch is not None else 0.0)
+        if stage.pp > 1:
+            stage.busy = True
+            self._at(self.now + duration, self._stage_free, stage)
+        self._at(self.now + stage.pp * duration, self._step_done, e, batch)
+
+    def _stage_free(self, stage: _Stage) -> None:
+        stage.busy = False
+        for e in stage.engines:
+            self._poke(e)
 
     def _step_done(self, e: _Engine, batch: Batch | None) -> None:
         """...update, as the model runner and LLMEngine._update: every row's new tokens are
@@ -255,9 +336,9 @@ class Simulator:
                     self._update(e, seq)
         self._poke(e)
 
-    def _update(self, e: _Engine, seq: Sequence) -> None:
-        seq.output_ids.append(0)
-        rec = self.records[int(seq.req_id)]
+    def _update(self, e: _Engine, seq: SimSequence) -> None:
+        seq.add_token()
+        rec = seq.rec
         if rec.first_token is None:
             self._first_token(rec)
         if len(seq.output_ids) >= rec.req.output_len:
@@ -272,7 +353,7 @@ class Simulator:
     def _hand_off(self, seq: Sequence, src: _Engine | None) -> None:
         if self.config.mode == "prefill":                  # decode is free and instant
             src.scheduler.finish(seq)
-            self._finish(self.records[int(seq.req_id)])
+            self._finish(seq.rec)
             return
         dst = min(self.decodes, key=lambda e: (e.load(), e.index))
         dst.pending.append((seq, src))
@@ -289,8 +370,7 @@ class Simulator:
             if not (e.blocks.can_allocate(need) and len(sched.running) < e.spec.max_num_seqs):
                 break
             e.pending.popleft()
-            seq = SimSequence(pseq.req_id, pseq.prompt_ids, _PARAMS, output_ids=list(pseq.output_ids),
-                              status=SequenceStatus.WAITING_FOR_KV)
+            seq = SimSequence(pseq.rec, pseq.output_ids, SequenceStatus.WAITING_FOR_KV)
             seq.block_ids = e.blocks.allocate(need)
             total += self._copy_time(pseq.num_prompt_tokens)
             if src is not None:
@@ -309,14 +389,17 @@ class Simulator:
         self._poke(src)
 
     # ---- records and checks -------------------------------------------------------------
+    def _counts(self, rec: Record) -> bool:
+        return self.stop_below is not None and in_window(self.window, rec.req.arrival)
+
     def _first_token(self, rec: Record) -> None:
         rec.first_token = self.now
-        if self.stop_below and rec.ttft > self.stop_below[0]:
+        if self._counts(rec) and rec.ttft > self.stop_below[0]:
             self._misses += 1
 
     def _finish(self, rec: Record) -> None:
         rec.finish = self.now
-        if self.stop_below and rec.ttft <= self.stop_below[0] and rec.tpot > self.stop_below[1]:
+        if self._counts(rec) and rec.ttft <= self.stop_below[0] and rec.tpot > self.stop_below[1]:
             self._misses += 1
 
     def _engines(self) -> list[_Engine]:
@@ -360,7 +443,8 @@ def make_requests(lengths: Seq[tuple[int, int]], arrivals: Seq[float]) -> list[R
 
 
 def simulate(config: SimConfig, lengths: Seq[tuple[int, int]], rate: float, seed: int = 0,
-             stop_below: tuple[float, float, float] | None = None) -> SimResult:
+             stop_below: tuple[float, float, float] | None = None,
+             window: tuple[float, float] | None = None) -> SimResult:
     """Poisson arrivals at `rate` over `lengths` (in order)."""
     return Simulator(config, make_requests(lengths, poisson_arrivals(len(lengths), rate, seed)),
-                     stop_below).run()
+                     stop_below, window).run()

@@ -2,14 +2,17 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
 
 from planner.latency import (LatencyModel, LatencyTable, Link, anchor_path, fit_model,
                              load_kv_capacity, load_profile)
-from planner.search import SLO, goodput
-from planner.simulator import InstanceSpec, SimConfig, Simulator, make_requests, poisson_arrivals, simulate
+from planner.placement import plan_fixed, plan_high, plan_low
+from planner.search import SLO, Cluster, Planner, SearchSpace, decode_fluid_rate, goodput
+from planner.simulator import (InstanceSpec, SimConfig, SimResult, Simulator, make_requests,
+                               poisson_arrivals, simulate)
 
 A100 = anchor_path("distserve-a100-profile.distserve.json")
 needs_anchors = pytest.mark.skipif(not A100.is_file(), reason="../shared/anchors not present")
@@ -137,6 +140,48 @@ def test_kv_transfer_delays_decode_not_first_token():
     assert np.mean([r.finish for r in slow.records]) > np.mean([r.finish for r in fast.records])
 
 
+def test_pipeline_overlaps_batches_but_does_not_cut_latency():
+    d = 0.1
+    lat = LatencyModel("x", "cpu", 1, (d, 0, 0), (0.02, 0, 0), (0.02, 0, 0)).with_pp(2)
+    stage = d / 2 + 2 * 0.001                    # README: T / pp + pp ms, per stage
+    config = SimConfig("prefill", prefill=InstanceSpec(lat, 1000, max_num_seqs=1))
+    alone = Simulator(config, make_requests([(8, 2)], [0.0])).run()
+    assert alone.records[0].ttft == pytest.approx(2 * stage)
+    burst = Simulator(config, make_requests([(8, 2)] * 20, [0.0] * 20)).run()
+    firsts = sorted(r.first_token for r in burst.records)
+    assert firsts[-1] == pytest.approx(21 * stage)        # a batch enters every stage time
+    decode = SimConfig("decode", decode=InstanceSpec(lat, 100))
+    assert simulate(decode, [(8, 11)], 1.0).records[0].tpot == pytest.approx(0.02)
+
+
+def test_window_counts_and_stops_on_its_arrivals_only():
+    lat = LatencyModel("x", "cpu", 1, (0.1, 0, 0), (0, 0, 0), (0, 0, 0))
+    config = SimConfig("prefill", prefill=InstanceSpec(lat, 1000, max_num_seqs=1))
+    # a burst of 10 at t=0 queues (TTFT 0.1 ... 1.0 s), then 10 alone, 1 s apart (TTFT 0.1 s)
+    reqs = make_requests([(8, 2)] * 20, [0.0] * 10 + [10.0 + i for i in range(10)])
+    res = Simulator(config, reqs, window=(5.0, math.inf)).run()
+    assert len(res.measured) == 10 and res.attainment(0.15, 1.0) == 1.0
+    assert SimResult(res.records, res.end_time).attainment(0.15, 1.0) == pytest.approx(11 / 20)
+    stop = (0.15, 1.0, 0.9)
+    assert not Simulator(config, reqs, stop, window=(5.0, math.inf)).run().stopped_early
+    assert Simulator(config, reqs, stop).run().stopped_early
+
+
+def test_fluid_decode_rate_marks_the_memory_cliff():
+    lat = LatencyModel("x", "cpu", 1, (0.01, 0, 0), (0.01, 1e-6, 1e-4), (0.01, 1e-6, 1e-4))
+    spec = InstanceSpec(lat, 200, max_num_seqs=256)          # 3200 tokens: memory binds
+    lengths, slo = [(100, 50)] * 10, SLO(0.25, 0.1)
+    fluid = decode_fluid_rate(spec, lengths, slo)
+    assert fluid == pytest.approx(31.9, rel=0.03)            # worked by hand: R T (K + 8 O) = 3200
+    config = SimConfig("decode", decode=spec)
+
+    def attainment(rate: float) -> float:
+        n = int(rate * 40)
+        res = simulate(config, lengths * (n // 10), rate, window=(10.0, math.inf))
+        return res.attainment(slo.ttft, slo.tpot)
+    assert attainment(0.85 * fluid) >= 0.9 > attainment(1.2 * fluid)
+
+
 def test_request_too_big_for_the_cache_is_rejected():
     with pytest.raises(ValueError, match="does not fit"):
         Simulator(disagg_config(), make_requests([(2000, 10)], [0.0]))
@@ -148,6 +193,48 @@ def test_goodput_bisects_to_the_threshold():
     probe = lambda rate: 1.0 if rate <= 7.3 else 0.5
     assert goodput(probe, 0.9, guess=1.0, rel_tol=0.01) == pytest.approx(7.3, rel=0.011)
     assert goodput(lambda r: 0.0, 0.9, guess=1.0) == 0.0
+
+
+def test_goodput_never_probes_above_max_rate():
+    calls = []
+    probe = lambda rate: calls.append(rate) or (1.0 if rate <= 2.5 else 0.0)
+    g = goodput(probe, 0.9, guess=3.0, rel_tol=0.02, step=1.1, max_rate=3.0)
+    assert 2.5 / 1.02 <= g <= 2.5 and max(calls) == 3.0
+    assert goodput(lambda rate: 1.0, 0.9, guess=3.0, max_rate=3.0) == 3.0
+
+
+def toy_planner(workers: int = 1) -> Planner:
+    """tp2 decodes no faster than tp1 (half the goodput per device): branch and bound skips it."""
+    models = [LatencyModel("toy", "gpu", tp, (0.02 / tp, 1e-4 / tp, 1e-8), (0.01, 2e-6, 1e-4),
+                           (0.01, 2e-6, 2e-4), decode_threshold=32) for tp in (1, 2)]
+    capacity = {("toy", tp, pp): 8000 * tp * pp for tp in (1, 2) for pp in (1, 2)}
+    space = SearchSpace("toy", LatencyTable(models), capacity, pps=(1, 2), num_requests=100,
+                        min_span_s=5.0, window_lifetimes=2.0, workers=workers)
+    lengths = [(50 + 7 * i % 200, 5 + i % 30) for i in range(200)]
+    return Planner(space, lengths, SLO(0.3, 0.05), Cluster(2, 4, "gpu"))
+
+
+def test_branch_and_bound_finds_the_exhaustive_best_with_less_work():
+    exhaustive = toy_planner().phase_choices("decode")[0]
+    planner = toy_planner(workers=2)
+    best = planner.best_choice("decode")
+    assert best == exhaustive                                # same in worker processes
+    assert not planner.is_searched("decode", 2, 1) and not planner.is_searched("decode", 2, 2)
+
+
+def test_search_work_is_bounded():
+    planner = toy_planner()
+    low, high = plan_low(planner), plan_high(planner)
+    assert low.goodput > 0 and high.goodput > 0
+    assert low.goodput <= low.notes["predicted_from_phases"] * (1 + 1e-9)
+    assert planner.num_sims <= 60        # deterministic (seeded); 4 prefill + 2 decode searches
+
+
+def test_pipelined_unit_counts_each_device_once():
+    planner = toy_planner()
+    placed = plan_fixed(planner, 1, 1, pp=2)           # one unit over both nodes
+    assert placed.num_units == 1
+    assert placed.num_devices == 2 * (placed.num_prefill + placed.num_decode) <= 8
 
 
 def test_goodput_of_md1_prefill_meets_ttft_slo():
