@@ -26,7 +26,7 @@ from planner import profile as profiling
 from planner.deployment import Target, best_of, load_target, make_planner, search
 from planner.latency import load_profile
 from planner.placement import plan_colocated
-from planner.search import SLO, Placement, Planner
+from planner.search import SLO, Placement, Planner, SearchSpace
 
 POOL_SIZE = 2000          # requests drawn from a named workload for the planner's length pool
 
@@ -99,7 +99,8 @@ def add_target_arguments(p: argparse.ArgumentParser, slo_required: bool = True) 
                    help="decode batch limit (default 32 with our profiles, as deploy; else 256)")
     p.add_argument("--requests", type=int, default=300)
     p.add_argument("--span", type=float, default=30.0, help="min seconds of arrivals per probe")
-    p.add_argument("--max-requests", type=int, default=1500)
+    p.add_argument("--max-requests", type=int, default=SearchSpace.max_requests,
+                   help="most requests one probe simulates (default %(default)s)")
     p.add_argument("--seed", type=int, default=0)
 
 

@@ -177,8 +177,9 @@ def evaluate(config: SimConfig, trace: Trace, slo: SLO) -> dict[str, Any]:
 
 def alone_miss(trace: Trace, lat, slo: SLO) -> float:
     """The share of the trace's requests that miss an SLO with an instance to themselves."""
-    miss = [lat.prefill_time([p]) > slo.ttft or (o > 1 and lat.decode_time(1, p + 1) > slo.tpot)
-            for p, o in trace.lengths]
+    stages = lat.pp if lat.pp != lat.measured_pp else 1     # derived pp: times are per stage
+    miss = [stages * lat.prefill_time([p]) > slo.ttft
+            or (o > 1 and stages * lat.decode_time(1, p + 1) > slo.tpot) for p, o in trace.lengths]
     return sum(miss) / len(miss)
 
 
