@@ -115,6 +115,7 @@ def run_compare(args: argparse.Namespace) -> dict[str, Any]:
 
     from .cli import build_workload, goodput_doc, log, resolve_slo, write_json
     workload = build_workload(args)
+    commit = _git_commit(ROOT)                   # what the servers run, read before they start
     run_root = (args.run_dir or ROOT / "run" / "bench").resolve()
     model_path = Path(args.serve_model).resolve() if args.serve_model else DEFAULT_MODEL_PATH
     slo = slo_info = None
@@ -151,11 +152,25 @@ def run_compare(args: argparse.Namespace) -> dict[str, Any]:
         if doc["goodput_rps"] > 0:
             start_rate = doc["goodput_rps"]               # the next search starts near it
     combined = {"kind": "compare", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "git_commit": commit,
                 "command": "python -m client.bench " + " ".join(args.argv),
                 "workload": workload.describe(), "slo": slo_info, "target": args.target,
                 "systems": docs}
     write_json(Path("results") / f"compare-{args.name or args.workload}.json", combined)
     return combined
+
+
+def _git_commit(root: Path) -> str | None:
+    """The commit the servers ran (with `+dirty` when the tree had changes)."""
+    import subprocess
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True).stdout.strip()
+        return head + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None
 
 
 def write_summary(combined: dict[str, Any], out_dir: Path, name: str) -> list[Path]:
@@ -195,7 +210,8 @@ def markdown(summary: dict[str, Any], plots: Sequence[str]) -> str:
     slo = summary["slo"]
     base = next((d["goodput_rps"] for d in docs if d["system"]["name"] == "colocated"), None)
     lines = [f"# Goodput: {w['name']}", "",
-             f"Command: `{summary['command']}` ({summary['created']}).", "",
+             f"Command: `{summary['command']}` ({summary['created']}, commit "
+             f"{summary.get('git_commit') or 'unknown'}).", "",
              f"Workload: {w['num_requests']} requests per rate, seed {w['seed']}, caps "
              f"{_caps(w['caps'])}; prompt tokens p50 {w['lengths']['prompt']['p50']:.0f} "
              f"(mean {w['lengths']['prompt']['mean']:.0f}), output tokens p50 "
