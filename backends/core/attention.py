@@ -23,6 +23,8 @@ class AttentionMetadata:
     block_tables: torch.Tensor     # [B, max_blocks] padded with 0
     decode_mask: torch.Tensor | None = None   # [B, 1, 1, T] for decode: key t is valid
     parts: tuple[AttentionMetadata, AttentionMetadata] | None = None   # mixed: (decodes, prefills)
+    # decode with very different context lengths: (row indices, their own metadata) per group
+    groups: list[tuple[torch.Tensor, AttentionMetadata]] | None = None
 
     @property
     def is_prefill(self) -> bool:
@@ -51,11 +53,39 @@ class AttentionMetadata:
             d = num_decodes
             meta.parts = (cls.build(d, query_lens[:d], context_lens[:d], tables[:d], block_size, device),
                           cls.build(0, query_lens[d:], context_lens[d:], tables[d:], block_size, device))
+        elif num_decodes > 1 and len(groups := decode_groups(context_lens)) > 1:
+            meta.groups = [(torch.tensor(g, device=device),
+                            cls.build(len(g), [1] * len(g), [context_lens[i] for i in g],
+                                      [tables[i] for i in g], block_size, device)) for g in groups]
         elif num_decodes:
             t = torch.arange(max_blocks * block_size, device=device)
             lens = torch.tensor(context_lens, device=device)
             meta.decode_mask = (t[None, :] < lens[:, None])[:, None, None, :]
         return meta
+
+
+GROUP_COST_TOKENS = 512     # one more decode group costs about this many padded context tokens
+
+
+def decode_groups(context_lens: list[int]) -> list[list[int]]:
+    """Split a decode batch into groups of similar context length, so that each group gathers
+    (and masks) only up to its own longest context: the split of the length-sorted batch that
+    minimises the padded tokens plus GROUP_COST_TOKENS per group (dynamic programming)."""
+    order = sorted(range(len(context_lens)), key=context_lens.__getitem__)
+    lens = [context_lens[i] for i in order]
+    n = len(lens)
+    best = [0.0] + [float("inf")] * n          # best[j]: cost of the first j sorted rows
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(j):                     # rows i..j-1 form the last group
+            cost = best[i] + (j - i) * lens[j - 1] + GROUP_COST_TOKENS
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    groups, j = [], n
+    while j:
+        groups.append(order[cut[j]:j])
+        j = cut[j]
+    return groups[::-1]
 
 
 def store_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -111,14 +141,24 @@ def _prefill_attention(q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale
     return torch.cat(outs) if len(outs) > 1 else outs[0]
 
 
+SDPA_DECODE_MAX_CONTEXT = 256     # batch-1 decode: SDPA up to here, the per-head loop beyond
+
+
 def _decode_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float):
     # One query per sequence; per KV head, its G query heads go in one bmm against that head's
     # dense gathered context (GQA without repeating K/V, and no transposing copies, which on
     # CPU cost more than the matmuls; SDPA's CPU flash kernel is slower for q_len 1).
     B, H, hd = q.shape
+    if meta.groups:
+        out = q.new_empty(B, H * hd)
+        for rows, sub in meta.groups:
+            out[rows] = _decode_attention(q[rows], k_cache, v_cache, sub, scale)
+        return out
     kvh = k_cache.shape[1]
     T = meta.decode_mask.shape[-1]
-    if B == 1:              # no padding to mask: one fused SDPA call beats the per-head loop
+    if B == 1 and meta.context_lens[0] <= SDPA_DECODE_MAX_CONTEXT:
+        # short context, nothing to mask: one fused SDPA call beats the per-head loop (with a
+        # long context SDPA's GQA expansion costs more: 1024 tokens, ~2.8x the loop)
         T = meta.context_lens[0]
         k, v = _gather(k_cache, meta.block_tables, T), _gather(v_cache, meta.block_tables, T)
         o = F.scaled_dot_product_attention(q[:, :, None], k, v, scale=scale, enable_gqa=True)
