@@ -163,3 +163,25 @@ def test_bad_prefill_requests(pair):
     prefill.submit(PrefillRequest("dup", [3, 4], PARAMS))
     outs = prefill.step()
     assert any(isinstance(o, PrefillError) and "already in use" in o.error for o in outs)
+
+
+def test_a_lease_that_expires_while_waiting_for_decode_fails_the_request(tiny_llama, pair):
+    """Decode admission waits (pull-based) longer than the lease: the request must end with a
+    clear error, not wait forever; the others finish."""
+    prefill, decode, clock = pair
+    reqs = [PrefillRequest(f"r{i}", list(range(5, 21)), PARAMS) for i in range(5)]
+    results = _prefill(prefill, reqs)
+    for req in reqs:
+        decode.submit(_decode_request(req, results[req.req_id]))
+    decode.step()
+    waiting = {req.req_id for req, _ in decode.pending}
+    assert waiting
+    clock.now += 6.0                        # past the 5 s lease
+    prefill.step()                          # prefill reclaims the expired leases
+    outs = _decode_all(decode)
+    for rid in waiting:
+        assert outs[rid][-1].finished and outs[rid][-1].finish_reason == "error", outs[rid]
+        assert "lease" in outs[rid][-1].error.lower()
+    prefill.step()
+    assert_no_leaks(prefill.engine)
+    assert_no_leaks(decode.engine)

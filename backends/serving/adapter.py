@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from backends.core.messages import DecodeOutput
 from backends.serving.host import build_colocated_host, build_decode_host, build_prefill_host
 from backends.serving.metrics import EngineMetrics
 
@@ -66,8 +67,17 @@ class EngineModel:
                         self._senders.pop(req.req_id, None)
                     raise
             except ValueError as e:
-                self._respond(sender, None, str(e), final=True)
+                self._respond(sender, *self._error_payload("", str(e)), final=True)
         return None
+
+    def _error_payload(self, req_id: str, error: str) -> tuple[str | None, str | None]:
+        """(payload, error) for a failure. A decoupled phase (decode, colocated) reports it as
+        an ordinary final response whose payload carries the error: a Triton error response
+        on a decoupled BLS stream never reaches the orchestrator's response iterator (python
+        backend 2.51), which would then wait forever."""
+        if self.PHASE == "prefill":
+            return None, error
+        return DecodeOutput(req_id, finished=True, finish_reason="error", error=error).to_json(), None
 
     def _is_cancelled(self, req_id: str) -> bool:
         with self._lock:
@@ -78,6 +88,8 @@ class EngineModel:
         with self._lock:
             entry = self._senders.pop(req_id, None) if final else self._senders.get(req_id)
         if entry is not None:
+            if error is not None:
+                payload, error = self._error_payload(req_id, error)
             self._respond(entry[1], payload, error, final)
 
     def _respond(self, sender: Any, payload: str | None, error: str | None, final: bool) -> None:

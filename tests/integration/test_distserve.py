@@ -212,7 +212,11 @@ def _raw_decode(server, request: dict) -> list[str]:
     client.close()
     if errors:
         raise DistServeError(str(errors[0]))
-    return [r.as_numpy("response")[0].decode() for r in results if r.as_numpy("response") is not None]
+    outputs = [r.as_numpy("response")[0].decode() for r in results if r.as_numpy("response") is not None]
+    failed = [json.loads(o)["error"] for o in outputs if json.loads(o).get("error")]
+    if failed:                      # decode reports failures in its payload (see EngineModel)
+        raise DistServeError(failed[0])
+    return outputs
 
 
 def _wait_prefill_reclaims(server) -> None:
@@ -230,3 +234,27 @@ def test_benchmark_replay_accounts_for_every_request(server, endpoint, num_good)
     bad = [r.error for r in results if not r.ok]
     assert len(bad) == 2 and any("context" in e or "long" in e for e in bad), bad
     _wait_all_free(server)
+
+
+def test_lease_expiring_while_decode_is_full_fails_the_request_instead_of_hanging(tmp_path, gguf_path):
+    """Decode (one sequence at a time) cannot admit the 2nd and 3rd requests before their
+    1-second KV leases expire: they must fail with the hand-off error, promptly."""
+    deployment = default_deployment(str(gguf_path))
+    deployment = dataclasses.replace(deployment, lease_timeout_s=1.0, max_model_len=512,
+                                     decode=dataclasses.replace(deployment.decode, max_num_seqs=1,
+                                                                num_kv_blocks=64),
+                                     prefill=dataclasses.replace(deployment.prefill, num_kv_blocks=64))
+    repo = render_repository(deployment, tmp_path / "model_repository", require_code=True)
+    from client.bench.pools import Request
+    from client.bench.runner import replay
+    with start_server(repo, run_dir=tmp_path / "run") as srv:
+        # the first keeps decode busy for 120 steps (>= 2.4 s even at 20 ms a step)
+        requests = [Request(tuple(range(100, 140)), n, f"r{i}") for i, n in enumerate((120, 40, 40))]
+        t0 = time.monotonic()
+        results = replay("triton-grpc", srv.grpc_url, "distserve", requests, [0.0, 0.01, 0.02],
+                         timeout_s=60, progress=False)
+        assert time.monotonic() - t0 < 45, "a request waited for its timeout"
+        assert results[0].ok and results[0].num_tokens == 120
+        for r in results[1:]:
+            assert r.error and "lease" in r.error and "timeout" not in r.error, r
+        wait_kv_free(srv, ("prefill-0", "decode-0"))
