@@ -182,6 +182,10 @@ def run_plan(args: argparse.Namespace) -> dict:
     if baseline and not args.no_baseline:
         doc["colocated"] = _baseline(planner, load_profile(baseline, target.device), best)
     print(f"chosen: {describe(best).strip()}" if best else "chosen: none fits")
+    gain = (doc.get("colocated") or {}).get("gain_per_device")
+    if gain is not None and gain < 1:
+        print(f"note: on these devices the colocated baseline is predicted {1 / gain:.2f}x this "
+              f"plan's goodput per device (`python -m deploy serve --baseline colocated` serves it)")
     return doc | {"_best": best, "_target": target}
 
 
