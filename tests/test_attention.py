@@ -20,8 +20,11 @@ def _reference(q, keys, values, scale):
 
 
 @pytest.mark.parametrize("context_lens", [[1], [A.SDPA_DECODE_MAX_CONTEXT], [A.SDPA_DECODE_MAX_CONTEXT + 1],
-                                          [1000], [5, 300, 700, 17]])
+                                          [1000], [5, 300, 700, 17], [5, 17, 3000, 2990]])
 def test_decode_attention_matches_dense(context_lens):
+    from backends.core.attention import decode_groups
+    if context_lens == [5, 17, 3000, 2990]:
+        assert len(decode_groups(context_lens)) == 2          # the grouped path is the one tested
     torch.manual_seed(0)
     B = len(context_lens)
     blocks_per_seq = [-(-n // BS) for n in context_lens]
@@ -46,10 +49,10 @@ def test_decode_attention_matches_dense(context_lens):
 def test_decode_groups_split_only_when_padding_costs_more_than_a_group():
     from backends.core.attention import GROUP_COST_TOKENS, decode_groups
     assert decode_groups([100, 120, 90]) == [[2, 0, 1]]                  # similar: one group
-    assert decode_groups([10, 2000, 12, 1990]) == [[0, 2], [3, 1]]       # two clusters
+    assert decode_groups([10, 4000, 12, 3990]) == [[0, 2], [3, 1]]       # two clusters
     lens = [18, 21, 24, 38, 44, 49, 97, 106, 141, 193, 275, 295, 318, 403, 413, 422, 442, 501,
             546, 562, 575, 636, 669, 692, 692, 752, 786, 787, 839, 870, 881, 886]
     groups = decode_groups(lens)
     assert sorted(i for g in groups for i in g) == list(range(len(lens)))
     padded = sum(len(g) * max(lens[i] for i in g) + GROUP_COST_TOKENS for g in groups)
-    assert 1 < len(groups) < len(lens) and padded < len(lens) * max(lens)
+    assert 1 < len(groups) < len(lens) and padded < len(lens) * max(lens) + GROUP_COST_TOKENS
