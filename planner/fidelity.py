@@ -170,6 +170,15 @@ def plot(results: Sequence[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def read_json(path: Path) -> Any:
+    """A JSON file, gzipped (`.gz`) or not."""
+    if path.suffix == ".gz":
+        import gzip
+        with gzip.open(path, "rt") as f:
+            return json.load(f)
+    return json.loads(path.read_text())
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m planner.fidelity", description=__doc__.split("\n\n")[0])
     p.add_argument("compare", type=Path, nargs="+", help="`python -m client.bench compare` result JSONs")
@@ -182,10 +191,10 @@ def main(argv: list[str] | None = None) -> int:
     target = load_target(args.profile)
     results = []
     for path in args.compare:
-        compare = json.loads(path.read_text())
+        compare = read_json(path)
         if compare.get("kind") != "compare":
             raise SystemExit(f"error: {path} is not a `client.bench compare` result")
-        results.append({"name": path.stem.removeprefix("compare-"),
+        results.append({"name": path.name.split(".")[0].removeprefix("compare-"),
                         **run(compare, target, args.calibrate)})
     command = "python -m planner.fidelity " + " ".join(sys.argv[1:] if argv is None else map(str, argv))
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -62,3 +62,14 @@ def test_failures_are_misses():
     one_token = {"ttft_s": 0.1, "tpot_s": None, "num_tokens": 1, "error": None}
     m = measured_point([ok, failed, one_token, ok | {"tpot_s": 0.2}], SLO)
     assert m["attainment"] == 0.5 and m["ttft_attainment"] == 0.75 and m["tpot_attainment"] == 0.5
+
+
+def test_reads_gzipped_results(tmp_path):
+    import gzip
+    import json
+
+    from planner.fidelity import read_json
+    (tmp_path / "a.json").write_text(json.dumps({"kind": "compare"}))
+    with gzip.open(tmp_path / "a.json.gz", "wt") as f:
+        json.dump({"kind": "compare"}, f)
+    assert read_json(tmp_path / "a.json") == read_json(tmp_path / "a.json.gz") == {"kind": "compare"}
