@@ -48,7 +48,7 @@ def test_decode_attention_matches_dense(context_lens):
 
 def test_decode_groups_split_only_when_padding_costs_more_than_a_group():
     from backends.core.attention import GROUP_COST_TOKENS, decode_groups
-    assert decode_groups([100, 120, 90]) == [[2, 0, 1]]                  # similar: one group
+    assert [sorted(g) for g in decode_groups([100, 120, 90])] == [[0, 1, 2]]   # similar: one group
     assert decode_groups([10, 4000, 12, 3990]) == [[0, 2], [3, 1]]       # two clusters
     lens = [18, 21, 24, 38, 44, 49, 97, 106, 141, 193, 275, 295, 318, 403, 413, 422, 442, 501,
             546, 562, 575, 636, 669, 692, 692, 752, 786, 787, 839, 870, 881, 886]

@@ -73,6 +73,8 @@ def decode_groups(context_lens: list[int]) -> list[list[int]]:
     """Split a decode batch into groups of similar context length, so that each group gathers
     (and masks) only up to its own longest context: the split of the length-sorted batch that
     minimises the padded tokens plus GROUP_COST_TOKENS per group (dynamic programming)."""
+    if len(context_lens) * max(context_lens) - sum(context_lens) <= GROUP_COST_TOKENS:
+        return [list(range(len(context_lens)))]     # less padding than one more group costs
     order = sorted(range(len(context_lens)), key=context_lens.__getitem__)
     lens = [context_lens[i] for i in order]
     n = len(lens)
