@@ -7,8 +7,9 @@ from pathlib import Path
 
 
 def write_outputs(report: dict, out: Path, markdown: Callable[[dict], str],
-                  plot: Callable[[dict, Path], None], indent: int = 2) -> None:
+                  plot: Callable[[dict, Path], None] | None, indent: int = 2) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(report, indent=indent) + "\n")
     out.with_suffix(".md").write_text(markdown(report))
-    plot(report, out.with_suffix(".png"))
+    if plot is not None:
+        plot(report, out.with_suffix(".png"))

@@ -18,6 +18,7 @@ import torch
 from tqdm import tqdm
 
 from backends.core.config import ModelConfig, RopeScaling
+from backends.core.quant import GroupQuant
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
 HF_MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "opt": "opt"}
@@ -31,14 +32,17 @@ _GGUF_LAYER_NAMES = {
 _GGUF_GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
 
-def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype = torch.bfloat16
-                    ) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype = torch.bfloat16,
+                    keep_quantized: bool = False) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """Load a checkpoint for serving.
 
     Args:
         path: a `.gguf` file, or a directory with `config.json` plus `model.safetensors` or
             `model.safetensors.index.json` (sharded).
         dtype: torch.float32 or torch.bfloat16; every returned tensor is contiguous in this dtype.
+        keep_quantized: GGUF Q4_0 / Q4_1 / Q8_0 tensors come back as their codes
+            (`quant.GroupQuant`, exact: `.dequantize()` equals gguf's dequantization) instead of
+            dense tensors, so the engine can run them without re-quantizing.
     Returns:
         (config, state_dict) with Hugging Face parameter names.
     Raises:
@@ -54,7 +58,7 @@ def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype = torch.bfloat16
     if path.is_file():
         if path.suffix != ".gguf":
             raise FileNotFoundError(f"{path} is a file but not a .gguf; pass a .gguf file or a HF model directory")
-        config, state = _load_gguf(path, dtype)
+        config, state = _load_gguf(path, dtype, keep_quantized)
     else:
         config, state = _load_hf_dir(path, dtype)
     _check_names(config, state, path)
@@ -100,7 +104,8 @@ def _check_names(config: ModelConfig, state: dict[str, torch.Tensor], path: Path
 
 # ---------------------------------------------------------------- GGUF
 
-def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+def _load_gguf(path: Path, dtype: torch.dtype, keep_quantized: bool = False
+               ) -> tuple[ModelConfig, dict[str, torch.Tensor | GroupQuant]]:
     from gguf import GGUFReader
     from gguf.quants import dequantize
 
@@ -110,21 +115,46 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[ModelConfig, dict[str, t
         raise ValueError(f"GGUF architecture {arch!r} is not supported; choose one of {GGUF_ARCHS}")
     tensors = {t.name: t for t in reader.tensors}
     config = _gguf_config(reader, arch, tensors)
-    state: dict[str, torch.Tensor] = {}
+    state: dict[str, torch.Tensor | GroupQuant] = {}
     for t in tqdm(reader.tensors, desc=f"Loading {path.name}", unit="tensor", disable=None):
         if t.name == "rope_freqs.weight":   # llama3 rope scaling, already folded into the config
             continue
-        name = _hf_name_from_gguf(t.name)
-        arr = dequantize(np.asarray(t.data), t.tensor_type).reshape(tuple(reversed(t.shape.tolist())))
-        if not arr.flags.writeable:         # F32 tensors are read-only views of the memory map
-            arr = arr.copy()
-        w = torch.from_numpy(arr).to(dtype)
-        if arch == "llama" and ".attn_q." in t.name:
-            w = _unpermute_rope(w, config.num_heads)
-        elif arch == "llama" and ".attn_k." in t.name:
-            w = _unpermute_rope(w, config.num_kv_heads)
-        state[name] = w.contiguous()
+        shape = tuple(reversed(t.shape.tolist()))
+        if keep_quantized and t.tensor_type.name in _GGUF_BLOCKS:
+            w = _gguf_group_quant(np.asarray(t.data), t.tensor_type.name, shape)
+        else:
+            arr = dequantize(np.asarray(t.data), t.tensor_type).reshape(shape)
+            if not arr.flags.writeable:         # F32 tensors are read-only views of the memory map
+                arr = arr.copy()
+            w = torch.from_numpy(arr).to(dtype)
+        heads = {".attn_q.": config.num_heads, ".attn_k.": config.num_kv_heads}
+        for part, n in heads.items():
+            if arch == "llama" and part in t.name:
+                w = w.map_rows(lambda x, n=n: _unpermute_rope(x, n)) if isinstance(w, GroupQuant) \
+                    else _unpermute_rope(w, n)
+        state[_hf_name_from_gguf(t.name)] = w if isinstance(w, GroupQuant) else w.contiguous()
     return config, state
+
+
+# GGUF block types that map onto int4 groups of 32: bytes per block, and the code bits
+_GGUF_BLOCKS = {"Q4_0": (18, 4), "Q4_1": (20, 4), "Q8_0": (34, 8)}
+
+
+def _gguf_group_quant(raw: np.ndarray, kind: str, shape: tuple[int, ...]) -> GroupQuant:
+    """Decode GGUF blocks of 32 weights into codes, scales and offsets (w = d*q (+ m))."""
+    nbytes, bits = _GGUF_BLOCKS[kind]
+    n, k = shape
+    b = raw.reshape(n, k // 32, nbytes)
+    d = b[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    if kind == "Q8_0":                      # q int8: w = d*q = d*(q + 128) - 128 d
+        q = b[..., 2:].view(np.int8).astype(np.int16) + 128
+        offset = -128 * d
+    else:                                   # 16 bytes: weight j in the low nibble of byte j, j+16 high
+        qs = b[..., 4:] if kind == "Q4_1" else b[..., 2:]
+        q = np.concatenate([qs & 15, qs >> 4], -1)
+        offset = b[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32) if kind == "Q4_1" else -8 * d
+    return GroupQuant(torch.from_numpy(q.astype(np.uint8).reshape(n, k)), torch.from_numpy(d),
+                      torch.from_numpy(np.ascontiguousarray(offset, np.float32)), bits)
 
 
 def _gguf_value(reader: Any, key: str, default: Any = None) -> Any:

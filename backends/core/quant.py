@@ -1,0 +1,220 @@
+"""Weight-only quantized linear layers on torch's own CPU kernels.
+
+Formats (chosen by measurement on one core of this project's CPU, docs/profile_step.md):
+- int4: asymmetric, groups of `group_size` along the input. Held in the layout of
+  `aten._convert_weight_to_int4pack_for_cpu` and run by `aten._weight_int4pack_mm_for_cpu`
+  (the kernel torchao's CPU int4 layout calls too; torchao's wheel adds no x86 CPU kernel),
+  which computes w = (code - 8) * scale + zero per group, scale/zero in bf16. A matrix-vector
+  kernel: 3.5x faster than bf16 at 1 row, slower past ~12 rows.
+- int8: symmetric per output channel, `aten._weight_int8pack_mm`: 1.9x faster at 1 row.
+- GGUF codes map without re-quantizing: Q4_0/Q4_1 are int4 groups of 32 (w = d*q + m); Q8_0
+  (w = d*q, q int8) is split into two int4 planes, w = 16d*hi + d*lo - 128d, so it too runs on
+  the int4 kernel, exactly.
+
+A quantized layer may also hold the dense weight (`dense`): then batches of more than
+`max_rows` rows, where the dense bf16 GEMM (oneDNN, AMX) is faster, use it. Every tensor is a
+registered buffer, so instances can share them (backends/core/weight_share.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+INT4_MAX_ROWS = 12     # int4 kernel vs dense bf16 cross over at 12-16 rows (SmolLM2 layers, 1 core)
+INT8_MAX_ROWS = 6      # int8 kernel: 17.6 ms vs 33 ms at 1 row, 42 vs 38 at 8 rows
+INT4_GROUP_SIZES = (32, 64, 128, 256)
+_PACK_ROWS = 64        # the CPU int4 pack interleaves output channels in blocks of 64
+
+
+@dataclass
+class GroupQuant:
+    """Codes with a scale and offset per group of the input: w = scale * q + offset."""
+    q: torch.Tensor          # [N, K] uint8 codes in [0, 2**bits)
+    scale: torch.Tensor      # [N, K // group] float32
+    offset: torch.Tensor     # [N, K // group] float32
+    bits: int
+
+    def __post_init__(self) -> None:
+        if self.bits not in (4, 8):
+            raise ValueError(f"bits must be 4 or 8, got {self.bits}")
+        n, k = self.q.shape
+        if self.scale.shape != self.offset.shape or self.scale.shape[0] != n or k % self.scale.shape[1]:
+            raise ValueError(f"scale/offset {tuple(self.scale.shape)} do not fit codes {tuple(self.q.shape)}")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.q.shape)
+
+    @property
+    def group_size(self) -> int:
+        return self.q.shape[1] // self.scale.shape[1]
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        n, k = self.q.shape
+        g = self.group_size
+        w = self.q.view(n, k // g, g).float() * self.scale[..., None] + self.offset[..., None]
+        return w.view(n, k).to(dtype)
+
+    def map_rows(self, fn) -> GroupQuant:
+        """Apply a row (output channel) permutation `fn` to codes, scales and offsets alike."""
+        return GroupQuant(fn(self.q).contiguous(), fn(self.scale).contiguous(),
+                          fn(self.offset).contiguous(), self.bits)
+
+    @staticmethod
+    def cat(parts: list[GroupQuant]) -> GroupQuant:
+        if len({(p.bits, p.group_size, p.q.shape[1]) for p in parts}) != 1:
+            raise ValueError("cannot concatenate quantized weights of different bits/groups/widths")
+        return GroupQuant(torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]),
+                          torch.cat([p.offset for p in parts]), parts[0].bits)
+
+
+def quantize_int4(w: torch.Tensor, group_size: int) -> GroupQuant:
+    """Asymmetric min/max int4 in groups of `group_size` along the input (HF weights on load)."""
+    n, k = w.shape
+    check_group_size(k, group_size)
+    g = w.float().view(n, k // group_size, group_size)
+    lo, hi = g.amin(-1), g.amax(-1)
+    scale = ((hi - lo) / 15).clamp_min(torch.finfo(torch.float32).tiny)
+    q = ((g - lo[..., None]) / scale[..., None]).round_().clamp_(0, 15).to(torch.uint8)
+    return GroupQuant(q.view(n, k), scale, lo, 4)
+
+
+def check_group_size(in_features: int, group_size: int) -> None:
+    if group_size not in INT4_GROUP_SIZES:
+        raise ValueError(f"int4 group size must be one of {INT4_GROUP_SIZES}, got {group_size}")
+    if in_features % group_size:
+        raise ValueError(f"int4 group size {group_size} does not divide a layer's {in_features} "
+                         f"inputs; choose one of {[g for g in INT4_GROUP_SIZES if in_features % g == 0]}")
+
+
+def _int4_planes(gq: GroupQuant, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(codes, scale, zero) planes in the kernel's form (code - 8) * scale + zero, summed."""
+    if gq.bits == 4:
+        return [(gq.q, gq.scale, gq.offset + 8 * gq.scale)]
+    hi, lo = gq.q >> 4, gq.q & 15          # 8-bit codes u = 16 hi + lo
+    return [(hi, 16 * gq.scale, 128 * gq.scale), (lo, gq.scale, gq.offset + 8 * gq.scale)]
+
+
+def _pack_plane(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    n = codes.shape[0]
+    pad = -n % _PACK_ROWS
+    if pad:                                   # zero rows, sliced off the output
+        codes, scale, zero = (F.pad(t, (0, 0, 0, pad)) for t in (codes, scale, zero))
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 2)
+    scales_zeros = torch.stack([scale, zero], -1).transpose(0, 1).to(dtype).contiguous()  # [K/G, N, 2]
+    return packed, scales_zeros
+
+
+class Int4Linear(nn.Module):
+    """y = x @ W^T (+ bias) with W in one or two int4 planes (see module docstring)."""
+
+    def __init__(self, gq: GroupQuant, dtype: torch.dtype, bias: torch.Tensor | None = None,
+                 dense: torch.Tensor | None = None) -> None:
+        super().__init__()
+        check_group_size(gq.shape[1], gq.group_size)
+        _check_pack_layout()
+        self.out_features, self.in_features = gq.shape
+        self.group_size = gq.group_size
+        self.num_planes = 1 if gq.bits == 4 else 2
+        for i, plane in enumerate(_int4_planes(gq, dtype)):
+            packed, scales_zeros = _pack_plane(*plane, dtype)
+            self.register_buffer(f"packed{i}", packed)
+            self.register_buffer(f"scales_zeros{i}", scales_zeros)
+        self.register_buffer("bias", bias)
+        self.register_buffer("dense", dense)
+
+    def _planes(self):
+        return [(getattr(self, f"packed{i}"), getattr(self, f"scales_zeros{i}"))
+                for i in range(self.num_planes)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [M, K] -> [M, N]
+        if self.dense is not None and x.shape[0] > INT4_MAX_ROWS:
+            return F.linear(x, self.dense, self.bias)
+        y = None
+        for packed, sz in self._planes():
+            part = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, self.group_size, sz)
+            y = part if y is None else y.add_(part)
+        y = y[:, :self.out_features] if y.shape[1] != self.out_features else y
+        return y if self.bias is None else y.add_(self.bias)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Dequantized rows (output channels) `ids`: [len(ids), K] (an embedding lookup)."""
+        if self.dense is not None:
+            return self.dense[ids]
+        out = None
+        for packed, sz in self._planes():
+            blocks = packed.view(-1, self.in_features, _PACK_ROWS // 2)         # [NB, K, 32]
+            col = ids % _PACK_ROWS
+            byte = blocks[ids // _PACK_ROWS, :, col % 32]                       # [L, K]
+            codes = (byte >> (4 * (col >= 32).to(torch.uint8))[:, None]) & 15
+            s = sz[:, ids].transpose(0, 1).float()                               # [L, K/G, 2]
+            g = codes.view(len(ids), -1, self.group_size).float()
+            w = (g - 8) * s[..., :1] + s[..., 1:]
+            out = w if out is None else out.add_(w)
+        return out.view(len(ids), self.in_features).to(sz.dtype)
+
+
+class Int8Linear(nn.Module):
+    """Weight-only int8, symmetric per output channel."""
+
+    def __init__(self, weight: torch.Tensor, dtype: torch.dtype, bias: torch.Tensor | None = None,
+                 dense: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        w = weight.float()
+        scale = (w.abs().amax(1) / 127).clamp_min(torch.finfo(torch.float32).tiny)
+        self.register_buffer("weight", (w / scale[:, None]).round_().clamp_(-127, 127).to(torch.int8))
+        self.register_buffer("scales", scale.to(dtype))
+        self.register_buffer("bias", bias)
+        self.register_buffer("dense", dense)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dense is not None and x.shape[0] > INT8_MAX_ROWS:
+            return F.linear(x, self.dense, self.bias)
+        y = torch.ops.aten._weight_int8pack_mm(x, self.weight, self.scales)
+        return y if self.bias is None else y.add_(self.bias)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.dense is not None:
+            return self.dense[ids]
+        return (self.weight[ids].float() * self.scales[ids, None].float()).to(self.scales.dtype)
+
+
+class RowsEmbedding(nn.Module):
+    """An embedding that reads its rows from a quantized layer (the tied LM head, say)."""
+
+    def __init__(self, source: Int4Linear | Int8Linear) -> None:
+        super().__init__()
+        self._source = [source]           # not a submodule: its buffers belong to the head
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self._source[0].rows(ids)
+
+
+_LAYOUT_CHECKED = False
+
+
+def _check_pack_layout() -> None:
+    """`rows()` reads torch's packed int4 layout directly; make sure this torch lays it out so."""
+    global _LAYOUT_CHECKED
+    if _LAYOUT_CHECKED:
+        return
+    codes = torch.randint(0, 16, (2 * _PACK_ROWS, 64), generator=torch.Generator().manual_seed(0))
+    gq = GroupQuant(codes.to(torch.uint8), torch.ones(128, 2), torch.full((128, 2), -8.0), 4)
+    probe = Int4Linear.__new__(Int4Linear)
+    nn.Module.__init__(probe)
+    probe.out_features, probe.in_features, probe.group_size, probe.num_planes = 128, 64, 32, 1
+    packed, sz = _pack_plane(*_int4_planes(gq, torch.bfloat16)[0], torch.bfloat16)
+    probe.register_buffer("packed0", packed)
+    probe.register_buffer("scales_zeros0", sz)
+    probe.register_buffer("dense", None)
+    got = probe.rows(torch.arange(128)).float()
+    if not torch.equal(got, codes.float() - 8):
+        raise RuntimeError(f"torch {torch.__version__} packs int4 weights in a layout this engine "
+                           "does not know; use weights 'bf16' or 'int8'")
+    _LAYOUT_CHECKED = True

@@ -1,0 +1,80 @@
+"""Turn a loaded model's linear layers into the deployment's weight format.
+
+`weights` (EngineConfig.weights, the deployment's `weights`):
+- bf16: dense weights in the activation dtype (what the checkpoint dequantizes to).
+- int8: weight-only int8 per output channel, for every linear layer (re-quantized).
+- int4: every linear layer on the int4 kernel, nothing dense: GGUF Q4_0/Q4_1 codes as they
+  are, GGUF Q8_0 as two exact int4 planes (the file's own choice of 8 bits for, say, the head
+  is kept), anything else quantized on load to groups of `group_size`. The smallest footprint.
+- auto: the checkpoint's own format where it maps, per phase. A prefill engine (compute-bound:
+  the dense AMX GEMM is 8x faster than the int4 kernel at 512 rows) keeps dense weights; a
+  decode or colocated engine runs GGUF Q4_x / Q8_0 layers on the int4 kernel, exactly, and
+  keeps the dense weight beside them for steps of more than `quant.INT4_MAX_ROWS` rows. An HF
+  checkpoint stays dense. So `auto` is lossless for every file, and the fastest at every batch.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from backends.core.quant import GroupQuant, Int4Linear, Int8Linear, RowsEmbedding, quantize_int4
+
+WEIGHT_FORMATS = ("bf16", "int8", "int4", "auto")
+
+
+def resolve_format(weights: str, role: str, device: torch.device) -> str:
+    """The format an engine of `role` actually runs ('auto' decided per phase)."""
+    if weights not in WEIGHT_FORMATS:
+        raise ValueError(f"weights must be one of {WEIGHT_FORMATS}, got {weights!r}")
+    fmt = "bf16" if weights == "auto" and role == "prefill" else weights
+    if fmt != "bf16" and device.type != "cpu":
+        raise ValueError(f"weights {weights!r}: the quantized kernels here are torch's CPU ones; "
+                         f"on {device.type} use weights 'bf16'")
+    return fmt
+
+
+def apply_weight_format(model: nn.Module, state_dict: dict, fmt: str, group_size: int = 32) -> None:
+    """Replace `model`'s linear layers in place (after the dense weights are loaded)."""
+    if fmt == "bf16":
+        return
+    dtype = next(model.parameters()).dtype
+    sources = model.linear_sources() if hasattr(model, "linear_sources") else {}
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, nn.Linear):
+            continue
+        quant = _from_checkpoint(sources.get(name), state_dict)
+        new = _quantized(module, quant, fmt, group_size, dtype)
+        if new is not None:
+            _set_module(model, name, new)
+    head = getattr(model, "lm_head", None)
+    if getattr(model.config, "tie_word_embeddings", False) and isinstance(head, (Int4Linear, Int8Linear)):
+        model.embed_tokens = RowsEmbedding(head)       # lookups read the quantized head's rows
+
+
+def _from_checkpoint(names: list[str] | None, state_dict: dict) -> GroupQuant | None:
+    """The layer's GGUF codes (q/k/v or gate/up concatenated), if all its parts have them."""
+    if not names or not all(isinstance(state_dict.get(n), GroupQuant) for n in names):
+        return None
+    parts = [state_dict[n] for n in names]
+    try:
+        return GroupQuant.cat(parts)
+    except ValueError:                    # mixed types inside one packed layer
+        return None
+
+
+def _quantized(module: nn.Linear, quant: GroupQuant | None, fmt: str, group_size: int,
+               dtype: torch.dtype) -> nn.Module | None:
+    w, bias = module.weight.detach(), None if module.bias is None else module.bias.detach()
+    if fmt == "int8":
+        return Int8Linear(w, dtype, bias)
+    if fmt == "int4":                     # GGUF codes as they are (Q8_0: two exact planes)
+        keep = quant is not None and (quant.bits == 8 or quant.group_size == group_size)
+        return Int4Linear(quant if keep else quantize_int4(w, group_size), dtype, bias)
+    if quant is None:                     # auto: a layer the checkpoint holds dense stays dense
+        return None
+    return Int4Linear(quant, dtype, bias, dense=w)
+    
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
