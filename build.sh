@@ -10,6 +10,9 @@
 #   ./build.sh profile [--quick]   setup, then profile the engine on one core -> docs/profile_cpu.json
 #   ./build.sh plan --workload chatbot --ttft S --tpot S [--devices 1x2] [--out dep.json]
 #                               setup, then choose a placement with that profile (python -m planner plan)
+#   ./build.sh gpu-check [--out results/gpu_check.json]   on a GPU host: engine on cuda:0 vs CPU, KV over
+#                               CUDA IPC, a KIND_GPU deployment served, speed; no setup (no network
+#                               needed); without a GPU it says so and exits 0
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")" && pwd)"
 cd "$ROOT"
@@ -145,6 +148,11 @@ case "$cmd" in
     exec "$PY" -m planner plan --profile "$CPU_PROFILE" --out results/plan-deployment.json \
       --json results/plan.json "$@"
     ;;
-  help|-h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//' ;;
-  *) die "unknown command '$cmd' (setup | test | serve | bench | generate | profile | plan)" ;;
+  gpu-check)
+    # No setup: a GPU host may have no network. Use whatever python (and torch) is there.
+    py="$PY"; [ -x "$py" ] || py="$(base_python)"
+    exec "$py" -m benchmarks.gpu_check --model "$DEFAULT_MODEL" "$@"
+    ;;
+  help|-h|--help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//' ;;
+  *) die "unknown command '$cmd' (setup | test | serve | bench | generate | profile | plan | gpu-check)" ;;
 esac

@@ -125,6 +125,7 @@ class Deployment:
     max_model_len: int = 2048
     colocated: PhaseSpec | None = None    # the colocated baseline: each instance runs both phases
     systems: tuple = ("disaggregated",)   # what the repository serves (SYSTEMS); one at a time
+    share_weights: bool = True            # instances on one host map one copy of the weights
     check_host: bool = field(default=True, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -140,6 +141,8 @@ class Deployment:
         if self.default_max_tokens >= self.max_model_len:
             raise ValueError(f"default_max_tokens ({self.default_max_tokens}) must be < max_model_len "
                              f"({self.max_model_len})")
+        if not isinstance(self.share_weights, bool):
+            raise ValueError(f"share_weights must be true or false, got {self.share_weights!r}")
         self._check_systems()
         for name, phase in self.phases().items():
             self._check_phase(name, phase)

@@ -5,7 +5,10 @@ built for this interpreter's Python version), starts `tritonserver` in its own s
 stdout/stderr going to a log file; `wait_ready()` polls `v2/health/ready`; `stop()` sends
 SIGTERM to the whole process group (server and python backend stubs), escalates to SIGKILL
 after a timeout and checks that no process of the group survived. `stop()` is idempotent and
-the context manager does start + wait_ready / stop.
+the context manager does start + wait_ready / stop. Each run gets private directories, passed
+to the instances in the environment and removed by stop() (or by a failed start()): control
+sockets ($DISTSERVE_RUN_DIR) and the one shared copy of the weights
+($DISTSERVE_SHARED_WEIGHTS_DIR, under /dev/shm when it has room).
 
 The environment follows pytriton's own launcher (pytriton/server/triton_server.py), plus the
 base interpreter's libpython directory on LD_LIBRARY_PATH: without it the stub binds the
@@ -38,6 +41,9 @@ PR_SET_PDEATHSIG = 1
 _ERROR_LINE = re.compile(r"^E\d{4} ")
 _HARMLESS = ("CudaDriverHelper has not been initialized",)
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))   # loopback: never a proxy
+# Where the instances map their one shared copy of the weights (backends.core.weight_share.ENV_VAR)
+SHARED_WEIGHTS_ENV = "DISTSERVE_SHARED_WEIGHTS_DIR"
+SHM_MIN_FREE_BYTES = 1 << 30        # /dev/shm holds the weights only with this much room
 
 
 class ServerError(RuntimeError):
@@ -122,6 +128,25 @@ def server_env(base: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def shared_weights_parent(min_free_bytes: int = SHM_MIN_FREE_BYTES) -> str:
+    """/dev/shm if it is a writable directory with `min_free_bytes` free (Docker's default is
+    64 MiB), else the system temp dir (the page cache shares a disk file's pages just as well)."""
+    shm = "/dev/shm"
+    try:
+        vfs = os.statvfs(shm)
+        if os.path.isdir(shm) and os.access(shm, os.W_OK | os.X_OK) \
+                and vfs.f_bavail * vfs.f_frsize >= min_free_bytes:
+            return shm
+    except OSError:
+        pass
+    return tempfile.gettempdir()
+
+
+def make_shared_weights_dir() -> Path:
+    """A fresh private (0700) directory for one server run's shared weights."""
+    return Path(tempfile.mkdtemp(prefix="distserve-weights-", dir=shared_weights_parent()))
+
+
 def _die_with_parent() -> None:
     libc = ctypes.CDLL("libc.so.6", use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
@@ -143,13 +168,16 @@ class TritonServer:
         die_with_parent: the server gets SIGTERM when the thread that started it ends (Linux
             PDEATHSIG, as pytriton does), so a crashed test run leaves no server behind. Turn
             it off when starting from a short-lived thread.
+        share_weights: give the instances a fresh private directory ($DISTSERVE_SHARED_WEIGHTS_DIR)
+            where those of one deployment map one copy of the weights; removed by stop(). An
+            instance shares only if its deployment's `share_weights` is true as well.
     """
 
     def __init__(self, model_repository: str | Path, *, run_dir: str | Path | None = None,
                  host: str = "127.0.0.1", http_port: int = 8000, grpc_port: int = 8001,
                  metrics_port: int = 8002, log_verbose: int = 0, exit_timeout_s: int = 10,
                  extra_args: tuple[str, ...] = (), env: dict[str, str] | None = None,
-                 die_with_parent: bool = True) -> None:
+                 die_with_parent: bool = True, share_weights: bool = True) -> None:
         self.model_repository = Path(model_repository).resolve()
         self.run_dir = Path(run_dir) if run_dir else Path(tempfile.mkdtemp(prefix="tritonserver-"))
         self.host = host
@@ -159,12 +187,14 @@ class TritonServer:
         self.extra_args = tuple(extra_args)
         self.extra_env = dict(env or {})
         self.die_with_parent = die_with_parent
+        self.share_weights = share_weights
         self.log_file = self.run_dir / "server.log"
         # /dev/shm/<prefix>*: the python backend's regions (and kvtransfer's, if it uses the
         # prefix); unique, so two servers never clash
         self.shm_prefix = f"distserve{os.getpid()}_{secrets.token_hex(3)}_"
         self.process: subprocess.Popen | None = None
         self.control_dir: Path | None = None
+        self.shared_weights_dir: Path | None = None
 
     @property
     def client_host(self) -> str:
@@ -206,23 +236,39 @@ class TritonServer:
         check_ports_free(self.host, [self.http_port, self.grpc_port, self.metrics_port])
         self.run_dir.mkdir(parents=True, exist_ok=True)
         backend_dir = prepare_backend_dir(self.run_dir / "backends")
-        env = server_env() | self._private_env() | self.extra_env
-        with open(self.log_file, "wb") as log:
-            self.process = subprocess.Popen(
-                self.command(backend_dir), stdin=subprocess.DEVNULL, stdout=log,
-                stderr=subprocess.STDOUT, env=env, cwd=ROOT,
-                start_new_session=True, preexec_fn=_die_with_parent if self.die_with_parent else None)
+        try:
+            env = server_env() | self._private_env() | self.extra_env
+            with open(self.log_file, "wb") as log:
+                self.process = subprocess.Popen(
+                    self.command(backend_dir), stdin=subprocess.DEVNULL, stdout=log,
+                    stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True,
+                    preexec_fn=_die_with_parent if self.die_with_parent else None)
+        except BaseException:
+            self._remove_private_dirs()
+            raise
         return self
 
     def _private_env(self) -> dict[str, str]:
         """Per-server names: a private (0700, short-path) directory for the instances' control
-        sockets, removed by stop(); and the shm prefix, which kvtransfer may use so that
-        stop() sweeps its segments too after a hard kill."""
+        sockets, removed by stop(); the same for the shared weights (if share_weights); and
+        the shm prefix, which kvtransfer may use so that stop() sweeps its segments too after
+        a hard kill. A directory the caller names in the environment is theirs to remove."""
         env = {"DISTSERVE_SHM_PREFIX": self.shm_prefix}
-        if "DISTSERVE_RUN_DIR" not in os.environ and "DISTSERVE_RUN_DIR" not in self.extra_env:
+        if self._unset("DISTSERVE_RUN_DIR"):
             self.control_dir = Path(tempfile.mkdtemp(prefix="distserve-ctl-"))
             env["DISTSERVE_RUN_DIR"] = str(self.control_dir)
+        if self.share_weights and self._unset(SHARED_WEIGHTS_ENV):
+            self.shared_weights_dir = make_shared_weights_dir()
+            env[SHARED_WEIGHTS_ENV] = str(self.shared_weights_dir)
         return env
+
+    def _unset(self, name: str) -> bool:
+        return name not in os.environ and name not in self.extra_env
+
+    def _remove_private_dirs(self) -> None:
+        for path in (self.control_dir, self.shared_weights_dir):
+            if path is not None:
+                shutil.rmtree(path, ignore_errors=True)
 
     def is_alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
@@ -278,7 +324,15 @@ class TritonServer:
         """
         timeout = self.exit_timeout_s + 30 if timeout is None else timeout
         if self.process is None:
+            self._remove_private_dirs()
             return None
+        try:
+            self._stop_group(timeout)
+        finally:
+            self._remove_private_dirs()
+        return self.process.returncode
+
+    def _stop_group(self, timeout: float) -> None:
         pgid = self.process.pid             # start_new_session: the server leads its group
         members = _group_members(pgid)
         if self.process.poll() is None:
@@ -295,9 +349,6 @@ class TritonServer:
                               f"{sorted(set(leftovers))}")
         for region in Path("/dev/shm").glob(self.shm_prefix + "*"):
             region.unlink(missing_ok=True)
-        if self.control_dir is not None:
-            shutil.rmtree(self.control_dir, ignore_errors=True)
-        return self.process.returncode
 
     def __enter__(self) -> TritonServer:
         self.start()

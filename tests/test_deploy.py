@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import socket
+import stat
 import sys
 import sysconfig
+import tempfile
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -23,8 +25,8 @@ from deploy.deployment import (DEFAULT_MODEL_PATH, ROOT, Deployment, PhaseSpec, 
 from deploy.render import (MODELS, TEMPLATES_DIR, check_no_placeholder, pbtxt_string, render_config,
                            render_configs, render_repository, render_text, served_models)
 from deploy.runtime import deployment_from_config, instance_index, parse_instance_name
-from deploy.server import (ServerError, TritonServer, check_ports_free, free_ports, prepare_backend_dir,
-                           server_env)
+from deploy.server import (SHARED_WEIGHTS_ENV, ServerError, TritonServer, check_ports_free, free_ports,
+                           prepare_backend_dir, server_env, shared_weights_parent)
 
 
 def two_core() -> Deployment:
@@ -119,6 +121,7 @@ def _mutated(path: str, value) -> dict:
     ("systems", ["colocated"], "exactly when the colocated phase is set"),
     ("systems", [], "systems must be"),
     ("systems", ["vllm"], "systems must be"),
+    ("share_weights", "yes", "share_weights must be true or false"),
 ])
 def test_validation_names_the_field(path, value, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
@@ -351,6 +354,59 @@ def test_stop_before_start_is_a_no_op(tmp_path):
     assert server.stop() is None and server.stop() is None
     with pytest.raises(ServerError, match="not started"):
         server.wait_ready(1)
+
+
+def test_share_weights_is_on_by_default_and_round_trips():
+    d = two_core()
+    assert d.share_weights is True
+    off = replace(d, share_weights=False)
+    assert Deployment.from_json(off.to_json()).share_weights is False
+    data = json.loads(d.to_json())
+    del data["share_weights"]                   # configs rendered before the field: default on
+    assert Deployment.from_dict(data).share_weights is True
+
+
+def _sleeping_server(tmp_path, monkeypatch, **kw) -> TritonServer:
+    """A TritonServer whose 'tritonserver' is `sleep 60`: the launcher's lifecycle, no Triton."""
+    monkeypatch.delenv(SHARED_WEIGHTS_ENV, raising=False)
+    monkeypatch.setattr(TritonServer, "command", lambda self, backend_dir: ["sleep", "60"])
+    ports = free_ports(3)
+    return TritonServer(tmp_path / "repo", run_dir=tmp_path / "run", http_port=ports[0],
+                        grpc_port=ports[1], metrics_port=ports[2], **kw)
+
+
+def test_server_run_owns_a_private_shared_weights_dir(tmp_path, monkeypatch):
+    from backends.core.weight_share import ENV_VAR
+    assert SHARED_WEIGHTS_ENV == ENV_VAR
+    (tmp_path / "repo").mkdir()
+    server = _sleeping_server(tmp_path, monkeypatch).start()
+    try:
+        env = Path(f"/proc/{server.process.pid}/environ").read_bytes().split(b"\0")
+        prefix = SHARED_WEIGHTS_ENV.encode() + b"="
+        assert [e[len(prefix):].decode() for e in env if e.startswith(prefix)] == [str(server.shared_weights_dir)]
+        assert server.shared_weights_dir.name.startswith("distserve-weights-")
+        assert stat.S_IMODE(server.shared_weights_dir.stat().st_mode) == 0o700
+    finally:
+        server.stop(timeout=5)
+    assert not server.shared_weights_dir.exists() and not server.control_dir.exists()
+    assert shared_weights_parent(min_free_bytes=1 << 62) == tempfile.gettempdir()
+
+
+def test_server_share_weights_off_and_failed_start_leave_no_dir(tmp_path, monkeypatch):
+    (tmp_path / "repo").mkdir()
+    server = _sleeping_server(tmp_path, monkeypatch, share_weights=False).start()
+    server.stop(timeout=5)
+    assert server.shared_weights_dir is None
+    made = []
+
+    def failing_popen(*args, env, **kw):
+        made.append(Path(env[SHARED_WEIGHTS_ENV]))
+        assert made[0].is_dir()
+        raise OSError("no tritonserver")
+    monkeypatch.setattr("deploy.server.subprocess.Popen", failing_popen)
+    with pytest.raises(OSError, match="no tritonserver"):
+        _sleeping_server(tmp_path, monkeypatch).start()
+    assert made and not made[0].exists()
 
 
 def test_committed_repository_has_no_model_without_a_config():
