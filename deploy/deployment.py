@@ -21,6 +21,9 @@ DEVICE_KINDS = ("cpu", "gpu")
 System = Literal["disaggregated", "colocated"]
 SYSTEMS = ("disaggregated", "colocated")
 DTYPES = ("bfloat16", "float32")
+# The KV cache's dtype (backends.core.engine.KV_DTYPES): "auto" = `dtype`; int8 holds ~1.9x the
+# tokens per byte. One value for the whole deployment: the KV moves from prefill to decode.
+KV_DTYPES = ("auto", "bfloat16", "float32", "int8")
 KV_TRANSPORTS = ("shm", "cuda_ipc")
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_PATH = "models/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -117,6 +120,7 @@ class Deployment:
     prefill: PhaseSpec
     decode: PhaseSpec
     dtype: str = "bfloat16"
+    kv_dtype: str = "auto"               # KV_DTYPES, shared by every phase
     block_size: int = 16
     kv_transport: str | None = None       # default: cuda_ipc when both phases are on gpu, else shm
     lease_timeout_s: float = 30.0         # an unclaimed prefill KV lease expires after this
@@ -133,6 +137,9 @@ class Deployment:
             raise ValueError(f"model_path must be a non-empty string, got {self.model_path!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.kv_dtype not in KV_DTYPES:
+            raise ValueError(f"kv_dtype must be one of {KV_DTYPES}, got {self.kv_dtype!r} (one "
+                             "value for every phase: decode reads the KV prefill wrote)")
         for name in ("block_size", "num_orchestrator_instances", "default_max_tokens", "max_model_len"):
             _check_positive_int(name, getattr(self, name))
         if isinstance(self.lease_timeout_s, bool) or not isinstance(self.lease_timeout_s, (int, float)) \
@@ -260,6 +267,9 @@ def _check_keys(what: str, data: dict, cls: type) -> None:
 def _phase_from_dict(name: str, data: Any) -> PhaseSpec:
     if not isinstance(data, dict):
         raise ValueError(f"{name} must be a JSON object, got {data!r}")
+    if "kv_dtype" in data:
+        raise ValueError(f"{name}.kv_dtype: the KV dtype is one top-level kv_dtype for the whole "
+                         "deployment (decode reads the KV prefill wrote), not a per-phase setting")
     _check_keys(name, data, PhaseSpec)
     try:
         return PhaseSpec(**data)

@@ -193,6 +193,10 @@ class LeaseCheckedImporter(KVImporter):
 
 def check_destination(desc: KVDescriptor, dst: KVLayout, dst_block_ids: Sequence[int]) -> tuple[int, ...]:
     """The destination blocks can take the descriptor's blocks. ValueError otherwise."""
+    if desc.layout.dtype != dst.dtype:
+        raise ValueError(f"KV dtype mismatch: the prefill pool {desc.pool_name} holds "
+                         f"{desc.layout.dtype} KV, this decode pool holds {dst.dtype}; prefill "
+                         "and decode must run with one kv_dtype")
     if not same_block_format(desc.layout, dst):
         raise ValueError(f"descriptor layout {desc.layout} is not block-compatible with the "
                          f"decode pool {dst} (different model, block size or dtype)")

@@ -105,10 +105,7 @@ class DeviceKVPool(KVPool):
 
     def __init__(self, layout: KVLayout, ptr: int, device: int) -> None:
         raw = torch.as_tensor(_CudaArray(ptr, layout.nbytes), device=f"cuda:{device}")
-        self.layout = layout
-        self.data = raw.view(layout.torch_dtype).view(layout.shape)
-        self.k = [self.data[:, i, 0] for i in range(layout.num_layers)]
-        self.v = [self.data[:, i, 1] for i in range(layout.num_layers)]
+        self._attach(layout, raw.view(layout.storage_dtype).view(layout.shape))
 
 
 class _ExportedMemory:

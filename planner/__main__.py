@@ -95,6 +95,12 @@ def add_target_arguments(p: argparse.ArgumentParser, slo_required: bool = True) 
                    help="pipeline degrees to consider (default 1,2; 1 on CPU cores)")
     p.add_argument("--prefill-budget", type=int, default=2048, help="L_m")
     p.add_argument("--kv-blocks", type=int, default=1024, help="KV blocks per instance (CPU plans)")
+    p.add_argument("--kv-gib", type=float, default=None,
+                   help="KV memory per instance in GiB (CPU plans, instead of --kv-blocks): as many "
+                        "blocks of the profile's KV dtype as fit")
+    p.add_argument("--kv-dtype", default="auto", choices=("auto", "bfloat16", "float32", "float16", "int8"),
+                   help="KV cache dtype (default: the profile's; fp16 for the published files, "
+                        "whose capacities then scale by the bytes per token)")
     p.add_argument("--max-num-seqs", type=int, default=None,
                    help="decode batch limit (default 32 with our profiles, as deploy; else 256)")
     p.add_argument("--requests", type=int, default=300)
@@ -132,7 +138,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def resolve_target(args: argparse.Namespace) -> Target:
-    return load_target(args.profile, args.device, args.model, args.capacity, args.kv_blocks)
+    return load_target(args.profile, args.device, args.model, args.capacity, args.kv_blocks,
+                       kv_dtype=args.kv_dtype, kv_gib=args.kv_gib)
 
 
 def build_planner(args: argparse.Namespace, target: Target, lengths) -> Planner:
@@ -207,9 +214,11 @@ def deployment_for(best: Placement, target: Target, args: argparse.Namespace):
     from deploy.deployment import DEFAULT_MODEL_PATH
     from planner.deployment import to_deployment
     info = target.info
-    return to_deployment(best, info.get("model_path", DEFAULT_MODEL_PATH), args.kv_blocks,
-                         args.max_num_seqs or 32, args.prefill_budget,
-                         info.get("dtype", "bfloat16"), info.get("block_size", 16))
+    kv_dtype = target.kv_dtype if target.measured_here else "auto"
+    return to_deployment(best, info.get("model_path", DEFAULT_MODEL_PATH),
+                         target.kv_blocks or args.kv_blocks, args.max_num_seqs or 32,
+                         args.prefill_budget, info.get("dtype", "bfloat16"),
+                         info.get("block_size", 16), kv_dtype)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:

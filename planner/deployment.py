@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from backends.core.kv_cache import KVLayout
 from deploy.deployment import DEFAULT_MODEL_PATH, Deployment, PhaseSpec
 from planner.latency import (KV_BYTES_PER_TOKEN, LatencyTable, Link, anchor_path, load_kv_capacity,
                              load_profile, model_key)
@@ -22,6 +23,9 @@ from planner.simulator import InstanceSpec, SimConfig
 A100_PROFILE = anchor_path("distserve-a100-profile.distserve.json")
 A100_CAPACITY = anchor_path("distserve-a100-max-num-tokens.csv")
 A100 = "a100-80gb"
+# The published models' KV shapes (layers, KV heads, head_dim); their capacities and bytes are fp16.
+PUBLISHED_KV_SHAPES = {"opt-13b": (40, 40, 128), "opt-66b": (64, 72, 128), "opt-175b": (96, 96, 128)}
+GIB = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,8 @@ class Target:
     kv_bytes_per_token: float
     link: Link | None = None                          # measured KV copy (our profiles)
     info: dict = field(default_factory=dict)          # the profile's own section ({} for A100)
+    kv_dtype: str | None = None                       # the KV's dtype, which sets the two above
+    kv_blocks: int | None = None                      # KV blocks per instance (our profiles)
 
     @property
     def measured_here(self) -> bool:
@@ -56,23 +62,70 @@ class Target:
 
 def load_target(profile: str | Path | None = None, device: str | None = None,
                 model: str | None = None, capacity: str | Path | None = None,
-                kv_blocks: int = 1024, block_size: int = 16) -> Target:
+                kv_blocks: int = 1024, block_size: int = 16, kv_dtype: str = "auto",
+                kv_gib: float | None = None) -> Target:
     """Our profile files name their model and device; the published A100 files hold several
     models (default opt-13b) and take their device kind and KV capacities from outside.
-    Without a capacity file, our profiles hold `kv_blocks * block_size` tokens per instance."""
+    Without a capacity file, our profiles hold `kv_blocks * block_size` tokens per instance,
+    or as many blocks of their KV dtype as `kv_gib` GiB hold. `kv_dtype` ("auto": as profiled,
+    fp16 for the published files): the published capacities are fp16 tokens, so the same
+    bytes hold fp16-bytes / kv_dtype-bytes times the tokens; our profiles were measured with
+    one KV dtype, and another needs its own profile."""
     profile = profile or A100_PROFILE
     info = profile_info(profile)
     device = device or info.get("device") or A100
     table = load_profile(profile, device)
     model = model_key(model or info.get("model") or "opt-13b")
+    if info:
+        kv_dtype = _profiled_kv_dtype(profile, info, kv_dtype)
+        kv = float(info.get("kv_bytes_per_token", 0.0))
+        if kv_gib is not None:
+            kv_blocks = kv_blocks_in(kv_gib, kv * block_size)
+    else:
+        kv_dtype = "float16" if kv_dtype == "auto" else kv_dtype
+        kv = published_kv_bytes_per_token(model, kv_dtype)
     if capacity is not None or not info:
         caps = load_kv_capacity(capacity or A100_CAPACITY)
+        caps = caps if capacity is not None else _published_capacity(caps, kv_dtype)
     else:
         caps = {(model, tp, pp): kv_blocks * block_size
                 for tp in table.tps(model, device) for pp in (1, 2, 4, 8)}
-    kv = info.get("kv_bytes_per_token") or KV_BYTES_PER_TOKEN.get(model, 0.0)
     link = Link(**info["kv_link"]) if "kv_link" in info else None
-    return Target(table, model, device, caps, float(kv), link, info)
+    return Target(table, model, device, caps, kv, link, info, kv_dtype, kv_blocks if info else None)
+
+
+def kv_blocks_in(gib: float, block_nbytes: float) -> int:
+    """KV blocks of `block_nbytes` bytes that `gib` GiB hold (at least one)."""
+    if not gib > 0 or not block_nbytes > 0:
+        raise ValueError(f"need a KV budget > 0 GiB and blocks of > 0 bytes, got {gib}, {block_nbytes}")
+    return max(1, int(gib * GIB // block_nbytes))
+
+
+def published_kv_bytes_per_token(model: str, kv_dtype: str = "float16") -> float:
+    """KV bytes per token of a published model held as `kv_dtype` (int8: its scales included)."""
+    if model not in PUBLISHED_KV_SHAPES:
+        return float(KV_BYTES_PER_TOKEN.get(model, 0.0)) if kv_dtype == "float16" else 0.0
+    layers, heads, head_dim = PUBLISHED_KV_SHAPES[model]
+    return KVLayout(1, layers, 16, heads, head_dim, kv_dtype).token_nbytes
+
+
+Capacity = dict[tuple[str, int, int], int]        # KV tokens per (model, tp, pp)
+
+
+def _published_capacity(caps: Capacity, kv_dtype: str) -> Capacity:
+    out = {}
+    for (model, tp, pp), tokens in caps.items():
+        held = published_kv_bytes_per_token(model, kv_dtype)
+        out[(model, tp, pp)] = int(tokens * published_kv_bytes_per_token(model) / held) if held else tokens
+    return out
+
+
+def _profiled_kv_dtype(profile: str | Path, info: dict, kv_dtype: str) -> str:
+    profiled = info.get("kv_dtype", info.get("dtype", "bfloat16"))
+    if kv_dtype not in ("auto", profiled):
+        raise ValueError(f"{profile} was profiled with {profiled} KV, not {kv_dtype}: decode steps "
+                         f"cost differently; profile again with --kv-dtype {kv_dtype}")
+    return profiled
 
 
 def make_planner(target: Target, lengths, slo, devices: str | None, **space) -> Planner:
@@ -119,7 +172,7 @@ def _core_sets(start: int, count: int, size: int) -> tuple[tuple[tuple[int, ...]
 
 def to_deployment(p: Placement, model_path: str = DEFAULT_MODEL_PATH, num_kv_blocks: int = 1024,
                   max_num_seqs: int = 32, prefill_budget: int = 2048, dtype: str = "bfloat16",
-                  block_size: int = 16) -> Deployment:
+                  block_size: int = 16, kv_dtype: str = "auto") -> Deployment:
     if p.decode is None:
         raise ValueError("a colocated placement has no prefill/decode split to deploy")
     units = p.num_units if p.algorithm == "low" else 1
@@ -128,7 +181,7 @@ def to_deployment(p: Placement, model_path: str = DEFAULT_MODEL_PATH, num_kv_blo
     decode_cores, _ = _core_sets(nxt, m, p.decode.num_devices)
     common = dict(device="cpu", num_kv_blocks=num_kv_blocks, max_num_seqs=max_num_seqs,
                   max_num_batched_tokens=prefill_budget)
-    return Deployment(model_path=model_path, dtype=dtype, block_size=block_size,
+    return Deployment(model_path=model_path, dtype=dtype, kv_dtype=kv_dtype, block_size=block_size,
                       prefill=PhaseSpec(num_instances=n, devices=prefill_cores, **common),
                       decode=PhaseSpec(num_instances=m, devices=decode_cores, **common),
                       check_host=False)
@@ -151,6 +204,10 @@ def deployment_configs(dep: Deployment, target: Target) -> dict[str, SimConfig]:
     """One simulator config per system the deployment serves ('disaggregated', 'colocated')."""
     out = {}
     bs = dep.block_size
+    kv_dtype = dep.dtype if dep.kv_dtype == "auto" else dep.kv_dtype
+    if target.measured_here and target.kv_dtype not in (None, kv_dtype):
+        raise ValueError(f"the deployment holds {kv_dtype} KV, the profile measured {target.kv_dtype} "
+                         "KV: its step times and KV bytes do not apply")
     if "disaggregated" in dep.systems:
         pre = target.instance(_tp(dep.prefill, "prefill"), dep.prefill, bs)
         dec = target.instance(_tp(dep.decode, "decode"), dep.decode, bs)

@@ -241,11 +241,6 @@ def fit(samples: Samples, model: str, device: str = DEVICE, threshold: int = 95
     return lat, {"fit": quality, "samples": annotated}
 
 
-def kv_bytes_per_token(config, dtype: str) -> int:
-    from backends.core.kv_cache import dtype_from_name
-    return 2 * config.num_layers * config.num_kv_heads * config.head_dim * dtype_from_name(dtype).itemsize
-
-
 def model_name(path: str | os.PathLike) -> str:
     """The model key a profile files its coefficients under: the file (or folder) name."""
     name = Path(path).name
@@ -260,8 +255,10 @@ def display_path(path: str | os.PathLike) -> str:
 
 def run(config, state_dict, *, model_path: str, dtype: str = "bfloat16", block_size: int = 16,
         settings: Settings = Settings(), device: str = DEVICE, threshold: int = 95,
-        progress: bool = True) -> dict:
-    """Profile an engine built from (config, state_dict) in this process; the profile document."""
+        progress: bool = True, kv_dtype: str = "auto") -> dict:
+    """Profile an engine built from (config, state_dict) in this process; the profile document.
+    `kv_dtype` (EngineConfig's): the KV cache's dtype, which sets the decode step's attention
+    cost and the KV bytes each token takes (int8: its scales included)."""
     from backends.core.engine import EngineConfig, LLMEngine
 
     s = settings.clipped(config.max_position_embeddings)
@@ -269,7 +266,7 @@ def run(config, state_dict, *, model_path: str, dtype: str = "bfloat16", block_s
     steps = s.warmup_steps + s.decode_steps + 2
     need = max(sum(-(-(c + steps) // block_size) for c in b) for b in batches)
     engine = LLMEngine(config, state_dict, EngineConfig(
-        dtype=dtype, block_size=block_size, num_kv_blocks=need + 8,
+        dtype=dtype, kv_dtype=kv_dtype, block_size=block_size, num_kv_blocks=need + 8,
         max_num_seqs=max(max(len(b) for b in batches), max(len(b) for b in s.prefill_batches)),
         max_num_batched_tokens=max(sum(b) for b in s.prefill_batches)))
     t0 = time.perf_counter()
@@ -278,8 +275,10 @@ def run(config, state_dict, *, model_path: str, dtype: str = "bfloat16", block_s
     key = model_name(model_path)
     lat, details = fit(samples, key, device, threshold)
     link = fit_link(samples.kv_copy)
+    layout = engine.kv.layout
     info = {"model_path": display_path(model_path), "model": key, "device": device, "dtype": dtype,
-            "block_size": block_size, "tp": 1, "kv_bytes_per_token": kv_bytes_per_token(config, dtype),
+            "kv_dtype": layout.dtype, "block_size": block_size, "tp": 1,
+            "kv_bytes_per_token": layout.token_nbytes,
             "kv_link": asdict(link), "settings": asdict(s), "duration_s": time.perf_counter() - t0,
             **details}
     return {**json_doc(LatencyTable([lat])), PROFILE_KEY: info}
@@ -299,7 +298,8 @@ def summary(doc: dict) -> str:
     info, e = doc[PROFILE_KEY], doc["entries"][0]
     q = info["fit"]
     ms = lambda c: ", ".join(f"{v:.4g}" for v in c)     # noqa: E731
-    lines = [f"{info['model']} on one {info['device']} ({info['dtype']}), {info['duration_s']:.0f} s",
+    lines = [f"{info['model']} on one {info['device']} ({info['dtype']}, {info['kv_dtype']} KV), "
+             f"{info['duration_s']:.0f} s",
              f"prefill  T = a + b*sum(l) + c*sum(l^2): [{ms(e['prefill'])}] s; "
              f"R^2 {q['prefill']['r2']:.4f}, median |err| {100 * q['prefill']['median_rel_err']:.1f}%, "
              f"max {100 * q['prefill']['max_rel_err']:.1f}%",
@@ -314,6 +314,8 @@ def summary(doc: dict) -> str:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help=".gguf file or HF model directory")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    p.add_argument("--kv-dtype", default="auto", choices=("auto", "bfloat16", "float32", "int8"),
+                   help="the KV cache's dtype (auto: --dtype); int8 holds ~1.9x the tokens")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--out", default=None, help=f"coefficients JSON with the raw samples (default "
                                                  f"{DEFAULT_OUT}; with --quick {QUICK_OUT})")
@@ -335,7 +337,7 @@ def main(args: argparse.Namespace, argv: Sequence[str]) -> int:
     load_before = os.getloadavg()         # the machine may be shared: what else was running
     doc = run(config, sd, model_path=str(model), dtype=args.dtype, block_size=args.block_size,
               settings=QUICK if args.quick else Settings(), device=args.device,
-              threshold=args.threshold, progress=not args.no_progress)
+              threshold=args.threshold, progress=not args.no_progress, kv_dtype=args.kv_dtype)
     doc[PROFILE_KEY].update(machine(core), load_avg_before=load_before, load_avg_after=os.getloadavg(),
                             command=shlex.join(["python", "-m", "planner", *argv]))
     out = Path(args.out or (QUICK_OUT if args.quick else DEFAULT_OUT))

@@ -98,6 +98,8 @@ def _mutated(path: str, value) -> dict:
 
 @pytest.mark.parametrize("path, value, message", [
     ("dtype", "float16", "dtype"),
+    ("kv_dtype", "fp8", "kv_dtype must be one of"),
+    ("prefill.kv_dtype", "int8", "prefill.kv_dtype: the KV dtype is one top-level kv_dtype"),
     ("block_size", 0, "block_size"),
     ("model_path", "", "model_path"),
     ("lease_timeout_s", 0, "lease_timeout_s"),
@@ -126,6 +128,24 @@ def _mutated(path: str, value) -> dict:
 def test_validation_names_the_field(path, value, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
         Deployment.from_dict(_mutated(path, value))
+
+
+def test_kv_dtype_is_one_value_for_both_phases_and_reaches_their_engines():
+    from backends.core.engine import KV_DTYPES, LLMEngine
+    from backends.core.config import ModelConfig
+    from backends.serving.host import _engine_config
+    from deploy.deployment import KV_DTYPES as DEPLOY_KV_DTYPES
+    assert DEPLOY_KV_DTYPES == KV_DTYPES and two_core().kv_dtype == "auto"
+    d = replace(two_core(), kv_dtype="int8")
+    assert Deployment.from_json(d.to_json()).kv_dtype == "int8"
+    config = ModelConfig(arch="llama", vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1,
+                         num_heads=2, num_kv_heads=1, head_dim=4, max_position_embeddings=64)
+    layouts = {role: LLMEngine.kv_layout(config, _engine_config(d, getattr(d, role), role, 0))
+               for role in ("prefill", "decode")}
+    assert layouts["prefill"] == replace(layouts["decode"], num_blocks=layouts["prefill"].num_blocks)
+    assert layouts["prefill"].dtype == "int8"
+    auto = _engine_config(two_core(), two_core().decode, "decode", 0)
+    assert LLMEngine.kv_layout(config, auto).dtype == two_core().dtype
 
 
 def test_colocated_validation():

@@ -321,6 +321,37 @@ def test_destination_must_match(exporter, importer, dst_pool):
     exporter.revoke(desc.lease_id)
 
 
+def test_int8_pool_moves_values_and_scales_in_one_copy_per_block():
+    layout = dataclasses.replace(LAYOUT, dtype="int8")
+    with ShmKVExporter(layout, "prefill-0") as ex:
+        torch.manual_seed(0)
+        ex.pool.data.copy_(torch.randint(0, 256, layout.shape, dtype=torch.uint8))
+        dst = KVPool(dataclasses.replace(layout, num_blocks=12))
+        with ShmKVImporter(dst) as imp:
+            desc = KVDescriptor.from_json(ex.grant([5, 2], 7).to_json())
+            stats = imp.fetch(desc, [0, 9])
+            assert stats.num_bytes == 2 * layout.block_nbytes
+            for s, d in ((5, 0), (2, 9)):
+                for src_layer, dst_layer in zip(ex.pool.layers, dst.layers):
+                    for name in ("k", "v", "k_scale", "v_scale"):
+                        assert torch.equal(getattr(src_layer, name)[s], getattr(dst_layer, name)[d])
+            assert ex.collect_released() == [desc.lease_id] and ex.num_leases == 0
+
+
+@pytest.mark.parametrize("src, dst", [("int8", "bfloat16"), ("bfloat16", "int8"), ("float32", "int8")])
+def test_kv_dtype_mismatch_names_both_dtypes_and_reads_nothing(src, dst):
+    with ShmKVExporter(dataclasses.replace(LAYOUT, dtype=src), "prefill-0") as ex:
+        pool = KVPool(dataclasses.replace(DST_LAYOUT, dtype=dst))
+        before = pool.data.clone()
+        with ShmKVImporter(pool) as imp:
+            desc = ex.grant([0, 1], 8)
+            with pytest.raises(ValueError, match=f"KV dtype mismatch.*holds {src} KV.*holds {dst}"):
+                imp.fetch(desc, [0, 1])
+            assert torch.equal(pool.data, before) and imp.attached == []
+            imp.release(desc)
+            assert ex.collect_released() == [desc.lease_id] and ex.num_leases == 0
+
+
 @pytest.mark.parametrize("block_ids, num_tokens, message", [
     ([0, 1], 9, "need 3 blocks"), ([0, 0], 8, "unique"), ([0, 16], 8, "unique and in"),
     ([0], 0, "positive"),

@@ -33,6 +33,15 @@ def test_descriptor_round_trip_is_compact():
     assert len(ipc.to_json()) < 1024 + 300
 
 
+def test_int8_layout_round_trips_with_its_scales_in_the_block_bytes():
+    int8 = dataclasses.replace(SMOLLM2, dtype="int8")
+    desc = KVDescriptor("shm", "prefill-0", make_pool_name(), int8, (3, 4), 20, new_lease_id())
+    back = KVDescriptor.from_json(desc.to_json())
+    assert back == desc and back.layout.dtype == "int8"
+    # 30 layers x (K, V) x 3 heads x 16 tokens x (64 int8 values + one bfloat16 scale)
+    assert back.num_bytes == 2 * 30 * 2 * 3 * 16 * (64 + 2) == 2 * 190080
+
+
 def _mutated(path: str, value) -> str:
     raw = json.loads(make_desc().to_json())
     *parents, key = path.split(".")
@@ -62,7 +71,8 @@ BAD_DESCRIPTORS = {
     "lease id 2**63": (_mutated("lease_id", 2 ** 63), "lease_id"),
     "lease id bool": (_mutated("lease_id", True), "lease_id"),
     "lease id string": (_mutated("lease_id", "5"), "lease_id"),
-    "bad dtype": (_mutated("layout.dtype", "int8"), "not supported"),
+    "bad dtype": (_mutated("layout.dtype", "int4"), "not supported"),
+    "dtype not a string": (_mutated("layout.dtype", 8), "layout.dtype must be a string"),
     "absurd num_blocks": (_mutated("layout.num_blocks", 1 << 40), "layout.num_blocks"),
     "bool head_dim": (_mutated("layout.head_dim", True), "layout.head_dim"),
     "layout key missing": (_mutated("layout.dtype", KeyError), "layout must be"),

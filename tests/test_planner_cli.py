@@ -93,3 +93,46 @@ def test_plan_takes_a_named_workload_or_a_trace(tmp_path, monkeypatch, capsys):
     assert "mean prompt 60, output 5" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="neither a workload"):
         main(["plan", "--workload", "no-such-thing", *args])
+
+
+# ---- KV dtype: bytes per token and capacity follow it ------------------------------------------
+
+def test_published_capacities_scale_with_the_kv_dtype():
+    from planner.deployment import load_target
+    from planner.latency import KV_BYTES_PER_TOKEN
+    fp16, int8 = load_target(), load_target(kv_dtype="int8")
+    assert fp16.kv_dtype == "float16" and fp16.kv_bytes_per_token == KV_BYTES_PER_TOKEN["opt-13b"]
+    assert int8.kv_bytes_per_token == 2 * 40 * 40 * (128 + 2)          # int8 values + bf16 scales
+    ratio = fp16.kv_bytes_per_token / int8.kv_bytes_per_token           # 1.969 for head_dim 128
+    for key, tokens in fp16.capacity.items():
+        assert int8.capacity[key] == int(tokens * ratio)
+
+
+def test_cpu_profile_kv_budget_in_gib_follows_the_profiled_kv_dtype(tmp_path):
+    from planner.deployment import deployment_configs, load_target
+    bf16 = write_cpu_profile(tmp_path / "bf16.json")
+    doc = json.loads(bf16.read_text())
+    doc["profile"].update(kv_dtype="int8", kv_bytes_per_token=30 * 2 * 3 * (64 + 2))   # SmolLM2
+    (tmp_path / "int8.json").write_text(json.dumps(doc))
+    blocks = {name: load_target(tmp_path / f"{name}.json", kv_gib=1.0).kv_blocks for name in ("bf16", "int8")}
+    assert blocks == {"bf16": (1 << 30) // (23040 * 16), "int8": (1 << 30) // (11880 * 16)}   # 2912, 5649
+    assert blocks["int8"] / blocks["bf16"] == pytest.approx(1.94, abs=0.01)
+    with pytest.raises(ValueError, match="profiled with bfloat16 KV, not int8"):
+        load_target(bf16, kv_dtype="int8")
+    from deploy.deployment import default_deployment
+    dep = default_deployment("m.gguf", 2)
+    with pytest.raises(ValueError, match="holds bfloat16 KV, the profile measured int8"):
+        deployment_configs(dep, load_target(tmp_path / "int8.json"))
+
+
+def test_plan_writes_the_profiles_kv_dtype_and_blocks(tmp_path):
+    doc = json.loads(write_cpu_profile(tmp_path / "cpu.json").read_text())
+    doc["profile"].update(kv_dtype="int8", kv_bytes_per_token=11880)
+    (tmp_path / "int8.json").write_text(json.dumps(doc))
+    (tmp_path / "w.json").write_text(json.dumps([[50 + 7 * i % 100, 5 + i % 15] for i in range(200)]))
+    rc = main(["plan", "--profile", str(tmp_path / "int8.json"), "--workload", str(tmp_path / "w.json"),
+               "--ttft", "0.5", "--tpot", "0.1", "--devices", "1x2", "--kv-gib", "0.5",
+               "--no-baseline", *FAST, "--out", str(tmp_path / "dep.json")])
+    assert rc == 0
+    dep = Deployment.load(tmp_path / "dep.json", check_host=False)
+    assert dep.kv_dtype == "int8" and dep.decode.num_kv_blocks == (1 << 29) // (11880 * 16)

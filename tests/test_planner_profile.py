@@ -28,6 +28,7 @@ def test_quick_profile_of_a_tiny_model_loads_back(tiny_llama, tmp_path):
     info = profile.profile_info(path)
     assert info["model"] == "tiny-llama" and info["device"] == "cpu-core" and info["tp"] == 1
     assert info["kv_bytes_per_token"] == 2 * 2 * 2 * 16 * 4        # K+V, 2 layers, 2 heads x 16, fp32
+    assert info["kv_dtype"] == "float32"                             # "auto": the activations'
     assert info["kv_link"]["bandwidth_Bps"] > 0
     samples = info["samples"]
     assert len(samples["prefill"]) == len(TINY.prefill_batches)

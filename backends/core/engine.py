@@ -21,6 +21,7 @@ from backends.core.scheduler import Batch, Scheduler, SchedulerConfig
 from backends.core.sequence import FinishReason, Sequence, SequenceStatus
 
 Role = Literal["both", "prefill", "decode"]
+KV_DTYPES = ("auto", "bfloat16", "float32", "int8")
 
 
 @dataclass(frozen=True)
@@ -34,10 +35,13 @@ class EngineConfig:
     role: Role = "both"
     device: str = "cpu"                     # or "cuda[:N]"
     chunked_prefill: bool = False           # mixed steps under max_num_batched_tokens (role "both")
+    kv_dtype: str = "auto"                  # KV_DTYPES: "auto" = the activation dtype
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
+        if self.kv_dtype not in KV_DTYPES:
+            raise ValueError(f"kv_dtype must be one of {KV_DTYPES}, got {self.kv_dtype!r}")
         if self.role not in ("both", "prefill", "decode"):
             raise ValueError(f"role must be both, prefill or decode, got {self.role!r}")
         if self.max_model_len is not None and self.max_model_len <= 1:
@@ -100,8 +104,10 @@ class LLMEngine:
 
     @staticmethod
     def kv_layout(config: ModelConfig, engine_config: EngineConfig) -> KVLayout:
+        """The KV pool's layout: kv_dtype, or the activation dtype when it is "auto"."""
+        kv_dtype = engine_config.dtype if engine_config.kv_dtype == "auto" else engine_config.kv_dtype
         return KVLayout.for_model(config, engine_config.num_kv_blocks, engine_config.block_size,
-                                  engine_config.dtype)
+                                  kv_dtype)
 
     @property
     def kv(self) -> KVPool:

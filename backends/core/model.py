@@ -15,7 +15,7 @@ from torch import nn
 
 from backends.core.attention import AttentionMetadata, paged_attention, store_kv
 from backends.core.config import ModelConfig
-from backends.core.kv_cache import KVPool
+from backends.core.kv_cache import KVPool, LayerKV
 
 
 def rope_cos_sin(config: ModelConfig, max_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,15 +79,15 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.norm_eps)
         self.scale = c.head_dim ** -0.5
 
-    def forward(self, x, cos, sin, meta: AttentionMetadata, k_cache, v_cache):
+    def forward(self, x, cos, sin, meta: AttentionMetadata, cache: LayerKV):
         # x: [N, D]
         n, h, kvh, hd = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
         qkv = self.qkv_proj(self.input_layernorm(x))
         qk = apply_rope(qkv[:, :(h + kvh) * hd].view(n, h + kvh, hd), cos, sin)  # q and k at once
         q, k = qk.split([h, kvh], dim=1)
         v = qkv[:, (h + kvh) * hd:].view(n, kvh, hd)
-        store_kv(k_cache, v_cache, k, v, meta)
-        x = x + self.o_proj(paged_attention(q, k, v, k_cache, v_cache, meta, self.scale))
+        store_kv(cache, k, v, meta)
+        x = x + self.o_proj(paged_attention(q, k, v, cache, meta, self.scale))
         gate, up = self.gate_up_proj(self.post_attention_layernorm(x)).chunk(2, dim=-1)
         return x + self.down_proj(F.silu(gate) * up)
 
@@ -114,7 +114,7 @@ class CausalLM(nn.Module):
         cos = self.rope_cos[positions].to(x.dtype).unsqueeze(1)
         sin = self.rope_sin[positions].to(x.dtype).unsqueeze(1)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, meta, kv.k[i], kv.v[i])
+            x = layer(x, cos, sin, meta, kv.layers[i])
         return self.norm(x)
 
     @torch.inference_mode()

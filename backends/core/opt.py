@@ -17,7 +17,7 @@ from torch import nn
 
 from backends.core.attention import AttentionMetadata, paged_attention, store_kv
 from backends.core.config import ModelConfig
-from backends.core.kv_cache import KVPool
+from backends.core.kv_cache import KVPool, LayerKV
 
 POSITION_OFFSET = 2     # OPT's embed_positions row for position p is p + 2
 
@@ -40,10 +40,9 @@ class OPTDecoderLayer(nn.Module):
         self.is_pre_norm = c.do_layer_norm_before
         self.scaling = c.head_dim ** -0.5
 
-    def forward(self, x: torch.Tensor, meta: AttentionMetadata, k_cache: torch.Tensor,
-                v_cache: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, meta: AttentionMetadata, cache: LayerKV) -> torch.Tensor:
         # x: [N, D]
-        x = self._residual(x, self.self_attn_layer_norm, lambda h: self._attention(h, meta, k_cache, v_cache))
+        x = self._residual(x, self.self_attn_layer_norm, lambda h: self._attention(h, meta, cache))
         return self._residual(x, self.final_layer_norm, lambda h: self.fc2(F.relu(self.fc1(h))))
 
     def _residual(self, x: torch.Tensor, norm: nn.LayerNorm,
@@ -52,14 +51,13 @@ class OPTDecoderLayer(nn.Module):
             return x + block(norm(x))
         return norm(x + block(x))
 
-    def _attention(self, h: torch.Tensor, meta: AttentionMetadata, k_cache: torch.Tensor,
-                   v_cache: torch.Tensor) -> torch.Tensor:
+    def _attention(self, h: torch.Tensor, meta: AttentionMetadata, cache: LayerKV) -> torch.Tensor:
         # h: [N, D] -> [N, D]
         n = h.shape[0]
         q, k, v = self.qkv_proj(h).view(n, 3, self.num_heads, self.head_dim).unbind(1)
         q = q * self.scaling        # HF scales q after the projection and attends with scale 1
-        store_kv(k_cache, v_cache, k, v, meta)
-        return self.out_proj(paged_attention(q, k, v, k_cache, v_cache, meta, 1.0))
+        store_kv(cache, k, v, meta)
+        return self.out_proj(paged_attention(q, k, v, cache, meta, 1.0))
 
 
 class OPTCausalLM(nn.Module):
@@ -85,7 +83,7 @@ class OPTCausalLM(nn.Module):
         # input_ids, positions: [N] -> hidden states [N, D]
         x = self.embed_tokens(input_ids) + self.embed_positions(positions + POSITION_OFFSET)
         for i, layer in enumerate(self.layers):
-            x = layer(x, meta, kv.k[i], kv.v[i])
+            x = layer(x, meta, kv.layers[i])
         return x if self.final_layer_norm is None else self.final_layer_norm(x)
 
     @torch.inference_mode()

@@ -157,7 +157,8 @@ class InstanceHost:
 
 def _engine_config(deployment: Any, phase: Any, role: str, index: int) -> EngineConfig:
     device = f"cuda:{phase.gpu(index)}" if phase.device == "gpu" else "cpu"
-    return EngineConfig(dtype=deployment.dtype, block_size=deployment.block_size,
+    return EngineConfig(dtype=deployment.dtype, kv_dtype=deployment.kv_dtype,
+                        block_size=deployment.block_size,
                         num_kv_blocks=phase.num_kv_blocks, max_num_seqs=phase.max_num_seqs,
                         max_num_batched_tokens=phase.max_num_batched_tokens,
                         max_model_len=deployment.max_model_len, role=role, device=device,
