@@ -187,13 +187,14 @@ def test_int8_kv_greedy_agrees_with_bf16_kv_on_the_real_model(smollm_bf16, smoll
     prompts = [smollm_tokenizer.encode(t) for t in TEXTS]
     params = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
     make = lambda kv: LLMEngine(config, sd, EngineConfig(dtype="bfloat16", kv_dtype=kv, num_kv_blocks=64))
-    reference = generate(make("bfloat16"), prompts, params)
-    engine = make("int8")
-    picks = _teacher_forced_picks(engine, prompts, reference, params)
+    bf16, int8 = make("bfloat16"), make("int8")
+    reference = generate(bf16, prompts, params)
+    picks = _teacher_forced_picks(int8, prompts, reference, params)
     agree = sum(p == r for ps, rs in zip(picks, reference) for p, r in zip(ps, rs))
     assert sum(map(len, picks)) == 256
     assert agree >= 0.95 * 256, f"int8 KV agrees with bf16 KV on {agree}/256 greedy picks"
-    assert_no_leaks(engine)
+    assert_no_leaks(bf16)
+    assert_no_leaks(int8)
 
 
 def _teacher_forced_picks(engine: LLMEngine, prompts, reference, params) -> list[list[int]]:
