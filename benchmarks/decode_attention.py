@@ -32,7 +32,8 @@ CASES = {"B=1 ctx 1024": [1024], "B=1 ctx 256": [256], "B=1 ctx 32": [32],
 def main(core: int = 1, rounds: int = 3, steps: int = 5) -> dict:
     os.sched_setaffinity(0, {core % (os.cpu_count() or 1)})
     torch.set_num_threads(1)
-    new = (A.SDPA_DECODE_MAX_CONTEXT, A.GROUP_COST_TOKENS)
+    backend = A.backend_for("cpu")
+    new = (backend.sdpa_decode_max_context, backend.group_cost_tokens)
     config, sd = load_checkpoint(DEFAULT_MODEL_PATH, torch.bfloat16)
     probe = EngineProbe(LLMEngine(config, sd, EngineConfig(dtype="bfloat16", block_size=16,
                                                            num_kv_blocks=2400)), config.vocab_size)
@@ -43,12 +44,12 @@ def main(core: int = 1, rounds: int = 3, steps: int = 5) -> dict:
         for rnd in range(rounds):
             order = [("old", OLD), ("new", new)]
             for label, (max_ctx, group_cost) in order if rnd % 2 == 0 else order[::-1]:
-                A.SDPA_DECODE_MAX_CONTEXT, A.GROUP_COST_TOKENS = max_ctx, group_cost
+                backend.sdpa_decode_max_context, backend.group_cost_tokens = max_ctx, group_cost
                 times[label] += probe.decode(ctxs, warmup=1, steps=steps)[0]
         old, cur = statistics.median(times["old"]), statistics.median(times["new"])
         cases[name] = {"old_ms": 1e3 * old, "new_ms": 1e3 * cur, "speedup": old / cur}
         print(f"{name:22s} before {1e3 * old:7.1f} ms  now {1e3 * cur:7.1f} ms  x{old / cur:.2f}", flush=True)
-    A.SDPA_DECODE_MAX_CONTEXT, A.GROUP_COST_TOKENS = new
+    backend.sdpa_decode_max_context, backend.group_cost_tokens = new
     doc = {"command": "python -m benchmarks.decode_attention", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
            "core": core, "load_avg": [load_before, os.getloadavg()], "rounds": rounds,
            "steps_per_round": steps, "now": {"SDPA_DECODE_MAX_CONTEXT": new[0], "GROUP_COST_TOKENS": new[1]},

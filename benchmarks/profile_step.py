@@ -48,34 +48,42 @@ def _prompt(n: int, seed: int) -> list[int]:
     return torch.randint(100, 40_000, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def _steps(engine: LLMEngine, kind: str, context: int, n: int):
-    """Yield n timed-able step callables of the case (decode: one sequence at `context`)."""
-    if kind == "decode":
-        engine.add_request("p", _prompt(context, 0), PARAMS)
-        engine.step()
-        try:
-            for _ in range(n):
-                yield engine.step
-        finally:
-            engine.abort("p")
-    else:
-        for i in range(n):
-            engine.add_request(f"q{i}", _prompt(context, i), PARAMS)
-            try:
-                yield engine.step
-            finally:
-                engine.abort(f"q{i}")
+class _Case:
+    """Runs `n` steps of a case: decode steps of one sequence at `context` tokens (its prefill
+    runs in `__enter__`, outside any measurement), or 512-token prefills, one per step."""
+
+    def __init__(self, engine: LLMEngine, kind: str, context: int) -> None:
+        self.engine, self.kind, self.context, self.n = engine, kind, context, 0
+
+    def __enter__(self) -> _Case:
+        if self.kind == "decode":
+            self.engine.add_request("p", _prompt(self.context, 0), PARAMS)
+            self.engine.step()
+        return self
+
+    def step(self) -> float:
+        """One step; its wall time in seconds."""
+        if self.kind == "prefill":
+            self.n += 1
+            self.engine.add_request(f"q{self.n}", _prompt(self.context, self.n), PARAMS)
+        t0 = time.perf_counter()
+        self.engine.step()
+        wall = time.perf_counter() - t0
+        if self.kind == "prefill":
+            self.engine.abort(f"q{self.n}")
+        return wall
+
+    def __exit__(self, *exc) -> None:
+        self.engine.abort("p")
 
 
 def profile_case(engine: LLMEngine, kind: str, context: int, steps: int) -> dict:
-    for step in _steps(engine, kind, context, 3):
-        step()                                              # warm-up
-    wall = 0.0
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for step in _steps(engine, kind, context, steps):
-            t0 = time.perf_counter()
-            step()
-            wall += time.perf_counter() - t0
+    with _Case(engine, kind, context) as case:
+        for _ in range(3):
+            case.step()                                         # warm-up
+        plain = sorted(case.step() for _ in range(steps))
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            wall = sum(case.step() for _ in range(steps))
     buckets = {"matmul": 0.0, "attention": 0.0, "elementwise": 0.0}
     top = []
     for ev in prof.key_averages():
@@ -83,13 +91,8 @@ def profile_case(engine: LLMEngine, kind: str, context: int, steps: int) -> dict
         top.append((ev.self_cpu_time_total / 1e6 / steps * 1e3, ev.key, ev.count // steps))
     ms = {k: v / steps * 1e3 for k, v in buckets.items()}
     ms["python_dispatch"] = max(0.0, wall / steps * 1e3 - sum(ms.values()))
-    # the profiler's own cost inflates the wall time; report an unprofiled median too
-    plain = []
-    for step in _steps(engine, kind, context, steps):
-        t0 = time.perf_counter()
-        step()
-        plain.append(time.perf_counter() - t0)
-    return {"kind": kind, "context": context, "step_ms": sorted(plain)[len(plain) // 2] * 1e3,
+    # the profiler's own cost inflates the wall time; the unprofiled median is `step_ms`
+    return {"kind": kind, "context": context, "step_ms": plain[len(plain) // 2] * 1e3,
             "profiled_step_ms": wall / steps * 1e3, "ms": ms,
             "top_ops": [{"op": k, "ms": round(t, 3), "calls": c} for t, k, c in sorted(top, reverse=True)[:12]]}
 

@@ -24,6 +24,7 @@ DTYPES = ("bfloat16", "float32")
 # The KV cache's dtype (backends.core.engine.KV_DTYPES): "auto" = `dtype`; int8 holds ~1.9x the
 # tokens per byte. One value for the whole deployment: the KV moves from prefill to decode.
 KV_DTYPES = ("auto", "bfloat16", "float32", "int8")
+WEIGHT_FORMATS = ("bf16", "int8", "int4", "auto")   # backends/core/weight_format.py (no torch here)
 KV_TRANSPORTS = ("shm", "cuda_ipc")
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_PATH = "models/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -130,6 +131,7 @@ class Deployment:
     colocated: PhaseSpec | None = None    # the colocated baseline: each instance runs both phases
     systems: tuple = ("disaggregated",)   # what the repository serves (SYSTEMS); one at a time
     share_weights: bool = True            # instances on one host map one copy of the weights
+    weights: str = "auto"                 # WEIGHT_FORMATS: bf16 | int8 | int4 | auto (per phase)
     check_host: bool = field(default=True, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -148,6 +150,8 @@ class Deployment:
         if self.default_max_tokens >= self.max_model_len:
             raise ValueError(f"default_max_tokens ({self.default_max_tokens}) must be < max_model_len "
                              f"({self.max_model_len})")
+        if self.weights not in WEIGHT_FORMATS:
+            raise ValueError(f"weights must be one of {WEIGHT_FORMATS}, got {self.weights!r}")
         if not isinstance(self.share_weights, bool):
             raise ValueError(f"share_weights must be true or false, got {self.share_weights!r}")
         self._check_systems()

@@ -255,7 +255,7 @@ def display_path(path: str | os.PathLike) -> str:
 
 def run(config, state_dict, *, model_path: str, dtype: str = "bfloat16", block_size: int = 16,
         settings: Settings = Settings(), device: str = DEVICE, threshold: int = 95,
-        progress: bool = True, kv_dtype: str = "auto") -> dict:
+        progress: bool = True, kv_dtype: str = "auto", weights: str = "auto") -> dict:
     """Profile an engine built from (config, state_dict) in this process; the profile document.
     `kv_dtype` (EngineConfig's): the KV cache's dtype, which sets the decode step's attention
     cost and the KV bytes each token takes (int8: its scales included)."""
@@ -266,7 +266,7 @@ def run(config, state_dict, *, model_path: str, dtype: str = "bfloat16", block_s
     steps = s.warmup_steps + s.decode_steps + 2
     need = max(sum(-(-(c + steps) // block_size) for c in b) for b in batches)
     engine = LLMEngine(config, state_dict, EngineConfig(
-        dtype=dtype, kv_dtype=kv_dtype, block_size=block_size, num_kv_blocks=need + 8,
+        dtype=dtype, kv_dtype=kv_dtype, weights=weights, block_size=block_size, num_kv_blocks=need + 8,
         max_num_seqs=max(max(len(b) for b in batches), max(len(b) for b in s.prefill_batches)),
         max_num_batched_tokens=max(sum(b) for b in s.prefill_batches)))
     t0 = time.perf_counter()
@@ -277,7 +277,7 @@ def run(config, state_dict, *, model_path: str, dtype: str = "bfloat16", block_s
     link = fit_link(samples.kv_copy)
     layout = engine.kv.layout
     info = {"model_path": display_path(model_path), "model": key, "device": device, "dtype": dtype,
-            "kv_dtype": layout.dtype, "block_size": block_size, "tp": 1,
+            "kv_dtype": layout.dtype, "weights": weights, "block_size": block_size, "tp": 1,
             "kv_bytes_per_token": layout.token_nbytes,
             "kv_link": asdict(link), "settings": asdict(s), "duration_s": time.perf_counter() - t0,
             **details}
@@ -314,6 +314,9 @@ def summary(doc: dict) -> str:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help=".gguf file or HF model directory")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    p.add_argument("--weights", default="auto", choices=("auto", "bf16", "int8", "int4"),
+                   help="weight format (EngineConfig.weights); auto: one engine of role 'both', so "
+                        "prefill batches take the dense GEMM and small decode steps the int4 kernel")
     p.add_argument("--kv-dtype", default="auto", choices=("auto", "bfloat16", "float32", "int8"),
                    help="the KV cache's dtype (auto: --dtype); int8 holds ~1.9x the tokens")
     p.add_argument("--block-size", type=int, default=16)
@@ -333,11 +336,12 @@ def main(args: argparse.Namespace, argv: Sequence[str]) -> int:
     core = min(os.sched_getaffinity(0)) if args.core is None else args.core
     pin_threads([core], 1)
     model = Path(args.model) if Path(args.model).is_absolute() else ROOT / args.model
-    config, sd = load_checkpoint(model, DTYPES[args.dtype])
+    config, sd = load_checkpoint(model, DTYPES[args.dtype], keep_quantized=args.weights != "bf16")
     load_before = os.getloadavg()         # the machine may be shared: what else was running
     doc = run(config, sd, model_path=str(model), dtype=args.dtype, block_size=args.block_size,
               settings=QUICK if args.quick else Settings(), device=args.device,
-              threshold=args.threshold, progress=not args.no_progress, kv_dtype=args.kv_dtype)
+              threshold=args.threshold, progress=not args.no_progress, kv_dtype=args.kv_dtype,
+              weights=args.weights)
     doc[PROFILE_KEY].update(machine(core), load_avg_before=load_before, load_avg_after=os.getloadavg(),
                             command=shlex.join(["python", "-m", "planner", *argv]))
     out = Path(args.out or (QUICK_OUT if args.quick else DEFAULT_OUT))

@@ -199,8 +199,43 @@ def test_real_model_bf16_formats_logits(smollm_codes, fmt: str, tol: float) -> N
     channel."""
     config, codes = smollm_codes
     ref = LLMEngine(config, codes, EngineConfig(weights="bf16", num_kv_blocks=16))
-    engine = LLMEngine(config, codes, EngineConfig(weights=fmt, num_kv_blocks=16))
+    # unpacked dense fallback: up to INT4_MAX_ROWS (12) rows run on the int4 kernel
+    engine = LLMEngine(config, codes, EngineConfig(weights=fmt, num_kv_blocks=16, prepack_weights=False))
     for p in PROMPTS:
         a, b = prefill_logits(engine, p), prefill_logits(ref, p)
         assert (a - b).abs().max() <= tol * b.abs().max(), fmt
         assert a.topk(5).indices.tolist()[0] in b.topk(5).indices.tolist()
+
+
+def test_shared_weight_instances_match_private(smollm_codes, gguf_path, tmp_path: Path) -> None:
+    """Two engines of one checkpoint and format on one host: the first writes the shared copy,
+    the second maps it; both give the private engine's tokens."""
+    from backends.core.weight_share import checkpoint_key, shared_info
+    config, codes = smollm_codes
+    prompts = [PROMPTS[0], list(range(2000, 2040))]
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    cfg = dict(weights="auto", role="both", num_kv_blocks=16)
+    private = LLMEngine(config, codes, EngineConfig(**cfg))
+    shared = [LLMEngine(config, codes, EngineConfig(**cfg, shared_weights_dir=str(tmp_path / "w")),
+                        checkpoint_id=checkpoint_key(gguf_path)) for _ in range(2)]
+    assert shared_info(shared[0].runner.model).wrote and not shared_info(shared[1].runner.model).wrote
+    expected = generate(private, prompts, params)
+    assert all(generate(e, prompts, params) == expected for e in shared)
+
+
+def test_prepacked_dense_matches_plain(smollm_codes) -> None:
+    """oneDNN-prepacked weights compute what aten::mm computes on the plain layout."""
+    from backends.core.quant import PackedLinear
+    config, codes = smollm_codes
+    plain = LLMEngine(config, codes, EngineConfig(weights="bf16", prepack_weights=False, num_kv_blocks=16))
+    packed = LLMEngine(config, codes, EngineConfig(weights="bf16", num_kv_blocks=16))
+    auto = LLMEngine(config, codes, EngineConfig(weights="auto", num_kv_blocks=16))
+    assert isinstance(packed.runner.model.layers[0].qkv_proj, PackedLinear)
+    layer = auto.runner.model.layers[0].qkv_proj               # int4, with a packed dense fallback
+    x = torch.randn(quant.INT4_MAX_ROWS_PACKED + 1, layer.in_features, dtype=torch.bfloat16)
+    dense = plain.runner.model.layers[0].qkv_proj.weight
+    assert layer.dense is None and torch.equal(layer(x), F.linear(x, dense))
+    prompt = list(range(3000, 3040))               # 40 rows: auto's layers take the packed GEMM
+    torch.testing.assert_close(prefill_logits(packed, prompt), prefill_logits(plain, prompt), rtol=0, atol=1e-3)
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    assert generate(packed, [prompt], params) == generate(plain, [prompt], params)

@@ -19,6 +19,9 @@ from backends.core.model_runner import ModelRunner, build_model, resolve_device
 from backends.core.sampling import SamplingParams
 from backends.core.scheduler import Batch, Scheduler, SchedulerConfig
 from backends.core.sequence import FinishReason, Sequence, SequenceStatus
+from backends.core.quant import INT4_GROUP_SIZES
+from backends.core.weight_format import WEIGHT_FORMATS, resolve_format
+from backends.core.weight_share import checkpoint_key, release_free_memory, share_weights, weights_key
 
 Role = Literal["both", "prefill", "decode"]
 KV_DTYPES = ("auto", "bfloat16", "float32", "int8")
@@ -35,11 +38,20 @@ class EngineConfig:
     role: Role = "both"
     device: str = "cpu"                     # or "cuda[:N]"
     chunked_prefill: bool = False           # mixed steps under max_num_batched_tokens (role "both")
+    weights: str = "auto"                   # WEIGHT_FORMATS (weight_format.py): bf16 int8 int4 auto
+    weight_group_size: int = 32             # int4 groups along the input (HF weights quantized on load)
     kv_dtype: str = "auto"                  # KV_DTYPES: "auto" = the activation dtype
+    shared_weights_dir: str | None = None   # instances on one host map one copy of the weights here
+    prepack_weights: bool = True            # dense weights in oneDNN's layout (bf16 on CPU; private)
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
+        if self.weights not in WEIGHT_FORMATS:
+            raise ValueError(f"weights must be one of {WEIGHT_FORMATS}, got {self.weights!r}")
+        if self.weight_group_size not in INT4_GROUP_SIZES:
+            raise ValueError(f"weight_group_size must be one of {INT4_GROUP_SIZES}, "
+                             f"got {self.weight_group_size!r}")
         if self.kv_dtype not in KV_DTYPES:
             raise ValueError(f"kv_dtype must be one of {KV_DTYPES}, got {self.kv_dtype!r}")
         if self.role not in ("both", "prefill", "decode"):
@@ -74,7 +86,10 @@ class EngineStats:
 class LLMEngine:
     def __init__(self, config: ModelConfig, state_dict: dict[str, torch.Tensor],
                  engine_config: EngineConfig = EngineConfig(), kv_pool: KVPool | None = None,
-                 eos_token_ids: tuple[int, ...] | None = None) -> None:
+                 eos_token_ids: tuple[int, ...] | None = None, checkpoint_id: str | None = None) -> None:
+        """`checkpoint_id` names the checkpoint the state dict came from (weight_share.checkpoint_key);
+        with `engine_config.shared_weights_dir` the weights are then shared with every instance
+        on this host that loads the same checkpoint in the same format."""
         self.model_config = config
         self.config = engine_config
         self.max_model_len = min(engine_config.max_model_len or config.max_position_embeddings,
@@ -87,7 +102,13 @@ class LLMEngine:
         kv_pool = kv_pool if kv_pool is not None else KVPool(layout, device=device)
         if kv_pool.data.device != device:
             raise ValueError(f"KV pool is on {kv_pool.data.device}, the engine on {device}")
-        self.runner = ModelRunner(build_model(config, state_dict, engine_config.dtype, device), kv_pool)
+        model = build_model(config, state_dict, engine_config.dtype, device, engine_config.weights,
+                            engine_config.role, engine_config.weight_group_size,
+                            engine_config.prepack_weights)
+        if engine_config.shared_weights_dir:
+            self._share(model, engine_config, checkpoint_id, device)
+        release_free_memory()       # the loader's freed dense copies, back to the OS (~600 MiB)
+        self.runner = ModelRunner(model, kv_pool)
         self.blocks = BlockManager(engine_config.num_kv_blocks)
         self.scheduler = Scheduler(SchedulerConfig(engine_config.max_num_seqs,
                                                    engine_config.max_num_batched_tokens,
@@ -99,8 +120,19 @@ class LLMEngine:
     @classmethod
     def from_path(cls, path: str, engine_config: EngineConfig = EngineConfig(), **kw) -> LLMEngine:
         from backends.core.weights import load_checkpoint
-        config, sd = load_checkpoint(path, dtype=dtype_from_name(engine_config.dtype))
+        config, sd = load_checkpoint(path, dtype=dtype_from_name(engine_config.dtype),
+                                     keep_quantized=engine_config.weights != "bf16")
+        kw.setdefault("checkpoint_id", checkpoint_key(path))
         return cls(config, sd, engine_config, **kw)
+
+    @staticmethod
+    def _share(model, engine_config: EngineConfig, checkpoint_id: str | None, device) -> None:
+        if checkpoint_id is None:
+            raise ValueError("shared_weights_dir needs the checkpoint's identity (checkpoint_id)")
+        fmt = resolve_format(engine_config.weights, engine_config.role, device)
+        key = weights_key(checkpoint_id, fmt, engine_config.dtype, str(engine_config.weight_group_size),
+                          torch.__version__)
+        share_weights(model, engine_config.shared_weights_dir, key, device)
 
     @staticmethod
     def kv_layout(config: ModelConfig, engine_config: EngineConfig) -> KVLayout:

@@ -10,6 +10,8 @@ from backends.core.config import ModelConfig
 from backends.core.kv_cache import KVLayout, KVPool
 from backends.core.model import CausalLM, rope_cos_sin
 from backends.core.opt import OPTCausalLM
+from backends.core.quant import GroupQuant
+from backends.core.weight_format import apply_weight_format, resolve_format
 from backends.core.sampling import sample
 from backends.core.scheduler import Batch
 
@@ -41,10 +43,16 @@ def pin_threads(cores: list[int] | None, num_threads: int | None = None) -> None
         torch.set_num_threads(n)
 
 
-def build_model(config: ModelConfig, state_dict: dict[str, torch.Tensor],
-                dtype: str, device: torch.device = torch.device("cpu")) -> CausalLM | OPTCausalLM:
+def build_model(config: ModelConfig, state_dict: dict[str, torch.Tensor | GroupQuant],
+                dtype: str, device: torch.device = torch.device("cpu"), weights: str = "bf16",
+                role: str = "both", group_size: int = 32, prepack: bool = False) -> CausalLM | OPTCausalLM:
+    """The model in `dtype` on `device`, its linear layers in the `weights` format (see
+    weight_format.py); `state_dict` may hold GGUF codes (load_checkpoint(keep_quantized=True))."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not supported; use one of {list(DTYPES)}")
+    fmt = resolve_format(weights, role, device)
+    dense = {k: v.dequantize(DTYPES[dtype]) if isinstance(v, GroupQuant) else v
+             for k, v in state_dict.items()}
     model_cls = OPTCausalLM if config.arch == "opt" else CausalLM
     with torch.device("meta"):
         model = model_cls(config)
@@ -53,7 +61,9 @@ def build_model(config: ModelConfig, state_dict: dict[str, torch.Tensor],
         # RoPE tables stay float32 (cast per step, as HF does); meta tensors had no values.
         cos, sin = rope_cos_sin(config, config.max_position_embeddings)
         model.rope_cos, model.rope_sin = cos.to(device), sin.to(device)
-    model.load_hf_state_dict(state_dict)
+    model.load_hf_state_dict(dense)
+    del dense
+    apply_weight_format(model, state_dict, fmt, group_size, prepack)
     return model.eval()
 
 

@@ -10,14 +10,16 @@
   the dense AMX GEMM is 8x faster than the int4 kernel at 512 rows) keeps dense weights; a
   decode or colocated engine runs GGUF Q4_x / Q8_0 layers on the int4 kernel, exactly, and
   keeps the dense weight beside them for steps of more than `quant.INT4_MAX_ROWS` rows. An HF
-  checkpoint stays dense. So `auto` is lossless for every file, and the fastest at every batch.
+  checkpoint stays dense, and so does every engine on a GPU (the int4/int8 kernels used here
+  are torch's CPU ones). So `auto` is lossless for every file, and the fastest at every batch.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from backends.core.quant import GroupQuant, Int4Linear, Int8Linear, RowsEmbedding, quantize_int4
+from backends.core.quant import (GroupQuant, Int4Linear, Int8Linear, PackedLinear, RowsEmbedding,
+                                 can_prepack, quantize_int4)
 
 WEIGHT_FORMATS = ("bf16", "int8", "int4", "auto")
 
@@ -26,17 +28,35 @@ def resolve_format(weights: str, role: str, device: torch.device) -> str:
     """The format an engine of `role` actually runs ('auto' decided per phase)."""
     if weights not in WEIGHT_FORMATS:
         raise ValueError(f"weights must be one of {WEIGHT_FORMATS}, got {weights!r}")
-    fmt = "bf16" if weights == "auto" and role == "prefill" else weights
+    if weights == "auto" and (role == "prefill" or device.type != "cpu"):
+        return "bf16"           # compute-bound, or no quantized kernels for this device here
+    fmt = weights
     if fmt != "bf16" and device.type != "cpu":
         raise ValueError(f"weights {weights!r}: the quantized kernels here are torch's CPU ones; "
                          f"on {device.type} use weights 'bf16'")
     return fmt
 
 
-def apply_weight_format(model: nn.Module, state_dict: dict, fmt: str, group_size: int = 32) -> None:
-    """Replace `model`'s linear layers in place (after the dense weights are loaded)."""
-    if fmt == "bf16":
-        return
+def apply_weight_format(model: nn.Module, state_dict: dict, fmt: str, group_size: int = 32,
+                        prepack: bool = False) -> None:
+    """Replace `model`'s linear layers in place (after the dense weights are loaded); with
+    `prepack`, dense weights go into oneDNN's layout where it runs (bf16 on CPU)."""
+    if fmt != "bf16":
+        _quantize(model, state_dict, fmt, group_size)
+    param = next(model.parameters())
+    if prepack and can_prepack(param.dtype, param.device):
+        _prepack(model)
+
+
+def _prepack(model: nn.Module) -> None:
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear):
+            _set_module(model, name, PackedLinear(module))
+        elif isinstance(module, Int4Linear):
+            module.prepack()
+
+
+def _quantize(model: nn.Module, state_dict: dict, fmt: str, group_size: int) -> None:
     dtype = next(model.parameters()).dtype
     sources = model.linear_sources() if hasattr(model, "linear_sources") else {}
     for name, module in list(model.named_modules()):

@@ -12,6 +12,7 @@ turns one output into a Triton response, and `is_cancelled(req_id)`.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -25,6 +26,7 @@ from backends.core.engine import EngineConfig, LLMEngine
 from backends.colocated.worker import ColocatedWorker
 from backends.core.messages import DecodeOutput, DecodeRequest, GenerateRequest, PrefillRequest
 from backends.core.tokenizer import Tokenizer
+from backends.core.weight_share import ENV_VAR as SHARED_WEIGHTS_ENV, checkpoint_key
 from backends.core.weights import load_checkpoint
 from backends.core.kv_cache import dtype_from_name
 from backends.core.model_runner import resolve_device
@@ -162,7 +164,13 @@ def _engine_config(deployment: Any, phase: Any, role: str, index: int) -> Engine
                         num_kv_blocks=phase.num_kv_blocks, max_num_seqs=phase.max_num_seqs,
                         max_num_batched_tokens=phase.max_num_batched_tokens,
                         max_model_len=deployment.max_model_len, role=role, device=device,
-                        chunked_prefill=phase.chunked_prefill)
+                        chunked_prefill=phase.chunked_prefill, weights=deployment.weights,
+                        shared_weights_dir=_shared_weights_dir(deployment))
+
+
+def _shared_weights_dir(deployment: Any) -> str | None:
+    """The launcher's private directory for weights shared between instances (deploy/server.py)."""
+    return os.environ.get(SHARED_WEIGHTS_ENV) if deployment.share_weights else None
 
 
 def _transport_options(deployment: Any, ecfg: EngineConfig) -> dict[str, Any]:
@@ -171,32 +179,34 @@ def _transport_options(deployment: Any, ecfg: EngineConfig) -> dict[str, Any]:
     return {}
 
 
-def _load(deployment: Any) -> tuple[Any, dict, tuple[int, ...]]:
+def _load(deployment: Any) -> tuple[Any, dict, dict[str, Any]]:
+    """(config, state dict, the LLMEngine keywords every instance passes: eos ids, checkpoint id)."""
     path = str(deployment.resolved_model_path())
-    config, sd = load_checkpoint(path, dtype_from_name(deployment.dtype))
+    config, sd = load_checkpoint(path, dtype_from_name(deployment.dtype),
+                                 keep_quantized=deployment.weights != "bf16")
     eos = tuple(sorted(Tokenizer.load(path).stop_token_ids))
-    return config, sd, eos
+    return config, sd, {"eos_token_ids": eos, "checkpoint_id": checkpoint_key(path)}
 
 
 def build_prefill_host(deployment: Any, index: int, send: Send,
                        is_cancelled: Callable[[str], bool], on_step=None) -> InstanceHost:
-    config, sd, eos = _load(deployment)
+    config, sd, kw = _load(deployment)
     ecfg = _engine_config(deployment, deployment.prefill, "prefill", index)
     resolve_device(ecfg.device)                  # a clear error before any pool is made
     instance_id = f"prefill-{index}"
     exporter = make_exporter(deployment.kv_transport, LLMEngine.kv_layout(config, ecfg), instance_id,
                              lease_timeout_s=deployment.lease_timeout_s,
                              **_transport_options(deployment, ecfg))
-    engine = LLMEngine(config, sd, ecfg, kv_pool=exporter.pool, eos_token_ids=eos)
+    engine = LLMEngine(config, sd, ecfg, kv_pool=exporter.pool, **kw)
     return InstanceHost(PrefillWorker(engine, exporter), instance_id, send, is_cancelled,
                         PrefillRequest.from_json, on_step)
 
 
 def build_decode_host(deployment: Any, index: int, send: Send,
                       is_cancelled: Callable[[str], bool], on_step=None) -> InstanceHost:
-    config, sd, eos = _load(deployment)
+    config, sd, kw = _load(deployment)
     engine = LLMEngine(config, sd, _engine_config(deployment, deployment.decode, "decode", index),
-                       eos_token_ids=eos)
+                       **kw)
     instance_id = f"decode-{index}"
     worker = DecodeWorker(engine, make_importer(deployment.kv_transport, engine.kv), instance_id)
     return InstanceHost(worker, instance_id, send, is_cancelled, DecodeRequest.from_json, on_step)
@@ -206,9 +216,9 @@ def build_colocated_host(deployment: Any, index: int, send: Send,
                          is_cancelled: Callable[[str], bool], on_step=None) -> InstanceHost:
     if deployment.colocated is None:
         raise ValueError("the deployment has no colocated phase")
-    config, sd, eos = _load(deployment)
+    config, sd, kw = _load(deployment)
     engine = LLMEngine(config, sd, _engine_config(deployment, deployment.colocated, "both", index),
-                       eos_token_ids=eos)
+                       **kw)
     instance_id = f"colocated-{index}"
     return InstanceHost(ColocatedWorker(engine, instance_id), instance_id, send, is_cancelled,
                         GenerateRequest.from_json, on_step)
