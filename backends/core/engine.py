@@ -129,9 +129,9 @@ class LLMEngine:
     def _share(model, engine_config: EngineConfig, checkpoint_id: str | None, device) -> None:
         if checkpoint_id is None:
             raise ValueError("shared_weights_dir needs the checkpoint's identity (checkpoint_id)")
-        fmt = resolve_format(engine_config.weights, engine_config.role, device)
+        fmt = resolve_format(engine_config.weights, engine_config.role, device, engine_config.dtype)
         key = weights_key(checkpoint_id, fmt, engine_config.dtype, str(engine_config.weight_group_size),
-                          torch.__version__)
+                          f"prepack={engine_config.prepack_weights}", torch.__version__)
         share_weights(model, engine_config.shared_weights_dir, key, device)
 
     @staticmethod

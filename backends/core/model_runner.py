@@ -50,7 +50,7 @@ def build_model(config: ModelConfig, state_dict: dict[str, torch.Tensor | GroupQ
     weight_format.py); `state_dict` may hold GGUF codes (load_checkpoint(keep_quantized=True))."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not supported; use one of {list(DTYPES)}")
-    fmt = resolve_format(weights, role, device)
+    fmt = resolve_format(weights, role, device, dtype)
     dense = {k: v.dequantize(DTYPES[dtype]) if isinstance(v, GroupQuant) else v
              for k, v in state_dict.items()}
     model_cls = OPTCausalLM if config.arch == "opt" else CausalLM

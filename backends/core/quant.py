@@ -9,10 +9,13 @@ Formats (chosen by measurement on one core of this project's CPU, docs/profile_s
 - int8: symmetric per output channel, `aten._weight_int8pack_mm`: 1.9x faster at 1 row.
 - GGUF codes map without re-quantizing: Q4_0/Q4_1 are int4 groups of 32 (w = d*q + m); Q8_0
   (w = d*q, q int8) is split into two int4 planes, w = 16d*hi + d*lo - 128d, so it too runs on
-  the int4 kernel, exactly.
+  the int4 kernel. Exact with float32 activations (float32 scales); with bf16 activations the
+  kernel takes bf16 scale/zero, so GGUF's fp16 d (and Q4_1's m + 8d) round to bf16's 8-bit
+  mantissa, the same precision the dense bf16 weights have.
 
-A quantized layer may also hold the dense weight (`dense`): then batches of more than
-`max_rows` rows, where the dense bf16 GEMM (oneDNN, AMX) is faster, use it. Every tensor is a
+An int4 layer may also hold the dense weight (`dense`, or `dense_packed`): then steps of more
+than INT4_MAX_ROWS rows (INT4_MAX_ROWS_PACKED when prepacked), where the dense bf16 GEMM
+(oneDNN, AMX) is faster, use it. Every tensor is a
 registered buffer, so instances can share them (backends/core/weight_share.py).
 
 Dense weights can be prepacked into oneDNN's blocked layout (`prepack_dense`): the same results,
@@ -30,7 +33,6 @@ from torch import nn
 
 INT4_MAX_ROWS = 12     # int4 kernel vs plain dense bf16 cross over at 12-16 rows (SmolLM2, 1 core)
 INT4_MAX_ROWS_PACKED = 4   # ... vs oneDNN-prepacked dense bf16: at 4-6 rows
-INT8_MAX_ROWS = 6      # int8 kernel: 17.6 ms vs 33 ms at 1 row, 42 vs 38 at 8 rows
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 _PACK_ROWS = 64        # the CPU int4 pack interleaves output channels in blocks of 64
 
@@ -96,12 +98,15 @@ def check_group_size(in_features: int, group_size: int) -> None:
                          f"inputs; choose one of {[g for g in INT4_GROUP_SIZES if in_features % g == 0]}")
 
 
-def _int4_planes(gq: GroupQuant, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _int4_planes(gq: GroupQuant) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """(codes, scale, zero) planes in the kernel's form (code - 8) * scale + zero, summed."""
     if gq.bits == 4:
         return [(gq.q, gq.scale, gq.offset + 8 * gq.scale)]
-    hi, lo = gq.q >> 4, gq.q & 15          # 8-bit codes u = 16 hi + lo
-    return [(hi, 16 * gq.scale, 128 * gq.scale), (lo, gq.scale, gq.offset + 8 * gq.scale)]
+    # 8-bit codes u = 16 hi + lo: (hi-8)*16s + Z_hi + (lo-8)*s + Z_lo = s*u + offset needs
+    # Z_hi + Z_lo = offset + 136 s; Q8_0's offset is -128 d, so Z_hi = 0 and Z_lo = 8 s, both
+    # exact in bf16 (a zero of -120 d would round once per group and shift all 32 weights)
+    hi, lo = gq.q >> 4, gq.q & 15
+    return [(hi, 16 * gq.scale, gq.offset + 128 * gq.scale), (lo, gq.scale, 8 * gq.scale)]
 
 
 def _pack_plane(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
@@ -119,7 +124,8 @@ PREPACK_BATCH_HINT = 128      # oneDNN picks its blocking for this many rows; an
 
 
 def can_prepack(dtype: torch.dtype, device: torch.device) -> bool:
-    return device.type == "cpu" and dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
+    return (device.type == "cpu" and dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
+            and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def prepack_dense(weight: torch.Tensor) -> torch.Tensor:
@@ -151,11 +157,10 @@ class Int4Linear(nn.Module):
                  dense: torch.Tensor | None = None) -> None:
         super().__init__()
         check_group_size(gq.shape[1], gq.group_size)
-        _check_pack_layout()
         self.out_features, self.in_features = gq.shape
         self.group_size = gq.group_size
         self.num_planes = 1 if gq.bits == 4 else 2
-        for i, plane in enumerate(_int4_planes(gq, dtype)):
+        for i, plane in enumerate(_int4_planes(gq)):
             packed, scales_zeros = _pack_plane(*plane, dtype)
             self.register_buffer(f"packed{i}", packed)
             self.register_buffer(f"scales_zeros{i}", scales_zeros)
@@ -186,7 +191,8 @@ class Int4Linear(nn.Module):
         return y if self.bias is None else y.add_(self.bias)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
-        """Dequantized rows (output channels) `ids`: [len(ids), K] (an embedding lookup)."""
+        """Dequantized rows (output channels) `ids`: [len(ids), K] (an embedding lookup). Reads
+        torch's packed layout, which depends on the CPU (check `rows_supported()` first)."""
         if self.dense is not None:
             return self.dense[ids]
         out = None
@@ -205,8 +211,7 @@ class Int4Linear(nn.Module):
 class Int8Linear(nn.Module):
     """Weight-only int8, symmetric per output channel."""
 
-    def __init__(self, weight: torch.Tensor, dtype: torch.dtype, bias: torch.Tensor | None = None,
-                 dense: torch.Tensor | None = None) -> None:
+    def __init__(self, weight: torch.Tensor, dtype: torch.dtype, bias: torch.Tensor | None = None) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
         w = weight.float()
@@ -214,17 +219,12 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight", (w / scale[:, None]).round_().clamp_(-127, 127).to(torch.int8))
         self.register_buffer("scales", scale.to(dtype))
         self.register_buffer("bias", bias)
-        self.register_buffer("dense", dense)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.dense is not None and x.shape[0] > INT8_MAX_ROWS:
-            return F.linear(x, self.dense, self.bias)
         y = torch.ops.aten._weight_int8pack_mm(x, self.weight, self.scales)
         return y if self.bias is None else y.add_(self.bias)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
-        if self.dense is not None:
-            return self.dense[ids]
         return (self.weight[ids].float() * self.scales[ids, None].float()).to(self.scales.dtype)
 
 
@@ -239,25 +239,29 @@ class RowsEmbedding(nn.Module):
         return self._source[0].rows(ids)
 
 
-_LAYOUT_CHECKED = False
+_ROWS_SUPPORTED: bool | None = None
 
 
-def _check_pack_layout() -> None:
-    """`rows()` reads torch's packed int4 layout directly; make sure this torch lays it out so."""
-    global _LAYOUT_CHECKED
-    if _LAYOUT_CHECKED:
-        return
+def rows_supported() -> bool:
+    """Whether `Int4Linear.rows()` can read torch's packed int4 layout on this CPU (blocks of 64
+    rows on AVX512; AVX2 and scalar builds lay it out otherwise), probed once."""
+    global _ROWS_SUPPORTED
+    if _ROWS_SUPPORTED is None:
+        _ROWS_SUPPORTED = _probe_rows()
+    return _ROWS_SUPPORTED
+
+
+def _probe_rows() -> bool:
     codes = torch.randint(0, 16, (2 * _PACK_ROWS, 64), generator=torch.Generator().manual_seed(0))
     gq = GroupQuant(codes.to(torch.uint8), torch.ones(128, 2), torch.full((128, 2), -8.0), 4)
     probe = Int4Linear.__new__(Int4Linear)
     nn.Module.__init__(probe)
     probe.out_features, probe.in_features, probe.group_size, probe.num_planes = 128, 64, 32, 1
-    packed, sz = _pack_plane(*_int4_planes(gq, torch.bfloat16)[0], torch.bfloat16)
+    packed, sz = _pack_plane(*_int4_planes(gq)[0], torch.bfloat16)
     probe.register_buffer("packed0", packed)
     probe.register_buffer("scales_zeros0", sz)
     probe.register_buffer("dense", None)
-    got = probe.rows(torch.arange(128)).float()
-    if not torch.equal(got, codes.float() - 8):
-        raise RuntimeError(f"torch {torch.__version__} packs int4 weights in a layout this engine "
-                           "does not know; use weights 'bf16' or 'int8'")
-    _LAYOUT_CHECKED = True
+    try:
+        return torch.equal(probe.rows(torch.arange(128)).float(), codes.float() - 8)
+    except RuntimeError:                  # a packed shape that is not [N, K/2] blocks of 64
+        return False

@@ -8,10 +8,14 @@
   is kept), anything else quantized on load to groups of `group_size`. The smallest footprint.
 - auto: the checkpoint's own format where it maps, per phase. A prefill engine (compute-bound:
   the dense AMX GEMM is 8x faster than the int4 kernel at 512 rows) keeps dense weights; a
-  decode or colocated engine runs GGUF Q4_x / Q8_0 layers on the int4 kernel, exactly, and
-  keeps the dense weight beside them for steps of more than `quant.INT4_MAX_ROWS` rows. An HF
-  checkpoint stays dense, and so does every engine on a GPU (the int4/int8 kernels used here
-  are torch's CPU ones). So `auto` is lossless for every file, and the fastest at every batch.
+  decode or colocated engine runs GGUF Q4_x / Q8_0 layers on the int4 kernel and keeps the
+  dense weight beside them for steps of more than INT4_MAX_ROWS_PACKED (4) rows, 12 when not
+  prepacked. HF checkpoints, float32 engines and GPU engines stay dense (the int4/int8 kernels
+  here are torch's CPU ones, fast on bf16 activations only).
+
+The int4 kernel holds GGUF codes exactly with float32 activations; with bf16 its scales round
+to bf16, the precision the dense bf16 weights have, so `auto` loses nothing a dense bf16 engine
+keeps. Dense weights are prepacked for oneDNN unless `prepack` is off (private to the process).
 """
 from __future__ import annotations
 
@@ -19,22 +23,24 @@ import torch
 from torch import nn
 
 from backends.core.quant import (GroupQuant, Int4Linear, Int8Linear, PackedLinear, RowsEmbedding,
-                                 can_prepack, quantize_int4)
+                                 can_prepack, quantize_int4, rows_supported)
 
 WEIGHT_FORMATS = ("bf16", "int8", "int4", "auto")
 
 
-def resolve_format(weights: str, role: str, device: torch.device) -> str:
+def resolve_format(weights: str, role: str, device: torch.device, dtype: str = "bfloat16") -> str:
     """The format an engine of `role` actually runs ('auto' decided per phase)."""
     if weights not in WEIGHT_FORMATS:
         raise ValueError(f"weights must be one of {WEIGHT_FORMATS}, got {weights!r}")
-    if weights == "auto" and (role == "prefill" or device.type != "cpu"):
-        return "bf16"           # compute-bound, or no quantized kernels for this device here
-    fmt = weights
-    if fmt != "bf16" and device.type != "cpu":
+    if weights == "auto":
+        # dense where it is faster: compute-bound prefill, float32 (the int4 kernel is only fast
+        # on bf16 activations: 200 ms vs 6 ms a pass), and devices without these CPU kernels
+        fast_int4 = role != "prefill" and dtype == "bfloat16" and device.type == "cpu"
+        return "auto" if fast_int4 else "bf16"
+    if weights != "bf16" and device.type != "cpu":
         raise ValueError(f"weights {weights!r}: the quantized kernels here are torch's CPU ones; "
                          f"on {device.type} use weights 'bf16'")
-    return fmt
+    return weights
 
 
 def apply_weight_format(model: nn.Module, state_dict: dict, fmt: str, group_size: int = 32,
@@ -67,7 +73,8 @@ def _quantize(model: nn.Module, state_dict: dict, fmt: str, group_size: int) -> 
         if new is not None:
             _set_module(model, name, new)
     head = getattr(model, "lm_head", None)
-    if getattr(model.config, "tie_word_embeddings", False) and isinstance(head, (Int4Linear, Int8Linear)):
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    if tied and (isinstance(head, Int8Linear) or (isinstance(head, Int4Linear) and rows_supported())):
         model.embed_tokens = RowsEmbedding(head)       # lookups read the quantized head's rows
 
 
@@ -88,12 +95,12 @@ def _quantized(module: nn.Linear, quant: GroupQuant | None, fmt: str, group_size
     if fmt == "int8":
         return Int8Linear(w, dtype, bias)
     if fmt == "int4":                     # GGUF codes as they are (Q8_0: two exact planes)
-        keep = quant is not None and (quant.bits == 8 or quant.group_size == group_size)
+        keep = quant is not None      # exact codes; group_size is for weights quantized on load
         return Int4Linear(quant if keep else quantize_int4(w, group_size), dtype, bias)
     if quant is None:                     # auto: a layer the checkpoint holds dense stays dense
         return None
     return Int4Linear(quant, dtype, bias, dense=w)
-    
+
 
 def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent, _, child = name.rpartition(".")

@@ -76,3 +76,8 @@ class _Scratch(threading.local):
 
 
 _SCRATCH = _Scratch()
+
+
+def scratch(name: str, like: torch.Tensor) -> Buffer:
+    """A reused per-thread buffer of `like`'s dtype and device (for `gather_blocks`)."""
+    return _SCRATCH.buffer(name, like)
