@@ -29,6 +29,9 @@ def module_weight_bytes(model: torch.nn.Module) -> int:
         for name, t in tensors:
             if t is None or "rope" in f"{mod_name}.{name}" or t.device.type == "meta":
                 continue
+            if t.is_mkldnn:         # oneDNN-prepacked weights: opaque, no storage to read
+                seen[id(t)] = t.numel() * t.element_size()
+                continue
             storage = t.untyped_storage()
             seen[storage.data_ptr()] = storage.nbytes()
     return sum(seen.values())

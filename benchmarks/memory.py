@@ -95,8 +95,9 @@ def run_instance(job: Job, index: int, results, stop) -> None:
         from backends.core.weight_share import (checkpoint_key, release_free_memory, share_module,
                                                 shared_info)
         t0 = time.perf_counter()
-        config = EngineConfig(role=job.role, weights=job.weights, shared_weights_dir=job.shared_dir,
-                              num_kv_blocks=job.num_kv_blocks)
+        weights, _, variant = job.weights.partition("+")      # "bf16+plain": prepacking off
+        config = EngineConfig(role=job.role, weights=weights, shared_weights_dir=job.shared_dir,
+                              num_kv_blocks=job.num_kv_blocks, prepack_weights=variant != "plain")
         model = LLMEngine.from_path(job.model, config).runner.model
         shared_by = "engine" if shared_info(model) else "none"
         if job.shared_dir and shared_by == "none" and job.share_in_harness:
@@ -224,7 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.memory", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=str(DEFAULT_MODEL))
-    p.add_argument("--formats", default="bf16,int4", help="weights formats, comma-separated")
+    p.add_argument("--formats", default="bf16,bf16+plain,int4,auto",
+                   help="weights formats, comma-separated; '+plain': dense weights not prepacked "
+                        "(prepacked oneDNN weights are private to a process)")
     p.add_argument("--layouts", type=parse_layouts, default=parse_layouts("1+1,2+2"))
     p.add_argument("--num-kv-blocks", type=int, default=64)
     p.add_argument("--share-in-harness", action="store_true",
