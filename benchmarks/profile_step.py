@@ -3,7 +3,8 @@ and Python + dispatch (the step's wall time that no aten op accounts for).
 
     python -m benchmarks.profile_step --model PATH [--weights bf16,auto] [--out docs/profile_step]
 
-Cases: a batch-1 decode step at 32 and 512 tokens of context, and a 512-token prefill. Each
+Cases: a batch-1 decode step at 32 and 512 tokens of context, a batch-32 decode step at ~160,
+and a 512-token prefill. Each
 case runs a few warm-up steps, then `--steps` steps under torch.profiler; ops are bucketed by
 name (ATTENTION_OPS, MATMUL_OPS; everything else is elementwise/norm/RoPE/copies).
 """
@@ -26,13 +27,13 @@ from backends.core.sampling import SamplingParams
 from backends.core.weights import load_checkpoint
 from benchmarks import report as report_files
 
-MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::_weight_int4pack_mm_for_cpu", "aten::_weight_int8pack_mm",
+MATMUL_OPS = {"aten::mm", "aten::addmm", "mkldnn::_linear_pointwise", "aten::_weight_int4pack_mm_for_cpu", "aten::_weight_int8pack_mm",
               "aten::linear", "aten::matmul"}
 ATTENTION_OPS = {"aten::bmm", "aten::_softmax", "aten::softmax", "aten::masked_fill_", "aten::index_select",
                  "aten::_index_put_impl_", "aten::index_put_", "aten::stack",
                  "aten::_scaled_dot_product_flash_attention_for_cpu", "aten::scaled_dot_product_attention",
                  "aten::_scaled_dot_product_attention_math", "aten::baddbmm"}
-CASES = (("decode", 1, 32), ("decode", 1, 512), ("prefill", 1, 512))
+CASES = (("decode", 1, 32), ("decode", 1, 512), ("decode", 32, 160), ("prefill", 1, 512))
 PARAMS = SamplingParams(max_tokens=10_000, temperature=0, ignore_eos=True)
 
 
@@ -52,13 +53,15 @@ class _Case:
     """Runs `n` steps of a case: decode steps of one sequence at `context` tokens (its prefill
     runs in `__enter__`, outside any measurement), or 512-token prefills, one per step."""
 
-    def __init__(self, engine: LLMEngine, kind: str, context: int) -> None:
-        self.engine, self.kind, self.context, self.n = engine, kind, context, 0
+    def __init__(self, engine: LLMEngine, kind: str, batch: int, context: int) -> None:
+        self.engine, self.kind, self.batch, self.context, self.n = engine, kind, batch, context, 0
 
     def __enter__(self) -> _Case:
         if self.kind == "decode":
-            self.engine.add_request("p", _prompt(self.context, 0), PARAMS)
-            self.engine.step()
+            for i in range(self.batch):
+                self.engine.add_request(f"p{i}", _prompt(self.context, i), PARAMS)
+            while self.engine.scheduler.waiting:
+                self.engine.step()
         return self
 
     def step(self) -> float:
@@ -74,11 +77,12 @@ class _Case:
         return wall
 
     def __exit__(self, *exc) -> None:
-        self.engine.abort("p")
+        for i in range(self.batch):
+            self.engine.abort(f"p{i}")
 
 
-def profile_case(engine: LLMEngine, kind: str, context: int, steps: int) -> dict:
-    with _Case(engine, kind, context) as case:
+def profile_case(engine: LLMEngine, kind: str, batch: int, context: int, steps: int) -> dict:
+    with _Case(engine, kind, batch, context) as case:
         for _ in range(3):
             case.step()                                         # warm-up
         plain = sorted(case.step() for _ in range(steps))
@@ -92,7 +96,7 @@ def profile_case(engine: LLMEngine, kind: str, context: int, steps: int) -> dict
     ms = {k: v / steps * 1e3 for k, v in buckets.items()}
     ms["python_dispatch"] = max(0.0, wall / steps * 1e3 - sum(ms.values()))
     # the profiler's own cost inflates the wall time; the unprofiled median is `step_ms`
-    return {"kind": kind, "context": context, "step_ms": plain[len(plain) // 2] * 1e3,
+    return {"kind": kind, "batch": batch, "context": context, "step_ms": plain[len(plain) // 2] * 1e3,
             "profiled_step_ms": wall / steps * 1e3, "ms": ms,
             "top_ops": [{"op": k, "ms": round(t, 3), "calls": c} for t, k, c in sorted(top, reverse=True)[:12]]}
 
@@ -111,7 +115,8 @@ def markdown(report: dict) -> str:
         total = sum(p.values())
         cells = " | ".join(f"{p[k]:.1f} ({100 * p[k] / total:.0f}%)"
                            for k in ("matmul", "attention", "elementwise", "python_dispatch"))
-        case = f"{r['kind']} {'batch 1, context' if r['kind'] == 'decode' else '1 x'} {r['context']}"
+        case = (f"decode batch {r['batch']}, context {r['context']}" if r["kind"] == "decode"
+                else f"prefill 1 x {r['context']}")
         lines.append(f"| {r['weights']} | {case} | {r['step_ms']:.1f} | {cells} |")
     lines += ["", "Top ops per step (ms, calls) for each row are in the JSON."]
     return "\n".join(lines) + "\n"
@@ -132,10 +137,11 @@ def main(argv: list[str] | None = None) -> None:
     config, sd = load_checkpoint(args.model, torch.bfloat16, keep_quantized=True)
     results = []
     for weights in args.weights.split(","):
-        for kind, _, context in CASES:
+        for kind, batch, context in CASES:
             role = "prefill" if kind == "prefill" else "both"     # what a prefill instance runs
-            engine = LLMEngine(config, sd, EngineConfig(weights=weights, role=role, num_kv_blocks=128))
-            results.append({"weights": weights, **profile_case(engine, kind, context, args.steps)})
+            engine = LLMEngine(config, sd, EngineConfig(weights=weights, role=role, num_kv_blocks=512,
+                                                        max_num_seqs=64))
+            results.append({"weights": weights, **profile_case(engine, kind, batch, context, args.steps)})
             print(results[-1]["weights"], kind, context, f"{results[-1]['step_ms']:.1f} ms",
                   {k: round(v, 1) for k, v in results[-1]["ms"].items()}, flush=True)
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
