@@ -325,8 +325,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="few, short configurations (a smoke run)")
     p.add_argument("--core", type=int, default=None, help="core to pin to (default: the first allowed)")
     p.add_argument("--device", default=DEVICE, help="device kind the coefficients are filed under")
-    p.add_argument("--threshold", type=int, default=95, help="decode batch-size threshold")
+    p.add_argument("--threshold", type=int, default=None,
+                   help="decode batch-size threshold between the two fits (default: where the "
+                        "engine switches kernels: 5 with --weights auto, whose decode steps of more "
+                        "than 4 rows leave the int4 kernel for the dense GEMM; else 95)")
     p.add_argument("--no-progress", action="store_true")
+
+
+def decode_threshold(weights: str) -> int:
+    """The batch size where the engine's decode step changes kernels (the fit's regime split)."""
+    from backends.core.quant import INT4_MAX_ROWS_PACKED
+    return INT4_MAX_ROWS_PACKED + 1 if weights == "auto" else 95
 
 
 def main(args: argparse.Namespace, argv: Sequence[str]) -> int:
@@ -340,7 +349,8 @@ def main(args: argparse.Namespace, argv: Sequence[str]) -> int:
     load_before = os.getloadavg()         # the machine may be shared: what else was running
     doc = run(config, sd, model_path=str(model), dtype=args.dtype, block_size=args.block_size,
               settings=QUICK if args.quick else Settings(), device=args.device,
-              threshold=args.threshold, progress=not args.no_progress, kv_dtype=args.kv_dtype,
+              threshold=args.threshold or decode_threshold(args.weights),
+              progress=not args.no_progress, kv_dtype=args.kv_dtype,
               weights=args.weights)
     doc[PROFILE_KEY].update(machine(core), load_avg_before=load_before, load_avg_after=os.getloadavg(),
                             command=shlex.join(["python", "-m", "planner", *argv]))
