@@ -15,36 +15,55 @@ from typing import Any
 from .results import DistServeError
 
 
+class SSEDecoder:
+    """The parser, one line at a time (for async streams): `feed` returns an event's data
+    when a blank line ends it; `flush` the last event's, if the stream ended without one."""
+
+    def __init__(self) -> None:
+        self._data: list[str] = []
+
+    def feed(self, raw: bytes | str) -> str | None:
+        line = (raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else raw).rstrip("\r\n")
+        if not line:                               # blank line: dispatch the event, if any
+            return self.flush()
+        if line.startswith(":"):                   # comment / keep-alive
+            return None
+        name, _, value = line.partition(":")
+        if name == "data":
+            self._data.append(value[1:] if value.startswith(" ") else value)
+        return None
+
+    def flush(self) -> str | None:
+        data, self._data = self._data, []
+        return "\n".join(data) if data else None
+
+
 def iter_sse_data(lines: Iterable[bytes | str]) -> Iterator[str]:
     """The data of each event, in order. `lines` may be the raw lines of an HTTP response."""
-    data: list[str] = []
+    decoder = SSEDecoder()
     for raw in lines:
-        line = raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else raw
-        line = line.rstrip("\r\n")
-        if not line:                               # blank line: dispatch the event, if any
-            if data:
-                yield "\n".join(data)
-                data = []
-            continue
-        if line.startswith(":"):                   # comment / keep-alive
-            continue
-        name, _, value = line.partition(":")
-        if value.startswith(" "):
-            value = value[1:]
-        if name == "data":
-            data.append(value)
-    if data:
-        yield "\n".join(data)
+        data = decoder.feed(raw)
+        if data is not None:
+            yield data
+    data = decoder.flush()
+    if data is not None:
+        yield data
 
 
-def parse_event(data: str) -> dict[str, Any]:
-    """An event's data as a JSON object; raises DistServeError on an error payload."""
+def json_object(data: str) -> dict[str, Any]:
+    """An event's data as a JSON object; DistServeError if it is not one."""
     try:
         event = json.loads(data)
     except ValueError:
-        raise DistServeError(f"malformed event from Triton: {data[:200]!r}") from None
+        raise DistServeError(f"malformed event: {data[:200]!r}") from None
     if not isinstance(event, dict):
-        raise DistServeError(f"unexpected event from Triton: {data[:200]!r}")
+        raise DistServeError(f"unexpected event: {data[:200]!r}")
+    return event
+
+
+def parse_event(data: str) -> dict[str, Any]:
+    """A Triton event's data as a JSON object; raises DistServeError on an error payload."""
+    event = json_object(data)
     if "error" in event:
         raise DistServeError(str(event["error"]))
     return event

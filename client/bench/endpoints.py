@@ -26,6 +26,7 @@ from typing import Any
 
 from client.request import build_inputs, grpc_inputs, http_body
 from client.results import DistServeError, chunk_from_arrays, chunk_from_json
+from client.sse import SSEDecoder, json_object, parse_event
 from deploy.contract import DISTSERVE_SPEC
 
 from .pools import Request
@@ -39,37 +40,9 @@ class StreamEvent:
     timing: dict[str, Any] | None = None # the server's latency breakdown (Triton, last response)
 
 
-class SSEDecoder:
-    """Server-sent events, one line at a time: `feed` returns an event's data when a blank
-    line ends it. Handles `data:` with or without the space, multi-line data, comments and CRLF."""
-
-    def __init__(self) -> None:
-        self._data: list[str] = []
-
-    def feed(self, raw: bytes | str) -> str | None:
-        line = (raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else raw).rstrip("\r\n")
-        if not line:
-            return self.flush()
-        if line.startswith(":"):
-            return None
-        name, _, value = line.partition(":")
-        if name == "data":
-            self._data.append(value[1:] if value.startswith(" ") else value)
-        return None
-
-    def flush(self) -> str | None:
-        """The pending event's data (the stream ended without its blank line), if any."""
-        data, self._data = self._data, []
-        return "\n".join(data) if data else None
-
-
 def triton_event(data: str) -> StreamEvent:
     """One `generate_stream` event; raises DistServeError on an error payload."""
-    try:
-        event = json.loads(data)
-    except ValueError:
-        raise DistServeError(f"malformed event: {data[:200]!r}") from None
-    chunk = chunk_from_json(event)
+    chunk = chunk_from_json(parse_event(data))
     return StreamEvent(len(chunk.token_ids) or int(bool(chunk.text)), chunk.finish_reason,
                        timing=chunk.timing)
 
@@ -78,12 +51,7 @@ def openai_event(data: str) -> StreamEvent | None:
     """One /v1/completions stream chunk; None for `[DONE]`; raises DistServeError on an error."""
     if data.strip() == "[DONE]":
         return None
-    try:
-        event = json.loads(data)
-    except ValueError:
-        raise DistServeError(f"malformed event: {data[:200]!r}") from None
-    if not isinstance(event, dict):
-        raise DistServeError(f"unexpected event: {data[:200]!r}")
+    event = json_object(data)
     if event.get("error") is not None:
         raise DistServeError(_error_message(event["error"]))
     choice = (event.get("choices") or [{}])[0]
