@@ -35,7 +35,7 @@ import numpy as np
 from backends.core.kv_cache import BlockManager
 from backends.core.sampling import SamplingParams
 from backends.core.scheduler import Batch, Scheduler, SchedulerConfig
-from backends.core.sequence import Sequence, SequenceStatus
+from backends.core.sequence import FinishReason, Sequence, SequenceStatus
 from planner.latency import LatencyModel, Link
 
 Mode = Literal["disaggregated", "colocated", "prefill", "decode"]
@@ -78,7 +78,7 @@ class Record:
 class SimSequence(Sequence):
     """The engine's Sequence, made cheap for the scheduler's per-row work (no behavioural
     difference): compared by identity (its `in`/`remove` skip the dataclass's field-by-field
-    comparison; req_ids are unique), and `num_tokens` a plain attribute that `add_token` keeps
+    comparison; req_ids are unique), and `num_tokens` a plain attribute that `append_token` keeps
     equal to len(prompt_ids) + len(output_ids) (the simulator is the only one to append tokens;
     the scheduler reads it several times per row per step). `rec` is the request's Record."""
     __eq__ = object.__eq__
@@ -92,9 +92,13 @@ class SimSequence(Sequence):
         self.rec = rec
         self.num_tokens = rec.req.prompt_len + len(self.output_ids)
 
-    def add_token(self) -> None:
-        self.output_ids.append(0)
+    def append_token(self, token_id: int = 0) -> None:
+        self.output_ids.append(token_id)
         self.num_tokens += 1
+
+
+def _stop_at_length(seq: SimSequence, token_id: int) -> FinishReason | None:
+    return FinishReason.LENGTH if len(seq.output_ids) >= seq.rec.req.output_len else None
 
 
 class SimBlocks(BlockManager):
@@ -114,9 +118,9 @@ class InstanceSpec:
     block_size: int = 16
     chunked_prefill: bool = False
 
-    def scheduler(self, blocks: BlockManager | None = None) -> Scheduler:
+    def scheduler(self, blocks: BlockManager | None = None, hand_off: bool = False) -> Scheduler:
         config = SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens, self.block_size,
-                                 self.chunked_prefill)
+                                 self.chunked_prefill, hand_off=hand_off)
         return Scheduler(config, blocks or SimBlocks(self.num_kv_blocks))
 
     def blocks_for(self, num_tokens: int) -> int:
@@ -162,7 +166,7 @@ class _Engine:
     def __init__(self, role: str, index: int, spec: InstanceSpec, stage: _Stage,
                  blocks: BlockManager) -> None:
         self.role, self.index, self.spec, self.stage = role, index, spec, stage
-        self.scheduler = spec.scheduler(blocks)
+        self.scheduler = spec.scheduler(blocks, hand_off=role == "prefill")
         self.blocks = blocks
         self.pending: deque[tuple[Sequence, _Engine | None]] = deque()
         self.busy = False
@@ -288,7 +292,7 @@ class Simulator:
         rec = self.records[r.req_id]
         seq = SimSequence(rec)
         if self.config.mode == "decode":
-            seq.add_token()
+            seq.append_token()
             seq.status = SequenceStatus.PREFILLED
             self._first_token(rec)
             self._hand_off(seq, None)
@@ -325,28 +329,21 @@ class Simulator:
             self._poke(e)
 
     def _step_done(self, e: _Engine, batch: Batch | None) -> None:
-        """...update, as the model runner and LLMEngine._update: every row's new tokens are
-        cached; a row that reached its last token gets one more."""
+        """...update: the scheduler's own `update`, as in LLMEngine.step (tokens are dummies;
+        a request stops at its recorded output length)."""
         e.busy = False
         if batch is not None:
-            for seq, n in zip(batch.seqs, batch.num_new):
-                seq.num_cached += n
-            for seq, sampled in zip(batch.seqs, batch.is_sampled):
-                if sampled:
-                    self._update(e, seq)
+            for seq, _, reason in e.scheduler.update(batch, [0] * len(batch.sampled_seqs), _stop_at_length):
+                self._after_token(e, seq, reason)
         self._poke(e)
 
-    def _update(self, e: _Engine, seq: SimSequence) -> None:
-        seq.add_token()
+    def _after_token(self, e: _Engine, seq: SimSequence, reason: FinishReason | None) -> None:
         rec = seq.rec
         if rec.first_token is None:
             self._first_token(rec)
-        if len(seq.output_ids) >= rec.req.output_len:
-            e.scheduler.finish(seq)
+        if reason is not None:
             self._finish(rec)
-        elif e.role == "prefill":
-            e.scheduler.running.remove(seq)                # KV stays allocated for hand-off
-            seq.status = SequenceStatus.PREFILLED
+        elif seq.status == SequenceStatus.PREFILLED:       # a prefill instance's hand-off
             self._hand_off(seq, e)
 
     # ---- disaggregation -----------------------------------------------------------------
@@ -367,17 +364,15 @@ class Simulator:
         while e.pending:
             pseq, src = e.pending[0]
             need = e.spec.blocks_for(pseq.num_prompt_tokens)
-            if not (e.blocks.can_allocate(need) and len(sched.running) < e.spec.max_num_seqs):
+            if not sched.can_admit(need):
                 break
             e.pending.popleft()
-            seq = SimSequence(pseq.rec, pseq.output_ids, SequenceStatus.WAITING_FOR_KV)
-            seq.block_ids = e.blocks.allocate(need)
+            seq = SimSequence(pseq.rec, pseq.output_ids)
+            sched.admit_prefilled(seq, need)
             total += self._copy_time(pseq.num_prompt_tokens)
             if src is not None:
                 self._at(self.now + total, self._release, src, pseq)
-            seq.num_cached = seq.num_prompt_tokens
-            seq.status = SequenceStatus.RUNNING
-            sched.running.append(seq)
+            sched.start_decoding(seq)
         return total
 
     def _copy_time(self, num_tokens: int) -> float:

@@ -45,7 +45,7 @@ def test_tiny_prefill_and_24_decode_steps_match_hf(tiny, block_size):
         _close(logits, ref)
         token = int(logits.argmax())
         assert token == int(ref.argmax())
-        seq.output_ids.append(token)
+        engine.scheduler.update(batch, [token], lambda seq, token: None)     # never stops here
         ids.append(token)
     engine.abort("a")
     assert_no_leaks(engine)
@@ -109,6 +109,7 @@ def test_prefill_in_two_chunks_matches_one_pass(tiny):
     engine.seqs["a"] = seq
     engine.scheduler.add(seq)
     engine.runner.forward_logits(engine.scheduler.schedule())
+    seq.num_cached = 7                  # the runner is pure: what the scheduler's update does
     seq.prompt_ids += prompt[7:]
     seq.block_ids += engine.blocks.allocate(-(-19 // 4) - len(seq.block_ids))
     chunk = Batch()

@@ -113,7 +113,8 @@ class LLMEngine:
         self.scheduler = Scheduler(SchedulerConfig(engine_config.max_num_seqs,
                                                    engine_config.max_num_batched_tokens,
                                                    engine_config.block_size,
-                                                   engine_config.chunked_prefill), self.blocks)
+                                                   engine_config.chunked_prefill,
+                                                   hand_off=engine_config.role == "prefill"), self.blocks)
         self.seqs: dict[str, Sequence] = {}
         self.last_batch: Batch | None = None           # the latest step's batch
 
@@ -188,19 +189,11 @@ class LLMEngine:
         if batch is None:
             return []
         token_ids = self.runner.execute(batch)
-        return [self._update(seq, tok) for seq, tok in zip(batch.sampled_seqs, token_ids)]
-
-    def _update(self, seq: Sequence, token_id: int) -> StepOutput:
-        seq.output_ids.append(token_id)
-        reason = self._finish_reason(seq, token_id)
-        if reason is not None:
-            seq.finish_reason = reason
-            self.scheduler.finish(seq)
-            del self.seqs[seq.req_id]
-        elif self.config.role == "prefill":             # a prefill engine never decodes
-            self.scheduler.running.remove(seq)          # KV stays allocated for hand-off
-            seq.status = SequenceStatus.PREFILLED
-        return StepOutput(seq.req_id, [token_id], reason is not None, reason)
+        results = self.scheduler.update(batch, token_ids, self._finish_reason)
+        for seq, _, reason in results:
+            if reason is not None:
+                del self.seqs[seq.req_id]
+        return [StepOutput(seq.req_id, [tok], reason is not None, reason) for seq, tok, reason in results]
 
     def _finish_reason(self, seq: Sequence, token_id: int) -> FinishReason | None:
         p = seq.params
@@ -245,20 +238,13 @@ class LLMEngine:
             raise ValueError(f"{num_blocks} blocks do not fit a {len(prompt_ids)}-token prompt")
         if params.seed is None:
             raise ValueError("a prefilled sequence must carry its seed")
-        seq = Sequence(req_id, list(prompt_ids), params, output_ids=[first_token_id],
-                       status=SequenceStatus.WAITING_FOR_KV)
-        seq.block_ids = self.blocks.allocate(num_blocks)
+        seq = Sequence(req_id, list(prompt_ids), params, output_ids=[first_token_id])
+        block_ids = self.scheduler.admit_prefilled(seq, num_blocks)
         self.seqs[req_id] = seq
-        return list(seq.block_ids)
+        return block_ids
 
     def start_decoding(self, req_id: str) -> None:
-        seq = self.seqs[req_id]
-        if seq.status != SequenceStatus.WAITING_FOR_KV:
-            raise ValueError(f"request {req_id!r} is not waiting for KV")
-        seq.num_cached = seq.num_prompt_tokens
-        seq.status = SequenceStatus.RUNNING
-        self.scheduler.running.append(seq)
+        self.scheduler.start_decoding(self.seqs[req_id])
 
     def can_admit(self, num_blocks: int) -> bool:
-        return self.blocks.can_allocate(num_blocks) and \
-            len(self.scheduler.running) < self.config.max_num_seqs
+        return self.scheduler.can_admit(num_blocks)

@@ -82,7 +82,8 @@ class ModelRunner:
 
     def forward_logits(self, batch: Batch) -> torch.Tensor:
         """Write the new tokens' K/V into the pool; return next-token logits [S, V] float32 of
-        the S sequences whose last token ran (a prompt chunk short of the end yields none)."""
+        the S sequences whose last token ran (a prompt chunk short of the end yields none).
+        Pure: no sequence changes here (the scheduler's `update` advances `num_cached`)."""
         ids, positions, context_lens, last = [], [], [], []
         for s, n, is_sampled in zip(batch.seqs, batch.num_new, batch.is_sampled):
             start = s.num_cached
@@ -96,7 +97,4 @@ class ModelRunner:
         dev = self.device
         hidden = self.model(torch.tensor(ids, device=dev), torch.tensor(positions, device=dev),
                             meta, self.kv)
-        logits = self.model.logits(hidden[torch.tensor(last, dtype=torch.long, device=dev)]).cpu()
-        for s, n in zip(batch.seqs, batch.num_new):
-            s.num_cached += n
-        return logits
+        return self.model.logits(hidden[torch.tensor(last, dtype=torch.long, device=dev)]).cpu()

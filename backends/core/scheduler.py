@@ -16,14 +16,23 @@ prefilled, decoding). Two policies:
 In both, when a running sequence needs a block and none is free, the most recently admitted
 sequence is preempted: its blocks are freed and it re-enters `waiting` at the front, to be
 recomputed (prompt + tokens so far) later.
+
+The scheduler owns every state change: `schedule()` admits, reserves and preempts; `update()`
+applies a step's result (cached tokens, sampled tokens, finish, and, on a prefill engine, the
+PREFILLED hand-off state); `admit_prefilled()` / `start_decoding()` take a sequence whose KV
+comes from elsewhere (WAITING_FOR_KV until its blocks are in). The engine and the simulator
+drive these same calls; the model runner only computes.
 """
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from backends.core.kv_cache import BlockManager
-from backends.core.sequence import Sequence, SequenceStatus
+from backends.core.sequence import FinishReason, Sequence, SequenceStatus
+
+StopRule = Callable[[Sequence, int], "FinishReason | None"]    # (sequence, new token) -> why it ends
 
 
 @dataclass(frozen=True)
@@ -32,6 +41,7 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 4096      # token budget per prefill batch (L_m), or per step if chunked
     block_size: int = 16
     chunked_prefill: bool = False
+    hand_off: bool = False                  # a prefill engine: a sequence stops after its first token
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
@@ -179,6 +189,45 @@ class Scheduler:
         seq.block_ids, seq.num_cached = [], 0
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
+
+    # -- state changes after a step, and the disaggregation hand-off ----------------------------
+    def update(self, batch: Batch, token_ids: list[int], stop: StopRule
+               ) -> list[tuple[Sequence, int, FinishReason | None]]:
+        """Apply a step: every row's new tokens are cached; each sampled row gets its token and
+        finishes if `stop` says so, or (hand_off) leaves `running` as PREFILLED with its blocks
+        held. Returns (sequence, token, finish reason) per sampled row, in batch order."""
+        for seq, n in zip(batch.seqs, batch.num_new):
+            seq.num_cached += n
+        out = []
+        for seq, token_id in zip(batch.sampled_seqs, token_ids):
+            seq.append_token(token_id)
+            reason = stop(seq, token_id)
+            if reason is not None:
+                seq.finish_reason = reason
+                self.finish(seq)
+            elif self.config.hand_off:
+                self.running.remove(seq)                # KV stays allocated for hand-off
+                seq.status = SequenceStatus.PREFILLED
+            out.append((seq, token_id, reason))
+        return out
+
+    def can_admit(self, num_blocks: int) -> bool:
+        return self.blocks.can_allocate(num_blocks) and len(self.running) < self.config.max_num_seqs
+
+    def admit_prefilled(self, seq: Sequence, num_blocks: int) -> list[int]:
+        """Blocks for a sequence whose prompt KV is computed elsewhere: WAITING_FOR_KV until
+        `start_decoding`. Raises MemoryError if they are not free."""
+        seq.block_ids = self.blocks.allocate(num_blocks)
+        seq.status = SequenceStatus.WAITING_FOR_KV
+        return list(seq.block_ids)
+
+    def start_decoding(self, seq: Sequence) -> None:
+        """Its KV is in: the sequence joins the decode batch at the next step."""
+        if seq.status != SequenceStatus.WAITING_FOR_KV:
+            raise ValueError(f"request {seq.req_id!r} is not waiting for KV")
+        seq.num_cached = seq.num_prompt_tokens
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
 
     def finish(self, seq: Sequence) -> None:
         """Drop a sequence from the queues and free its blocks (finished or aborted)."""

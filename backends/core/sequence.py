@@ -62,6 +62,9 @@ class Sequence:
     def all_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
 
+    def append_token(self, token_id: int) -> None:
+        self.output_ids.append(token_id)
+
     def token_ids(self, start: int, stop: int) -> list[int]:
         """all_ids[start:stop] without copying the whole sequence (a decode needs one token)."""
         n = len(self.prompt_ids)
