@@ -76,13 +76,9 @@ class Record:
 
 
 class SimSequence(Sequence):
-    """The engine's Sequence, made cheap for the scheduler's per-row work (no behavioural
-    difference): compared by identity (its `in`/`remove` skip the dataclass's field-by-field
-    comparison; req_ids are unique), and `num_tokens` a plain attribute that `append_token` keeps
-    equal to len(prompt_ids) + len(output_ids) (the simulator is the only one to append tokens;
-    the scheduler reads it several times per row per step). `rec` is the request's Record."""
-    __eq__ = object.__eq__
-    __hash__ = object.__hash__
+    """The engine's Sequence (compared by identity, as every Sequence), with `num_tokens` a plain
+    attribute that `append_token` keeps equal to len(prompt_ids) + len(output_ids) (the
+    scheduler reads it several times per row per step). `rec` is the request's Record."""
     num_tokens = 0                      # shadows Sequence.num_tokens (a property)
 
     def __init__(self, rec: Record, output_ids: Seq[int] = (),

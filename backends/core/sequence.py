@@ -26,7 +26,7 @@ class FinishReason(str, enum.Enum):
     ABORT = "abort"
 
 
-@dataclass
+@dataclass(eq=False)        # compared by identity: the scheduler's `in` / `remove` stay cheap
 class Sequence:
     req_id: str
     prompt_ids: list[int]
