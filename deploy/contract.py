@@ -12,7 +12,8 @@ one JSON document in `request`, one JSON document per `response`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
 
 # The models.
 DISTSERVE = "distserve"
@@ -43,6 +44,45 @@ FINISH_REASON = "finish_reason"        # one of FINISH_REASONS, on the last resp
 TIMING = "timing"                      # JSON, when return_timing is set
 
 FINISH_REASONS = ("stop", "length", "abort")
+
+
+@dataclass
+class Timing:
+    """What the server measured for one request (the `timing` output, with return_timing).
+
+    Seconds unless named otherwise; `*_at` are time.monotonic() stamps on the server host
+    (comparable between its models, not with a client's clock). A field the request's path
+    did not measure is None (a colocated request has no KV transfer)."""
+    prompt_tokens: int | None = None
+    output_tokens: int | None = None
+    ttft_s: float | None = None                # request in -> first token out (orchestrator)
+    tpot_s: float | None = None                # first token -> last, per further token
+    e2e_s: float | None = None
+    prefill_queue_s: float | None = None       # waiting for a prefill batch
+    prefill_s: float | None = None             # the prefill step(s)
+    first_token_at: float | None = None
+    kv_bytes: int | None = None                # the KV hand-off (disaggregated only)
+    kv_transfer_s: float | None = None
+    decode_admitted_at: float | None = None    # the KV was in on the decode instance
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Timing:
+        """Strict about the types of known fields; unknown keys (a newer server) are ignored."""
+        if not isinstance(d, dict):
+            raise ValueError("timing must be a JSON object")
+        out = cls()
+        for f in fields(cls):
+            v = d.get(f.name)
+            if v is None:
+                continue
+            want = int if f.type.startswith("int") else float
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or (want is int and not isinstance(v, int)):
+                raise ValueError(f"timing field {f.name!r} must be a number, got {v!r}")
+            setattr(out, f.name, want(v))
+        return out
 
 # prefill / decode: a JSON document each way.
 REQUEST = "request"
