@@ -10,24 +10,19 @@ to the instances in the environment and removed by stop() (or by a failed start(
 sockets ($DISTSERVE_RUN_DIR) and the one shared copy of the weights
 ($DISTSERVE_SHARED_WEIGHTS_DIR, under /dev/shm when it has room).
 
-The environment follows pytriton's own launcher (pytriton/server/triton_server.py), plus the
-base interpreter's libpython directory on LD_LIBRARY_PATH: without it the stub binds the
-system libpython and e.g. `multiprocessing.shared_memory` breaks.
+The wheel's paths, the backend directory, the environment, port checks and the shared-weights
+directory come from deploy.server_setup (free_ports and shared_weights_parent re-exported here).
 """
 from __future__ import annotations
 
 import ctypes
 import http.client
-import importlib.util
 import os
 import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
-import sys
-import sysconfig
 import tempfile
 import time
 import urllib.request
@@ -36,115 +31,15 @@ from pathlib import Path
 
 import psutil
 
-ROOT = Path(__file__).resolve().parent.parent
+from deploy.server_setup import (ROOT, SHARED_WEIGHTS_ENV, ServerError, check_ports_free,
+                                 make_shared_weights_dir, prepare_backend_dir, server_env,
+                                 triton_dist_dir)
+from deploy.server_setup import free_ports, shared_weights_parent  # noqa: F401 (re-export)
+
 PR_SET_PDEATHSIG = 1
 _ERROR_LINE = re.compile(r"^E\d{4} ")
 _HARMLESS = ("CudaDriverHelper has not been initialized",)
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))   # loopback: never a proxy
-# Where the instances map their one shared copy of the weights (backends.core.weight_share.ENV_VAR)
-SHARED_WEIGHTS_ENV = "DISTSERVE_SHARED_WEIGHTS_DIR"
-SHM_MIN_FREE_BYTES = 1 << 30        # /dev/shm holds the weights only with this much room
-
-
-class ServerError(RuntimeError):
-    """The server failed to start, exited early, or did not become ready."""
-
-
-def triton_dist_dir() -> Path:
-    """pytriton/tritonserver/ of the nvidia-pytriton wheel (found without importing pytriton)."""
-    spec = importlib.util.find_spec("pytriton")
-    if spec is None or not spec.submodule_search_locations:
-        raise ServerError("nvidia-pytriton is not installed (it ships tritonserver)")
-    return Path(list(spec.submodule_search_locations)[0]).resolve() / "tritonserver"
-
-
-def triton_libs_dir() -> Path:
-    return triton_dist_dir().parent.parent / "nvidia_pytriton.libs"
-
-
-def python_lib_dir() -> Path:
-    """Directory of the libpython that this interpreter (the venv's base python) uses."""
-    return Path(sysconfig.get_config_var("LIBDIR"))
-
-
-def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
-    """`n` distinct ports that were free on `host` a moment ago (bind to port 0, then close)."""
-    sockets = []
-    try:
-        for _ in range(n):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.bind((host, 0))
-            sockets.append(sock)
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
-
-
-def check_ports_free(host: str, ports: list[int]) -> None:
-    """Raise ServerError naming the first port on `host` that something else holds."""
-    for port in ports:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                sock.bind((host, port))
-            except OSError as exc:
-                raise ServerError(f"port {port} on {host} is in use ({exc.strerror}); is another "
-                                  f"server running?") from None
-
-
-def prepare_backend_dir(dest: Path) -> Path:
-    """Write `dest/python/` = the wheel's python backend + the stub for this Python version.
-
-    Returns `dest`, to pass as `--backend-directory`.
-    """
-    dist = triton_dist_dir()
-    version = f"{sys.version_info.major}.{sys.version_info.minor}"
-    stub = dist / "python_backend_stubs" / version / "triton_python_backend_stub"
-    if not stub.exists():
-        raise ServerError(f"the nvidia-pytriton wheel has no python backend stub for Python "
-                          f"{version} ({stub})")
-    python_dir = Path(dest) / "python"
-    python_dir.mkdir(parents=True, exist_ok=True)
-    for src in (dist / "backends" / "python").iterdir():
-        if src.is_file():
-            shutil.copy2(src, python_dir / src.name)
-    shutil.copy2(stub, python_dir / stub.name)
-    return Path(dest)
-
-
-def server_env(base: dict[str, str] | None = None) -> dict[str, str]:
-    """Environment for tritonserver and its python backend stubs."""
-    env = dict(os.environ if base is None else base)
-    venv_bin = str(Path(sys.prefix) / "bin")
-    env["PATH"] = os.pathsep.join(p for p in (venv_bin, env.get("PATH", "")) if p)
-    libs = [str(python_lib_dir()), str(triton_libs_dir()), env.get("LD_LIBRARY_PATH", "")]
-    env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in libs if p)
-    # The stubs run Python with -E (PYTHONPATH ignored) and with "" (the cwd) on sys.path:
-    # the server runs in the repo root so adapters can import backends, kvtransfer, deploy.
-    # PYTHONPATH still serves any plain Python child.
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
-    env.setdefault("DISTSERVE_ROOT", str(ROOT))
-    return env
-
-
-def shared_weights_parent(min_free_bytes: int = SHM_MIN_FREE_BYTES) -> str:
-    """/dev/shm if it is a writable directory with `min_free_bytes` free (Docker's default is
-    64 MiB), else the system temp dir (the page cache shares a disk file's pages just as well)."""
-    shm = "/dev/shm"
-    try:
-        vfs = os.statvfs(shm)
-        if os.path.isdir(shm) and os.access(shm, os.W_OK | os.X_OK) \
-                and vfs.f_bavail * vfs.f_frsize >= min_free_bytes:
-            return shm
-    except OSError:
-        pass
-    return tempfile.gettempdir()
-
-
-def make_shared_weights_dir() -> Path:
-    """A fresh private (0700) directory for one server run's shared weights."""
-    return Path(tempfile.mkdtemp(prefix="distserve-weights-", dir=shared_weights_parent()))
 
 
 def _die_with_parent() -> None:
