@@ -1,14 +1,9 @@
 """deploy/: deployment validation and JSON, strict config rendering, pbtxt escaping, the
-committed configs, the adapters' start-up helpers and the launcher's pieces (no server here;
-tests/integration/ runs the real one)."""
+committed configs and the adapters' start-up helpers (the launcher's pieces are in
+test_deploy_server.py; tests/integration/ runs the real server)."""
 from __future__ import annotations
 
 import json
-import socket
-import stat
-import sys
-import sysconfig
-import tempfile
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -25,8 +20,6 @@ from deploy.deployment import (DEFAULT_MODEL_PATH, ROOT, Deployment, PhaseSpec, 
 from deploy.render import (MODELS, TEMPLATES_DIR, check_no_placeholder, pbtxt_string, render_config,
                            render_configs, render_repository, render_text, served_models)
 from deploy.runtime import deployment_from_config, instance_index, parse_instance_name
-from deploy.server import (SHARED_WEIGHTS_ENV, ServerError, TritonServer, check_ports_free, free_ports,
-                           prepare_backend_dir, server_env, shared_weights_parent)
 
 
 def two_core() -> Deployment:
@@ -333,49 +326,6 @@ def test_instance_index():
         instance_index({"model_instance_device_id": "7"}, gpu)
 
 
-# ---- launcher pieces ----
-
-def test_backend_dir_has_the_stub_for_this_python(tmp_path):
-    python_dir = prepare_backend_dir(tmp_path) / "python"
-    assert {"libtriton_python.so", "triton_python_backend_utils.py", "triton_python_backend_stub"} \
-        <= {p.name for p in python_dir.iterdir()}
-
-
-def test_server_env_paths():
-    env = server_env({"PATH": "/usr/bin", "LD_LIBRARY_PATH": "/opt/lib"})
-    assert env["PATH"].split(":")[0] == str(Path(sys.prefix) / "bin")
-    libs = env["LD_LIBRARY_PATH"].split(":")
-    assert libs[0] == sysconfig.get_config_var("LIBDIR")
-    assert Path(libs[0], sysconfig.get_config_var("INSTSONAME")).exists()     # libpython3.X.so.1.0
-    assert libs[1].endswith("nvidia_pytriton.libs") and libs[-1] == "/opt/lib"
-
-
-def test_command_binds_loopback_by_default(tmp_path):
-    args = TritonServer(tmp_path).command(tmp_path / "backends")
-    for flag in ("--http-address", "--grpc-address", "--metrics-address"):
-        assert args[args.index(flag) + 1] == "127.0.0.1"
-    assert args[args.index("--allow-metrics") + 1] == "true"
-
-
-def test_ports(tmp_path):
-    ports = free_ports(3)
-    assert len(set(ports)) == 3
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        sock.listen()
-        busy = sock.getsockname()[1]
-        with pytest.raises(ServerError, match=f"port {busy} on 127.0.0.1 is in use"):
-            TritonServer(tmp_path, http_port=ports[0], grpc_port=busy, metrics_port=ports[2]).start()
-    check_ports_free("127.0.0.1", ports)
-
-
-def test_stop_before_start_is_a_no_op(tmp_path):
-    server = TritonServer(tmp_path)
-    assert server.stop() is None and server.stop() is None
-    with pytest.raises(ServerError, match="not started"):
-        server.wait_ready(1)
-
-
 def test_share_weights_is_on_by_default_and_round_trips():
     d = two_core()
     assert d.share_weights is True
@@ -384,49 +334,6 @@ def test_share_weights_is_on_by_default_and_round_trips():
     data = json.loads(d.to_json())
     del data["share_weights"]                   # configs rendered before the field: default on
     assert Deployment.from_dict(data).share_weights is True
-
-
-def _sleeping_server(tmp_path, monkeypatch, **kw) -> TritonServer:
-    """A TritonServer whose 'tritonserver' is `sleep 60`: the launcher's lifecycle, no Triton."""
-    monkeypatch.delenv(SHARED_WEIGHTS_ENV, raising=False)
-    monkeypatch.setattr(TritonServer, "command", lambda self, backend_dir: ["sleep", "60"])
-    ports = free_ports(3)
-    return TritonServer(tmp_path / "repo", run_dir=tmp_path / "run", http_port=ports[0],
-                        grpc_port=ports[1], metrics_port=ports[2], **kw)
-
-
-def test_server_run_owns_a_private_shared_weights_dir(tmp_path, monkeypatch):
-    from backends.core.weight_share import ENV_VAR
-    assert SHARED_WEIGHTS_ENV == ENV_VAR
-    (tmp_path / "repo").mkdir()
-    server = _sleeping_server(tmp_path, monkeypatch).start()
-    try:
-        env = Path(f"/proc/{server.process.pid}/environ").read_bytes().split(b"\0")
-        prefix = SHARED_WEIGHTS_ENV.encode() + b"="
-        assert [e[len(prefix):].decode() for e in env if e.startswith(prefix)] == [str(server.shared_weights_dir)]
-        assert server.shared_weights_dir.name.startswith("distserve-weights-")
-        assert stat.S_IMODE(server.shared_weights_dir.stat().st_mode) == 0o700
-    finally:
-        server.stop(timeout=5)
-    assert not server.shared_weights_dir.exists() and not server.control_dir.exists()
-    assert shared_weights_parent(min_free_bytes=1 << 62) == tempfile.gettempdir()
-
-
-def test_server_share_weights_off_and_failed_start_leave_no_dir(tmp_path, monkeypatch):
-    (tmp_path / "repo").mkdir()
-    server = _sleeping_server(tmp_path, monkeypatch, share_weights=False).start()
-    server.stop(timeout=5)
-    assert server.shared_weights_dir is None
-    made = []
-
-    def failing_popen(*args, env, **kw):
-        made.append(Path(env[SHARED_WEIGHTS_ENV]))
-        assert made[0].is_dir()
-        raise OSError("no tritonserver")
-    monkeypatch.setattr("deploy.server.subprocess.Popen", failing_popen)
-    with pytest.raises(OSError, match="no tritonserver"):
-        _sleeping_server(tmp_path, monkeypatch).start()
-    assert made and not made[0].exists()
 
 
 def test_committed_repository_has_no_model_without_a_config():
