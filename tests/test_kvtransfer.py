@@ -1,5 +1,6 @@
-"""KV transfer over shared memory: segment security and cleanup, lease table, fetch in-process
-and across a real process boundary, and the failure paths that must read nothing."""
+"""KV transfer over shared memory: segment security and cleanup, fetch in-process and across a
+real process boundary, destination checks, the registry and block runs (the lease tests are in
+test_kvtransfer_leases.py; fixtures in kvtransfer_fixtures.py)."""
 from __future__ import annotations
 
 import dataclasses
@@ -14,63 +15,17 @@ import pytest
 import torch
 
 import kvtransfer
-from backends.core.kv_cache import KVLayout, KVPool
-from kvtransfer import (KVDescriptor, LeaseError, SegmentError, TransferAborted, make_exporter,
-                        make_importer)
+from backends.core.kv_cache import KVPool
+from kvtransfer import KVDescriptor, SegmentError, make_exporter, make_importer
 from kvtransfer.blockcopy import block_bytes, block_runs
 from kvtransfer.control import SegmentHeader
 from kvtransfer.descriptor import POOL_NAME_RE, make_pool_name
-from kvtransfer.lease import Lease, LeaseBook
-from kvtransfer.segment import SHM_DIR, list_segments, reap_stale_segments, segment_creator_pid
+from kvtransfer.segment import SHM_DIR, reap_stale_segments
 from kvtransfer.shm import ShmKVExporter, ShmKVImporter
+from tests.kvtransfer_fixtures import (  # noqa: F401 (fixtures, the leak check autouse)
+    DST_LAYOUT, LAYOUT, assert_blocks_equal, dst_pool, exporter, importer, shm_leak_check)
 
-LAYOUT = KVLayout(num_blocks=16, num_layers=2, block_size=4, num_kv_heads=2, head_dim=8)
-DST_LAYOUT = dataclasses.replace(LAYOUT, num_blocks=12)
 HANDLE = "ab" * 64
-
-
-def _our_segments() -> set[str]:
-    return {n for n in list_segments() if segment_creator_pid(n) == os.getpid()}
-
-
-@pytest.fixture(autouse=True)
-def shm_leak_check():
-    before = _our_segments()
-    yield
-    gc.collect()
-    leaked = _our_segments() - before
-    for name in leaked:
-        os.unlink(os.path.join(SHM_DIR, name))
-    assert not leaked, f"test left shared-memory segments behind: {leaked}"
-
-
-@pytest.fixture
-def exporter():
-    ex = ShmKVExporter(LAYOUT, "prefill-0", lease_timeout_s=5.0)
-    torch.manual_seed(0)
-    ex.pool.data.normal_()
-    yield ex
-    ex.close()
-    assert not os.path.exists(os.path.join(SHM_DIR, ex.pool_name))
-
-
-@pytest.fixture
-def dst_pool() -> KVPool:
-    pool = KVPool(DST_LAYOUT)
-    pool.data.fill_(7.0)
-    return pool
-
-
-@pytest.fixture
-def importer(dst_pool):
-    imp = ShmKVImporter(dst_pool)
-    yield imp
-    imp.close()
-    assert imp.attached == []
-
-
-def assert_blocks_equal(src: KVPool, src_ids, dst: KVPool, dst_ids) -> None:
-    assert torch.equal(src.data[list(src_ids)], dst.data[list(dst_ids)])
 
 
 # ---- segment ------------------------------------------------------------------------------
@@ -227,85 +182,7 @@ def test_two_process_fetch(exporter):
     assert exporter.num_leases == 0
 
 
-# ---- shm transport: stale or forged leases read nothing ------------------------------------
-
-def test_wrong_lease_id_reads_nothing(exporter, importer, dst_pool):
-    desc = exporter.grant([0, 1, 2], 10)
-    before = dst_pool.data.clone()
-    with pytest.raises(LeaseError, match="different lease"):
-        importer.fetch(dataclasses.replace(desc, lease_id=desc.lease_id ^ 1), [0, 1, 2])
-    with pytest.raises(LeaseError, match="not granted"):
-        importer.fetch(dataclasses.replace(desc, block_ids=(0, 1, 3)), [0, 1, 2])
-    assert torch.equal(dst_pool.data, before)
-    assert exporter.collect_released() == []
-    exporter.revoke(desc.lease_id)
-    assert exporter.num_leases == 0
-
-
-def test_expired_lease_reads_nothing(exporter, importer, dst_pool):
-    desc = exporter.grant([0, 1, 2], 10, now=100.0)
-    assert exporter.expire(now=104.9) == []
-    assert exporter.expire(now=105.1) == [desc.lease_id]
-    before = dst_pool.data.clone()
-    with pytest.raises(LeaseError, match="expired"):
-        importer.fetch(desc, [0, 1, 2])
-    assert torch.equal(dst_pool.data, before)
-    assert exporter.num_leases == 0
-
-
-def test_block_reused_by_another_lease_reads_nothing(exporter, importer, dst_pool):
-    old = exporter.grant([4, 5], 8)
-    assert exporter.revoke(old.lease_id) == (4, 5)
-    assert exporter.revoke(old.lease_id) == ()
-    new = exporter.grant([5, 4], 8)
-    before = dst_pool.data.clone()
-    with pytest.raises(LeaseError, match="reclaimed and reused"):
-        importer.fetch(old, [0, 1])
-    assert torch.equal(dst_pool.data, before)
-    importer.fetch(new, [0, 1])
-    assert_blocks_equal(exporter.pool, [5, 4], dst_pool, [0, 1])
-    assert exporter.collect_released() == [new.lease_id] and exporter.num_leases == 0
-
-
-def test_reclaim_during_copy_is_detected(exporter, importer, monkeypatch):
-    desc = exporter.grant([6, 7], 5)
-    real_copy = kvtransfer.shm.copy_blocks
-
-    def copy_then_reclaim(*args):
-        real_copy(*args)
-        exporter.revoke(desc.lease_id)       # prefill takes the blocks back...
-        exporter.pool.data[6].fill_(0.0)     # ...and reuses them while decode still holds a copy
-
-    monkeypatch.setattr(kvtransfer.shm, "copy_blocks", copy_then_reclaim)
-    with pytest.raises(TransferAborted, match="reclaimed"):
-        importer.fetch(desc, [0, 1])
-    assert exporter.collect_released() == [] and exporter.num_leases == 0
-
-
-def test_closed_prefill_pool_is_detected_and_unmapped(exporter, importer):
-    first = exporter.grant([0], 1)
-    importer.fetch(first, [0])
-    second = exporter.grant([1], 1)
-    assert importer.attached == [exporter.pool_name]
-    exporter.close()
-    with pytest.raises(SegmentError, match="does not exist"):
-        importer.fetch(second, [1])
-    assert importer.attached == []
-
-
-def test_prune_unmaps_pools_of_closed_instances(importer):
-    exporters = [ShmKVExporter(LAYOUT, f"prefill-{i}") for i in range(2)]
-    for ex in exporters:
-        importer.fetch(ex.grant([0], 1), [0])
-    assert importer.attached == [ex.pool_name for ex in exporters]
-    exporters[0].close()
-    assert importer.prune() == [exporters[0].pool_name]
-    assert importer.attached == [exporters[1].pool_name]
-    assert exporters[1].collect_released() and exporters[1].num_leases == 0
-    exporters[1].close()
-
-
-# ---- destination checks and grant validation ----------------------------------------------
+# ---- destination checks ------------------------------------------------------------------
 
 def test_destination_must_match(exporter, importer, dst_pool):
     desc = exporter.grant([0, 1], 8)
@@ -319,6 +196,7 @@ def test_destination_must_match(exporter, importer, dst_pool):
     assert torch.equal(dst_pool.data, before)
     assert other_model.attached == [] and importer.attached == []
     exporter.revoke(desc.lease_id)
+
 
 
 def test_int8_pool_moves_values_and_scales_in_one_copy_per_block():
@@ -350,48 +228,6 @@ def test_kv_dtype_mismatch_names_both_dtypes_and_reads_nothing(src, dst):
             assert torch.equal(pool.data, before) and imp.attached == []
             imp.release(desc)
             assert ex.collect_released() == [desc.lease_id] and ex.num_leases == 0
-
-
-@pytest.mark.parametrize("block_ids, num_tokens, message", [
-    ([0, 1], 9, "need 3 blocks"), ([0, 0], 8, "unique"), ([0, 16], 8, "unique and in"),
-    ([0], 0, "positive"),
-])
-def test_grant_validates(exporter, block_ids, num_tokens, message):
-    with pytest.raises(ValueError, match=message):
-        exporter.grant(block_ids, num_tokens)
-    assert exporter.num_leases == 0
-
-
-def test_grant_refuses_blocks_already_lent(exporter):
-    desc = exporter.grant([0, 1], 8)
-    with pytest.raises(ValueError, match="already granted"):
-        exporter.grant([1, 2], 8)
-    assert exporter.num_leases == 1
-    exporter.revoke(desc.lease_id)
-    assert exporter.num_leases == 0
-
-
-# ---- lease policy -------------------------------------------------------------------------
-
-def test_lease_book_expiry_with_fake_clock():
-    book = LeaseBook(lease_timeout_s=5.0)
-    book.add(Lease(1, (0,), granted_at=0.0))
-    book.add(Lease(2, (1,), granted_at=3.0))
-    assert book.expired(5.0) == []
-    assert [lease.lease_id for lease in book.expired(5.01)] == [1]
-    assert [lease.lease_id for lease in book.expired(9.0)] == [1, 2]
-    with pytest.raises(ValueError, match="already outstanding"):
-        book.add(Lease(1, (2,), 4.0))
-    with pytest.raises(ValueError, match="lease_timeout_s"):
-        LeaseBook(0)
-
-
-def test_released_lease_is_collected_not_expired(exporter, importer):
-    desc = exporter.grant([0, 1], 8, now=0.0)
-    importer.fetch(desc, [0, 1])
-    assert exporter.expire(now=1000.0) == []
-    assert exporter.collect_released() == [desc.lease_id]
-    assert exporter.num_leases == 0
 
 
 # ---- registry and block runs --------------------------------------------------------------
