@@ -77,18 +77,18 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.st
 def format_timing(c: Completion) -> str:
     lines = [f"client: ttft {_ms(c.ttft_s)}  tpot {_ms(c.tpot_s)} (per chunk)  e2e {_ms(c.e2e_s)}"
              f"  chunks {c.num_chunks}  finish_reason {c.finish_reason}"]
-    t = c.timing or {}
-    if t:
-        lines.append(f"server: ttft {_ms(t.get('ttft_s'))}  tpot {_ms(t.get('tpot_s'))} (per token)"
-                     f"  e2e {_ms(t.get('e2e_s'))}  prefill {_ms(t.get('prefill_s'))}"
-                     f"  prefill queue {_ms(t.get('prefill_queue_s'))}"
-                     f"  kv transfer {_ms(t.get('kv_transfer_s'))} ({t.get('kv_bytes', 0)} B)"
-                     f"  tokens {t.get('prompt_tokens')} in / {t.get('output_tokens')} out")
+    t = c.timing
+    if t is not None:
+        lines.append(f"server: ttft {_ms(t.ttft_s)}  tpot {_ms(t.tpot_s)} (per token)"
+                     f"  e2e {_ms(t.e2e_s)}  prefill {_ms(t.prefill_s)}"
+                     f"  prefill queue {_ms(t.prefill_queue_s)}"
+                     f"  kv transfer {_ms(t.kv_transfer_s)} ({t.kv_bytes or 0} B)"
+                     f"  tokens {t.prompt_tokens} in / {t.output_tokens} out")
     return "\n".join(lines)
 
 
-def _ms(seconds: Any) -> str:
-    return "-" if not isinstance(seconds, (int, float)) else f"{seconds * 1e3:.1f} ms"
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1e3:.1f} ms"
 
 
 def main(argv: list[str] | None = None) -> int:

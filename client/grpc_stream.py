@@ -1,114 +1,107 @@
-"""One request over a Triton gRPC bidirectional stream (tritonclient.grpc).
+"""One request over a Triton gRPC bidirectional stream: the one implementation behind the SDK
+(`GrpcStream`, synchronous) and the benchmark's triton-grpc endpoint (`GrpcChannel.stream`).
 
-Lifecycle: `GrpcStream(...)` opens its own channel, starts the stream and sends the request
-with `enable_empty_final_response`, so the end is always marked -> tritonclient's stream thread
-puts each (result, error) into a queue -> iterating takes them out, waiting at most `timeout`
-for each, and stops at the response flagged `triton_final_response` or at the first error (an
-error response ends the request) -> `close()` stops the stream, with `cancel_requests=True`
-unless the request finished, which is how `cancel()` makes Triton cancel the request.
+The rules, all in `GrpcChannel.stream`: the request goes out with
+`triton_enable_empty_final_response` (client.request.grpc_request), so its end is always marked
+-> each response with outputs becomes a Chunk (client.results.chunk_from_arrays) -> the stream
+ends at the response flagged `triton_final_response`, or at the first error: an error response
+(it ends the request) or a gRPC failure raise DistServeError with the server's message or the
+reason ("cannot reach Triton at ...") -> with a `timeout`, each response is waited for at most
+that long (DistServeError, status "timeout") -> leaving early in any way (an error, a timeout,
+the task cancelled) cancels the RPC, which makes Triton cancel the request; a finished request's
+stream is half-closed instead, and the server then ends the RPC.
 
-One channel per request: a tritonclient client holds a single stream at a time, and its
-`close()` without cancelling blocks until every pending request is done.
+`GrpcChannel` is one grpc.aio channel (tritonclient's protobuf stubs and InferResult), opened on
+first use inside the event loop, for any number of concurrent streams (the benchmark shares one).
+`GrpcStream` drives one request on its own channel, on a private event loop in a background
+thread that pumps chunks and errors into a queue; `cancel()` / `close()` (any thread) cancel the
+pump unless it is done, and the thread closes the channel and the loop, then ends.
 """
 from __future__ import annotations
 
+import asyncio
 import queue
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
-from deploy.contract import DISTSERVE_SPEC
+from .request import grpc_request
+from .results import OUTPUTS, Chunk, DistServeError, chunk_from_arrays, unreachable
 
-from .request import grpc_inputs
-from .results import Chunk, DistServeError, chunk_from_arrays, unreachable
-
-_CLOSED = object()          # queue sentinel: the stream was closed locally
+_OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
+_END = object()                 # queue mark: the loop thread is done
 
 
-class GrpcStream:
-    def __init__(self, url: str, model: str, values: dict[str, Any], timeout: float,
-                 module: Any = None) -> None:
-        self._client = None
-        if module is None:
-            import tritonclient.grpc as module
-        self.url, self.timeout = url, timeout
-        self.request_id = uuid.uuid4().hex
-        self._queue: queue.Queue = queue.Queue()
-        self._lock = threading.Lock()
-        self._is_done = self._is_cancelled = False
-        inputs = grpc_inputs(values, module)
-        self._client = module.InferenceServerClient(url)
+class GrpcChannel:
+    """A channel to Triton's gRPC endpoint at `url` ("host:port"; "grpc://" is accepted)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url.split("://", 1)[-1].rstrip("/")
+        self._channel: Any = None
+        self._stub: Any = None
+
+    async def __aenter__(self) -> GrpcChannel:
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the channel (an RPC still open on it is cancelled)."""
+        channel, self._channel, self._stub = self._channel, None, None
+        if channel is not None:
+            await channel.close()
+
+    async def stream(self, model: str, values: dict[str, Any],
+                     timeout: float | None = None) -> AsyncIterator[Chunk]:
+        """Send one request (client.request.build_inputs values); its chunks as they arrive."""
+        done = asyncio.Event()
+        request = grpc_request(model, values, uuid.uuid4().hex)
+        call = self._open().ModelStreamInfer(_send_then_wait(request, done))
+        finished = False
         try:
-            self._client.start_stream(callback=self._on_response)
-            self._client.async_stream_infer(model, inputs, request_id=self.request_id,
-                                            enable_empty_final_response=True)
-        except Exception as e:                      # noqa: BLE001 - tritonclient raises its own type
-            raise self._failed(e) from None
-
-    def _failed(self, e: Exception) -> DistServeError:
-        """Sending failed. A stream that broke at once (server unreachable) raises "no longer
-        in valid state" here while the real reason is on its way to the callback: prefer it."""
-        try:
-            _, error = self._queue.get(timeout=min(self.timeout, 5.0))
-        except queue.Empty:
-            error = None
-        self._is_done = True
-        self.close()
-        return _error(error if error is not None else e, self.url)
-
-    def _on_response(self, result: Any, error: Any) -> None:
-        self._queue.put((result, error))
-
-    def __iter__(self) -> Iterator[Chunk]:
-        try:
-            while True:
-                item = self._get()
-                if item is _CLOSED or self._is_cancelled:
-                    return
-                result, error = item
-                if error is not None:
-                    self._is_done = True
-                    raise _error(error, self.url)
-                response = result.get_response()
-                if response.outputs:
-                    yield chunk_from_arrays({o.name: result.as_numpy(o.name)
-                                             for o in DISTSERVE_SPEC.outputs})
-                if _is_final(response):
-                    self._is_done = True
-                    return
+            while not finished:
+                response = await self._read(call, timeout)
+                finished = response is None or _is_final(response.infer_response)
+                if response is None:
+                    raise DistServeError(f"Triton at {self.url} ended the stream before the "
+                                         "request's final response")
+                if response.error_message:
+                    finished = True
+                    raise DistServeError(response.error_message)
+                if response.infer_response.outputs:
+                    yield _chunk(response.infer_response)
         finally:
-            self.close()
+            done.set()                      # half-close: the server then ends a finished RPC
+            if not finished:
+                call.cancel()               # Triton cancels the request
 
-    def _get(self) -> Any:
+    def _open(self) -> Any:
+        if self._stub is None:              # here, so that the channel joins the running loop
+            import grpc
+            from tritonclient.grpc import service_pb2_grpc
+            self._channel = grpc.aio.insecure_channel(self.url, options=_OPTIONS)
+            self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
+        return self._stub
+
+    async def _read(self, call: Any, timeout: float | None) -> Any:
+        """The next response; None when the server ended the RPC."""
+        import grpc
         try:
-            return self._queue.get(timeout=self.timeout)
-        except queue.Empty:
-            raise DistServeError(f"no response from Triton at {self.url} within {self.timeout:g} s",
+            response = await asyncio.wait_for(call.read(), timeout)
+        except asyncio.TimeoutError:
+            raise DistServeError(f"no response from Triton at {self.url} within {timeout:g} s",
                                  status="timeout") from None
+        except grpc.RpcError as e:
+            raise _rpc_error(e, self.url) from None
+        return None if response is grpc.aio.EOF else response
 
-    def cancel(self) -> None:
-        """Abort the request (stop_stream(cancel_requests=True)). Any thread."""
-        with self._lock:
-            if self._client is not None and not self._is_done:
-                self._is_cancelled = True
-        self.close()
 
-    def close(self) -> None:
-        """Stop the stream and the channel; cancels the request unless it finished."""
-        with self._lock:
-            client, self._client = self._client, None
-        if client is None:
-            return
-        try:
-            client.stop_stream(cancel_requests=not self._is_done)
-            client.close()
-        finally:
-            self._queue.put(_CLOSED)
-
-    def __del__(self) -> None:
-        if getattr(self, "_lock", None) is not None:
-            self.close()
+async def _send_then_wait(request: Any, done: asyncio.Event) -> AsyncIterator[Any]:
+    """The request stream: one request, then open until `done` (then half-closed)."""
+    yield request
+    await done.wait()
 
 
 def _is_final(response: Any) -> bool:
@@ -116,13 +109,98 @@ def _is_final(response: Any) -> bool:
     return param is not None and param.bool_param
 
 
-def _error(error: Any, url: str) -> DistServeError:
-    """tritonclient's InferenceServerException (or a response error) as a DistServeError."""
-    status = error.status() if hasattr(error, "status") else None
-    message = error.message() if hasattr(error, "message") else str(error)
+def _chunk(response: Any) -> Chunk:
+    from tritonclient.grpc import InferResult
+    result = InferResult(response)
+    return chunk_from_arrays({name: result.as_numpy(name) for name in OUTPUTS})
+
+
+def _rpc_error(error: Any, url: str) -> DistServeError:
+    """A failed RPC (grpc.aio's AioRpcError) as a DistServeError."""
+    status, message = str(error.code()), error.details() or ""
     if status == "StatusCode.UNAVAILABLE":
-        reason = "connection refused" if "refused" in (message or "").lower() else (message or "unavailable")
-        return unreachable(url, reason)
+        return unreachable(url, "connection refused" if "refused" in message.lower()
+                           else message or "unavailable")
     if status == "StatusCode.DEADLINE_EXCEEDED":
         return DistServeError(f"Triton at {url} did not answer in time: {message}", status="timeout")
-    return DistServeError(message or str(error), status=status)
+    return DistServeError(message or status, status=status)
+
+
+class GrpcStream:
+    """The SDK's synchronous view of one request: sent at once, then iterate for its Chunks."""
+
+    def __init__(self, url: str, model: str, values: dict[str, Any], timeout: float) -> None:
+        self.url, self.timeout = url, timeout
+        self._queue: queue.Queue = queue.Queue()
+        self._cancelled = False
+        channel = GrpcChannel(url)
+        self._loop = asyncio.new_event_loop()
+        self._task = self._loop.create_task(_pump(channel.stream(model, values, timeout),
+                                                  self._queue.put))
+        # The thread holds no reference to self, so a dropped stream is closed by __del__.
+        self._thread = threading.Thread(target=_run, args=(self._loop, self._task, channel,
+                                                           self._queue.put),
+                                        name=f"distserve-grpc {url}", daemon=True)
+        self._thread.start()
+
+    def __iter__(self) -> Iterator[Chunk]:
+        try:
+            while (item := self._queue.get()) is not _END and not self._cancelled:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            self.close()
+
+    def cancel(self) -> None:
+        """Abort the request (Triton cancels it); iteration then ends quietly. Any thread."""
+        self._cancelled = True
+        self.close()
+
+    def close(self) -> None:
+        """Cancel the request unless it finished; wait for the thread to release the channel."""
+        self._stop()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(self.timeout)
+
+    def _stop(self) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._task.cancel)
+        except RuntimeError:                        # the loop is closed: the thread is done
+            pass
+
+    def __del__(self) -> None:
+        if getattr(self, "_task", None) is not None:
+            self._stop()
+
+
+async def _pump(chunks: AsyncIterator[Chunk], put: Callable[[Any], None]) -> None:
+    try:
+        async for chunk in chunks:
+            put(chunk)
+    except Exception as e:                          # noqa: BLE001 - raised in the reading thread
+        put(e)
+
+
+def _run(loop: asyncio.AbstractEventLoop, task: asyncio.Task, channel: GrpcChannel,
+         put: Callable[[Any], None]) -> None:
+    """The loop thread: the request (cancelling the task cancels it), then the shutdown."""
+    try:
+        loop.run_until_complete(task)
+    except asyncio.CancelledError:
+        pass
+    finally:
+        try:
+            loop.run_until_complete(_shutdown(channel))
+            loop.run_until_complete(loop.shutdown_asyncgens())
+        finally:
+            loop.close()
+            put(_END)
+
+
+async def _shutdown(channel: GrpcChannel) -> None:
+    await channel.close()
+    rest = asyncio.all_tasks() - {asyncio.current_task()}     # grpc's own, winding down
+    for task in rest:
+        task.cancel()
+    await asyncio.gather(*rest, return_exceptions=True)

@@ -1,4 +1,4 @@
-"""One request's inputs: type-checked plain values, then the HTTP JSON body or gRPC tensors.
+"""One request's inputs: type-checked plain values, then the HTTP JSON body or the gRPC request.
 
 Only types are checked here; what the values mean (ranges, exactly one prompt form, context
 length) is the server's to judge, so its messages reach the caller unchanged. Names, dtypes
@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from tritonclient.utils import triton_to_np_dtype
+from tritonclient.utils import serialize_byte_tensor, triton_to_np_dtype
 
 from deploy.contract import (DISTSERVE_SPEC, IGNORE_EOS, INPUT_IDS, MAX_TOKENS, MESSAGES,
                              RETURN_TIMING, RETURN_TOKEN_IDS, SEED, STOP, STREAM, TEMPERATURE,
@@ -52,17 +52,20 @@ def http_body(values: dict[str, Any]) -> bytes:
     return json.dumps(values, ensure_ascii=False).encode("utf-8")
 
 
-def grpc_inputs(values: dict[str, Any], module: Any = None) -> list[Any]:
-    """One tritonclient InferInput per value, shaped and typed as the contract says."""
-    if module is None:
-        import tritonclient.grpc as module
-    inputs = []
+def grpc_request(model: str, values: dict[str, Any], request_id: str) -> Any:
+    """The ModelInferRequest of one gRPC stream request: a tensor per value, and
+    `triton_enable_empty_final_response`, so that Triton flags the request's last response
+    (`triton_final_response`) even when the model ends it with flags alone."""
+    from tritonclient.grpc import service_pb2
+    request = service_pb2.ModelInferRequest(model_name=model, id=request_id)
+    request.parameters["triton_enable_empty_final_response"].bool_param = True
     for name, value in values.items():
-        array = to_array(name, value)
-        tensor = module.InferInput(name, list(array.shape), DISTSERVE_SPEC.input(name).dtype)
-        tensor.set_data_from_numpy(array)
-        inputs.append(tensor)
-    return inputs
+        array, dtype = to_array(name, value), DISTSERVE_SPEC.input(name).dtype
+        request.inputs.add(name=name, datatype=dtype, shape=array.shape)
+        request.raw_input_contents.append(
+            (serialize_byte_tensor(array).item() if array.size else b"") if dtype == "BYTES"
+            else array.tobytes())
+    return request
 
 
 def to_array(name: str, value: Any) -> np.ndarray:

@@ -1,6 +1,7 @@
 """What the SDK hands back: `Chunk` (one streamed response), `Completion` (a whole request),
 `DistServeError` (anything that went wrong, with the server's message), and the conversion of
-the server's outputs, from either protocol, into a `Chunk`.
+the server's outputs, from either protocol, into a `Chunk`: one path (`_chunk`) for the JSON of
+HTTP and the tensors of gRPC, and one for the `timing` output (a deploy.contract.Timing).
 
 Triton's HTTP `generate` endpoints write a one-element output as a JSON scalar and any other
 output as a JSON array; the converters accept both.
@@ -11,7 +12,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from deploy.contract import FINISH_REASON, TEXT_OUTPUT, TIMING, TOKEN_IDS
+from deploy.contract import FINISH_REASON, TEXT_OUTPUT, TIMING, TOKEN_IDS, Timing
+
+OUTPUTS = (TEXT_OUTPUT, TOKEN_IDS, FINISH_REASON, TIMING)     # what a Chunk is made of
 
 
 class DistServeError(Exception):
@@ -32,7 +35,7 @@ class Chunk:
     text: str = ""                                     # new text since the previous chunk
     token_ids: list[int] = field(default_factory=list)  # new token ids (with return_token_ids)
     finish_reason: str | None = None                   # on the last chunk only
-    timing: dict[str, Any] | None = None               # server timing (return_timing, last chunk)
+    timing: Timing | None = None                       # server timing (return_timing, last chunk)
 
     @property
     def has_tokens(self) -> bool:
@@ -46,7 +49,7 @@ class Completion:
     text: str
     token_ids: list[int]
     finish_reason: str | None          # None when the stream ended without one (cancelled)
-    timing: dict[str, Any] | None
+    timing: Timing | None
     ttft_s: float | None
     e2e_s: float
     tpot_s: float | None = None        # only for streamed requests with >= 2 token chunks
@@ -59,49 +62,51 @@ def chunk_from_json(event: dict[str, Any]) -> Chunk:
         raise DistServeError(f"unexpected response from Triton: {event!r}")
     if "error" in event:
         raise DistServeError(str(event["error"]))
-    text = event.get(TEXT_OUTPUT) or ""
-    token_ids = event.get(TOKEN_IDS)
-    token_ids = [] if token_ids is None else token_ids       # (a lone id may be 0)
-    reason = event.get(FINISH_REASON)
-    timing = event.get(TIMING)
-    return Chunk(
-        text="".join(text) if isinstance(text, list) else str(text),
-        token_ids=[int(t) for t in token_ids] if isinstance(token_ids, list) else [int(token_ids)],
-        finish_reason=_first(reason),
-        timing=_timing(_first(timing)))
+    return _chunk(*(event.get(name) for name in OUTPUTS))
 
 
 def chunk_from_arrays(outputs: dict[str, Any]) -> Chunk:
     """Output name -> numpy array (None when absent), as tritonclient's as_numpy gives -> Chunk."""
-    text, token_ids = outputs.get(TEXT_OUTPUT), outputs.get(TOKEN_IDS)
-    reason, timing = outputs.get(FINISH_REASON), outputs.get(TIMING)
-    return Chunk(
-        text="" if text is None else "".join(_str(x) for x in text.reshape(-1)),
-        token_ids=[] if token_ids is None else [int(t) for t in token_ids.reshape(-1)],
-        finish_reason=None if reason is None or reason.size == 0 else _str(reason.reshape(-1)[0]),
-        timing=None if timing is None or timing.size == 0 else _timing(_str(timing.reshape(-1)[0])))
+    return _chunk(*(_plain(outputs.get(name)) for name in OUTPUTS))
+
+
+def _chunk(text: Any, token_ids: Any, reason: Any, timing: Any) -> Chunk:
+    """The outputs as plain values, each a scalar, a list or None (absent)."""
+    return Chunk(text="".join(str(t) for t in _list(text)),
+                 token_ids=[int(t) for t in _list(token_ids)],       # (a lone id may be 0)
+                 finish_reason=_first(reason), timing=_timing(_first(timing)))
+
+
+def _plain(array: Any) -> list[Any] | None:
+    """A numpy output as a flat list, BYTES elements decoded."""
+    if array is None:
+        return None
+    return [x.decode("utf-8", errors="replace") if isinstance(x, bytes) else x
+            for x in array.reshape(-1).tolist()]
+
+
+def _list(value: Any) -> list[Any]:
+    return [] if value is None else value if isinstance(value, list) else [value]
 
 
 def _first(value: Any) -> Any:
-    if isinstance(value, list):
-        return value[0] if value else None
-    return value
+    values = _list(value)
+    return values[0] if values else None
 
 
-def _str(value: Any) -> str:
-    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
-
-
-def _timing(value: Any) -> dict[str, Any] | None:
-    if value is None or isinstance(value, dict):
-        return value
+def _timing(value: Any) -> Timing | None:
+    """The `timing` output (its JSON text, or that text parsed) as a Timing."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        try:
+            value = json.loads(value)
+        except (TypeError, ValueError):
+            raise DistServeError(f"server sent timing that is not JSON: {value!r}") from None
     try:
-        timing = json.loads(value)
-    except (TypeError, ValueError):
-        raise DistServeError(f"server sent timing that is not JSON: {value!r}") from None
-    if not isinstance(timing, dict):
-        raise DistServeError(f"server sent timing that is not a JSON object: {value!r}")
-    return timing
+        return Timing.from_dict(value)
+    except ValueError as e:
+        raise DistServeError(f"server sent malformed timing: {e}") from None
 
 
 def unreachable(url: str, reason: str) -> DistServeError:

@@ -18,7 +18,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from deploy.contract import DISTSERVE
+from deploy.contract import DISTSERVE, Timing
 
 from .grpc_stream import GrpcStream
 from .http_stream import HttpStream
@@ -40,7 +40,7 @@ class Stream:
         self._texts: list[str] = []
         self.token_ids: list[int] = []
         self.finish_reason: str | None = None
-        self.timing: dict[str, Any] | None = None     # server-reported (return_timing)
+        self.timing: Timing | None = None             # server-reported (return_timing)
 
     def __iter__(self) -> Stream:
         return self

@@ -1,5 +1,6 @@
 """Stream parsing of the benchmark endpoints and the replay runner, against in-process fake
-HTTP servers (aiohttp) that speak Triton's generate_stream and OpenAI's /v1/completions.
+servers: HTTP (aiohttp) that speaks Triton's generate_stream and OpenAI's /v1/completions, and
+gRPC (tests/fake_triton_grpc.py) that speaks Triton's ModelStreamInfer.
 No Triton here: tests/integration covers the real server."""
 from __future__ import annotations
 
@@ -9,12 +10,14 @@ import json
 import pytest
 from aiohttp import web
 
-from client.bench.endpoints import (OpenAICompletions, SSEDecoder, TritonHttp, make_endpoint,
-                                    openai_event, triton_event)
-from client.bench.metrics import summarize
+from client.bench.endpoints import (OpenAICompletions, SSEDecoder, TritonGrpc, TritonHttp,
+                                    make_endpoint, openai_event, triton_event)
+from client.bench.metrics import RequestResult, summarize
 from client.bench.runner import replay_async
 from client.bench.workloads import Request
 from client.results import DistServeError
+from deploy.contract import Timing
+from tests.fake_triton_grpc import inputs, response, serve
 
 TOKEN_GAP = 0.005
 
@@ -41,8 +44,9 @@ def test_triton_event_counts_token_ids_scalar_or_list():
     assert triton_event('{"text_output": "a", "token_ids": 42}').num_tokens == 1     # scalar
     assert triton_event('{"text_output": "", "token_ids": 0}').num_tokens == 1       # lone id 0
     assert triton_event('{"text_output": "ab", "token_ids": [5, 6]}').num_tokens == 2
-    last = triton_event('{"text_output": "", "token_ids": [], "finish_reason": "length"}')
-    assert (last.num_tokens, last.finish_reason) == (0, "length")
+    last = triton_event('{"text_output": "", "token_ids": [], "finish_reason": "length", '
+                        '"timing": "{\\"kv_bytes\\": 8}"}')
+    assert (last.num_tokens, last.finish_reason, last.timing) == (0, "length", Timing(kv_bytes=8))
     assert triton_event('{"text_output": "x"}').num_tokens == 1      # text without ids: one
 
 
@@ -75,8 +79,9 @@ def test_unknown_endpoint_lists_the_valid_ones():
 
 
 # ---- the runner against fake servers -------------------------------------------------------------
-# The first prompt token picks the behaviour: 1 ok, 2 error event mid-stream, 3 HTTP 400,
-# 4 hangs (timeout), 5 ends without a token.
+# The first prompt token picks the behaviour: 1 ok, 2 error event mid-stream, 3 HTTP 400 (gRPC:
+# an error response at once), 4 hangs (timeout), 5 ends without a token.
+LAST = {"finish_reason": "length", "timing": json.dumps({"prefill_queue_s": 0.25, "kv_bytes": 64})}
 
 async def _stream(request: web.Request, events: list[str], behaviour: int) -> web.StreamResponse:
     if behaviour == 3:
@@ -102,9 +107,8 @@ async def fake_triton(request: web.Request) -> web.StreamResponse:
     assert request.match_info["model"] == "distserve"
     assert body["stream"] is True and body["ignore_eos"] is True and body["return_token_ids"] is True
     n = body["max_tokens"]
-    last = {"finish_reason": "length", "timing": json.dumps({"prefill_queue_s": 0.25, "kv_bytes": 64})}
     events = [json.dumps({"text_output": "t", "token_ids": 100 + i,     # one id: a JSON scalar
-                          **(last if i == n - 1 else {})}) for i in range(n)]
+                          **(LAST if i == n - 1 else {})}) for i in range(n)]
     return await _stream(request, events, body["input_ids"][0])
 
 
@@ -119,7 +123,33 @@ async def fake_openai(request: web.Request) -> web.StreamResponse:
     return await _stream(request, events, body["prompt"][0])
 
 
+def grpc_triton(request) -> list:
+    """fake_triton's behaviours on Triton's gRPC stream; the last token's response is final."""
+    values = inputs(request)
+    behaviour, n = int(values["input_ids"][0]), int(values["max_tokens"][0])
+    assert values["ignore_eos"].tolist() == [True] and values["return_token_ids"].tolist() == [True]
+    if behaviour in (3, 4, 5):
+        return {3: [response(error="bad input")], 4: [30.0], 5: [response(final=True)]}[behaviour]
+    last = dict(finish=LAST["finish_reason"], timing=json.loads(LAST["timing"]), final=True)
+    steps: list = []
+    for i in range(n):
+        if behaviour == 2 and i == 2:
+            return steps + [response(error="boom")]
+        steps += [TOKEN_GAP, response("t", 100 + i, **(last if i == n - 1 else {}))]
+    return steps
+
+
 async def run_against(endpoint_cls, requests, arrivals, timeout_s=1.0):
+    if endpoint_cls is TritonGrpc:
+        with serve(grpc_triton) as (url, triton):
+            async with TritonGrpc(url, "distserve") as endpoint:
+                results = await replay_async(endpoint, requests, arrivals, timeout_s=timeout_s,
+                                             progress=False)
+                for _ in range(200):             # the stream's own cancel, before the channel's
+                    if triton.cancelled:
+                        break
+                    await asyncio.sleep(0.01)
+                return results, list(triton.cancelled)
     app = web.Application()
     app.router.add_post("/v2/models/{model}/generate_stream", fake_triton)
     app.router.add_post("/v1/completions", fake_openai)
@@ -137,13 +167,16 @@ async def run_against(endpoint_cls, requests, arrivals, timeout_s=1.0):
         await runner.cleanup()
 
 
-@pytest.mark.parametrize("endpoint_cls", [TritonHttp, OpenAICompletions])
+@pytest.mark.parametrize("endpoint_cls", [TritonHttp, TritonGrpc, OpenAICompletions])
 def test_replay_records_every_request(endpoint_cls):
     behaviours = [1, 2, 1, 3, 4, 5, 1, 1]
     outputs = [6, 6, 1, 6, 6, 6, 12, 3]
     requests = [Request((b, 7, 8), n, f"r{i}") for i, (b, n) in enumerate(zip(behaviours, outputs))]
     arrivals = [0.02 * i for i in range(len(requests))]
     results = asyncio.run(run_against(endpoint_cls, requests, arrivals, timeout_s=1.0))
+    if endpoint_cls is TritonGrpc:
+        results, cancelled = results
+        assert len(cancelled) == 1                       # the one that timed out, on the server
 
     assert [r.index for r in results] == list(range(len(requests)))
     assert all(r.send_s >= r.arrival_s - 1e-6 for r in results)
@@ -154,12 +187,15 @@ def test_replay_records_every_request(endpoint_cls):
         assert r.num_tokens == outputs[i] and r.finish_reason == "length"
         assert 0 < r.ttft_s < 0.5 and r.e2e_s >= r.ttft_s
     assert by[2].tpot_s is None                          # one token: no TPOT
-    if endpoint_cls is TritonHttp:                       # the server's breakdown is kept
-        assert by[0].server_timing == {"prefill_queue_s": 0.25, "kv_bytes": 64}
+    if endpoint_cls is not OpenAICompletions:            # the server's breakdown is kept
+        assert by[0].server_timing == Timing(prefill_queue_s=0.25, kv_bytes=64)
         assert summarize(results)["server_timing_mean"] == {"kv_bytes": 64.0, "prefill_queue_s": 0.25}
+        record = json.loads(json.dumps(by[0].to_json()))       # result files keep the dict
+        assert record["server_timing"] == {"prefill_queue_s": 0.25, "kv_bytes": 64}
+        assert RequestResult.from_json(record) == by[0]
     assert by[6].tpot_s >= TOKEN_GAP * 0.8               # per token, not per request
     assert "boom" in by[1].error and by[1].num_tokens == 2
-    assert "HTTP 400" in by[3].error and "bad input" in by[3].error
+    assert "bad input" in by[3].error and (endpoint_cls is TritonGrpc or "HTTP 400" in by[3].error)
     assert by[4].error.startswith("timeout") and by[4].e2e_s >= 1.0
     assert "without a token" in by[5].error
     assert sum(r.ok for r in results) == 4

@@ -1,7 +1,9 @@
 """client/ without Triton: SSE, request tensors, outputs, client timing, HTTP against a stdlib
-server, gRPC against a fake tritonclient module, and the CLI when nothing listens."""
+server, gRPC against a fake Triton gRPC server (tests/fake_triton_grpc.py), and the CLI when
+nothing listens."""
 from __future__ import annotations
 
+import asyncio
 import http.server
 import json
 import socket
@@ -10,22 +12,21 @@ import sys
 import threading
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import tritonclient.grpc as grpcclient
-from tritonclient.utils import InferenceServerException, deserialize_bytes_tensor
 
 from client import Chunk, DistServeClient, DistServeError
-from client.grpc_stream import GrpcStream
+from client.cli import format_timing
+from client.grpc_stream import GrpcChannel
 from client.http_stream import _status_error, split_url
-from client.request import build_inputs, grpc_inputs
-from client.results import chunk_from_arrays, chunk_from_json
+from client.request import build_inputs, grpc_request
+from client.results import Completion, chunk_from_arrays, chunk_from_json
 from client.sdk import Stream
 from client.sse import iter_sse_data, iter_sse_events
 from client.timer import ClientTimer
-from deploy.contract import DISTSERVE_SPEC
+from deploy.contract import DISTSERVE_SPEC, Timing
+from tests.fake_triton_grpc import inputs, response, serve
 
 ROOT = Path(__file__).resolve().parent.parent
 ALL_ARGS = dict(max_tokens=8, temperature=0.5, top_p=0.9, top_k=4, seed=7, stop=["\n", "END"],
@@ -65,15 +66,34 @@ def test_chunks_from_json_scalars_and_arrays_and_from_numpy():
     assert one == Chunk("a", [29], None, None)
     last = chunk_from_json({"text_output": ["b", "c"], "token_ids": [1, 2], "finish_reason": "stop",
                             "timing": json.dumps({"ttft_s": 0.1})})
-    assert last == Chunk("bc", [1, 2], "stop", {"ttft_s": 0.1})
+    assert last == Chunk("bc", [1, 2], "stop", Timing(ttft_s=0.1))
     assert chunk_from_json({"text_output": "", "token_ids": 0}) == Chunk("", [0])
     with pytest.raises(DistServeError, match="nope"):
         chunk_from_json({"error": "nope"})
     arrays = {"text_output": np.array([b"h\xc3\xa9"], dtype=object),
               "token_ids": np.array([5, 6], dtype=np.int32), "finish_reason": None,
               "timing": np.array([b'{"e2e_s": 1.5}'], dtype=object)}
-    assert chunk_from_arrays(arrays) == Chunk("hé", [5, 6], None, {"e2e_s": 1.5})
+    assert chunk_from_arrays(arrays) == Chunk("hé", [5, 6], None, Timing(e2e_s=1.5))
     assert chunk_from_arrays({}) == Chunk()
+    assert chunk_from_arrays({"token_ids": np.array([], dtype=np.int32),
+                              "finish_reason": np.array([], dtype=object)}) == Chunk()
+
+
+def test_timing_is_typed_and_checked():
+    timing = {"prompt_tokens": 3, "output_tokens": 2, "ttft_s": 0.5, "kv_bytes": 64, "future": "x"}
+    chunk = chunk_from_json({"finish_reason": ["length"], "timing": [json.dumps(timing)]})
+    assert chunk.timing == Timing(prompt_tokens=3, output_tokens=2, ttft_s=0.5, kv_bytes=64)
+    for bad, reason in (('{"ttft_s": "0.5"}', "malformed timing: timing field 'ttft_s'"),
+                        ('{"kv_bytes": 1.5}', "malformed timing: timing field 'kv_bytes'"),
+                        ("[1]", "malformed timing: timing must be a JSON object"),
+                        ("{oops", "not JSON")):
+        with pytest.raises(DistServeError, match=reason):
+            chunk_from_json({"timing": bad})
+    completion = Completion("x", [], "length", Timing(ttft_s=0.1, tpot_s=0.02, kv_bytes=64),
+                            ttft_s=0.2, e2e_s=1.0)
+    assert format_timing(completion).splitlines()[1].startswith("server: ttft 100.0 ms  tpot 20.0 ms")
+    assert "kv transfer - (64 B)" in format_timing(completion)
+    assert len(format_timing(Completion("x", [], None, None, None, 1.0)).splitlines()) == 1
 
 
 # -- inputs ---------------------------------------------------------------------------------
@@ -89,22 +109,25 @@ def test_build_inputs_omits_unset_and_checks_types():
             build_inputs("hi", **bad)
 
 
-def test_grpc_inputs_follow_the_contract():
+def test_grpc_request_follows_the_contract():
     values = build_inputs("héllo", input_ids=[1, 2, 3], **ALL_ARGS)
-    tensors = {t.name(): t for t in grpc_inputs(values, grpcclient)}
+    request = grpc_request("distserve", values, "r1")
+    assert (request.model_name, request.id) == ("distserve", "r1")
+    assert request.parameters["triton_enable_empty_final_response"].bool_param
+    tensors = {t.name: t for t in request.inputs}
+    assert list(tensors) == list(values)
     assert set(tensors) == {s.name for s in DISTSERVE_SPEC.inputs} - {"messages"}
     for spec in DISTSERVE_SPEC.inputs:
         if spec.name in tensors:
-            assert tensors[spec.name].datatype() == spec.dtype
-            assert tensors[spec.name].shape() == ([len(values[spec.name])] if spec.dims == (-1,) else [1])
-    assert (tensors["max_tokens"].datatype(), tensors["max_tokens"].shape()) == ("INT32", [1])
-    assert (tensors["stop"].datatype(), tensors["stop"].shape()) == ("BYTES", [2])
-    assert (tensors["seed"].datatype(), tensors["temperature"].datatype()) == ("INT64", "FP32")
-    assert deserialize_bytes_tensor(tensors["stop"]._get_content()).tolist() == [b"\n", b"END"]
-    assert deserialize_bytes_tensor(tensors["text_input"]._get_content()).tolist() == ["héllo".encode()]
-    assert np.frombuffer(tensors["input_ids"]._get_content(), np.int32).tolist() == [1, 2, 3]
-    assert np.frombuffer(tensors["max_tokens"]._get_content(), np.int32).tolist() == [8]
-    assert np.frombuffer(tensors["stream"]._get_content(), np.bool_).tolist() == [True]
+            assert tensors[spec.name].datatype == spec.dtype
+            assert list(tensors[spec.name].shape) == ([len(values[spec.name])] if spec.dims == (-1,) else [1])
+    assert (tensors["seed"].datatype, tensors["temperature"].datatype) == ("INT64", "FP32")
+    arrays = inputs(request)
+    assert arrays["stop"].tolist() == [b"\n", b"END"]
+    assert arrays["text_input"].tolist() == ["héllo".encode()]
+    assert arrays["input_ids"].tolist() == [1, 2, 3] and arrays["max_tokens"].tolist() == [8]
+    assert arrays["stream"].tolist() == [True] and arrays["top_p"].tolist() == [pytest.approx(0.9)]
+    assert inputs(grpc_request("m", {"input_ids": []}, "r2"))["input_ids"].tolist() == []
     assert split_url("http://localhost:9000/") == ("localhost", 9000)
     assert split_url("example.org") == ("example.org", 8000)
 
@@ -135,12 +158,12 @@ class ListTransport:
 def test_ttft_tpot_e2e_on_a_fake_clock():
     clock = FakeClock()
     items = [(0.5, Chunk("")), (0.25, Chunk("a")), (0.1, Chunk("b")), (0.3, Chunk("", [7])),
-             (0.2, Chunk("c", finish_reason="length", timing={"tpot_s": 0.2}))]
+             (0.2, Chunk("c", finish_reason="length", timing=Timing(tpot_s=0.2)))]
     transport = ListTransport(clock, items)
     stream = Stream(transport, ClientTimer(clock))
     completion = stream.collect()
     assert completion.text == "abc" and completion.token_ids == [7]
-    assert (completion.finish_reason, completion.timing) == ("length", {"tpot_s": 0.2})
+    assert (completion.finish_reason, completion.timing) == ("length", Timing(tpot_s=0.2))
     assert completion.ttft_s == pytest.approx(0.75)          # the empty first chunk does not count
     assert completion.tpot_s == pytest.approx((0.1 + 0.3 + 0.2) / 3)   # 4 token chunks
     assert completion.e2e_s == pytest.approx(1.35) and completion.num_chunks == 5
@@ -220,68 +243,82 @@ def test_http_cancel_from_another_thread_ends_the_stream(sse_server):
     assert list(stream) == [] and time.perf_counter() - start < 2.0
 
 
-# -- gRPC against a fake tritonclient -------------------------------------------------------
-class FakeResult:
-    def __init__(self, outputs: dict[str, np.ndarray], final: bool) -> None:
-        self.as_numpy = outputs.get
-        param = SimpleNamespace(bool_param=final)
-        response = SimpleNamespace(outputs=[SimpleNamespace(name=n) for n in outputs],
-                                   parameters={"triton_final_response": param})
-        self.get_response = lambda: response
+# -- gRPC against a fake Triton ---------------------------------------------------------------
+def grpc_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("distserve-grpc")]
 
 
-class FakeGrpc:                  # the tritonclient.grpc module; replays `script` into the callback
-    InferInput = grpcclient.InferInput
-
-    def __init__(self, script: list) -> None:
-        self.script, self.calls = script, []
-
-    def InferenceServerClient(self, url: str):
-        return self
-
-    def start_stream(self, callback) -> None:
-        self.callback = callback
-
-    def async_stream_infer(self, model, inputs, request_id, enable_empty_final_response) -> None:
-        self.calls.append(("infer", model, [i.name() for i in inputs], enable_empty_final_response))
-        for item in self.script:
-            self.callback(*item)
-
-    def stop_stream(self, cancel_requests: bool = False) -> None:
-        self.calls.append(("stop", cancel_requests))
-
-    def close(self) -> None:
-        self.calls.append(("close",))
-
-
-def text(s: str, **more) -> dict[str, np.ndarray]:
-    return {"text_output": np.array([s.encode()], dtype=object), **more}
+def scripted(request) -> list:
+    """The first prompt's text picks the behaviour."""
+    timing = {"ttft_s": 0.01, "output_tokens": 3}
+    return {"ok": [response("a", 1), response("b", 2), response("", [], "length", timing, final=True)],
+            "flags": [response("a", 1), response(final=True)],       # final by flags alone
+            "bad": [response(error="give exactly one of text_input, messages or input_ids")],
+            "mid": [response("a", 1), response(error="decode failed")],
+            "slow": [response("a", 1), 10.0],
+            "open": [response("a", 1)]}[inputs(request)["text_input"][0].decode()]
 
 
 def test_grpc_stream_until_the_final_flag():
-    fake = FakeGrpc([(FakeResult(text("a"), False), None), (FakeResult(text("b"), False), None),
-                     (FakeResult({}, True), None)])
-    chunks = list(GrpcStream("h:1", "distserve", build_inputs("hi", stream=True), 1.0, fake))
-    assert [c.text for c in chunks] == ["a", "b"]
-    assert fake.calls == [("infer", "distserve", ["text_input", "stream"], True), ("stop", False), ("close",)]
+    with serve(scripted) as (url, triton):
+        client = DistServeClient(f"grpc://{url}/", "grpc", timeout=5.0)
+        stream = client.stream("ok", max_tokens=3, return_token_ids=True, return_timing=True)
+        assert [c.text for c in stream] == ["a", "b", ""]
+        assert (stream.token_ids, stream.finish_reason) == ([1, 2], "length")
+        assert stream.timing == Timing(ttft_s=0.01, output_tokens=3)
+        request = triton.requests[-1]
+        assert request.parameters["triton_enable_empty_final_response"].bool_param
+        assert inputs(request)["max_tokens"].tolist() == [3] and request.id
+        completion = client.generate("flags")
+        assert (completion.text, completion.num_chunks, completion.timing) == ("a", 1, None)
+        assert triton.cancelled == [] and grpc_threads() == []
 
 
 def test_grpc_errors_timeout_and_cancel():
-    error = InferenceServerException("give exactly one of text_input, messages or input_ids")
-    with pytest.raises(DistServeError, match="^give exactly one"):
-        list(GrpcStream("h:1", "distserve", {}, 1.0, FakeGrpc([(None, error)])))
-    refused = InferenceServerException("failed to connect: Connection refused", "StatusCode.UNAVAILABLE")
-    with pytest.raises(DistServeError, match="cannot reach Triton at h:1: connection refused"):
-        list(GrpcStream("h:1", "distserve", {}, 1.0, FakeGrpc([(None, refused)])))
-    fake = FakeGrpc([(FakeResult(text("a"), False), None)])
-    with pytest.raises(DistServeError, match="within 0.2 s"):
-        list(GrpcStream("h:1", "distserve", {}, 0.2, fake))
-    assert ("stop", True) in fake.calls                      # unfinished: the request is cancelled
-    fake = FakeGrpc([(FakeResult(text("a"), False), None)])
-    stream = GrpcStream("h:1", "distserve", {}, 10.0, fake)
-    threading.Timer(0.2, stream.cancel).start()
-    assert [c.text for c in stream] == ["a"]                 # then the cancel ends it quietly
-    assert fake.calls[1:] == [("stop", True), ("close",)]
+    with serve(scripted) as (url, triton):
+        client = DistServeClient(url, "grpc", timeout=0.3)
+        with pytest.raises(DistServeError, match="^give exactly one") as info:
+            client.generate("bad")
+        assert info.value.status is None
+        stream = client.stream("mid")
+        assert next(stream).text == "a"
+        with pytest.raises(DistServeError, match="^decode failed$"):
+            next(stream)
+        with pytest.raises(DistServeError, match="ended the stream before the request's final"):
+            client.generate("open")
+        start = time.perf_counter()
+        with pytest.raises(DistServeError, match=f"^no response from Triton at {url} within 0.3 s$") as info:
+            list(client.stream("slow"))
+        assert info.value.status == "timeout" and time.perf_counter() - start < 2.0
+        stream = DistServeClient(url, "grpc", timeout=10.0).stream("slow")
+        assert next(stream).text == "a"
+        threading.Timer(0.2, stream.cancel).start()
+        start = time.perf_counter()
+        assert list(stream) == [] and time.perf_counter() - start < 2.0   # the cancel ends it quietly
+        DistServeClient(url, "grpc").stream("slow").close()               # never read: closed too
+        with DistServeClient(url, "grpc").stream("slow") as stream:
+            next(stream)
+        slow = {r.id for r in triton.requests if inputs(r)["text_input"][0] == b"slow"}
+        deadline = time.perf_counter() + 2.0
+        while len(triton.cancelled) < len(slow) and time.perf_counter() < deadline:
+            time.sleep(0.01)
+        assert len(slow) >= 3 and set(triton.cancelled) == slow   # Triton would cancel them all
+        assert grpc_threads() == []
+
+
+def test_grpc_channel_leaving_early_cancels_on_the_server():
+    async def leave_after_one(url: str, triton) -> None:
+        async with GrpcChannel(url) as channel:         # (closing it would cancel too)
+            chunks = channel.stream("distserve", build_inputs("slow", stream=True), timeout=5.0)
+            assert (await chunks.__anext__()).text == "a"
+            await chunks.aclose()                         # as `break` in an `async for` would
+            for _ in range(200):
+                if triton.cancelled:
+                    break
+                await asyncio.sleep(0.01)
+            assert triton.cancelled == [triton.requests[-1].id]
+    with serve(scripted) as (url, triton):
+        asyncio.run(leave_after_one(url, triton))
 
 
 # -- CLI ------------------------------------------------------------------------------------

@@ -6,9 +6,11 @@ ids, and reports, per response, how many new tokens it carried:
   "ignore_eos": true, "stream": true, "return_token_ids": true, "return_timing": true}; SSE
   `data: {...}` lines; tokens counted from `token_ids` (a one-element output comes back as a
   JSON scalar); the server's `timing` breakdown is kept.
-- triton-grpc: a ModelStreamInfer stream per request on one shared channel
-  (tritonclient.grpc.aio), the same inputs as tensors; ends at the response that carries
-  `finish_reason` (the contract puts it on the last response only) or at an error.
+- triton-grpc: a ModelStreamInfer stream per request on one shared channel, the same inputs
+  as tensors, by the SDK's own streamer (client.grpc_stream.GrpcChannel): ends at the response
+  flagged `triton_final_response` or at an error; leaving early cancels the request.
+Both Triton endpoints turn each response into a client.results.Chunk, then a StreamEvent by
+`chunk_event`.
 - openai: POST <url>/v1/completions {"model", "prompt": [ids], "max_tokens", "ignore_eos",
   "stream": true, "stream_options": {"include_usage": true}}; SSE `data: ` lines until
   `[DONE]`. Each chunk with text is one token (vLLM and llama.cpp stream one token per chunk);
@@ -17,17 +19,16 @@ Error payloads (`{"error": ...}`, non-200 answers, gRPC errors) raise DistServeE
 """
 from __future__ import annotations
 
-import asyncio
 import json
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from client.request import build_inputs, grpc_inputs, http_body
-from client.results import DistServeError, chunk_from_arrays, chunk_from_json
+from client.grpc_stream import GrpcChannel
+from client.request import build_inputs, http_body
+from client.results import Chunk, DistServeError, chunk_from_json
 from client.sse import SSEDecoder, json_object, parse_event
-from deploy.contract import DISTSERVE_SPEC
+from deploy.contract import Timing
 
 from .pools import Request
 
@@ -37,14 +38,19 @@ class StreamEvent:
     num_tokens: int                      # new tokens in this response
     finish_reason: str | None = None
     total_tokens: int | None = None      # the server's own count of all output tokens (usage)
-    timing: dict[str, Any] | None = None # the server's latency breakdown (Triton, last response)
+    timing: Timing | None = None         # the server's latency breakdown (Triton, last response)
+
+
+def chunk_event(chunk: Chunk) -> StreamEvent:
+    """One Triton response, from either protocol. Tokens are counted by id (every request
+    asks for return_token_ids); text without ids counts as one."""
+    return StreamEvent(len(chunk.token_ids) or int(bool(chunk.text)), chunk.finish_reason,
+                       timing=chunk.timing)
 
 
 def triton_event(data: str) -> StreamEvent:
     """One `generate_stream` event; raises DistServeError on an error payload."""
-    chunk = chunk_from_json(parse_event(data))
-    return StreamEvent(len(chunk.token_ids) or int(bool(chunk.text)), chunk.finish_reason,
-                       timing=chunk.timing)
+    return chunk_event(chunk_from_json(parse_event(data)))
 
 
 def openai_event(data: str) -> StreamEvent | None:
@@ -66,6 +72,12 @@ def _error_message(error: Any) -> str:
     if isinstance(error, dict):
         return str(error.get("message") or error)
     return str(error)
+
+
+def triton_inputs(req: Request) -> dict[str, Any]:
+    """What both Triton endpoints send: exactly output_len tokens of the prompt's ids."""
+    return build_inputs(input_ids=list(req.prompt_ids), max_tokens=req.output_len,
+                        ignore_eos=True, return_token_ids=True, return_timing=True, stream=True)
 
 
 def http_error(status: int, body: str) -> DistServeError:
@@ -137,11 +149,8 @@ class TritonHttp(_HttpEndpoint):
     name = "triton-http"
 
     def stream(self, req: Request) -> AsyncIterator[StreamEvent]:
-        values = build_inputs(input_ids=list(req.prompt_ids), max_tokens=req.output_len,
-                              ignore_eos=True, return_token_ids=True, return_timing=True,
-                              stream=True)
         path = f"{base_url(self.url)}/v2/models/{self.model}/generate_stream"
-        return self._sse(path, http_body(values), triton_event)
+        return self._sse(path, http_body(triton_inputs(req)), triton_event)
 
 
 class OpenAICompletions(_HttpEndpoint):
@@ -159,44 +168,16 @@ class TritonGrpc(Endpoint):
     name = "triton-grpc"
 
     async def __aenter__(self) -> Endpoint:
-        import tritonclient.grpc as grpc_module
-        import tritonclient.grpc.aio as aio
-        self._module = grpc_module
-        self._client = aio.InferenceServerClient(self.url.split("://", 1)[-1].rstrip("/"))
+        self._channel = GrpcChannel(self.url)
         return self
 
     async def __aexit__(self, *exc: Any) -> None:
-        await self._client.close()
+        await self._channel.close()
 
     async def stream(self, req: Request) -> AsyncIterator[StreamEvent]:
-        values = build_inputs(input_ids=list(req.prompt_ids), max_tokens=req.output_len,
-                              ignore_eos=True, return_token_ids=True, return_timing=True,
-                              stream=True)
-        request = {"model_name": self.model, "inputs": grpc_inputs(values, self._module),
-                   "request_id": uuid.uuid4().hex}
-        done = asyncio.Event()
-        responses = self._client.stream_infer(_one_then_wait(request, done))
-        try:
-            async for result, error in responses:
-                if error is not None:
-                    raise DistServeError(error.message() if hasattr(error, "message") else str(error))
-                if not result.get_response().outputs:
-                    continue
-                chunk = chunk_from_arrays({o.name: result.as_numpy(o.name)
-                                           for o in DISTSERVE_SPEC.outputs})
-                yield StreamEvent(len(chunk.token_ids) or int(bool(chunk.text)), chunk.finish_reason,
-                                  timing=chunk.timing)
-                if chunk.finish_reason is not None:
-                    return
-        finally:
-            done.set()
-            responses.cancel()           # ends the RPC (cancels the request if still running)
-
-
-async def _one_then_wait(request: dict[str, Any], done: asyncio.Event) -> AsyncIterator[dict[str, Any]]:
-    """Send one request, then keep the stream open (a half-closed stream may end early)."""
-    yield request
-    await done.wait()
+        # No per-response timeout: the runner bounds the whole request.
+        async for chunk in self._channel.stream(self.model, triton_inputs(req)):
+            yield chunk_event(chunk)
 
 
 ENDPOINTS: dict[str, type[Endpoint]] = {e.name: e for e in (TritonHttp, TritonGrpc, OpenAICompletions)}

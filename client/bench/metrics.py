@@ -9,6 +9,8 @@ Definitions (seconds, on the client's clock, relative to the start of a run):
 - E2E: send -> the end of the stream.
 A request fails if the server or the network reported an error, it timed out, or the stream
 ended without a token. A failure misses every SLO; failures are recorded, never dropped.
+A result's `server_timing` is a deploy.contract.Timing; in result JSON files it is that
+Timing's dict (`to_json` / `from_json`), as the files have always held.
 """
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any, Sequence
 
 import numpy as np
+
+from deploy.contract import Timing
 
 
 @dataclass(frozen=True)
@@ -31,14 +35,19 @@ class RequestResult:
     num_tokens: int = 0                # tokens received
     finish_reason: str | None = None
     error: str | None = None
-    server_timing: dict[str, Any] | None = None   # Triton: queueing, prefill, KV transfer, ...
+    server_timing: Timing | None = None  # Triton: queueing, prefill, KV transfer, ...
+
+    def __post_init__(self) -> None:
+        if isinstance(self.server_timing, dict):           # a record read from JSON
+            object.__setattr__(self, "server_timing", Timing.from_dict(self.server_timing))
 
     @property
     def ok(self) -> bool:
         return self.error is None and self.num_tokens > 0
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        timing = self.server_timing
+        return asdict(self) | {"server_timing": None if timing is None else timing.to_dict()}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> RequestResult:
@@ -58,7 +67,7 @@ class Timeline:
         self.num_tokens = 0
         self.finish_reason: str | None = None
         self.error: str | None = None
-        self.server_timing: dict[str, Any] | None = None
+        self.server_timing: Timing | None = None
 
     def sent(self, now: float) -> None:
         self.send_s = now
@@ -178,8 +187,9 @@ def _mean_server_timing(results: Sequence[RequestResult]) -> dict[str, float]:
     readings), over the requests with one."""
     sums: dict[str, list[float]] = {}
     for r in results:
-        for key, value in (r.server_timing or {}).items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and not key.endswith("_at"):
+        timing = r.server_timing.to_dict() if r.server_timing is not None else {}
+        for key, value in timing.items():
+            if not key.endswith("_at"):
                 sums.setdefault(key, []).append(float(value))
     return {key: sum(values) / len(values) for key, values in sorted(sums.items())}
 
@@ -199,15 +209,15 @@ def time_breakdown(results: Sequence[RequestResult]) -> dict[str, float]:
     rows = []
     for r in results:
         t = r.server_timing
-        if not r.ok or not t or r.ttft_s is None or r.e2e_s is None:
+        if not r.ok or t is None or r.ttft_s is None or r.e2e_s is None:
             continue
         handoff = 0.0
-        if "decode_admitted_at" in t and "first_token_at" in t:
-            handoff = max(0.0, t["decode_admitted_at"] - t["first_token_at"])
-        queue, prefill = t.get("prefill_queue_s", 0.0), t.get("prefill_s", 0.0)
+        if t.decode_admitted_at is not None and t.first_token_at is not None:
+            handoff = max(0.0, t.decode_admitted_at - t.first_token_at)
+        queue, prefill = t.prefill_queue_s or 0.0, t.prefill_s or 0.0
         rows.append({"ttft": r.ttft_s, "queue": queue, "prefill": prefill,
                      "ttft_other": r.ttft_s - queue - prefill, "handoff": handoff,
-                     "transfer": t.get("kv_transfer_s", 0.0),
+                     "transfer": t.kv_transfer_s or 0.0,
                      "decode": r.e2e_s - r.ttft_s - handoff, "e2e": r.e2e_s,
                      "tpot": r.tpot_s or 0.0})
     if not rows:
