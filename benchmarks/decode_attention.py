@@ -17,6 +17,7 @@ import torch
 
 from backends.core import attention as A
 from backends.core.engine import EngineConfig, LLMEngine
+from backends.core.limits import EngineLimits
 from backends.core.weights import load_checkpoint
 from deploy.deployment import DEFAULT_MODEL_PATH, ROOT
 from planner.profile import EngineProbe
@@ -35,8 +36,9 @@ def main(core: int = 1, rounds: int = 3, steps: int = 5) -> dict:
     backend = A.backend_for("cpu")
     new = (backend.sdpa_decode_max_context, backend.group_cost_tokens)
     config, sd = load_checkpoint(DEFAULT_MODEL_PATH, torch.bfloat16)
-    probe = EngineProbe(LLMEngine(config, sd, EngineConfig(dtype="bfloat16", block_size=16,
-                                                           num_kv_blocks=2400)), config.vocab_size)
+    probe = EngineProbe(LLMEngine(config, sd, EngineConfig(dtype="bfloat16",
+                                                           limits=EngineLimits(block_size=16,
+                                                                               num_kv_blocks=2400))), config.vocab_size)
     load_before = os.getloadavg()
     cases = {}
     for name, ctxs in CASES.items():

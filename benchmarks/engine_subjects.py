@@ -13,6 +13,7 @@ from dataclasses import asdict
 import torch
 
 from backends.core.config import ModelConfig
+from backends.core.limits import EngineLimits
 from backends.core.model_runner import DTYPES
 from backends.core.sampling import SamplingParams
 
@@ -53,10 +54,10 @@ class Ours:
         bs = spec["block_size"]
         num_blocks = spec["max_batch"] * -(-spec["max_seq_len"] // bs) + -(-spec["max_prefill_len"] // bs) + 2
         self.spec = spec
-        self.engine = LLMEngine.from_path(spec["model"], EngineConfig(
-            dtype=spec["dtype"], weights=spec["weights"], block_size=bs, num_kv_blocks=num_blocks,
-            max_num_seqs=spec["max_batch"],
-            max_num_batched_tokens=max(spec["max_batch"] * spec["max_seq_len"], spec["max_prefill_len"])))
+        limits = EngineLimits(num_blocks, spec["max_batch"],
+                              max(spec["max_batch"] * spec["max_seq_len"], spec["max_prefill_len"]), bs)
+        self.engine = LLMEngine.from_path(spec["model"], EngineConfig(dtype=spec["dtype"], weights=spec["weights"],
+                                                                      limits=limits))
 
     def info(self) -> dict:
         return {"torch": torch.__version__, "threads": torch.get_num_threads(), "dtype": self.spec["dtype"],

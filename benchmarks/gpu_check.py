@@ -14,6 +14,7 @@ Without a CUDA build of torch or without a GPU it says so, skips every step and 
 when a step fails. Writes a JSON summary to --out.
 """
 from __future__ import annotations
+from backends.core.limits import EngineLimits
 
 import argparse
 import datetime
@@ -98,7 +99,7 @@ def run_step(name: str, fn: Callable[[], tuple[str, dict]]) -> StepResult:
 
 def _engine(model: Path, device: str, dtype: str, num_kv_blocks: int = 256, **kw):
     from backends.core.engine import EngineConfig, LLMEngine
-    config = EngineConfig(dtype=dtype, device=device, num_kv_blocks=num_kv_blocks, **kw)
+    config = EngineConfig(dtype=dtype, device=device, limits=EngineLimits(num_kv_blocks=num_kv_blocks), **kw)
     return LLMEngine.from_path(str(model), config)
 
 

@@ -16,6 +16,7 @@ share_module after building, for engines that do not share yet) or nobody. A for
 to build is reported with its error. Writes <out>.json and <out>.md.
 """
 from __future__ import annotations
+from backends.core.limits import EngineLimits
 
 import argparse
 import datetime
@@ -96,8 +97,8 @@ def run_instance(job: Job, index: int, results, stop) -> None:
                                                 shared_info)
         t0 = time.perf_counter()
         weights, _, variant = job.weights.partition("+")      # "bf16+plain": prepacking off
-        config = EngineConfig(role=job.role, weights=weights, shared_weights_dir=job.shared_dir,
-                              num_kv_blocks=job.num_kv_blocks, prepack_weights=variant != "plain")
+        config = EngineConfig(role=job.role, weights=weights, shared_weights_dir=job.shared_dir, prepack_weights=variant != "plain",
+                              limits=EngineLimits(num_kv_blocks=job.num_kv_blocks))
         model = LLMEngine.from_path(job.model, config).runner.model
         shared_by = "engine" if shared_info(model) else "none"
         if job.shared_dir and shared_by == "none" and job.share_in_harness:

@@ -22,6 +22,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from backends.core.engine import EngineConfig, LLMEngine
+from backends.core.limits import EngineLimits
 from backends.core.model_runner import pin_threads
 from backends.core.sampling import SamplingParams
 from backends.core.weights import load_checkpoint
@@ -139,8 +140,9 @@ def main(argv: list[str] | None = None) -> None:
     for weights in args.weights.split(","):
         for kind, batch, context in CASES:
             role = "prefill" if kind == "prefill" else "both"     # what a prefill instance runs
-            engine = LLMEngine(config, sd, EngineConfig(weights=weights, role=role, num_kv_blocks=512,
-                                                        max_num_seqs=64))
+            engine = LLMEngine(config, sd, EngineConfig(weights=weights, role=role,
+                                                        limits=EngineLimits(num_kv_blocks=512,
+                                                                            max_num_seqs=64)))
             results.append({"weights": weights, **profile_case(engine, kind, batch, context, args.steps)})
             print(results[-1]["weights"], kind, context, f"{results[-1]['step_ms']:.1f} ms",
                   {k: round(v, 1) for k, v in results[-1]["ms"].items()}, flush=True)

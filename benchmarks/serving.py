@@ -138,9 +138,8 @@ def engine_worker(conn: Connection, model: str) -> None:
     os.sched_setaffinity(0, {DECODE_CORE})
     torch.set_num_threads(1)
     d = default_deployment(model)                        # the decode instance's engine limits
-    limits = {k: getattr(d.decode, k) for k in ("num_kv_blocks", "max_num_seqs", "max_num_batched_tokens")}
-    limits.update(dtype=d.dtype, block_size=d.block_size, max_model_len=d.max_model_len)
-    engine = LLMEngine(*load_checkpoint(str(d.resolved_model_path()), DTYPES[d.dtype]), EngineConfig(**limits))
+    config = EngineConfig(dtype=d.dtype, limits=d.decode.limits(d.block_size), max_model_len=d.max_model_len)
+    engine = LLMEngine(*load_checkpoint(str(d.resolved_model_path()), DTYPES[d.dtype]), config)
     inproc_steps(engine, prompts(8, 128, engine.model_config.vocab_size, seed=0), 4)        # warm-up
     conn.send(engine.model_config.vocab_size)
     while (job := conn.recv()) is not None:
@@ -155,7 +154,7 @@ def one_stream(url: str, ids: list[int], output_len: int, barrier: threading.Bar
     chunks = [[time.perf_counter() - origin, len(c.token_ids)] for c in stream if c.token_ids]
     if sum(n for _, n in chunks) != output_len or stream.timing is None:
         raise RuntimeError(f"stream gave {sum(n for _, n in chunks)} of {output_len} tokens ({stream.finish_reason})")
-    return {"chunks": chunks, "timing": stream.timing}
+    return {"chunks": chunks, "timing": stream.timing.to_dict()}
 
 
 def triton_round(server: Any, batch: list[list[int]], output_len: int) -> list[dict]:

@@ -16,6 +16,8 @@ from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from backends.core.limits import EngineLimits
+
 DeviceKind = Literal["cpu", "gpu"]
 DEVICE_KINDS = ("cpu", "gpu")
 System = Literal["disaggregated", "colocated"]
@@ -37,29 +39,29 @@ class PhaseSpec:
     device: DeviceKind = "cpu"
     num_instances: int = 1
     devices: tuple = ((0,),)              # cpu: core ids per instance; gpu: a gpu id per instance
-    num_kv_blocks: int = 1024
-    max_num_seqs: int = 32
-    max_num_batched_tokens: int = 2048    # prefill's token budget per batch (L_m); per step if chunked
+    # The engine's limits (backends/core/limits.py has the defaults and the checks).
+    num_kv_blocks: int = EngineLimits.num_kv_blocks
+    max_num_seqs: int = EngineLimits.max_num_seqs
+    max_num_batched_tokens: int = EngineLimits.max_num_batched_tokens   # L_m; per step if chunked
     num_threads: int | None = None        # torch threads per instance; default len(cores), 1 on gpu
-    chunked_prefill: bool = False         # colocated only: prefill chunks ride in decode steps
+    chunked_prefill: bool = EngineLimits.chunked_prefill   # colocated only: chunks ride in decode steps
 
     def __post_init__(self) -> None:
         if self.device not in DEVICE_KINDS:
             raise ValueError(f"device must be one of {DEVICE_KINDS}, got {self.device!r}")
-        for name in ("num_instances", "num_kv_blocks", "max_num_seqs", "max_num_batched_tokens"):
-            _check_positive_int(name, getattr(self, name))
+        _check_positive_int("num_instances", self.num_instances)
         if self.num_threads is not None:
             _check_positive_int("num_threads", self.num_threads)
-        if not isinstance(self.chunked_prefill, bool):
-            raise ValueError(f"chunked_prefill must be true or false, got {self.chunked_prefill!r}")
-        if self.chunked_prefill and self.max_num_batched_tokens < self.max_num_seqs:
-            raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= "
-                             f"max_num_seqs ({self.max_num_seqs}) with chunked_prefill: every "
-                             "running sequence's decode token must fit in one step")
+        self.limits(EngineLimits.block_size)            # checks the limits
         object.__setattr__(self, "devices", _normalize_devices(self.device, self.devices))
         if len(self.devices) != self.num_instances:
             raise ValueError(f"devices must list one entry per instance: {self.num_instances} "
                              f"instances, {len(self.devices)} entries ({list(self.devices)})")
+
+    def limits(self, block_size: int) -> EngineLimits:
+        """This phase's engine limits (the block size is the deployment's, one for all phases)."""
+        return EngineLimits(self.num_kv_blocks, self.max_num_seqs, self.max_num_batched_tokens,
+                            block_size, self.chunked_prefill)
 
     def cores(self, index: int) -> tuple[int, ...]:
         """Core ids of CPU instance `index`."""

@@ -144,14 +144,17 @@ class KVDescriptor:
     def num_bytes(self) -> int:
         return len(self.block_ids) * self.layout.block_nbytes
 
-    def to_json(self) -> str:
+    def to_dict(self) -> dict[str, Any]:
         raw: dict[str, Any] = {
             "transport": self.transport, "instance_id": self.instance_id, "pool_name": self.pool_name,
             "layout": layout_to_dict(self.layout), "block_ids": list(self.block_ids),
             "num_tokens": self.num_tokens, "lease_id": self.lease_id}
         if self.transport == "cuda_ipc":
             raw["ipc_mem_handle"], raw["ipc_event_handle"] = self.ipc_mem_handle, self.ipc_event_handle
-        return json.dumps(raw, separators=(",", ":"))
+        return raw
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), separators=(",", ":"))
 
     @classmethod
     def from_json(cls, text: str | bytes) -> KVDescriptor:
@@ -164,6 +167,11 @@ class KVDescriptor:
             raw = json.loads(text)
         except (ValueError, RecursionError) as e:
             raise InvalidDescriptor(f"descriptor is not valid JSON: {str(e)[:120]}") from None
+        return cls.from_dict(raw)
+
+    @classmethod
+    def from_dict(cls, raw: object) -> KVDescriptor:
+        """Validate a decoded descriptor (e.g. nested in a message); InvalidDescriptor if bad."""
         if not isinstance(raw, dict):
             raise InvalidDescriptor("descriptor must be a JSON object")
         required = _KEYS - {"ipc_mem_handle", "ipc_event_handle"}

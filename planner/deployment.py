@@ -55,9 +55,7 @@ class Target:
 
     def instance(self, tp: int, phase: PhaseSpec, block_size: int) -> InstanceSpec:
         """A deployed phase's instance as the simulator sees it."""
-        return InstanceSpec(self.table.get(self.model, self.device, tp), phase.num_kv_blocks,
-                            phase.max_num_seqs, phase.max_num_batched_tokens, block_size,
-                            phase.chunked_prefill)
+        return InstanceSpec(self.table.get(self.model, self.device, tp), phase.limits(block_size))
 
 
 def load_target(profile: str | Path | None = None, device: str | None = None,

@@ -34,6 +34,7 @@ from typing import Sequence
 
 import numpy as np
 
+from backends.core.limits import EngineLimits
 from backends.core.sampling import SamplingParams
 from planner.latency import FORMAT, LatencyModel, LatencyTable, Link, fit_model, model_key
 
@@ -108,7 +109,7 @@ class EngineProbe:
         self.engine, self.vocab_size = engine, vocab_size
         self.rng = np.random.default_rng(seed)
         self.ids = itertools.count()
-        self.block_size = engine.config.block_size
+        self.block_size = engine.config.limits.block_size
 
     def _prompt(self, n: int) -> list[int]:
         return self.rng.integers(0, self.vocab_size, n).tolist()
@@ -138,10 +139,14 @@ class EngineProbe:
         try:
             for c in ctxs:
                 req_id = f"prof-{next(self.ids)}"
-                self.engine.add_prefilled(req_id, self._prompt(c), 0, params,
-                                          -(-c // self.block_size))
-                self.engine.start_decoding(req_id)
+                self.engine.add_prefilled(req_id, self._prompt(c), 0, params)
                 req_ids.append(req_id)
+            admitted = self.engine.admit_remote()       # KV not copied in: the cost is the same
+            for seq in admitted:
+                self.engine.kv_arrived(seq.req_id)
+            if len(admitted) != len(ctxs):
+                raise RuntimeError(f"decode batch of {len(ctxs)}: only {len(admitted)} admitted "
+                                   "(KV pool or max_num_seqs too small)")
             times, totals = [], []
             for i in range(warmup + steps):
                 total = sum(s.num_tokens for s in self.engine.scheduler.running)
@@ -265,10 +270,10 @@ def run(config, state_dict, *, model_path: str, dtype: str = "bfloat16", block_s
     batches = decode_batches(s, config.max_position_embeddings)
     steps = s.warmup_steps + s.decode_steps + 2
     need = max(sum(-(-(c + steps) // block_size) for c in b) for b in batches)
-    engine = LLMEngine(config, state_dict, EngineConfig(
-        dtype=dtype, kv_dtype=kv_dtype, weights=weights, block_size=block_size, num_kv_blocks=need + 8,
-        max_num_seqs=max(max(len(b) for b in batches), max(len(b) for b in s.prefill_batches)),
-        max_num_batched_tokens=max(sum(b) for b in s.prefill_batches)))
+    limits = EngineLimits(need + 8, max(max(len(b) for b in batches), max(len(b) for b in s.prefill_batches)),
+                          max(sum(b) for b in s.prefill_batches), block_size)
+    engine = LLMEngine(config, state_dict, EngineConfig(dtype=dtype, kv_dtype=kv_dtype, weights=weights,
+                                                        limits=limits))
     t0 = time.perf_counter()
     samples = measure(EngineProbe(engine, config.vocab_size, s.seed), s,
                       config.max_position_embeddings, progress)

@@ -100,17 +100,17 @@ def lifetime(lengths: Sequence[tuple[int, int]], slo: SLO, mode: str) -> float:
 
 def fits(spec: InstanceSpec, lengths: Sequence[tuple[int, int]]) -> bool:
     """Every request's whole sequence fits the instance's KV cache."""
-    return spec.blocks_for(max(p + o for p, o in lengths)) <= spec.num_kv_blocks
+    return spec.blocks_for(max(p + o for p, o in lengths)) <= spec.limits.num_kv_blocks
 
 
 def prefill_capacity(spec: InstanceSpec, lengths: Sequence[tuple[int, int]]) -> float:
     """Requests/s of prefill alone when saturated: the pool's prompts batched in order under the
     token budget (and the batch cap), one batch per stage time. The goodput lies below it (a
     queue that long breaks TTFT): 0.36-0.88 of it on the ShareGPT workloads."""
-    lat, budget = spec.latency, spec.max_num_batched_tokens
+    lat, budget = spec.latency, spec.limits.max_num_batched_tokens
     total, batch, used = 0.0, [], 0
     for p, _ in lengths:
-        if batch and (used + p > budget or len(batch) >= spec.max_num_seqs):
+        if batch and (used + p > budget or len(batch) >= spec.limits.max_num_seqs):
             total += lat.prefill_time(batch)
             batch, used = [], 0
         batch.append(p)
@@ -133,7 +133,7 @@ def decode_fluid_rate(spec: InstanceSpec, lengths: Sequence[tuple[int, int]], sl
     pp = lat.pp
     num_steps = sum(o - 1 for _, o in lengths) / len(lengths)
     ctx_steps = sum((o - 1) * p + (o - 1) * o / 2 for p, o in lengths) / len(lengths)
-    cache = spec.num_kv_blocks * spec.block_size
+    cache = spec.limits.num_kv_blocks * spec.limits.block_size
     regimes = [tuple(v * pp for v in lat.decode_coeffs(bs)) for bs in (1, lat.decode_threshold)]
 
     def step_time(rate: float) -> float:
@@ -147,8 +147,8 @@ def decode_fluid_rate(spec: InstanceSpec, lengths: Sequence[tuple[int, int]], sl
 
     def feasible(rate: float) -> bool:
         t = step_time(rate / pp)
-        return (t <= slo.tpot and rate / pp * num_steps * t <= spec.max_num_seqs
-                and rate * t * (ctx_steps + num_steps * spec.block_size / 2) <= cache)
+        return (t <= slo.tpot and rate / pp * num_steps * t <= spec.limits.max_num_seqs
+                and rate * t * (ctx_steps + num_steps * spec.limits.block_size / 2) <= cache)
 
     hi = pp * max(1 / (b * ctx_steps + c * num_steps) for _, b, c in regimes)
     return max((r for r in np.linspace(hi / 1000, hi, 1000) if feasible(r)), default=0.0)

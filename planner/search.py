@@ -23,6 +23,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Literal, Sequence
 
+from backends.core.limits import EngineLimits
 from planner.latency import ETHERNET_25G, NVLINK_A100, LatencyTable, Link, model_key
 from planner.rate_search import (SLO, Probe, decode_fluid_rate, fits, goodput, lifetime,
                                  make_probe, prefill_capacity)
@@ -93,8 +94,8 @@ class SearchSpace:
             return None
         if tokens is None:
             return None
-        return InstanceSpec(lat, tokens // self.block_size, max_num_seqs or self.max_num_seqs,
-                            self.prefill_budget, self.block_size)
+        return InstanceSpec(lat, EngineLimits(tokens // self.block_size, max_num_seqs or self.max_num_seqs,
+                                              self.prefill_budget, self.block_size))
 
 
 @dataclass(frozen=True)

@@ -1,126 +1,59 @@
 """Discrete-event simulator of a deployment, driving the engines' own scheduler.
 
 Every simulated instance owns a real `backends.core.scheduler.Scheduler` over a real
-`BlockManager`; a step is `schedule()` (the same policy code that serves), a duration from the
-latency model, then the engine's update (one token per sequence, as `LLMEngine._update`).
+`BlockManager` and real `Sequence`s; a step is the scheduler's `schedule(now)` (the same policy
+code that serves), a duration from the latency model, then the scheduler's `update()` (as
+`LLMEngine.step`; a request stops at its recorded output length through its max_tokens).
 
 Lifecycle of a request, disaggregated (as backends/prefill and backends/decode workers):
 arrival -> the least-loaded prefill instance's waiting queue -> a prefill batch under L_m ->
-first token (TTFT); the sequence leaves the prefill scheduler but keeps its KV blocks ->
-`pending` (FIFO) of the least-loaded decode instance: the prefill pool is the queue buffer ->
-admitted (pull) at the start of a decode step when it has blocks and a batch slot: blocks
-allocated, KV copied (the step waits for the copies, as the worker's fetch does), prefill
-blocks freed when the copy ends -> continuous batching, one token per step -> finished, blocks
-freed. Colocated: one engine does both (prefill first, as vLLM). Two per-phase modes serve the
-high-affinity search: "prefill" (decode is free and instant) and "decode" (requests arrive
-already prefilled, TTFT 0).
+first token (TTFT); the sequence leaves the prefill scheduler but keeps its KV blocks -> the
+least-loaded decode instance's remote queue (`add_remote`; the prefill pool is the queue
+buffer) -> admitted by the scheduler's `admit_remote()` at a step boundary when it has blocks
+and a batch slot -> its KV copied by the instance's copy thread beside the running steps (one
+copy at a time), prefill blocks freed when the copy ends -> `kv_arrived()`: continuous
+batching, one token per step -> finished, blocks freed. Colocated: one engine does both
+(prefill first, as vLLM). Two per-phase modes serve the high-affinity search: "prefill"
+(decode is free and instant) and "decode" (requests arrive already prefilled, TTFT 0).
 
 An instance of pipeline degree pp is pp virtual engines (each its own scheduler, queues and
 batch; one KV cache between them) sharing the first pipeline stage: a batch holds the stage
 for the latency model's stage time and is done pp stage times later. At pp = 1 that is the
-plain engine. The scheduler is driven as it is; only its Sequence and BlockManager are thin
-subclasses that make its per-row bookkeeping cheap (SimSequence, SimBlocks).
+plain engine.
 """
 from __future__ import annotations
 
 import heapq
 import math
-from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from operator import attrgetter
 from typing import Callable, Literal, Sequence as Seq
 
-import numpy as np
-
 from backends.core.kv_cache import BlockManager
+from backends.core.limits import EngineLimits
+from backends.core.routing import least_loaded
 from backends.core.sampling import SamplingParams
-from backends.core.scheduler import Batch, Scheduler, SchedulerConfig
+from backends.core.scheduler import Batch, Scheduler
 from backends.core.sequence import FinishReason, Sequence, SequenceStatus
 from planner.latency import LatencyModel, Link
+from planner.sim_records import (Record, Request, SimResult, in_window, make_requests,  # noqa: F401
+                                 poisson_arrivals)
 
 Mode = Literal["disaggregated", "colocated", "prefill", "decode"]
 MODES = ("disaggregated", "colocated", "prefill", "decode")
-_PARAMS = SamplingParams(max_tokens=1, seed=0, ignore_eos=True)   # shared; lengths live below
 _NUM_TOKENS = attrgetter("num_tokens")
-
-
-@dataclass(frozen=True)
-class Request:
-    req_id: int
-    arrival: float
-    prompt_len: int
-    output_len: int
-
-    def __post_init__(self) -> None:
-        if self.prompt_len < 1 or self.output_len < 1 or self.arrival < 0:
-            raise ValueError(f"request {self.req_id}: bad lengths or arrival {self}")
-
-
-@dataclass
-class Record:
-    req: Request
-    first_token: float | None = None
-    finish: float | None = None
-
-    @property
-    def ttft(self) -> float:
-        return self.first_token - self.req.arrival
-
-    @property
-    def tpot(self) -> float:
-        n = self.req.output_len
-        return (self.finish - self.first_token) / (n - 1) if n > 1 else 0.0
-
-    def meets(self, ttft: float, tpot: float) -> bool:
-        return self.ttft <= ttft and self.tpot <= tpot
-
-
-class SimSequence(Sequence):
-    """The engine's Sequence (compared by identity, as every Sequence), with `num_tokens` a plain
-    attribute that `append_token` keeps equal to len(prompt_ids) + len(output_ids) (the
-    scheduler reads it several times per row per step). `rec` is the request's Record."""
-    num_tokens = 0                      # shadows Sequence.num_tokens (a property)
-
-    def __init__(self, rec: Record, output_ids: Seq[int] = (),
-                 status: SequenceStatus = SequenceStatus.WAITING) -> None:
-        super().__init__(str(rec.req.req_id), [0] * rec.req.prompt_len, _PARAMS,
-                         output_ids=list(output_ids), status=status)
-        self.rec = rec
-        self.num_tokens = rec.req.prompt_len + len(self.output_ids)
-
-    def append_token(self, token_id: int = 0) -> None:
-        self.output_ids.append(token_id)
-        self.num_tokens += 1
-
-
-def _stop_at_length(seq: SimSequence, token_id: int) -> FinishReason | None:
-    return FinishReason.LENGTH if len(seq.output_ids) >= seq.rec.req.output_len else None
-
-
-class SimBlocks(BlockManager):
-    """The engine's BlockManager; `allocate(0)` (most decode rows need no new block) returns
-    at once instead of building an empty list through the pool."""
-
-    def allocate(self, n: int) -> list[int]:
-        return super().allocate(n) if n else []
 
 
 @dataclass(frozen=True)
 class InstanceSpec:
     latency: LatencyModel
-    num_kv_blocks: int
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 2048          # L_m (per step when chunked)
-    block_size: int = 16
-    chunked_prefill: bool = False
+    limits: EngineLimits
 
     def scheduler(self, blocks: BlockManager | None = None, hand_off: bool = False) -> Scheduler:
-        config = SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens, self.block_size,
-                                 self.chunked_prefill, hand_off=hand_off)
-        return Scheduler(config, blocks or SimBlocks(self.num_kv_blocks))
+        return Scheduler(self.limits, blocks or BlockManager(self.limits.num_kv_blocks), hand_off)
 
     def blocks_for(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.block_size)
+        return self.limits.blocks_for(num_tokens)
 
 
 @dataclass(frozen=True)
@@ -164,12 +97,13 @@ class _Engine:
         self.role, self.index, self.spec, self.stage = role, index, spec, stage
         self.scheduler = spec.scheduler(blocks, hand_off=role == "prefill")
         self.blocks = blocks
-        self.pending: deque[tuple[Sequence, _Engine | None]] = deque()
         self.busy = False
+        self.copy_free_at = 0.0             # decode: when its copy thread is free
         self.num_steps = self.num_preempted = self.peak_blocks = 0
 
     def load(self) -> int:
-        return len(self.pending) + len(self.scheduler.waiting) + len(self.scheduler.running)
+        s = self.scheduler
+        return len(s.remote) + len(s.waiting) + len(s.running) + len(s.loading)
 
     def step_time(self, batch: Batch) -> float:
         """Prefill rows cost by their new tokens; decode rows by their context. A mixed
@@ -184,35 +118,6 @@ class _Engine:
                 return decode
             decode -= lat.decode_time(k, 0) - lat.decode_time(k, 0, marginal=True)
         return lat.prefill_time(batch.num_new[k:]) + decode
-
-
-def in_window(window: tuple[float, float] | None, t: float) -> bool:
-    return window is None or window[0] <= t < window[1]
-
-
-@dataclass
-class SimResult:
-    records: list[Record]
-    end_time: float
-    stopped_early: bool = False
-    stats: dict[str, dict] = field(default_factory=dict)
-    window: tuple[float, float] | None = None       # arrivals counted by attainment()
-
-    @property
-    def measured(self) -> list[Record]:
-        """The records whose arrival falls in the window (all of them without one)."""
-        if self.window is None:
-            return self.records
-        return [r for r in self.records if in_window(self.window, r.req.arrival)]
-
-    def attainment(self, ttft: float, tpot: float) -> float:
-        measured = self.measured
-        if self.stopped_early or not measured:
-            return 0.0
-        return sum(r.meets(ttft, tpot) for r in measured) / len(measured)
-
-    def mean_ttft(self) -> float:
-        return float(np.mean([r.ttft for r in self.records]))
 
 
 class Simulator:
@@ -236,6 +141,8 @@ class Simulator:
         self._misses = 0
         self._events: list = []
         self._counter = 0
+        self._params: dict[int, SamplingParams] = {}
+        self._sources: dict[Sequence, tuple[_Engine | None, Sequence]] = {}   # decode seq -> prefill
         self.now = 0.0
         self.prefills = self._make("prefill", config.num_prefill, config.prefill,
                                    config.mode in ("disaggregated", "prefill"))
@@ -250,7 +157,7 @@ class Simulator:
             return []
         pp, engines = spec.latency.pp, []
         for i in range(n):
-            stage, blocks = _Stage(pp), SimBlocks(spec.num_kv_blocks)
+            stage, blocks = _Stage(pp), BlockManager(spec.limits.num_kv_blocks)
             stage.engines = [_Engine(role, i * pp + v, spec, stage, blocks) for v in range(pp)]
             engines += stage.engines
         return engines
@@ -259,10 +166,10 @@ class Simulator:
         for r in self.requests:
             for e in (self.prefills + self.colocated)[:1]:
                 if e.spec.blocks_for(r.prompt_len + (r.output_len if e.role == "both" else 0)) \
-                        > e.spec.num_kv_blocks:
+                        > e.spec.limits.num_kv_blocks:
                     raise ValueError(f"request {r.req_id} does not fit the {e.role} KV cache")
             for e in self.decodes[:1]:
-                if e.spec.blocks_for(r.prompt_len + r.output_len) > e.spec.num_kv_blocks:
+                if e.spec.blocks_for(r.prompt_len + r.output_len) > e.spec.limits.num_kv_blocks:
                     raise ValueError(f"request {r.req_id} does not fit the decode KV cache")
 
     # ---- the event loop -----------------------------------------------------------------
@@ -284,36 +191,44 @@ class Simulator:
             self._check_drained()
         return SimResult(list(self.records.values()), self.now, stopped, self._stats(), self.window)
 
+    def _sequence(self, rec: Record, output_ids: list[int] | None = None) -> Sequence:
+        """The request as the engine holds it: a prompt of its length, and a stop at its
+        output length (max_tokens; EOS ignored)."""
+        r = rec.req
+        params = self._params.get(r.output_len)
+        if params is None:
+            params = self._params[r.output_len] = SamplingParams(max_tokens=r.output_len, seed=0,
+                                                                 ignore_eos=True)
+        return Sequence(str(r.req_id), [0] * r.prompt_len, params, output_ids=output_ids or [],
+                        arrival_time=r.arrival)
+
     def _arrive(self, r: Request) -> None:
         rec = self.records[r.req_id]
-        seq = SimSequence(rec)
         if self.config.mode == "decode":
-            seq.append_token()
-            seq.status = SequenceStatus.PREFILLED
+            seq = self._sequence(rec, [0])
             self._first_token(rec)
             self._hand_off(seq, None)
             return
         engines = self.colocated or self.prefills
-        engine = min(engines, key=lambda e: (e.load(), e.index))
-        engine.scheduler.add(seq)
+        engine = least_loaded(engines, _Engine.load)
+        engine.scheduler.add(self._sequence(rec))
         self._poke(engine)
 
     def _poke(self, e: _Engine) -> None:
-        """Start a step on an idle engine if it has anything to do (schedule, execute...).
-        Each pipeline stage copies its own layers' KV, so a copy holds a stage 1/pp of it."""
+        """Start a step on an idle engine if it has anything to do (schedule, execute...)."""
         stage = e.stage
         if e.busy or stage.busy:
             return
-        transfer = self._admit(e) if e.role == "decode" else 0.0
-        batch = e.scheduler.schedule()
-        if batch is None and transfer == 0.0:
+        if e.role == "decode":                              # at a step boundary, as the worker
+            self._admit(e)
+        batch = e.scheduler.schedule(self.now)
+        if batch is None:
             return
         e.busy = True
         e.num_steps += 1
         e.peak_blocks = max(e.peak_blocks, e.blocks.num_used)
-        if batch is not None:
-            e.num_preempted += len(batch.preempted)
-        duration = transfer / stage.pp + (e.step_time(batch) if batch is not None else 0.0)
+        e.num_preempted += len(batch.preempted)
+        duration = e.step_time(batch)
         if stage.pp > 1:
             stage.busy = True
             self._at(self.now + duration, self._stage_free, stage)
@@ -324,17 +239,15 @@ class Simulator:
         for e in stage.engines:
             self._poke(e)
 
-    def _step_done(self, e: _Engine, batch: Batch | None) -> None:
-        """...update: the scheduler's own `update`, as in LLMEngine.step (tokens are dummies;
-        a request stops at its recorded output length)."""
+    def _step_done(self, e: _Engine, batch: Batch) -> None:
+        """...update: the scheduler's own `update`, as in LLMEngine.step (tokens are dummies)."""
         e.busy = False
-        if batch is not None:
-            for seq, _, reason in e.scheduler.update(batch, [0] * len(batch.sampled_seqs), _stop_at_length):
-                self._after_token(e, seq, reason)
+        for seq, _, reason in e.scheduler.update(batch, [0] * len(batch.sampled_seqs)):
+            self._after_token(e, seq, reason)
         self._poke(e)
 
-    def _after_token(self, e: _Engine, seq: SimSequence, reason: FinishReason | None) -> None:
-        rec = seq.rec
+    def _after_token(self, e: _Engine, seq: Sequence, reason: FinishReason | None) -> None:
+        rec = self.records[int(seq.req_id)]
         if rec.first_token is None:
             self._first_token(rec)
         if reason is not None:
@@ -343,41 +256,37 @@ class Simulator:
             self._hand_off(seq, e)
 
     # ---- disaggregation -----------------------------------------------------------------
-    def _hand_off(self, seq: Sequence, src: _Engine | None) -> None:
+    def _hand_off(self, pseq: Sequence, src: _Engine | None) -> None:
         if self.config.mode == "prefill":                  # decode is free and instant
-            src.scheduler.finish(seq)
-            self._finish(seq.rec)
+            src.scheduler.finish(pseq)
+            self._finish(self.records[int(pseq.req_id)])
             return
-        dst = min(self.decodes, key=lambda e: (e.load(), e.index))
-        dst.pending.append((seq, src))
+        dst = least_loaded(self.decodes, _Engine.load)
+        seq = self._sequence(self.records[int(pseq.req_id)], list(pseq.output_ids))
+        self._sources[seq] = (src, pseq)
+        dst.scheduler.add_remote(seq)
         self._poke(dst)
 
-    def _admit(self, e: _Engine) -> float:
-        """Pull prefilled requests while blocks and batch slots last (DecodeWorker._admit,
-        LLMEngine.can_admit / add_prefilled / start_decoding); returns the copy time."""
-        total = 0.0
-        sched = e.scheduler
-        while e.pending:
-            pseq, src = e.pending[0]
-            need = e.spec.blocks_for(pseq.num_prompt_tokens)
-            if not sched.can_admit(need):
-                break
-            e.pending.popleft()
-            seq = SimSequence(pseq.rec, pseq.output_ids)
-            sched.admit_prefilled(seq, need)
-            total += self._copy_time(pseq.num_prompt_tokens)
-            if src is not None:
-                self._at(self.now + total, self._release, src, pseq)
-            sched.start_decoding(seq)
-        return total
+    def _admit(self, e: _Engine) -> None:
+        """The scheduler admits (`admit_remote`, as DecodeWorker); each admitted sequence's KV
+        is copied on the instance's copy thread, one copy after another, beside its steps.
+        Each pipeline stage copies its own layers' KV, so a copy takes 1/pp of the time."""
+        for seq in e.scheduler.admit_remote():
+            start = max(self.now, e.copy_free_at)
+            e.copy_free_at = start + self._copy_time(seq.num_prompt_tokens) / e.stage.pp
+            self._at(e.copy_free_at, self._kv_in, e, seq)
+
+    def _kv_in(self, e: _Engine, seq: Sequence) -> None:
+        src, pseq = self._sources.pop(seq)
+        if src is not None:
+            src.scheduler.finish(pseq)
+            self._poke(src)
+        e.scheduler.kv_arrived(seq)
+        self._poke(e)
 
     def _copy_time(self, num_tokens: int) -> float:
         link = self.config.link
         return 0.0 if link is None else link.transfer_time(num_tokens * self.config.kv_bytes_per_token)
-
-    def _release(self, src: _Engine, pseq: Sequence) -> None:
-        src.scheduler.finish(pseq)
-        self._poke(src)
 
     # ---- records and checks -------------------------------------------------------------
     def _counts(self, rec: Record) -> bool:
@@ -402,9 +311,9 @@ class Simulator:
             raise RuntimeError(f"simulation lost {len(lost)} request(s), e.g. {lost[:5]}")
         for e in self._engines():
             s = e.scheduler
-            if s.waiting or s.running or e.pending or e.blocks.num_used or e.busy:
+            if s.has_work() or e.blocks.num_used or e.busy:
                 raise RuntimeError(f"{e.role} instance {e.index} did not drain: {len(s.waiting)} "
-                                   f"waiting, {len(s.running)} running, {len(e.pending)} pending, "
+                                   f"waiting, {len(s.running)} running, {len(s.remote)} pending, "
                                    f"{e.blocks.num_used} blocks used")
             if e.peak_blocks > e.blocks.num_blocks:
                 raise RuntimeError(f"{e.role} instance {e.index} used more blocks than it has")
@@ -413,24 +322,6 @@ class Simulator:
         return {f"{e.role}{e.index}": {"steps": e.num_steps, "preempted": e.num_preempted,
                                        "peak_blocks": e.peak_blocks, "num_blocks": e.blocks.num_blocks}
                 for e in self._engines()}
-
-
-# ---- arrivals and workloads ------------------------------------------------------------
-
-def poisson_arrivals(n: int, rate: float, seed: int = 0) -> list[float]:
-    """n Poisson arrival times at `rate` (per second). One seed gives the same pattern, scaled,
-    at every rate."""
-    if rate <= 0:
-        raise ValueError(f"rate must be > 0, got {rate}")
-    gaps = np.random.default_rng(seed).exponential(1.0, size=n) / rate
-    return np.cumsum(gaps).tolist()
-
-
-def make_requests(lengths: Seq[tuple[int, int]], arrivals: Seq[float]) -> list[Request]:
-    """Requests from (prompt_len, output_len) pairs and arrival times (a trace or Poisson)."""
-    if len(lengths) != len(arrivals):
-        raise ValueError(f"{len(lengths)} lengths but {len(arrivals)} arrival times")
-    return [Request(i, float(t), int(p), int(o)) for i, ((p, o), t) in enumerate(zip(lengths, arrivals))]
 
 
 def simulate(config: SimConfig, lengths: Seq[tuple[int, int]], rate: float, seed: int = 0,

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import torch
 
+from backends.core.limits import EngineLimits
 from backends.core.engine import EngineConfig, LLMEngine
 from backends.core.sampling import SamplingParams
 from backends.core.sequence import Sequence
@@ -30,8 +31,10 @@ def save_tiny_hf_model(arch: str, path: Path, seed: int = 0):
 
 
 def make_engine(config, state_dict, **kw) -> LLMEngine:
+    """An engine; the EngineLimits fields may be given flat (block_size=4, ...)."""
     kw.setdefault("dtype", "float32")
-    return LLMEngine(config, state_dict, EngineConfig(**kw))
+    limits = {k: kw.pop(k) for k in EngineLimits.__dataclass_fields__ if k in kw}
+    return LLMEngine(config, state_dict, EngineConfig(limits=EngineLimits(**limits), **kw))
 
 
 def run_to_completion(engine: LLMEngine) -> dict[str, list[int]]:

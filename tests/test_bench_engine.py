@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from backends.core.weights import load_checkpoint
+from backends.core.limits import EngineLimits
 from tests.helpers import save_tiny_hf_model
 
 pytest.importorskip("transformers")
@@ -37,7 +38,7 @@ def test_hf_subject_has_our_weights(tiny_dir: Path) -> None:
 
     config, sd = load_checkpoint(tiny_dir, torch.float32)
     hf = build_hf(config, sd, "float32")
-    engine = LLMEngine(config, sd, EngineConfig(dtype="float32", num_kv_blocks=8))
+    engine = LLMEngine(config, sd, EngineConfig(dtype="float32", limits=EngineLimits(num_kv_blocks=8)))
     ids = bench.prompt_ids("t", 1, 8, config.vocab_size)[0]
     from backends.core.sampling import SamplingParams
     engine.add_request("r", ids, SamplingParams(max_tokens=1, temperature=0))

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from backends.core.sampling import SamplingParams
-from backends.core.scheduler import SchedulerConfig
+from backends.core.limits import EngineLimits
 from tests.helpers import assert_no_leaks, generate, make_engine
 
 PARAMS = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
@@ -109,7 +109,7 @@ def test_abort_mid_prompt_frees_its_blocks(tiny_llama, prompts):
 
 def test_chunked_config_errors(tiny_llama):
     with pytest.raises(ValueError, match="max_num_seqs"):
-        SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=8, chunked_prefill=True)
+        EngineLimits(max_num_seqs=16, max_num_batched_tokens=8, chunked_prefill=True)
     with pytest.raises(ValueError, match="role 'both'"):
         make_engine(*tiny_llama, chunked_prefill=True, role="prefill")
 

@@ -73,9 +73,11 @@ def _hand_off(prefill: LLMEngine, decode: LLMEngine, req_id: str, prompt: list[i
     blocks = prefill.kv.read_blocks(block_ids)
     seeded = prefill.seqs[req_id].params          # the seed travels with the request
     prefill.release(req_id)
-    dst = decode.add_prefilled(req_id, prompt, first.new_token_ids[0], seeded, len(block_ids))
-    decode.kv.write_blocks(dst, blocks)
-    decode.start_decoding(req_id)
+    decode.add_prefilled(req_id, prompt, first.new_token_ids[0], seeded)
+    (seq,) = decode.admit_remote()                  # the scheduler admits it: blocks allocated
+    assert seq.req_id == req_id and len(seq.block_ids) == len(block_ids)
+    decode.kv.write_blocks(seq.block_ids, blocks)
+    decode.kv_arrived(req_id)
     return first.new_token_ids + run_to_completion(decode)[req_id]
 
 
@@ -88,7 +90,9 @@ def test_prefill_here_decode_there_matches_one_engine(smollm_fp32, prompts, para
     prefill = make_engine(*smollm_fp32, num_kv_blocks=64, role="prefill")
     decode = make_engine(*smollm_fp32, num_kv_blocks=64, role="decode")
     # Fill a few decode blocks first so the hand-off lands on different block ids.
-    decode.add_prefilled("other", prompts[0], 1, GREEDY.with_seed(), 1)
+    decode.add_prefilled("other", prompts[0], 1, GREEDY.with_seed())
+    assert [s.req_id for s in decode.admit_remote()] == ["other"]
+    decode.kv_arrived("other")                      # its KV is garbage; it only holds blocks
     assert _hand_off(prefill, decode, "x", prompts[4], params) == expected
     decode.abort("other")
     for e in (both, prefill, decode):

@@ -10,8 +10,9 @@ import torch
 
 from backends.core.attention import AttentionMetadata, LayerKV, paged_attention, store_kv
 from backends.core.engine import EngineConfig, LLMEngine
+from backends.core.limits import EngineLimits
 from backends.core.kv_cache import KVLayout, KVPool, dequantize_kv, quantize_kv
-from backends.core.messages import DecodeRequest, PrefillRequest
+from backends.core.messages import DecodeRequest, Failed, PrefillRequest
 from backends.core.sampling import SamplingParams
 from backends.decode.worker import DecodeWorker
 from backends.prefill.worker import PrefillWorker
@@ -147,9 +148,11 @@ def test_engine_kv_dtype_is_wired_and_validated(tiny_llama):
     assert LLMEngine.kv_layout(config, EngineConfig(kv_dtype="int8")).dtype == "int8"
     with pytest.raises(ValueError, match=r"kv_dtype must be one of .*'int8'.*got 'fp8'"):
         EngineConfig(kv_dtype="fp8")
-    reference = generate(LLMEngine(config, sd, EngineConfig(dtype="float32", block_size=4)), [[5, 6, 7]])
+    reference = generate(LLMEngine(config, sd, EngineConfig(dtype="float32",
+                                                            limits=EngineLimits(block_size=4))), [[5, 6, 7]])
     for kv_dtype in ("bfloat16", "int8"):       # KV in another dtype than float32 activations
-        engine = LLMEngine(config, sd, EngineConfig(dtype="float32", kv_dtype=kv_dtype, block_size=4))
+        engine = LLMEngine(config, sd, EngineConfig(dtype="float32", kv_dtype=kv_dtype,
+                                                    limits=EngineLimits(block_size=4)))
         assert engine.kv.layout.dtype == kv_dtype
         assert len(generate(engine, [[5, 6, 7]])[0]) == len(reference[0])
         assert_no_leaks(engine)
@@ -186,7 +189,8 @@ def test_int8_kv_greedy_agrees_with_bf16_kv_on_the_real_model(smollm_bf16, smoll
     config, sd = smollm_bf16
     prompts = [smollm_tokenizer.encode(t) for t in TEXTS]
     params = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
-    make = lambda kv: LLMEngine(config, sd, EngineConfig(dtype="bfloat16", kv_dtype=kv, num_kv_blocks=64))
+    make = lambda kv: LLMEngine(config, sd, EngineConfig(dtype="bfloat16", kv_dtype=kv,
+                                                         limits=EngineLimits(num_kv_blocks=64)))
     bf16, int8 = make("bfloat16"), make("int8")
     reference = generate(bf16, prompts, params)
     picks = _teacher_forced_picks(int8, prompts, reference, params)
@@ -216,11 +220,12 @@ PARAMS = SamplingParams(max_tokens=10, temperature=0.7, seed=3, ignore_eos=True)
 
 
 def _pair(config, sd, prefill_kv: str, decode_kv: str):
-    pcfg = EngineConfig(dtype="float32", kv_dtype=prefill_kv, block_size=4, num_kv_blocks=32, role="prefill")
+    pcfg = EngineConfig(dtype="float32", kv_dtype=prefill_kv, role="prefill",
+                        limits=EngineLimits(block_size=4, num_kv_blocks=32))
     exporter = make_exporter("shm", LLMEngine.kv_layout(config, pcfg), "prefill-0")
     prefill = PrefillWorker(LLMEngine(config, sd, pcfg, kv_pool=exporter.pool), exporter)
-    dengine = LLMEngine(config, sd, EngineConfig(dtype="float32", kv_dtype=decode_kv, block_size=4,
-                                                 num_kv_blocks=16, role="decode"))
+    dengine = LLMEngine(config, sd, EngineConfig(dtype="float32", kv_dtype=decode_kv, role="decode",
+                                                 limits=EngineLimits(block_size=4, num_kv_blocks=16)))
     return prefill, DecodeWorker(dengine, make_importer("shm", dengine.kv), "decode-0")
 
 
@@ -230,15 +235,15 @@ def _hand_off(prefill: PrefillWorker, decode: DecodeWorker, prompts: list[list[i
         prefill.submit(r)
     results = {}
     while len(results) < len(reqs):
-        results.update((res.req_id, res) for res in prefill.step())
+        results.update((res.req_id, res) for _, res in prefill.step())
     for r in reqs:
         res = results[r.req_id]
         params = SamplingParams(**{**r.params.__dict__, "seed": res.seed})
         decode.submit(DecodeRequest(r.req_id, r.prompt_ids, res.first_token_id, params, res.kv))
     outs: dict[str, list] = {r.req_id: [results[r.req_id].first_token_id] for r in reqs}
     while decode.has_work():
-        for o in decode.step():
-            outs[o.req_id] += list(o.token_ids) + ([o.error] if o.error else [])
+        for _, o in decode.step():
+            outs[o.req_id] += list(getattr(o, "token_ids", [])) + ([o.error] if isinstance(o, Failed) else [])
     prefill.step()                          # collects the released leases
     return outs
 
@@ -246,7 +251,8 @@ def _hand_off(prefill: PrefillWorker, decode: DecodeWorker, prompts: list[list[i
 def test_int8_hand_off_gives_the_tokens_of_one_engine(tiny_llama):
     config, sd = tiny_llama
     prompts = [list(range(3, 3 + n)) for n in (5, 9, 22)]
-    one = LLMEngine(config, sd, EngineConfig(dtype="float32", kv_dtype="int8", block_size=4))
+    one = LLMEngine(config, sd, EngineConfig(dtype="float32", kv_dtype="int8",
+                                             limits=EngineLimits(block_size=4)))
     reference = generate(one, prompts, PARAMS)
     prefill, decode = _pair(config, sd, "int8", "int8")
     try:

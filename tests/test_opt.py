@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from backends.core.engine import EngineConfig, LLMEngine
+from backends.core.limits import EngineLimits
 from backends.core.opt import OPTCausalLM
 from backends.core.sampling import SamplingParams
 from backends.core.scheduler import Batch
@@ -31,7 +32,8 @@ def make_hf(tmp_path: Path, **overrides) -> torch.nn.Module:
 
 def make_engine(path: Path) -> LLMEngine:
     config, sd = load_checkpoint(path, torch.float32)
-    return LLMEngine(config, sd, EngineConfig(dtype="float32", block_size=4, num_kv_blocks=64))
+    return LLMEngine(config, sd, EngineConfig(dtype="float32",
+                                              limits=EngineLimits(block_size=4, num_kv_blocks=64)))
 
 
 def make_prompt(n: int, seed: int = 1) -> list[int]:

@@ -8,7 +8,9 @@ import json
 import pytest
 
 from backends.core.engine import EngineConfig, LLMEngine
+from backends.core.limits import EngineLimits
 from backends.core.llm import LLM
+from backends.core.messages import DecodeRequest, PrefillRequest, decode, encode, is_final
 from backends.core.sampling import SamplingParams
 from backends.decode.worker import DecodeWorker
 from backends.orchestrator.pipeline import Orchestrator
@@ -20,13 +22,14 @@ from kvtransfer import make_exporter, make_importer
 def system(smollm_fp32, smollm_tokenizer):
     config, sd = smollm_fp32
     eos = tuple(sorted(smollm_tokenizer.stop_token_ids))
-    pcfg = EngineConfig(dtype="float32", num_kv_blocks=64, role="prefill")
+    pcfg = EngineConfig(dtype="float32", role="prefill", limits=EngineLimits(num_kv_blocks=64))
     exporter = make_exporter("shm", LLMEngine.kv_layout(config, pcfg), "prefill-0")
     prefill = PrefillWorker(LLMEngine(config, sd, pcfg, kv_pool=exporter.pool, eos_token_ids=eos), exporter)
-    dengine = LLMEngine(config, sd, EngineConfig(dtype="float32", num_kv_blocks=64, role="decode"),
+    dengine = LLMEngine(config, sd, EngineConfig(dtype="float32", role="decode",
+                                                 limits=EngineLimits(num_kv_blocks=64)),
                         eos_token_ids=eos)
     decode = DecodeWorker(dengine, make_importer("shm", dengine.kv), "decode-0")
-    offline = LLM(LLMEngine(config, sd, EngineConfig(dtype="float32", num_kv_blocks=64),
+    offline = LLM(LLMEngine(config, sd, EngineConfig(dtype="float32", limits=EngineLimits(num_kv_blocks=64)),
                             eos_token_ids=eos), smollm_tokenizer)
     yield prefill, decode, Orchestrator(smollm_tokenizer, 2048), offline
     prefill.close()
@@ -42,21 +45,18 @@ class Transport:
         self.decode_steps = 0
 
     async def call_prefill(self, payload: str) -> str:
-        from backends.core.messages import PrefillRequest
-        self.prefill.submit(PrefillRequest.from_json(payload))
+        self.prefill.submit(decode(payload, PrefillRequest))
         while True:
-            for out in self.prefill.step():
-                return out.to_json()
+            for _, out in self.prefill.step():
+                return encode(out)
 
     async def call_decode(self, payload: str):
-        from backends.core.messages import DecodeRequest
-        req = DecodeRequest.from_json(payload)
-        self.decode.submit(req)
+        self.decode.submit(decode(payload, DecodeRequest))
         while True:
             self.decode_steps += 1
-            for out in self.decode.step():
-                yield out.to_json()
-                if out.finished:
+            for _, out in self.decode.step():
+                yield encode(out)
+                if is_final(out):
                     return
 
     def cancel(self, instance_id: str, req_id: str) -> None:
@@ -85,7 +85,7 @@ def test_streamed_text_matches_offline_engine(system):
     assert chunks[0].finish_reason is None and len(chunks) > 2        # really streamed
     assert chunks[-1].finish_reason == "length"
     timing = chunks[-1].timing
-    assert timing["kv_bytes"] > 0 and timing["output_tokens"] == 12
+    assert timing.kv_bytes > 0 and timing.output_tokens == 12 and timing.kv_transfer_s > 0
     prefill.step()
     assert prefill.engine.blocks.num_used == 0 and decode.engine.blocks.num_used == 0
 

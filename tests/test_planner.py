@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 
+from backends.core.limits import EngineLimits
 from planner.latency import (LatencyModel, LatencyTable, Link, anchor_path, fit_model,
                              load_kv_capacity, load_profile)
 from planner.placement import plan_fixed, plan_high, plan_low
@@ -78,7 +79,7 @@ def test_unknown_config_raises_with_what_exists():
 def test_md1_mean_ttft_matches_the_formula(rho):
     d = 0.1
     lat = LatencyModel("x", "cpu", 1, (d, 0, 0), (0, 0, 0), (0, 0, 0))
-    config = SimConfig("prefill", prefill=InstanceSpec(lat, 1000, max_num_seqs=1))
+    config = SimConfig("prefill", prefill=InstanceSpec(lat, EngineLimits(1000, max_num_seqs=1)))
     rate = rho / d
     res = simulate(config, [(64, 8)] * 30000, rate, seed=1)
     expected = d + rate * d * d / (2 * (1 - rate * d))
@@ -87,8 +88,8 @@ def test_md1_mean_ttft_matches_the_formula(rho):
 
 def disagg_config(**kw) -> SimConfig:
     lat = make_latency()
-    base = dict(mode="disaggregated", prefill=InstanceSpec(lat, 64, 8, 512),
-                decode=InstanceSpec(lat, 40, 16, 512), num_prefill=2, num_decode=3,
+    base = dict(mode="disaggregated", prefill=InstanceSpec(lat, EngineLimits(64, 8, 512)),
+                decode=InstanceSpec(lat, EngineLimits(40, 16, 512)), num_prefill=2, num_decode=3,
                 link=Link(1e9, 1e-4), kv_bytes_per_token=1e5)
     return SimConfig(**{**base, **kw})
 
@@ -98,7 +99,7 @@ def run_checked(config: SimConfig, rate: float, n: int = 400, seed: int = 0):
     res = sim.run()                               # raises if a request is lost or blocks leak
     for e in sim._engines():
         assert e.peak_blocks <= e.blocks.num_blocks
-        assert e.blocks.num_used == 0 and not e.scheduler.running and not e.pending
+        assert e.blocks.num_used == 0 and not e.scheduler.has_work()
     assert all(r.finish is not None and r.finish >= r.first_token >= r.req.arrival
                for r in res.records)
     return res
@@ -108,10 +109,10 @@ def run_checked(config: SimConfig, rate: float, n: int = 400, seed: int = 0):
     disagg_config(),
     disagg_config(num_prefill=1, num_decode=1),
     disagg_config(num_prefill=3, num_decode=1, link=None),
-    SimConfig("colocated", prefill=InstanceSpec(make_latency(), 60, 16, 512), num_prefill=2),
-    SimConfig("colocated", prefill=InstanceSpec(make_latency(), 60, 16, 256, chunked_prefill=True)),
-    SimConfig("prefill", prefill=InstanceSpec(make_latency(), 64, 8, 512)),
-    SimConfig("decode", decode=InstanceSpec(make_latency(), 40, 16, 512)),
+    SimConfig("colocated", prefill=InstanceSpec(make_latency(), EngineLimits(60, 16, 512)), num_prefill=2),
+    SimConfig("colocated", prefill=InstanceSpec(make_latency(), EngineLimits(60, 16, 256, chunked_prefill=True))),
+    SimConfig("prefill", prefill=InstanceSpec(make_latency(), EngineLimits(64, 8, 512))),
+    SimConfig("decode", decode=InstanceSpec(make_latency(), EngineLimits(40, 16, 512))),
 ], ids=["3p2d", "1p1d", "3p1d", "colocated", "chunked", "prefill-only", "decode-only"])
 @pytest.mark.parametrize("rate", [2.0, 50.0])
 def test_invariants_hold_from_light_to_overloaded(config, rate):
@@ -120,7 +121,7 @@ def test_invariants_hold_from_light_to_overloaded(config, rate):
 
 
 def test_small_decode_memory_preempts_and_still_drains():
-    res = run_checked(disagg_config(decode=InstanceSpec(make_latency(), 24, 16, 512)), 50.0)
+    res = run_checked(disagg_config(decode=InstanceSpec(make_latency(), EngineLimits(24, 16, 512))), 50.0)
     assert sum(s["preempted"] for s in res.stats.values()) > 0
 
 
@@ -133,7 +134,7 @@ def test_seeded_run_is_repeatable_and_seed_matters():
 
 
 def test_kv_transfer_delays_decode_not_first_token():
-    big = InstanceSpec(make_latency(), 100_000, 8, 512)    # prefill memory never backs up
+    big = InstanceSpec(make_latency(), EngineLimits(100_000, 8, 512))    # prefill memory never backs up
     fast = run_checked(disagg_config(prefill=big, link=None), 5.0)
     slow = run_checked(disagg_config(prefill=big, link=Link(1e8, 0.01)), 5.0)
     assert [r.ttft for r in fast.records] == [r.ttft for r in slow.records]
@@ -144,19 +145,19 @@ def test_pipeline_overlaps_batches_but_does_not_cut_latency():
     d = 0.1
     lat = LatencyModel("x", "cpu", 1, (d, 0, 0), (0.02, 0, 0), (0.02, 0, 0)).with_pp(2)
     stage = d / 2 + 2 * 0.001                    # README: T / pp + pp ms, per stage
-    config = SimConfig("prefill", prefill=InstanceSpec(lat, 1000, max_num_seqs=1))
+    config = SimConfig("prefill", prefill=InstanceSpec(lat, EngineLimits(1000, max_num_seqs=1)))
     alone = Simulator(config, make_requests([(8, 2)], [0.0])).run()
     assert alone.records[0].ttft == pytest.approx(2 * stage)
     burst = Simulator(config, make_requests([(8, 2)] * 20, [0.0] * 20)).run()
     firsts = sorted(r.first_token for r in burst.records)
     assert firsts[-1] == pytest.approx(21 * stage)        # a batch enters every stage time
-    decode = SimConfig("decode", decode=InstanceSpec(lat, 100))
+    decode = SimConfig("decode", decode=InstanceSpec(lat, EngineLimits(100, max_num_seqs=256)))
     assert simulate(decode, [(8, 11)], 1.0).records[0].tpot == pytest.approx(0.02)
 
 
 def test_window_counts_and_stops_on_its_arrivals_only():
     lat = LatencyModel("x", "cpu", 1, (0.1, 0, 0), (0, 0, 0), (0, 0, 0))
-    config = SimConfig("prefill", prefill=InstanceSpec(lat, 1000, max_num_seqs=1))
+    config = SimConfig("prefill", prefill=InstanceSpec(lat, EngineLimits(1000, max_num_seqs=1)))
     # a burst of 10 at t=0 queues (TTFT 0.1 ... 1.0 s), then 10 alone, 1 s apart (TTFT 0.1 s)
     reqs = make_requests([(8, 2)] * 20, [0.0] * 10 + [10.0 + i for i in range(10)])
     res = Simulator(config, reqs, window=(5.0, math.inf)).run()
@@ -169,7 +170,7 @@ def test_window_counts_and_stops_on_its_arrivals_only():
 
 def test_fluid_decode_rate_marks_the_memory_cliff():
     lat = LatencyModel("x", "cpu", 1, (0.01, 0, 0), (0.01, 1e-6, 1e-4), (0.01, 1e-6, 1e-4))
-    spec = InstanceSpec(lat, 200, max_num_seqs=256)          # 3200 tokens: memory binds
+    spec = InstanceSpec(lat, EngineLimits(200, max_num_seqs=256))          # 3200 tokens: memory binds
     lengths, slo = [(100, 50)] * 10, SLO(0.25, 0.1)
     fluid = decode_fluid_rate(spec, lengths, slo)
     assert fluid == pytest.approx(31.9, rel=0.03)            # worked by hand: R T (K + 8 O) = 3200
@@ -240,7 +241,7 @@ def test_pipelined_unit_counts_each_device_once():
 def test_goodput_of_md1_prefill_meets_ttft_slo():
     d = 0.1
     lat = LatencyModel("x", "cpu", 1, (d, 0, 0), (0, 0, 0), (0, 0, 0))
-    config = SimConfig("prefill", prefill=InstanceSpec(lat, 1000, max_num_seqs=1))
+    config = SimConfig("prefill", prefill=InstanceSpec(lat, EngineLimits(1000, max_num_seqs=1)))
     slo = SLO(ttft=0.4, tpot=1.0)
     probe = lambda r: simulate(config, [(8, 2)] * 3000, r, 0).attainment(slo.ttft, slo.tpot)
     g = goodput(probe, 0.9, guess=2.0, rel_tol=0.02)

@@ -24,11 +24,11 @@ def sim_config(deployment):
 def test_deployments_become_sim_configs():
     dis = sim_config(default_deployment("m.gguf", 2))
     assert dis.mode == "disaggregated" and (dis.num_prefill, dis.num_decode) == (1, 1)
-    assert dis.prefill.num_kv_blocks == 512 and dis.decode.max_num_seqs == 32
+    assert dis.prefill.limits.num_kv_blocks == 512 and dis.decode.limits.max_num_seqs == 32
     assert dis.link == LINK and dis.kv_bytes_per_token == 100.0
     col = sim_config(colocated_deployment("m.gguf", 2, chunked_prefill=True, token_budget=64))
     assert col.mode == "colocated" and col.num_prefill == 2
-    assert col.prefill.chunked_prefill and col.prefill.max_num_batched_tokens == 64
+    assert col.prefill.limits.chunked_prefill and col.prefill.limits.max_num_batched_tokens == 64
 
 
 def _fake_measurement(config, rate, n=40):

@@ -90,10 +90,10 @@ def test_deployment_becomes_simulator_configs(setup):
     target = load_target(profile)
     dis = deployment_configs(Deployment.load(tmp_path / "dep.json", check_host=False), target)["disaggregated"]
     assert (dis.num_prefill, dis.num_decode) == (1, 1)
-    assert dis.prefill.num_kv_blocks == 512 and dis.decode.max_num_seqs == 32     # the deployment's limits
+    assert dis.prefill.limits.num_kv_blocks == 512 and dis.decode.limits.max_num_seqs == 32     # the deployment's limits
     assert dis.link == target.link and dis.kv_bytes_per_token == 23040
     colo = deployment_configs(colocated_deployment("models/toy.gguf", 2, chunked_prefill=True), target)
-    assert list(colo) == ["colocated"] and colo["colocated"].prefill.chunked_prefill
+    assert list(colo) == ["colocated"] and colo["colocated"].prefill.limits.chunked_prefill
     wide = Deployment("m", PhaseSpec(devices=((0, 1),)), PhaseSpec(devices=((2,),)), check_host=False)
     with pytest.raises(KeyError, match="tp=2"):                  # only tp1 was profiled
         deployment_configs(wide, target)

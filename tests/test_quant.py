@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from backends.core import quant
 from backends.core.engine import EngineConfig, LLMEngine
+from backends.core.limits import EngineLimits
 from backends.core.sampling import SamplingParams
 from backends.core.quant import GroupQuant, Int4Linear, Int8Linear, quantize_int4
 from backends.core.weights import load_checkpoint
@@ -141,16 +142,19 @@ def test_gguf_formats_end_to_end(tiny_hf, tmp_path: Path) -> None:
     _write_quant_gguf(tiny_hf, tmp_path / "q.gguf", QTYPES)
     config, codes = load_checkpoint(tmp_path / "q.gguf", torch.float32, keep_quantized=True)
     prompts = [[5, 9, 17, 33, 2, 70], [100, 3, 3, 3, 42]]
-    ref = LLMEngine(config, codes, EngineConfig(dtype="float32", weights="bf16", num_kv_blocks=64))
+    ref = LLMEngine(config, codes, EngineConfig(dtype="float32", weights="bf16",
+                                                limits=EngineLimits(num_kv_blocks=64)))
     expected = generate(ref, prompts)
-    exact = LLMEngine(config, codes, EngineConfig(dtype="float32", weights="int4", num_kv_blocks=64))
+    exact = LLMEngine(config, codes, EngineConfig(dtype="float32", weights="int4",
+                                                  limits=EngineLimits(num_kv_blocks=64)))
     assert isinstance(exact.runner.model.layers[0].qkv_proj, Int4Linear)
     assert exact.runner.model.layers[0].o_proj.num_planes == 2           # Q8_0
     assert generate(exact, prompts) == expected
     for p in prompts:
         torch.testing.assert_close(prefill_logits(exact, p), prefill_logits(ref, p), rtol=1e-4, atol=1e-4)
     for fmt in ("auto", "int8"):
-        engine = LLMEngine(config, codes, EngineConfig(dtype="float32", weights=fmt, num_kv_blocks=64))
+        engine = LLMEngine(config, codes, EngineConfig(dtype="float32", weights=fmt,
+                                                       limits=EngineLimits(num_kv_blocks=64)))
         out = generate(engine, prompts)
         assert [len(t) for t in out] == [len(t) for t in expected]
         assert engine.blocks.num_used == 0
@@ -214,8 +218,10 @@ def test_real_model_int4_is_lossless_in_float32(gguf_path) -> None:
     bf16, `auto` run on this file): in float32 the kernel holds every GGUF weight exactly, so
     logits match the dense float32 engine to summation order and greedy tokens are identical."""
     config, codes = load_checkpoint(gguf_path, torch.float32, keep_quantized=True)
-    dense = LLMEngine(config, codes, EngineConfig(dtype="float32", weights="bf16", num_kv_blocks=32))
-    int4 = LLMEngine(config, codes, EngineConfig(dtype="float32", weights="int4", num_kv_blocks=32))
+    dense = LLMEngine(config, codes, EngineConfig(dtype="float32", weights="bf16",
+                                                  limits=EngineLimits(num_kv_blocks=32)))
+    int4 = LLMEngine(config, codes, EngineConfig(dtype="float32", weights="int4",
+                                                 limits=EngineLimits(num_kv_blocks=32)))
     for p in PROMPTS[:2]:
         torch.testing.assert_close(prefill_logits(int4, p), prefill_logits(dense, p), rtol=1e-3, atol=2e-3)
     params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)   # fp32 int4 is slow
@@ -229,9 +235,10 @@ def test_real_model_bf16_formats_logits(smollm_codes, fmt: str, tol: float) -> N
     int4's on this file (its codes are kept as they are); int8 re-quantizes every layer per
     channel."""
     config, codes = smollm_codes
-    ref = LLMEngine(config, codes, EngineConfig(weights="bf16", num_kv_blocks=16))
+    ref = LLMEngine(config, codes, EngineConfig(weights="bf16", limits=EngineLimits(num_kv_blocks=16)))
     # unpacked dense fallback: up to INT4_MAX_ROWS (12) rows run on the int4 kernel
-    engine = LLMEngine(config, codes, EngineConfig(weights=fmt, num_kv_blocks=16, prepack_weights=False))
+    engine = LLMEngine(config, codes, EngineConfig(weights=fmt, prepack_weights=False,
+                                                   limits=EngineLimits(num_kv_blocks=16)))
     for p in PROMPTS:
         a, b = prefill_logits(engine, p), prefill_logits(ref, p)
         assert (a - b).abs().max() <= tol * b.abs().max(), fmt
@@ -245,7 +252,7 @@ def test_shared_weight_instances_match_private(smollm_codes, gguf_path, tmp_path
     config, codes = smollm_codes
     prompts = [PROMPTS[0], list(range(2000, 2040))]
     params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
-    cfg = dict(weights="auto", role="both", num_kv_blocks=16)
+    cfg = dict(weights="auto", role="both", limits=EngineLimits(num_kv_blocks=16))
     private = LLMEngine(config, codes, EngineConfig(**cfg))
     shared = [LLMEngine(config, codes, EngineConfig(**cfg, shared_weights_dir=str(tmp_path / "w")),
                         checkpoint_id=checkpoint_key(gguf_path)) for _ in range(2)]
@@ -258,9 +265,10 @@ def test_prepacked_dense_matches_plain(smollm_codes) -> None:
     """oneDNN-prepacked weights compute what aten::mm computes on the plain layout."""
     from backends.core.quant import PackedLinear
     config, codes = smollm_codes
-    plain = LLMEngine(config, codes, EngineConfig(weights="bf16", prepack_weights=False, num_kv_blocks=16))
-    packed = LLMEngine(config, codes, EngineConfig(weights="bf16", num_kv_blocks=16))
-    auto = LLMEngine(config, codes, EngineConfig(weights="auto", num_kv_blocks=16))
+    plain = LLMEngine(config, codes, EngineConfig(weights="bf16", prepack_weights=False,
+                                                  limits=EngineLimits(num_kv_blocks=16)))
+    packed = LLMEngine(config, codes, EngineConfig(weights="bf16", limits=EngineLimits(num_kv_blocks=16)))
+    auto = LLMEngine(config, codes, EngineConfig(weights="auto", limits=EngineLimits(num_kv_blocks=16)))
     assert isinstance(packed.runner.model.layers[0].qkv_proj, PackedLinear)
     layer = auto.runner.model.layers[0].qkv_proj               # int4, with a packed dense fallback
     x = torch.randn(quant.INT4_MAX_ROWS_PACKED + 1, layer.in_features, dtype=torch.bfloat16)

@@ -32,7 +32,7 @@ def test_tiny_prefill_and_24_decode_steps_match_hf(tiny, block_size):
     hf, config, sd = tiny
     engine = make_engine(config, sd, block_size=block_size, num_kv_blocks=64)
     prompt = torch.randint(0, 128, (13,), generator=torch.Generator().manual_seed(1)).tolist()
-    seq = Sequence("a", prompt, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))
+    seq = Sequence("a", prompt, SamplingParams(max_tokens=26, temperature=0, ignore_eos=True))
     engine.seqs["a"] = seq
     engine.scheduler.add(seq)
     ids = list(prompt)
@@ -45,7 +45,7 @@ def test_tiny_prefill_and_24_decode_steps_match_hf(tiny, block_size):
         _close(logits, ref)
         token = int(logits.argmax())
         assert token == int(ref.argmax())
-        engine.scheduler.update(batch, [token], lambda seq, token: None)     # never stops here
+        engine.scheduler.update(batch, [token])     # max_tokens 26: never stops here
         ids.append(token)
     engine.abort("a")
     assert_no_leaks(engine)
@@ -111,6 +111,7 @@ def test_prefill_in_two_chunks_matches_one_pass(tiny):
     engine.runner.forward_logits(engine.scheduler.schedule())
     seq.num_cached = 7                  # the runner is pure: what the scheduler's update does
     seq.prompt_ids += prompt[7:]
+    seq.num_tokens = len(seq.prompt_ids)    # (kept by append_token; this test extends the prompt)
     seq.block_ids += engine.blocks.allocate(-(-19 // 4) - len(seq.block_ids))
     chunk = Batch()
     chunk.add(seq, 19 - 7)

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from backends.core.engine import EngineConfig, LLMEngine
+from backends.core.limits import EngineLimits
 from backends.core.sampling import SamplingParams
 from planner.latency import LatencyModel
 from planner.simulator import InstanceSpec, Request, SimConfig, Simulator, _Engine
@@ -27,7 +28,7 @@ def make_requests(n: int = 16, seed: int = 3) -> list[Request]:
 
 
 def simulate(requests: list[Request], chunked: bool) -> tuple[list[list[int]], dict[int, tuple]]:
-    spec = InstanceSpec(LATENCY, chunked_prefill=chunked, **LIMITS)
+    spec = InstanceSpec(LATENCY, EngineLimits(chunked_prefill=chunked, **LIMITS))
     steps: list[list[int]] = []
     real = _Engine.step_time
 
@@ -46,8 +47,9 @@ def run_engine(tiny_llama, requests: list[Request], chunked: bool):
     """The engine on a simulated clock: a step starts when the last one ends (or at the next
     arrival when idle), takes the latency model's time for its batch, and every request that
     arrived by then is added before it is scheduled."""
-    engine = LLMEngine(*tiny_llama, EngineConfig(dtype="float32", chunked_prefill=chunked, **LIMITS))
-    spec = SimpleNamespace(spec=InstanceSpec(LATENCY, chunked_prefill=chunked, **LIMITS))
+    limits = EngineLimits(chunked_prefill=chunked, **LIMITS)
+    engine = LLMEngine(*tiny_llama, EngineConfig(dtype="float32", limits=limits))
+    spec = SimpleNamespace(spec=InstanceSpec(LATENCY, limits))
     steps, durations = [], []
 
     def fake_execute(batch):                            # the fake model runner: no model

@@ -1,16 +1,18 @@
 """Prefill and decode workers in one process over the real shm transport (no Triton)."""
 from __future__ import annotations
 
-import json
+import threading
 
 import pytest
 
 from backends.core.engine import EngineConfig, LLMEngine
-from backends.core.messages import DecodeRequest, PrefillRequest, PrefillResult
+from backends.core.limits import EngineLimits
+from backends.core.messages import (Accepted, Admitted, DecodeRequest, Failed, Prefilled,
+                                    PrefillRequest, Tokens, decode as decode_message, encode)
 from backends.core.sampling import SamplingParams
 from backends.decode.worker import DecodeWorker
-from backends.prefill.worker import PrefillError, PrefillWorker
-from kvtransfer import make_exporter, make_importer
+from backends.prefill.worker import PrefillWorker
+from kvtransfer import KVDescriptor, make_exporter, make_importer
 from tests.helpers import assert_no_leaks, generate
 
 PARAMS = SamplingParams(max_tokens=12, temperature=0.7, seed=3, ignore_eos=True)
@@ -24,27 +26,34 @@ class FakeClock:
         return self.now
 
 
+def engine_config(role: str, num_kv_blocks: int) -> EngineConfig:
+    return EngineConfig(dtype="float32", role=role, limits=EngineLimits(num_kv_blocks, block_size=4))
+
+
 @pytest.fixture
 def pair(tiny_llama):
     config, sd = tiny_llama
     clock = FakeClock()
-    pcfg = EngineConfig(dtype="float32", block_size=4, num_kv_blocks=32, role="prefill")
+    pcfg = engine_config("prefill", 32)
     exporter = make_exporter("shm", LLMEngine.kv_layout(config, pcfg), "prefill-0", lease_timeout_s=5.0)
-    prefill = PrefillWorker(LLMEngine(config, sd, pcfg, kv_pool=exporter.pool), exporter, clock)
-    dcfg = EngineConfig(dtype="float32", block_size=4, num_kv_blocks=16, role="decode")
-    dengine = LLMEngine(config, sd, dcfg)
+    prefill = PrefillWorker(LLMEngine(config, sd, pcfg, kv_pool=exporter.pool), exporter, "prefill-0", clock)
+    dengine = LLMEngine(config, sd, engine_config("decode", 16))
     decode = DecodeWorker(dengine, make_importer("shm", dengine.kv), "decode-0")
     yield prefill, decode, clock
     decode.close()
     prefill.close()
 
 
-def _prefill(prefill: PrefillWorker, reqs: list[PrefillRequest]) -> dict[str, PrefillResult]:
+def messages(worker) -> list:
+    return [msg for _, msg in worker.step()]
+
+
+def _prefill(prefill: PrefillWorker, reqs: list[PrefillRequest]) -> dict[str, Prefilled]:
     for r in reqs:
         prefill.submit(r)
     results = {}
     while len(results) < len(reqs):
-        for res in prefill.step():
+        for res in messages(prefill):
             results[res.req_id] = res
     return results
 
@@ -52,36 +61,43 @@ def _prefill(prefill: PrefillWorker, reqs: list[PrefillRequest]) -> dict[str, Pr
 def _decode_all(decode: DecodeWorker) -> dict[str, list]:
     outs: dict[str, list] = {}
     while decode.has_work():
-        for o in decode.step():
+        for o in messages(decode):
             outs.setdefault(o.req_id, []).append(o)
     return outs
 
 
-def _decode_request(req: PrefillRequest, res: PrefillResult) -> DecodeRequest:
+def _tokens(msgs: list) -> list[int]:
+    return [t for m in msgs if isinstance(m, Tokens) for t in m.token_ids]
+
+
+def _decode_request(req: PrefillRequest, res: Prefilled, kv=None) -> DecodeRequest:
     params = SamplingParams(**{**req.params.__dict__, "seed": res.seed})
-    return DecodeRequest(req.req_id, req.prompt_ids, res.first_token_id, params, res.kv)
+    return DecodeRequest(req.req_id, req.prompt_ids, res.first_token_id, params, kv or res.kv)
 
 
 def test_disaggregated_tokens_equal_one_engine(tiny_llama, pair):
     prefill, decode, _ = pair
     prompts = [list(range(3, 3 + n)) for n in (5, 9, 22)]
-    reference = generate(LLMEngine(*tiny_llama, EngineConfig(dtype="float32", block_size=4)), prompts, PARAMS)
+    reference = generate(LLMEngine(*tiny_llama, engine_config("both", 1024)), prompts, PARAMS)
     reqs = [PrefillRequest(f"r{i}", p, PARAMS) for i, p in enumerate(prompts)]
     results = _prefill(prefill, reqs)
     assert prefill.engine.stats().last_batch_size == 3          # batched in one prefill
     for req in reqs:
-        decode.submit(_decode_request(req, results[req.req_id]))
+        # the messages cross as JSON: one codec, the descriptor nested
+        decode.submit(decode_message(encode(_decode_request(req, results[req.req_id])), DecodeRequest))
     outs = _decode_all(decode)
     for i, req in enumerate(reqs):
-        tokens = [results[req.req_id].first_token_id] + [t for o in outs[req.req_id] for t in o.token_ids]
-        assert tokens == reference[i]
-        assert any(o.kv_bytes > 0 for o in outs[req.req_id])      # the hand-off is reported
+        msgs = outs[req.req_id]
+        assert isinstance(msgs[0], Accepted) and msgs[0].instance_id == "decode-0"
+        assert [results[req.req_id].first_token_id] + _tokens(msgs) == reference[i]
+        assert any(isinstance(m, Admitted) and m.kv_bytes > 0 for m in msgs)   # the hand-off is reported
+        assert msgs[-1].finish_reason == "length"
     prefill.step()                                               # collects released leases
     assert_no_leaks(prefill.engine)
     assert_no_leaks(decode.engine)
 
 
-def test_pull_based_admission_waits_for_free_blocks(tiny_llama, pair):
+def test_pull_based_admission_waits_for_free_blocks(pair):
     prefill, decode, _ = pair
     # 16 decode blocks of 4 tokens; each request needs 4 prompt blocks (+ growth): not all fit.
     reqs = [PrefillRequest(f"r{i}", list(range(5, 21)), PARAMS) for i in range(5)]
@@ -89,10 +105,10 @@ def test_pull_based_admission_waits_for_free_blocks(tiny_llama, pair):
     for req in reqs:
         decode.submit(_decode_request(req, results[req.req_id]))
     decode.step()
-    assert decode.pending, "some requests must wait in the prefill pool"
+    assert decode.engine.scheduler.remote, "some requests must wait in the prefill pool"
     assert prefill.stats()["leases"] == 5
     outs = _decode_all(decode)
-    assert all(o[-1].finished and o[-1].error is None for o in outs.values())
+    assert all(o[-1].finish_reason == "length" for o in outs.values())
     prefill.step()
     assert_no_leaks(prefill.engine)
     assert_no_leaks(decode.engine)
@@ -102,22 +118,25 @@ def test_forged_and_stale_descriptors_are_rejected(pair):
     prefill, decode, _ = pair
     req = PrefillRequest("a", list(range(3, 12)), PARAMS)
     res = _prefill(prefill, [req])["a"]
-    forged = json.loads(res.kv)
-    forged["lease_id"] = forged["lease_id"] ^ 1
-    bad = [json.dumps(forged), '{"transport": "shm"}', "not json",
-           res.kv.replace(forged["pool_name"], "distserve-kv-0-0123456789abcdef")]
-    for i, kv in enumerate(bad):
-        decode.submit(DecodeRequest(f"bad{i}", req.prompt_ids, res.first_token_id,
-                                    SamplingParams(seed=1), kv))
+    raw = res.kv.to_dict()
+    forged = [{**raw, "lease_id": raw["lease_id"] ^ 1},
+              {**raw, "pool_name": "distserve-kv-0-0123456789abcdef"}]
+    for i, kv in enumerate(forged):
+        decode.submit(_decode_request(PrefillRequest(f"bad{i}", req.prompt_ids, PARAMS), res,
+                                      KVDescriptor.from_dict(kv)))
     outs = _decode_all(decode)
-    assert all(o[-1].finish_reason == "error" and o[-1].error for o in outs.values())
+    assert all(isinstance(o[-1], Failed) and "KV hand-off failed" in o[-1].error for o in outs.values())
+    for bad in ('{"type": "decode", "req_id": "x", "prompt_ids": [1], "first_token_id": 1, '
+                '"params": {"seed": 1}, "kv": {"transport": "shm"}}', "not json"):
+        with pytest.raises(ValueError):
+            decode_message(bad, DecodeRequest)
     assert_no_leaks(decode.engine)
     # The real descriptor still works after the forgeries, then goes stale.
     decode.submit(_decode_request(req, res))
-    assert _decode_all(decode)["a"][-1].error is None
+    assert _decode_all(decode)["a"][-1].finish_reason == "length"
     decode.submit(_decode_request(req, res))
     stale = _decode_all(decode)["a"][-1]
-    assert stale.finish_reason == "error" and "lease" in stale.error.lower()
+    assert isinstance(stale, Failed) and "lease" in stale.error.lower()
     prefill.step()
     assert_no_leaks(prefill.engine)
     assert_no_leaks(decode.engine)
@@ -133,6 +152,7 @@ def test_unclaimed_lease_expires_and_blocks_are_reclaimed(pair):
     clock.now += 2.0
     prefill.step()
     assert_no_leaks(prefill.engine)
+    assert not prefill.requests                                  # and out of the request table
 
 
 def test_cancel_frees_kv_on_both_sides(pair):
@@ -140,15 +160,17 @@ def test_cancel_frees_kv_on_both_sides(pair):
     reqs = [PrefillRequest(f"r{i}", list(range(3, 15)), PARAMS) for i in range(2)]
     results = _prefill(prefill, reqs)
     decode.submit(_decode_request(reqs[0], results["r0"]))
-    decode.step()
+    while not decode.engine.scheduler.running:
+        decode.step()
     decode.step()
     assert decode.engine.blocks.num_used > 0
     decode.cancel("r0")
     prefill.cancel("r1")                                          # never reached decode
-    decode.step()
-    prefill.step()
+    assert [type(m) for m in messages(decode)] == [Failed]        # "cancelled", the last message
+    assert messages(prefill) == []                                # already answered: nothing to send
     assert_no_leaks(decode.engine)
     assert_no_leaks(prefill.engine)
+    assert not decode.requests and not prefill.requests
 
 
 def test_bad_prefill_requests(pair):
@@ -156,16 +178,20 @@ def test_bad_prefill_requests(pair):
     with pytest.raises(ValueError, match="empty"):
         prefill.submit(PrefillRequest("a", [], PARAMS))
     with pytest.raises(ValueError):
-        PrefillRequest.from_json('{"req_id": "a", "prompt_ids": [1], "params": {"top_p": 2}}')
+        decode_message('{"type": "prefill", "req_id": "a", "prompt_ids": [1], "params": {"top_p": 2}}',
+                       PrefillRequest)
     with pytest.raises(ValueError, match="unknown"):
-        PrefillRequest.from_json('{"req_id": "a", "prompt_ids": [1], "params": {"bogus": 1}}')
-    prefill.submit(PrefillRequest("dup", [3, 4], PARAMS))
-    prefill.submit(PrefillRequest("dup", [3, 4], PARAMS))
+        decode_message('{"type": "prefill", "req_id": "a", "prompt_ids": [1], "params": {"bogus": 1}}',
+                       PrefillRequest)
+    with pytest.raises(ValueError, match="expected a prefill message"):
+        decode_message('{"type": "tokens", "req_id": "a", "token_ids": [1]}', PrefillRequest)
+    prefill.submit(PrefillRequest("dup", [3, 4], PARAMS), ctx="first")
+    prefill.submit(PrefillRequest("dup", [3, 4], PARAMS), ctx="second")
     outs = prefill.step()
-    assert any(isinstance(o, PrefillError) and "already in use" in o.error for o in outs)
+    assert ("second", Failed("dup", "request id 'dup' is already in flight on prefill-0")) in outs
 
 
-def test_a_lease_that_expires_while_waiting_for_decode_fails_the_request(tiny_llama, pair):
+def test_a_lease_that_expires_while_waiting_for_decode_fails_the_request(pair):
     """Decode admission waits (pull-based) longer than the lease: the request must end with a
     clear error, not wait forever; the others finish."""
     prefill, decode, clock = pair
@@ -174,14 +200,66 @@ def test_a_lease_that_expires_while_waiting_for_decode_fails_the_request(tiny_ll
     for req in reqs:
         decode.submit(_decode_request(req, results[req.req_id]))
     decode.step()
-    waiting = {req.req_id for req, _ in decode.pending}
+    waiting = {seq.req_id for seq in decode.engine.scheduler.remote}
     assert waiting
     clock.now += 6.0                        # past the 5 s lease
     prefill.step()                          # prefill reclaims the expired leases
     outs = _decode_all(decode)
     for rid in waiting:
-        assert outs[rid][-1].finished and outs[rid][-1].finish_reason == "error", outs[rid]
-        assert "lease" in outs[rid][-1].error.lower()
+        assert isinstance(outs[rid][-1], Failed) and "lease" in outs[rid][-1].error.lower(), outs[rid]
     prefill.step()
     assert_no_leaks(prefill.engine)
     assert_no_leaks(decode.engine)
+
+
+class GatedImporter:
+    """The real importer, with fetches that wait for the test to open a gate."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.gate, self.started = inner, threading.Event(), threading.Event()
+
+    def fetch(self, desc, dst):
+        self.started.set()
+        assert self.gate.wait(10)
+        return self.inner.fetch(desc, dst)
+
+    def release(self, desc):
+        self.inner.release(desc)
+
+    def close(self):
+        self.inner.close()
+
+
+def test_the_running_batch_keeps_stepping_while_kv_is_copied_in(tiny_llama, pair):
+    """Asynchronous admission: a copy in flight does not stall the running sequences; the new
+    one joins at a step boundary once its KV is in; cancelling it mid-copy frees its blocks
+    only after the copy ended."""
+    prefill, _, _ = pair
+    config, sd = tiny_llama
+    dengine = LLMEngine(config, sd, engine_config("decode", 32))
+    importer = GatedImporter(make_importer("shm", dengine.kv))
+    decode = DecodeWorker(dengine, importer, "decode-1")
+    try:
+        reqs = [PrefillRequest(f"r{i}", list(range(3, 15)), PARAMS) for i in range(3)]
+        results = _prefill(prefill, reqs)
+        importer.gate.set()
+        decode.submit(_decode_request(reqs[0], results["r0"]))
+        while not dengine.scheduler.running:
+            decode.step()
+        importer.gate.clear()
+        decode.submit(_decode_request(reqs[1], results["r1"]))
+        decode.step()                                           # r1 admitted, its copy waits
+        assert importer.started.wait(5) and [s.req_id for s in dengine.scheduler.loading] == ["r1"]
+        steps = [messages(decode) for _ in range(3)]            # r0 decodes meanwhile
+        assert all(any(isinstance(m, Tokens) and m.req_id == "r0" for m in s) for s in steps), steps
+        assert dengine.scheduler.loading                        # r1 still loading
+        decode.cancel("r1")
+        assert [type(m) for m in messages(decode)].count(Failed) == 1
+        assert len(dengine.scheduler.loading) == 1              # blocks held: the copy still writes
+        importer.gate.set()
+        outs = _decode_all(decode)
+        assert "r1" not in outs and outs["r0"][-1].finish_reason == "length"
+        assert_no_leaks(dengine)
+    finally:
+        importer.gate.set()
+        decode.close()

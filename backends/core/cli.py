@@ -6,6 +6,7 @@ import sys
 import time
 
 from backends.core.engine import EngineConfig
+from backends.core.limits import EngineLimits
 from backends.core.llm import LLM
 from backends.core.model_runner import pin_threads
 from backends.core.sampling import SamplingParams
@@ -37,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                                 top_p=args.top_p, top_k=args.top_k, seed=args.seed,
                                 stop=tuple(args.stop))
-        llm = LLM.from_path(args.model, EngineConfig(dtype=args.dtype, num_kv_blocks=256))
+        llm = LLM.from_path(args.model, EngineConfig(dtype=args.dtype,
+                                                     limits=EngineLimits(num_kv_blocks=256)))
         start = time.perf_counter()
         first, n = None, 0
         for delta in llm.stream(args.prompt, params, chat=args.chat):

@@ -4,10 +4,15 @@ Roles: "both" runs prefill and decode (the colocated engine), with whole prompts
 the decode batch for a step, or with `chunked_prefill` prompt chunks riding in the decode steps
 (a sequence yields its first token once its last chunk has run); "prefill" stops each sequence
 after its first token and keeps its KV blocks for hand-off (`export_kv`, then `release`);
-"decode" takes sequences whose KV was computed elsewhere (`add_prefilled`).
+"decode" takes sequences whose KV was computed elsewhere (`add_prefilled`, then `admit_remote`
+hands out the ones whose KV to copy in now, and `kv_arrived` lets each join the batch).
+
+A request is validated once, where it enters: `make_sequence` checks it against this engine
+(context length, vocabulary, KV pool) and may run on any thread; `add` only registers it.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -15,9 +20,10 @@ import torch
 
 from backends.core.config import ModelConfig
 from backends.core.kv_cache import BlockManager, KVLayout, KVPool, dtype_from_name
+from backends.core.limits import EngineLimits
 from backends.core.model_runner import ModelRunner, build_model, resolve_device
 from backends.core.sampling import SamplingParams
-from backends.core.scheduler import Batch, Scheduler, SchedulerConfig
+from backends.core.scheduler import Batch, Scheduler
 from backends.core.sequence import FinishReason, Sequence, SequenceStatus
 from backends.core.quant import INT4_GROUP_SIZES
 from backends.core.weight_format import WEIGHT_FORMATS, resolve_format
@@ -30,14 +36,10 @@ KV_DTYPES = ("auto", "bfloat16", "float32", "int8")
 @dataclass(frozen=True)
 class EngineConfig:
     dtype: str = "bfloat16"
-    block_size: int = 16
-    num_kv_blocks: int = 1024
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 4096
+    limits: EngineLimits = EngineLimits()   # KV blocks, batch caps, block size, chunked prefill
     max_model_len: int | None = None       # default: the model's context length
     role: Role = "both"
     device: str = "cpu"                     # or "cuda[:N]"
-    chunked_prefill: bool = False           # mixed steps under max_num_batched_tokens (role "both")
     weights: str = "auto"                   # WEIGHT_FORMATS (weight_format.py): bf16 int8 int4 auto
     weight_group_size: int = 32             # int4 groups along the input (HF weights quantized on load)
     kv_dtype: str = "auto"                  # KV_DTYPES: "auto" = the activation dtype
@@ -58,9 +60,9 @@ class EngineConfig:
             raise ValueError(f"role must be both, prefill or decode, got {self.role!r}")
         if self.max_model_len is not None and self.max_model_len <= 1:
             raise ValueError(f"max_model_len must be > 1, got {self.max_model_len}")
-        if self.num_kv_blocks <= 0:
-            raise ValueError(f"num_kv_blocks must be > 0, got {self.num_kv_blocks}")
-        if self.chunked_prefill and self.role != "both":
+        if not isinstance(self.limits, EngineLimits):
+            raise ValueError(f"limits must be an EngineLimits, got {type(self.limits).__name__}")
+        if self.limits.chunked_prefill and self.role != "both":
             raise ValueError(f"chunked_prefill needs role 'both' (it mixes prefill chunks into "
                              f"decode steps), got role {self.role!r}")
 
@@ -71,6 +73,7 @@ class StepOutput:
     new_token_ids: list[int]
     finished: bool = False
     finish_reason: FinishReason | None = None
+    seq: Sequence | None = None         # its state after the step (timing: arrival, scheduled)
 
 
 @dataclass
@@ -109,12 +112,10 @@ class LLMEngine:
             self._share(model, engine_config, checkpoint_id, device)
         release_free_memory()       # the loader's freed dense copies, back to the OS (~600 MiB)
         self.runner = ModelRunner(model, kv_pool)
-        self.blocks = BlockManager(engine_config.num_kv_blocks)
-        self.scheduler = Scheduler(SchedulerConfig(engine_config.max_num_seqs,
-                                                   engine_config.max_num_batched_tokens,
-                                                   engine_config.block_size,
-                                                   engine_config.chunked_prefill,
-                                                   hand_off=engine_config.role == "prefill"), self.blocks)
+        limits = engine_config.limits
+        self.blocks = BlockManager(limits.num_kv_blocks)
+        self.scheduler = Scheduler(limits, self.blocks, hand_off=engine_config.role == "prefill",
+                                   eos_token_ids=self.eos_token_ids, max_model_len=self.max_model_len)
         self.seqs: dict[str, Sequence] = {}
         self.last_batch: Batch | None = None           # the latest step's batch
 
@@ -139,37 +140,68 @@ class LLMEngine:
     def kv_layout(config: ModelConfig, engine_config: EngineConfig) -> KVLayout:
         """The KV pool's layout: kv_dtype, or the activation dtype when it is "auto"."""
         kv_dtype = engine_config.dtype if engine_config.kv_dtype == "auto" else engine_config.kv_dtype
-        return KVLayout.for_model(config, engine_config.num_kv_blocks, engine_config.block_size,
-                                  kv_dtype)
+        return KVLayout.for_model(config, engine_config.limits.num_kv_blocks,
+                                  engine_config.limits.block_size, kv_dtype)
 
     @property
     def kv(self) -> KVPool:
         return self.runner.kv
 
     # -- requests -------------------------------------------------------------------------
-    def validate_prompt(self, prompt_ids: list[int]) -> None:
+    def validate_prompt(self, prompt_ids: list[int], extra_tokens: int = 0) -> None:
         if not prompt_ids:
             raise ValueError("prompt is empty")
         if len(prompt_ids) >= self.max_model_len:
             raise ValueError(f"prompt has {len(prompt_ids)} tokens; the context length is "
                              f"{self.max_model_len}, so at most {self.max_model_len - 1} fit")
-        bad = [t for t in prompt_ids if not 0 <= t < self.model_config.vocab_size]
-        if bad:
-            raise ValueError(f"token ids out of range [0, {self.model_config.vocab_size}): {bad[:5]}")
-        need = -(-len(prompt_ids) // self.config.block_size)
-        if need > self.config.num_kv_blocks:
-            raise ValueError(f"prompt needs {need} KV blocks; this engine has {self.config.num_kv_blocks}")
+        vocab = self.model_config.vocab_size
+        if not all(0 <= t < vocab for t in prompt_ids):
+            bad = [t for t in prompt_ids if not 0 <= t < vocab]
+            raise ValueError(f"token ids out of range [0, {vocab}): {bad[:5]}")
+        limits = self.config.limits
+        need = limits.blocks_for(len(prompt_ids) + extra_tokens)
+        if need > limits.num_kv_blocks:
+            raise ValueError(f"prompt needs {need} KV blocks; this engine has {limits.num_kv_blocks}")
+
+    def make_sequence(self, req_id: str, prompt_ids: list[int], params: SamplingParams,
+                      first_token_id: int | None = None, arrival_time: float = 0.0) -> Sequence:
+        """A validated sequence for `add` (any thread). `first_token_id`: prefilled elsewhere
+        (a decode engine), so its prompt KV is to be copied in and it must carry its seed."""
+        role = self.config.role
+        if (role == "decode" and first_token_id is None) or (role == "prefill" and first_token_id is not None):
+            raise ValueError(f"a {role} engine takes "
+                             f"{'prefilled sequences (with their first token)' if role == 'decode' else 'prompts'}")
+        self.validate_prompt(prompt_ids, 0 if first_token_id is None else 1)
+        if first_token_id is None:
+            return Sequence(req_id, list(prompt_ids), params, arrival_time=arrival_time)
+        if not 0 <= first_token_id < self.model_config.vocab_size:
+            raise ValueError(f"first token id {first_token_id} out of range")
+        if params.seed is None:
+            raise ValueError("a prefilled sequence must carry its seed")
+        return Sequence(req_id, list(prompt_ids), params, output_ids=[first_token_id],
+                        arrival_time=arrival_time)
+
+    def add(self, seq: Sequence) -> None:
+        """Register a sequence from `make_sequence`: it waits for a prefill batch, or (decode)
+        for admission and its KV."""
+        if seq.req_id in self.seqs:
+            raise ValueError(f"request id {seq.req_id!r} is already in use")
+        self.seqs[seq.req_id] = seq
+        if seq.output_ids:
+            self.scheduler.add_remote(seq)
+        else:
+            self.scheduler.add(seq)
 
     def add_request(self, req_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
-        if self.config.role == "decode":
-            raise RuntimeError("a decode engine takes prefilled sequences: use add_prefilled")
-        self._check_new(req_id)
-        self.validate_prompt(prompt_ids)
-        seq = Sequence(req_id, list(prompt_ids), params)
-        self.seqs[req_id] = seq
-        self.scheduler.add(seq)
+        self.add(self.make_sequence(req_id, prompt_ids, params, arrival_time=time.monotonic()))
+
+    def add_prefilled(self, req_id: str, prompt_ids: list[int], first_token_id: int,
+                      params: SamplingParams) -> None:
+        """Queue a sequence whose prompt KV was computed elsewhere (see `admit_remote`)."""
+        self.add(self.make_sequence(req_id, prompt_ids, params, first_token_id, time.monotonic()))
 
     def abort(self, req_id: str) -> None:
+        """Drop a request and free its blocks. Not while its KV is being copied in."""
         seq = self.seqs.pop(req_id, None)
         if seq is not None:
             seq.finish_reason = FinishReason.ABORT
@@ -178,36 +210,25 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
 
-    def _check_new(self, req_id: str) -> None:
-        if req_id in self.seqs:
-            raise ValueError(f"request id {req_id!r} is already in use")
-
     # -- the step -------------------------------------------------------------------------
-    def step(self) -> list[StepOutput]:
-        batch = self.scheduler.schedule()
+    def step(self, now: float | None = None) -> list[StepOutput]:
+        batch = self.scheduler.schedule(time.monotonic() if now is None else now)
         self.last_batch = batch
         if batch is None:
             return []
         token_ids = self.runner.execute(batch)
-        results = self.scheduler.update(batch, token_ids, self._finish_reason)
+        results = self.scheduler.update(batch, token_ids)
         for seq, _, reason in results:
             if reason is not None:
                 del self.seqs[seq.req_id]
-        return [StepOutput(seq.req_id, [tok], reason is not None, reason) for seq, tok, reason in results]
-
-    def _finish_reason(self, seq: Sequence, token_id: int) -> FinishReason | None:
-        p = seq.params
-        if token_id in p.stop_token_ids or (not p.ignore_eos and token_id in self.eos_token_ids):
-            return FinishReason.STOP
-        if seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
-            return FinishReason.LENGTH
-        return None
+        return [StepOutput(seq.req_id, [tok], reason is not None, reason, seq)
+                for seq, tok, reason in results]
 
     def stats(self) -> EngineStats:
         b = self.last_batch
-        return EngineStats(len(self.scheduler.waiting), len(self.scheduler.running),
-                           self.blocks.num_used, self.blocks.num_blocks,
-                           len(b.seqs) if b else 0, b.num_tokens if b else 0)
+        s = self.scheduler
+        return EngineStats(s.num_queued(), len(s.running) + len(s.loading), self.blocks.num_used,
+                           self.blocks.num_blocks, len(b.seqs) if b else 0, b.num_tokens if b else 0)
 
     # -- disaggregation seam --------------------------------------------------------------
     def export_kv(self, req_id: str) -> tuple[list[int], int]:
@@ -219,32 +240,12 @@ class LLMEngine:
 
     def release(self, req_id: str) -> None:
         """Free a PREFILLED sequence's blocks once its KV has been handed off."""
-        seq = self.seqs.pop(req_id, None)
-        if seq is not None:
-            self.scheduler.finish(seq)
+        self.abort(req_id)
 
-    def add_prefilled(self, req_id: str, prompt_ids: list[int], first_token_id: int,
-                      params: SamplingParams, num_blocks: int) -> list[int]:
-        """Admit a sequence whose prompt KV was computed elsewhere.
+    def admit_remote(self) -> list[Sequence]:
+        """Prefilled sequences admitted now (scheduler policy): copy each one's prompt KV into
+        its `block_ids`, then call `kv_arrived` (or `abort` once the copy is over, if it failed)."""
+        return self.scheduler.admit_remote()
 
-        Allocates `num_blocks` blocks and returns their ids: the caller copies the prompt's KV
-        into them, then calls `start_decoding(req_id)`. Raises MemoryError if no room.
-        """
-        if self.config.role == "prefill":
-            raise RuntimeError("a prefill engine does not decode")
-        self._check_new(req_id)
-        self.validate_prompt(prompt_ids)
-        if num_blocks != -(-len(prompt_ids) // self.config.block_size):
-            raise ValueError(f"{num_blocks} blocks do not fit a {len(prompt_ids)}-token prompt")
-        if params.seed is None:
-            raise ValueError("a prefilled sequence must carry its seed")
-        seq = Sequence(req_id, list(prompt_ids), params, output_ids=[first_token_id])
-        block_ids = self.scheduler.admit_prefilled(seq, num_blocks)
-        self.seqs[req_id] = seq
-        return block_ids
-
-    def start_decoding(self, req_id: str) -> None:
-        self.scheduler.start_decoding(self.seqs[req_id])
-
-    def can_admit(self, num_blocks: int) -> bool:
-        return self.scheduler.can_admit(num_blocks)
+    def kv_arrived(self, req_id: str) -> None:
+        self.scheduler.kv_arrived(self.seqs[req_id])

@@ -253,6 +253,8 @@ class BlockManager:
         return n <= len(self._free)
 
     def allocate(self, n: int) -> list[int]:
+        if n == 0:
+            return []           # most decode rows need no new block
         if n > len(self._free):
             raise MemoryError(f"KV cache full: need {n} blocks, {len(self._free)} free")
         ids = [self._free.popleft() for _ in range(n)]

@@ -19,38 +19,20 @@ recomputed (prompt + tokens so far) later.
 
 The scheduler owns every state change: `schedule()` admits, reserves and preempts; `update()`
 applies a step's result (cached tokens, sampled tokens, finish, and, on a prefill engine, the
-PREFILLED hand-off state); `admit_prefilled()` / `start_decoding()` take a sequence whose KV
-comes from elsewhere (WAITING_FOR_KV until its blocks are in). The engine and the simulator
-drive these same calls; the model runner only computes.
+PREFILLED hand-off state). A sequence whose prompt KV is computed elsewhere (a decode instance)
+enters with `add_remote()` as WAITING_FOR_KV; `admit_remote()` is the admission policy (FIFO,
+while blocks and batch slots last) and hands back the sequences whose KV to fetch now; the KV
+copy runs beside the steps, and `kv_arrived()` lets a sequence join the batch at the next step.
+The engine and the simulator drive these same calls; the model runner only computes.
 """
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from backends.core.kv_cache import BlockManager
+from backends.core.limits import EngineLimits
 from backends.core.sequence import FinishReason, Sequence, SequenceStatus
-
-StopRule = Callable[[Sequence, int], "FinishReason | None"]    # (sequence, new token) -> why it ends
-
-
-@dataclass(frozen=True)
-class SchedulerConfig:
-    max_num_seqs: int = 64                  # decode batch cap (and prefill batch cap)
-    max_num_batched_tokens: int = 4096      # token budget per prefill batch (L_m), or per step if chunked
-    block_size: int = 16
-    chunked_prefill: bool = False
-    hand_off: bool = False                  # a prefill engine: a sequence stops after its first token
-
-    def __post_init__(self) -> None:
-        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.chunked_prefill and self.max_num_batched_tokens < self.max_num_seqs:
-            raise ValueError(f"with chunked prefill max_num_batched_tokens ({self.max_num_batched_tokens}) "
-                             f"must be >= max_num_seqs ({self.max_num_seqs}): every running "
-                             "sequence's decode token must fit in one step")
 
 
 @dataclass
@@ -92,27 +74,52 @@ class Batch:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, blocks: BlockManager) -> None:
-        self.config = config
+    """`hand_off`: a prefill engine (a sequence stops after its first token, KV kept).
+    A sequence finishes on a stop token, an EOS in `eos_token_ids` (unless ignore_eos), its
+    max_tokens, or the context length `max_model_len` (None: no limit)."""
+
+    def __init__(self, limits: EngineLimits, blocks: BlockManager, hand_off: bool = False,
+                 eos_token_ids: frozenset[int] = frozenset(), max_model_len: int | None = None) -> None:
+        if blocks.num_blocks != limits.num_kv_blocks:
+            raise ValueError(f"the block manager has {blocks.num_blocks} blocks, the limits say "
+                             f"{limits.num_kv_blocks}")
+        self.config = limits
         self.blocks = blocks
+        self.hand_off = hand_off
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.max_model_len = max_model_len
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.remote: deque[Sequence] = deque()      # WAITING_FOR_KV, no blocks yet
+        self.loading: list[Sequence] = []           # WAITING_FOR_KV, blocks held, KV being copied in
 
     def add(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.WAITING
         self.waiting.append(seq)
 
     def has_work(self) -> bool:
+        """Anything to schedule now or later (a KV copy in flight included)."""
+        return bool(self.waiting or self.running or self.remote or self.loading)
+
+    def has_runnable(self) -> bool:
+        """Something `schedule()` can run now."""
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> Batch | None:
+    def schedule(self, now: float = 0.0) -> Batch | None:
+        """The next step's batch (None: nothing to run). A sequence's first step stamps its
+        `scheduled_time` with `now`."""
         if self.config.chunked_prefill:
             batch = self._schedule_chunked()
         else:
             batch = self._schedule_prefill()
             if not batch.seqs:
                 batch = self._schedule_decode()
-        return batch if batch.seqs else None
+        if not batch.seqs:
+            return None
+        for seq in batch.seqs:
+            if seq.scheduled_time is None:
+                seq.scheduled_time = now
+        return batch
 
     def _blocks_needed(self, seq: Sequence, num_tokens: int) -> int:
         return max(0, -(-num_tokens // self.config.block_size) - len(seq.block_ids))
@@ -120,7 +127,7 @@ class Scheduler:
     def _schedule_prefill(self) -> Batch:
         batch = Batch()
         budget = self.config.max_num_batched_tokens
-        while self.waiting and len(self.running) + len(batch.seqs) < self.config.max_num_seqs:
+        while self.waiting and len(self.running) + len(self.loading) + len(batch.seqs) < self.config.max_num_seqs:
             seq = self.waiting[0]
             num_new = seq.num_tokens - seq.num_cached
             if batch.seqs and num_new > budget:
@@ -151,7 +158,7 @@ class Scheduler:
             if seq in self.running and num_new and self._reserve(seq, seq.num_cached + num_new, batch):
                 batch.add(seq, num_new)
                 budget -= num_new
-        while self.waiting and budget and len(self.running) < self.config.max_num_seqs:
+        while self.waiting and budget and len(self.running) + len(self.loading) < self.config.max_num_seqs:
             seq = self.waiting[0]
             num_new = min(seq.num_tokens - seq.num_cached, budget)
             if not self._admit(seq, num_new):
@@ -190,52 +197,77 @@ class Scheduler:
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
 
-    # -- state changes after a step, and the disaggregation hand-off ----------------------------
-    def update(self, batch: Batch, token_ids: list[int], stop: StopRule
-               ) -> list[tuple[Sequence, int, FinishReason | None]]:
+    # -- state changes after a step --------------------------------------------------------------
+    def update(self, batch: Batch, token_ids: list[int]) -> list[tuple[Sequence, int, FinishReason | None]]:
         """Apply a step: every row's new tokens are cached; each sampled row gets its token and
-        finishes if `stop` says so, or (hand_off) leaves `running` as PREFILLED with its blocks
+        finishes if it should stop, or (hand_off) leaves `running` as PREFILLED with its blocks
         held. Returns (sequence, token, finish reason) per sampled row, in batch order."""
         for seq, n in zip(batch.seqs, batch.num_new):
             seq.num_cached += n
         out = []
         for seq, token_id in zip(batch.sampled_seqs, token_ids):
             seq.append_token(token_id)
-            reason = stop(seq, token_id)
+            reason = self.stop_reason(seq, token_id)
             if reason is not None:
                 seq.finish_reason = reason
                 self.finish(seq)
-            elif self.config.hand_off:
+            elif self.hand_off:
                 self.running.remove(seq)                # KV stays allocated for hand-off
                 seq.status = SequenceStatus.PREFILLED
             out.append((seq, token_id, reason))
         return out
 
-    def can_admit(self, num_blocks: int) -> bool:
-        return self.blocks.can_allocate(num_blocks) and len(self.running) < self.config.max_num_seqs
+    def stop_reason(self, seq: Sequence, token_id: int) -> FinishReason | None:
+        p = seq.params
+        if token_id in p.stop_token_ids or (not p.ignore_eos and token_id in self.eos_token_ids):
+            return FinishReason.STOP
+        if seq.num_output_tokens >= p.max_tokens or (
+                self.max_model_len is not None and seq.num_tokens >= self.max_model_len):
+            return FinishReason.LENGTH
+        return None
 
-    def admit_prefilled(self, seq: Sequence, num_blocks: int) -> list[int]:
-        """Blocks for a sequence whose prompt KV is computed elsewhere: WAITING_FOR_KV until
-        `start_decoding`. Raises MemoryError if they are not free."""
-        seq.block_ids = self.blocks.allocate(num_blocks)
+    # -- sequences whose prompt KV is computed elsewhere (a decode instance) -------------------
+    def add_remote(self, seq: Sequence) -> None:
+        """Queue a prefilled sequence (prompt + first token) whose KV is still elsewhere."""
         seq.status = SequenceStatus.WAITING_FOR_KV
-        return list(seq.block_ids)
+        self.remote.append(seq)
 
-    def start_decoding(self, seq: Sequence) -> None:
-        """Its KV is in: the sequence joins the decode batch at the next step."""
-        if seq.status != SequenceStatus.WAITING_FOR_KV:
-            raise ValueError(f"request {seq.req_id!r} is not waiting for KV")
+    def admit_remote(self) -> list[Sequence]:
+        """Admission policy for remote KV: FIFO, while the head's prompt blocks are free and the
+        batch has a slot (sequences still loading count). Blocks are allocated; the caller
+        copies each returned sequence's KV into `seq.block_ids`, then calls `kv_arrived`."""
+        admitted = []
+        while self.remote and len(self.running) + len(self.loading) < self.config.max_num_seqs:
+            seq = self.remote[0]
+            need = self.config.blocks_for(seq.num_prompt_tokens)
+            if not self.blocks.can_allocate(need):
+                break
+            self.remote.popleft()
+            seq.block_ids = self.blocks.allocate(need)
+            self.loading.append(seq)
+            admitted.append(seq)
+        return admitted
+
+    def kv_arrived(self, seq: Sequence) -> None:
+        """The sequence's KV is in: it joins the decode batch at the next step."""
+        if seq.status != SequenceStatus.WAITING_FOR_KV or seq not in self.loading:
+            raise ValueError(f"request {seq.req_id!r} is not loading KV")
+        self.loading.remove(seq)
         seq.num_cached = seq.num_prompt_tokens
         seq.status = SequenceStatus.RUNNING
         self.running.append(seq)
 
     def finish(self, seq: Sequence) -> None:
-        """Drop a sequence from the queues and free its blocks (finished or aborted)."""
-        if seq in self.running:
-            self.running.remove(seq)
-        elif seq in self.waiting:
-            self.waiting.remove(seq)
+        """Drop a sequence from the queues and free its blocks (finished or aborted). A loading
+        sequence's blocks are being written by its KV copy: finish it only once the copy ended."""
+        for queue in (self.running, self.waiting, self.loading, self.remote):
+            if seq in queue:
+                queue.remove(seq)
+                break
         if seq.block_ids:
             self.blocks.free(seq.block_ids)
             seq.block_ids = []
         seq.status = SequenceStatus.FINISHED
+
+    def num_queued(self) -> int:
+        return len(self.waiting) + len(self.remote)

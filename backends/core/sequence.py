@@ -36,19 +36,21 @@ class Sequence:
     num_cached: int = 0                 # tokens whose K/V are in the cache
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: FinishReason | None = None
+    arrival_time: float = 0.0                   # when it reached this engine (the caller's clock)
+    scheduled_time: float | None = None         # its first step on this engine (schedule(now))
+    # len(prompt_ids) + len(output_ids), kept by append_token: the scheduler reads it several
+    # times per row per step (tokens are only ever appended through append_token)
+    num_tokens: int = field(init=False, default=0)
 
     def __post_init__(self) -> None:
         if not self.prompt_ids:
             raise ValueError(f"request {self.req_id}: prompt is empty")
         self.params = self.params.with_seed()
+        self.num_tokens = len(self.prompt_ids) + len(self.output_ids)
 
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_ids)
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.prompt_ids) + len(self.output_ids)
 
     @property
     def num_output_tokens(self) -> int:
@@ -64,6 +66,7 @@ class Sequence:
 
     def append_token(self, token_id: int) -> None:
         self.output_ids.append(token_id)
+        self.num_tokens += 1
 
     def token_ids(self, start: int, stop: int) -> list[int]:
         """all_ids[start:stop] without copying the whole sequence (a decode needs one token)."""

@@ -19,11 +19,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from backends.core.messages import (DecodeOutput, DecodeRequest, GenerateRequest, PrefillRequest,
-                                    PrefillResult)
+from backends.core.messages import (Accepted, Admitted, DecodeRequest, Failed, GenerateRequest,
+                                    Prefilled, PrefillRequest, Tokens, decode, encode)
 from backends.core.output import RequestOutputProcessor
 from backends.core.sampling import SamplingParams
 from backends.core.tokenizer import Tokenizer
+from deploy.contract import Timing
 
 CallPrefill = Callable[[str], Awaitable[str]]
 CallDecode = Callable[[str], AsyncIterator[str]]
@@ -45,7 +46,7 @@ class Chunk:
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
-    timing: dict[str, Any] | None = None
+    timing: Timing | None = None
 
 
 class Orchestrator:
@@ -99,14 +100,16 @@ class Orchestrator:
         return ids
 
     # -- the request ----------------------------------------------------------------------
-    async def run(self, gen: Generation, prefill: CallPrefill, decode: CallDecode, cancel: Cancel,
-                  is_cancelled: Callable[[], bool] = lambda: False) -> AsyncIterator[Chunk]:
+    async def run(self, gen: Generation, prefill: CallPrefill, decode_stream: CallDecode,
+                  cancel: Cancel, is_cancelled: Callable[[], bool] = lambda: False) -> AsyncIterator[Chunk]:
         """Disaggregated: prefill, the first token at once, then decode's stream."""
         out = _Output(gen, RequestOutputProcessor(self.tokenizer, gen.params.stop))
-        res = PrefillResult.from_json(await prefill(PrefillRequest(gen.req_id, gen.prompt_ids,
-                                                                   gen.params).to_json()))
-        out.timing.update(ttft_s=time.perf_counter() - out.t0, prefill_queue_s=res.queue_s,
-                          prefill_s=res.prefill_s)
+        res = decode(await prefill(encode(PrefillRequest(gen.req_id, gen.prompt_ids, gen.params))),
+                     Prefilled, Failed)
+        if isinstance(res, Failed):
+            raise RuntimeError(res.error)
+        t = out.timing
+        t.ttft_s, t.prefill_queue_s, t.prefill_s = time.perf_counter() - out.t0, res.queue_s, res.prefill_s
         if is_cancelled():
             self._cancel_lease(res, cancel, gen.req_id)
             return
@@ -116,12 +119,12 @@ class Orchestrator:
                 self._cancel_lease(res, cancel, gen.req_id)
             yield out.final("stop" if stopped else res.finish_reason)
             return
-        out.timing["first_token_at"] = time.monotonic()   # before decode is even asked
+        t.first_token_at = time.monotonic()             # before decode is even asked
         if gen.stream:
             yield out.take()
         params = SamplingParams(**{**gen.params.__dict__, "seed": res.seed})
         request = DecodeRequest(gen.req_id, gen.prompt_ids, res.first_token_id, params, res.kv)
-        async for chunk in self._relay(out, decode(request.to_json()), cancel, is_cancelled):
+        async for chunk in self._relay(out, decode_stream(encode(request)), cancel, is_cancelled):
             yield chunk
 
     async def run_colocated(self, gen: Generation, generate: CallDecode, cancel: Cancel,
@@ -129,42 +132,47 @@ class Orchestrator:
         """Colocated baseline: one stream from an instance that runs both phases."""
         out = _Output(gen, RequestOutputProcessor(self.tokenizer, gen.params.stop))
         request = GenerateRequest(gen.req_id, gen.prompt_ids, gen.params)
-        async for chunk in self._relay(out, generate(request.to_json()), cancel, is_cancelled):
+        async for chunk in self._relay(out, generate(encode(request)), cancel, is_cancelled):
             yield chunk
 
     async def _relay(self, out: _Output, stream: AsyncIterator[str], cancel: Cancel,
                      is_cancelled: Callable[[], bool]) -> AsyncIterator[Chunk]:
-        """Relay an instance's token stream: detokenize, cut at stop strings, end with the final
-        chunk; cancel the request on the instance if a stop string hits or the caller cancels."""
+        """Relay an instance's stream (Accepted, Admitted, Tokens..., or Failed): detokenize,
+        cut at stop strings, end with the final chunk; cancel the request on the instance if a
+        stop string hits or the caller cancels."""
         instance, reason = "", None
         t_first = time.perf_counter() if out.tokens else None
         async with contextlib.aclosing(stream):            # an early exit closes the stream
             async for raw in stream:
-                msg = DecodeOutput.from_json(raw)
-                if msg.error:
-                    raise RuntimeError(msg.error)
-                instance = msg.instance_id or instance
-                if msg.token_ids and t_first is None:       # colocated: the first token
-                    t_first = time.perf_counter()
-                out.note(msg)
-                if msg.token_ids and out.add(msg.token_ids):
-                    cancel(instance, out.gen.req_id)
-                    reason = "stop"
-                    break
+                match decode(raw, Accepted, Admitted, Tokens, Failed):
+                    case Failed(error=error):
+                        raise RuntimeError(error)
+                    case Accepted(instance_id=instance):
+                        pass
+                    case Admitted() as msg:
+                        out.admitted(msg)
+                    case Tokens() as msg:
+                        if t_first is None:                 # colocated: the first token
+                            t_first = time.perf_counter()
+                            out.first_token(msg)
+                        if out.add(msg.token_ids):
+                            cancel(instance, out.gen.req_id)
+                            reason = "stop"
+                            break
+                        if msg.finished:
+                            reason = msg.finish_reason
+                            break
                 if is_cancelled():
                     cancel(instance, out.gen.req_id)
                     return
-                if msg.finished:
-                    reason = msg.finish_reason
-                    break
                 if out.gen.stream and out.has_pending():
                     yield out.take()
         if t_first is not None:
-            out.timing["tpot_s"] = (time.perf_counter() - t_first) / max(1, len(out.tokens) - 1)
+            out.timing.tpot_s = (time.perf_counter() - t_first) / max(1, len(out.tokens) - 1)
         yield out.final(reason)
 
     @staticmethod
-    def _cancel_lease(res: PrefillResult, cancel: Cancel, req_id: str) -> None:
+    def _cancel_lease(res: Prefilled, cancel: Cancel, req_id: str) -> None:
         if res.kv is not None:
             cancel(res.instance_id, req_id)
 
@@ -178,16 +186,18 @@ class _Output:
         self.t0 = time.perf_counter()
         self.tokens: list[int] = []
         self.pending = Chunk()
-        self.timing: dict[str, Any] = {"prompt_tokens": len(gen.prompt_ids)}
+        self.timing = Timing(prompt_tokens=len(gen.prompt_ids))
 
-    def note(self, msg: DecodeOutput) -> None:
-        """Timing news from an instance: the KV hand-off (decode), the first token (colocated)."""
-        if msg.kv_bytes:
-            self.timing.update(kv_bytes=msg.kv_bytes, kv_transfer_s=msg.kv_seconds,
-                               decode_admitted_at=msg.admitted_at)
-        if msg.token_ids and "ttft_s" not in self.timing:
-            self.timing.update(ttft_s=time.perf_counter() - self.t0, prefill_queue_s=msg.queue_s,
-                               prefill_s=msg.prefill_s, first_token_at=time.monotonic())
+    def admitted(self, msg: Admitted) -> None:
+        """Decode took the KV in."""
+        t = self.timing
+        t.kv_bytes, t.kv_transfer_s, t.decode_admitted_at = msg.kv_bytes, msg.kv_seconds, msg.admitted_at
+
+    def first_token(self, msg: Tokens) -> None:
+        """Colocated: the first token, with how the instance reached it."""
+        t = self.timing
+        t.ttft_s, t.first_token_at = time.perf_counter() - self.t0, time.monotonic()
+        t.prefill_queue_s, t.prefill_s = msg.queue_s, msg.prefill_s
 
     def add(self, token_ids: list[int]) -> bool:
         """Take new tokens; True if a stop string hit (the text is cut before it)."""
@@ -211,7 +221,7 @@ class _Output:
             last.text += self.proc.finish().text
         if not self.gen.stream:
             last = Chunk(self.proc.text, list(self.tokens))
-        self.timing.update(e2e_s=time.perf_counter() - self.t0, output_tokens=len(self.tokens))
+        self.timing.e2e_s, self.timing.output_tokens = time.perf_counter() - self.t0, len(self.tokens)
         last.finish_reason = reason or "length"
         last.timing = self.timing
         return last

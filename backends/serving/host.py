@@ -1,13 +1,13 @@
 """Everything a prefill, decode or colocated instance does inside a Triton model process,
 minus Triton.
 
-    host = build_prefill_host(deployment, index, send)     # in initialize()
-    req = host.parse(raw_request); host.submit(req)         # in execute(), per request
-    host.close()                                            # in finalize()
+    host = build_prefill_host(deployment, index, send, is_cancelled)   # in initialize()
+    req = host.parse(raw_request); host.submit(req, ctx)                 # in execute(), per request
+    host.close()                                                          # in finalize()
 
-The host owns the worker, its step loop thread and its control socket, and tracks which
-requests are outstanding. The adapter gives it `send(req_id, payload, error, final)`, which
-turns one output into a Triton response, and `is_cancelled(req_id)`.
+The host owns the worker (which owns the request table), its step loop thread, a sender
+thread and the control socket. `ctx` is whatever the adapter answers a request through; the
+host calls `send(ctx, payload, final)` with each encoded message and `is_cancelled(ctx)`.
 """
 from __future__ import annotations
 
@@ -24,19 +24,20 @@ from typing import Any
 from backends.core.control import ControlServer, instance_handler, run_dir, socket_path
 from backends.core.engine import EngineConfig, LLMEngine
 from backends.colocated.worker import ColocatedWorker
-from backends.core.messages import DecodeOutput, DecodeRequest, GenerateRequest, PrefillRequest
+from backends.core.messages import decode, encode, is_final
 from backends.core.tokenizer import Tokenizer
 from backends.core.weight_share import ENV_VAR as SHARED_WEIGHTS_ENV, checkpoint_key
 from backends.core.weights import load_checkpoint
 from backends.core.kv_cache import dtype_from_name
 from backends.core.model_runner import resolve_device
+from backends.core.worker import EngineWorker
 from backends.core.worker_loop import WorkerLoop
 from backends.decode.worker import DecodeWorker
-from backends.prefill.worker import PrefillError, PrefillWorker
+from backends.prefill.worker import PrefillWorker
 from kvtransfer import make_exporter, make_importer
 
 log = logging.getLogger(__name__)
-Send = Callable[[str, "str | None", "str | None", bool], None]
+Send = Callable[[Any, str, bool], None]          # (ctx, payload, final)
 
 
 # Each metric update is an IPC round trip to the server per gauge: publish a few times a
@@ -56,72 +57,40 @@ def _throttled(fn: Callable[[], None], period_s: float) -> Callable[[], None]:
 
 
 class InstanceHost:
-    def __init__(self, worker: Any, instance_id: str, send: Send,
-                 is_cancelled: Callable[[str], bool], parse: Callable[[bytes], Any],
+    def __init__(self, worker: EngineWorker, send: Send, is_cancelled: Callable[[Any], bool],
                  on_step: Callable[[dict[str, Any]], None] | None = None) -> None:
         self.worker = worker
-        self.instance_id = instance_id
+        self.instance_id = worker.instance_id
         self._send = send
         # Responses go out on their own thread, in order: a send blocks ~0.6 ms on the hand-off
         # to tritonserver, which would otherwise delay the next engine step (B sends per step).
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._sender = threading.Thread(target=self._send_loop, name=f"{instance_id}-send", daemon=True)
+        self._sender = threading.Thread(target=self._send_loop, name=f"{self.instance_id}-send",
+                                        daemon=True)
         self._sender.start()
         self._is_cancelled = is_cancelled
-        self._parse = parse
-        self._lock = threading.Lock()
-        self._outstanding: set[str] = set()
         after = _throttled(lambda: on_step(self.stats()), METRICS_PERIOD_S) if on_step else (lambda: None)
         self.loop = WorkerLoop(worker, self._emit, self._poll_cancelled, self._crash, after,
-                               name=f"{instance_id}-loop")
-        self.control = ControlServer(socket_path(run_dir(), instance_id),
+                               name=f"{self.instance_id}-loop")
+        self.control = ControlServer(socket_path(run_dir(), self.instance_id),
                                      instance_handler(self._cancel, self.stats, self.loop.wake))
         self.loop.start()
 
     def parse(self, raw: bytes) -> Any:
         """The request message; ValueError (with a clear message) if it is malformed."""
-        return self._parse(raw)
+        return decode(raw, *self.worker.REQUEST_TYPES)
 
-    def submit(self, req: Any) -> None:
-        """Queue one parsed request; ValueError if it cannot be served."""
-        with self._lock:
-            if req.req_id in self._outstanding:
-                raise ValueError(f"request id {req.req_id!r} is already in flight here")
-            self._outstanding.add(req.req_id)
-        try:
-            self.worker.submit(req)
-        except ValueError:
-            with self._lock:
-                self._outstanding.discard(req.req_id)
-            raise
+    def submit(self, req: Any, ctx: Any) -> None:
+        """Queue one parsed request; ValueError if this instance cannot serve it."""
+        self.worker.submit(req, ctx)
         self.loop.wake()
 
     def stats(self) -> dict[str, Any]:
-        with self._lock:
-            n = len(self._outstanding)
-        return {"instance_id": self.instance_id, "outstanding": n, **self.worker.stats()}
+        return {"instance_id": self.instance_id, **self.worker.stats()}
 
-    def _emit(self, out: Any) -> None:
-        if isinstance(out, PrefillError):
-            self._finish(out.req_id, None, out.error)
-        elif isinstance(out, DecodeOutput):
-            if out.error:
-                self._finish(out.req_id, None, out.error)
-            elif out.finished:
-                self._finish(out.req_id, out.to_json(), None)
-            else:
-                with self._lock:
-                    if out.req_id in self._outstanding:
-                        self._outbox.put((out.req_id, out.to_json(), None, False))
-        else:                                    # a PrefillResult: exactly one response
-            self._finish(out.req_id, out.to_json(), None)
-
-    def _finish(self, req_id: str, payload: str | None, error: str | None) -> None:
-        with self._lock:
-            if req_id not in self._outstanding:
-                return
-            self._outstanding.discard(req_id)
-        self._outbox.put((req_id, payload, error, True))
+    def _emit(self, out: tuple[Any, Any]) -> None:
+        ctx, msg = out
+        self._outbox.put((ctx, encode(msg), is_final(msg)))
 
     def _send_loop(self) -> None:
         while (item := self._outbox.get()) is not None:
@@ -131,23 +100,17 @@ class InstanceHost:
                 log.exception("sending a response failed")
 
     def _poll_cancelled(self) -> list[str]:
-        with self._lock:
-            ids = [r for r in self._outstanding if self._is_cancelled(r)]
-        for r in ids:
-            self._finish(r, None, "cancelled")
-        return ids
+        """On the loop thread: requests whose client cancelled (Triton's flag)."""
+        return [r for r, ctx in self.worker.outstanding() if self._is_cancelled(ctx)]
 
     def _cancel(self, req_id: str) -> None:
-        """From the control socket: stop the request and free its KV."""
+        """From the control socket: stop the request and free its KV (at the next step)."""
         self.worker.cancel(req_id)
-        self._finish(req_id, None, "cancelled")
+        self.loop.wake()
 
     def _crash(self, e: BaseException) -> None:
-        with self._lock:
-            ids = list(self._outstanding)
-        for r in ids:
-            self.worker.cancel(r)
-            self._finish(r, None, f"internal error in {self.instance_id}: {e}")
+        for out in self.worker.fail_all(f"internal error in {self.instance_id}: {e}"):
+            self._emit(out)
 
     def close(self) -> None:
         self.loop.stop()
@@ -160,11 +123,9 @@ class InstanceHost:
 def _engine_config(deployment: Any, phase: Any, role: str, index: int) -> EngineConfig:
     device = f"cuda:{phase.gpu(index)}" if phase.device == "gpu" else "cpu"
     return EngineConfig(dtype=deployment.dtype, kv_dtype=deployment.kv_dtype,
-                        block_size=deployment.block_size,
-                        num_kv_blocks=phase.num_kv_blocks, max_num_seqs=phase.max_num_seqs,
-                        max_num_batched_tokens=phase.max_num_batched_tokens,
+                        limits=phase.limits(deployment.block_size),
                         max_model_len=deployment.max_model_len, role=role, device=device,
-                        chunked_prefill=phase.chunked_prefill, weights=deployment.weights,
+                        weights=deployment.weights,
                         shared_weights_dir=_shared_weights_dir(deployment))
 
 
@@ -189,7 +150,7 @@ def _load(deployment: Any) -> tuple[Any, dict, dict[str, Any]]:
 
 
 def build_prefill_host(deployment: Any, index: int, send: Send,
-                       is_cancelled: Callable[[str], bool], on_step=None) -> InstanceHost:
+                       is_cancelled: Callable[[Any], bool], on_step=None) -> InstanceHost:
     config, sd, kw = _load(deployment)
     ecfg = _engine_config(deployment, deployment.prefill, "prefill", index)
     resolve_device(ecfg.device)                  # a clear error before any pool is made
@@ -198,27 +159,25 @@ def build_prefill_host(deployment: Any, index: int, send: Send,
                              lease_timeout_s=deployment.lease_timeout_s,
                              **_transport_options(deployment, ecfg))
     engine = LLMEngine(config, sd, ecfg, kv_pool=exporter.pool, **kw)
-    return InstanceHost(PrefillWorker(engine, exporter), instance_id, send, is_cancelled,
-                        PrefillRequest.from_json, on_step)
+    return InstanceHost(PrefillWorker(engine, exporter, instance_id), send, is_cancelled, on_step)
 
 
 def build_decode_host(deployment: Any, index: int, send: Send,
-                      is_cancelled: Callable[[str], bool], on_step=None) -> InstanceHost:
+                      is_cancelled: Callable[[Any], bool], on_step=None) -> InstanceHost:
     config, sd, kw = _load(deployment)
     engine = LLMEngine(config, sd, _engine_config(deployment, deployment.decode, "decode", index),
                        **kw)
     instance_id = f"decode-{index}"
     worker = DecodeWorker(engine, make_importer(deployment.kv_transport, engine.kv), instance_id)
-    return InstanceHost(worker, instance_id, send, is_cancelled, DecodeRequest.from_json, on_step)
+    return InstanceHost(worker, send, is_cancelled, on_step)
 
 
 def build_colocated_host(deployment: Any, index: int, send: Send,
-                         is_cancelled: Callable[[str], bool], on_step=None) -> InstanceHost:
+                         is_cancelled: Callable[[Any], bool], on_step=None) -> InstanceHost:
     if deployment.colocated is None:
         raise ValueError("the deployment has no colocated phase")
     config, sd, kw = _load(deployment)
     engine = LLMEngine(config, sd, _engine_config(deployment, deployment.colocated, "both", index),
                        **kw)
     instance_id = f"colocated-{index}"
-    return InstanceHost(ColocatedWorker(engine, instance_id), instance_id, send, is_cancelled,
-                        GenerateRequest.from_json, on_step)
+    return InstanceHost(ColocatedWorker(engine, instance_id), send, is_cancelled, on_step)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from deploy.contract import Timing
+
 LATENCY_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
 
 
@@ -61,7 +63,10 @@ class RequestMetrics:
             self._hist[key] = (family, family.Metric(labels={"model": model},
                                                      buckets=LATENCY_BUCKETS))
 
-    def observe(self, timing: dict[str, Any]) -> None:
-        for key, field in (("ttft_seconds", "ttft_s"), ("tpot_seconds", "tpot_s"), ("e2e_seconds", "e2e_s")):
-            if field in timing:
-                self._hist[key][1].observe(float(timing[field]))
+    def observe(self, timing: Timing | None) -> None:
+        if timing is None:
+            return
+        for key, value in (("ttft_seconds", timing.ttft_s), ("tpot_seconds", timing.tpot_s),
+                           ("e2e_seconds", timing.e2e_s)):
+            if value is not None:
+                self._hist[key][1].observe(float(value))

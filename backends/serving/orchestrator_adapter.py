@@ -90,7 +90,7 @@ class OrchestratorModel:
                 done = chunk.finish_reason is not None
                 sender.send(self._response(chunk, gen), flags=final if done else 0)
                 if done:
-                    self.metrics.observe(chunk.timing or {})
+                    self.metrics.observe(chunk.timing)
                     return
             sender.send(flags=final)                 # cancelled: no more responses
         except Exception as e:                       # noqa: BLE001 - becomes the client's error
@@ -116,7 +116,7 @@ class OrchestratorModel:
         if chunk.finish_reason is not None:
             tensors.append(bytes_tensor(pb, "finish_reason", chunk.finish_reason))
         if chunk.timing is not None and gen.return_timing:
-            tensors.append(bytes_tensor(pb, "timing", json.dumps(chunk.timing)))
+            tensors.append(bytes_tensor(pb, "timing", json.dumps(chunk.timing.to_dict())))
         return pb.InferenceResponse(tensors)
 
     def _bls(self, model: str, payload: str) -> Any:

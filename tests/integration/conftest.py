@@ -115,5 +115,5 @@ def replay_and_account(server: TritonServer, model: str, endpoint: str, num_good
         assert r.ok, (req.source, r.error)
         assert r.error is None and r.num_tokens == req.output_len and r.finish_reason == "length"
         assert r.ttft_s is not None and r.e2e_s >= r.ttft_s > 0
-        assert r.server_timing and r.server_timing["output_tokens"] == req.output_len
+        assert r.server_timing and r.server_timing.output_tokens == req.output_len
     return results

@@ -11,10 +11,11 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from backends.core.engine import EngineConfig
+from backends.core.limits import EngineLimits
 from backends.core.llm import LLM
 from backends.core.sampling import SamplingParams
 from client import DistServeClient
-from deploy.contract import DISTSERVE_COLOCATED
+from deploy.contract import DISTSERVE_COLOCATED, Timing
 from deploy.deployment import colocated_deployment
 from deploy.render import render_repository
 from tests.integration.conftest import (http_post, instance_stats, replay_and_account, start_server,
@@ -39,7 +40,7 @@ def server(tmp_path_factory, gguf_path):
 @pytest.fixture(scope="module")
 def expected(gguf_path) -> dict[str, list[int]]:
     """Greedy tokens of each prompt from the offline engine (float32), in one batched run."""
-    llm = LLM.from_path(str(gguf_path), EngineConfig(dtype="float32", num_kv_blocks=256))
+    llm = LLM.from_path(str(gguf_path), EngineConfig(dtype="float32", limits=EngineLimits(num_kv_blocks=256)))
     out = llm.generate(PROMPTS, SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True))
     return {p: c.token_ids for p, c in zip(PROMPTS, out)}
 
@@ -51,10 +52,10 @@ def test_greedy_output_identical_over_http_and_grpc(server, expected):
     assert status == 200, text
     reply = json.loads(text)
     assert reply["token_ids"] == expected[LONG] and reply["finish_reason"] == "length"
-    timing = json.loads(reply["timing"])
-    assert 0 < timing["ttft_s"] < timing["e2e_s"] and timing["tpot_s"] > 0
-    assert timing["prefill_s"] > 0 and timing["prefill_queue_s"] >= 0
-    assert timing["output_tokens"] == MAX_TOKENS
+    timing = Timing.from_dict(json.loads(reply["timing"]))
+    assert 0 < timing.ttft_s < timing.e2e_s and timing.tpot_s > 0
+    assert timing.prefill_s > 0 and timing.prefill_queue_s >= 0
+    assert timing.output_tokens == MAX_TOKENS
     chunks = list(DistServeClient(server.grpc_url, "grpc", model=DISTSERVE_COLOCATED).stream(
         LONG, max_tokens=MAX_TOKENS, ignore_eos=True, return_token_ids=True))
     assert [t for c in chunks for t in c.token_ids] == expected[LONG]

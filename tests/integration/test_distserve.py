@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from backends.core.engine import EngineConfig
+from backends.core.limits import EngineLimits
 from backends.core.llm import LLM
 from backends.core.sampling import SamplingParams
 from client import DistServeClient, DistServeError
@@ -53,7 +54,7 @@ def server(tmp_path_factory, gguf_path):
 
 @pytest.fixture(scope="module")
 def offline(smollm_tokenizer, gguf_path):
-    llm = LLM.from_path(str(gguf_path), EngineConfig(dtype="float32", num_kv_blocks=256))
+    llm = LLM.from_path(str(gguf_path), EngineConfig(dtype="float32", limits=EngineLimits(num_kv_blocks=256)))
     return lambda prompt, n: llm.generate([prompt], SamplingParams(max_tokens=n, temperature=0,
                                                                    ignore_eos=True))[0]
 
@@ -121,9 +122,9 @@ def test_first_token_is_sent_before_decode_starts(server):
                                 return_token_ids=True))
     assert len(chunks[0].token_ids) == 1                 # the first chunk is prefill's token alone
     timing = chunks[-1].timing
-    assert timing["first_token_at"] < timing["decode_admitted_at"]
-    assert timing["ttft_s"] < timing["e2e_s"]
-    assert timing["kv_bytes"] > 0
+    assert timing.first_token_at < timing.decode_admitted_at
+    assert timing.ttft_s < timing.e2e_s
+    assert timing.kv_bytes > 0
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
@@ -139,11 +140,12 @@ def test_cancel_mid_stream_frees_kv_on_both_instances(server, protocol):
 
 
 def test_unclaimed_prefill_lease_is_reclaimed(server, smollm_tokenizer):
-    request = {"req_id": "orphan", "prompt_ids": smollm_tokenizer.encode(PROMPTS[5]),
+    request = {"type": "prefill", "req_id": "orphan", "prompt_ids": smollm_tokenizer.encode(PROMPTS[5]),
                "params": {"max_tokens": 8, "temperature": 0.0, "seed": 1}}
     status, text = http_post(server.http_url, "/v2/models/prefill/infer", {"inputs": [
         {"name": "request", "datatype": "BYTES", "shape": [1], "data": [json.dumps(request)]}]})
     assert status == 200, text
+    assert json.loads(json.loads(text)["outputs"][0]["data"][0])["type"] == "prefilled"
     assert _stats(server, "prefill-0")["kv_blocks_used"] > 0
     time.sleep(LEASE_TIMEOUT_S + 1.0)
     assert _stats(server, "prefill-0")["kv_blocks_used"] == 0
@@ -171,19 +173,21 @@ def test_bad_requests_get_clear_errors_and_server_stays_healthy(server, body, ma
 
 def test_forged_or_stale_descriptor_sent_straight_to_decode(server, smollm_tokenizer):
     prompt = smollm_tokenizer.encode(PROMPTS[0])
-    prefill = {"req_id": "real", "prompt_ids": prompt,
+    prefill = {"type": "prefill", "req_id": "real", "prompt_ids": prompt,
                "params": {"max_tokens": 8, "temperature": 0.0, "seed": 1}}
     status, text = http_post(server.http_url, "/v2/models/prefill/infer", {"inputs": [
         {"name": "request", "datatype": "BYTES", "shape": [1], "data": [json.dumps(prefill)]}]})
     result = json.loads(json.loads(text)["outputs"][0]["data"][0])
-    kv = json.loads(result["kv"])
+    kv = result["kv"]                                   # the descriptor, nested
     forged = dict(kv, lease_id=kv["lease_id"] ^ 0x5A5A)
     grpc = DistServeClient(server.grpc_url, "grpc")
-    def decode_req(desc: str) -> dict:
-        return {"req_id": "x", "prompt_ids": prompt, "first_token_id": result["first_token_id"],
+
+    def decode_req(desc) -> dict:
+        return {"type": "decode", "req_id": "x", "prompt_ids": prompt,
+                "first_token_id": result["first_token_id"],
                 "params": {"max_tokens": 8, "temperature": 0.0, "seed": 1}, "kv": desc}
 
-    for desc in (json.dumps(forged), json.dumps(dict(kv, block_ids=[10**6])), "garbage"):
+    for desc in (forged, dict(kv, block_ids=[10**6]), "garbage"):
         with pytest.raises(DistServeError, match="lease|descriptor|KV|block ids|invalid"):
             _raw_decode(server, decode_req(desc))
     outputs = _raw_decode(server, decode_req(result["kv"]))          # the genuine one works once
@@ -213,7 +217,7 @@ def _raw_decode(server, request: dict) -> list[str]:
     if errors:
         raise DistServeError(str(errors[0]))
     outputs = [r.as_numpy("response")[0].decode() for r in results if r.as_numpy("response") is not None]
-    failed = [json.loads(o)["error"] for o in outputs if json.loads(o).get("error")]
+    failed = [json.loads(o)["error"] for o in outputs if json.loads(o)["type"] == "failed"]
     if failed:                      # decode reports failures in its payload (see EngineModel)
         raise DistServeError(failed[0])
     return outputs

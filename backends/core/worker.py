@@ -1,0 +1,186 @@
+"""One instance's worker: a request table, an inbox, the step, and phase hooks.
+
+    worker = DecodeWorker(engine, importer, "decode-0")    # or PrefillWorker / ColocatedWorker
+    worker.submit(request, ctx)        # any thread: validated here, once (ValueError if bad)
+    worker.cancel(req_id)              # any thread
+    for ctx, msg in worker.step(): ... # the step thread: the messages to send, with each
+                                       # request's `ctx` (whatever the host answers through)
+
+Lifecycle of a request on any instance: `submit()` (parsed message -> a validated Sequence) ->
+inbox -> the step thread enters it in the request table (a duplicate id fails here) and in the
+engine -> `accepted()` -> the engine's steps, each output turned into a message by
+`on_output()` -> finished, failed or cancelled: out of the table, its blocks freed. The phase
+hooks (overridden by PrefillWorker, DecodeWorker, ColocatedWorker):
+
+- `accepted(entry)`: messages when a request enters (a stream's Accepted);
+- `before_step()`: work at the step boundary (prefill: reclaim released or expired KV leases;
+  decode: take in finished KV copies, admit more);
+- `on_output(entry, out, now)`: the message for an engine output (prefill: grant a KV lease);
+- `on_cancel(entry)`: free what the request holds (False: not yet, a KV copy is in flight);
+- `waits()` / `wait()`: work outside the engine (a KV copy) and how to wait for it when idle.
+
+Every failure is a `Failed` message, the last of its request, from every phase.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from backends.core.engine import LLMEngine, StepOutput
+from backends.core.messages import Accepted, Failed, Message, Tokens, is_final
+from backends.core.sequence import Sequence
+from backends.core.worker_loop import Inbox
+
+log = logging.getLogger(__name__)
+Output = tuple[Any, Message]                # (the request's ctx, the message)
+
+
+@dataclass(eq=False)
+class Entry:
+    """One request in an instance's table."""
+    req: Any                                 # the request message
+    seq: Sequence
+    ctx: Any = None
+    answered: bool = False                   # its final message is out (prefill: KV still lent)
+    lease: int | None = None                 # prefill: the KV lease granted for it
+
+    @property
+    def req_id(self) -> str:
+        return self.seq.req_id
+
+
+class EngineWorker:
+    ROLE: ClassVar[str] = "both"
+    REQUEST_TYPES: ClassVar[tuple[type, ...]] = ()
+
+    def __init__(self, engine: LLMEngine, instance_id: str = "", clock=time.monotonic) -> None:
+        if engine.config.role != self.ROLE:
+            raise ValueError(f"{type(self).__name__} needs an engine with role={self.ROLE!r}")
+        self.engine = engine
+        self.instance_id = instance_id
+        self.clock = clock
+        self.requests: dict[str, Entry] = {}         # the step thread's only
+        self._inbox = Inbox()
+        self.num_requests = 0                        # accepted so far
+
+    # -- any thread -----------------------------------------------------------------------
+    def submit(self, req: Any, ctx: Any = None) -> None:
+        """Queue a parsed request. ValueError (nothing queued) if this engine cannot serve it."""
+        if not isinstance(req, self.REQUEST_TYPES):
+            raise ValueError(f"{type(self).__name__} takes {[t.TYPE for t in self.REQUEST_TYPES]} "
+                             f"requests, got {type(req).__name__}")
+        self._inbox.submit(Entry(req, self.make_sequence(req, self.clock()), ctx))
+
+    def cancel(self, req_id: str) -> None:
+        self._inbox.cancel(req_id)
+
+    def make_sequence(self, req: Any, now: float) -> Sequence:
+        return self.engine.make_sequence(req.req_id, req.prompt_ids, req.params, arrival_time=now)
+
+    # -- the step thread ------------------------------------------------------------------
+    def has_work(self) -> bool:
+        return not self._inbox.empty() or self.engine.has_unfinished() or self.waits()
+
+    def step(self) -> list[Output]:
+        out = self._drain_inbox()
+        out += self.before_step()
+        if self.engine.scheduler.has_runnable():
+            step_outs = self.engine.step(self.clock())
+            now = self.clock()
+            for o in step_outs:
+                entry = self.requests[o.req_id]
+                out.append(self._emit(entry, self.on_output(entry, o, now)))
+        elif self.waits():
+            self.wait()
+        return out
+
+    def _emit(self, entry: Entry, msg: Message) -> Output:
+        if is_final(msg):
+            entry.answered = True
+            if entry.lease is None:
+                self.requests.pop(entry.req_id, None)
+        return entry.ctx, msg
+
+    def _drain_inbox(self) -> list[Output]:
+        out: list[Output] = []
+        for op, arg, _ in self._inbox.drain():
+            if op == "cancel":
+                entry = self.requests.get(arg)
+                if entry is not None:
+                    out += self._cancel(entry)
+                continue
+            if arg.req_id in self.requests:
+                out.append((arg.ctx, Failed(arg.req_id, f"request id {arg.req_id!r} is already "
+                                                        f"in flight on {self.instance_id}")))
+                continue
+            self.requests[arg.req_id] = arg
+            self.engine.add(arg.seq)
+            self.num_requests += 1
+            out += [self._emit(arg, m) for m in self.accepted(arg)]
+        return out
+
+    def _cancel(self, entry: Entry) -> list[Output]:
+        if self.on_cancel(entry):
+            self.engine.abort(entry.req_id)
+        self.requests.pop(entry.req_id, None)
+        entry.lease = None
+        if entry.answered:
+            return []
+        entry.answered = True
+        return [(entry.ctx, Failed(entry.req_id, "cancelled"))]
+
+    def outstanding(self) -> list[tuple[str, Any]]:
+        """(req_id, ctx) of every request not yet answered (the step thread only)."""
+        return [(e.req_id, e.ctx) for e in self.requests.values() if not e.answered]
+
+    def fail_all(self, error: str) -> list[Output]:
+        """A step failed: end every request with `error` and free what it holds."""
+        out = []
+        for entry in list(self.requests.values()):
+            was_answered = entry.answered
+            try:
+                self._cancel(entry)
+            except Exception:                        # noqa: BLE001 - fail the rest regardless
+                log.exception("freeing %s after a failed step", entry.req_id)
+            if not was_answered:
+                out.append((entry.ctx, Failed(entry.req_id, error)))
+        return out
+
+    def stats(self) -> dict[str, int]:
+        s = self.engine.stats()
+        return {"queue_depth": s.num_waiting + self._inbox.qsize(), "running": s.num_running,
+                "kv_blocks_used": s.num_blocks_used, "kv_blocks_total": s.num_blocks_total,
+                "last_batch_size": s.last_batch_size, "last_batch_tokens": s.last_batch_tokens,
+                "requests_total": self.num_requests}
+
+    def close(self) -> None:
+        pass
+
+    # -- phase hooks (the colocated defaults) ---------------------------------------------------
+    def accepted(self, entry: Entry) -> list[Message]:
+        return [Accepted(entry.req_id, self.instance_id)]
+
+    def before_step(self) -> list[Output]:
+        return []
+
+    def on_output(self, entry: Entry, out: StepOutput, now: float) -> Message:
+        reason = out.finish_reason.value if out.finish_reason else None
+        return Tokens(out.req_id, out.new_token_ids, reason)
+
+    def on_cancel(self, entry: Entry) -> bool:
+        return True
+
+    def waits(self) -> bool:
+        return False
+
+    def wait(self) -> None:
+        pass
+
+
+def first_token_timing(seq: Sequence, now: float) -> tuple[float, float]:
+    """(queue_s, prefill_s) of a sequence whose first token came out at `now`: arrival to its
+    first step, first step to `now`."""
+    started = seq.scheduled_time if seq.scheduled_time is not None else now
+    return max(0.0, started - seq.arrival_time), now - started
