@@ -183,13 +183,14 @@ def descriptor_sizes(server: Any, ids: list[int]) -> dict:
     req_id, params = f"bench-desc-{uuid.uuid4().hex}", {"max_tokens": 8, "temperature": 0.0, "seed": 1}
     status, text = http_post(server.http_url, "/v2/models/prefill/infer", {"inputs": [{
         "name": "request", "datatype": "BYTES", "shape": [1],
-        "data": [json.dumps({"req_id": req_id, "prompt_ids": ids, "params": params})]}]})
+        "data": [json.dumps({"type": "prefill", "req_id": req_id, "prompt_ids": ids, "params": params})]}]})
     if status != 200:
         raise RuntimeError(f"prefill call failed ({status}): {text}")
     result = json.loads(message := json.loads(text)["outputs"][0]["data"][0])
     instance_stats(server, "prefill-0", {"op": "cancel", "req_id": req_id})
-    return {"prompt_tokens": len(ids), "num_blocks": len(json.loads(result["kv"])["block_ids"]),
-            "descriptor_bytes": len(result["kv"].encode()), "prefill_result_bytes": len(message.encode())}
+    return {"prompt_tokens": len(ids), "num_blocks": len(result["kv"]["block_ids"]),
+            "descriptor_bytes": len(json.dumps(result["kv"], separators=(",", ":")).encode()),
+            "prefill_result_bytes": len(message.encode())}
 
 
 def measure_tpot(server: Any, worker: Any, conn: Connection, s: Settings, raw: dict, bar: tqdm) -> None:
