@@ -13,13 +13,25 @@ stream is half-closed instead, and the server then ends the RPC.
 
 `GrpcChannel` is one grpc.aio channel (tritonclient's protobuf stubs and InferResult), opened on
 first use inside the event loop, for any number of concurrent streams (the benchmark shares one).
-`GrpcStream` drives one request on its own channel, on a private event loop in a background
-thread that pumps chunks and errors into a queue; `cancel()` / `close()` (any thread) cancel the
-pump unless it is done, and the thread closes the channel and the loop, then ends.
+
+`GrpcStream` drives one request on its own channel, as a task on the SDK's one event loop
+(`_shared_loop`: a daemon thread started on first use, never closed) that pumps chunks and errors
+into a queue; `cancel()` / `close()` (any thread) cancel the task unless it is done, and the task
+closes its channel before its end is queued. One loop for every stream of the process, because
+grpc.aio has one completion queue per process: each channel binds the loop it is created on
+(`init_grpc_aio`), and the loops stay bound until the last channel is gone (`shutdown_grpc_aio`).
+A completion is run on the loop that started the operation, handed over with
+`call_soon_threadsafe` by whichever bound loop reads it, and it can come after the channel was
+closed (a cancelled call's pending reads, a finished call's status): with a loop per stream, that
+loop was closed by then, and another stream's loop printed "RuntimeError: Event loop is closed".
+The SDK's loop also keeps a grpc.aio reference of its own (`_hold_grpc_aio`), so grpc.aio is never
+shut down under it, from whichever thread drops the last channel. `GrpcChannel` is best used the
+same way: from one long-lived loop (the benchmark runs it in its own process's loop).
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue
 import threading
 import uuid
@@ -133,15 +145,9 @@ class GrpcStream:
         self.url, self.timeout = url, timeout
         self._queue: queue.Queue = queue.Queue()
         self._cancelled = False
-        channel = GrpcChannel(url)
-        self._loop = asyncio.new_event_loop()
-        self._task = self._loop.create_task(_pump(channel.stream(model, values, timeout),
-                                                  self._queue.put))
-        # The thread holds no reference to self, so a dropped stream is closed by __del__.
-        self._thread = threading.Thread(target=_run, args=(self._loop, self._task, channel,
-                                                           self._queue.put),
-                                        name=f"distserve-grpc {url}", daemon=True)
-        self._thread.start()
+        # The job holds no reference to self, so a dropped stream is closed by __del__.
+        self._job = _Job(_pump(GrpcChannel(url), model, values, timeout, self._queue.put),
+                         self._queue.put)
 
     def __iter__(self) -> Iterator[Chunk]:
         try:
@@ -158,49 +164,83 @@ class GrpcStream:
         self.close()
 
     def close(self) -> None:
-        """Cancel the request unless it finished; wait for the thread to release the channel."""
-        self._stop()
-        if threading.current_thread() is not self._thread:
-            self._thread.join(self.timeout)
-
-    def _stop(self) -> None:
-        try:
-            self._loop.call_soon_threadsafe(self._task.cancel)
-        except RuntimeError:                        # the loop is closed: the thread is done
-            pass
+        """Cancel the request unless it finished; wait until its channel is closed."""
+        self._job.cancel()
+        if threading.current_thread() is not _loop_thread:
+            self._job.done.wait(self.timeout)
 
     def __del__(self) -> None:
-        if getattr(self, "_task", None) is not None:
-            self._stop()
+        if getattr(self, "_job", None) is not None:
+            self._job.cancel()
 
 
-async def _pump(chunks: AsyncIterator[Chunk], put: Callable[[Any], None]) -> None:
+async def _pump(channel: GrpcChannel, model: str, values: dict[str, Any], timeout: float,
+                put: Callable[[Any], None]) -> None:
     try:
-        async for chunk in chunks:
-            put(chunk)
+        async with contextlib.aclosing(channel.stream(model, values, timeout)) as chunks:
+            async for chunk in chunks:
+                put(chunk)
     except Exception as e:                          # noqa: BLE001 - raised in the reading thread
         put(e)
-
-
-def _run(loop: asyncio.AbstractEventLoop, task: asyncio.Task, channel: GrpcChannel,
-         put: Callable[[Any], None]) -> None:
-    """The loop thread: the request (cancelling the task cancels it), then the shutdown."""
-    try:
-        loop.run_until_complete(task)
-    except asyncio.CancelledError:
-        pass
     finally:
-        try:
-            loop.run_until_complete(_shutdown(channel))
-            loop.run_until_complete(loop.shutdown_asyncgens())
-        finally:
-            loop.close()
-            put(_END)
+        await channel.close()
 
 
-async def _shutdown(channel: GrpcChannel) -> None:
-    await channel.close()
-    rest = asyncio.all_tasks() - {asyncio.current_task()}     # grpc's own, winding down
-    for task in rest:
-        task.cancel()
-    await asyncio.gather(*rest, return_exceptions=True)
+class _Job:
+    """A coroutine run as a task on the shared loop: `cancel()` from any thread (only the first
+    counts, so that a second one cannot interrupt the task's cleanup), `done` set and `_END`
+    queued once the task is over (even one cancelled before it started)."""
+
+    def __init__(self, coro: Any, put: Callable[[Any], None]) -> None:
+        self.done = threading.Event()
+        self._task: asyncio.Task | None = None
+        self._cancelling = False
+        self._loop = _shared_loop()
+        self._loop.call_soon_threadsafe(self._start, coro, put)
+
+    def cancel(self) -> None:
+        self._loop.call_soon_threadsafe(self._cancel)   # after _start: the loop keeps the order
+
+    def _start(self, coro: Any, put: Callable[[Any], None]) -> None:
+        self._task = self._loop.create_task(coro)
+        self._task.add_done_callback(lambda _: (put(_END), self.done.set()))
+
+    def _cancel(self) -> None:
+        if not self._cancelling and self._task is not None:
+            self._cancelling = True
+            self._task.cancel()
+
+
+_loop: asyncio.AbstractEventLoop | None = None
+_loop_thread: threading.Thread | None = None
+_loop_lock = threading.Lock()
+
+
+def _shared_loop() -> asyncio.AbstractEventLoop:
+    """The SDK's event loop, running in a daemon thread from the first call on, never closed."""
+    global _loop, _loop_thread
+    with _loop_lock:
+        if _loop is None:
+            loop = asyncio.new_event_loop()
+            loop.call_soon(_hold_grpc_aio)
+            thread = threading.Thread(target=_serve, args=(loop,), name="distserve-grpc loop",
+                                      daemon=True)
+            thread.start()
+            _loop, _loop_thread = loop, thread
+        return _loop
+
+
+def _serve(loop: asyncio.AbstractEventLoop) -> None:
+    asyncio.set_event_loop(loop)
+    loop.run_forever()
+
+
+def _hold_grpc_aio() -> None:
+    """On the shared loop: bind it to grpc.aio, and keep grpc.aio up for the rest of the process
+    (this reference is never released), so that dropping the last channel, in any thread, never
+    shuts grpc.aio down under the loop (and a next stream need not start it again)."""
+    try:
+        import grpc.aio
+        grpc.aio.init_grpc_aio()
+    except Exception:                               # noqa: BLE001 - the first stream reports it
+        pass

@@ -4,8 +4,10 @@ nothing listens."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import http.server
 import json
+import logging
 import socket
 import subprocess
 import sys
@@ -16,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from client import Chunk, DistServeClient, DistServeError
+from client import Chunk, DistServeClient, DistServeError, grpc_stream
 from client.cli import format_timing
 from client.grpc_stream import GrpcChannel
 from client.http_stream import _status_error, split_url
@@ -244,8 +246,22 @@ def test_http_cancel_from_another_thread_ends_the_stream(sse_server):
 
 
 # -- gRPC against a fake Triton ---------------------------------------------------------------
-def grpc_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name.startswith("distserve-grpc")]
+def grpc_leftovers(wait_s: float = 2.0) -> list:
+    """What the SDK's gRPC streams left behind: threads besides its one loop's, open grpc.aio
+    channels, and tasks still on the loop (grpc's own, after a cancel, get `wait_s` to end)."""
+    from grpc.aio._channel import Channel
+    threads = [t.name for t in threading.enumerate() if t.name.startswith("distserve-grpc")]
+    if threads != ["distserve-grpc loop"]:
+        return threads
+
+    async def tasks() -> list[asyncio.Task]:
+        return [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    deadline = time.perf_counter() + wait_s
+    while ((left := asyncio.run_coroutine_threadsafe(tasks(), grpc_stream._shared_loop()).result())
+           and time.perf_counter() < deadline):
+        time.sleep(0.01)
+    gc.collect()
+    return left + [c for c in gc.get_objects() if type(c) is Channel and not c._channel.closed()]
 
 
 def scripted(request) -> list:
@@ -271,7 +287,7 @@ def test_grpc_stream_until_the_final_flag():
         assert inputs(request)["max_tokens"].tolist() == [3] and request.id
         completion = client.generate("flags")
         assert (completion.text, completion.num_chunks, completion.timing) == ("a", 1, None)
-        assert triton.cancelled == [] and grpc_threads() == []
+        assert triton.cancelled == [] and grpc_leftovers() == []
 
 
 def test_grpc_errors_timeout_and_cancel():
@@ -303,7 +319,55 @@ def test_grpc_errors_timeout_and_cancel():
         while len(triton.cancelled) < len(slow) and time.perf_counter() < deadline:
             time.sleep(0.01)
         assert len(slow) >= 3 and set(triton.cancelled) == slow   # Triton would cancel them all
-        assert grpc_threads() == []
+        assert grpc_leftovers() == []
+
+
+def test_grpc_streams_in_parallel_threads_end_quietly(capfd, caplog):
+    """Streams in several threads at once, ending in every way (an error response, an error
+    after a chunk, the final response, the server's early end, a cancel): each one's result, and
+    nothing reported: to the SDK loop's exception handler, or by any other loop's (the default
+    one logs to the "asyncio" logger; that is stderr where logging is not set up). With a loop
+    per stream, grpc.aio handed late completions to a closed one: "Exception in callback
+    PollerCompletionQueue._handle_events ... RuntimeError: Event loop is closed"."""
+    caplog.set_level(logging.WARNING, logger="asyncio")
+    reported: list[dict] = []
+    grpc_stream._shared_loop().set_exception_handler(lambda _, context: reported.append(context))
+    failures: list[BaseException] = []
+
+    def requests(client: DistServeClient) -> None:
+        try:
+            for _ in range(25):
+                with pytest.raises(DistServeError, match="^give exactly one"):
+                    client.generate("bad")
+                stream = client.stream("mid")
+                assert next(stream).text == "a"
+                with pytest.raises(DistServeError, match="^decode failed$"):
+                    next(stream)
+                assert client.generate("ok").text == "ab"
+                with pytest.raises(DistServeError, match="ended the stream before"):
+                    client.generate("open")
+                with client.stream("slow") as stream:               # left early: cancelled
+                    assert next(stream).text == "a"
+        except BaseException as e:                                  # noqa: BLE001 - reported below
+            failures.append(e)
+
+    try:
+        with serve(scripted) as (url, triton):
+            threads = [threading.Thread(target=requests,
+                                        args=(DistServeClient(url, "grpc", timeout=5.0),))
+                       for _ in range(6)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(60.0)
+            assert failures == [] and not any(t.is_alive() for t in threads)
+            assert grpc_leftovers() == []
+    finally:
+        grpc_stream._shared_loop().set_exception_handler(None)
+    assert reported == []
+    stderr = capfd.readouterr().err
+    assert "Event loop is closed" not in stderr and "Traceback" not in stderr, stderr
+    assert [r.getMessage() for r in caplog.records if r.name == "asyncio"] == []
 
 
 def test_grpc_channel_leaving_early_cancels_on_the_server():
