@@ -120,6 +120,8 @@ class TritonServer:
             "--allow-metrics", "true", "--allow-gpu-metrics", "false",
             "--log-verbose", str(self.log_verbose),
             "--exit-timeout-secs", str(self.exit_timeout_s),
+            # explicit model control: the orchestrator reloads a model whose instance died
+            "--model-control-mode=explicit", "--load-model=*",
             *self.extra_args,
         ]
 
@@ -148,7 +150,8 @@ class TritonServer:
         sockets, removed by stop(); the same for the shared weights (if share_weights); and
         the shm prefix, which kvtransfer may use so that stop() sweeps its segments too after
         a hard kill. A directory the caller names in the environment is theirs to remove."""
-        env = {"DISTSERVE_SHM_PREFIX": self.shm_prefix}
+        env = {"DISTSERVE_SHM_PREFIX": self.shm_prefix,
+               "DISTSERVE_SERVER_URL": self.http_url}         # for the orchestrator's reloads
         if self._unset("DISTSERVE_RUN_DIR"):
             self.control_dir = Path(tempfile.mkdtemp(prefix="distserve-ctl-"))
             env["DISTSERVE_RUN_DIR"] = str(self.control_dir)

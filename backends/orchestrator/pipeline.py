@@ -124,8 +124,13 @@ class Orchestrator:
             yield out.take()
         params = SamplingParams(**{**gen.params.__dict__, "seed": res.seed})
         request = DecodeRequest(gen.req_id, gen.prompt_ids, res.first_token_id, params, res.kv)
-        async for chunk in self._relay(out, decode_stream(encode(request)), cancel, is_cancelled):
-            yield chunk
+        try:
+            async for chunk in self._relay(out, decode_stream(encode(request)), cancel, is_cancelled):
+                yield chunk
+        except Exception:
+            if out.timing.kv_bytes is None:         # decode never took the KV: free the lease now
+                self._cancel_lease(res, cancel, gen.req_id)
+            raise
 
     async def run_colocated(self, gen: Generation, generate: CallDecode, cancel: Cancel,
                             is_cancelled: Callable[[], bool] = lambda: False) -> AsyncIterator[Chunk]:

@@ -86,7 +86,7 @@ class InstanceHost:
         self.loop.wake()
 
     def stats(self) -> dict[str, Any]:
-        return {"instance_id": self.instance_id, **self.worker.stats()}
+        return {"instance_id": self.instance_id, "pid": os.getpid(), **self.worker.stats()}
 
     def _emit(self, out: tuple[Any, Any]) -> None:
         ctx, msg = out

@@ -4,19 +4,31 @@ colocated baseline's front end, MODE "colocated"), with Triton's module injected
 Each request runs as its own coroutine: prefill is one BLS call, decode a decoupled BLS stream
 whose blocking iterator is read on a thread pool (its `next` releases the GIL) so one slow
 stream never stalls the others; the colocated mode has only the stream, from `colocated`.
-Every failure becomes an error response followed by FINAL.
+The BLS calls run on this model's own pool too, not with `async_exec`: that one uses the
+event loop's default executor (cores + 4 threads), and a call to a stub that died never
+returns, so a few deaths would leave no thread for any later request.
+Every failure becomes an error response followed by FINAL. An `InstanceMonitor`
+(backends/orchestrator/health.py) probes the engine instances' control sockets: a request
+waiting on an instance that died or stopped answering fails within seconds, and a dead
+instance's model is reloaded through Triton's model-control API (the launcher runs
+tritonserver with explicit model control and tells the stubs its HTTP address).
 """
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import logging
+import os
+import urllib.error
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator, ClassVar
 
 import numpy as np
 
 from backends.core.control import run_dir, send, socket_path
+from backends.orchestrator.health import InstanceMonitor, Watch
 from backends.orchestrator.pipeline import Chunk, Generation, Orchestrator
 from backends.serving.adapter import bytes_tensor
 from backends.serving.metrics import RequestMetrics
@@ -77,6 +89,37 @@ class OrchestratorModel:
         if self.MODE not in ("disaggregated", "colocated"):
             raise ValueError(f"MODE must be disaggregated or colocated, got {self.MODE!r}")
         self.metrics = RequestMetrics(self.pb, args["model_name"])
+        phases = (("colocated", deployment.colocated),) if self.MODE == "colocated" else \
+            (("prefill", deployment.prefill), ("decode", deployment.decode))
+        self.monitor = InstanceMonitor([f"{name}-{i}" for name, phase in phases if phase is not None
+                                        for i in range(phase.num_instances)], self._probe, self._reload)
+        self.monitor.start()
+
+    def _probe(self, instance_id: str) -> dict[str, Any]:
+        return send(socket_path(self.control_dir, instance_id), {"op": "stats"}, timeout=1.0)
+
+    def _reload(self, model: str) -> None:
+        """Ask Triton to load `model` again (a dead stub is restarted). One orchestrator instance
+        does it: the others find the lock taken."""
+        url = os.environ.get(SERVER_URL_ENV)
+        if not url:
+            log.error("cannot reload %s: %s is not set (start the server with deploy.server)",
+                      model, SERVER_URL_ENV)
+            return
+        with open(self.control_dir / f"reload-{model}.lock", "w") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return                              # another orchestrator instance is on it
+            request = urllib.request.Request(f"http://{url}/v2/repository/models/{model}/load",
+                                             data=b"{}", method="POST")
+            opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+            try:
+                with opener.open(request, timeout=600) as response:
+                    log.warning("reloaded %s (HTTP %d)", model, response.status)
+            except urllib.error.HTTPError as e:
+                raise RuntimeError(f"Triton refused to reload {model}: {e.read().decode()[:300]} "
+                                   "(it needs --model-control-mode=explicit)") from None
 
     async def execute(self, requests: list[Any]) -> None:
         await asyncio.gather(*(self._serve(r) for r in requests))
@@ -130,11 +173,22 @@ class OrchestratorModel:
         return None if tensor is None else tensor.as_numpy().reshape(-1)[0].decode()
 
     async def _prefill(self, payload: str) -> str:
-        response = await self._bls("prefill", payload).async_exec()
+        watch = self.monitor.watch("prefill")
+        try:
+            response = await self._call(watch, self._bls("prefill", payload).exec)
+        finally:
+            watch.close()
         out = self._payload(response)
         if out is None:
             raise RuntimeError("prefill returned no response")
         return out
+
+    async def _call(self, watch: Watch, call: Any) -> Any:
+        """A blocking BLS call on the pool, unless the instances it would go to are down."""
+        await asyncio.sleep(0)                  # a watch that failed at creation has resolved
+        if watch.failed.done():
+            raise RuntimeError(f"request failed: {watch.failed.result()}")
+        return await _first_or_failure(asyncio.get_running_loop().run_in_executor(self.pool, call), watch)
 
     def _stream_from(self, model: str):
         """A decoupled BLS stream from `model` (decode or colocated): payload -> responses.
@@ -143,19 +197,32 @@ class OrchestratorModel:
         ends the stream at once after a cancel, and an unread BLS stream would keep this model
         from unloading."""
         async def stream(payload: str) -> AsyncIterator[str]:
-            responses = await self._bls(model, payload).async_exec(decoupled=True)
-            loop = asyncio.get_running_loop()
-            done = False
+            watch = self.monitor.watch(model)
+            responses, read, done = None, None, False
             try:
+                loop = asyncio.get_running_loop()
+                responses = await self._call(watch, lambda: self._bls(model, payload).exec(decoupled=True))
                 while not done:
-                    response = await loop.run_in_executor(self.pool, next, responses, None)
+                    read = loop.run_in_executor(self.pool, next, responses, None)
+                    response = await _first_or_failure(read, watch)
                     done = response is None
                     out = None if done else self._payload(response)
                     if out is not None:
+                        if watch.instance is None and out.startswith('{"type":"accepted"'):
+                            watch.narrow(json.loads(out)["instance_id"])
                         yield out
             finally:
-                if not done:
-                    self.pool.submit(_drain, responses)
+                if watch.failed.done() and not watch.failed.cancelled() and watch.instance:
+                    # a stopped instance reads this when it resumes and frees the request
+                    self.pool.submit(self._cancel, watch.instance, json.loads(payload)["req_id"])
+                watch.close()
+                # an unfinished stream is read to its end in the background (after the read in
+                # flight, if the instance went down mid-read)
+                if not done and responses is not None:
+                    if read is None or read.done():
+                        self.pool.submit(_drain, responses)
+                    else:
+                        read.add_done_callback(lambda _: self.pool.submit(_drain, responses))
         return stream
 
     def _cancel(self, instance_id: str, req_id: str) -> None:
@@ -167,4 +234,17 @@ class OrchestratorModel:
             log.warning("could not cancel %s on %s: %s", req_id, instance_id, e)
 
     def finalize(self) -> None:
+        self.monitor.stop()
         self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+SERVER_URL_ENV = "DISTSERVE_SERVER_URL"
+
+
+async def _first_or_failure(fut: asyncio.Future, watch: Watch) -> Any:
+    """`fut`'s result, or RuntimeError as soon as the instance the request waits on goes down
+    (`fut` is left running: a blocked BLS read cannot be interrupted)."""
+    done, _ = await asyncio.wait({fut, watch.failed}, return_when=asyncio.FIRST_COMPLETED)
+    if fut in done:
+        return fut.result()
+    raise RuntimeError(f"request failed: {watch.failed.result()}")

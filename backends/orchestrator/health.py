@@ -1,0 +1,227 @@
+"""Instance health for the orchestrator: notice a dead or stuck instance within seconds, fail the
+requests waiting on it, and bring a dead one back.
+
+    monitor = InstanceMonitor(["prefill-0", "decode-0"], probe, reload)
+    monitor.start()
+    watch = monitor.watch("decode")         # a request waiting on some decode instance ...
+    watch.narrow("decode-0")                # ... on this one, once it said so (Accepted)
+    await watch.failed                      # resolves with an error message if it goes down
+    watch.close(); monitor.stop()
+
+Every `interval_s` the monitor probes each instance (`probe(instance_id)`: its control socket's
+stats, a short timeout):
+- refused or absent, and the process that answered last is gone (or was never known): DOWN at
+  once, and every request watching it fails. (A stopped process refuses too, once its listen
+  queue is full: while it exists it counts as silent, below.)
+  If it is still gone `reload_after_s` later (Triton did not restart the stub itself),
+  `reload(model)` is asked to bring it back (Triton's model-control API), on a thread of its
+  own, again every `retry_reload_s` while it stays gone;
+- no answer for `stuck_after_s` (stopped, or wedged): DOWN; its requests fail; no reload (a
+  stopped process may resume: SIGCONT);
+- an answer from another process than before (Triton restarted the stub on its own): the
+  requests of the old process fail (theirs died with it), and the instance is UP;
+- an answer: UP (again).
+A watch made while its instance (or every instance of its phase) is down fails at once, so no
+new request waits behind a dead instance. Pure policy and threads: no Triton here; the Triton
+glue (orchestrator_adapter) supplies `probe` and `reload`.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+DEAD, STUCK = "dead", "stuck"
+
+
+def process_alive(pid: Any) -> bool:
+    """Whether process `pid` (an int, or None: unknown) exists and is not a zombie."""
+    if not isinstance(pid, int):
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def phase_of(instance_id: str) -> str:
+    """"decode-1" -> "decode" (the Triton model that hosts the instance)."""
+    return instance_id.rsplit("-", 1)[0]
+
+
+class Watch:
+    """One request's wait on a phase's instances (or, once narrowed, on one of them)."""
+
+    def __init__(self, monitor: InstanceMonitor, phase: str, loop: asyncio.AbstractEventLoop) -> None:
+        self.monitor, self.phase, self.loop = monitor, phase, loop
+        self.instance: str | None = None
+        self.failed: asyncio.Future = loop.create_future()
+
+    def narrow(self, instance_id: str) -> None:
+        with self.monitor._lock:
+            self.instance = instance_id
+            reason = self.monitor._down.get(instance_id)
+        if reason:
+            self.fail(f"{instance_id} is {reason}")
+
+    def fail(self, error: str) -> None:
+        """Thread-safe: resolve `failed` with `error` (first call wins)."""
+        def set_it() -> None:
+            if not self.failed.done():
+                self.failed.set_result(error)
+        self.loop.call_soon_threadsafe(set_it)
+
+    def close(self) -> None:
+        with self.monitor._lock:
+            self.monitor._watches.discard(self)
+        if not self.failed.done():
+            self.failed.cancel()
+
+
+class InstanceMonitor:
+    def __init__(self, instance_ids: list[str], probe: Callable[[str], Any],
+                 reload: Callable[[str], None], interval_s: float = 1.0, stuck_after_s: float = 4.0,
+                 reload_after_s: float = 3.0, retry_reload_s: float = 30.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.instance_ids = list(instance_ids)
+        self.probe, self.reload = probe, reload
+        self.interval_s, self.stuck_after_s, self.clock = interval_s, stuck_after_s, clock
+        self._lock = threading.Lock()
+        self._watches: set[Watch] = set()
+        self._down: dict[str, str] = {}               # instance -> DEAD / STUCK
+        self._seen_up: set[str] = set()
+        self._last_answer: dict[str, float] = {}
+        self._pid: dict[str, Any] = {}                 # the process that answered last
+        self._reloading: set[str] = set()              # models being reloaded
+        self._reloaded_at: dict[str, float] = {}
+        self._down_since: dict[str, float] = {}
+        self.reload_after_s, self.retry_reload_s = reload_after_s, retry_reload_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="instance-monitor", daemon=True)
+        self.events: list[tuple[float, str, str]] = []     # (time, instance, "dead"/"stuck"/"up")
+
+    # -- requests -----------------------------------------------------------------------------
+    def watch(self, phase: str, loop: asyncio.AbstractEventLoop | None = None) -> Watch:
+        w = Watch(self, phase, loop or asyncio.get_running_loop())
+        with self._lock:
+            self._watches.add(w)
+            of_phase = [i for i in self.instance_ids if phase_of(i) == phase]
+            all_down = bool(of_phase) and all(i in self._down for i in of_phase)
+        if all_down:
+            w.fail(f"no {phase} instance can serve: " +
+                   ", ".join(f"{i} is {self._down[i]}" for i in of_phase))
+        return w
+
+    def status(self) -> dict[str, str]:
+        with self._lock:
+            return {i: self._down.get(i, "up" if i in self._seen_up else "starting")
+                    for i in self.instance_ids}
+
+    def ready(self) -> bool:
+        """Every phase has an instance that answers."""
+        st = self.status()
+        phases = {phase_of(i) for i in st}
+        return all(any(s == "up" for i, s in st.items() if phase_of(i) == p) for p in phases)
+
+    # -- the probe loop -------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            for instance in self.instance_ids:
+                try:
+                    self.check(instance)
+                except Exception:                      # noqa: BLE001 - keep watching the others
+                    log.exception("checking %s failed", instance)
+
+    def check(self, instance: str) -> None:
+        """Probe one instance and act on the answer (the loop's body; tests call it directly)."""
+        now = self.clock()
+        try:
+            reply = self.probe(instance)
+            if isinstance(reply, dict) and reply.get("error"):
+                raise RuntimeError(reply["error"])
+        except (ConnectionRefusedError, FileNotFoundError) as e:
+            if process_alive(self._pid.get(instance)):
+                e = TimeoutError("its process lives but does not accept (stopped?)")
+                self._silent(instance, now, e)
+                return
+            # refused: the socket is there, its process is not; absent: gone, or not up yet
+            if isinstance(e, ConnectionRefusedError) or instance in self._seen_up:
+                self._went_down(instance, DEAD, f"{type(e).__name__}")
+                model = phase_of(instance)
+                gone_for = now - self._down_since.get(instance, now)
+                since_reload = now - self._reloaded_at.get(model, float("-inf"))
+                if gone_for >= self.reload_after_s and since_reload >= self.retry_reload_s:
+                    self._reload(model)
+            return
+        except Exception as e:                         # noqa: BLE001 - connected, no (good) answer
+            self._silent(instance, now, e)
+            return
+        self._last_answer[instance] = now
+        pid = reply.get("pid") if isinstance(reply, dict) else None
+        if self._pid.get(instance, pid) != pid:
+            self._went_down(instance, DEAD, f"restarted: process {self._pid[instance]} -> {pid}",
+                            whole_phase=True)
+        self._pid[instance] = pid
+        with self._lock:
+            was = self._down.pop(instance, None)
+            self._seen_up.add(instance)
+        if was:
+            log.warning("%s answers again", instance)
+            self.events.append((now, instance, "up"))
+
+    def _silent(self, instance: str, now: float, e: BaseException) -> None:
+        """No answer: STUCK once silent for `stuck_after_s` since its last answer (or since the
+        first silence, if it never answered: its socket exists, so it bound it, then stopped)."""
+        since = self._last_answer.setdefault(instance, now)
+        if now - since >= self.stuck_after_s:
+            self._went_down(instance, STUCK, f"no answer for {now - since:.1f} s ({e})")
+
+    def _went_down(self, instance: str, state: str, why: str, whole_phase: bool = False) -> None:
+        """Fail the requests on `instance` (and those not yet placed, when no instance of its
+        phase is left or `whole_phase`: they may have gone to it)."""
+        with self._lock:
+            if instance in self._down:
+                return
+            self._down[instance] = state
+            self._down_since[instance] = self.clock()
+            phase = phase_of(instance)
+            of_phase = [i for i in self.instance_ids if phase_of(i) == phase]
+            whole_phase = whole_phase or all(i in self._down for i in of_phase)
+            victims = [w for w in self._watches if w.instance == instance
+                       or (w.instance is None and w.phase == phase and whole_phase)]
+        log.error("%s is %s (%s): failing %d request(s)", instance, state, why, len(victims))
+        self.events.append((self.clock(), instance, state))
+        for w in victims:
+            w.fail(f"{instance} is {state} ({why})")
+
+    def _reload(self, model: str) -> None:
+        with self._lock:
+            if model in self._reloading:
+                return
+            self._reloading.add(model)
+            self._reloaded_at[model] = self.clock()
+
+        def run() -> None:
+            try:
+                log.warning("reloading model %s", model)
+                self.reload(model)
+            except Exception:                          # noqa: BLE001 - logged; the probe retries
+                log.exception("reloading %s failed", model)
+            finally:
+                with self._lock:
+                    self._reloading.discard(model)
+        threading.Thread(target=run, name=f"reload-{model}", daemon=True).start()
