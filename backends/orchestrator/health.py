@@ -180,6 +180,7 @@ class InstanceMonitor:
             was = self._down.pop(instance, None)
             self._seen_up.add(instance)
         if was:
+            self._reloaded_at.pop(phase_of(instance), None)    # a next death reloads at once
             log.warning("%s answers again", instance)
             self.events.append((now, instance, "up"))
 

@@ -111,15 +111,18 @@ class OrchestratorModel:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 return                              # another orchestrator instance is on it
-            request = urllib.request.Request(f"http://{url}/v2/repository/models/{model}/load",
-                                             data=b"{}", method="POST")
+            # unload first: a `load` of a model Triton holds as loaded is a no-op after the
+            # first reload, and the dead instance stays dead
             opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-            try:
-                with opener.open(request, timeout=600) as response:
-                    log.warning("reloaded %s (HTTP %d)", model, response.status)
-            except urllib.error.HTTPError as e:
-                raise RuntimeError(f"Triton refused to reload {model}: {e.read().decode()[:300]} "
-                                   "(it needs --model-control-mode=explicit)") from None
+            for op in ("unload", "load"):
+                request = urllib.request.Request(f"http://{url}/v2/repository/models/{model}/{op}",
+                                                 data=b"{}", method="POST")
+                try:
+                    with opener.open(request, timeout=600) as response:
+                        log.warning("%s %s: HTTP %d", op, model, response.status)
+                except urllib.error.HTTPError as e:
+                    raise RuntimeError(f"Triton refused to {op} {model}: {e.read().decode()[:300]} "
+                                       "(it needs --model-control-mode=explicit)") from None
 
     async def execute(self, requests: list[Any]) -> None:
         await asyncio.gather(*(self._serve(r) for r in requests))
