@@ -193,6 +193,15 @@ class OrchestratorModel:
             raise RuntimeError(f"request failed: {watch.failed.result()}")
         return await _first_or_failure(asyncio.get_running_loop().run_in_executor(self.pool, call), watch)
 
+    def _kv_source_watch(self, payload: str) -> Watch | None:
+        """For a decode request: a watch on the prefill instance that holds its KV, until decode
+        has taken the KV in (KV a dead prefill instance exported is never read)."""
+        if not payload.startswith('{"type":"decode"'):
+            return None
+        watch = self.monitor.watch("prefill")
+        watch.narrow(json.loads(payload)["kv"]["instance_id"])
+        return watch
+
     def _stream_from(self, model: str):
         """A decoupled BLS stream from `model` (decode or colocated): payload -> responses.
 
@@ -201,24 +210,31 @@ class OrchestratorModel:
         from unloading."""
         async def stream(payload: str) -> AsyncIterator[str]:
             watch = self.monitor.watch(model)
+            kv_watch = self._kv_source_watch(payload)
+            watches = (watch,) if kv_watch is None else (watch, kv_watch)
             responses, read, done = None, None, False
             try:
                 loop = asyncio.get_running_loop()
                 responses = await self._call(watch, lambda: self._bls(model, payload).exec(decoupled=True))
                 while not done:
                     read = loop.run_in_executor(self.pool, next, responses, None)
-                    response = await _first_or_failure(read, watch)
+                    response = await _first_or_failure(read, *watches)
                     done = response is None
                     out = None if done else self._payload(response)
                     if out is not None:
                         if watch.instance is None and out.startswith('{"type":"accepted"'):
                             watch.narrow(json.loads(out)["instance_id"])
+                        elif len(watches) > 1 and out.startswith('{"type":"admitted"'):
+                            watches = (watch,)          # the KV is in: its source may go
                         yield out
             finally:
-                if watch.failed.done() and not watch.failed.cancelled() and watch.instance:
-                    # a stopped instance reads this when it resumes and frees the request
+                if any(w.failed.done() and not w.failed.cancelled() for w in watches) and watch.instance:
+                    # a stopped instance reads this when it resumes and frees the request; a
+                    # request whose KV source died is dropped before its KV is read
                     self.pool.submit(self._cancel, watch.instance, json.loads(payload)["req_id"])
-                watch.close()
+                for w in (watch, kv_watch):
+                    if w is not None:
+                        w.close()
                 # an unfinished stream is read to its end in the background (after the read in
                 # flight, if the instance went down mid-read)
                 if not done and responses is not None:
@@ -244,10 +260,11 @@ class OrchestratorModel:
 SERVER_URL_ENV = "DISTSERVE_SERVER_URL"
 
 
-async def _first_or_failure(fut: asyncio.Future, watch: Watch) -> Any:
-    """`fut`'s result, or RuntimeError as soon as the instance the request waits on goes down
+async def _first_or_failure(fut: asyncio.Future, *watches: Watch) -> Any:
+    """`fut`'s result, or RuntimeError as soon as an instance the request waits on goes down
     (`fut` is left running: a blocked BLS read cannot be interrupted)."""
-    done, _ = await asyncio.wait({fut, watch.failed}, return_when=asyncio.FIRST_COMPLETED)
+    failed = {w.failed for w in watches}
+    done, _ = await asyncio.wait({fut, *failed}, return_when=asyncio.FIRST_COMPLETED)
     if fut in done:
         return fut.result()
-    raise RuntimeError(f"request failed: {watch.failed.result()}")
+    raise RuntimeError(f"request failed: {next(f for f in failed if f.done()).result()}")

@@ -157,3 +157,31 @@ def test_stopped_decode_fails_its_streams_and_serves_after_it_resumes(server):
         os.kill(pid, signal.SIGCONT)
     serves_again(server, time.monotonic())
     settled(server)
+
+
+def test_kv_of_a_dead_prefill_instance_is_never_read(tmp_path, gguf_path):
+    """Decode takes one sequence at a time, so two prefilled requests wait for admission while
+    their KV sits in the prefill pool; prefill dies: those two fail (decode never reads the
+    dead instance's KV), the running one finishes."""
+    deployment = dataclasses.replace(default_deployment(str(gguf_path)), dtype="float32",
+                                     max_model_len=1024, default_max_tokens=32)
+    deployment = dataclasses.replace(deployment, decode=dataclasses.replace(deployment.decode, max_num_seqs=1))
+    repo = render_repository(deployment, tmp_path / "model_repository", require_code=True)
+    with start_server(repo, run_dir=tmp_path / "run") as srv:
+        running = Streams(srv, 1, "Once upon a time", max_tokens=150)
+        running.wait_first_tokens(1)
+        waiting = Streams(srv, 2, "Hello there", max_tokens=20)
+        waiting.wait_first_tokens(2)                             # prefilled; decode is full
+        time.sleep(0.5)
+        assert instance_stats(srv, "decode-0")["pending"] == 2
+        killed = time.monotonic()
+        os.kill(stub_pid(srv, "prefill"), signal.SIGKILL)
+        waiting.join(DEADLINE_S + 5)
+        for end, tokens, error in waiting.results:
+            assert error is not None and "prefill-0" in error and end - killed < DEADLINE_S, error
+            assert tokens == 1                                   # the first token, from prefill
+        running.join(60)
+        assert running.results[0][2] is None and running.results[0][1] == 150
+        assert instance_stats(srv, "decode-0")["kv_transfer_bytes"] > 0
+        serves_again(srv, killed)
+        wait_kv_free(srv, ("prefill-0", "decode-0"), timeout=30)
