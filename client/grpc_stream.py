@@ -41,7 +41,11 @@ from typing import Any
 from .request import grpc_request
 from .results import OUTPUTS, Chunk, DistServeError, chunk_from_arrays, unreachable
 
-_OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
+# Each channel its own connection (a local subchannel pool): with grpc's global pool, channels
+# to one target share a connection, and one stream's end could close it under another
+# ("Stream removed (Socket closed)" on the other stream, seen when two requests fail at once).
+_OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1),
+            ("grpc.use_local_subchannel_pool", 1)]
 _END = object()                 # queue mark: the loop thread is done
 
 
