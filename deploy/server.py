@@ -155,6 +155,7 @@ class TritonServer:
         if self._unset("DISTSERVE_RUN_DIR"):
             self.control_dir = Path(tempfile.mkdtemp(prefix="distserve-ctl-"))
             env["DISTSERVE_RUN_DIR"] = str(self.control_dir)
+            env["DISTSERVE_SEGMENT_LOG"] = str(self.control_dir / "kv-segments")
         if self.share_weights and self._unset(SHARED_WEIGHTS_ENV):
             self.shared_weights_dir = make_shared_weights_dir()
             env[SHARED_WEIGHTS_ENV] = str(self.shared_weights_dir)
@@ -232,7 +233,7 @@ class TritonServer:
 
     def _stop_group(self, timeout: float) -> None:
         pgid = self.process.pid             # start_new_session: the server leads its group
-        members = _group_members(pgid)
+        members = _group_members(pgid, self.shm_prefix)
         if self.process.poll() is None:
             _signal_group(pgid, signal.SIGTERM)
             try:
@@ -240,13 +241,25 @@ class TritonServer:
             except subprocess.TimeoutExpired:
                 _signal_group(pgid, signal.SIGKILL)
                 self.process.wait(10)
-        _reap(members, pgid, timeout=10)
-        leftovers = [p.pid for p in _group_members(pgid)] + [p.pid for p in members if _alive(p)]
+        _reap(members + _group_members(pgid, self.shm_prefix), pgid, timeout=10)
+        leftovers = [p.pid for p in _group_members(pgid, self.shm_prefix)] + \
+            [p.pid for p in members if _alive(p)]
         if leftovers:
             raise ServerError(f"processes of tritonserver pid {pgid} survived stop(): "
                               f"{sorted(set(leftovers))}")
         for region in Path("/dev/shm").glob(self.shm_prefix + "*"):
             region.unlink(missing_ok=True)
+        self._remove_kv_segments()
+
+    def _remove_kv_segments(self) -> None:
+        """The KV pools this server's instances created (kvtransfer logs each name): a killed
+        instance never unlinked its own."""
+        log = self.control_dir / "kv-segments" if self.control_dir else None
+        if log is None or not log.exists():
+            return
+        for name in log.read_text().split():
+            if re.fullmatch(r"distserve-kv-\d{1,10}-[0-9a-f]{16}", name):   # kvtransfer's names
+                Path("/dev/shm", name).unlink(missing_ok=True)
 
     def __enter__(self) -> TritonServer:
         self.start()
@@ -274,14 +287,18 @@ def _alive(proc: psutil.Process) -> bool:
         return False
 
 
-def _group_members(pgid: int) -> list[psutil.Process]:
-    """Live processes in process group `pgid`, plus the server's descendants (in any group)."""
+def _group_members(pgid: int, marker: str | None = None) -> list[psutil.Process]:
+    """Live processes in process group `pgid`, plus the server's descendants (in any group),
+    plus (with `marker`) any process with `marker` in its command line: the server's python
+    backend stubs carry its unique shm prefix there, so a stub started late (a model load
+    while the server exits) that lost its parent and left the group is still found."""
     found = {}
     for proc in psutil.process_iter():
         try:
-            if os.getpgid(proc.pid) == pgid and _alive(proc):
+            if (os.getpgid(proc.pid) == pgid or (marker and any(marker in a for a in proc.cmdline()))) \
+                    and _alive(proc):
                 found[proc.pid] = proc
-        except (ProcessLookupError, psutil.NoSuchProcess):
+        except (ProcessLookupError, psutil.NoSuchProcess, psutil.AccessDenied):
             continue
     try:
         for child in psutil.Process(pgid).children(recursive=True):

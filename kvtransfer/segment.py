@@ -54,6 +54,18 @@ def _check_file(name: str, st: os.stat_result, nbytes: int) -> None:
         raise SegmentError(f"{name} has {st.st_size} bytes, the descriptor's layout needs {nbytes}")
 
 
+SEGMENT_LOG_ENV = "DISTSERVE_SEGMENT_LOG"
+
+
+def _log_segment(name: str) -> None:
+    """Note a new segment's name where the server's launcher finds it at stop (a killed
+    instance never unlinks its pool: the launcher does)."""
+    path = os.environ.get(SEGMENT_LOG_ENV)
+    if path:
+        with open(path, "a") as f:
+            f.write(name + "\n")
+
+
 class Segment:
     """One mapped segment. `table` is the lease table; `buffer` the pool bytes (or None)."""
 
@@ -94,6 +106,7 @@ class Segment:
         finally:
             os.close(fd)
         mm[:HEADER_NBYTES] = header.pack().ljust(HEADER_NBYTES, b"\0")
+        _log_segment(name)
         return cls(name, header, mm, None, (st.st_dev, st.st_ino), is_creator=True)
 
     @classmethod

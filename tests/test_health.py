@@ -204,3 +204,20 @@ def test_process_alive():
     import os
     from backends.orchestrator.health import process_alive
     assert process_alive(os.getpid()) and not process_alive(None) and not process_alive(2 ** 22 + 17)
+
+
+def test_an_instance_unloaded_in_order_fails_its_requests_but_is_not_reloaded():
+    """Its socket is removed when it finalizes (the server stops or unloads it): reloading it
+    then would start a stub that outlives the server."""
+    async def go():
+        fleet, monitor = make("decode-0")
+        sweep(fleet, monitor)
+        w = monitor.watch("decode")
+        w.narrow("decode-0")
+        fleet.state["decode-0"] = "absent"
+        for _ in range(40):
+            sweep(fleet, monitor)
+        await asyncio.sleep(0.05)
+        assert "unloaded" in w.failed.result() and fleet.reloads == []
+        w.close()
+    asyncio.run(go())

@@ -10,9 +10,10 @@ requests waiting on it, and bring a dead one back.
 
 Every `interval_s` the monitor probes each instance (`probe(instance_id)`: its control socket's
 stats, a short timeout):
-- refused or absent, and the process that answered last is gone (or was never known): DOWN at
-  once, and every request watching it fails. (A stopped process refuses too, once its listen
-  queue is full: while it exists it counts as silent, below.)
+- refused, and the process that answered last is gone (or was never known): DOWN at once, and
+  every request watching it fails. (A stopped process refuses too, once its listen queue is
+  full: while it exists it counts as silent, below.) Its socket gone after it was up: it was
+  unloaded in order (server stopping): DOWN, requests fail, never reloaded;
   If it is still gone `reload_after_s` later (Triton did not restart the stub itself),
   `reload(model)` is asked to bring it back (Triton's model-control API), on a thread of its
   own, again every `retry_reload_s` while it stays gone;
@@ -158,14 +159,18 @@ class InstanceMonitor:
                 e = TimeoutError("its process lives but does not accept (stopped?)")
                 self._silent(instance, now, e)
                 return
-            # refused: the socket is there, its process is not; absent: gone, or not up yet
-            if isinstance(e, ConnectionRefusedError) or instance in self._seen_up:
-                self._went_down(instance, DEAD, f"{type(e).__name__}")
+            # refused: the socket is there, its process is not (it crashed); absent: not up
+            # yet, or unloaded in order (an instance removes its socket when it finalizes:
+            # the server is stopping or unloading it, so it is not brought back)
+            if isinstance(e, ConnectionRefusedError):
+                self._went_down(instance, DEAD, "its process is gone")
                 model = phase_of(instance)
                 gone_for = now - self._down_since.get(instance, now)
                 since_reload = now - self._reloaded_at.get(model, float("-inf"))
                 if gone_for >= self.reload_after_s and since_reload >= self.retry_reload_s:
                     self._reload(model)
+            elif instance in self._seen_up:
+                self._went_down(instance, DEAD, "unloaded")
             return
         except Exception as e:                         # noqa: BLE001 - connected, no (good) answer
             self._silent(instance, now, e)

@@ -26,16 +26,22 @@ def _segments(prefix: str) -> set[str]:
     return {n for n in os.listdir("/dev/shm") if n.startswith(prefix)}
 
 
+def _kv_segments() -> set[str]:
+    return _segments("distserve-kv-")
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, gguf_path):
     deployment = dataclasses.replace(default_deployment(str(gguf_path)), dtype="float32",
                                      lease_timeout_s=5.0, max_model_len=1024, default_max_tokens=32)
     repo = render_repository(deployment, tmp_path_factory.mktemp("repo") / "model_repository",
                              require_code=True)
+    kv_before = _kv_segments()
     with start_server(repo, run_dir=tmp_path_factory.mktemp("run")) as srv:
         prefix = srv.shm_prefix
         yield srv
     assert not _segments(prefix), "shared-memory segments left after the server stopped"
+    assert not _kv_segments() - kv_before, "KV pools of killed instances left after the server stopped"
 
 
 def stub_pid(server, model: str) -> int:
