@@ -166,7 +166,7 @@ def is_final(msg: Message) -> bool:
 
 def encode(msg: Message) -> str:
     out: dict[str, Any] = {"type": msg.TYPE}
-    for f in fields(msg):
+    for f, _ in _schema(type(msg)):             # cached: this runs per streamed token
         v = getattr(msg, f.name)
         if v is None:
             continue

@@ -193,13 +193,13 @@ class OrchestratorModel:
             raise RuntimeError(f"request failed: {watch.failed.result()}")
         return await _first_or_failure(asyncio.get_running_loop().run_in_executor(self.pool, call), watch)
 
-    def _kv_source_watch(self, payload: str) -> Watch | None:
+    def _kv_source_watch(self, request: dict[str, Any]) -> Watch | None:
         """For a decode request: a watch on the prefill instance that holds its KV, until decode
         has taken the KV in (KV a dead prefill instance exported is never read)."""
-        if not payload.startswith('{"type":"decode"'):
+        if request.get("type") != "decode":
             return None
         watch = self.monitor.watch("prefill")
-        watch.narrow(json.loads(payload)["kv"]["instance_id"])
+        watch.narrow(request["kv"]["instance_id"])
         return watch
 
     def _stream_from(self, model: str):
@@ -209,8 +209,9 @@ class OrchestratorModel:
         ends the stream at once after a cancel, and an unread BLS stream would keep this model
         from unloading."""
         async def stream(payload: str) -> AsyncIterator[str]:
+            request = json.loads(payload)               # our own message: well formed
             watch = self.monitor.watch(model)
-            kv_watch = self._kv_source_watch(payload)
+            kv_watch = self._kv_source_watch(request)
             watches = (watch,) if kv_watch is None else (watch, kv_watch)
             responses, read, done = None, None, False
             try:
@@ -231,7 +232,7 @@ class OrchestratorModel:
                 if any(w.failed.done() and not w.failed.cancelled() for w in watches) and watch.instance:
                     # a stopped instance reads this when it resumes and frees the request; a
                     # request whose KV source died is dropped before its KV is read
-                    self.pool.submit(self._cancel, watch.instance, json.loads(payload)["req_id"])
+                    self._cancel(watch.instance, request["req_id"])
                 for w in (watch, kv_watch):
                     if w is not None:
                         w.close()
@@ -245,8 +246,12 @@ class OrchestratorModel:
         return stream
 
     def _cancel(self, instance_id: str, req_id: str) -> None:
-        if not instance_id:
-            return
+        """Cancel `req_id` on an instance, from the pool: the send may wait on a stopped
+        instance (up to its timeout), and the event loop must not."""
+        if instance_id:
+            self.pool.submit(self._send_cancel, instance_id, req_id)
+
+    def _send_cancel(self, instance_id: str, req_id: str) -> None:
         try:
             send(socket_path(self.control_dir, instance_id), {"op": "cancel", "req_id": req_id})
         except OSError as e:
