@@ -1,0 +1,227 @@
+"""Request router: where one request is prefilled and decoded (pure policy: no Triton, no clock).
+
+Each instance publishes an `InstanceState` (its queued prompts, running batch and free KV; the
+real instances and the planner's simulator build it from their own `Scheduler` with
+`InstanceState.from_scheduler`). For each arriving request the caller (the orchestrator, the
+simulator) calls `route(prompt_len, max_tokens, slo, prefill_states, decode_states, predictor)`
+and gets a `Decision`: prefill on prefill instance i then decode on decode instance j ("split"),
+prefill on decode instance j as chunks inside its decode steps ("local", with the chunk budget
+its steps are to use), or hold the request and route it again later ("wait"). The decision
+lists every option considered with its predicted TTFT / TPOT and a reason; `to_dict()` is what
+goes into the request's timing. Step times come from the `predictor` passed in: the planner's
+fitted model through `planner.router_latency.LatencyModelPredictor` (backends never imports
+the planner).
+
+Predictions (seconds):
+- split (i, j): TTFT = the prefill of i's queued prompts (one batch of equal shares) + this
+  prompt's prefill; TPOT = j's decode step with this sequence added. j is, for every i, the
+  decode instance with blocks free for prompt + max_tokens and the lowest such TPOT (a full
+  batch queues it for a slot, as the decode instances' pull-based admission does today).
+- local on j: every mixed step of j carries up to `chunk_budget` prompt tokens, the most that
+  keeps the step within the TPOT SLO (whether or not a batch is running: a sequence may join
+  at any step); TTFT = the mixed steps that prefill j's queued local tokens and this prompt;
+  TPOT = the worse of such a step and j's decode step with this sequence added.
+A decode instance's measured `recent_step_s`, when published, stands in for the predicted time
+of its current batch: every prediction there is shifted by (measured - predicted).
+
+Rule: among the options meeting both SLOs, the lowest predicted TTFT (the most TTFT margin;
+local's TPOT is held under its SLO by the chunk budget); if none meets both, the least bad:
+lowest max(TTFT / TTFT SLO, TPOT / TPOT SLO). Ties go to the earlier option: every split
+before every local, instances in the order given. KV is never overcommitted: an option needs
+blocks for prompt + max_tokens free on its decode instance (and the prompt's on a prefill
+instance); with none, "wait".
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from typing import Literal, Protocol, Sequence
+
+
+class Predictor(Protocol):
+    """Step times in seconds. DistServe's Appendix A form depends on the batch only through
+    these arguments: prefill a + b*sum(l) + c*sum(l^2), decode a + b*sum(ctx) + c*B."""
+
+    def prefill_time(self, prompt_lens: Sequence[int]) -> float: ...
+
+    def decode_step_time(self, num_seqs: int, total_context: int) -> float: ...
+
+    def mixed_step_time(self, num_seqs: int, total_context: int, chunk_tokens: int) -> float:
+        """A decode step of `num_seqs` sequences that also prefills `chunk_tokens` prompt tokens
+        (non-decreasing in `chunk_tokens`)."""
+
+
+class SLO(Protocol):                # planner.rate_search.SLO is one
+    @property
+    def ttft(self) -> float: ...
+
+    @property
+    def tpot(self) -> float: ...
+
+
+@dataclass(frozen=True)
+class InstanceState:
+    """What one instance publishes about itself."""
+    instance: str
+    phase: Literal["prefill", "decode"]
+    free_kv_blocks: int                 # neither held nor promised to a sequence queued for KV
+    queued_tokens: int = 0              # prompt tokens accepted, not yet prefilled
+    queued_requests: int = 0            # the prompts they belong to
+    num_running: int = 0                # sequences in (or admitted to) the decode batch
+    running_context: int = 0            # their context lengths, summed
+    block_size: int = 16
+    max_num_seqs: int = 32
+    max_num_batched_tokens: int = 2048  # tokens per step
+    local_prefill: bool = False         # a decode instance running mixed (chunked) steps
+    recent_step_s: float | None = None  # decode: measured time of its recent steps
+
+    def __post_init__(self) -> None:
+        if self.phase not in ("prefill", "decode"):
+            raise ValueError(f"phase must be prefill or decode, got {self.phase!r}")
+        for name in ("free_kv_blocks", "queued_tokens", "queued_requests", "num_running",
+                     "running_context", "block_size", "max_num_seqs", "max_num_batched_tokens"):
+            if getattr(self, name) < (1 if name in ("block_size", "max_num_seqs") else 0):
+                raise ValueError(f"{self.instance}: bad {name} {getattr(self, name)!r}")
+
+    def has_kv_for(self, num_tokens: int) -> bool:
+        return self.free_kv_blocks >= -(-num_tokens // self.block_size)
+
+    @classmethod
+    def from_scheduler(cls, instance: str, phase: Literal["prefill", "decode"], scheduler,
+                       recent_step_s: float | None = None) -> InstanceState:
+        """The state of a `backends.core.scheduler.Scheduler` (read, not changed)."""
+        s, lim = scheduler, scheduler.config
+        prefilling = [*s.waiting, *(q for q in s.running if q.num_cached < q.num_prompt_tokens)]
+        decoding = [*(q for q in s.running if q.num_cached >= q.num_prompt_tokens), *s.loading, *s.remote]
+        promised = sum(lim.blocks_for(q.num_prompt_tokens) for q in s.remote)
+        return cls(instance, phase, max(0, s.blocks.num_free - promised),
+                   sum(q.num_tokens - q.num_cached for q in prefilling), len(prefilling),
+                   len(decoding), sum(q.num_tokens for q in decoding), lim.block_size,
+                   lim.max_num_seqs, lim.max_num_batched_tokens,
+                   phase == "decode" and lim.chunked_prefill, recent_step_s)
+
+
+@dataclass(frozen=True)
+class Option:
+    kind: Literal["split", "local"]
+    prefill: str | None                 # split: the prefill instance
+    decode: str | None                  # where it decodes (local: and prefills); None: nowhere
+    chunk_budget: int = 0               # local: prompt tokens per mixed step
+    ttft_s: float | None = None         # None: not possible (see reason)
+    tpot_s: float | None = None
+    meets_slo: bool = False
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Decision:
+    chosen: Option | None               # None: wait
+    reason: str
+    options: tuple[Option, ...]
+
+    @property
+    def kind(self) -> str:
+        return self.chosen.kind if self.chosen else "wait"
+
+    def to_dict(self) -> dict:
+        c = self.chosen
+        return {"kind": self.kind, "prefill": c and c.prefill, "decode": c and c.decode,
+                "chunk_budget": c.chunk_budget if c else 0, "reason": self.reason,
+                "options": [asdict(o) for o in self.options]}
+
+
+def _shift(d: InstanceState, predictor: Predictor) -> float:
+    if d.recent_step_s is None or d.num_running == 0:
+        return 0.0
+    return d.recent_step_s - predictor.decode_step_time(d.num_running, d.running_context)
+
+
+def chunk_budget(state: InstanceState, predictor: Predictor, tpot_slo: float) -> int:
+    """The most prompt tokens one mixed step of `state`'s running batch can carry with the step
+    predicted within `tpot_slo` (at most the step's token budget less a token per running
+    sequence); 0 when not even one token fits."""
+    shift, n, ctx = _shift(state, predictor), state.num_running, state.running_context
+    lo, hi = 0, state.max_num_batched_tokens - n
+    while lo < hi:                      # the largest c in [0, hi] that fits
+        mid = (lo + hi + 1) // 2
+        if predictor.mixed_step_time(n, ctx, mid) + shift <= tpot_slo:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def _judged(option: Option, slo: SLO, why: str) -> Option:
+    misses = [name for name, t, limit in (("TTFT", option.ttft_s, slo.ttft),
+                                          ("TPOT", option.tpot_s, slo.tpot)) if t > limit]
+    return replace(option, meets_slo=not misses,
+                   reason=why + (f"; misses {' and '.join(misses)}" if misses else ""))
+
+
+def _join_tpot(d: InstanceState, prompt_len: int, predictor: Predictor) -> float:
+    """d's decode step once this sequence has joined its batch."""
+    step = predictor.decode_step_time(d.num_running + 1, d.running_context + prompt_len)
+    return step + _shift(d, predictor)
+
+
+def _split(p: InstanceState, target: tuple[InstanceState, float] | None, prompt_len: int,
+           slo: SLO, predictor: Predictor) -> Option:
+    if target is None:
+        return Option("split", p.instance, None, reason="no decode instance has KV free for it")
+    if not p.has_kv_for(prompt_len):
+        return Option("split", p.instance, None, reason=f"{p.instance} has no KV free for the prompt")
+    n, tokens = max(1, p.queued_requests), p.queued_tokens
+    share, extra = divmod(tokens, n)
+    wait = predictor.prefill_time([share + 1] * extra + [share] * (n - extra)) if tokens else 0.0
+    d, tpot = target
+    ttft = wait + predictor.prefill_time([prompt_len])
+    return _judged(Option("split", p.instance, d.instance, 0, ttft, tpot), slo,
+                   f"prefill behind {tokens} queued tokens, decode on {d.instance} "
+                   f"({d.num_running} running)")
+
+
+def _local(d: InstanceState, prompt_len: int, max_tokens: int, slo: SLO, predictor: Predictor) -> Option:
+    def impossible(reason: str) -> Option:
+        return Option("local", None, d.instance, reason=reason)
+    if not d.local_prefill:
+        return impossible("no mixed steps on this instance")
+    if not d.has_kv_for(prompt_len + max_tokens):
+        return impossible("no KV free for it")
+    if d.num_running >= d.max_num_seqs:
+        return impossible("decode batch full")
+    budget = chunk_budget(d, predictor, slo.tpot)
+    if budget == 0:
+        return impossible("running batch at its TPOT limit")
+    shift, n, ctx = _shift(d, predictor), d.num_running, d.running_context
+    full, rest = divmod(d.queued_tokens + prompt_len, budget)
+    step = predictor.mixed_step_time(n, ctx, budget) + shift
+    ttft = full * step + (predictor.mixed_step_time(n, ctx, rest) + shift if rest else 0.0)
+    largest_step = step if full else ttft         # without a full chunk, one step is the TTFT
+    tpot = max(largest_step, _join_tpot(d, prompt_len, predictor))
+    return _judged(Option("local", None, d.instance, budget, ttft, tpot), slo,
+                   f"{full + (rest > 0)} mixed steps of <= {budget} tokens beside {n} running")
+
+
+def route(prompt_len: int, max_tokens: int, slo: SLO, prefill_states: Sequence[InstanceState],
+          decode_states: Sequence[InstanceState], predictor: Predictor) -> Decision:
+    """Where to run one request of `prompt_len` prompt tokens and up to `max_tokens` outputs."""
+    if prompt_len < 1 or max_tokens < 0:
+        raise ValueError(f"bad request: prompt_len {prompt_len}, max_tokens {max_tokens}")
+    for states, phase in ((prefill_states, "prefill"), (decode_states, "decode")):
+        if any(s.phase != phase for s in states):
+            raise ValueError(f"{phase}_states holds an instance of another phase")
+    joins = [(d, _join_tpot(d, prompt_len, predictor)) for d in decode_states
+             if d.has_kv_for(prompt_len + max_tokens)]
+    target = min(joins, key=lambda j: j[1], default=None)
+    options = (*(_split(p, target, prompt_len, slo, predictor) for p in prefill_states),
+               *(_local(d, prompt_len, max_tokens, slo, predictor) for d in decode_states))
+    possible = [o for o in options if o.ttft_s is not None]
+    meeting = [o for o in possible if o.meets_slo]
+    if meeting:                         # min keeps the first of equals: the tie rule
+        return Decision(min(meeting, key=lambda o: o.ttft_s), "meets both SLOs, lowest TTFT", options)
+    if possible:
+        def over(o: Option) -> float:
+            return max(o.ttft_s / slo.ttft, o.tpot_s / slo.tpot)
+        best = min(possible, key=over)
+        return Decision(best, f"no option meets both SLOs; least over ({over(best):.2f}x)", options)
+    why = "no decode instance has KV free for it" if not joins else "no option is possible now"
+    return Decision(None, why, options)

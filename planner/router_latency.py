@@ -1,0 +1,34 @@
+"""The router's predictor (backends.core.router.Predictor) from the planner's fitted latency model.
+
+backends never imports the planner, so the router takes its predictor as a parameter; callers
+that hold a `LatencyModel` (the simulator, the orchestrator loading a profile) wrap it here:
+
+    route(prompt_len, max_tokens, slo, prefills, decodes, LatencyModelPredictor(model))
+
+A step is priced as the simulator prices it (`planner.simulator._Engine.step_time`): a mixed
+step pays its prompt chunk's prefill plus the decodes' marginal cost (their constant term
+overlaps with the prefill's). Times are a batch's latency: pp stage times.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from planner.latency import LatencyModel
+
+
+@dataclass(frozen=True)
+class LatencyModelPredictor:
+    model: LatencyModel
+
+    def prefill_time(self, prompt_lens: Sequence[int]) -> float:
+        return self.model.pp * self.model.prefill_time(prompt_lens) if prompt_lens else 0.0
+
+    def decode_step_time(self, num_seqs: int, total_context: int) -> float:
+        return self.model.pp * self.model.decode_time(num_seqs, total_context) if num_seqs else 0.0
+
+    def mixed_step_time(self, num_seqs: int, total_context: int, chunk_tokens: int) -> float:
+        if not chunk_tokens:
+            return self.decode_step_time(num_seqs, total_context)
+        decode = self.model.decode_time(num_seqs, total_context, marginal=True) if num_seqs else 0.0
+        return self.model.pp * (self.model.prefill_time([chunk_tokens]) + decode)

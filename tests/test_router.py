@@ -1,0 +1,258 @@
+"""The router on hand-made instance states with a hand-made linear predictor (no model, no
+Triton), its chunk budget, the state an instance publishes from its scheduler, and the
+planner's predictor against the simulator's step pricing.
+
+The predictor `Linear`: prefill 10 ms + 0.1 ms per prompt token; a decode step 10 ms + 1 ms per
+sequence + 0.01 ms per context token; a mixed step the chunk's prefill plus the decodes'
+marginal cost. SLOs: TTFT 0.5 s, TPOT 0.1 s."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from backends.core.kv_cache import BlockManager
+from backends.core.limits import EngineLimits
+from backends.core.router import Decision, InstanceState, chunk_budget, route
+from backends.core.sampling import SamplingParams
+from backends.core.scheduler import Batch, Scheduler
+from backends.core.sequence import Sequence
+from planner.latency import LatencyModel
+from planner.rate_search import SLO
+from planner.router_latency import LatencyModelPredictor
+
+TARGET = SLO(ttft=0.5, tpot=0.1)
+
+
+class Linear:
+    def prefill_time(self, lens):
+        return 0.010 + 1e-4 * sum(lens) if lens else 0.0
+
+    def decode_step_time(self, n, ctx):
+        return 0.010 + 1e-3 * n + 1e-5 * ctx if n else 0.0
+
+    def mixed_step_time(self, n, ctx, chunk):
+        if not chunk:
+            return self.decode_step_time(n, ctx)
+        return self.prefill_time([chunk]) + 1e-3 * n + 1e-5 * ctx
+
+
+P = Linear()
+
+
+def prefill(name="prefill_0", queued=0, requests=None, free=1000, **kw) -> InstanceState:
+    requests = int(queued > 0) if requests is None else requests
+    return InstanceState(name, "prefill", free, queued, requests, **kw)
+
+
+def decode(name="decode_0", running=4, context=2000, free=1000, local=True, **kw) -> InstanceState:
+    return InstanceState(name, "decode", free, num_running=running, running_context=context,
+                         local_prefill=local, **kw)
+
+
+def go(prompt_len, prefills, decodes, max_tokens=100, slo=TARGET) -> Decision:
+    return route(prompt_len, max_tokens, slo, prefills, decodes, P)
+
+
+# ---- the choice -----------------------------------------------------------------------------
+
+def test_short_prompt_beside_a_light_decode_batch_goes_local():
+    # the prefill instance is busy with one long prompt (0.11 s): local prefill (one 44 ms mixed
+    # step) gives the lower TTFT and keeps the decode batch within its TPOT
+    d = go(100, [prefill(queued=1000)], [decode()])
+    assert (d.kind, d.chosen.decode, d.chosen.prefill) == ("local", "decode_0", None)
+    assert d.chosen.ttft_s == pytest.approx(0.044)
+    assert d.chosen.chunk_budget > 100 and d.chosen.meets_slo
+
+
+def test_long_prompt_goes_to_prefill():
+    # the same instances: 3000 tokens locally are 5 mixed steps (0.47 s), on prefill 0.42 s
+    d = go(3000, [prefill(queued=1000)], [decode()])
+    assert (d.kind, d.chosen.prefill, d.chosen.decode) == ("split", "prefill_0", "decode_0")
+    local = next(o for o in d.options if o.kind == "local")
+    assert local.ttft_s > d.chosen.ttft_s
+
+
+def test_decode_batch_at_its_tpot_limit_sends_a_short_prompt_to_prefill():
+    # a 99.95 ms decode step: one more prompt token breaks 100 ms; on the only decode instance
+    # the prompt goes to prefill, the least bad (its decode step after joining is over too)
+    full = decode(running=50, context=3995, max_num_seqs=64)
+    assert chunk_budget(full, P, TARGET.tpot) == 0
+    d = go(100, [prefill(queued=1000)], [full])
+    assert d.kind == "split" and "misses TPOT" in d.chosen.reason
+    assert "TPOT limit" in next(o for o in d.options if o.kind == "local").reason
+    # beside a decode instance with room (but no mixed steps) it meets both there
+    d = go(100, [prefill(queued=1000)], [full, decode("decode_1", local=False)])
+    assert (d.kind, d.chosen.decode) == ("split", "decode_1") and d.chosen.meets_slo
+
+
+def test_no_decode_instance_with_free_kv_means_wait():
+    # 100 + 200 tokens need 19 blocks of 16; 18 free is not enough, on any path
+    d = go(100, [prefill()], [decode(free=18)], max_tokens=200)
+    assert d.kind == "wait" and d.chosen is None
+    assert "KV" in d.reason
+    assert all(o.ttft_s is None and "KV" in o.reason for o in d.options)
+    assert go(100, [prefill()], [decode(free=19)], max_tokens=200).kind != "wait"
+
+
+def test_kv_is_never_overcommitted_even_for_a_lighter_instance():
+    # decode_0 is idle but full; the request decodes on decode_1 or prefills locally there
+    tight = decode("decode_0", running=0, context=0, free=5)
+    roomy = decode("decode_1", running=8, context=4000)
+    for prompt_len in (100, 3000):
+        d = go(prompt_len, [prefill()], [tight, roomy])
+        assert d.chosen.decode == "decode_1", prompt_len
+
+
+def test_prefill_instance_without_kv_for_the_prompt_is_not_chosen():
+    d = go(1000, [prefill("prefill_0", free=10), prefill("prefill_1", queued=2000, free=100)],
+           [decode(local=False)])
+    assert d.chosen.prefill == "prefill_1"
+
+
+def test_the_less_loaded_prefill_instance_is_chosen():
+    d = go(3000, [prefill("prefill_0", queued=2000), prefill("prefill_1", queued=500)], [decode(local=False)])
+    assert (d.kind, d.chosen.prefill) == ("split", "prefill_1")
+    d = go(3000, [prefill("prefill_0", queued=500), prefill("prefill_1", queued=2000)], [decode(local=False)])
+    assert d.chosen.prefill == "prefill_0"
+
+
+def test_the_decode_instance_with_the_lowest_tpot_is_chosen_for_split():
+    busy, light = decode("decode_0", running=20, context=20000), decode("decode_1", running=2, context=500)
+    d = go(3000, [prefill()], [busy, light])
+    assert (d.kind, d.chosen.decode) == ("split", "decode_1")
+
+
+def test_least_bad_option_when_none_meets_both():
+    # TTFT 50 ms: no path prefills 3000 tokens in time; split is the least over
+    d = go(3000, [prefill()], [decode()], slo=SLO(ttft=0.05, tpot=0.1))
+    assert d.kind == "split" and not d.chosen.meets_slo
+    assert "no option meets both" in d.reason and "misses TTFT" in d.chosen.reason
+
+
+def test_measured_step_time_shifts_the_predictions():
+    light = decode()                                        # predicted step 34 ms
+    slow = decode(recent_step_s=0.080)                      # measured 80 ms
+    assert chunk_budget(slow, P, TARGET.tpot) < chunk_budget(light, P, TARGET.tpot)
+    assert go(100, [prefill(queued=1000)], [light]).kind == "local"
+    d = go(100, [prefill(queued=1000)], [slow])
+    assert d.kind == "local" and d.chosen.ttft_s == pytest.approx(0.044 + 0.046)
+
+
+# ---- the chunk budget -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("running,context", [(0, 0), (1, 100), (4, 2000), (30, 3000), (50, 2999)])
+def test_chunk_budget_is_the_most_that_keeps_the_step_within_tpot(running, context):
+    s = decode(running=running, context=context, max_num_seqs=64)
+    b = chunk_budget(s, P, TARGET.tpot)
+    assert b > 0
+    assert P.mixed_step_time(running, context, b) <= TARGET.tpot
+    assert P.mixed_step_time(running, context, b + 1) > TARGET.tpot
+
+
+def test_chunk_budget_is_zero_at_the_limit_and_capped_by_the_step_token_budget():
+    assert chunk_budget(decode(running=50, context=3995, max_num_seqs=64), P, TARGET.tpot) == 0
+    assert chunk_budget(decode(running=90, context=0, max_num_seqs=128), P, TARGET.tpot) == 0
+    assert chunk_budget(decode(running=4, max_num_batched_tokens=64), P, TARGET.tpot) == 60
+    assert chunk_budget(decode(running=4), P, tpot_slo=10.0) == 2048 - 4
+
+
+# ---- what the decision carries --------------------------------------------------------------
+
+def test_every_option_is_listed_with_predictions_and_a_reason():
+    states_p = [prefill("prefill_0", queued=1000), prefill("prefill_1")]
+    states_d = [decode("decode_0"), decode("decode_1", local=False), decode("decode_2", free=0)]
+    d = go(500, states_p, states_d)
+    kinds = [(o.kind, o.prefill or o.decode) for o in d.options]
+    assert kinds == [("split", "prefill_0"), ("split", "prefill_1"),
+                     ("local", "decode_0"), ("local", "decode_1"), ("local", "decode_2")]
+    assert all(o.reason for o in d.options) and d.reason
+    for o in d.options[:3]:
+        assert o.ttft_s > 0 and o.tpot_s > 0
+    assert "mixed steps" in d.options[2].reason
+    assert "no mixed steps" in d.options[3].reason and "KV" in d.options[4].reason
+    out = json.loads(json.dumps(d.to_dict()))
+    assert out["kind"] == d.kind and out["decode"] == d.chosen.decode and len(out["options"]) == 5
+    assert out["options"][0]["ttft_s"] == d.options[0].ttft_s
+    assert json.loads(json.dumps(go(100, [prefill()], [decode(free=0)]).to_dict()))["kind"] == "wait"
+
+
+def test_ties_are_deterministic():
+    # identical prefill instances: the first; the same states twice: the same decision
+    twins = [prefill("prefill_0", queued=300), prefill("prefill_1", queued=300)]
+    d = go(3000, twins, [decode(local=False)])
+    assert d.chosen.prefill == "prefill_0"
+    assert go(3000, twins, [decode(local=False)]) == d
+    # split and local with exactly the same TTFT (idle instances, one chunk): split
+    d = go(100, [prefill()], [decode(running=0, context=0)])
+    split, local = d.options
+    assert split.ttft_s == local.ttft_s and split.kind == "split" and d.chosen is split
+
+
+def test_a_full_batch_takes_no_local_prefill_and_nowhere_to_go_means_wait():
+    full = decode(running=8, context=800, max_num_seqs=8)
+    d = go(100, [prefill()], [full])
+    assert d.kind == "split" and "batch full" in d.options[1].reason     # decode queues it for a slot
+    d = go(100, [], [full])
+    assert d.kind == "wait" and d.reason == "no option is possible now"
+
+
+def test_states_are_checked():
+    with pytest.raises(ValueError):
+        go(100, [decode()], [decode()])
+    with pytest.raises(ValueError):
+        InstanceState("x", "colocated", 10)
+    with pytest.raises(ValueError):
+        InstanceState("x", "decode", -1)
+    with pytest.raises(ValueError):
+        go(0, [prefill()], [decode()])
+
+
+# ---- the state an instance publishes --------------------------------------------------------
+
+def seq(req_id, prompt_len, first_token=None):
+    return Sequence(req_id, [5] * prompt_len, SamplingParams(max_tokens=50, seed=0),
+                    output_ids=[] if first_token is None else [first_token])
+
+
+def test_state_from_a_chunked_decode_scheduler():
+    lim = EngineLimits(num_kv_blocks=64, max_num_seqs=8, max_num_batched_tokens=32, block_size=4,
+                       chunked_prefill=True)
+    s = Scheduler(lim, BlockManager(lim.num_kv_blocks))
+    a, b = seq("a", 10, 7), seq("b", 6, 7)
+    s.add_remote(a)
+    s.add_remote(b)
+    assert s.admit_remote() == [a, b]
+    s.kv_arrived(a)                                         # a runs, b's KV still loading
+    c = seq("c", 40)
+    s.add(c)
+    s.update(s.schedule(), [7])                             # a decodes, c's first chunk (31)
+    s.add(seq("d", 5))
+    s.add_remote(seq("e", 9, 7))                            # queued for KV: 3 blocks promised
+    st = InstanceState.from_scheduler("decode_0", "decode", s, recent_step_s=0.02)
+    assert (st.queued_tokens, st.queued_requests) == (40 - 31 + 5, 2)
+    assert (st.num_running, st.running_context) == (3, 12 + 7 + 10)
+    assert st.free_kv_blocks == lim.num_kv_blocks - s.blocks.num_used - 3
+    assert st.local_prefill and st.recent_step_s == 0.02 and st.max_num_batched_tokens == 32
+    assert not InstanceState.from_scheduler("prefill_0", "prefill", s).local_prefill
+
+
+# ---- the planner's predictor ----------------------------------------------------------------
+
+def test_planner_predictor_prices_steps_as_the_simulator():
+    from planner.simulator import InstanceSpec, _Engine, _Stage
+    model = LatencyModel("m", "cpu", 1, prefill=(0.02, 1e-4, 1e-8), decode_small=(0.015, 2e-6, 5e-4),
+                         decode_large=(0.015, 2e-6, 5e-4))
+    pred = LatencyModelPredictor(model)
+    lim = EngineLimits(num_kv_blocks=64, max_num_seqs=8, max_num_batched_tokens=64, block_size=4,
+                       chunked_prefill=True)
+    engine = _Engine("decode", 0, InstanceSpec(model, lim), _Stage(1), BlockManager(64))
+    decodes = [seq("a", 10, 7), seq("b", 20, 7)]
+    batch = Batch(seqs=[*decodes, seq("c", 40)], num_new=[1, 1, 24], num_decodes=2)
+    assert pred.mixed_step_time(2, 11 + 21, 24) == pytest.approx(engine.step_time(batch))
+    batch = Batch(seqs=decodes, num_new=[1, 1], num_decodes=2)
+    assert pred.decode_step_time(2, 32) == pytest.approx(engine.step_time(batch))
+    assert pred.prefill_time([24, 40]) == pytest.approx(model.prefill_time([24, 40]))
+    assert pred.mixed_step_time(0, 0, 24) == pytest.approx(model.prefill_time([24]))
+    assert LatencyModelPredictor(model.with_pp(2)).prefill_time([24]) == pytest.approx(
+        2 * model.with_pp(2).prefill_time([24]))
