@@ -11,12 +11,18 @@ sockets ($DISTSERVE_RUN_DIR) and the one shared copy of the weights
 ($DISTSERVE_SHARED_WEIGHTS_DIR, under /dev/shm when it has room).
 
 The wheel's paths, the backend directory, the environment, port checks and the shared-weights
-directory come from deploy.server_setup (free_ports and shared_weights_parent re-exported here).
+directory come from deploy.server_setup (free_ports and make_shared_weights_dir re-exported here).
+
+Before it starts anything, `start()` checks /dev/shm (`shm_need`, `check_shm_space`): it must
+be a writable directory with room for the deployment's prefill KV pools, its shared weights (if
+they go there) and the python backend stubs' regions; otherwise one ServerError says what is
+needed, item by item, and what is free. The shared weights go to /dev/shm only if all of it fits.
 """
 from __future__ import annotations
 
 import ctypes
 import http.client
+import json
 import os
 import re
 import secrets
@@ -31,15 +37,25 @@ from pathlib import Path
 
 import psutil
 
-from deploy.server_setup import (ROOT, SHARED_WEIGHTS_ENV, ServerError, check_ports_free,
-                                 make_shared_weights_dir, prepare_backend_dir, server_env,
-                                 triton_dist_dir)
-from deploy.server_setup import free_ports, shared_weights_parent  # noqa: F401 (re-export)
+from backends.core.config import ModelConfig
+from deploy.contract import PREFILL
+from deploy.deployment import Deployment
+from deploy.render import DEPLOYMENT_PARAMETER, FRONT_ENDS, served_models
+from deploy.server_setup import (ROOT, SHARED_WEIGHTS_ENV, SHM_MIN_FREE_BYTES, ServerError,
+                                 check_ports_free, prepare_backend_dir, server_env,
+                                 shared_weights_parent, triton_dist_dir)
+from deploy.server_setup import free_ports, make_shared_weights_dir  # noqa: F401 (re-export)
 
 PR_SET_PDEATHSIG = 1
 _ERROR_LINE = re.compile(r"^E\d{4} ")
 _HARMLESS = ("CudaDriverHelper has not been initialized",)
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))   # loopback: never a proxy
+SHM_DIR = "/dev/shm"
+# The python backend maps one region per stub, shm-default-byte-size to start with (1 MiB unless
+# the command sets it) and growing by shm-growth-byte-size (1 MiB) steps as tensors need it; our
+# tensors are small (text, token ids, descriptors): the default plus 7 MiB of growth per stub.
+STUB_SHM_DEFAULT_BYTES = 1 << 20
+STUB_SHM_GROWTH_ALLOWANCE = 7 << 20
 
 
 def _die_with_parent() -> None:
@@ -131,10 +147,11 @@ class TritonServer:
         if not self.model_repository.is_dir():
             raise ServerError(f"model repository {self.model_repository} does not exist")
         check_ports_free(self.host, [self.http_port, self.grpc_port, self.metrics_port])
+        weights_parent = self._check_shm()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         backend_dir = prepare_backend_dir(self.run_dir / "backends")
         try:
-            env = server_env() | self._private_env() | self.extra_env
+            env = server_env() | self._private_env(weights_parent) | self.extra_env
             with open(self.log_file, "wb") as log:
                 self.process = subprocess.Popen(
                     self.command(backend_dir), stdin=subprocess.DEVNULL, stdout=log,
@@ -145,7 +162,27 @@ class TritonServer:
             raise
         return self
 
-    def _private_env(self) -> dict[str, str]:
+    def _check_shm(self) -> str:
+        """ServerError unless /dev/shm can hold what this server's deployment puts there (its
+        models' configs carry it; a repository without one is only checked for a writable
+        /dev/shm). Returns where the shared weights go: /dev/shm only if all of it fits."""
+        free = shm_free_bytes(SHM_DIR)
+        deployment = repository_deployment(self.model_repository)
+        if deployment is None:
+            return shared_weights_parent()
+        model = deployment.resolved_model_path()
+        need = shm_need(deployment, read_model_config(model), checkpoint_nbytes(model),
+                        stub_shm_bytes(self.extra_args))
+        parent = shared_weights_parent(max(SHM_MIN_FREE_BYTES, sum(need.values())))
+        caller_dir = os.environ.get(SHARED_WEIGHTS_ENV) or self.extra_env.get(SHARED_WEIGHTS_ENV)
+        weights_in_shm = Path(caller_dir).resolve().is_relative_to(SHM_DIR) if caller_dir \
+            else self.share_weights and parent == SHM_DIR
+        if not weights_in_shm:
+            need = {item: n for item, n in need.items() if not item.startswith(WEIGHTS_ITEM)}
+        check_shm_space(need, free)
+        return parent
+
+    def _private_env(self, weights_parent: str) -> dict[str, str]:
         """Per-server names: a private (0700, short-path) directory for the instances' control
         sockets, removed by stop(); the same for the shared weights (if share_weights); and
         the shm prefix, which kvtransfer may use so that stop() sweeps its segments too after
@@ -157,7 +194,8 @@ class TritonServer:
             env["DISTSERVE_RUN_DIR"] = str(self.control_dir)
             env["DISTSERVE_SEGMENT_LOG"] = str(self.control_dir / "kv-segments")
         if self.share_weights and self._unset(SHARED_WEIGHTS_ENV):
-            self.shared_weights_dir = make_shared_weights_dir()
+            self.shared_weights_dir = Path(tempfile.mkdtemp(prefix="distserve-weights-",
+                                                            dir=weights_parent))
             env[SHARED_WEIGHTS_ENV] = str(self.shared_weights_dir)
         return env
 
@@ -317,3 +355,116 @@ def _reap(members: list[psutil.Process], pgid: int, timeout: float) -> None:
         except psutil.NoSuchProcess:
             pass
     psutil.wait_procs(alive, timeout=5)
+
+
+# ---- /dev/shm: what a deployment puts there, checked before the server starts -----------------
+
+WEIGHTS_ITEM = "shared weights"
+_ROLES = {"prefill": "prefill", "decode": "decode", "colocated": "both"}   # backends/serving/host.py
+
+
+def shm_need(deployment: Deployment, config: ModelConfig | None, checkpoint_nbytes: int,
+             stub_nbytes: int = STUB_SHM_DEFAULT_BYTES + STUB_SHM_GROWTH_ALLOWANCE) -> dict[str, int]:
+    """Bytes `deployment` puts in /dev/shm, item by item (pure: reads no file).
+
+    - Each prefill instance's KV segment as kvtransfer creates it: `segment_geometry` of the
+      engine's KV layout (pool + lease table on shm; the lease table alone on cuda_ipc). Left
+      out when `config` is None (the model could not be read; its instances will say so).
+    - The shared weights (WEIGHTS_ITEM; only if the deployment shares them): one file per
+      distinct weight format of its CPU phases (under "auto" the prefill's differs from the
+      decode's), each estimated at the checkpoint's size `checkpoint_nbytes`: an estimate (a
+      4-bit GGUF's int4 and prepacked-bf16 copies are below it, an int8 copy of it above).
+    - Each python backend stub's region: `stub_nbytes` per model instance.
+    """
+    import torch
+    from backends.core.engine import EngineConfig, LLMEngine
+    from backends.core.weight_format import resolve_format
+    from kvtransfer.control import segment_geometry
+
+    need: dict[str, int] = {}
+    phases = {m: p for m, p in deployment.phases().items() if m in served_models(deployment)}
+    if config is not None and PREFILL in phases:
+        engine = EngineConfig(dtype=deployment.dtype, kv_dtype=deployment.kv_dtype, role="prefill",
+                              limits=deployment.prefill.limits(deployment.block_size))
+        _, nbytes = segment_geometry(deployment.kv_transport, LLMEngine.kv_layout(config, engine))
+        for index in range(deployment.prefill.num_instances):
+            need[f"KV pool of prefill-{index}"] = nbytes
+    cpu = torch.device("cpu")
+    formats = sorted({resolve_format(deployment.weights, _ROLES[m], cpu, deployment.dtype)
+                      for m, p in phases.items() if p.device == "cpu"})
+    if deployment.share_weights and formats:
+        need[f"{WEIGHTS_ITEM} ({' + '.join(formats)})"] = len(formats) * checkpoint_nbytes
+    stubs = sum(deployment.num_orchestrator_instances if m in FRONT_ENDS else phases[m].num_instances
+                for m in served_models(deployment))
+    need[f"python backend ({stubs} stubs)"] = stubs * stub_nbytes
+    return need
+
+
+def check_shm_space(need: dict[str, int], free_bytes: int, shm_dir: str = SHM_DIR) -> None:
+    """ServerError (what is needed, item by item, and what is free) if `need` exceeds `free_bytes`."""
+    from kvtransfer.segment import mib, shm_size_hint
+    total = sum(need.values())
+    if total > free_bytes:
+        items = ", ".join(f"{item} {mib(n)}" for item, n in need.items())
+        raise ServerError(f"not enough shared memory for this deployment: it needs {mib(total)} in "
+                          f"{shm_dir} ({items}), {shm_dir} has {mib(free_bytes)} free "
+                          f"({shm_size_hint(total)})")
+
+
+def shm_free_bytes(shm_dir: str = SHM_DIR) -> int:
+    """Free bytes in `shm_dir`; ServerError if it is missing, not a directory, or unwritable."""
+    from kvtransfer import segment
+    if not os.path.isdir(shm_dir):
+        raise ServerError(f"{shm_dir} does not exist or is not a directory: the python backend and the "
+                          "KV pools need POSIX shared memory there (Linux and Docker mount it)")
+    try:
+        with tempfile.TemporaryFile(dir=shm_dir):
+            pass
+        return segment.shm_free_bytes(shm_dir)
+    except OSError as exc:
+        raise ServerError(f"{shm_dir} is not writable ({exc.strerror}): the python backend and the KV "
+                          "pools create their shared memory there") from None
+
+
+def stub_shm_bytes(args: tuple[str, ...] = ()) -> int:
+    """Allowance per python backend stub: its region's first size (shm-default-byte-size, if the
+    command's arguments set it) plus room to grow."""
+    sizes = [int(m.group(1)) for m in (re.search(r"shm-default-byte-size=(\d+)", a) for a in args) if m]
+    return (sizes[-1] if sizes else STUB_SHM_DEFAULT_BYTES) + STUB_SHM_GROWTH_ALLOWANCE
+
+
+def repository_deployment(repo: Path) -> Deployment | None:
+    """The deployment a rendered repository's configs carry (deploy/render.py), or None."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+    for path in sorted(Path(repo).glob("*/config.pbtxt")):
+        try:
+            config = text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+        except text_format.ParseError:
+            continue                        # tritonserver reports it
+        if DEPLOYMENT_PARAMETER in config.parameters:
+            return Deployment.from_json(config.parameters[DEPLOYMENT_PARAMETER].string_value,
+                                        check_host=False)
+    return None
+
+
+def read_model_config(path: Path) -> ModelConfig | None:
+    """The model's dimensions without its weights (a GGUF's metadata, a HF config.json), with
+    the loader's own readers; None if the checkpoint cannot be read: its instances report that."""
+    from backends.core import weights
+    try:
+        if path.is_file():
+            from gguf import GGUFReader
+            reader = GGUFReader(path)
+            arch = weights._gguf_value(reader, "general.architecture")
+            return weights._gguf_config(reader, arch, {t.name: t for t in reader.tensors})
+        return weights._hf_config(json.loads((path / "config.json").read_text()))
+    except Exception:               # noqa: BLE001 (any unreadable checkpoint: no KV estimate)
+        return None
+
+
+def checkpoint_nbytes(path: Path) -> int:
+    """Size of a checkpoint: the .gguf file, or a HF directory's safetensors files."""
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.glob("*.safetensors")) if path.is_dir() else 0

@@ -2,7 +2,8 @@
 
 Lifecycle: the prefill side calls `Segment.create()` -> /dev/shm/<name> is created with
 O_CREAT|O_EXCL|O_NOFOLLOW, mode 0600 (fchmod'ed, whatever the umask), an unguessable name
-(uid + 64 random bits), space reserved up front (ENOSPC now, not SIGBUS later), header written
+(uid + 64 random bits), after a check that SHM_DIR has the room (a clear SegmentError, not a
+full /dev/shm), space reserved up front (ENOSPC now, not SIGBUS later), header written
 -> decode sides call `Segment.attach()`, which checks the name, that the file is a regular file
 owned by our uid with mode 0600 and exactly the expected size, and the header's magic/version,
 before mapping the control part read-write and the pool read-only -> `close()` on each side; the
@@ -34,13 +35,50 @@ def segment_path(name: str) -> str:
     return os.path.join(SHM_DIR, check_pool_name(name))
 
 
-def _reserve(fd: int, nbytes: int) -> None:
+MIB = 1 << 20
+GIB = 1 << 30
+
+
+def mib(nbytes: int) -> str:
+    return f"{nbytes / MIB:.1f} MiB"
+
+
+def shm_size_hint(need_bytes: int) -> str:
+    """What to do about a /dev/shm too small for `need_bytes` (Docker gives 64 MiB by default)."""
+    return (f"in Docker, start the container with --shm-size={-(-need_bytes // GIB) + 1}g or more; "
+            f"elsewhere free space in {SHM_DIR} or give the KV pool fewer blocks (num_kv_blocks)")
+
+
+def shm_free_bytes(directory: str) -> int:
+    """Bytes an unprivileged process may still allocate in `directory`'s filesystem."""
+    vfs = os.statvfs(directory)
+    return vfs.f_bavail * vfs.f_frsize
+
+
+def _check_room(what: str, nbytes: int) -> None:
+    """SegmentError unless SHM_DIR is a directory with `nbytes` free. Checked before creating:
+    on tmpfs a posix_fallocate that cannot succeed first fills the filesystem (every other
+    process then fails to allocate in it) before it gives up."""
+    if not os.path.isdir(SHM_DIR):
+        raise SegmentError(f"cannot create {what}: {SHM_DIR} does not exist or is not a directory "
+                           "(POSIX shared memory; Linux mounts it, and so does Docker)")
+    try:
+        free = shm_free_bytes(SHM_DIR)
+    except OSError as e:
+        raise SegmentError(f"cannot create {what}: statvfs({SHM_DIR}) failed: {e.strerror}") from None
+    if free < nbytes:
+        raise SegmentError(f"not enough shared memory for {what}: it needs {mib(nbytes)}, {SHM_DIR} "
+                           f"has {mib(free)} free ({shm_size_hint(nbytes)})")
+
+
+def _reserve(fd: int, nbytes: int, what: str) -> None:
     os.ftruncate(fd, nbytes)
     try:
         os.posix_fallocate(fd, 0, nbytes)
     except OSError as e:
-        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-            raise SegmentError(f"cannot reserve {nbytes} bytes of shared memory in {SHM_DIR}: {e}") from None
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):      # ENOSPC: another process was faster
+            raise SegmentError(f"cannot reserve {mib(nbytes)} of shared memory in {SHM_DIR} for {what}: "
+                               f"{e.strerror} ({shm_size_hint(nbytes)})") from None
 
 
 def _check_file(name: str, st: os.stat_result, nbytes: int) -> None:
@@ -87,17 +125,20 @@ class Segment:
     def create(cls, transport: str, layout: KVLayout, instance_id: str,
                ipc_handles: tuple[str, str] = ("", "")) -> Segment:
         """A new segment for our pool. `ipc_handles`: (memory, event) hex handles for cuda_ipc."""
-        if not os.path.isdir(SHM_DIR):
-            raise SegmentError(f"POSIX shared memory needs {SHM_DIR} (Linux)")
         pool_offset, nbytes = segment_geometry(transport, layout)
+        what = f"the KV {'pool' if pool_offset else 'control table'} of {instance_id}"
+        _check_room(what, nbytes)
         header = SegmentHeader(transport, layout, instance_id, os.getpid(), pool_offset,
                                layout.nbytes if pool_offset else 0, STATE_OPEN, *ipc_handles)
         name = make_pool_name()
         path = os.path.join(SHM_DIR, name)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, SEGMENT_MODE)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, SEGMENT_MODE)
+        except OSError as e:        # EACCES, EROFS, ENOENT (gone since the check), ENOSPC (inodes)
+            raise SegmentError(f"cannot create {what} in {SHM_DIR}: {e.strerror}") from None
         try:
             os.fchmod(fd, SEGMENT_MODE)  # the umask may only have removed bits; make it exact
-            _reserve(fd, nbytes)
+            _reserve(fd, nbytes, what)
             mm = mmap.mmap(fd, nbytes)
             st = os.fstat(fd)
         except BaseException:
