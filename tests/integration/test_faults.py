@@ -13,21 +13,13 @@ import time
 
 import pytest
 
+from benchmarks.fault_tools import kv_segments, segments, serves_again, settled, stub_pid
 from client import DistServeClient, DistServeError
 from deploy.deployment import default_deployment
 from deploy.render import render_repository
 from tests.integration.conftest import instance_stats, start_server, wait_kv_free
 
 DEADLINE_S = 10.0                   # a request waiting on a dead instance ends within this
-RECOVER_S = 120.0                   # the reloaded instance serves again within this
-
-
-def _segments(prefix: str) -> set[str]:
-    return {n for n in os.listdir("/dev/shm") if n.startswith(prefix)}
-
-
-def _kv_segments() -> set[str]:
-    return _segments("distserve-kv-")
 
 
 @pytest.fixture(scope="module")
@@ -36,29 +28,12 @@ def server(tmp_path_factory, gguf_path):
                                      lease_timeout_s=5.0, max_model_len=1024, default_max_tokens=32)
     repo = render_repository(deployment, tmp_path_factory.mktemp("repo") / "model_repository",
                              require_code=True)
-    kv_before = _kv_segments()
+    kv_before = kv_segments()
     with start_server(repo, run_dir=tmp_path_factory.mktemp("run")) as srv:
         prefix = srv.shm_prefix
         yield srv
-    assert not _segments(prefix), "shared-memory segments left after the server stopped"
-    assert not _kv_segments() - kv_before, "KV pools of killed instances left after the server stopped"
-
-
-def stub_pid(server, model: str) -> int:
-    """The python backend stub of `model`'s (only) instance."""
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmd = f.read().split(b"\0")
-            with open(f"/proc/{pid}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except OSError:
-            continue
-        if ppid == server.process.pid and any(a.endswith(f"/{model}/1/model.py".encode()) for a in cmd):
-            return int(pid)
-    raise AssertionError(f"no stub for {model}")
+    assert not segments(prefix), "shared-memory segments left after the server stopped"
+    assert not kv_segments() - kv_before, "KV pools of killed instances left after the server stopped"
 
 
 class Streams:
@@ -94,23 +69,6 @@ class Streams:
         for t in self.threads:
             t.join(timeout)
         assert not any(t.is_alive() for t in self.threads), "a request hung"
-
-
-def serves_again(server, since: float) -> float:
-    """Seconds from `since` until a normal request succeeds."""
-    client = DistServeClient(server.grpc_url, "grpc", timeout=30)
-    while True:
-        try:
-            assert client.generate("Hello", max_tokens=4, ignore_eos=True).text
-            return time.monotonic() - since
-        except DistServeError:
-            assert time.monotonic() - since < RECOVER_S, "the server did not recover"
-            time.sleep(1.0)
-
-
-def settled(server) -> None:
-    wait_kv_free(server, ("prefill-0", "decode-0"), timeout=30)
-    assert instance_stats(server, "prefill-0")["leases"] == 0
 
 
 def test_killed_decode_fails_its_streams_at_once_and_is_reloaded(server):

@@ -1,0 +1,695 @@
+"""Soak: the default disaggregated deployment under ShareGPT load, with client cancellations and
+one SIGKILL of the decode instance's python-backend stub half-way; nothing may hang or leak.
+
+    ./build.sh soak                                # 1,000 requests, ~12 min -> docs/soak.{json,md,png}
+    ./build.sh soak --short                        # 40 requests, ~1.5 min -> results/soak-short.*
+    python -m benchmarks.soak [--requests N] [--rate RPS] [--short] [--out PREFIX]
+
+The run:
+- renders the default deployment (deploy.deployment.default_deployment) and starts tritonserver
+  on free loopback ports (tests/integration/conftest.py's start_server, which stops it);
+- replays N ShareGPT requests (the workload and length caps of the goodput measurement named
+  by --goodput-file, default docs/goodput/chatbot-history-abs-slo-new-engine.json) open loop at
+  Poisson arrivals, by default RATE_FACTOR (1.5) x that file's DistServe goodput; each request
+  streams over gRPC (client.grpc_stream.GrpcChannel, the benchmark's client) and asks for exactly
+  its output length;
+- the client cancels 10% of the requests (seeded): half at a random moment within
+  --cancel-within seconds of sending (aimed before the first token), half right after a random
+  number of tokens (mid-stream); leaving the stream cancels the RPC, which Triton turns into a
+  cancellation of the request. Where it really happened (tokens received) is recorded;
+- at the arrival of request N * --kill-at, SIGKILLs the decode stub (its pid from the instance's
+  control-socket stats, checked against the server's children: benchmarks.fault_tools), then
+  probes with one small HTTP request a second until the server answers again;
+- samples VmRSS of tritonserver and of each stub every --sample-s seconds (a stub restarted by
+  the reload is a new process: each pid is reported on its own);
+- once every request ended (or passed its --deadline, then counted hung), waits until the
+  instances are idle and reads what they hold (KV blocks, prefill leases), stops the server and
+  looks for shared-memory segments with the server's prefix and for the KV pools its instances
+  created (kvtransfer logs each name in the server's run dir).
+Every request is counted once: completed (all its tokens), failed (an error, by class: killed
+instance / cancelled / overload or other), cancelled by the client, or hung.
+
+Exit status 1 if a request hung, a request is unaccounted for, KV blocks or leases were held at
+the end, a segment or a server process was left after stop, or the server did not answer again
+after the kill.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from benchmarks import report as report_files
+from benchmarks.fault_tools import RECOVER_S, segments, serves_again, stub_pid, wait_idle
+from client.bench.endpoints import chunk_event, triton_inputs
+from client.bench.pools import Request
+from client.bench.workloads import LengthCaps, WorkloadSpec, arrival_times, load_workload
+from client.grpc_stream import GrpcChannel
+from client.results import DistServeError
+from deploy.contract import DISTSERVE
+from deploy.deployment import DEFAULT_MODEL_PATH, default_deployment
+from deploy.render import render_repository
+from deploy.server import ServerError
+from tests.integration.conftest import instance_stats, start_server
+
+ROOT = Path(__file__).resolve().parents[1]
+GOODPUT_FILE = ROOT / "docs" / "goodput" / "chatbot-history-abs-slo-new-engine.json"
+RATE_FACTOR = 1.5                        # x the measured goodput: past it, on purpose
+KILL_MODEL, KILL_INSTANCE = "decode", "decode-0"
+# Error classes, by the message: an instance that died (the orchestrator's "decode-0 is dead",
+# Triton's "Stub process ... is not healthy", a model being reloaded), a cancellation, the rest.
+KILLED = re.compile(r"is dead|is stuck|not healthy|stub process|unknown model|not ready|"
+                    r"not found|unavailable", re.I)
+CANCELLED = re.compile(r"cancel", re.I)
+ERROR_CLASSES = ("killed instance", "cancelled", "overload/other")
+STATUSES = ("completed", "failed", "cancelled", "hung")
+
+
+@dataclass(frozen=True)
+class Settings:
+    num_requests: int = 1000
+    rate: float | None = None            # requests/s; None: RATE_FACTOR x the goodput file's
+    goodput_file: str = str(GOODPUT_FILE)
+    cancel_fraction: float = 0.1
+    cancel_within_s: float = 0.5         # a "before the first token" cancel: uniform in [0, this)
+    kill_at: float = 0.5                 # the kill comes at the arrival of request N * kill_at
+    deadline_s: float = 300.0            # a request not ended this long after its send is hung
+    seed: int = 0
+    warmup: int = 2
+    sample_s: float = 2.0
+    progress_s: float = 15.0
+    idle_timeout_s: float = 60.0
+    recover_s: float = RECOVER_S
+
+    def __post_init__(self) -> None:
+        if self.num_requests < 2:
+            raise ValueError(f"num_requests must be >= 2, got {self.num_requests}")
+        if not 0 <= self.cancel_fraction <= 1 or not 0 < self.kill_at < 1:
+            raise ValueError("cancel_fraction must be in [0, 1] and kill_at in (0, 1)")
+        if self.rate is not None and self.rate <= 0:
+            raise ValueError(f"rate must be > 0, got {self.rate}")
+
+
+# A run that fits CI (tests/integration/test_soak.py): the kill early enough that the reload
+# (15-21 s measured) is over before the last arrivals, so some requests sent after it are served.
+SHORT = {"num_requests": 40, "kill_at": 0.2, "progress_s": 5.0}
+
+
+@dataclass(frozen=True)
+class CancelPlan:
+    moment: str                          # "before_first_token" | "mid_stream"
+    after_s: float | None = None         # cancel this long after the send ...
+    after_tokens: int | None = None      # ... or once this many tokens arrived
+
+
+@dataclass
+class Outcome:
+    index: int
+    prompt_len: int
+    output_len: int
+    arrival_s: float
+    cancel_plan: str | None = None
+    send_s: float | None = None
+    first_token_s: float | None = None
+    end_s: float | None = None           # None: hung (never ended)
+    num_tokens: int = 0
+    status: str = "pending"              # completed | failed | cancelled | hung
+    error: str | None = None
+    cancelled_at_tokens: int | None = None
+
+    @property
+    def error_class(self) -> str | None:
+        return None if self.status != "failed" else error_class(self.error or "")
+
+
+def error_class(message: str) -> str:
+    if KILLED.search(message):
+        return "killed instance"
+    return "cancelled" if CANCELLED.search(message) else "overload/other"
+
+
+def goodput_reference(path: str | Path) -> dict[str, Any]:
+    """The DistServe goodput measurement the default rate is a multiple of: rate, workload, SLO."""
+    doc = json.loads(Path(path).read_text())
+    system = next(s for s in doc["systems"] if s["system"]["name"] == "disaggregated")
+    return {"file": os.path.relpath(path, ROOT), "goodput_rps": system["goodput_rps"],
+            "slo": system["slo"], "workload": doc["workload"], "command": doc["command"]}
+
+
+def cancel_plans(requests: list[Request], fraction: float, within_s: float, seed: int) -> dict[int, CancelPlan]:
+    """round(fraction * n) requests, seeded: half cancelled within `within_s` of the send, half
+    after 1..output_len-1 tokens (a one-token request can only be cancelled by time)."""
+    rng = np.random.default_rng([seed, 11])
+    picks = rng.choice(len(requests), size=round(fraction * len(requests)), replace=False)
+    plans = {}
+    for i in sorted(int(p) for p in picks):
+        output_len = requests[i].output_len
+        if output_len >= 2 and rng.random() < 0.5:
+            plans[i] = CancelPlan("mid_stream", after_tokens=int(rng.integers(1, output_len)))
+        else:
+            plans[i] = CancelPlan("before_first_token", after_s=float(rng.uniform(0.0, within_s)))
+    return plans
+
+
+async def run_request(channel: GrpcChannel, req: Request, out: Outcome, plan: CancelPlan | None,
+                      clock: Callable[[], float], deadline_s: float) -> None:
+    """Send `req` now, read its stream; fill `out` with how it ended."""
+    out.send_s = clock()
+
+    async def read() -> bool:
+        """True if the client left mid-stream (its plan)."""
+        async with contextlib.aclosing(channel.stream(DISTSERVE, triton_inputs(req))) as chunks:
+            async for chunk in chunks:
+                n = chunk_event(chunk).num_tokens
+                if n and out.first_token_s is None:
+                    out.first_token_s = clock()
+                out.num_tokens += n
+                if plan is not None and plan.after_tokens is not None \
+                        and plan.after_tokens <= out.num_tokens < out.output_len:
+                    return True                     # leaving the stream cancels the RPC
+        return False
+
+    by_time = plan is not None and plan.after_s is not None and plan.after_s < deadline_s
+    task = asyncio.ensure_future(read())
+    done, _ = await asyncio.wait({task}, timeout=plan.after_s if by_time else deadline_s)
+    if not done:
+        task.cancel()                               # cancels the RPC
+        await asyncio.gather(task, return_exceptions=True)
+        out.status = "cancelled" if by_time else "hung"
+    elif task.exception() is not None:
+        e = task.exception()
+        out.status, out.error = "failed", (e.message if isinstance(e, DistServeError)
+                                           else f"{type(e).__name__}: {e}")
+    elif task.result():
+        out.status = "cancelled"
+    elif out.num_tokens == out.output_len:
+        out.status = "completed"
+    else:
+        out.status, out.error = "failed", f"the stream ended after {out.num_tokens} of {out.output_len} tokens"
+    if out.status == "cancelled":
+        out.cancelled_at_tokens = out.num_tokens
+    if out.status != "hung":
+        out.end_s = clock()
+
+
+class RssSampler(threading.Thread):
+    """VmRSS of the server and of its children (the python-backend stubs), per pid."""
+
+    def __init__(self, server_pid: int, period_s: float, clock: Callable[[], float]) -> None:
+        super().__init__(name="rss-sampler", daemon=True)
+        self.server_pid, self.period_s, self.clock = server_pid, period_s, clock
+        self.processes: dict[int, dict[str, Any]] = {}
+        self.last_t = 0.0                           # the last sample's time
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while True:
+            self.sample()
+            if self._stop_event.wait(self.period_s):
+                return
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join()
+        self.sample()                               # the end state, once idle
+
+    def sample(self) -> None:
+        t = self.last_t = round(self.clock(), 2)
+        for pid in [self.server_pid, *children(self.server_pid)]:
+            rss = vmrss_kb(pid)
+            if rss is None:
+                continue
+            entry = self.processes.setdefault(pid, {"pid": pid, "process": process_label(pid, self.server_pid),
+                                                    "samples": []})
+            entry["samples"].append([t, rss])
+
+    def summary(self) -> list[dict[str, Any]]:
+        out = []
+        for p in self.processes.values():
+            rss = [kb for _, kb in p["samples"]]
+            out.append({"pid": p["pid"], "process": p["process"], "first_s": p["samples"][0][0],
+                        "last_s": p["samples"][-1][0], "start_mb": rss[0] / 1024, "end_mb": rss[-1] / 1024,
+                        "max_mb": max(rss) / 1024, "growth_mb": (rss[-1] - rss[0]) / 1024,
+                        "num_samples": len(rss), "alive_at_end": p["samples"][-1][0] >= self.last_t})
+        return out
+
+
+def children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(c) for c in f.read().split()]
+    except OSError:
+        return []
+
+
+def vmrss_kb(pid: int) -> int | None:
+    """VmRSS of `pid` in kB (from /proc/PID/status); None if it is gone or a zombie."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def process_label(pid: int, server_pid: int) -> str:
+    if pid == server_pid:
+        return "tritonserver"
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            args = f.read().decode(errors="replace").split("\0")
+    except OSError:
+        return "?"
+    model = next((m.group(1) for a in args if (m := re.search(r"/([^/]+)/\d+/model\.py$", a))), None)
+    return f"{model} stub" if model else Path(args[0]).name
+
+
+async def kill_decode(server: Any, at_s: float, clock: Callable[[], float], recover_s: float) -> dict[str, Any]:
+    """At `at_s`, SIGKILL the decode stub; then wait until the server answers again."""
+    await asyncio.sleep(max(0.0, at_s - clock()))
+    reported = (await asyncio.to_thread(instance_stats, server, KILL_INSTANCE))["pid"]
+    pid = stub_pid(server, KILL_MODEL)
+    if reported != pid:
+        raise RuntimeError(f"{KILL_INSTANCE} reports pid {reported}, the server's {KILL_MODEL} stub is {pid}")
+    os.kill(pid, signal.SIGKILL)
+    killed, at = time.monotonic(), clock()
+    log(f"t={at:.1f} s: SIGKILL {KILL_INSTANCE} (pid {pid})")
+    try:
+        answering = await asyncio.to_thread(serves_again, server, killed, recover_s, "http")
+        log(f"t={clock():.1f} s: the server answers again, {answering:.1f} s after the kill")
+    except AssertionError:
+        answering = None
+        log(f"the server did not answer within {recover_s:g} s of the kill")
+    return {"instance": KILL_INSTANCE, "pid": pid, "at_s": at, "server_answering_after_s": answering}
+
+
+async def report_progress(outcomes: list[Outcome], clock: Callable[[], float], period_s: float) -> None:
+    while True:
+        await asyncio.sleep(period_s)
+        log(progress_line(outcomes, clock()))
+
+
+def progress_line(outcomes: list[Outcome], now: float) -> str:
+    sent = sum(o.send_s is not None for o in outcomes)
+    counts = {s: sum(o.status == s for o in outcomes) for s in STATUSES}
+    in_flight = sum(o.status == "pending" for o in outcomes) - (len(outcomes) - sent)
+    return (f"t={now:6.1f} s  sent {sent}/{len(outcomes)}  in flight {in_flight}  " +
+            "  ".join(f"{s} {n}" for s, n in counts.items()))
+
+
+async def soak(server: Any, requests: list[Request], warmup: list[Request], arrivals: list[float],
+               plans: dict[int, CancelPlan], s: Settings, sampler_factory: Callable[..., RssSampler]
+               ) -> tuple[list[Outcome], dict[str, Any], RssSampler, float]:
+    """Warm up, then replay with the kill; (outcomes, the kill, the running sampler, t0)."""
+    deadline = s.deadline_s
+    async with GrpcChannel(server.grpc_url) as channel:
+        for req in warmup:                                   # one at a time, not recorded
+            await run_request(channel, req, Outcome(-1, req.prompt_len, req.output_len, 0.0),
+                              None, time.monotonic, deadline)
+        t0 = time.monotonic()
+        clock = lambda: time.monotonic() - t0               # noqa: E731
+        sampler = sampler_factory(clock)
+        sampler.start()
+        outcomes = [Outcome(i, r.prompt_len, r.output_len, arrivals[i],
+                            plans[i].moment if i in plans else None) for i, r in enumerate(requests)]
+
+        async def one(i: int) -> None:
+            await asyncio.sleep(max(0.0, arrivals[i] - clock()))
+            await run_request(channel, requests[i], outcomes[i], plans.get(i), clock, deadline)
+
+        kill_at = arrivals[min(len(arrivals) - 1, int(len(arrivals) * s.kill_at))]
+        kill = asyncio.ensure_future(kill_decode(server, kill_at, clock, s.recover_s))
+        progress = asyncio.ensure_future(report_progress(outcomes, clock, s.progress_s))
+        try:
+            await asyncio.gather(*(one(i) for i in range(len(requests))))
+            kill_info = await kill
+        finally:
+            progress.cancel()
+            kill.cancel()
+        log(progress_line(outcomes, clock()))
+    return outcomes, kill_info, sampler, t0
+
+
+def run(model: str, s: Settings, command: str) -> dict[str, Any]:
+    ref = goodput_reference(s.goodput_file)
+    rate = s.rate if s.rate is not None else RATE_FACTOR * ref["goodput_rps"]
+    w = ref["workload"]
+    workload = load_workload(WorkloadSpec(w["name"], s.num_requests, s.seed, LengthCaps(**w["caps"]),
+                                          w["paper_filter"]))
+    requests = list(workload.requests)
+    arrivals = arrival_times(len(requests), rate, seed=s.seed)
+    plans = cancel_plans(requests, s.cancel_fraction, s.cancel_within_s, s.seed)
+    deployment = default_deployment(model)
+    load_start = os.getloadavg()
+    log(f"{len(requests)} {w['name']} requests at {rate:.3g} rps (~{arrivals[-1]:.0f} s), "
+        f"{len(plans)} cancelled by the client, {KILL_INSTANCE} killed at request "
+        f"{int(len(requests) * s.kill_at)}; load average {load_start[0]:.2f}")
+    with tempfile.TemporaryDirectory(prefix="soak-") as tmp:
+        repo = render_repository(deployment, Path(tmp) / "model_repository", require_code=True)
+        server_left: list[int] | str = []
+        with contextlib.ExitStack() as stack:
+            server = stack.enter_context(start_server(repo, run_dir=Path(tmp) / "run"))
+            prefix, server_pid = server.shm_prefix, server.process.pid
+            outcomes, kill, sampler, t0 = asyncio.run(soak(
+                server, requests, list(workload.requests[:s.warmup]), arrivals, plans, s,
+                lambda clock: RssSampler(server_pid, s.sample_s, clock)))
+            instance_ids = tuple(f"{phase}-{i}" for phase, spec in
+                                 (("prefill", deployment.prefill), ("decode", deployment.decode))
+                                 for i in range(spec.num_instances))
+            end_state, idle_after = wait_idle(server, instance_ids, s.idle_timeout_s)
+            sampler.stop()
+            kv_log = server.control_dir / "kv-segments" if server.control_dir else None
+            kv_pools = kv_log.read_text().split() if kv_log and kv_log.exists() else []
+            try:
+                stack.close()                               # stop the server
+            except ServerError as e:
+                server_left = str(e)
+            log_errors = server.error_lines(limit=30)
+        stopped_s = time.monotonic() - t0
+    load_end = os.getloadavg()
+    left = {"segments_with_server_prefix": sorted(segments(prefix)),
+            "kv_pools": sorted(n for n in kv_pools if Path("/dev/shm", n).exists()),
+            "server_processes": server_left}
+    return build_report(
+        command=command, settings=s, rate=rate, ref=ref, workload=workload.describe(),
+        deployment=deployment.to_dict(), outcomes=outcomes, kill=kill, end_state=end_state,
+        idle_after_s=idle_after, left=left, memory=sampler, loadavg=(load_start, load_end),
+        server_log_errors=log_errors, stopped_s=stopped_s)
+
+
+def percentiles(values: list[float]) -> dict[str, float] | None:
+    if not values:
+        return None
+    a = np.asarray(values, dtype=float)
+    return {"p50": float(np.median(a)), "p90": float(np.percentile(a, 90)),
+            "p99": float(np.percentile(a, 99)), "max": float(a.max())}
+
+
+def timeline(outcomes: list[Outcome], end: float, step: float) -> dict[str, list[float]]:
+    """Requests in flight (sent, not ended; a hung one stays in flight), and cumulative failed
+    and client-cancelled requests, every `step` seconds."""
+    ts = np.arange(0.0, end + step, step)
+    sent = np.array([o.send_s if o.send_s is not None else np.inf for o in outcomes])
+    ended = np.array([o.end_s if o.end_s is not None else np.inf for o in outcomes])
+    failed = np.sort([o.end_s for o in outcomes if o.status == "failed"])
+    cancelled = np.sort([o.end_s for o in outcomes if o.status == "cancelled"])
+    return {"t_s": [round(float(t), 2) for t in ts],
+            "in_flight": [int(((sent <= t) & (ended > t)).sum()) for t in ts],
+            "failed": np.searchsorted(failed, ts, side="right").tolist(),
+            "cancelled": np.searchsorted(cancelled, ts, side="right").tolist()}
+
+
+def kill_summary(outcomes: list[Outcome], kill: dict[str, Any]) -> dict[str, Any]:
+    """What the kill did: the requests in flight then, how fast they ended; recovery times."""
+    at = kill["at_s"]
+    in_flight = [o for o in outcomes if o.send_s is not None and o.send_s <= at
+                 and (o.end_s is None or o.end_s > at)]
+    after = [o for o in outcomes if o.send_s is not None and o.send_s > at]
+    # a one-token request never reaches decode: it says nothing about recovery
+    first_ok = min((o for o in after if o.status == "completed" and o.output_len > 1),
+                   key=lambda o: o.end_s, default=None)
+    return {**kill,
+            "in_flight": len(in_flight),
+            "in_flight_by_status": {s: sum(o.status == s for o in in_flight) for s in STATUSES},
+            "in_flight_failed_within_s": max((o.end_s - at for o in in_flight if o.status == "failed"),
+                                             default=None),
+            "first_sent_after_kill_completed": None if first_ok is None else {
+                "index": first_ok.index, "sent_after_kill_s": first_ok.send_s - at,
+                "completed_after_kill_s": first_ok.end_s - at},
+            "failed_sent_after_kill": sum(o.status == "failed" for o in after)}
+
+
+def build_report(*, command: str, settings: Settings, rate: float, ref: dict[str, Any],
+                 workload: dict[str, Any], deployment: dict[str, Any], outcomes: list[Outcome],
+                 kill: dict[str, Any], end_state: dict[str, dict], idle_after_s: float,
+                 left: dict[str, Any], memory: RssSampler, loadavg: tuple, server_log_errors: list[str],
+                 stopped_s: float) -> dict[str, Any]:
+    counts = {s: sum(o.status == s for o in outcomes) for s in STATUSES}
+    counts["sent"] = sum(o.send_s is not None for o in outcomes)
+    failed = [o for o in outcomes if o.status == "failed"]
+    messages: dict[str, int] = {}
+    for o in failed:
+        key = (o.error or "")[:160]
+        messages[key] = messages.get(key, 0) + 1
+    cancelled = [o for o in outcomes if o.status == "cancelled"]
+    planned = [o for o in outcomes if o.cancel_plan]
+    completed = [o for o in outcomes if o.status == "completed"]
+    kv_held = sum(st.get("kv_blocks_used", 0) for st in end_state.values())
+    leases = sum(st.get("leases", 0) for st in end_state.values())
+    ends = [o.end_s for o in outcomes if o.end_s is not None]
+    k = kill_summary(outcomes, kill)
+    problems = [p for p, bad in (
+        (f"{counts['hung']} request(s) hung", counts["hung"]),
+        ("requests unaccounted for", sum(counts[s] for s in STATUSES) != len(outcomes)
+         or counts["sent"] != len(outcomes)),
+        (f"{kv_held} KV block(s) held at the end", kv_held),
+        (f"{leases} prefill lease(s) held at the end", leases),
+        ("an instance did not answer at the end", any("error" in st for st in end_state.values())),
+        ("shared-memory segments left after stop", left["segments_with_server_prefix"] or left["kv_pools"]),
+        ("server processes left after stop", left["server_processes"]),
+        ("the server did not answer again after the kill", k["server_answering_after_s"] is None),
+    ) if bad]
+    return {
+        "kind": "soak",
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": git_commit(),
+        "command": command,
+        "machine": {"cpu_model": cpu_model(), "num_cores": os.cpu_count(),
+                    "loadavg_start": list(loadavg[0]), "loadavg_end": list(loadavg[1])},
+        "settings": asdict(settings) | {"goodput_file": ref["file"]},
+        "rate": {"rps": rate, "goodput_rps": ref["goodput_rps"],
+                 "source": (f"{RATE_FACTOR:g} x the DistServe goodput in {ref['file']}" if settings.rate is None
+                            else "--rate"), "goodput_slo": ref["slo"]},
+        "workload": workload,
+        "deployment": deployment,
+        "ok": not problems,
+        "problems": problems,
+        "counts": counts,
+        "failed_by_class": {c: sum(o.error_class == c for o in failed) for c in ERROR_CLASSES},
+        "error_messages": dict(sorted(messages.items(), key=lambda kv: -kv[1])),
+        "client_cancels": {
+            "planned": len(planned),
+            "planned_before_first_token": sum(o.cancel_plan == "before_first_token" for o in planned),
+            "planned_mid_stream": sum(o.cancel_plan == "mid_stream" for o in planned),
+            "cancelled_before_first_token": sum(o.cancelled_at_tokens == 0 for o in cancelled),
+            "cancelled_mid_stream": sum((o.cancelled_at_tokens or 0) > 0 for o in cancelled),
+            "planned_but_ended_first": {s: sum(o.status == s for o in planned) for s in ("completed", "failed")}},
+        "kill": k,
+        "end_state": {"idle_after_s": idle_after_s, "kv_blocks_used": kv_held, "leases": leases,
+                      "instances": end_state},
+        "left_after_stop": left,
+        "memory": memory.summary(),
+        "latency_completed": {"ttft_s": percentiles([o.first_token_s - o.send_s for o in completed]),
+                              "e2e_s": percentiles([o.end_s - o.send_s for o in completed]),
+                              "send_lag_s": percentiles([o.send_s - o.arrival_s for o in outcomes
+                                                         if o.send_s is not None])},
+        "duration_s": {"arrivals": outcomes[-1].arrival_s, "last_end": max(ends, default=None),
+                       "server_stopped": stopped_s},
+        "server_log_errors": server_log_errors,
+        "not_completed": [asdict(o) for o in outcomes if o.status != "completed"],
+        "timeline": timeline(outcomes, max(ends, default=0.0), 1.0),
+        "memory_samples": {str(pid): p for pid, p in memory.processes.items()},
+    }
+
+
+def git_commit() -> str | None:
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                           capture_output=True, text=True).stdout.strip()
+    return head + ("+dirty" if dirty else "")
+
+
+def cpu_model() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "?"
+    return next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")), "?")
+
+
+def _row(*cells: Any) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |\n"
+
+
+def _s(x: float | None, fmt: str = ".1f") -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def markdown(r: dict[str, Any]) -> str:
+    c, k, e, m = r["counts"], r["kill"], r["end_state"], r["machine"]
+    w = r["workload"]
+    cc = r["client_cancels"]
+    first = k["first_sent_after_kill_completed"]
+    out = (f"# Soak: {c['sent']} ShareGPT requests, client cancellations, one decode kill\n\n"
+           f"{'**PASS**' if r['ok'] else '**FAIL**: ' + '; '.join(r['problems'])}. "
+           f"Command: `{r['command']}`; commit {r['git_commit']}, {r['created']}. "
+           f"{m['cpu_model']}, {m['num_cores']} cores, load average {m['loadavg_start'][0]:.2f} at the start, "
+           f"{m['loadavg_end'][0]:.2f} at the end (a shared machine: latencies depend on it, the counts of "
+           "hung requests and leaks below do not).\n\n"
+           f"Default disaggregated deployment (prefill core 0, decode core 1, {r['deployment']['dtype']}). "
+           f"Workload: {w['name']} (ShareGPT), caps {w['caps']}, seed {w['seed']}; prompts "
+           f"{w['lengths']['prompt']['mean']:.0f} tokens on average, outputs {w['lengths']['output']['mean']:.0f}. "
+           f"Poisson arrivals at {r['rate']['rps']:.3g} rps ({r['rate']['source']}: "
+           f"{r['rate']['goodput_rps']:g} rps at TTFT {r['rate']['goodput_slo']['ttft_s']:g} s / TPOT "
+           f"{r['rate']['goodput_slo']['tpot_s']:g} s), {r['duration_s']['arrivals']:.0f} s of arrivals. "
+           f"A request not ended {r['settings']['deadline_s']:g} s after its send counts as hung.\n\n"
+           "## Requests\n\n" + _row("sent", "completed", "failed", "cancelled by the client", "hung")
+           + "|---" * 5 + "|\n" + _row(c["sent"], c["completed"], c["failed"], c["cancelled"], f"**{c['hung']}**")
+           + "\nFailed, by class: " + ", ".join(f"{n} {cls}" for cls, n in r["failed_by_class"].items())
+           + ". Messages: " + ("; ".join(f"{n} x \"{msg}\"" for msg, n in r["error_messages"].items()) or "none")
+           + f".\n\nClient cancellations: {cc['planned']} planned ({cc['planned_before_first_token']} within "
+           f"{r['settings']['cancel_within_s']:g} s of the send, {cc['planned_mid_stream']} after a random number of "
+           f"tokens); {cc['cancelled_before_first_token']} cancelled before their first token, "
+           f"{cc['cancelled_mid_stream']} mid-stream; ended before the client cancelled: "
+           f"{cc['planned_but_ended_first']}.\n\n"
+           f"Completed requests: TTFT p50 {_s(_get(r, 'latency_completed', 'ttft_s', 'p50'), '.2f')} s, "
+           f"p99 {_s(_get(r, 'latency_completed', 'ttft_s', 'p99'), '.2f')} s; E2E p50 "
+           f"{_s(_get(r, 'latency_completed', 'e2e_s', 'p50'), '.2f')} s, max "
+           f"{_s(_get(r, 'latency_completed', 'e2e_s', 'max'), '.2f')} s; client send lag max "
+           f"{_s(_get(r, 'latency_completed', 'send_lag_s', 'max'), '.3f')} s.\n\n"
+           f"## The kill\n\nSIGKILL of {k['instance']}'s stub (pid {k['pid']}) at t = {k['at_s']:.1f} s, "
+           f"{k['in_flight']} requests in flight: {k['in_flight_by_status']}; the failed ones ended within "
+           f"{_s(k['in_flight_failed_within_s'])} s of the kill. "
+           f"{k['failed_sent_after_kill']} requests sent after the kill failed.\n\n"
+           + _row("recovery", "seconds after the kill") + "|---|---|\n"
+           + _row("the server answers again (a small HTTP request a second)", _s(k["server_answering_after_s"]))
+           + _row("the first request sent after the kill (and needing decode: 2+ tokens) completes"
+                  + ("" if first is None
+                     else f" (request {first['index']}, sent at +{first['sent_after_kill_s']:.1f} s)"),
+                  _s(None if first is None else first["completed_after_kill_s"]))
+           + "\n## Left at the end\n\n"
+           + _row("what", "found") + "|---|---|\n"
+           + _row(f"KV blocks in use, once idle (after {e['idle_after_s']:.1f} s)",
+                  ", ".join(f"{i}: {st.get('kv_blocks_used', st.get('error'))}" for i, st in e["instances"].items()))
+           + _row("prefill leases held", ", ".join(f"{i}: {st.get('leases', st.get('error'))}"
+                                                  for i, st in e["instances"].items()))
+           + _row("shm segments with the server's prefix, after stop",
+                  len(r["left_after_stop"]["segments_with_server_prefix"]))
+           + _row("KV pools the instances created, after stop", len(r["left_after_stop"]["kv_pools"]))
+           + _row("server processes after stop", r["left_after_stop"]["server_processes"] or 0)
+           + "\n## Memory (VmRSS, MiB)\n\nSampled every "
+           f"{r['settings']['sample_s']:g} s from the start of the replay to the idle end; a stub killed and "
+           "restarted is a new process.\n\n"
+           + _row("process", "pid", "seen (s)", "start", "end", "max", "growth") + "|---" * 7 + "|\n"
+           + "".join(_row(p["process"], p["pid"], f"{p['first_s']:.0f}-{p['last_s']:.0f}"
+                          + ("" if p["alive_at_end"] else " (killed)"), f"{p['start_mb']:.0f}",
+                          f"{p['end_mb']:.0f}", f"{p['max_mb']:.0f}", f"{p['growth_mb']:+.0f}") for p in r["memory"])
+           + "\nThe plot (`soak.png`): requests in flight and cumulative failed / client-cancelled requests "
+           "over time, the kill as a vertical line; below, RSS per process.\n")
+    if r["server_log_errors"]:
+        out += (f"\nTriton's error lines ({len(r['server_log_errors'])}, first 30; full text in the JSON): "
+                + "; ".join(f"`{ln[:140]}`" for ln in r["server_log_errors"][:5]) + "\n")
+    return out
+
+
+def _get(d: dict[str, Any], *keys: str) -> Any:
+    for key in keys:
+        if not isinstance(d, dict) or d.get(key) is None:
+            return None
+        d = d[key]
+    return d
+
+
+def plot(r: dict[str, Any], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    tl = r["timeline"]
+    fig, (ax, mem) = plt.subplots(2, 1, figsize=(7, 5), sharex=True, height_ratios=(3, 2))
+    ax.plot(tl["t_s"], tl["in_flight"], lw=1, label="in flight")
+    ax.plot(tl["t_s"], tl["failed"], lw=1.5, label="failed (cumulative)")
+    ax.plot(tl["t_s"], tl["cancelled"], lw=1, ls="--", label="cancelled by the client (cumulative)")
+    for a in (ax, mem):
+        a.axvline(r["kill"]["at_s"], color="red", lw=1)
+    ax.text(r["kill"]["at_s"], 0.02, f" SIGKILL {r['kill']['instance']}", color="red", fontsize=8,
+            transform=ax.get_xaxis_transform())
+    ax.set_ylabel("requests")
+    ax.legend(fontsize=8, loc="best")
+    c = r["counts"]
+    ax.set_title(f"Soak: {c['sent']} requests at {r['rate']['rps']:.3g} rps: {c['completed']} completed, "
+                 f"{c['failed']} failed, {c['cancelled']} cancelled, {c['hung']} hung", fontsize=9)
+    for p in r["memory_samples"].values():
+        t, kb = zip(*p["samples"])
+        mem.plot(t, [x / 1024 for x in kb], lw=1, label=f"{p['process']} ({p['pid']})")
+    mem.set_ylabel("RSS (MiB)")
+    mem.set_xlabel("time since the first arrival (s)")
+    mem.set_ylim(bottom=0)
+    mem.legend(fontsize=7, ncol=2, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def log(message: str) -> None:
+    print(f"[soak] {message}", file=sys.stderr, flush=True)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.soak", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=DEFAULT_MODEL_PATH, help="the checkpoint the deployment serves")
+    p.add_argument("--short", action="store_true",
+                   help=f"a CI-sized run: {SHORT['num_requests']} requests, the kill at request {int(SHORT['num_requests'] * SHORT['kill_at'])}")
+    p.add_argument("--requests", type=int, help="requests to send (default: 1000, --short: 40)")
+    p.add_argument("--rate", type=float,
+                   help=f"requests/s (default: {RATE_FACTOR:g} x the goodput file's DistServe goodput)")
+    p.add_argument("--goodput-file", default=str(GOODPUT_FILE), help="the goodput measurement: rate, workload, caps")
+    p.add_argument("--cancel-fraction", type=float, default=0.1, help="cancelled by the client (default 0.1)")
+    p.add_argument("--cancel-within", type=float, default=0.5,
+                   help="s: a cancel aimed before the first token comes uniformly within this of the send")
+    p.add_argument("--kill-at", type=float, help="fraction of the requests sent before the kill (default 0.5)")
+    p.add_argument("--deadline", type=float, default=300.0, help="per request, s: later counts as hung")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sample-s", type=float, default=2.0, help="RSS sampling period, s")
+    p.add_argument("--out", type=Path, help="output prefix (default: docs/soak, --short: results/soak-short)")
+    return p.parse_args(argv)
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    s = replace(Settings(), **SHORT) if args.short else Settings()
+    given = {"num_requests": args.requests, "rate": args.rate, "kill_at": args.kill_at}
+    return replace(s, goodput_file=args.goodput_file, cancel_fraction=args.cancel_fraction,
+                   cancel_within_s=args.cancel_within, deadline_s=args.deadline, seed=args.seed,
+                   sample_s=args.sample_s,
+                   **{k: v for k, v in given.items() if v is not None})
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    s = settings_from(args)
+    out = args.out or (ROOT / ("results/soak-short" if args.short else "docs/soak"))
+    shown = [os.path.relpath(a, ROOT) if a.startswith(str(ROOT) + os.sep) else a for a in argv]
+    report = run(args.model, s, shlex.join(["python", "-m", "benchmarks.soak", *shown]))
+    report_files.write_outputs(report, out, markdown, plot, indent=1)
+    c = report["counts"]
+    log(f"{c['sent']} sent: {c['completed']} completed, {c['failed']} failed {report['failed_by_class']}, "
+        f"{c['cancelled']} cancelled by the client, {c['hung']} hung; KV held {report['end_state']['kv_blocks_used']}, "
+        f"leases {report['end_state']['leases']}; {'OK' if report['ok'] else 'FAIL: ' + '; '.join(report['problems'])}"
+        f" -> {out}.json/.md/.png")
+    return 0 if report["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
