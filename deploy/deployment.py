@@ -16,6 +16,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from backends.core.admission import AdmissionPolicy
 from backends.core.limits import EngineLimits
 
 DeviceKind = Literal["cpu", "gpu"]
@@ -134,6 +135,15 @@ class Deployment:
     systems: tuple = ("disaggregated",)   # what the repository serves (SYSTEMS); one at a time
     share_weights: bool = True            # instances on one host map one copy of the weights
     weights: str = "auto"                 # WEIGHT_FORMATS: bf16 | int8 | int4 | auto (per phase)
+    # SLOs (seconds): the defaults are the chatbot SLOs of the headline benchmark on this CPU
+    slo_ttft_s: float = 4.0
+    slo_tpot_s: float = 0.1
+    # early rejection: a request whose predicted time to first token on the instance that would
+    # prefill it exceeds overload_factor x slo_ttft_s is refused at once ("overloaded", Triton
+    # UNAVAILABLE / HTTP 503); null turns that off. max_queued_requests bounds each such
+    # instance's requests waiting for prefill either way.
+    overload_factor: float | None = 3.0
+    max_queued_requests: int = 1024
     check_host: bool = field(default=True, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -144,11 +154,15 @@ class Deployment:
         if self.kv_dtype not in KV_DTYPES:
             raise ValueError(f"kv_dtype must be one of {KV_DTYPES}, got {self.kv_dtype!r} (one "
                              "value for every phase: decode reads the KV prefill wrote)")
-        for name in ("block_size", "num_orchestrator_instances", "default_max_tokens", "max_model_len"):
+        for name in ("block_size", "num_orchestrator_instances", "default_max_tokens", "max_model_len",
+                     "max_queued_requests"):
             _check_positive_int(name, getattr(self, name))
-        if isinstance(self.lease_timeout_s, bool) or not isinstance(self.lease_timeout_s, (int, float)) \
-                or not self.lease_timeout_s > 0:
-            raise ValueError(f"lease_timeout_s must be a number > 0, got {self.lease_timeout_s!r}")
+        for name in ("lease_timeout_s", "slo_ttft_s", "slo_tpot_s", "overload_factor"):
+            value = getattr(self, name)
+            if name == "overload_factor" and value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"{name} must be a number > 0, got {value!r}")
         if self.default_max_tokens >= self.max_model_len:
             raise ValueError(f"default_max_tokens ({self.default_max_tokens}) must be < max_model_len "
                              f"({self.max_model_len})")
@@ -210,6 +224,11 @@ class Deployment:
             what = "cores" if self.prefill.device == "cpu" else "gpus"
             warnings.warn(f"prefill and decode share {what} {sorted(shared)}: the phases will interfere",
                           stacklevel=3)
+
+    def admission(self) -> AdmissionPolicy:
+        """The early-rejection policy of each instance that prefills."""
+        max_wait = None if self.overload_factor is None else self.overload_factor * self.slo_ttft_s
+        return AdmissionPolicy(max_wait, self.max_queued_requests)
 
     def resolved_model_path(self, root: str | Path | None = None) -> Path:
         """model_path; a relative one is taken from `root`, $DISTSERVE_ROOT, or the repo root."""

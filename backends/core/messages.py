@@ -147,6 +147,7 @@ class Tokens:
 class Failed:
     req_id: str
     error: str
+    code: str = ""                      # "overloaded": refused at once, retry later
     TYPE: ClassVar[str] = "failed"
 
     finished: ClassVar[bool] = True

@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from backends.core.admission import AdmissionPolicy, Backlog, Overloaded
 from backends.core.engine import LLMEngine, StepOutput
 from backends.core.messages import Accepted, Failed, Message, Tokens, is_final
 from backends.core.sequence import Sequence
@@ -45,6 +46,7 @@ class Entry:
     ctx: Any = None
     answered: bool = False                   # its final message is out (prefill: KV still lent)
     lease: int | None = None                 # prefill: the KV lease granted for it
+    backlog: int = 0                         # its prompt tokens, while queued for prefill here
 
     @property
     def req_id(self) -> str:
@@ -54,8 +56,10 @@ class Entry:
 class EngineWorker:
     ROLE: ClassVar[str] = "both"
     REQUEST_TYPES: ClassVar[tuple[type, ...]] = ()
+    PREFILLS: ClassVar[bool] = True                  # prompts are prefilled here (admission)
 
-    def __init__(self, engine: LLMEngine, instance_id: str = "", clock=time.monotonic) -> None:
+    def __init__(self, engine: LLMEngine, instance_id: str = "", clock=time.monotonic,
+                 admission: AdmissionPolicy | None = None) -> None:
         if engine.config.role != self.ROLE:
             raise ValueError(f"{type(self).__name__} needs an engine with role={self.ROLE!r}")
         self.engine = engine
@@ -64,6 +68,9 @@ class EngineWorker:
         self.requests: dict[str, Entry] = {}         # the step thread's only
         self._inbox = Inbox()
         self.num_requests = 0                        # accepted so far
+        self.admission = admission or AdmissionPolicy()
+        self.backlog = Backlog()                     # prompt tokens queued for prefill here
+        self.num_rejected = 0                        # refused as overloaded
 
     # -- any thread -----------------------------------------------------------------------
     def submit(self, req: Any, ctx: Any = None) -> None:
@@ -71,7 +78,16 @@ class EngineWorker:
         if not isinstance(req, self.REQUEST_TYPES):
             raise ValueError(f"{type(self).__name__} takes {[t.TYPE for t in self.REQUEST_TYPES]} "
                              f"requests, got {type(req).__name__}")
-        self._inbox.submit(Entry(req, self.make_sequence(req, self.clock()), ctx))
+        entry = Entry(req, self.make_sequence(req, self.clock()), ctx)
+        if self.PREFILLS:
+            try:
+                self.admission.check(self.backlog, len(req.prompt_ids), self.instance_id)
+            except Overloaded:
+                self.num_rejected += 1
+                raise
+            entry.backlog = len(req.prompt_ids)
+            self.backlog.add(entry.backlog)
+        self._inbox.submit(entry)
 
     def cancel(self, req_id: str) -> None:
         self._inbox.cancel(req_id)
@@ -87,11 +103,18 @@ class EngineWorker:
         out = self._drain_inbox()
         out += self.before_step()
         if self.engine.scheduler.has_runnable():
-            step_outs = self.engine.step(self.clock())
+            prefilling = self.backlog.requests > 0
+            started = self.clock()
+            step_outs = self.engine.step(started)
             now = self.clock()
+            prefilled = 0
             for o in step_outs:
                 entry = self.requests[o.req_id]
+                prefilled += entry.backlog
+                self._settle(entry)
                 out.append(self._emit(entry, self.on_output(entry, o, now)))
+            if prefilling:
+                self.backlog.observe(prefilled, now - started)
         elif self.waits():
             self.wait()
         return out
@@ -112,6 +135,7 @@ class EngineWorker:
                     out += self._cancel(entry)
                 continue
             if arg.req_id in self.requests:
+                self._settle(arg)
                 out.append((arg.ctx, Failed(arg.req_id, f"request id {arg.req_id!r} is already "
                                                         f"in flight on {self.instance_id}")))
                 continue
@@ -121,7 +145,14 @@ class EngineWorker:
             out += [self._emit(arg, m) for m in self.accepted(arg)]
         return out
 
+    def _settle(self, entry: Entry) -> None:
+        """Its prompt is no longer queued work here (prefilled, or it left before)."""
+        if entry.backlog:
+            self.backlog.done(entry.backlog)
+            entry.backlog = 0
+
     def _cancel(self, entry: Entry) -> list[Output]:
+        self._settle(entry)
         if self.on_cancel(entry):
             self.engine.abort(entry.req_id)
         self.requests.pop(entry.req_id, None)
@@ -153,7 +184,8 @@ class EngineWorker:
         return {"queue_depth": s.num_waiting + self._inbox.qsize(), "running": s.num_running,
                 "kv_blocks_used": s.num_blocks_used, "kv_blocks_total": s.num_blocks_total,
                 "last_batch_size": s.last_batch_size, "last_batch_tokens": s.last_batch_tokens,
-                "requests_total": self.num_requests}
+                "requests_total": self.num_requests, "backlog_tokens": self.backlog.tokens,
+                "rejected_total": self.num_rejected}
 
     def close(self) -> None:
         pass

@@ -25,6 +25,7 @@ from kvtransfer import KVImporter, KVTransferError
 class DecodeWorker(EngineWorker):
     ROLE = "decode"
     REQUEST_TYPES = (DecodeRequest,)
+    PREFILLS = False                # its prompts arrive prefilled (admission is prefill's)
     WAIT_S = 0.05                   # idle with only copies in flight: wake at least this often
 
     def __init__(self, engine: LLMEngine, importer: KVImporter, instance_id: str = "",

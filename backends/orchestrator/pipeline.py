@@ -26,6 +26,14 @@ from backends.core.sampling import SamplingParams
 from backends.core.tokenizer import Tokenizer
 from deploy.contract import Timing
 
+class RequestFailed(RuntimeError):
+    """An instance answered `Failed`; `code` says what kind (e.g. "overloaded")."""
+
+    def __init__(self, msg: Failed) -> None:
+        super().__init__(msg.error)
+        self.code = msg.code
+
+
 CallPrefill = Callable[[str], Awaitable[str]]
 CallDecode = Callable[[str], AsyncIterator[str]]
 Cancel = Callable[[str, str], None]            # (instance_id, req_id)
@@ -107,7 +115,7 @@ class Orchestrator:
         res = decode(await prefill(encode(PrefillRequest(gen.req_id, gen.prompt_ids, gen.params))),
                      Prefilled, Failed)
         if isinstance(res, Failed):
-            raise RuntimeError(res.error)
+            raise RequestFailed(res)
         t = out.timing
         t.ttft_s, t.prefill_queue_s, t.prefill_s = time.perf_counter() - out.t0, res.queue_s, res.prefill_s
         if is_cancelled():
@@ -150,8 +158,8 @@ class Orchestrator:
         async with contextlib.aclosing(stream):            # an early exit closes the stream
             async for raw in stream:
                 match decode(raw, Accepted, Admitted, Tokens, Failed):
-                    case Failed(error=error):
-                        raise RuntimeError(error)
+                    case Failed() as failed:
+                        raise RequestFailed(failed)
                     case Accepted(instance_id=instance):
                         pass
                     case Admitted() as msg:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 
+from backends.core.admission import AdmissionPolicy
 from backends.core.engine import LLMEngine, StepOutput
 from backends.core.messages import Message, Prefilled, PrefillRequest
 from backends.core.worker import EngineWorker, Entry, Output, first_token_timing
@@ -21,8 +22,8 @@ class PrefillWorker(EngineWorker):
     REQUEST_TYPES = (PrefillRequest,)
 
     def __init__(self, engine: LLMEngine, exporter: KVExporter, instance_id: str = "",
-                 clock=time.monotonic) -> None:
-        super().__init__(engine, instance_id, clock)
+                 clock=time.monotonic, admission: AdmissionPolicy | None = None) -> None:
+        super().__init__(engine, instance_id, clock, admission)
         self.exporter = exporter
         self._lease_to_req: dict[int, str] = {}
 

@@ -58,7 +58,7 @@ class EngineModel:
                 self.host.submit(self.host.parse(bytes_input(self.pb, request, "request")),
                                  (request, sender))
             except ValueError as e:
-                self._send((request, sender), encode(Failed("-", str(e))), True)
+                self._send((request, sender), encode(Failed("-", str(e), getattr(e, "code", ""))), True)
         return None
 
     @staticmethod

@@ -159,7 +159,8 @@ def build_prefill_host(deployment: Any, index: int, send: Send,
                              lease_timeout_s=deployment.lease_timeout_s,
                              **_transport_options(deployment, ecfg))
     engine = LLMEngine(config, sd, ecfg, kv_pool=exporter.pool, **kw)
-    return InstanceHost(PrefillWorker(engine, exporter, instance_id), send, is_cancelled, on_step)
+    worker = PrefillWorker(engine, exporter, instance_id, admission=deployment.admission())
+    return InstanceHost(worker, send, is_cancelled, on_step)
 
 
 def build_decode_host(deployment: Any, index: int, send: Send,
@@ -180,4 +181,5 @@ def build_colocated_host(deployment: Any, index: int, send: Send,
     engine = LLMEngine(config, sd, _engine_config(deployment, deployment.colocated, "both", index),
                        **kw)
     instance_id = f"colocated-{index}"
-    return InstanceHost(ColocatedWorker(engine, instance_id), send, is_cancelled, on_step)
+    worker = ColocatedWorker(engine, instance_id, admission=deployment.admission())
+    return InstanceHost(worker, send, is_cancelled, on_step)

@@ -16,7 +16,9 @@ tritonserver with explicit model control and tells the stubs its HTTP address).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
+import itertools
 import json
 import logging
 import os
@@ -29,7 +31,9 @@ import numpy as np
 
 from backends.core.control import run_dir, send, socket_path
 from backends.orchestrator.health import InstanceMonitor, Watch
-from backends.orchestrator.pipeline import Chunk, Generation, Orchestrator
+from backends.core.admission import OVERLOADED
+from backends.core.messages import Accepted, Admitted, Failed, Prefilled, Tokens, decode
+from backends.orchestrator.pipeline import Chunk, Generation, Orchestrator, RequestFailed
 from backends.serving.adapter import bytes_tensor
 from backends.serving.metrics import RequestMetrics
 
@@ -60,11 +64,6 @@ def read_inputs(pb: Any, request: Any) -> dict[str, Any]:
         else:
             out[name] = arr[0].item()
     return out
-
-
-def _drain(responses: Any) -> None:
-    for _ in responses:
-        pass
 
 
 def _text(name: str, value: Any) -> str:
@@ -128,7 +127,21 @@ class OrchestratorModel:
         await asyncio.gather(*(self._serve(r) for r in requests))
 
     async def _serve(self, request: Any) -> None:
+        """Answer one request; if its client goes away (Triton's cancelled flag, polled every
+        CANCEL_POLL_S even while nothing arrives: the request may wait for prefill or for
+        decode's admission), stop it and free what it holds on the instances."""
         sender = request.get_response_sender()
+        task = asyncio.ensure_future(self._respond(request, sender))
+        while not task.done():
+            await asyncio.wait({task}, timeout=CANCEL_POLL_S)
+            if not task.done() and request.is_cancelled():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                with contextlib.suppress(Exception):
+                    sender.send(flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+    async def _respond(self, request: Any, sender: Any) -> None:
         final = self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         try:
             gen = self.orch.parse(read_inputs(self.pb, request))
@@ -140,12 +153,24 @@ class OrchestratorModel:
                     return
             sender.send(flags=final)                 # cancelled: no more responses
         except Exception as e:                       # noqa: BLE001 - becomes the client's error
-            if not isinstance(e, ValueError):
+            if not isinstance(e, (ValueError, RequestFailed)):
                 log.exception("request failed")
             try:
-                sender.send(self.pb.InferenceResponse(error=self.pb.TritonError(str(e))), flags=final)
+                sender.send(self.pb.InferenceResponse(error=self._error(e)), flags=final)
             except Exception:                        # noqa: BLE001 - the client is gone
                 pass
+
+    def _error(self, e: Exception) -> Any:
+        """Triton's error for `e`: bad input is INVALID_ARG, an overloaded instance UNAVAILABLE
+        (the client may retry), anything else INTERNAL."""
+        error = self.pb.TritonError
+        if isinstance(e, ValueError):
+            code = "INVALID_ARG"
+        elif getattr(e, "code", "") == OVERLOADED:
+            code = "UNAVAILABLE"
+        else:
+            code = "INTERNAL"
+        return error(str(e), getattr(error, code))
 
     def _run(self, gen: Generation, is_cancelled) -> AsyncIterator[Chunk]:
         if self.MODE == "colocated":
@@ -178,7 +203,8 @@ class OrchestratorModel:
     async def _prefill(self, payload: str) -> str:
         watch = self.monitor.watch("prefill")
         try:
-            response = await self._call(watch, self._bls("prefill", payload).exec)
+            response = await self._call(watch, self._bls("prefill", payload).exec,
+                                        on_cancel=self._drop_prefilled)
         finally:
             watch.close()
         out = self._payload(response)
@@ -186,12 +212,29 @@ class OrchestratorModel:
             raise RuntimeError("prefill returned no response")
         return out
 
-    async def _call(self, watch: Watch, call: Any) -> Any:
-        """A blocking BLS call on the pool, unless the instances it would go to are down."""
+    async def _call(self, watch: Watch, call: Any, on_cancel: Any = None) -> Any:
+        """A blocking BLS call on the pool, unless the instances it would go to are down. If
+        the request is cancelled meanwhile, `on_cancel(result)` runs when the call returns."""
         await asyncio.sleep(0)                  # a watch that failed at creation has resolved
         if watch.failed.done():
             raise RuntimeError(f"request failed: {watch.failed.result()}")
-        return await _first_or_failure(asyncio.get_running_loop().run_in_executor(self.pool, call), watch)
+        fut = asyncio.get_running_loop().run_in_executor(self.pool, call)
+        try:
+            return await _first_or_failure(fut, watch)
+        except asyncio.CancelledError:
+            if on_cancel is not None:
+                fut.add_done_callback(lambda f: f.cancelled() or f.exception() or on_cancel(f.result()))
+            raise
+
+    def _drop_prefilled(self, response: Any) -> None:
+        """A prefill answer nobody will read (its client went away): free its KV lease now
+        rather than at the lease's expiry."""
+        try:
+            res = decode(self._payload(response) or "", Prefilled, Failed)
+        except (ValueError, RuntimeError):
+            return
+        if isinstance(res, Prefilled) and res.kv is not None:
+            self._cancel(res.instance_id, res.req_id)
 
     def _kv_source_watch(self, request: dict[str, Any]) -> Watch | None:
         """For a decode request: a watch on the prefill instance that holds its KV, until decode
@@ -213,10 +256,12 @@ class OrchestratorModel:
             watch = self.monitor.watch(model)
             kv_watch = self._kv_source_watch(request)
             watches = (watch,) if kv_watch is None else (watch, kv_watch)
-            responses, read, done = None, None, False
+            responses, read, done, cancelled = None, None, False, False
             try:
                 loop = asyncio.get_running_loop()
-                responses = await self._call(watch, lambda: self._bls(model, payload).exec(decoupled=True))
+                responses = await self._call(watch, lambda: self._bls(model, payload).exec(decoupled=True),
+                                             on_cancel=lambda r: self.pool.submit(
+                                                 self._drain, r, request["req_id"]))
                 while not done:
                     read = loop.run_in_executor(self.pool, next, responses, None)
                     response = await _first_or_failure(read, *watches)
@@ -228,8 +273,12 @@ class OrchestratorModel:
                         elif len(watches) > 1 and out.startswith('{"type":"admitted"'):
                             watches = (watch,)          # the KV is in: its source may go
                         yield out
+            except asyncio.CancelledError:
+                cancelled = True                        # the client went away
+                raise
             finally:
-                if any(w.failed.done() and not w.failed.cancelled() for w in watches) and watch.instance:
+                failed = any(w.failed.done() and not w.failed.cancelled() for w in watches)
+                if (failed or cancelled) and watch.instance:
                     # a stopped instance reads this when it resumes and frees the request; a
                     # request whose KV source died is dropped before its KV is read
                     self._cancel(watch.instance, request["req_id"])
@@ -237,13 +286,30 @@ class OrchestratorModel:
                     if w is not None:
                         w.close()
                 # an unfinished stream is read to its end in the background (after the read in
-                # flight, if the instance went down mid-read)
+                # flight, if the instance went down mid-read); cancelled before the instance
+                # said which it is, the request is cancelled once it does
                 if not done and responses is not None:
+                    req_id = request["req_id"] if cancelled and not watch.instance else None
                     if read is None or read.done():
-                        self.pool.submit(_drain, responses)
+                        self.pool.submit(self._drain, responses, req_id)
                     else:
-                        read.add_done_callback(lambda _: self.pool.submit(_drain, responses))
+                        read.add_done_callback(lambda f: self.pool.submit(
+                            self._drain, responses, req_id, f.result() if not f.exception() else None))
         return stream
+
+    def _drain(self, responses: Any, cancel_req_id: str | None = None, first: Any = None) -> None:
+        """Read a BLS stream to its end (`first`: a response already read from it); with
+        `cancel_req_id`, cancel that request on the instance that accepts it."""
+        for response in itertools.chain([first] if first is not None else [], responses):
+            if cancel_req_id is None:
+                continue
+            try:
+                msg = decode(self._payload(response) or "", Accepted, Admitted, Tokens, Failed)
+            except (ValueError, RuntimeError):
+                continue
+            if isinstance(msg, Accepted):
+                self._send_cancel(msg.instance_id, cancel_req_id)
+                cancel_req_id = None
 
     def _cancel(self, instance_id: str, req_id: str) -> None:
         """Cancel `req_id` on an instance, from the pool: the send may wait on a stopped
@@ -263,6 +329,7 @@ class OrchestratorModel:
 
 
 SERVER_URL_ENV = "DISTSERVE_SERVER_URL"
+CANCEL_POLL_S = 0.25            # how often a request waiting on an instance checks its client
 
 
 async def _first_or_failure(fut: asyncio.Future, *watches: Watch) -> Any:

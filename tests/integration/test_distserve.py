@@ -262,3 +262,96 @@ def test_lease_expiring_while_decode_is_full_fails_the_request_instead_of_hangin
         for r in results[1:]:
             assert r.error and "lease" in r.error and "timeout" not in r.error, r
         wait_kv_free(srv, ("prefill-0", "decode-0"))
+
+
+def test_overloaded_prefill_refuses_at_once_and_serves_what_it_took(tmp_path, gguf_path):
+    """A burst beyond the prefill instance's bound (3 requests waiting, or a predicted first
+    token later than 1 x the 1 s TTFT SLO): the excess is refused at once with "overloaded"
+    (Triton's UNAVAILABLE, though its generate endpoint answers every model error with 400),
+    what was taken is served, nothing is left held."""
+    deployment = dataclasses.replace(default_deployment(str(gguf_path)), max_model_len=1024,
+                                     slo_ttft_s=1.0, overload_factor=1.0, max_queued_requests=3)
+    repo = render_repository(deployment, tmp_path / "model_repository", require_code=True)
+    from client.bench.pools import Request
+    from client.bench.runner import replay
+    prompt = tuple(range(200, 700))                  # 500 tokens: a few tenths of a s each
+    with start_server(repo, run_dir=tmp_path / "run") as srv:
+        burst = [Request(prompt, 4, f"b{i}") for i in range(12)]
+        with ThreadPoolExecutor(1) as pool:
+            future = pool.submit(replay, "triton-grpc", srv.grpc_url, "distserve", burst,
+                                 [0.0] * len(burst), timeout_s=120, progress=False)
+            time.sleep(0.3)                          # the burst is queued by now
+            t0 = time.monotonic()
+            status, text = http_post(srv.http_url, "/v2/models/distserve/generate",
+                                     {"input_ids": list(prompt), "max_tokens": 4})
+            refused_in = time.monotonic() - t0
+            results = future.result()
+        assert status == 400 and "overloaded" in json.loads(text)["error"], (status, text)
+        assert refused_in < 1.0, f"the refusal took {refused_in:.2f} s"
+        refused = [r for r in results if r.error]
+        assert refused and all("overloaded" in r.error for r in refused), [r.error for r in refused]
+        assert sum(r.ok and r.num_tokens == 4 for r in results) >= 1
+        assert instance_stats(srv, "prefill-0")["rejected_total"] >= len(refused) + 1
+        wait_kv_free(srv, ("prefill-0", "decode-0"))
+        assert instance_stats(srv, "prefill-0")["backlog_tokens"] == 0
+        status, text = http_post(srv.http_url, "/v2/models/distserve/generate",
+                                 {"text_input": "Hi", "max_tokens": 3})
+        assert status == 200, text
+
+
+_VANISHING_CLIENT = """
+import sys
+from client import DistServeClient
+stream = DistServeClient(sys.argv[1], protocol=sys.argv[2], timeout=300).stream(
+    input_ids=list(range(300, 340)), max_tokens=20, ignore_eos=True)
+for chunk in stream:
+    print("chunk", flush=True)
+"""
+
+
+def _wait_for(cond, timeout: float, what: str) -> float:
+    t0 = time.monotonic()
+    while not cond():
+        assert time.monotonic() - t0 < timeout, f"{what}: not within {timeout} s"
+        time.sleep(0.05)
+    return time.monotonic() - t0
+
+
+def test_client_vanishing_while_its_request_waits_for_decode_frees_it_at_once(tmp_path, gguf_path):
+    """Decode runs one sequence at a time and is busy; a second client's request is prefilled
+    and waits for admission, its KV lent by prefill. The client process is killed: the lease
+    is given back and decode forgets the request within seconds, long before the busy
+    sequence ends (without this, both waited for admission, then the KV copy, then a token)."""
+    import subprocess
+    import sys
+    deployment = default_deployment(str(gguf_path))
+    deployment = dataclasses.replace(deployment, max_model_len=1024, lease_timeout_s=120.0,
+                                     decode=dataclasses.replace(deployment.decode, max_num_seqs=1))
+    repo = render_repository(deployment, tmp_path / "model_repository", require_code=True)
+    from client.bench.pools import Request
+    from client.bench.runner import replay
+    root = Path(__file__).resolve().parents[2]
+    with start_server(repo, run_dir=tmp_path / "run") as srv:
+        stats = lambda i: instance_stats(srv, i)    # noqa: E731
+        with ThreadPoolExecutor(1) as pool:
+            blocker = pool.submit(replay, "triton-grpc", srv.grpc_url, "distserve",
+                                  [Request(tuple(range(100, 140)), 600, "blocker")], [0.0],
+                                  timeout_s=300, progress=False)
+            _wait_for(lambda: stats("decode-0")["running"] == 1, 60, "the blocker decoding")
+            for protocol, url in (("grpc", srv.grpc_url), ("http", srv.http_url)):
+                client = subprocess.Popen([sys.executable, "-c", _VANISHING_CLIENT, url, protocol],
+                                          cwd=root, stdout=subprocess.PIPE, text=True)
+                try:
+                    assert client.stdout.readline() == "chunk\n"       # its first token
+                    _wait_for(lambda: stats("decode-0")["pending"] == 1, 10, "waiting for admission")
+                    assert stats("prefill-0")["leases"] == 1
+                finally:
+                    client.kill()
+                    client.wait()
+                freed = _wait_for(lambda: stats("prefill-0")["leases"] == 0
+                                  and stats("decode-0")["pending"] == 0, 5, f"{protocol}: freed")
+                assert not blocker.done(), "the blocker ended first: the test proves nothing"
+                print(f"{protocol}: freed {freed:.2f} s after the client died")
+            result = blocker.result()[0]
+        assert result.ok and result.num_tokens == 600, result
+        wait_kv_free(srv, ("prefill-0", "decode-0"))

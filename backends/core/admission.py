@@ -1,0 +1,97 @@
+"""Early rejection at the instance that prefills: a bounded queue, sized by predicted waiting.
+
+    backlog = Backlog()                          # per instance; thread-safe
+    policy = AdmissionPolicy(max_wait_s=12.0, max_queued=256)
+    policy.check(backlog, prompt_len, "prefill-0")   # any thread: raises Overloaded, or admits
+    backlog.add(prompt_len)                      # accepted: its prompt is now queued work
+    backlog.observe(tokens, seconds)             # the step thread, after each step that prefilled
+    backlog.done(prompt_len)                     # its first token is out, or it left unprefilled
+
+A request whose first token this instance would predictably not reach within `max_wait_s`
+(the prompt tokens queued ahead of it, plus its own, at the prefill rate measured over recent
+steps) is refused at once with `Overloaded` instead of waiting past its deadline (Mooncake's
+early rejection). Until a rate is measured only the queue-length bound applies. Pure policy:
+no clock, no Triton; the worker feeds it.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+OVERLOADED = "overloaded"          # the error code a refused request carries (Failed.code)
+
+
+class Overloaded(ValueError):
+    code = OVERLOADED
+
+
+class Backlog:
+    """Prompt tokens (and requests) accepted by an instance and not yet prefilled, and its
+    prefill rate: tokens over seconds of prefilling steps, both decayed per step, so the rate
+    follows the recent mix of prompt lengths."""
+
+    def __init__(self, decay: float = 0.8) -> None:
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"decay must be in [0, 1), got {decay}")
+        self.decay = decay
+        self._lock = threading.Lock()
+        self.tokens = 0
+        self.requests = 0
+        self._tok = 0.0
+        self._sec = 0.0
+
+    def add(self, tokens: int) -> None:
+        with self._lock:
+            self.tokens += tokens
+            self.requests += 1
+
+    def done(self, tokens: int) -> None:
+        with self._lock:
+            self.tokens -= tokens
+            self.requests -= 1
+
+    def observe(self, tokens: int, seconds: float) -> None:
+        """A step that prefilled `tokens` prompt tokens in `seconds`."""
+        if seconds <= 0:
+            return
+        with self._lock:
+            self._tok = self.decay * self._tok + tokens
+            self._sec = self.decay * self._sec + seconds
+
+    @property
+    def rate(self) -> float | None:
+        """Prompt tokens per second, or None before any prefilling step."""
+        return self._tok / self._sec if self._sec > 0 and self._tok > 0 else None
+
+    def predicted_wait(self, extra_tokens: int) -> float | None:
+        """Seconds until a request of `extra_tokens` joining now has its first token."""
+        rate = self.rate
+        return None if rate is None else (self.tokens + extra_tokens) / rate
+
+
+@dataclass(frozen=True)
+class AdmissionPolicy:
+    max_wait_s: float | None = None     # None: never refuse for predicted waiting
+    max_queued: int = 1024              # requests accepted and not yet prefilled
+
+    def __post_init__(self) -> None:
+        if self.max_wait_s is not None and not self.max_wait_s > 0:
+            raise ValueError(f"max_wait_s must be > 0 or None, got {self.max_wait_s}")
+        if self.max_queued < 1:
+            raise ValueError(f"max_queued must be >= 1, got {self.max_queued}")
+
+    def check(self, backlog: Backlog, prompt_len: int, instance_id: str = "") -> None:
+        """Raise Overloaded (the message says why and by how much) unless a request of
+        `prompt_len` tokens may join `backlog`."""
+        who = instance_id or "the instance"
+        if backlog.requests >= self.max_queued:
+            raise Overloaded(f"overloaded: {who} has {backlog.requests} requests waiting for "
+                             f"prefill (the bound is {self.max_queued}); retry later")
+        if self.max_wait_s is None:
+            return
+        wait = backlog.predicted_wait(prompt_len)
+        if wait is not None and wait > self.max_wait_s:
+            raise Overloaded(f"overloaded: {who} would reach this request's first token in about "
+                             f"{wait:.1f} s ({backlog.tokens} prompt tokens queued ahead at "
+                             f"{backlog.rate:.0f} tokens/s), over the {self.max_wait_s:g} s "
+                             "limit; retry later")
