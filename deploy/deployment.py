@@ -195,9 +195,9 @@ class Deployment:
     def _check_phase(self, name: str, phase: PhaseSpec) -> None:
         if not isinstance(phase, PhaseSpec):
             raise ValueError(f"{name} must be a PhaseSpec, got {type(phase).__name__}")
-        if phase.chunked_prefill and name != "colocated":
-            raise ValueError(f"{name}.chunked_prefill: only the colocated baseline mixes prefill "
-                             "chunks into decode steps")
+        if phase.chunked_prefill and name == "prefill":
+            raise ValueError("prefill.chunked_prefill: a prefill instance runs no decode steps to "
+                             "mix chunks into (set it on decode for local prefill)")
         capacity = phase.num_kv_blocks * self.block_size
         if capacity < self.max_model_len:
             raise ValueError(f"{name}.num_kv_blocks: {phase.num_kv_blocks} blocks x {self.block_size} "

@@ -110,7 +110,7 @@ def test_abort_mid_prompt_frees_its_blocks(tiny_llama, prompts):
 def test_chunked_config_errors(tiny_llama):
     with pytest.raises(ValueError, match="max_num_seqs"):
         EngineLimits(max_num_seqs=16, max_num_batched_tokens=8, chunked_prefill=True)
-    with pytest.raises(ValueError, match="role 'both'"):
+    with pytest.raises(ValueError, match="a prefill engine has none"):
         make_engine(*tiny_llama, chunked_prefill=True, role="prefill")
 
 

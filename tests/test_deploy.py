@@ -112,7 +112,7 @@ def _mutated(path: str, value) -> dict:
     ("decode.devices", [[999]], "decode.devices: core 999 does not exist"),
     ("prefill.bogus", 1, "prefill: unknown field"),
     ("bogus", 1, "deployment: unknown field"),
-    ("prefill.chunked_prefill", True, "prefill.chunked_prefill: only the colocated baseline"),
+    ("prefill.chunked_prefill", True, "prefill.chunked_prefill: a prefill instance runs no decode"),
     ("systems", ["colocated"], "exactly when the colocated phase is set"),
     ("systems", [], "systems must be"),
     ("systems", ["vllm"], "systems must be"),

@@ -263,3 +263,73 @@ def test_the_running_batch_keeps_stepping_while_kv_is_copied_in(tiny_llama, pair
     finally:
         importer.gate.set()
         decode.close()
+
+
+def test_decode_mixed_steps_equal_one_engine(tiny_llama):
+    """A decode instance with chunked prefill takes prompts too (adaptive disaggregation): they
+    are prefilled in chunks inside its decode steps, beside sequences whose KV came from
+    prefill, and every sequence's tokens equal one engine's doing both phases."""
+    from backends.core.messages import GenerateRequest
+    config, sd = tiny_llama
+    prompts = [list(range(3, 3 + n)) for n in (5, 9, 22, 13)]
+    reference = generate(LLMEngine(config, sd, engine_config("both", 1024)), prompts, PARAMS)
+    pcfg = engine_config("prefill", 32)
+    exporter = make_exporter("shm", LLMEngine.kv_layout(config, pcfg), "prefill-0", lease_timeout_s=5.0)
+    prefill = PrefillWorker(LLMEngine(config, sd, pcfg, kv_pool=exporter.pool), exporter, "prefill-0")
+    dcfg = EngineConfig(dtype="float32", role="decode", limits=EngineLimits(
+        64, max_num_seqs=8, max_num_batched_tokens=8, block_size=4, chunked_prefill=True))
+    dengine = LLMEngine(config, sd, dcfg)
+    decode = DecodeWorker(dengine, make_importer("shm", dengine.kv), "decode-0")
+    try:
+        remote = [PrefillRequest(f"r{i}", prompts[i], PARAMS) for i in (0, 1)]
+        results = _prefill(prefill, remote)
+        for req in remote:
+            decode.submit(_decode_request(req, results[req.req_id]))
+        decode.step()                               # the remote ones start decoding
+        decode.submit(GenerateRequest("r2", prompts[2], PARAMS))
+        decode.submit(GenerateRequest("r3", prompts[3], PARAMS))
+        assert decode.stats()["backlog_tokens"] == 22 + 13
+        outs, mixed = {}, 0
+        while decode.has_work():
+            for o in messages(decode):
+                outs.setdefault(o.req_id, []).append(o)
+            b = dengine.last_batch
+            mixed += bool(b and b.num_decodes and len(b.seqs) > b.num_decodes)
+        assert mixed >= 3, "the prompts' chunks rode in decode steps"
+        for i, req in enumerate(remote):
+            assert [results[req.req_id].first_token_id] + _tokens(outs[req.req_id]) == reference[i]
+        for i in (2, 3):
+            msgs = outs[f"r{i}"]
+            assert _tokens(msgs) == reference[i]
+            first = next(m for m in msgs if isinstance(m, Tokens))
+            assert first.prefill_s is not None and first.prefill_s > 0    # TTFT's parts reported
+        assert decode.stats()["backlog_tokens"] == 0
+        prefill.step()
+        assert_no_leaks(prefill.engine)
+        assert_no_leaks(dengine)
+    finally:
+        decode.close()
+        prefill.close()
+
+
+def test_decode_cancels_a_local_prompt_mid_chunk_and_refuses_prompts_without_chunking(tiny_llama):
+    from backends.core.messages import GenerateRequest
+    config, sd = tiny_llama
+    dcfg = EngineConfig(dtype="float32", role="decode", limits=EngineLimits(
+        64, max_num_seqs=4, max_num_batched_tokens=4, block_size=4, chunked_prefill=True))
+    dengine = LLMEngine(config, sd, dcfg)
+    decode = DecodeWorker(dengine, make_importer("shm", dengine.kv), "decode-0")
+    decode.submit(GenerateRequest("long", list(range(3, 30)), PARAMS))
+    decode.step()
+    decode.step()                                   # two 4-token chunks in
+    assert dengine.blocks.num_used > 0
+    decode.cancel("long")
+    assert [type(m) for m in messages(decode)] == [Failed]
+    assert_no_leaks(dengine)
+    assert decode.stats()["backlog_tokens"] == 0
+    decode.close()
+    plain = LLMEngine(config, sd, engine_config("decode", 16))
+    worker = DecodeWorker(plain, make_importer("shm", plain.kv), "decode-1")
+    with pytest.raises(ValueError, match="decode-1 takes no prompts: local prefill needs"):
+        worker.submit(GenerateRequest("x", [1, 2, 3], PARAMS))
+    worker.close()

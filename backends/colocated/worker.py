@@ -11,8 +11,8 @@ finished or cancelled: its blocks are freed either way.
 from __future__ import annotations
 
 from backends.core.engine import StepOutput
-from backends.core.messages import GenerateRequest, Message, Tokens
-from backends.core.worker import EngineWorker, Entry, first_token_timing
+from backends.core.messages import GenerateRequest, Message
+from backends.core.worker import EngineWorker, Entry, with_first_token_timing
 
 
 class ColocatedWorker(EngineWorker):
@@ -20,8 +20,4 @@ class ColocatedWorker(EngineWorker):
     REQUEST_TYPES = (GenerateRequest,)
 
     def on_output(self, entry: Entry, out: StepOutput, now: float) -> Message:
-        msg = super().on_output(entry, out, now)
-        if out.seq.num_output_tokens == 1:              # the first token: how it was reached
-            queue_s, prefill_s = first_token_timing(out.seq, now)
-            msg = Tokens(msg.req_id, msg.token_ids, msg.finish_reason, queue_s, prefill_s)
-        return msg
+        return with_first_token_timing(super().on_output(entry, out, now), out, now)

@@ -5,7 +5,9 @@ the decode batch for a step, or with `chunked_prefill` prompt chunks riding in t
 (a sequence yields its first token once its last chunk has run); "prefill" stops each sequence
 after its first token and keeps its KV blocks for hand-off (`export_kv`, then `release`);
 "decode" takes sequences whose KV was computed elsewhere (`add_prefilled`, then `admit_remote`
-hands out the ones whose KV to copy in now, and `kv_arrived` lets each join the batch).
+hands out the ones whose KV to copy in now, and `kv_arrived` lets each join the batch), and,
+with `chunked_prefill`, prompts too, prefilled locally in chunks inside its decode steps
+(adaptive disaggregation: the router sends a cheap prompt there when that keeps both SLOs).
 
 A request is validated once, where it enters: `make_sequence` checks it against this engine
 (context length, vocabulary, KV pool) and may run on any thread; `add` only registers it.
@@ -62,9 +64,9 @@ class EngineConfig:
             raise ValueError(f"max_model_len must be > 1, got {self.max_model_len}")
         if not isinstance(self.limits, EngineLimits):
             raise ValueError(f"limits must be an EngineLimits, got {type(self.limits).__name__}")
-        if self.limits.chunked_prefill and self.role != "both":
-            raise ValueError(f"chunked_prefill needs role 'both' (it mixes prefill chunks into "
-                             f"decode steps), got role {self.role!r}")
+        if self.limits.chunked_prefill and self.role == "prefill":
+            raise ValueError("chunked_prefill mixes prefill chunks into decode steps: a prefill "
+                             "engine has none")
 
 
 @dataclass
@@ -168,9 +170,11 @@ class LLMEngine:
         """A validated sequence for `add` (any thread). `first_token_id`: prefilled elsewhere
         (a decode engine), so its prompt KV is to be copied in and it must carry its seed."""
         role = self.config.role
-        if (role == "decode" and first_token_id is None) or (role == "prefill" and first_token_id is not None):
-            raise ValueError(f"a {role} engine takes "
-                             f"{'prefilled sequences (with their first token)' if role == 'decode' else 'prompts'}")
+        if role == "prefill" and first_token_id is not None:
+            raise ValueError("a prefill engine takes prompts, not prefilled sequences")
+        if role == "decode" and first_token_id is None and not self.config.limits.chunked_prefill:
+            raise ValueError("this decode engine takes prefilled sequences (with their first "
+                             "token); a prompt needs chunked_prefill (local prefill in decode steps)")
         self.validate_prompt(prompt_ids, 0 if first_token_id is None else 1)
         if first_token_id is None:
             return Sequence(req_id, list(prompt_ids), params, arrival_time=arrival_time)

@@ -56,7 +56,6 @@ class Entry:
 class EngineWorker:
     ROLE: ClassVar[str] = "both"
     REQUEST_TYPES: ClassVar[tuple[type, ...]] = ()
-    PREFILLS: ClassVar[bool] = True                  # prompts are prefilled here (admission)
 
     def __init__(self, engine: LLMEngine, instance_id: str = "", clock=time.monotonic,
                  admission: AdmissionPolicy | None = None) -> None:
@@ -79,7 +78,7 @@ class EngineWorker:
             raise ValueError(f"{type(self).__name__} takes {[t.TYPE for t in self.REQUEST_TYPES]} "
                              f"requests, got {type(req).__name__}")
         entry = Entry(req, self.make_sequence(req, self.clock()), ctx)
-        if self.PREFILLS:
+        if self.prefills(req):
             try:
                 self.admission.check(self.backlog, len(req.prompt_ids), self.instance_id)
             except Overloaded:
@@ -91,6 +90,10 @@ class EngineWorker:
 
     def cancel(self, req_id: str) -> None:
         self._inbox.cancel(req_id)
+
+    def prefills(self, req: Any) -> bool:
+        """Whether `req`'s prompt is prefilled here (it then counts in the admission backlog)."""
+        return True
 
     def make_sequence(self, req: Any, now: float) -> Sequence:
         return self.engine.make_sequence(req.req_id, req.prompt_ids, req.params, arrival_time=now)
@@ -209,6 +212,15 @@ class EngineWorker:
 
     def wait(self) -> None:
         pass
+
+
+def with_first_token_timing(msg: Tokens, out: StepOutput, now: float) -> Tokens:
+    """A prompt prefilled on this instance: its first token's message carries how it was
+    reached (queueing, prefill), as the orchestrator reports TTFT's parts."""
+    if out.seq.num_output_tokens != 1:
+        return msg
+    queue_s, prefill_s = first_token_timing(out.seq, now)
+    return Tokens(msg.req_id, msg.token_ids, msg.finish_reason, queue_s, prefill_s)
 
 
 def first_token_timing(seq: Sequence, now: float) -> tuple[float, float]:

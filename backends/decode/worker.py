@@ -1,5 +1,7 @@
 """Decode instance: admits prefilled requests when it has room, pulls their KV beside the
-running batch, decodes them with continuous batching.
+running batch, decodes them with continuous batching. With chunked prefill it also takes whole
+prompts (`generate`), prefilled here in chunks inside its decode steps under the step's token
+budget (adaptive disaggregation: the router sends a prompt here when that keeps both SLOs).
 
 Lifecycle (backends/core/worker.py): accepted -> WAITING_FOR_KV in the scheduler's remote
 queue (FIFO; its KV still sits in the prefill instance's pool, which is the queue buffer) ->
@@ -15,17 +17,16 @@ from __future__ import annotations
 import concurrent.futures as cf
 import time
 
-from backends.core.engine import LLMEngine
-from backends.core.messages import DecodeRequest, Admitted, Failed
+from backends.core.engine import LLMEngine, StepOutput
+from backends.core.messages import Admitted, DecodeRequest, Failed, GenerateRequest, Message
 from backends.core.sequence import Sequence, SequenceStatus
-from backends.core.worker import EngineWorker, Entry, Output
+from backends.core.worker import EngineWorker, Entry, Output, with_first_token_timing
 from kvtransfer import KVImporter, KVTransferError
 
 
 class DecodeWorker(EngineWorker):
     ROLE = "decode"
-    REQUEST_TYPES = (DecodeRequest,)
-    PREFILLS = False                # its prompts arrive prefilled (admission is prefill's)
+    REQUEST_TYPES = (DecodeRequest, GenerateRequest)
     WAIT_S = 0.05                   # idle with only copies in flight: wake at least this often
 
     def __init__(self, engine: LLMEngine, importer: KVImporter, instance_id: str = "",
@@ -40,9 +41,20 @@ class DecodeWorker(EngineWorker):
         self.kv_bytes = 0
         self.kv_seconds = 0.0
 
-    def make_sequence(self, req: DecodeRequest, now: float) -> Sequence:
+    def prefills(self, req: DecodeRequest | GenerateRequest) -> bool:
+        return isinstance(req, GenerateRequest)         # a prompt prefilled here, in chunks
+
+    def make_sequence(self, req: DecodeRequest | GenerateRequest, now: float) -> Sequence:
+        if isinstance(req, GenerateRequest):
+            if not self.engine.config.limits.chunked_prefill:
+                raise ValueError(f"{self.instance_id or 'this decode instance'} takes no prompts: "
+                                 "local prefill needs the deployment's decode.chunked_prefill")
+            return self.engine.make_sequence(req.req_id, req.prompt_ids, req.params, None, now)
         return self.engine.make_sequence(req.req_id, req.prompt_ids, req.params,
                                          req.first_token_id, now)
+
+    def on_output(self, entry: Entry, out: StepOutput, now: float) -> Message:
+        return with_first_token_timing(super().on_output(entry, out, now), out, now)
 
     def before_step(self) -> list[Output]:
         out = self._collect()
