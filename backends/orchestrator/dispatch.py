@@ -1,0 +1,152 @@
+"""Where the orchestrator sends each request: the router's choice over the live instances.
+
+    dispatcher = Dispatcher(prefill_ids, decode_ids, states, live, mode="adaptive",
+                            slo=SLOs(4.0, 0.1), predictor=predictor)
+    placement = dispatcher.place(prompt_len, max_tokens)   # Placement, or NoInstance / Wait
+    ... send to placement.prefill / placement.decode ...
+
+`states(instance_id)` returns what the instance last published (`router.InstanceState` and the
+monotonic time it was written, or None if it has not published or is stale) and `live(id)`
+whether the health monitor counts it up. A request sent to an instance appears in its
+published state only after that instance's next step, so what this orchestrator placed since
+a state was written is added to it (`recent`); a burst then spreads instead of piling onto
+the instance that looked idle a moment ago.
+
+Modes: "split" (DistServe: prefill instance, then decode instance; each the least loaded that
+has room), "adaptive" (backends/core/router.route decides split or local prefill on a decode
+instance, from the instances' states and the latency model, against the SLOs). Without a
+predictor (no latency profile for this model and host) adaptive falls back to split. Pure
+policy: no Triton, the clock injected.
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+from backends.core.router import Decision, InstanceState, Predictor, route
+from backends.core.routing import least_loaded
+
+MODES = ("split", "adaptive")
+Published = tuple[InstanceState, float]             # (state, written at: time.monotonic())
+
+
+class NoInstance(RuntimeError):
+    """No live instance of a phase can take the request."""
+
+
+@dataclass(frozen=True)
+class SLOs:
+    ttft: float
+    tpot: float
+
+
+@dataclass(frozen=True)
+class Placement:
+    kind: Literal["split", "local"]
+    decode: str                                      # the decode instance (both kinds)
+    prefill: str | None = None                       # split: the prefill instance
+    decision: dict[str, Any] | None = None           # adaptive: the router's options and reasons
+
+
+@dataclass
+class _Sent:
+    at: float
+    instance: str
+    tokens: int                                      # prompt tokens it will prefill there (0: none)
+    seqs: int                                        # sequences it adds to the decode batch
+    context: int
+
+
+@dataclass
+class Dispatcher:
+    prefill_ids: Sequence[str]
+    decode_ids: Sequence[str]
+    states: Callable[[str], Published | None]
+    live: Callable[[str], bool]
+    mode: str = "split"
+    slo: SLOs = SLOs(4.0, 0.1)
+    predictor: Predictor | None = None
+    clock: Callable[[], float] = time.monotonic
+    horizon_s: float = 5.0                           # forget placements older than this
+    recent: deque = field(default_factory=deque)
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+
+    def place(self, prompt_len: int, max_tokens: int) -> Placement:
+        now = self.clock()
+        while self.recent and now - self.recent[0].at > self.horizon_s:
+            self.recent.popleft()
+        prefills = self._live("prefill", self.prefill_ids, now)
+        decodes = self._live("decode", self.decode_ids, now)
+        if self.mode == "adaptive" and self.predictor is not None and all(s for _, s in decodes):
+            placement = self._route(prompt_len, max_tokens, prefills, decodes)
+        else:
+            placement = self._split(prefills, decodes)
+        self._remember(placement, prompt_len, now)
+        return placement
+
+    # -- the two policies ---------------------------------------------------------------------
+    def _split(self, prefills, decodes) -> Placement:
+        if not prefills:
+            raise NoInstance("no prefill instance is up")
+        p = least_loaded(prefills, lambda x: _load(x[1], "prefill"))[0]
+        return Placement("split", least_loaded(decodes, lambda x: _load(x[1], "decode"))[0], p)
+
+    def _route(self, prompt_len: int, max_tokens: int, prefills, decodes) -> Placement:
+        decision: Decision = route(prompt_len, max_tokens, self.slo,
+                                   [s for _, s in prefills if s is not None],
+                                   [s for _, s in decodes], self.predictor)
+        chosen = decision.chosen
+        if chosen is None:
+            if not prefills:
+                raise NoInstance("no prefill instance is up, and no decode instance can prefill "
+                                 f"this request: {decision.reason}")
+            return replace(self._split(prefills, decodes), decision=decision.to_dict())
+        return Placement("local" if chosen.kind == "local" else "split", chosen.decode,
+                         chosen.prefill, decision.to_dict())
+
+    # -- state ------------------------------------------------------------------------------
+    def _live(self, phase: str, ids: Sequence[str], now: float) -> list[tuple[str, InstanceState | None]]:
+        """(id, state adjusted by what was sent since it was written) of each live instance."""
+        out = []
+        for i in ids:
+            if not self.live(i):
+                continue
+            published = self.states(i)
+            out.append((i, None if published is None else self._adjusted(*published)))
+        if not out and phase == "decode":
+            raise NoInstance("no decode instance is up")
+        return out
+
+    def _adjusted(self, state: InstanceState, written_at: float) -> InstanceState:
+        sent = [s for s in self.recent if s.instance == state.instance and s.at > written_at]
+        if not sent:
+            return state
+        tokens = sum(s.tokens for s in sent)
+        seqs = sum(s.seqs for s in sent)
+        blocks = sum(-(-(s.context + 1) // state.block_size) for s in sent if s.seqs)
+        return replace(state, queued_tokens=state.queued_tokens + tokens,
+                       queued_requests=state.queued_requests + sum(1 for s in sent if s.tokens),
+                       num_running=state.num_running + seqs,
+                       running_context=state.running_context + sum(s.context for s in sent),
+                       free_kv_blocks=max(0, state.free_kv_blocks - blocks))
+
+    def _remember(self, placement: Placement, prompt_len: int, now: float) -> None:
+        if placement.prefill is not None:
+            self.recent.append(_Sent(now, placement.prefill, prompt_len, 0, 0))
+        local = placement.kind == "local"
+        self.recent.append(_Sent(now, placement.decode, prompt_len if local else 0, 1, prompt_len))
+
+
+def _load(state: InstanceState | None, phase: str) -> tuple[int, int]:
+    """Least-loaded order: an instance that has not published goes last among equals."""
+    if state is None:
+        return (1 << 62, 0)
+    if phase == "prefill":
+        return (state.queued_tokens, state.queued_requests)
+    return (state.num_running + state.queued_requests, -state.free_kv_blocks)

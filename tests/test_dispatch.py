@@ -1,0 +1,107 @@
+"""The orchestrator's placement: live instances only, least loaded, bursts spread, the router
+deciding in adaptive mode."""
+from __future__ import annotations
+
+import pytest
+
+from backends.core.router import InstanceState
+from backends.orchestrator.dispatch import Dispatcher, NoInstance, SLOs
+
+
+class Linear:
+    def prefill_time(self, lens):
+        return 0.010 + 1e-4 * sum(lens) if lens else 0.0
+
+    def decode_step_time(self, n, ctx):
+        return 0.010 + 1e-3 * n + 1e-5 * ctx if n else 0.0
+
+    def mixed_step_time(self, n, ctx, chunk):
+        if not chunk:
+            return self.decode_step_time(n, ctx)
+        return self.prefill_time([chunk]) + 1e-3 * n + 1e-5 * ctx
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 10.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def prefill(i: int, queued: int = 0) -> InstanceState:
+    return InstanceState(f"prefill-{i}", "prefill", 1000, queued_tokens=queued,
+                         queued_requests=queued // 100)
+
+
+def decode(i: int, running: int = 0, local: bool = False, free: int = 1000) -> InstanceState:
+    return InstanceState(f"decode-{i}", "decode", free, num_running=running,
+                         running_context=200 * running, local_prefill=local,
+                         max_num_batched_tokens=256)
+
+
+def make(states: dict, down=(), **kw) -> Dispatcher:
+    published = {k: (v, 0.0) for k, v in states.items()}
+    return Dispatcher([k for k in states if k.startswith("prefill")],
+                      [k for k in states if k.startswith("decode")],
+                      published.get, lambda i: i not in down, clock=Clock(), **kw)
+
+
+def test_split_goes_to_the_least_loaded_live_instances():
+    d = make({"prefill-0": prefill(0, 900), "prefill-1": prefill(1, 100), "prefill-2": prefill(2, 0),
+              "decode-0": decode(0, 5), "decode-1": decode(1, 1)}, down={"prefill-2"})
+    p = d.place(50, 10)
+    assert (p.kind, p.prefill, p.decode) == ("split", "prefill-1", "decode-1")
+
+
+def test_a_burst_spreads_over_equally_idle_instances():
+    d = make({"prefill-0": prefill(0), "prefill-1": prefill(1),
+              "decode-0": decode(0), "decode-1": decode(1)})
+    first, second = d.place(500, 10), d.place(500, 10)
+    assert {first.prefill, second.prefill} == {"prefill-0", "prefill-1"}
+    assert {first.decode, second.decode} == {"decode-0", "decode-1"}
+
+
+def test_placements_are_forgotten_once_a_newer_state_includes_them():
+    states = {"prefill-0": (prefill(0), 0.0), "prefill-1": (prefill(1), 0.0),
+              "decode-0": (decode(0), 0.0)}
+    d = Dispatcher(["prefill-0", "prefill-1"], ["decode-0"], states.get, lambda i: True, clock=Clock())
+    assert d.place(500, 10).prefill == "prefill-0"
+    states["prefill-0"] = (prefill(0, 0), 11.0)   # written after: the request went through already
+    assert d.place(500, 10).prefill == "prefill-0"
+
+
+def test_no_live_instance_of_a_phase_is_refused():
+    states = {"prefill-0": prefill(0), "decode-0": decode(0)}
+    with pytest.raises(NoInstance, match="no prefill instance is up"):
+        make(states, down={"prefill-0"}).place(10, 10)
+    with pytest.raises(NoInstance, match="no decode instance is up"):
+        make(states, down={"decode-0"}).place(10, 10)
+
+
+def test_adaptive_prefills_a_short_prompt_locally_when_prefill_is_backed_up():
+    states = {"prefill-0": prefill(0, 20_000), "decode-0": decode(0, 2, local=True)}
+    d = make(states, mode="adaptive", slo=SLOs(1.0, 0.1), predictor=Linear())
+    p = d.place(64, 16)
+    assert (p.kind, p.prefill, p.decode) == ("local", None, "decode-0")
+    assert p.decision["kind"] == "local" and len(p.decision["options"]) == 2 and p.decision["reason"]
+    # the same state, but no latency model: plain split
+    assert make(states, mode="adaptive").place(64, 16).kind == "split"
+    # a long prompt goes to prefill even so
+    d2 = make({"prefill-0": prefill(0, 0), "decode-0": decode(0, 2, local=True)}, mode="adaptive",
+              slo=SLOs(1.0, 0.1), predictor=Linear())
+    assert d2.place(4000, 16).kind == "split"
+
+
+def test_adaptive_with_prefill_down_still_serves_locally_if_it_can():
+    states = {"prefill-0": prefill(0), "decode-0": decode(0, 0, local=True)}
+    d = make(states, down={"prefill-0"}, mode="adaptive", slo=SLOs(1.0, 0.1), predictor=Linear())
+    assert d.place(64, 16).kind == "local"
+    with pytest.raises(NoInstance, match="no prefill instance is up"):
+        make({"prefill-0": prefill(0), "decode-0": decode(0)}, down={"prefill-0"}, mode="adaptive",
+             slo=SLOs(1.0, 0.1), predictor=Linear()).place(64, 16)
+
+
+def test_bad_mode():
+    with pytest.raises(ValueError, match="mode"):
+        make({"prefill-0": prefill(0), "decode-0": decode(0)}, mode="colocated")
