@@ -6,8 +6,10 @@ minus Triton.
     host.close()                                                          # in finalize()
 
 The host owns the worker (which owns the request table), its step loop thread, a sender
-thread and the control socket. `ctx` is whatever the adapter answers a request through; the
-host calls `send(ctx, payload, final)` with each encoded message and `is_cancelled(ctx)`.
+thread, the control socket and the status page (backends/core/status_page.py: the instance's
+load, published at start and after every turn of the loop, for the orchestrator to read).
+`ctx` is whatever the adapter answers a request through; the host calls
+`send(ctx, payload, final)` with each encoded message and `is_cancelled(ctx)`.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from typing import Any
 
 from backends.core.control import ControlServer, instance_handler, run_dir, socket_path
 from backends.core.engine import EngineConfig, LLMEngine
+from backends.core.status_page import StatusWriter, status_path
 from backends.colocated.worker import ColocatedWorker
 from backends.core.messages import decode, encode, is_final
 from backends.core.tokenizer import Tokenizer
@@ -43,6 +46,7 @@ Send = Callable[[Any, str, bool], None]          # (ctx, payload, final)
 # Each metric update is an IPC round trip to the server per gauge: publish a few times a
 # second, not after every engine step (part of the decode stub's extra CPU per token).
 METRICS_PERIOD_S = 0.1
+STEP_EWMA_ALPHA = 0.2             # weight of the newest step in the status page's step_ewma_s
 
 
 def _throttled(fn: Callable[[], None], period_s: float) -> Callable[[], None]:
@@ -56,11 +60,45 @@ def _throttled(fn: Callable[[], None], period_s: float) -> Callable[[], None]:
     return call
 
 
+class _TimedSteps:
+    """The worker as the loop drives it, timing each turn in which the engine ran a batch (the
+    whole turn: inbox, KV hand-offs and outputs included, as the running batch feels it)."""
+
+    def __init__(self, worker: EngineWorker) -> None:
+        self.worker = worker
+        self.last_s = 0.0
+        self.ewma_s = 0.0
+
+    def has_work(self) -> bool:
+        return self.worker.has_work()
+
+    def cancel(self, req_id: str) -> None:
+        self.worker.cancel(req_id)
+
+    def step(self) -> list[Any]:
+        engine = self.worker.engine
+        before = engine.last_batch
+        started = time.perf_counter()
+        out = self.worker.step()
+        if engine.last_batch is not None and engine.last_batch is not before:
+            self.last_s = time.perf_counter() - started
+            self.ewma_s += (self.last_s - self.ewma_s) * (STEP_EWMA_ALPHA if self.ewma_s else 1.0)
+        return out
+
+
 class InstanceHost:
     def __init__(self, worker: EngineWorker, send: Send, is_cancelled: Callable[[Any], bool],
                  on_step: Callable[[dict[str, Any]], None] | None = None) -> None:
         self.worker = worker
         self.instance_id = worker.instance_id
+        self.status = StatusWriter(status_path(run_dir(), self.instance_id), self.instance_id,
+                                   worker.ROLE)
+        self._steps = _TimedSteps(worker)
+        self._status_failed = False
+        limits = worker.engine.config.limits
+        self._publish_status(block_size=limits.block_size, max_num_seqs=limits.max_num_seqs,
+                             max_num_batched_tokens=limits.max_num_batched_tokens,
+                             local_prefill=int(limits.chunked_prefill))
         self._send = send
         # Responses go out on their own thread, in order: a send blocks ~0.6 ms on the hand-off
         # to tritonserver, which would otherwise delay the next engine step (B sends per step).
@@ -69,8 +107,13 @@ class InstanceHost:
                                         daemon=True)
         self._sender.start()
         self._is_cancelled = is_cancelled
-        after = _throttled(lambda: on_step(self.stats()), METRICS_PERIOD_S) if on_step else (lambda: None)
-        self.loop = WorkerLoop(worker, self._emit, self._poll_cancelled, self._crash, after,
+        metrics = _throttled(lambda: on_step(self.stats()), METRICS_PERIOD_S) if on_step else None
+
+        def after() -> None:
+            self._publish_status()
+            if metrics:
+                metrics()
+        self.loop = WorkerLoop(self._steps, self._emit, self._poll_cancelled, self._crash, after,
                                name=f"{self.instance_id}-loop")
         self.control = ControlServer(socket_path(run_dir(), self.instance_id),
                                      instance_handler(self._cancel, self.stats, self.loop.wake))
@@ -87,6 +130,29 @@ class InstanceHost:
 
     def stats(self) -> dict[str, Any]:
         return {"instance_id": self.instance_id, "pid": os.getpid(), **self.worker.stats()}
+
+    def _publish_status(self, **static: int) -> None:
+        """The worker's stats on the status page (the loop thread; once at start before it).
+        Keys that the workers' stats() lack yet (running_context, kv_blocks_promised,
+        prefill_rate) are published as 0 until they do."""
+        try:
+            s = self.worker.stats()
+            pending = s.get("pending", 0)      # decode: waiting for KV (queue_depth counts them)
+            self.status.publish(
+                **static, backlog_tokens=s["backlog_tokens"],
+                queued_requests=max(0, s["queue_depth"] - pending), running=s["running"],
+                running_context=s.get("running_context", 0), pending=pending,
+                loading=s.get("loading", 0),
+                free_kv_blocks=max(0, s["kv_blocks_total"] - s["kv_blocks_used"]
+                                   - s.get("kv_blocks_promised", 0)),
+                total_kv_blocks=s["kv_blocks_total"], last_step_s=self._steps.last_s,
+                last_batch_size=s["last_batch_size"], step_ewma_s=self._steps.ewma_s,
+                prefill_rate=float(s.get("prefill_rate") or 0.0),
+                requests_total=s["requests_total"], rejected_total=s["rejected_total"])
+        except Exception:                       # noqa: BLE001 - never stop the loop for it
+            if not self._status_failed:        # the page goes stale; serving goes on
+                self._status_failed = True
+                log.exception("publishing %s's status failed", self.instance_id)
 
     def _emit(self, out: tuple[Any, Any]) -> None:
         ctx, msg = out
@@ -115,6 +181,7 @@ class InstanceHost:
     def close(self) -> None:
         self.loop.stop()
         self.control.close()
+        self.status.close()
         self._outbox.put(None)
         self._sender.join(timeout=10)
         self.worker.close()
