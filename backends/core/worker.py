@@ -70,6 +70,7 @@ class EngineWorker:
         self.admission = admission or AdmissionPolicy()
         self.backlog = Backlog()                     # prompt tokens queued for prefill here
         self.num_rejected = 0                        # refused as overloaded
+        self.running_context = 0                     # the running sequences' tokens, summed
 
     # -- any thread -----------------------------------------------------------------------
     def submit(self, req: Any, ctx: Any = None) -> None:
@@ -118,6 +119,7 @@ class EngineWorker:
                 out.append(self._emit(entry, self.on_output(entry, o, now)))
             if prefilling:
                 self.backlog.observe(prefilled, now - started)
+            self.running_context = sum(seq.num_tokens for seq in self.engine.scheduler.running)
         elif self.waits():
             self.wait()
         return out
@@ -188,7 +190,8 @@ class EngineWorker:
                 "kv_blocks_used": s.num_blocks_used, "kv_blocks_total": s.num_blocks_total,
                 "last_batch_size": s.last_batch_size, "last_batch_tokens": s.last_batch_tokens,
                 "requests_total": self.num_requests, "backlog_tokens": self.backlog.tokens,
-                "rejected_total": self.num_rejected}
+                "backlog_requests": self.backlog.requests, "prefill_rate": self.backlog.rate,
+                "running_context": self.running_context, "rejected_total": self.num_rejected}
 
     def close(self) -> None:
         pass
