@@ -285,13 +285,14 @@ def test_decode_mixed_steps_equal_one_engine(tiny_llama):
         results = _prefill(prefill, remote)
         for req in remote:
             decode.submit(_decode_request(req, results[req.req_id]))
-        decode.step()
-        decode.step()                               # the remote ones are decoding
+        outs, mixed = {}, 0
+        while not dengine.scheduler.running:        # until the remote ones are decoding
+            for o in messages(decode):
+                outs.setdefault(o.req_id, []).append(o)
         assert decode.stats()["running_context"] == sum(s.num_tokens for s in dengine.scheduler.running) > 0
         decode.submit(GenerateRequest("r2", prompts[2], PARAMS))
         decode.submit(GenerateRequest("r3", prompts[3], PARAMS))
         assert decode.stats()["backlog_tokens"] == 22 + 13
-        outs, mixed = {}, 0
         while decode.has_work():
             for o in messages(decode):
                 outs.setdefault(o.req_id, []).append(o)
