@@ -62,7 +62,7 @@ from client.bench.pools import Request
 from client.bench.workloads import LengthCaps, WorkloadSpec, arrival_times, load_workload
 from client.grpc_stream import GrpcChannel
 from client.results import DistServeError
-from deploy.contract import DISTSERVE
+from deploy.contract import DISTSERVE, instance_model
 from deploy.deployment import DEFAULT_MODEL_PATH, default_deployment
 from deploy.render import render_repository
 from deploy.server import ServerError
@@ -71,7 +71,8 @@ from tests.integration.conftest import instance_stats, start_server
 ROOT = Path(__file__).resolve().parents[1]
 GOODPUT_FILE = ROOT / "docs" / "goodput" / "chatbot-history-abs-slo-new-engine.json"
 RATE_FACTOR = 1.5                        # x the measured goodput: past it, on purpose
-KILL_MODEL, KILL_INSTANCE = "decode", "decode-0"
+KILL_INSTANCE = "decode-0"
+KILL_MODEL = instance_model(KILL_INSTANCE)      # its Triton model, "decode_0"
 # Error classes, by the message: an instance that died (the orchestrator's "decode-0 is dead",
 # Triton's "Stub process ... is not healthy", a model being reloaded), a cancellation, the rest.
 KILLED = re.compile(r"is dead|is stuck|not healthy|stub process|unknown model|not ready|"
@@ -238,6 +239,9 @@ class RssSampler(threading.Thread):
             entry = self.processes.setdefault(pid, {"pid": pid, "process": process_label(pid, self.server_pid),
                                                     "samples": []})
             entry["samples"].append([t, rss])
+        for entry in self.processes.values():       # gone since the last sample: how it ended
+            if "gone_s" not in entry and vmrss_kb(entry["pid"]) is None:
+                entry["gone_s"], entry["exit"] = t, exit_status(entry["pid"])
 
     def summary(self) -> list[dict[str, Any]]:
         out = []
@@ -246,7 +250,10 @@ class RssSampler(threading.Thread):
             out.append({"pid": p["pid"], "process": p["process"], "first_s": p["samples"][0][0],
                         "last_s": p["samples"][-1][0], "start_mb": rss[0] / 1024, "end_mb": rss[-1] / 1024,
                         "max_mb": max(rss) / 1024, "growth_mb": (rss[-1] - rss[0]) / 1024,
-                        "num_samples": len(rss), "alive_at_end": p["samples"][-1][0] >= self.last_t})
+                        # the second half of its life: warm-up (allocator caches) is over by then
+                        "growth_second_half_mb": (rss[-1] - rss[len(rss) // 2]) / 1024,
+                        "num_samples": len(rss), "alive_at_end": "gone_s" not in p,
+                        "gone_s": p.get("gone_s"), "exit": p.get("exit")})
         return out
 
 
@@ -268,6 +275,22 @@ def vmrss_kb(pid: int) -> int | None:
     except (OSError, ValueError):
         pass
     return None
+
+
+def exit_status(pid: int) -> str | None:
+    """How a zombie child ended ("signal 11 (SIGSEGV)", "exit 0"), from /proc/PID/stat's exit_code;
+    None once it is reaped."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    if fields[0] != "Z" or len(fields) < 50:
+        return None
+    code = int(fields[49])                          # field 52 of stat: the waitpid status
+    if code & 0x7F:
+        return f"signal {code & 0x7F} ({signal.Signals(code & 0x7F).name})"
+    return f"exit {code >> 8}"
 
 
 def process_label(pid: int, server_pid: int) -> str:
@@ -456,7 +479,12 @@ def build_report(*, command: str, settings: Settings, rate: float, ref: dict[str
     leases = sum(st.get("leases", 0) for st in end_state.values())
     ends = [o.end_s for o in outcomes if o.end_s is not None]
     k = kill_summary(outcomes, kill)
+    processes = memory.summary()
+    deaths = [p for p in processes if not p["alive_at_end"] and p["pid"] != kill["pid"]]
     problems = [p for p, bad in (
+        ("a server process died during the run: " + ", ".join(
+            f"{p['process']} (pid {p['pid']}) gone at t = {p['gone_s']:.0f} s, {p['exit'] or 'exit unknown'}"
+            for p in deaths), deaths),
         (f"{counts['hung']} request(s) hung", counts["hung"]),
         ("requests unaccounted for", sum(counts[s] for s in STATUSES) != len(outcomes)
          or counts["sent"] != len(outcomes)),
@@ -496,7 +524,7 @@ def build_report(*, command: str, settings: Settings, rate: float, ref: dict[str
         "end_state": {"idle_after_s": idle_after_s, "kv_blocks_used": kv_held, "leases": leases,
                       "instances": end_state},
         "left_after_stop": left,
-        "memory": memory.summary(),
+        "memory": processes,
         "latency_completed": {"ttft_s": percentiles([o.first_token_s - o.send_s for o in completed]),
                               "e2e_s": percentiles([o.end_s - o.send_s for o in completed]),
                               "send_lag_s": percentiles([o.send_s - o.arrival_s for o in outcomes
@@ -505,7 +533,8 @@ def build_report(*, command: str, settings: Settings, rate: float, ref: dict[str
                        "server_stopped": stopped_s},
         "server_log_errors": server_log_errors,
         "not_completed": [asdict(o) for o in outcomes if o.status != "completed"],
-        "timeline": timeline(outcomes, max(ends, default=0.0), 1.0),
+        "timeline": timeline(outcomes, max(ends + [o.send_s + settings.deadline_s for o in outcomes
+                                                   if o.status == "hung"], default=0.0), 1.0),
         "memory_samples": {str(pid): p for pid, p in memory.processes.items()},
     }
 
@@ -592,10 +621,12 @@ def markdown(r: dict[str, Any]) -> str:
            + "\n## Memory (VmRSS, MiB)\n\nSampled every "
            f"{r['settings']['sample_s']:g} s from the start of the replay to the idle end; a stub killed and "
            "restarted is a new process.\n\n"
-           + _row("process", "pid", "seen (s)", "start", "end", "max", "growth") + "|---" * 7 + "|\n"
+           + _row("process", "pid", "seen (s)", "start", "end", "max", "growth", "growth, 2nd half")
+           + "|---" * 8 + "|\n"
            + "".join(_row(p["process"], p["pid"], f"{p['first_s']:.0f}-{p['last_s']:.0f}"
-                          + ("" if p["alive_at_end"] else " (killed)"), f"{p['start_mb']:.0f}",
-                          f"{p['end_mb']:.0f}", f"{p['max_mb']:.0f}", f"{p['growth_mb']:+.0f}") for p in r["memory"])
+                          + ("" if p["alive_at_end"] else f" (gone: {p.get('exit') or '?'})"), f"{p['start_mb']:.0f}",
+                          f"{p['end_mb']:.0f}", f"{p['max_mb']:.0f}", f"{p['growth_mb']:+.0f}",
+                          _s(p.get("growth_second_half_mb"), "+.0f")) for p in r["memory"])
            + "\nThe plot (`soak.png`): requests in flight and cumulative failed / client-cancelled requests "
            "over time, the kill as a vertical line; below, RSS per process.\n")
     if r["server_log_errors"]:
