@@ -478,6 +478,7 @@ def build_report(*, command: str, settings: Settings, rate: float, ref: dict[str
     leases = sum(st.get("leases", 0) for st in end_state.values())
     ends = [o.end_s for o in outcomes if o.end_s is not None]
     k = kill_summary(outcomes, kill)
+    commit, changes = git_commit()
     processes = memory.summary()
     deaths = [p for p in processes if not p["alive_at_end"] and p["pid"] != kill["pid"]]
     problems = [p for p, bad in (
@@ -497,7 +498,8 @@ def build_report(*, command: str, settings: Settings, rate: float, ref: dict[str
     return {
         "kind": "soak",
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": git_commit(),
+        "git_commit": commit,
+        "git_changes": changes,
         "command": command,
         "machine": {"cpu_model": cpu_model(), "num_cores": os.cpu_count(),
                     "loadavg_start": list(loadavg[0]), "loadavg_end": list(loadavg[1])},
@@ -538,15 +540,16 @@ def build_report(*, command: str, settings: Settings, rate: float, ref: dict[str
     }
 
 
-def git_commit() -> str | None:
+def git_commit() -> tuple[str | None, list[str]]:
+    """The commit the server ran ("+dirty" with local changes) and the tracked files that differ."""
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                               text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        return None
+        return None, []
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                           capture_output=True, text=True).stdout.strip()
-    return head + ("+dirty" if dirty else "")
+                           capture_output=True, text=True).stdout.splitlines()
+    return head + ("+dirty" if dirty else ""), [line.strip() for line in dirty]
 
 
 def cpu_model() -> str:
@@ -572,7 +575,9 @@ def markdown(r: dict[str, Any]) -> str:
     first = k["first_sent_after_kill_completed"]
     out = (f"# Soak: {c['sent']} ShareGPT requests, client cancellations, one decode kill\n\n"
            f"{'**PASS**' if r['ok'] else '**FAIL**: ' + '; '.join(r['problems'])}. "
-           f"Command: `{r['command']}`; commit {r['git_commit']}, {r['created']}. "
+           f"Command: `{r['command']}`; commit {r['git_commit']}"
+           + (f" (local changes: {', '.join(r['git_changes'][:10])})" if r.get("git_changes") else "")
+           + f", {r['created']}. "
            f"{m['cpu_model']}, {m['num_cores']} cores, load average {m['loadavg_start'][0]:.2f} at the start, "
            f"{m['loadavg_end'][0]:.2f} at the end (a shared machine: latencies depend on it, the counts of "
            "hung requests and leaks below do not).\n\n"
