@@ -7,7 +7,9 @@
 
 `plan` defaults to the published A100 coefficients (OPT-13B, 4x8 GPUs); with a profile made by
 `profile` it plans for that model on this machine's cores (devices default 1xCORES, the
-colocated baseline from the same profile). --workload: a client/bench workload name (chatbot,
+colocated baseline from the same profile). It serves the best of pure split, adaptive (the
+router per request, planner/modes.py) and colocated by goodput per device (--modes), and the
+deployment it writes names that mode in its "mode" field. --workload: a client/bench workload name (chatbot,
 chatbot-history, code, summarization: real lengths via load_workload), a JSON list of
 [prompt_len, output_len], or a request trace (see planner/replan.py); default chatbot.
 """
@@ -25,6 +27,7 @@ import numpy as np
 from planner import profile as profiling
 from planner.deployment import Target, best_of, load_target, make_planner, search
 from planner.latency import load_profile
+from planner.modes import choose, parse_modes, serve_modes
 from planner.placement import plan_colocated
 from planner.search import SLO, Placement, Planner, SearchSpace
 
@@ -127,6 +130,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-prompt-tokens", type=int, default=None, help="cap a named workload's prompts")
     p.add_argument("--max-output-tokens", type=int, default=None, help="cap a named workload's outputs")
     p.add_argument("--algorithm", choices=("low", "high", "both"), default="both")
+    p.add_argument("--modes", type=parse_modes, default=("split", "adaptive", "colocated"),
+                   help="how the placements may be served: split, adaptive, colocated (comma-"
+                        "separated; colocated needs the baseline; default: all three)")
     p.add_argument("--out", help="write a deploy.deployment.Deployment JSON (CPU hosts)")
     p.add_argument("--json", help="write the plan as JSON")
     prof = sub.add_parser("profile", help="profile our engine on one core, fit the latency model")
@@ -160,7 +166,8 @@ def describe(p: Placement | None) -> str:
     if p.decode is not None:
         parts.append(f"decode tp{p.decode.tp} pp{p.decode.pp} x{p.num_decode}")
     units = f" per unit, {p.num_units} unit(s)" if p.algorithm == "low" else ""
-    return (f"{p.algorithm:9s} {', '.join(parts)}{units}: {p.goodput:.3g} req/s on "
+    served = f", served {p.mode}" if p.decode is not None else ""
+    return (f"{p.algorithm:9s} {', '.join(parts)}{units}{served}: {p.goodput:.3g} req/s on "
             f"{p.num_devices} devices = {p.per_device:.3g} req/s/device")
 
 
@@ -172,6 +179,7 @@ def run_plan(args: argparse.Namespace) -> dict:
     plans = search(planner, args.algorithm)
     search_s = time.perf_counter() - t0
     best = best_of(plans)
+    modes = _modes(planner, plans, args.modes)
     doc = {"workload": source, "model": target.model, "device": target.device,
            "devices": f"{planner.cluster.num_nodes}x{planner.cluster.gpus_per_node}",
            "slo": asdict(planner.slo),
@@ -188,12 +196,30 @@ def run_plan(args: argparse.Namespace) -> dict:
     baseline = args.baseline_profile or (args.profile if target.measured_here else None)
     if baseline and not args.no_baseline:
         doc["colocated"] = _baseline(planner, load_profile(baseline, target.device), best)
+        if "colocated" in args.modes and doc["colocated"]["plan"]:
+            modes.append(doc["colocated"].pop("_placement"))
+    doc.get("colocated", {}).pop("_placement", None)
+    for p in modes:
+        print(f"  {p.mode:9s} ({p.algorithm}): {p.goodput:.3g} req/s = {p.per_device:.3g} req/s/device")
+    best = choose(modes) or best
+    doc["modes"] = [_plan_dict(p) for p in modes]
+    doc["chosen"], doc["mode"] = _plan_dict(best), best.mode if best else None
     print(f"chosen: {describe(best).strip()}" if best else "chosen: none fits")
     gain = (doc.get("colocated") or {}).get("gain_per_device")
-    if gain is not None and gain < 1:
+    if gain is not None and gain < 1 and "colocated" not in args.modes:
         print(f"note: on these devices the colocated baseline is predicted {1 / gain:.2f}x this "
               f"plan's goodput per device (`python -m deploy serve --baseline colocated` serves it)")
     return doc | {"_best": best, "_target": target}
+
+
+def _modes(planner: Planner, plans: dict[str, Placement | None], modes: tuple[str, ...]) -> list[Placement]:
+    """Each disaggregated placement served as split and adaptive (those of `modes`; split
+    alone: the placements as searched)."""
+    wanted = [m for m in modes if m != "colocated"]
+    found = [p for p in plans.values() if p is not None]
+    if wanted == ["split"]:
+        return found
+    return [served for p in found for served in (serve_modes(planner, p, wanted) if wanted else [])]
 
 
 def _baseline(planner: Planner, table, best: Placement | None) -> dict:
@@ -202,7 +228,7 @@ def _baseline(planner: Planner, table, best: Placement | None) -> dict:
     gain = best.per_device / colo.per_device if best and colo and colo.per_device else None
     if gain:
         print(f"goodput per device, disaggregated / colocated: {gain:.2f}x")
-    return {"plan": _plan_dict(colo), "gain_per_device": gain}
+    return {"plan": _plan_dict(colo), "gain_per_device": gain, "_placement": colo}
 
 
 def _plan_dict(p: Placement | None) -> dict | None:
@@ -218,7 +244,7 @@ def deployment_for(best: Placement, target: Target, args: argparse.Namespace):
     return to_deployment(best, info.get("model_path", DEFAULT_MODEL_PATH),
                          target.kv_blocks or args.kv_blocks, args.max_num_seqs or 32,
                          args.prefill_budget, info.get("dtype", "bfloat16"),
-                         info.get("block_size", 16), kv_dtype)
+                         info.get("block_size", 16), kv_dtype, SLO(args.ttft, args.tpot, args.target))
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -231,12 +257,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
         if best is None:
             print("no placement to write", file=sys.stderr)
             return 1
-        from planner.deployment import describe_cores
+        from planner.deployment import describe_cores, save_deployment
         dep = deployment_for(best, target, args)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        dep.save(args.out)
+        save_deployment(dep, best.mode, args.out)
         print(f"cores: {describe_cores(dep)}")
-        print(f"wrote {args.out} (serve it: python -m deploy serve --deployment {args.out})")
+        print(f"wrote {args.out}, mode {best.mode} (serve it: python -m deploy serve --deployment "
+              f"{args.out})")
     return 0
 
 

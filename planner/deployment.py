@@ -4,12 +4,22 @@ a Placement as a deploy.deployment.Deployment, and a Deployment as simulator con
 CPU hosts: a device is a set of cores, so an instance of tp x pp devices gets tp * pp
 consecutive cores (core ids counted from 0 across the whole plan; `check_host=False` because
 the plan may be for a bigger host; `deploy serve` checks the cores against the host it runs on).
+
+The mode to serve (split | adaptive | colocated, planner/modes.py) is one top-level field of the
+deployment JSON the planner writes, "mode", beside deploy.deployment.Deployment's own fields
+(save_deployment / load_deployment; a file without it is split, or colocated when it serves
+only the colocated system). Colocated plans also say it the way Deployment already can
+(systems ["colocated"] and a colocated phase); adaptive has no other field: its decode
+instances run mixed (chunked) steps under their max_num_batched_tokens, routed by
+backends.core.router with the deployment's slo_ttft_s / slo_tpot_s.
 """
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from backends.core.kv_cache import KVLayout
 from deploy.deployment import DEFAULT_MODEL_PATH, Deployment, PhaseSpec
@@ -17,7 +27,7 @@ from planner.latency import (KV_BYTES_PER_TOKEN, LatencyTable, Link, anchor_path
                              load_profile, model_key)
 from planner.profile import profile_info
 from planner.placement import plan_high, plan_low
-from planner.search import Cluster, Placement, Planner, SearchSpace
+from planner.search import SERVE_MODES, SLO, Cluster, Placement, Planner, SearchSpace
 from planner.simulator import InstanceSpec, SimConfig
 
 A100_PROFILE = anchor_path("distserve-a100-profile.distserve.json")
@@ -149,16 +159,18 @@ def best_of(plans: dict[str, Placement | None]) -> Placement | None:
 
 
 def placement_config(planner: Planner, p: Placement) -> SimConfig:
-    """The whole placement as one simulated deployment (a low-affinity plan's units pooled)."""
+    """The whole placement as one simulated deployment (a low-affinity plan's units pooled),
+    served in its mode."""
     space, cluster = planner.space, planner.cluster
     units = p.num_units if p.algorithm == "low" else 1
     if p.decode is None:
         return SimConfig("colocated", prefill=space.instance(cluster.device, p.prefill.tp, 1),
                          num_prefill=p.num_prefill)
     link = cluster.inter_link if p.algorithm == "high" and cluster.num_nodes > 1 else cluster.intra_link
-    return SimConfig("disaggregated", space.instance(cluster.device, p.prefill.tp, p.prefill.pp),
-                     space.instance(cluster.device, p.decode.tp, p.decode.pp),
-                     p.num_prefill * units, p.num_decode * units, link, space.kv_bytes_per_token)
+    config = SimConfig("disaggregated", space.instance(cluster.device, p.prefill.tp, p.prefill.pp),
+                       space.instance(cluster.device, p.decode.tp, p.decode.pp),
+                       p.num_prefill * units, p.num_decode * units, link, space.kv_bytes_per_token)
+    return config.adaptive(planner.slo) if p.mode == "adaptive" else config
 
 
 # ---- plan -> deployment ----------------------------------------------------------------------
@@ -170,19 +182,55 @@ def _core_sets(start: int, count: int, size: int) -> tuple[tuple[tuple[int, ...]
 
 def to_deployment(p: Placement, model_path: str = DEFAULT_MODEL_PATH, num_kv_blocks: int = 1024,
                   max_num_seqs: int = 32, prefill_budget: int = 2048, dtype: str = "bfloat16",
-                  block_size: int = 16, kv_dtype: str = "auto") -> Deployment:
+                  block_size: int = 16, kv_dtype: str = "auto", slo: SLO | None = None) -> Deployment:
+    """The Deployment that serves `p` (its mode goes beside it: save_deployment). A colocated
+    placement serves only the colocated system; its prefill and decode phases (required
+    fields, not served) sit on its first and last instance's cores."""
+    common = dict(device="cpu", num_kv_blocks=num_kv_blocks, max_num_seqs=max_num_seqs,
+                  max_num_batched_tokens=prefill_budget)
+    extra: dict[str, Any] = {} if slo is None else {"slo_ttft_s": slo.ttft, "slo_tpot_s": slo.tpot}
     if p.decode is None:
-        raise ValueError("a colocated placement has no prefill/decode split to deploy")
+        cores, _ = _core_sets(0, p.num_prefill, p.prefill.num_devices)
+        return Deployment(model_path=model_path, dtype=dtype, kv_dtype=kv_dtype, block_size=block_size,
+                          prefill=PhaseSpec(devices=(cores[0],), **common),
+                          decode=PhaseSpec(devices=(cores[-1],), **common),
+                          colocated=PhaseSpec(num_instances=len(cores), devices=cores, **common),
+                          systems=("colocated",), check_host=False, **extra)
     units = p.num_units if p.algorithm == "low" else 1
     n, m = p.num_prefill * units, p.num_decode * units
     prefill_cores, nxt = _core_sets(0, n, p.prefill.num_devices)
     decode_cores, _ = _core_sets(nxt, m, p.decode.num_devices)
-    common = dict(device="cpu", num_kv_blocks=num_kv_blocks, max_num_seqs=max_num_seqs,
-                  max_num_batched_tokens=prefill_budget)
     return Deployment(model_path=model_path, dtype=dtype, kv_dtype=kv_dtype, block_size=block_size,
                       prefill=PhaseSpec(num_instances=n, devices=prefill_cores, **common),
                       decode=PhaseSpec(num_instances=m, devices=decode_cores, **common),
-                      check_host=False)
+                      check_host=False, **extra)
+
+
+def save_deployment(dep: Deployment, mode: str, path: str | Path) -> None:
+    """The deployment's JSON with the mode to serve as its top-level "mode" field."""
+    if mode not in SERVE_MODES:
+        raise ValueError(f"mode must be one of {SERVE_MODES}, got {mode!r}")
+    if (mode == "colocated") != (dep.systems == ("colocated",)):
+        raise ValueError(f"mode {mode} and systems {list(dep.systems)} disagree")
+    Path(path).write_text(json.dumps({**dep.to_dict(), "mode": mode}, indent=2) + "\n")
+
+
+def deployment_mode(dep: Deployment, mode: str | None = None) -> str:
+    """The mode a deployment serves: `mode` if given, else split (colocated when it serves only
+    the colocated system)."""
+    if mode is None:
+        return "colocated" if dep.systems == ("colocated",) else "split"
+    if mode not in SERVE_MODES:
+        raise ValueError(f"mode must be one of {SERVE_MODES}, got {mode!r}")
+    return mode
+
+
+def load_deployment(path: str | Path, check_host: bool = True) -> tuple[Deployment, str]:
+    """A deployment file (with or without the planner's "mode") and the mode it serves."""
+    data = json.loads(Path(path).read_text())
+    mode = data.pop("mode", None) if isinstance(data, dict) else None
+    dep = Deployment.from_dict(data, check_host=check_host)
+    return dep, deployment_mode(dep, mode)
 
 
 # ---- deployment -> simulator ------------------------------------------------------------------
@@ -198,8 +246,9 @@ def _tp(phase: PhaseSpec, what: str) -> int:
     return sizes.pop()
 
 
-def deployment_configs(dep: Deployment, target: Target) -> dict[str, SimConfig]:
-    """One simulator config per system the deployment serves ('disaggregated', 'colocated')."""
+def deployment_configs(dep: Deployment, target: Target, mode: str = "split") -> dict[str, SimConfig]:
+    """One simulator config per system the deployment serves ('disaggregated', 'colocated');
+    `mode` adaptive: the disaggregated one served adaptively with the deployment's SLOs."""
     out = {}
     bs = dep.block_size
     kv_dtype = dep.dtype if dep.kv_dtype == "auto" else dep.kv_dtype
@@ -212,6 +261,8 @@ def deployment_configs(dep: Deployment, target: Target) -> dict[str, SimConfig]:
         out["disaggregated"] = SimConfig("disaggregated", pre, dec, dep.prefill.num_instances,
                                          dep.decode.num_instances, target.link,
                                          target.kv_bytes_per_token)
+        if mode == "adaptive":
+            out["disaggregated"] = out["disaggregated"].adaptive(SLO(dep.slo_ttft_s, dep.slo_tpot_s))
     if "colocated" in dep.systems:
         spec = target.instance(_tp(dep.colocated, "colocated"), dep.colocated, bs)
         out["colocated"] = SimConfig("colocated", prefill=spec, num_prefill=dep.colocated.num_instances)

@@ -10,8 +10,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from planner.latency import LatencyTable
-from planner.search import PhaseChoice, Placement, Planner, decode_fluid_rate, goodput
+from planner.latency import LatencyTable, Link
+from planner.search import Cluster, PhaseChoice, Placement, Planner, decode_fluid_rate, goodput
 from planner.simulator import SimConfig
 
 
@@ -49,6 +49,24 @@ def _slice(n: int, m: int, max_instances: int = 8) -> tuple[int, int]:
     return 1, max(1, round(m / n))
 
 
+def _high_link(cluster: Cluster) -> Link:
+    return cluster.inter_link if cluster.num_nodes > 1 else cluster.intra_link
+
+
+def checked_on(planner: Planner, placement: Placement) -> tuple[SimConfig, float]:
+    """The deployment a disaggregated placement's goodput was simulated on (a slice of a high
+    node-affinity placement, one unit of a low one) and the factor from its goodput to the
+    whole placement's."""
+    p, d, n, m = placement.prefill, placement.decode, placement.num_prefill, placement.num_decode
+    if d is None:
+        raise ValueError("a colocated placement has no disaggregated deployment")
+    if placement.algorithm == "low":
+        return _config(planner, p, d, n, m, planner.cluster.intra_link), placement.num_units
+    sn, sm = _slice(n, m)
+    factor = placement.notes["predicted_from_phases"] / min(sn * p.goodput, sm * d.goodput)
+    return _config(planner, p, d, sn, sm, _high_link(planner.cluster)), factor
+
+
 def plan_high(planner: Planner) -> Placement | None:
     """Algorithm 1: best config per phase (per device), then replicate to fill the cluster;
     checked on a slice of it (KV over the inter-node link)."""
@@ -59,10 +77,9 @@ def plan_high(planner: Planner) -> Placement | None:
     n, m, rate = _replicas(p, d, cluster.num_devices)
     if n == 0 or m == 0:
         return None
-    link = cluster.inter_link if cluster.num_nodes > 1 else cluster.intra_link
     sn, sm = _slice(n, m)
     slice_rate = min(sn * p.goodput, sm * d.goodput)
-    checked = _verify(planner, _config(planner, p, d, sn, sm, link), slice_rate)
+    checked = _verify(planner, _config(planner, p, d, sn, sm, _high_link(cluster)), slice_rate)
     simulated = rate * checked / slice_rate
     return Placement("high", p, d, n, m, 1, simulated, n * p.num_devices + m * d.num_devices,
                      {"predicted_from_phases": rate, "kv_link": "inter-node",
@@ -172,4 +189,4 @@ def plan_colocated(planner: Planner, table: LatencyTable) -> Placement | None:
     count = cluster.num_devices // best.tp
     return Placement("colocated", best, None, count, 0, 1, count * best.goodput, count * best.tp,
                      {"per_instance_goodput": best.goodput,
-                      "per_tp": {c.tp: c.goodput for c in choices}})
+                      "per_tp": {c.tp: c.goodput for c in choices}}, mode="colocated")

@@ -21,7 +21,13 @@ The report, all by simulation with the profile's latency model:
 3. sized for the trace's rate: the best per-phase configurations replicated
    n = ceil(R / prefill goodput), m = ceil(R / decode goodput) (Algorithm 1), then grown one
    instance at a time (the phase whose extra instance helps more) until the trace meets the
-   target, at most --grow times: how many devices the trace needs.
+   target, at most --grow times: how many devices the trace needs;
+4. the deployment's own devices served each way (planner/modes.py: split, adaptive,
+   colocated): each mode's goodput on the trace's lengths and attainment on the trace, and the
+   mode to serve instead when one pays (MODE_GAIN x the current mode's goodput, or it meets
+   the target on the trace where the current mode does not). The current mode is the
+   deployment file's "mode" (the planner writes it), else split (colocated for a deployment
+   serving only the colocated system).
 """
 from __future__ import annotations
 
@@ -35,8 +41,9 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from planner.deployment import (Target, best_of, deployment_configs, describe_cores,
-                                placement_config, search)
+from planner.deployment import (Target, best_of, deployment_configs, deployment_mode, describe_cores,
+                                load_deployment, placement_config, search)
+from planner.modes import recommend, same_devices
 from planner.placement import plan_colocated
 from planner.search import SLO, Planner, goodput
 from planner.simulator import Request, SimConfig, Simulator, make_requests
@@ -170,9 +177,10 @@ def evaluate(config: SimConfig, trace: Trace, slo: SLO) -> dict[str, Any]:
     att = res.attainment(slo.ttft, slo.tpot)
     ttft = [r.ttft for r in res.records]
     tpot = [r.tpot for r in res.records if r.req.output_len > 1]
-    return {"attainment": att, "meets": att >= slo.target,
-            "ttft_p50_s": _pct(ttft, 50), "ttft_p90_s": _pct(ttft, 90),
-            "tpot_p50_s": _pct(tpot, 50), "tpot_p90_s": _pct(tpot, 90)}
+    out = {"attainment": att, "meets": att >= slo.target,
+           "ttft_p50_s": _pct(ttft, 50), "ttft_p90_s": _pct(ttft, 90),
+           "tpot_p50_s": _pct(tpot, 50), "tpot_p90_s": _pct(tpot, 90)}
+    return out | ({"routes": res.routes()} if config.mode == "adaptive" else {})
 
 
 def alone_miss(trace: Trace, lat, slo: SLO) -> float:
@@ -213,11 +221,11 @@ def size_for_rate(planner: Planner, trace: Trace, max_grow: int = 8) -> dict[str
     return {"prefill": asdict(p), "decode": asdict(d), **best, "grown": grown}
 
 
-def _current(dep, target: Target, planner: Planner, trace: Trace) -> dict[str, Any]:
+def _current(dep, target: Target, planner: Planner, trace: Trace, mode: str) -> dict[str, Any]:
     out = {}
     guess = trace.rate if math.isfinite(trace.rate) else 1.0
-    for system, config in deployment_configs(dep, target).items():
-        disagg = config.mode == "disaggregated"
+    for system, config in deployment_configs(dep, target, mode).items():
+        disagg = config.mode != "colocated"
         out[system] = {"num_prefill": config.num_prefill, "num_decode": config.num_decode if disagg else 0,
                        "tp_prefill": config.prefill.latency.tp,
                        "tp_decode": config.decode.latency.tp if disagg else None,
@@ -249,9 +257,20 @@ def _colocated(planner: Planner, target: Target, trace: Trace) -> dict[str, Any]
             "trace": evaluate(placement_config(planner, colo), trace, planner.slo)}
 
 
+def _modes(dep, target: Target, planner: Planner, trace: Trace, mode: str) -> dict[str, Any]:
+    """The deployment's devices served each way: goodput and the trace, and the advice."""
+    guess = trace.rate if math.isfinite(trace.rate) else 1.0
+    found = {m: {"trace": evaluate(config, trace, planner.slo),
+                 "goodput": config_goodput(planner, config, guess)}
+             for m, config in same_devices(dep, target, planner.slo).items()}
+    return {"by_mode": found, **recommend(mode, found)}
+
+
 def replan(dep, target: Target, trace: Trace, planner_for: Callable[[list], Planner],
-           plan: bool = True, max_grow: int = 8) -> dict[str, Any]:
-    """The whole report as a dict (see the module docstring)."""
+           plan: bool = True, max_grow: int = 8, mode: str | None = None) -> dict[str, Any]:
+    """The whole report as a dict (see the module docstring); `mode`: how `dep` is served
+    (default: deployment_mode)."""
+    mode = deployment_mode(dep, mode)
     planner = planner_for(list(trace.lengths))
     slo = planner.slo
     doc: dict[str, Any] = {
@@ -260,14 +279,15 @@ def replan(dep, target: Target, trace: Trace, planner_for: Callable[[list], Plan
                   "mean_output": float(np.mean([o for _, o in trace.lengths])),
                   "measured_attainment": trace.measured_attainment(slo)},
         "slo": asdict(slo), "model": target.model, "device": target.device,
-        "deployment": {"cores": describe_cores(dep), "systems": list(dep.systems)}}
-    doc["current"] = _current(dep, target, planner, trace)
+        "deployment": {"cores": describe_cores(dep), "systems": list(dep.systems), "mode": mode}}
+    doc["current"] = _current(dep, target, planner, trace, mode)
     doc["trace"]["alone_miss"] = alone_miss(trace, target.table.get(target.model, target.device, 1), slo)
     if plan:
         doc["planner"] = {"devices": f"{planner.cluster.num_nodes}x{planner.cluster.gpus_per_node}",
                           "chosen": _chosen(planner, trace, doc["current"]),
                           "colocated": _colocated(planner, target, trace) if target.measured_here else None}
         doc["sized_for_trace"] = size_for_rate(planner, trace, max_grow)
+    doc["modes"] = _modes(dep, target, planner, trace, mode)
     doc["num_sims"] = planner.num_sims
     return doc
 
@@ -332,7 +352,24 @@ def report(doc: dict[str, Any]) -> str:
                          f"{s['num_decode']} decode {_shape(s['decode'])} (goodput "
                          f"{s['decode']['goodput']:.3g} each) = {s['num_devices']} devices; on the "
                          f"trace: {_ev(s['trace'])}: {verdict}")
+    lines += _report_modes(doc["modes"], doc["deployment"]["cores"])
     return "\n".join(lines)
+
+
+def _report_modes(m: dict[str, Any], cores: str) -> list[str]:
+    lines = [f"modes on the deployment's devices ({cores}):"]
+    for mode, found in m["by_mode"].items():
+        current = " (current)" if mode == m["current"] else ""
+        routes = found["trace"].get("routes")
+        routed = (f"; routed {routes['split']} split, {routes['local']} local, {routes['waited']} "
+                  "held first" if routes else "")
+        lines.append(f"  {mode}{current}: goodput {found['goodput']:.3g} req/s; on the trace: "
+                     f"{_ev(found['trace'])}{routed}")
+    if m["recommend"]:
+        lines.append(f"mode: serve as {m['recommend']} instead of {m['current']} ({m['why']})")
+    else:
+        lines.append(f"mode: keep {m['current']} ({m['why']})")
+    return lines
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -351,10 +388,13 @@ def cmd_replan(args: argparse.Namespace, target: Target, planner_for: Callable[[
     """`planner_for(lengths)` reads args.ttft/tpot/devices when called (filled in here)."""
     from deploy.deployment import Deployment
     trace = load_trace(args.trace, args.rate, args.system)
+    mode = None
     if args.deployment:
-        dep = Deployment.load(args.deployment, check_host=False)
+        dep, mode = load_deployment(args.deployment, check_host=False)
     elif trace.deployment is not None:
-        dep = Deployment.from_dict(trace.deployment, check_host=False)
+        recorded = dict(trace.deployment)
+        mode = recorded.pop("mode", None)
+        dep = Deployment.from_dict(recorded, check_host=False)
     else:
         raise SystemExit("replan: give --deployment (the trace does not say what served it)")
     if args.ttft is None or args.tpot is None:
@@ -365,7 +405,7 @@ def cmd_replan(args: argparse.Namespace, target: Target, planner_for: Callable[[
     if args.devices is None and dep.prefill.device == "cpu":
         used = set().union(*(ph.all_devices() for ph in dep.phases().values()))
         args.devices = f"1x{len(used)}"
-    doc = replan(dep, target, trace, planner_for, plan=not args.no_search, max_grow=args.grow)
+    doc = replan(dep, target, trace, planner_for, plan=not args.no_search, max_grow=args.grow, mode=mode)
     print(report(doc))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

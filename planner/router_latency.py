@@ -32,3 +32,21 @@ class LatencyModelPredictor:
             return self.decode_step_time(num_seqs, total_context)
         decode = self.model.decode_time(num_seqs, total_context, marginal=True) if num_seqs else 0.0
         return self.model.pp * (self.model.prefill_time([chunk_tokens]) + decode)
+
+
+@dataclass(frozen=True)
+class PhasePredictor:
+    """Prefill and decode instances of different shapes (tp, pp): a split prompt's prefill is
+    priced on the prefill instances' model, decode and mixed steps on the decode instances'
+    (`route` takes one predictor; where both phases run the same model, LatencyModelPredictor)."""
+    prefill: LatencyModelPredictor
+    decode: LatencyModelPredictor
+
+    def prefill_time(self, prompt_lens: Sequence[int]) -> float:
+        return self.prefill.prefill_time(prompt_lens)
+
+    def decode_step_time(self, num_seqs: int, total_context: int) -> float:
+        return self.decode.decode_step_time(num_seqs, total_context)
+
+    def mixed_step_time(self, num_seqs: int, total_context: int, chunk_tokens: int) -> float:
+        return self.decode.mixed_step_time(num_seqs, total_context, chunk_tokens)

@@ -113,6 +113,13 @@ class PhaseChoice:
         return self.goodput / self.num_devices
 
 
+# How a placement is served: pure split (every prompt on a prefill instance, KV handed to a
+# decode instance), adaptive (the router picks split or local prefill inside a decode
+# instance's steps, per request), or colocated (every instance runs both phases).
+ServeMode = Literal["split", "adaptive", "colocated"]
+SERVE_MODES = ("split", "adaptive", "colocated")
+
+
 @dataclass(frozen=True)
 class Placement:
     algorithm: Literal["high", "low", "colocated"]
@@ -124,6 +131,12 @@ class Placement:
     goodput: float                      # requests/s of the whole cluster, simulated
     num_devices: int                    # devices the placement uses
     notes: dict = field(default_factory=dict)
+    mode: ServeMode = "split"           # how it is served (planner/modes.py)
+
+    def __post_init__(self) -> None:
+        if self.mode not in SERVE_MODES or (self.mode == "colocated") != (self.decode is None):
+            raise ValueError(f"a placement {'without' if self.decode is None else 'with'} decode "
+                             f"instances cannot be served as {self.mode!r}")
 
     @property
     def per_device(self) -> float:

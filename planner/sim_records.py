@@ -2,8 +2,9 @@
 and the arrival processes that make request streams (trace or Poisson)."""
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
-from typing import Sequence as Seq
+from typing import Any, Sequence as Seq
 
 import numpy as np
 
@@ -25,6 +26,9 @@ class Record:
     req: Request
     first_token: float | None = None
     finish: float | None = None
+    route: str | None = None            # adaptive mode: "split" or "local", as the router chose
+    routed_at: float | None = None      # when it was routed (later than arrival after a "wait")
+    decision: Any = None                # the router's backends.core.router.Decision
 
     @property
     def ttft(self) -> float:
@@ -66,6 +70,14 @@ class SimResult:
 
     def mean_ttft(self) -> float:
         return float(np.mean([r.ttft for r in self.records]))
+
+    def routes(self) -> dict[str, int]:
+        """Adaptive mode: how many measured requests the router sent each way ("split",
+        "local"), and how many it held first ("waited")."""
+        counts = Counter(r.route for r in self.measured if r.route is not None)
+        counts["waited"] = sum(r.routed_at is not None and r.routed_at > r.req.arrival
+                               for r in self.measured)
+        return {"split": counts["split"], "local": counts["local"], "waited": counts["waited"]}
 
 
 def poisson_arrivals(n: int, rate: float, seed: int = 0) -> list[float]:

@@ -13,8 +13,11 @@ buffer) -> admitted by the scheduler's `admit_remote()` at a step boundary when 
 and a batch slot -> its KV copied by the instance's copy thread beside the running steps (one
 copy at a time), prefill blocks freed when the copy ends -> `kv_arrived()`: continuous
 batching, one token per step -> finished, blocks freed. Colocated: one engine does both
-(prefill first, as vLLM). Two per-phase modes serve the high-affinity search: "prefill"
-(decode is free and instant) and "decode" (requests arrive already prefilled, TTFT 0).
+(prefill first, as vLLM). Adaptive: the same instances, each request routed by
+`backends.core.router.route` to split (as above, to the instances it chose) or local (prefilled
+in chunks inside a decode instance's steps), or held until it can be (planner/sim_routing.py).
+Two per-phase modes serve the high-affinity search: "prefill" (decode is free and instant) and
+"decode" (requests arrive already prefilled, TTFT 0).
 
 An instance of pipeline degree pp is pp virtual engines (each its own scheduler, queues and
 batch; one KV cache between them) sharing the first pipeline stage: a batch holds the stage
@@ -27,20 +30,24 @@ import heapq
 import math
 from dataclasses import dataclass
 from operator import attrgetter
+from dataclasses import replace
 from typing import Callable, Literal, Sequence as Seq
 
 from backends.core.kv_cache import BlockManager
 from backends.core.limits import EngineLimits
+from backends.core.router import SLO as RouterSLO
 from backends.core.routing import least_loaded
 from backends.core.sampling import SamplingParams
 from backends.core.scheduler import Batch, Scheduler
 from backends.core.sequence import FinishReason, Sequence, SequenceStatus
 from planner.latency import LatencyModel, Link
+from planner.sim_routing import Routing
 from planner.sim_records import (Record, Request, SimResult, in_window, make_requests,  # noqa: F401
                                  poisson_arrivals)
 
-Mode = Literal["disaggregated", "colocated", "prefill", "decode"]
-MODES = ("disaggregated", "colocated", "prefill", "decode")
+Mode = Literal["disaggregated", "colocated", "prefill", "decode", "adaptive"]
+MODES = ("disaggregated", "colocated", "prefill", "decode", "adaptive")
+SPLIT_MODES = ("disaggregated", "adaptive")        # prefill and decode instances
 _NUM_TOKENS = attrgetter("num_tokens")
 
 
@@ -65,16 +72,35 @@ class SimConfig:
     num_decode: int = 1
     link: Link | None = None                     # None: KV copies take no time
     kv_bytes_per_token: float = 0.0
+    slo: RouterSLO | None = None                 # adaptive: the SLOs the router routes by
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.mode != "decode" and self.prefill is None:
             raise ValueError(f"mode {self.mode} needs a prefill (or colocated) InstanceSpec")
-        if self.mode in ("disaggregated", "decode") and self.decode is None:
+        if self.mode in (*SPLIT_MODES, "decode") and self.decode is None:
             raise ValueError(f"mode {self.mode} needs a decode InstanceSpec")
         if self.num_prefill < 1 or self.num_decode < 1:
             raise ValueError("instance counts must be >= 1")
+        if self.mode == "adaptive" and (self.slo is None or not self.decode.limits.chunked_prefill):
+            raise ValueError("mode adaptive needs the SLOs to route by and decode instances with "
+                             "chunked_prefill (their steps carry local prompts' chunks)")
+
+    def adaptive(self, slo: RouterSLO) -> SimConfig:
+        """This disaggregated deployment served adaptively: the same instances, the decode
+        instances running mixed (chunked) steps under their token budget."""
+        if self.mode not in SPLIT_MODES:
+            raise ValueError(f"only a disaggregated config can be served adaptively, not {self.mode}")
+        decode = replace(self.decode, limits=replace(self.decode.limits, chunked_prefill=True))
+        return replace(self, mode="adaptive", decode=decode, slo=slo)
+
+    def split(self) -> SimConfig:
+        """The same instances served as pure split (the inverse of `adaptive`)."""
+        if self.mode not in SPLIT_MODES:
+            raise ValueError(f"only a disaggregated or adaptive config has a split, not {self.mode}")
+        decode = replace(self.decode, limits=replace(self.decode.limits, chunked_prefill=False))
+        return replace(self, mode="disaggregated", decode=decode, slo=None)
 
 
 class _Stage:
@@ -145,12 +171,13 @@ class Simulator:
         self._sources: dict[Sequence, tuple[_Engine | None, Sequence]] = {}   # decode seq -> prefill
         self.now = 0.0
         self.prefills = self._make("prefill", config.num_prefill, config.prefill,
-                                   config.mode in ("disaggregated", "prefill"))
+                                   config.mode in (*SPLIT_MODES, "prefill"))
         self.decodes = self._make("decode", config.num_decode, config.decode,
-                                  config.mode in ("disaggregated", "decode"))
+                                  config.mode in (*SPLIT_MODES, "decode"))
         self.colocated = self._make("both", config.num_prefill, config.prefill,
                                     config.mode == "colocated")
         self._validate()
+        self.routing = Routing(self, config.slo) if config.mode == "adaptive" else None
 
     def _make(self, role: str, n: int, spec: InstanceSpec | None, used: bool) -> list[_Engine]:
         if not used:
@@ -209,6 +236,9 @@ class Simulator:
             self._first_token(rec)
             self._hand_off(seq, None)
             return
+        if self.routing is not None:
+            self.routing.arrive(rec)
+            return
         engines = self.colocated or self.prefills
         engine = least_loaded(engines, _Engine.load)
         engine.scheduler.add(self._sequence(rec))
@@ -221,7 +251,10 @@ class Simulator:
             return
         if e.role == "decode":                              # at a step boundary, as the worker
             self._admit(e)
-        batch = e.scheduler.schedule(self.now)
+        if self.routing is not None and e.role == "decode":
+            batch = self.routing.schedule(e, self.now)      # its step budget: decodes + a chunk
+        else:
+            batch = e.scheduler.schedule(self.now)
         if batch is None:
             return
         e.busy = True
@@ -261,7 +294,10 @@ class Simulator:
             src.scheduler.finish(pseq)
             self._finish(self.records[int(pseq.req_id)])
             return
-        dst = least_loaded(self.decodes, _Engine.load)
+        if self.routing is not None:
+            dst = self.routing.decode_for(int(pseq.req_id))
+        else:
+            dst = least_loaded(self.decodes, _Engine.load)
         seq = self._sequence(self.records[int(pseq.req_id)], list(pseq.output_ids))
         self._sources[seq] = (src, pseq)
         dst.scheduler.add_remote(seq)
@@ -281,6 +317,8 @@ class Simulator:
         if src is not None:
             src.scheduler.finish(pseq)
             self._poke(src)
+            if self.routing is not None:                   # prefill KV freed
+                self.routing.changed()
         e.scheduler.kv_arrived(seq)
         self._poke(e)
 
@@ -299,6 +337,8 @@ class Simulator:
 
     def _finish(self, rec: Record) -> None:
         rec.finish = self.now
+        if self.routing is not None:
+            self.routing.finished(rec)
         if self._counts(rec) and rec.ttft <= self.stop_below[0] and rec.tpot > self.stop_below[1]:
             self._misses += 1
 
@@ -307,6 +347,9 @@ class Simulator:
 
     def _check_drained(self) -> None:
         lost = [r.req.req_id for r in self.records.values() if r.finish is None]
+        if self.routing is not None and (self.routing.held or self.routing.holds):
+            raise RuntimeError(f"the router still holds {len(self.routing.held)} request(s) and "
+                               f"{len(self.routing.holds)} KV reservation(s)")
         if lost:
             raise RuntimeError(f"simulation lost {len(lost)} request(s), e.g. {lost[:5]}")
         for e in self._engines():
@@ -319,9 +362,12 @@ class Simulator:
                 raise RuntimeError(f"{e.role} instance {e.index} used more blocks than it has")
 
     def _stats(self) -> dict[str, dict]:
-        return {f"{e.role}{e.index}": {"steps": e.num_steps, "preempted": e.num_preempted,
-                                       "peak_blocks": e.peak_blocks, "num_blocks": e.blocks.num_blocks}
-                for e in self._engines()}
+        out = {f"{e.role}{e.index}": {"steps": e.num_steps, "preempted": e.num_preempted,
+                                      "peak_blocks": e.peak_blocks, "num_blocks": e.blocks.num_blocks}
+               for e in self._engines()}
+        if self.routing is not None:
+            out["router"] = {"skipped_decode_rows": self.routing.skipped}
+        return out
 
 
 def simulate(config: SimConfig, lengths: Seq[tuple[int, int]], rate: float, seed: int = 0,

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from deploy.deployment import Deployment
+from planner.deployment import load_deployment
 from planner.__main__ import main
 from planner.latency import LatencyModel, LatencyTable
 
@@ -35,7 +35,9 @@ def test_plan_writes_a_deployment(tmp_path, capsys):
     plan = json.loads((tmp_path / "plan.json").read_text())
     chosen = plan["chosen"]
     assert chosen["goodput"] > 0 and chosen["num_devices"] <= 8
-    dep = Deployment.load(tmp_path / "dep.json", check_host=False)
+    dep, mode = load_deployment(tmp_path / "dep.json", check_host=False)
+    assert mode == plan["mode"] == chosen["mode"] and mode in ("split", "adaptive")
+    assert json.loads((tmp_path / "dep.json").read_text())["mode"] == mode
     units = chosen["num_units"] if chosen["algorithm"] == "low" else 1
     assert dep.prefill.num_instances == chosen["num_prefill"] * units
     assert dep.decode.num_instances == chosen["num_decode"] * units
@@ -69,7 +71,8 @@ def test_plan_for_this_machine_with_a_cpu_profile(tmp_path, capsys):
     plan = json.loads((tmp_path / "plan.json").read_text())
     assert plan["chosen"]["prefill"]["pp"] == 1 and plan["chosen"]["goodput"] > 0   # no pp on cores
     assert plan["colocated"]["plan"]["num_prefill"] == 2
-    dep = Deployment.load(tmp_path / "dep.json", check_host=(os.cpu_count() or 1) >= 2)
+    dep, mode = load_deployment(tmp_path / "dep.json", check_host=(os.cpu_count() or 1) >= 2)
+    assert mode == plan["mode"]
     assert dep.prefill.devices == ((0,),) and dep.decode.devices == ((1,),)
     assert dep.model_path == "models/toy.gguf" and dep.dtype == "bfloat16" and dep.block_size == 16
 
@@ -134,5 +137,5 @@ def test_plan_writes_the_profiles_kv_dtype_and_blocks(tmp_path):
                "--ttft", "0.5", "--tpot", "0.1", "--devices", "1x2", "--kv-gib", "0.5",
                "--no-baseline", *FAST, "--out", str(tmp_path / "dep.json")])
     assert rc == 0
-    dep = Deployment.load(tmp_path / "dep.json", check_host=False)
+    dep, _ = load_deployment(tmp_path / "dep.json", check_host=False)
     assert dep.kv_dtype == "int8" and dep.decode.num_kv_blocks == (1 << 29) // (11880 * 16)

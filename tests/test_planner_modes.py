@@ -1,0 +1,117 @@
+"""The planner's choice among pure split, adaptive and colocated (planner/modes.py), the mode in
+the deployment it writes, and replan's advice on a recorded trace, on this machine's profile."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from deploy.deployment import default_deployment
+from planner.__main__ import main
+from planner.deployment import load_deployment, load_target, make_planner, save_deployment
+from planner.modes import recommend
+from planner.replan import Trace, replan
+from planner.search import SLO
+from tests.test_simulator_adaptive import CPU_PROFILE, chatbot_like
+
+FAST = ["--requests", "200", "--span", "20", "--max-requests", "3000"]
+TTFT_BOUND = ["--ttft", "0.547", "--tpot", "0.139"]        # docs/goodput's chatbot multiples
+
+
+def summarization_like(n: int, seed: int = 0) -> list[tuple[int, int]]:
+    rng = np.random.default_rng(seed)
+    return [(int(rng.integers(1900, 2048)), 64) for _ in range(n)]
+
+
+def plan(tmp_path, lengths, *args: str) -> tuple[dict, str]:
+    (tmp_path / "w.json").write_text(json.dumps(lengths))
+    assert main(["plan", "--profile", str(CPU_PROFILE), "--workload", str(tmp_path / "w.json"),
+                 "--devices", "1x2", *FAST, *args, "--out", str(tmp_path / "dep.json"),
+                 "--json", str(tmp_path / "plan.json")]) == 0
+    return json.loads((tmp_path / "plan.json").read_text()), str(tmp_path / "dep.json")
+
+
+def test_plan_serves_the_best_mode_and_the_deployment_names_it(tmp_path, capsys):
+    doc, path = plan(tmp_path, chatbot_like(300), *TTFT_BOUND)
+    by_mode = {p["mode"]: p["per_device"] for p in doc["modes"]}
+    assert set(by_mode) == {"split", "adaptive", "colocated"}
+    assert by_mode["adaptive"] > by_mode["split"]                # TTFT binds: local prefill pays
+    assert doc["mode"] == max(by_mode, key=by_mode.get) != "split"
+    dep, mode = load_deployment(path, check_host=False)
+    assert mode == doc["mode"] and json.loads(open(path).read())["mode"] == mode
+    assert (dep.slo_ttft_s, dep.slo_tpot_s) == (0.547, 0.139)   # the router's SLOs
+    if mode == "colocated":
+        assert dep.systems == ("colocated",) and dep.colocated.devices == ((0,), (1,))
+    out = capsys.readouterr().out
+    chosen = next(line for line in out.splitlines() if line.startswith("chosen:"))
+    assert (chosen.startswith("chosen: colocated") if mode == "colocated" else f"served {mode}" in chosen)
+    assert f"wrote {path}, mode {mode}" in out
+    # without colocated among the modes, the same placement is served adaptively
+    doc, path = plan(tmp_path, chatbot_like(300), *TTFT_BOUND, "--modes", "split,adaptive")
+    dep, mode = load_deployment(path, check_host=False)
+    assert doc["mode"] == mode == "adaptive" and dep.systems == ("disaggregated",)
+    assert dep.prefill.devices == ((0,),) and dep.decode.devices == ((1,),)
+
+
+def test_plan_keeps_split_where_nothing_beats_it(tmp_path):
+    """Summarization-like prompts (1,900-2,048 tokens): a local prompt takes a decode core for
+    many steps and colocated instances stall their batches; split serves the most."""
+    doc, path = plan(tmp_path, summarization_like(200), "--ttft", "5.48", "--tpot", "0.174")
+    assert doc["mode"] == "split" and load_deployment(path, check_host=False)[1] == "split"
+
+
+def test_deployment_mode_roundtrip_and_defaults(tmp_path):
+    dep = default_deployment("models/x.gguf", 2)
+    save_deployment(dep, "adaptive", tmp_path / "a.json")
+    assert load_deployment(tmp_path / "a.json", check_host=False) == (dep, "adaptive")
+    dep.save(tmp_path / "plain.json")                              # written by deploy: no mode
+    assert load_deployment(tmp_path / "plain.json", check_host=False)[1] == "split"
+    with pytest.raises(ValueError, match="disagree"):
+        save_deployment(dep, "colocated", tmp_path / "c.json")
+    with pytest.raises(ValueError, match="mode must be"):
+        save_deployment(dep, "mixed", tmp_path / "c.json")
+
+
+# ---- replan -----------------------------------------------------------------------------------
+
+def trace_of(lengths, rate: float, seed: int = 0) -> Trace:
+    arrivals = np.cumsum(np.random.default_rng(seed).exponential(1 / rate, len(lengths)))
+    return Trace(tuple(arrivals.tolist()), tuple(lengths), "synthetic")
+
+
+def replan_modes(lengths, rate: float, slo: SLO, mode: str | None = None) -> dict:
+    target = load_target(CPU_PROFILE)
+    planner_for = lambda lens: make_planner(target, lens, slo, "1x2", pps=(1,), max_num_seqs=32,  # noqa: E731
+                                            num_requests=200, min_span_s=20, max_requests=3000)
+    doc = replan(default_deployment("models/x.gguf", 2), target, trace_of(lengths, rate),
+                 planner_for, plan=False, mode=mode)
+    return doc["modes"]
+
+
+def test_replan_recommends_another_mode_where_it_pays():
+    m = replan_modes(chatbot_like(300), 1.1, SLO(0.547, 0.139))
+    found = m["by_mode"]
+    assert m["current"] == "split" and m["recommend"] in ("adaptive", "colocated")
+    assert found[m["recommend"]]["goodput"] >= 1.1 * found["split"]["goodput"]
+    assert found["adaptive"]["goodput"] > found["split"]["goodput"]
+    assert found["adaptive"]["trace"]["routes"]["local"] > 0
+    # served adaptively already: the recommendation is measured against adaptive
+    m = replan_modes(chatbot_like(300), 1.1, SLO(0.547, 0.139), mode="adaptive")
+    assert m["current"] == "adaptive" and m["recommend"] != "adaptive"
+
+
+def test_replan_keeps_the_mode_where_no_other_pays():
+    m = replan_modes(summarization_like(120), 0.3, SLO(5.48, 0.174))
+    assert m["current"] == "split" and m["recommend"] is None and "no mode gains" in m["why"]
+
+
+def test_recommend_rule():
+    def found(g, meets):
+        return {"goodput": g, "trace": {"attainment": 0.95 if meets else 0.5, "meets": meets}}
+    gains = recommend("split", {"split": found(1.0, True), "adaptive": found(1.2, True)})
+    assert gains["recommend"] == "adaptive" and gains["gain"] == pytest.approx(1.2)
+    close = recommend("split", {"split": found(1.0, True), "adaptive": found(1.05, True)})
+    assert close["recommend"] is None and close["best"] == "adaptive"
+    rescue = recommend("split", {"split": found(1.0, False), "adaptive": found(1.05, True)})
+    assert rescue["recommend"] == "adaptive" and "meets the target" in rescue["why"]
