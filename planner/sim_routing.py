@@ -18,12 +18,11 @@ arrival -> the held queue (FIFO) -> routed when it reaches the head:
   option.
 
 KV reservations: a decode instance reserves prompt + max_tokens blocks for every request the
-router sends it, split or local, from routing to finish. The free_kv_blocks it publishes is
-InstanceState.from_scheduler's, lowered to its capacity less those reservations:
-from_scheduler counts only blocks held or promised to queued remote KV, not a local prompt
-still queued (no blocks yet) or part-way (blocks for its chunks so far), nor a running
-sequence's growth to max_tokens, so two local decisions in a row would see the same free
-blocks. With the reservations no decode instance ever preempts.
+router prefills there (local), from routing to finish. The free_kv_blocks it publishes is
+InstanceState.from_scheduler's, lowered to its capacity less those reservations, so two local
+decisions in a row never count the same blocks and a local sequence is never preempted by its
+own growth. A split request reserves nothing on decode: the decode instance pulls its KV from
+the prefill instance's pool when it has room (pull-based admission), as the servers do.
 
 Chunk budget: at every step boundary of a decode instance with prompt tokens to prefill, the
 step's token budget (EngineLimits.max_num_batched_tokens, which the chunked policy spends on
@@ -120,11 +119,12 @@ class Routing:
         sim, chosen = self.sim, decision.chosen
         rec.route, rec.routed_at, rec.decision = chosen.kind, sim.now, decision
         dst = self.names[chosen.decode]
-        blocks = dst.spec.blocks_for(rec.req.prompt_len + rec.req.output_len)
-        self.reserved[id(dst.blocks)] = self.reserved.get(id(dst.blocks), 0) + blocks
-        self.holds[rec.req.req_id] = (id(dst.blocks), blocks)
-        if self.reserved[id(dst.blocks)] > dst.blocks.num_blocks:
-            raise RuntimeError(f"{chosen.decode}: the router overcommitted its KV")
+        if chosen.kind == "local":
+            blocks = dst.spec.blocks_for(rec.req.prompt_len + rec.req.output_len)
+            self.reserved[id(dst.blocks)] = self.reserved.get(id(dst.blocks), 0) + blocks
+            self.holds[rec.req.req_id] = (id(dst.blocks), blocks)
+            if self.reserved[id(dst.blocks)] > dst.blocks.num_blocks:
+                raise RuntimeError(f"{chosen.decode}: the router overcommitted its KV")
         engine = dst
         if chosen.kind == "split":
             self.target[rec.req.req_id] = dst
@@ -148,8 +148,9 @@ class Routing:
         self.reroute()
 
     def finished(self, rec: Record) -> None:
-        pool, blocks = self.holds.pop(rec.req.req_id)
-        self.reserved[pool] -= blocks
+        pool, blocks = self.holds.pop(rec.req.req_id, (None, 0))
+        if pool is not None:
+            self.reserved[pool] -= blocks
         self.changed()
 
     # ---- a decode instance's step -----------------------------------------------------------

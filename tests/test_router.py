@@ -86,13 +86,26 @@ def test_decode_batch_at_its_tpot_limit_sends_a_short_prompt_to_prefill():
     assert (d.kind, d.chosen.decode) == ("split", "decode_1") and d.chosen.meets_slo
 
 
-def test_no_decode_instance_with_free_kv_means_wait():
-    # 100 + 200 tokens need 19 blocks of 16; 18 free is not enough, on any path
-    d = go(100, [prefill()], [decode(free=18)], max_tokens=200)
+def test_no_instance_with_free_kv_means_wait():
+    # 100 + 200 tokens need 19 blocks of 16; 18 free on decode is not enough to prefill there,
+    # and a prefill instance without room for the prompt cannot take it either
+    d = go(100, [prefill(free=6)], [decode(free=18)], max_tokens=200)
     assert d.kind == "wait" and d.chosen is None
     assert "KV" in d.reason
     assert all(o.ttft_s is None and "KV" in o.reason for o in d.options)
-    assert go(100, [prefill()], [decode(free=19)], max_tokens=200).kind != "wait"
+    assert go(100, [prefill(free=6)], [decode(free=19)], max_tokens=200).kind == "local"
+    assert go(100, [prefill(free=7)], [decode(free=18)], max_tokens=200).kind == "split"
+
+
+def test_a_full_decode_instance_delays_admission_not_the_prefill():
+    """Split needs no decode KV now: decode pulls the prefilled KV from prefill's pool once it
+    has room, so the request is prefilled at once and nothing is overcommitted."""
+    d = go(100, [prefill()], [decode(free=0, local=False)])
+    assert d.kind == "split" and d.chosen.decode == "decode_0" and d.chosen.ttft_s is not None
+    # with a decode instance that has room, that one
+    d = go(100, [prefill()], [decode("decode_0", running=0, context=0, free=0),
+                              decode("decode_1", running=8, context=4000)])
+    assert d.chosen.decode == "decode_1"
 
 
 def test_kv_is_never_overcommitted_even_for_a_lighter_instance():
@@ -174,7 +187,7 @@ def test_every_option_is_listed_with_predictions_and_a_reason():
     out = json.loads(json.dumps(d.to_dict()))
     assert out["kind"] == d.kind and out["decode"] == d.chosen.decode and len(out["options"]) == 5
     assert out["options"][0]["ttft_s"] == d.options[0].ttft_s
-    assert json.loads(json.dumps(go(100, [prefill()], [decode(free=0)]).to_dict()))["kind"] == "wait"
+    assert json.loads(json.dumps(go(100, [prefill(free=0)], [decode(free=0)]).to_dict()))["kind"] == "wait"
 
 
 def test_ties_are_deterministic():
@@ -194,7 +207,7 @@ def test_a_full_batch_takes_no_local_prefill_and_nowhere_to_go_means_wait():
     d = go(100, [prefill()], [full])
     assert d.kind == "split" and "batch full" in d.options[1].reason     # decode queues it for a slot
     d = go(100, [], [full])
-    assert d.kind == "wait" and d.reason == "no option is possible now"
+    assert d.kind == "wait" and d.reason == "no instance has KV free for it"
 
 
 def test_states_are_checked():
@@ -232,7 +245,8 @@ def test_state_from_a_chunked_decode_scheduler():
     st = InstanceState.from_scheduler("decode_0", "decode", s, recent_step_s=0.02)
     assert (st.queued_tokens, st.queued_requests) == (40 - 31 + 5, 2)
     assert (st.num_running, st.running_context) == (3, 12 + 7 + 10)
-    assert st.free_kv_blocks == lim.num_kv_blocks - s.blocks.num_used - 3
+    # promised: e's 3 prompt blocks, c's last 9 tokens (blocks 8..10 of 10: 2 more), d's 2
+    assert st.free_kv_blocks == lim.num_kv_blocks - s.blocks.num_used - 3 - 2 - 2
     assert st.local_prefill and st.recent_step_s == 0.02 and st.max_num_batched_tokens == 32
     assert not InstanceState.from_scheduler("prefill_0", "prefill", s).local_prefill
 

@@ -28,8 +28,9 @@ Rule: among the options meeting both SLOs, the lowest predicted TTFT (the most T
 local's TPOT is held under its SLO by the chunk budget); if none meets both, the least bad:
 lowest max(TTFT / TTFT SLO, TPOT / TPOT SLO). Ties go to the earlier option: every split
 before every local, instances in the order given. KV is never overcommitted: an option needs
-blocks for prompt + max_tokens free on its decode instance (and the prompt's on a prefill
-instance); with none, "wait".
+blocks for the prompt free on its prefill instance (split: decode pulls the KV when it has
+room for it, so a decode instance without room only delays its admission) or for prompt +
+max_tokens on its decode instance (local); with neither, "wait".
 """
 from __future__ import annotations
 
@@ -92,7 +93,9 @@ class InstanceState:
         s, lim = scheduler, scheduler.config
         prefilling = [*s.waiting, *(q for q in s.running if q.num_cached < q.num_prompt_tokens)]
         decoding = [*(q for q in s.running if q.num_cached >= q.num_prompt_tokens), *s.loading, *s.remote]
-        promised = sum(lim.blocks_for(q.num_prompt_tokens) for q in s.remote)
+        # blocks the queued work will take: remote sequences' prompts, local prompts' rest
+        promised = sum(lim.blocks_for(q.num_prompt_tokens) for q in s.remote) + \
+            sum(max(0, lim.blocks_for(q.num_tokens) - len(q.block_ids)) for q in prefilling)
         return cls(instance, phase, max(0, s.blocks.num_free - promised),
                    sum(q.num_tokens - q.num_cached for q in prefilling), len(prefilling),
                    len(decoding), sum(q.num_tokens for q in decoding), lim.block_size,
@@ -166,7 +169,7 @@ def _join_tpot(d: InstanceState, prompt_len: int, predictor: Predictor) -> float
 def _split(p: InstanceState, target: tuple[InstanceState, float] | None, prompt_len: int,
            slo: SLO, predictor: Predictor) -> Option:
     if target is None:
-        return Option("split", p.instance, None, reason="no decode instance has KV free for it")
+        return Option("split", p.instance, None, reason="no decode instance")
     if not p.has_kv_for(prompt_len):
         return Option("split", p.instance, None, reason=f"{p.instance} has no KV free for the prompt")
     n, tokens = max(1, p.queued_requests), p.queued_tokens
@@ -186,7 +189,7 @@ def _local(d: InstanceState, prompt_len: int, max_tokens: int, slo: SLO, predict
         return impossible("no mixed steps on this instance")
     if not d.has_kv_for(prompt_len + max_tokens):
         return impossible("no KV free for it")
-    if d.num_running >= d.max_num_seqs:
+    if d.num_running + d.queued_requests >= d.max_num_seqs:     # queued prompts take slots too
         return impossible("decode batch full")
     budget = chunk_budget(d, predictor, slo.tpot)
     if budget == 0:
@@ -209,9 +212,12 @@ def route(prompt_len: int, max_tokens: int, slo: SLO, prefill_states: Sequence[I
     for states, phase in ((prefill_states, "prefill"), (decode_states, "decode")):
         if any(s.phase != phase for s in states):
             raise ValueError(f"{phase}_states holds an instance of another phase")
-    joins = [(d, _join_tpot(d, prompt_len, predictor)) for d in decode_states
-             if d.has_kv_for(prompt_len + max_tokens)]
-    target = min(joins, key=lambda j: j[1], default=None)
+    # split's decode instance: the best with KV free for the whole sequence now, else the best
+    # of all (its admission pulls the KV from prefill's pool once it has room: the prefilled KV
+    # waits there, so nothing is overcommitted and the first token is not delayed)
+    joins = [(d, _join_tpot(d, prompt_len, predictor)) for d in decode_states]
+    roomy = [j for j in joins if j[0].has_kv_for(prompt_len + max_tokens)]
+    target = min(roomy or joins, key=lambda j: j[1], default=None)
     options = (*(_split(p, target, prompt_len, slo, predictor) for p in prefill_states),
                *(_local(d, prompt_len, max_tokens, slo, predictor) for d in decode_states))
     possible = [o for o in options if o.ttft_s is not None]
@@ -223,5 +229,5 @@ def route(prompt_len: int, max_tokens: int, slo: SLO, prefill_states: Sequence[I
             return max(o.ttft_s / slo.ttft, o.tpot_s / slo.tpot)
         best = min(possible, key=over)
         return Decision(best, f"no option meets both SLOs; least over ({over(best):.2f}x)", options)
-    why = "no decode instance has KV free for it" if not joins else "no option is possible now"
+    why = "no decode instance" if not joins else "no instance has KV free for it"
     return Decision(None, why, options)

@@ -148,12 +148,13 @@ class Scheduler:
         return batch
 
     def _schedule_chunked(self) -> Batch:
-        # `running` is in admission order and only its last sequence can be part-way through
-        # its prompt (admission stops where the budget ends), so the decodes come first and,
-        # with budget >= max_num_seqs, always fit.
+        # Decoding sequences first, then prompts part-way through (on a colocated engine only
+        # the last admitted can be; on a decode engine a sequence whose KV arrived joins
+        # `running` after a local prompt's chunks): with budget >= max_num_seqs every decode
+        # fits, and prompt chunks take what is left.
         batch = Batch()
         budget = self.config.max_num_batched_tokens
-        for seq in list(self.running):
+        for seq in sorted(self.running, key=lambda s: s.num_tokens - s.num_cached > 1):
             num_new = min(seq.num_tokens - seq.num_cached, budget)
             if seq in self.running and num_new and self._reserve(seq, seq.num_cached + num_new, batch):
                 batch.add(seq, num_new)
