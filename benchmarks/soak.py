@@ -232,25 +232,29 @@ class RssSampler(threading.Thread):
     def sample(self) -> None:
         t = self.last_t = round(self.clock(), 2)
         for pid in [self.server_pid, *children(self.server_pid)]:
-            rss = vmrss_kb(pid)
-            if rss is None:
+            kb = memory_kb(pid)
+            if kb is None:
                 continue
             entry = self.processes.setdefault(pid, {"pid": pid, "process": process_label(pid, self.server_pid),
                                                     "samples": []})
-            entry["samples"].append([t, rss])
+            entry["samples"].append([t, *kb])
         for entry in self.processes.values():       # gone since the last sample: how it ended
-            if "gone_s" not in entry and vmrss_kb(entry["pid"]) is None:
+            if "gone_s" not in entry and memory_kb(entry["pid"]) is None:
                 entry["gone_s"], entry["exit"] = t, exit_status(entry["pid"])
 
     def summary(self) -> list[dict[str, Any]]:
         out = []
         for p in self.processes.values():
-            rss = [kb for _, kb in p["samples"]]
+            rss = [sample[1] for sample in p["samples"]]
+            anon = [sample[2] for sample in p["samples"]]
             out.append({"pid": p["pid"], "process": p["process"], "first_s": p["samples"][0][0],
                         "last_s": p["samples"][-1][0], "start_mb": rss[0] / 1024, "end_mb": rss[-1] / 1024,
                         "max_mb": max(rss) / 1024, "growth_mb": (rss[-1] - rss[0]) / 1024,
                         # the second half of its life: warm-up (allocator caches) is over by then
                         "growth_second_half_mb": (rss[-1] - rss[len(rss) // 2]) / 1024,
+                        # private memory only: RSS also counts the KV pool's shared pages as they are touched
+                        "anon_growth_mb": (anon[-1] - anon[0]) / 1024,
+                        "anon_growth_second_half_mb": (anon[-1] - anon[len(anon) // 2]) / 1024,
                         "num_samples": len(rss), "alive_at_end": "gone_s" not in p,
                         "gone_s": p.get("gone_s"), "exit": p.get("exit")})
         return out
@@ -264,16 +268,17 @@ def children(pid: int) -> list[int]:
         return []
 
 
-def vmrss_kb(pid: int) -> int | None:
-    """VmRSS of `pid` in kB (from /proc/PID/status); None if it is gone or a zombie."""
+MEMORY_FIELDS = ("VmRSS", "RssAnon", "RssShmem")     # a sample: [t, *these in kB]
+
+
+def memory_kb(pid: int) -> list[int] | None:
+    """VmRSS, RssAnon, RssShmem of `pid` in kB (/proc/PID/status); None if it is gone or a zombie."""
     try:
         with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-    except (OSError, ValueError):
-        pass
-    return None
+            values = dict(line.split(":", 1) for line in f if ":" in line)
+        return [int(values[name].split()[0]) for name in MEMORY_FIELDS]
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def exit_status(pid: int) -> str | None:
@@ -624,13 +629,16 @@ def markdown(r: dict[str, Any]) -> str:
            + _row("server processes after stop", r["left_after_stop"]["server_processes"] or 0)
            + "\n## Memory (VmRSS, MiB)\n\nSampled every "
            f"{r['settings']['sample_s']:g} s from the start of the replay to the idle end; a stub killed and "
-           "restarted is a new process.\n\n"
-           + _row("process", "pid", "seen (s)", "start", "end", "max", "growth", "growth, 2nd half")
-           + "|---" * 8 + "|\n"
+           "restarted is a new process. VmRSS counts the pages of an instance's shared-memory KV pool as "
+           "they are first touched; RssAnon is private memory only.\n\n"
+           + _row("process", "pid", "seen (s)", "start", "end", "max", "growth", "growth, 2nd half",
+                  "private (RssAnon) growth", "its 2nd half")
+           + "|---" * 10 + "|\n"
            + "".join(_row(p["process"], p["pid"], f"{p['first_s']:.0f}-{p['last_s']:.0f}"
                           + ("" if p["alive_at_end"] else f" (gone: {p.get('exit') or '?'})"), f"{p['start_mb']:.0f}",
                           f"{p['end_mb']:.0f}", f"{p['max_mb']:.0f}", f"{p['growth_mb']:+.0f}",
-                          _s(p.get("growth_second_half_mb"), "+.0f")) for p in r["memory"])
+                          _s(p.get("growth_second_half_mb"), "+.0f"), _s(p.get("anon_growth_mb"), "+.0f"),
+                          _s(p.get("anon_growth_second_half_mb"), "+.0f")) for p in r["memory"])
            + "\nThe plot (`soak.png`): requests in flight and cumulative failed / client-cancelled requests "
            "over time, the kill as a vertical line; below, RSS per process.\n")
     if r["server_log_errors"]:
@@ -666,7 +674,7 @@ def plot(r: dict[str, Any], path: Path) -> None:
     ax.set_title(f"Soak: {c['sent']} requests at {r['rate']['rps']:.3g} rps: {c['completed']} completed, "
                  f"{c['failed']} failed, {c['cancelled']} cancelled, {c['hung']} hung", fontsize=9)
     for p in r["memory_samples"].values():
-        t, kb = zip(*p["samples"])
+        t, kb = [s[0] for s in p["samples"]], [s[1] for s in p["samples"]]
         mem.plot(t, [x / 1024 for x in kb], lw=1, label=f"{p['process']} ({p['pid']})")
     mem.set_ylabel("RSS (MiB)")
     mem.set_xlabel("time since the first arrival (s)")
