@@ -138,3 +138,29 @@ def test_duplicate_id_leaves_no_backlog(worker_factory):
     w.submit(req(0, 8))
     msgs = run_all(w)
     assert any(isinstance(m, Failed) and "already in flight" in m.error for m in msgs)
+
+
+def test_steps_without_prefill_progress_slow_the_rate_and_the_message_stays_readable():
+    """Steps that ran while prompts waited but computed none (decode-only steps, no room for the
+    next prompt) count as time without progress: the predicted wait grows and the refusal
+    says so plainly (the soak once printed '0 tokens/s' and a 200-digit wait)."""
+    b = Backlog(decay=0.5)
+    b.add(900)
+    b.observe(100, 0.1)                           # 1000 tokens/s
+    for _ in range(40):
+        b.observe(0, 0.05)                        # no progress
+    assert b.rate is not None and b.rate < 1e-6
+    with pytest.raises(Overloaded, match=r"in more than an hour \(900 prompt tokens queued ahead "
+                                         r"at \d\.?\d*e-\d+ tokens/s"):
+        AdmissionPolicy(max_wait_s=10.0).check(b, 10, "prefill-0")
+
+
+def test_worker_measures_prompt_tokens_computed_per_step(worker_factory):
+    """Chunked: a 20-token prompt over 8-token steps is measured as it goes, not when it ends."""
+    w = worker_factory(AdmissionPolicy(max_wait_s=None, max_queued=10))
+    w.engine.scheduler.config = EngineLimits(64, max_num_seqs=1, max_num_batched_tokens=8,
+                                                    block_size=4, chunked_prefill=True)
+    w.submit(req(0, 20))
+    w.step()                                # first 8-token chunk, 1 s on the TickClock
+    assert w.backlog.rate == pytest.approx(8.0)
+    run_all(w)

@@ -51,7 +51,8 @@ class Backlog:
             self.requests -= 1
 
     def observe(self, tokens: int, seconds: float) -> None:
-        """A step that prefilled `tokens` prompt tokens in `seconds`."""
+        """A step that ran while prompts waited here and computed `tokens` prompt tokens (0: it
+        made no prefill progress, e.g. a decode-only step, or no room for the next prompt)."""
         if seconds <= 0:
             return
         with self._lock:
@@ -60,7 +61,7 @@ class Backlog:
 
     @property
     def rate(self) -> float | None:
-        """Prompt tokens per second, or None before any prefilling step."""
+        """Prompt tokens per second over recent steps; None before any step prefilled."""
         return self._tok / self._sec if self._sec > 0 and self._tok > 0 else None
 
     def predicted_wait(self, extra_tokens: int) -> float | None:
@@ -91,7 +92,12 @@ class AdmissionPolicy:
             return
         wait = backlog.predicted_wait(prompt_len)
         if wait is not None and wait > self.max_wait_s:
-            raise Overloaded(f"overloaded: {who} would reach this request's first token in about "
-                             f"{wait:.1f} s ({backlog.tokens} prompt tokens queued ahead at "
-                             f"{backlog.rate:.0f} tokens/s), over the {self.max_wait_s:g} s "
-                             "limit; retry later")
+            when = f"about {wait:.1f} s" if wait < 3600 else "more than an hour"
+            raise Overloaded(f"overloaded: {who} would reach this request's first token in {when} "
+                             f"({backlog.tokens} prompt tokens queued ahead at "
+                             f"{_rate(backlog.rate)} tokens/s over its recent steps), over the "
+                             f"{self.max_wait_s:g} s limit; retry later")
+
+
+def _rate(rate: float) -> str:
+    return f"{rate:.0f}" if rate >= 10 else f"{rate:.2g}"

@@ -111,14 +111,13 @@ class EngineWorker:
             started = self.clock()
             step_outs = self.engine.step(started)
             now = self.clock()
-            prefilled = 0
             for o in step_outs:
                 entry = self.requests[o.req_id]
-                prefilled += entry.backlog
                 self._settle(entry)
                 out.append(self._emit(entry, self.on_output(entry, o, now)))
-            if prefilling:
-                self.backlog.observe(prefilled, now - started)
+            batch = self.engine.last_batch
+            if prefilling and batch is not None:        # prompt tokens this step computed
+                self.backlog.observe(sum(batch.num_new[batch.num_decodes:]), now - started)
             self.running_context = sum(seq.num_tokens for seq in self.engine.scheduler.running)
         elif self.waits():
             self.wait()
