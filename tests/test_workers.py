@@ -336,3 +336,32 @@ def test_decode_cancels_a_local_prompt_mid_chunk_and_refuses_prompts_without_chu
     with pytest.raises(ValueError, match="decode-1 takes no prompts: local prefill needs"):
         worker.submit(GenerateRequest("x", [1, 2, 3], PARAMS))
     worker.close()
+
+
+def test_a_blocked_prefill_worker_reports_no_progress_and_its_loop_does_not_spin(tiny_llama):
+    """Prefill's KV all lent to decode and a prompt waiting: the step can run nothing, says so,
+    and the loop waits (woken, or every idle_s) instead of spinning on the core."""
+    import time as _time
+    from backends.core.worker_loop import WorkerLoop
+    config, sd = tiny_llama
+    pcfg = engine_config("prefill", 8)                  # 8 blocks of 4 tokens
+    exporter = make_exporter("shm", LLMEngine.kv_layout(config, pcfg), "prefill-0", lease_timeout_s=60.0)
+    prefill = PrefillWorker(LLMEngine(config, sd, pcfg, kv_pool=exporter.pool), exporter, "prefill-0")
+    try:
+        _prefill(prefill, [PrefillRequest("held", list(range(3, 31)), PARAMS)])   # 7 blocks lent
+        prefill.submit(PrefillRequest("waits", list(range(3, 20)), PARAMS))     # needs 5
+        assert prefill.step() == [] and prefill.progressed is False
+        steps = [0]
+        real_step = prefill.step
+
+        def counted():
+            steps[0] += 1
+            return real_step()
+        prefill.step = counted
+        loop = WorkerLoop(prefill, emit=lambda out: None, idle_s=0.05)
+        loop.start()
+        _time.sleep(0.5)
+        loop.stop()
+        assert steps[0] < 40, f"{steps[0]} steps in 0.5 s: the loop spins"
+    finally:
+        prefill.close()

@@ -71,6 +71,7 @@ class EngineWorker:
         self.backlog = Backlog()                     # prompt tokens queued for prefill here
         self.num_rejected = 0                        # refused as overloaded
         self.running_context = 0                     # the running sequences' tokens, summed
+        self.progressed = True                       # the last step did or waited for something
 
     # -- any thread -----------------------------------------------------------------------
     def submit(self, req: Any, ctx: Any = None) -> None:
@@ -106,6 +107,7 @@ class EngineWorker:
     def step(self) -> list[Output]:
         out = self._drain_inbox()
         out += self.before_step()
+        self.progressed = bool(out)
         if self.engine.scheduler.has_runnable():
             prefilling = self.backlog.requests > 0
             started = self.clock()
@@ -116,11 +118,13 @@ class EngineWorker:
                 self._settle(entry)
                 out.append(self._emit(entry, self.on_output(entry, o, now)))
             batch = self.engine.last_batch
+            self.progressed |= batch is not None
             if prefilling and batch is not None:        # prompt tokens this step computed
                 self.backlog.observe(sum(batch.num_new[batch.num_decodes:]), now - started)
             self.running_context = sum(seq.num_tokens for seq in self.engine.scheduler.running)
         elif self.waits():
             self.wait()
+            self.progressed = True                      # it waited for the work outside
         return out
 
     def _emit(self, entry: Entry, msg: Message) -> Output:

@@ -6,7 +6,8 @@ through which other threads hand a worker requests and cancellations.
 
 Each turn: cancel what the host reports cancelled, then `worker.step()`, then `emit` each output,
 then `after_step()` (metrics).
-With nothing to do it sleeps until woken (or `idle_s`, so lease expiry still runs). If a step
+With nothing to do, or nothing that can run now (the worker's `progressed` is False), it sleeps
+until woken (or `idle_s`, so lease expiry still runs). If a step
 raises, every request the host knows of is failed through `on_crash` and the loop goes on:
 one bad batch must not take the server down.
 """
@@ -98,3 +99,8 @@ class WorkerLoop:
             for out in outputs:
                 self.emit(out)
             self.after_step()
+            if not outputs and not getattr(self.worker, "progressed", True):
+                # work is queued but none could run (e.g. prefill's KV all lent to decode):
+                # wait to be woken or a moment, rather than spin on a core
+                self._wake.wait(self.idle_s)
+                self._wake.clear()
