@@ -12,9 +12,10 @@ overlaps with the prefill's). Times are a batch's latency: pp stage times.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
-from planner.latency import LatencyModel
+from planner.latency import LatencyModel, model_key
 
 
 @dataclass(frozen=True)
@@ -50,3 +51,21 @@ class PhasePredictor:
 
     def mixed_step_time(self, num_seqs: int, total_context: int, chunk_tokens: int) -> float:
         return self.decode.mixed_step_time(num_seqs, total_context, chunk_tokens)
+
+
+def deployment_predictor(deployment, profile: str | Path) -> PhasePredictor:
+    """The router's predictor for `deployment` (deploy.deployment.Deployment) from a latency
+    profile measured on this kind of host (`./build.sh profile` -> docs/profile_cpu.json): each
+    phase priced on its instances' shape. ValueError if the profile is for another model or
+    lacks that shape (the orchestrator then routes without predictions)."""
+    from planner.deployment import _tp, load_target
+    target = load_target(profile)
+    served = model_key(Path(deployment.model_path).name.removesuffix(".gguf"))
+    if target.model != served:
+        raise ValueError(f"{profile} profiles {target.model}, the deployment serves {served}")
+    try:
+        pre, dec = (target.instance(_tp(p, name), p, deployment.block_size).latency
+                    for name, p in (("prefill", deployment.prefill), ("decode", deployment.decode)))
+    except KeyError as e:
+        raise ValueError(f"{profile}: {e.args[0]}") from None
+    return PhasePredictor(LatencyModelPredictor(pre), LatencyModelPredictor(dec))

@@ -93,3 +93,16 @@ def test_adaptive_with_prefill_down_still_serves_locally_if_it_can():
 def test_bad_mode():
     with pytest.raises(ValueError, match="mode"):
         make({"prefill-0": prefill(0), "decode-0": decode(0)}, mode="colocated")
+
+
+def test_the_deployment_predictor_comes_from_this_hosts_profile(tmp_path):
+    import dataclasses
+    from deploy.deployment import default_deployment
+    from planner.router_latency import deployment_predictor
+    d = default_deployment(num_cores=2)
+    p = deployment_predictor(d, "docs/profile_cpu.json")
+    assert 0 < p.prefill_time([100]) < p.prefill_time([500])
+    assert p.decode_step_time(1, 100) < p.mixed_step_time(1, 100, 64)
+    with pytest.raises(ValueError, match="profiles smollm2.* serves other-model"):
+        deployment_predictor(dataclasses.replace(d, model_path="models/other-model.gguf"),
+                             "docs/profile_cpu.json")
