@@ -1,0 +1,87 @@
+"""Supervision of the front-end models' stubs from the launcher (deploy/server.py).
+
+The engine instances are watched by the orchestrator (backends/orchestrator/health.py); nothing
+inside the server watches the orchestrator itself. Its python-backend stub can die (a crash in
+the stub's BLS machinery was seen once in a soak: SIGSEGV in the stub's allocator), and Triton
+then answers every request to it with "Stub process ... is not healthy" until it gives up
+answering at all. The launcher therefore polls the stubs of the models it supervises (children
+of tritonserver whose command line runs `<model>/1/model.py`) every `interval_s`; when one that
+was there is gone (or a zombie), it asks Triton to unload and load that model again.
+
+    sup = Supervisor(tritonserver_pid, ("distserve",), reload=lambda m: ...)
+    sup.start(); ...; sup.stop()
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterable
+
+log = logging.getLogger(__name__)
+
+
+def stub_pids(parent_pid: int, model: str) -> set[int]:
+    """Live (not zombie) python-backend stubs of `model` among `parent_pid`'s children."""
+    suffix = f"/{model}/1/model.py".encode()
+    out = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            if int(fields[1]) != parent_pid or fields[0] == "Z":
+                continue
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if any(arg.endswith(suffix) for arg in f.read().split(b"\0")):
+                    out.add(int(entry))
+        except (OSError, IndexError, ValueError):
+            continue                        # gone meanwhile
+    return out
+
+
+class Supervisor:
+    def __init__(self, parent_pid: int, models: Iterable[str], reload: Callable[[str], None],
+                 interval_s: float = 1.0,
+                 list_stubs: Callable[[int, str], set[int]] = stub_pids) -> None:
+        self.parent_pid = parent_pid
+        self.models = tuple(models)
+        self.reload = reload
+        self.interval_s = interval_s
+        self.list_stubs = list_stubs
+        self.known: dict[str, set[int]] = {}
+        self.reloads: list[str] = []                  # models reloaded, in order
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="stub-supervisor", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+
+    def check(self) -> list[str]:
+        """One poll: the models whose stub died since the last poll, reloaded."""
+        died = []
+        for model in self.models:
+            now = self.list_stubs(self.parent_pid, model)
+            before = self.known.get(model, set())
+            if before - now and not self._stop.is_set():
+                log.error("the stub of %s (pid %s) is gone: reloading the model", model,
+                          sorted(before - now))
+                died.append(model)
+                try:
+                    self.reload(model)
+                    self.reloads.append(model)
+                except Exception:               # noqa: BLE001 - try again at the next death
+                    log.exception("reloading %s failed", model)
+                now = self.list_stubs(self.parent_pid, model)
+            self.known[model] = now
+        return died
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.check()
