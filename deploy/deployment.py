@@ -23,6 +23,7 @@ DeviceKind = Literal["cpu", "gpu"]
 DEVICE_KINDS = ("cpu", "gpu")
 System = Literal["disaggregated", "colocated"]
 SYSTEMS = ("disaggregated", "colocated")
+SERVE_MODES = ("split", "adaptive", "colocated")
 DTYPES = ("bfloat16", "float32")
 # The KV cache's dtype (backends.core.engine.KV_DTYPES): "auto" = `dtype`; int8 holds ~1.9x the
 # tokens per byte. One value for the whole deployment: the KV moves from prefill to decode.
@@ -144,6 +145,13 @@ class Deployment:
     # instance's requests waiting for prefill either way.
     overload_factor: float | None = 3.0
     max_queued_requests: int = 1024
+    # how requests are placed (SERVE_MODES): "split" (DistServe: every prompt on a prefill
+    # instance, then decode), "adaptive" (the router decides per request, from the instances'
+    # published state and latency_profile, between split and prefilling on a decode instance
+    # inside its decode steps: needs decode.chunked_prefill), "colocated" (the baseline's
+    # systems). None: split, or colocated for the colocated system.
+    mode: str | None = None
+    latency_profile: str = "docs/profile_cpu.json"   # the router's step-time model (adaptive)
     check_host: bool = field(default=True, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -171,6 +179,7 @@ class Deployment:
         if not isinstance(self.share_weights, bool):
             raise ValueError(f"share_weights must be true or false, got {self.share_weights!r}")
         self._check_systems()
+        self._check_mode()
         for name, phase in self.phases().items():
             self._check_phase(name, phase)
         object.__setattr__(self, "kv_transport", self._resolve_transport())
@@ -191,6 +200,26 @@ class Deployment:
         if ("colocated" in systems) != (self.colocated is not None):
             raise ValueError("systems lists 'colocated' exactly when the colocated phase is set "
                              f"(systems {list(systems)}, colocated {'set' if self.colocated else 'unset'})")
+
+    @property
+    def serving_mode(self) -> str:
+        """`mode`, or the default of the systems served (split; colocated for the baseline)."""
+        if self.mode is not None:
+            return self.mode
+        return "colocated" if self.systems == ("colocated",) else "split"
+
+    def _check_mode(self) -> None:
+        colocated = self.systems == ("colocated",)
+        mode = self.serving_mode
+        if mode not in SERVE_MODES:
+            raise ValueError(f"mode must be one of {SERVE_MODES}, got {mode!r}")
+        if (mode == "colocated") != colocated:
+            raise ValueError(f"mode {mode!r} does not serve systems {list(self.systems)} "
+                             "(colocated is the colocated system's mode, and only its)")
+        if mode == "adaptive" and not self.decode.chunked_prefill:
+            raise ValueError("mode 'adaptive' prefills on decode instances inside their decode "
+                             "steps: set decode.chunked_prefill (its max_num_batched_tokens is "
+                             "the step's token budget)")
 
     def _check_phase(self, name: str, phase: PhaseSpec) -> None:
         if not isinstance(phase, PhaseSpec):
@@ -229,6 +258,10 @@ class Deployment:
         """The early-rejection policy of each instance that prefills."""
         max_wait = None if self.overload_factor is None else self.overload_factor * self.slo_ttft_s
         return AdmissionPolicy(max_wait, self.max_queued_requests)
+
+    def resolved_latency_profile(self, root: str | Path | None = None) -> Path:
+        path = Path(self.latency_profile)
+        return path if path.is_absolute() else Path(root or os.environ.get("DISTSERVE_ROOT") or ROOT) / path
 
     def resolved_model_path(self, root: str | Path | None = None) -> Path:
         """model_path; a relative one is taken from `root`, $DISTSERVE_ROOT, or the repo root."""

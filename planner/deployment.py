@@ -206,31 +206,32 @@ def to_deployment(p: Placement, model_path: str = DEFAULT_MODEL_PATH, num_kv_blo
                       check_host=False, **extra)
 
 
+def serving(dep: Deployment, mode: str) -> Deployment:
+    """`dep` set to serve `mode` (Deployment.mode; adaptive: its decode instances run mixed
+    steps, each sized to the TPOT SLO by the router's rule)."""
+    if mode == "adaptive":
+        dep = replace(dep, decode=replace(dep.decode, chunked_prefill=True))
+    return replace(dep, mode=mode)
+
+
 def save_deployment(dep: Deployment, mode: str, path: str | Path) -> None:
-    """The deployment's JSON with the mode to serve as its top-level "mode" field."""
-    if mode not in SERVE_MODES:
-        raise ValueError(f"mode must be one of {SERVE_MODES}, got {mode!r}")
-    if (mode == "colocated") != (dep.systems == ("colocated",)):
-        raise ValueError(f"mode {mode} and systems {list(dep.systems)} disagree")
-    Path(path).write_text(json.dumps({**dep.to_dict(), "mode": mode}, indent=2) + "\n")
+    """The deployment serving `mode`, as JSON (its top-level "mode" field)."""
+    serving(dep, mode).save(path)
 
 
 def deployment_mode(dep: Deployment, mode: str | None = None) -> str:
-    """The mode a deployment serves: `mode` if given, else split (colocated when it serves only
-    the colocated system)."""
+    """The mode a deployment serves: `mode` if given, else its own."""
     if mode is None:
-        return "colocated" if dep.systems == ("colocated",) else "split"
+        return dep.serving_mode
     if mode not in SERVE_MODES:
         raise ValueError(f"mode must be one of {SERVE_MODES}, got {mode!r}")
     return mode
 
 
 def load_deployment(path: str | Path, check_host: bool = True) -> tuple[Deployment, str]:
-    """A deployment file (with or without the planner's "mode") and the mode it serves."""
-    data = json.loads(Path(path).read_text())
-    mode = data.pop("mode", None) if isinstance(data, dict) else None
-    dep = Deployment.from_dict(data, check_host=check_host)
-    return dep, deployment_mode(dep, mode)
+    """A deployment file and the mode it serves."""
+    dep = Deployment.load(path, check_host=check_host)
+    return dep, dep.serving_mode
 
 
 # ---- deployment -> simulator ------------------------------------------------------------------

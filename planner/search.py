@@ -23,6 +23,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Literal, Sequence
 
+from deploy.deployment import SERVE_MODES  # noqa: F401 - the planner names the same modes
 from backends.core.limits import EngineLimits
 from planner.latency import ETHERNET_25G, NVLINK_A100, LatencyTable, Link, model_key
 from planner.rate_search import (SLO, Probe, decode_fluid_rate, fits, goodput, lifetime,
@@ -117,7 +118,6 @@ class PhaseChoice:
 # decode instance), adaptive (the router picks split or local prefill inside a decode
 # instance's steps, per request), or colocated (every instance runs both phases).
 ServeMode = Literal["split", "adaptive", "colocated"]
-SERVE_MODES = ("split", "adaptive", "colocated")
 
 
 @dataclass(frozen=True)

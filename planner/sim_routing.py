@@ -34,8 +34,8 @@ smaller, so the TPOT holds). The router's own budget also counts sequences still
 queued for KV, which is not conservative with a fitted model whose per-sequence cost drops at
 its batch-size threshold (docs/profile_cpu.json: in a mixed step, which pays the decodes'
 marginal cost, 4 decodes are priced above 5), so the step's budget is taken on the step's own
-decodes. At least one token per step, so a lone prompt
-always progresses.
+decodes. At least one token per step, so a lone prompt always progresses. That rule is
+`backends.core.router.step_budget`, which the real decode instance calls before each step too.
 """
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from backends.core.limits import EngineLimits
-from backends.core.router import SLO, Decision, InstanceState, chunk_budget, route
+from backends.core.router import SLO, Decision, InstanceState, route, step_budget
 from backends.core.scheduler import Batch, Scheduler
 from planner.router_latency import LatencyModelPredictor, PhasePredictor
 from planner.sim_records import Record
@@ -61,11 +61,6 @@ def step_limits(limits: EngineLimits, num_tokens: int) -> EngineLimits:
     step = copy.copy(limits)
     object.__setattr__(step, "max_num_batched_tokens", num_tokens)
     return step
-
-
-def has_prompt_work(s: Scheduler) -> bool:
-    """A prompt is queued or part-way through its chunks."""
-    return bool(s.waiting) or any(q.num_cached < q.num_prompt_tokens for q in s.running)
 
 
 class Routing:
@@ -157,18 +152,8 @@ class Routing:
     def schedule(self, e: _Engine, now: float) -> Batch | None:
         """The decode instance's scheduler, its step budget set to its decodes + the chunk budget."""
         s = e.scheduler
-        if not has_prompt_work(s):
-            return s.schedule(now)
         decoding = [q for q in s.running if q.num_cached >= q.num_prompt_tokens]
-        now_running = replace(self.decode_state(e), num_running=len(decoding),
-                              running_context=sum(q.num_tokens for q in decoding))
-        budget = chunk_budget(now_running, self.decode_predictor, self.slo.tpot)
-        limits = s.config
-        s.config = step_limits(limits, max(1, min(limits.max_num_batched_tokens, len(decoding) + budget)))
-        try:
-            batch = s.schedule(now)
-        finally:
-            s.config = limits
+        batch = s.schedule(now, step_budget(s, self.decode_predictor, self.slo.tpot))
         # a decoding sequence behind a part-way prompt in `running` (its KV arrived after the
         # prompt was admitted) gets no token when the prompt's chunk takes the rest of the budget
         seqs = set(batch.seqs) if batch else set()

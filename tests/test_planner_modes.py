@@ -2,6 +2,8 @@
 the deployment it writes, and replan's advice on a recorded trace, on this machine's profile."""
 from __future__ import annotations
 
+import dataclasses
+
 import json
 
 import numpy as np
@@ -9,7 +11,7 @@ import pytest
 
 from deploy.deployment import default_deployment
 from planner.__main__ import main
-from planner.deployment import load_deployment, load_target, make_planner, save_deployment
+from planner.deployment import load_deployment, load_target, make_planner, save_deployment, serving
 from planner.modes import recommend
 from planner.replan import Trace, replan
 from planner.search import SLO
@@ -64,13 +66,16 @@ def test_plan_keeps_split_where_nothing_beats_it(tmp_path):
 def test_deployment_mode_roundtrip_and_defaults(tmp_path):
     dep = default_deployment("models/x.gguf", 2)
     save_deployment(dep, "adaptive", tmp_path / "a.json")
-    assert load_deployment(tmp_path / "a.json", check_host=False) == (dep, "adaptive")
-    dep.save(tmp_path / "plain.json")                              # written by deploy: no mode
+    back, mode = load_deployment(tmp_path / "a.json", check_host=False)
+    assert mode == "adaptive" and back == serving(dep, "adaptive") and back.decode.chunked_prefill
+    dep.save(tmp_path / "plain.json")                              # no mode given: split
     assert load_deployment(tmp_path / "plain.json", check_host=False)[1] == "split"
-    with pytest.raises(ValueError, match="disagree"):
+    with pytest.raises(ValueError, match="does not serve systems"):
         save_deployment(dep, "colocated", tmp_path / "c.json")
     with pytest.raises(ValueError, match="mode must be"):
         save_deployment(dep, "mixed", tmp_path / "c.json")
+    with pytest.raises(ValueError, match="adaptive' prefills on decode instances"):
+        dataclasses.replace(dep, mode="adaptive")                  # decode steps not mixed
 
 
 # ---- replan -----------------------------------------------------------------------------------

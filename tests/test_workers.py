@@ -365,3 +365,35 @@ def test_a_blocked_prefill_worker_reports_no_progress_and_its_loop_does_not_spin
         assert steps[0] < 40, f"{steps[0]} steps in 0.5 s: the loop spins"
     finally:
         prefill.close()
+
+
+def test_decode_mixed_steps_keep_to_the_step_budget_the_router_sizes(tiny_llama):
+    """Adaptive mode: each mixed step carries the decodes plus the prompt tokens that keep its
+    predicted time within the TPOT SLO (router.step_budget), not the standing 64-token budget."""
+    from backends.core.messages import GenerateRequest
+    from backends.core.router import step_budget
+    from tests.test_router import Linear
+    config, sd = tiny_llama
+    predictor, tpot = Linear(), 0.0125                # room for ~15 prompt tokens beside 1 decode
+    dcfg = EngineConfig(dtype="float32", role="decode", limits=EngineLimits(
+        64, max_num_seqs=4, max_num_batched_tokens=64, block_size=4, chunked_prefill=True))
+    dengine = LLMEngine(config, sd, dcfg)
+    decode = DecodeWorker(dengine, make_importer("shm", dengine.kv), "decode-0",
+                          step_budget=lambda s: step_budget(s, predictor, tpot))
+    try:
+        decode.submit(GenerateRequest("a", list(range(3, 8)), PARAMS))
+        messages(decode)                            # a's 5-token prompt, then it decodes
+        decode.submit(GenerateRequest("b", list(range(3, 50)), PARAMS))
+        chunks = []
+        while decode.has_work():
+            messages(decode)
+            b = dengine.last_batch
+            if b is not None and len(b.seqs) > b.num_decodes:
+                n, ctx = b.num_decodes, sum(q.num_tokens for q in b.seqs[:b.num_decodes])
+                chunk = sum(b.num_new[b.num_decodes:])
+                chunks.append(chunk)
+                assert predictor.mixed_step_time(n, ctx - n, chunk) <= tpot + 1e-9 or chunk == 1
+        assert len(chunks) >= 3 and max(chunks) < 47, chunks       # b's prompt went in pieces
+        assert_no_leaks(dengine)
+    finally:
+        decode.close()

@@ -215,8 +215,9 @@ class LLMEngine:
         return self.scheduler.has_work()
 
     # -- the step -------------------------------------------------------------------------
-    def step(self, now: float | None = None) -> list[StepOutput]:
-        batch = self.scheduler.schedule(time.monotonic() if now is None else now)
+    def step(self, now: float | None = None, token_budget: int | None = None) -> list[StepOutput]:
+        """One step; `token_budget`: this step's tokens (chunked policy), see Scheduler.schedule."""
+        batch = self.scheduler.schedule(time.monotonic() if now is None else now, token_budget)
         self.last_batch = batch
         if batch is None:
             return []

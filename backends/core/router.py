@@ -231,3 +231,23 @@ def route(prompt_len: int, max_tokens: int, slo: SLO, prefill_states: Sequence[I
         return Decision(best, f"no option meets both SLOs; least over ({over(best):.2f}x)", options)
     why = "no decode instance" if not joins else "no instance has KV free for it"
     return Decision(None, why, options)
+
+
+def step_budget(scheduler, predictor: Predictor, tpot_slo: float,
+                recent_step_s: float | None = None) -> int | None:
+    """The token budget of a decode instance's next mixed step: its decoding sequences' tokens
+    plus the `chunk_budget` of exactly those sequences (not the ones still loading or queued,
+    which this step does not run), at least 1 so a lone prompt progresses, at most the standing
+    budget; None when no prompt is queued or part-way (a plain decode step). The real decode
+    instance and the simulator call this before each step."""
+    s, lim = scheduler, scheduler.config
+    if not (s.waiting or any(q.num_cached < q.num_prompt_tokens for q in s.running)):
+        return None
+    decoding = [q for q in s.running if q.num_cached >= q.num_prompt_tokens]
+    state = InstanceState("step", "decode", s.blocks.num_free, num_running=len(decoding),
+                          running_context=sum(q.num_tokens for q in decoding),
+                          block_size=lim.block_size, max_num_seqs=lim.max_num_seqs,
+                          max_num_batched_tokens=lim.max_num_batched_tokens, local_prefill=True,
+                          recent_step_s=recent_step_s)
+    budget = chunk_budget(state, predictor, tpot_slo)
+    return max(1, min(lim.max_num_batched_tokens, len(decoding) + budget))

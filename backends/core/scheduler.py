@@ -105,11 +105,13 @@ class Scheduler:
         """Something `schedule()` can run now."""
         return bool(self.waiting or self.running)
 
-    def schedule(self, now: float = 0.0) -> Batch | None:
+    def schedule(self, now: float = 0.0, token_budget: int | None = None) -> Batch | None:
         """The next step's batch (None: nothing to run). A sequence's first step stamps its
-        `scheduled_time` with `now`."""
+        `scheduled_time` with `now`. `token_budget` (chunked policy): this step's tokens instead
+        of the standing max_num_batched_tokens (a decode instance's mixed step sized to the TPOT
+        SLO: backends.core.router.step_budget)."""
         if self.config.chunked_prefill:
-            batch = self._schedule_chunked()
+            batch = self._schedule_chunked(token_budget or self.config.max_num_batched_tokens)
         else:
             batch = self._schedule_prefill()
             if not batch.seqs:
@@ -147,13 +149,12 @@ class Scheduler:
         batch.num_decodes = len(batch.seqs)
         return batch
 
-    def _schedule_chunked(self) -> Batch:
+    def _schedule_chunked(self, budget: int) -> Batch:
         # Decoding sequences first, then prompts part-way through (on a colocated engine only
         # the last admitted can be; on a decode engine a sequence whose KV arrived joins
         # `running` after a local prompt's chunks): with budget >= max_num_seqs every decode
         # fits, and prompt chunks take what is left.
         batch = Batch()
-        budget = self.config.max_num_batched_tokens
         for seq in sorted(self.running, key=lambda s: s.num_tokens - s.num_cached > 1):
             num_new = min(seq.num_tokens - seq.num_cached, budget)
             if seq in self.running and num_new and self._reserve(seq, seq.num_cached + num_new, batch):

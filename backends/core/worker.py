@@ -111,7 +111,7 @@ class EngineWorker:
         if self.engine.scheduler.has_runnable():
             prefilling = self.backlog.requests > 0
             started = self.clock()
-            step_outs = self.engine.step(started)
+            step_outs = self.engine.step(started, self.token_budget())
             now = self.clock()
             for o in step_outs:
                 entry = self.requests[o.req_id]
@@ -212,6 +212,10 @@ class EngineWorker:
 
     def on_cancel(self, entry: Entry) -> bool:
         return True
+
+    def token_budget(self) -> int | None:
+        """This step's token budget (None: the engine's standing one)."""
+        return None
 
     def waits(self) -> bool:
         return False

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import time
+from collections.abc import Callable
 
 from backends.core.engine import LLMEngine, StepOutput
 from backends.core.messages import Admitted, DecodeRequest, Failed, GenerateRequest, Message
+from backends.core.scheduler import Scheduler
 from backends.core.sequence import Sequence, SequenceStatus
 from backends.core.worker import EngineWorker, Entry, Output, with_first_token_timing
 from kvtransfer import KVImporter, KVTransferError
@@ -30,10 +32,14 @@ class DecodeWorker(EngineWorker):
     WAIT_S = 0.05                   # idle with only copies in flight: wake at least this often
 
     def __init__(self, engine: LLMEngine, importer: KVImporter, instance_id: str = "",
-                 clock=time.monotonic, async_copy: bool = True) -> None:
+                 clock=time.monotonic, async_copy: bool = True,
+                 step_budget: Callable[[Scheduler], int | None] | None = None) -> None:
         """`async_copy=False` copies inside the step instead (every admission stalls the batch:
-        the behaviour before asynchronous admission, kept for comparison)."""
+        the behaviour before asynchronous admission, kept for comparison). `step_budget`: the
+        token budget of each mixed step from the scheduler's state (adaptive mode:
+        backends.core.router.step_budget with the TPOT SLO), else the standing budget."""
         super().__init__(engine, instance_id, clock)
+        self.step_budget = step_budget
         self.importer = importer
         self.async_copy = async_copy
         self._copier = cf.ThreadPoolExecutor(1, thread_name_prefix=f"{instance_id or 'decode'}-kv")
@@ -104,6 +110,9 @@ class DecodeWorker(EngineWorker):
             self.importer.release(req.kv)
         except (KVTransferError, ValueError):
             pass            # the lease is gone already; prefill reclaims on expiry anyway
+
+    def token_budget(self) -> int | None:
+        return None if self.step_budget is None else self.step_budget(self.engine.scheduler)
 
     def waits(self) -> bool:
         return bool(self._copies)

@@ -236,8 +236,26 @@ def build_decode_host(deployment: Any, index: int, send: Send,
     engine = LLMEngine(config, sd, _engine_config(deployment, deployment.decode, "decode", index),
                        **kw)
     instance_id = f"decode-{index}"
-    worker = DecodeWorker(engine, make_importer(deployment.kv_transport, engine.kv), instance_id)
+    worker = DecodeWorker(engine, make_importer(deployment.kv_transport, engine.kv), instance_id,
+                          step_budget=_step_budget(deployment))
     return InstanceHost(worker, send, is_cancelled, on_step)
+
+
+def _step_budget(deployment: Any) -> Callable[[Any], int | None] | None:
+    """Adaptive mode: each mixed step of a decode instance sized to the TPOT SLO by the router's
+    rule, with the deployment's latency profile; without a usable profile, the standing
+    decode.max_num_batched_tokens (logged)."""
+    if deployment.serving_mode != "adaptive":
+        return None
+    from backends.core.router import step_budget
+    from planner.router_latency import deployment_predictor
+    try:
+        predictor = deployment_predictor(deployment, deployment.resolved_latency_profile()).decode
+    except (OSError, ValueError) as e:
+        log.warning("adaptive mode without a latency model (%s): mixed steps take up to "
+                    "decode.max_num_batched_tokens tokens", e)
+        return None
+    return lambda scheduler: step_budget(scheduler, predictor, deployment.slo_tpot_s)
 
 
 def build_colocated_host(deployment: Any, index: int, send: Send,
