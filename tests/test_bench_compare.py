@@ -19,6 +19,9 @@ def test_system_names_and_deployments():
     assert d.colocated.max_num_batched_tokens == 256 and d.colocated.devices == ((0,), (1,))
     dis = parse_system("disaggregated").deployment("models/x.gguf", num_cores=2)
     assert dis.systems == ("disaggregated",) and dis.prefill.devices != dis.decode.devices
+    ada = parse_system("adaptive")
+    d = ada.deployment("models/x.gguf", num_cores=2)
+    assert ada.model == "distserve" and d.serving_mode == "adaptive" and d.decode.chunked_prefill
     for bad in ("vllm", "chunked-0", "chunked-x"):
         with pytest.raises(ValueError, match="system|budget"):
             parse_system(bad)
