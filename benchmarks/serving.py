@@ -36,14 +36,17 @@ from backends.core.engine import EngineConfig, LLMEngine
 from backends.core.model_runner import DTYPES
 from backends.core.sampling import SamplingParams
 from backends.core.weights import load_checkpoint
+from backends.orchestrator.health import phase_of
 from client import DistServeClient
+from deploy.contract import instance_model
 from deploy.deployment import DEFAULT_MODEL_PATH, default_deployment
 from deploy.render import render_repository
 
 TARGET_OVERHEAD = 0.05      # Triton TPOT / in-process TPOT - 1
 TARGET_KV_SHARE = 0.01      # KV copy / e2e of the worst request with the longest prompt
 CLIENT_CORE, DECODE_CORE, INSTANCES = 0, 1, ("prefill-0", "decode-0")
-STUBS = {"prefill_0_0": "prefill stub", "decode_0_0": "decode stub", "distserve_0_0": "orchestrator stub"}
+# Triton's instance names (a stub's last argument but one): `<model>_0_0`
+STUBS = {f"{instance_model(i)}_0_0": f"{phase_of(i)} stub" for i in INSTANCES} | {"distserve_0_0": "orchestrator stub"}
 
 
 @dataclass(frozen=True)
@@ -181,7 +184,7 @@ def descriptor_sizes(server: Any, ids: list[int]) -> dict:
     """Call prefill directly (as the orchestrator does), measure its messages, cancel the lease."""
     from tests.integration.conftest import http_post
     req_id, params = f"bench-desc-{uuid.uuid4().hex}", {"max_tokens": 8, "temperature": 0.0, "seed": 1}
-    status, text = http_post(server.http_url, "/v2/models/prefill/infer", {"inputs": [{
+    status, text = http_post(server.http_url, f"/v2/models/{instance_model(INSTANCES[0])}/infer", {"inputs": [{
         "name": "request", "datatype": "BYTES", "shape": [1],
         "data": [json.dumps({"type": "prefill", "req_id": req_id, "prompt_ids": ids, "params": params})]}]})
     if status != 200:

@@ -62,7 +62,7 @@ from client.bench.pools import Request
 from client.bench.workloads import LengthCaps, WorkloadSpec, arrival_times, load_workload
 from client.grpc_stream import GrpcChannel
 from client.results import DistServeError
-from deploy.contract import DISTSERVE
+from deploy.contract import DISTSERVE, instance_model
 from deploy.deployment import DEFAULT_MODEL_PATH, default_deployment
 from deploy.render import render_repository
 from deploy.server import ServerError
@@ -71,7 +71,8 @@ from tests.integration.conftest import instance_stats, start_server
 ROOT = Path(__file__).resolve().parents[1]
 GOODPUT_FILE = ROOT / "docs" / "goodput" / "chatbot-history-abs-slo-new-engine.json"
 RATE_FACTOR = 1.5                        # x the measured goodput: past it, on purpose
-KILL_MODEL, KILL_INSTANCE = "decode", "decode-0"
+KILL_INSTANCE = "decode-0"
+KILL_MODEL = instance_model(KILL_INSTANCE)      # its Triton model, "decode_0"
 # Error classes, by the message: an instance that died (the orchestrator's "decode-0 is dead",
 # Triton's "Stub process ... is not healthy", a model being reloaded), a cancellation, the rest.
 KILLED = re.compile(r"is dead|is stuck|not healthy|stub process|unknown model|not ready|"

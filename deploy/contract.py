@@ -7,8 +7,16 @@ imports the names from here (this module needs nothing beyond the standard libra
 endpoints and existing LLM tools work unchanged: top-level JSON keys map to inputs by name
 and each output becomes a JSON field. All `distserve` inputs are optional; one of
 `text_input`, `messages` or `input_ids` must be given. `distserve_colocated`, the colocated
-baseline's front end, has the same contract. `prefill`, `decode` and `colocated` are internal:
-one JSON document in `request`, one JSON document per `response`.
+baseline's front end, has the same contract. The engine models are internal (reached by the
+orchestrators' BLS calls): one JSON document in `request`, one JSON document per `response`.
+
+Each prefill and decode instance is its own Triton model, `prefill_0`, `prefill_1`, ...,
+`decode_0`, ... (Triton round-robins over the instances of one model and cannot be told which
+one to use, and it loads and unloads whole models): the orchestrator picks the instance, and a
+dead one is reloaded alone. Everywhere else (control sockets, KV descriptors, metrics labels,
+stats) an instance is named `prefill-0`, `decode-1`; `instance_model` / `model_instance` map
+one to the other. The colocated baseline's instances share one model, `colocated` (Triton
+balances over them).
 """
 from __future__ import annotations
 
@@ -21,6 +29,37 @@ PREFILL = "prefill"
 DECODE = "decode"
 DISTSERVE_COLOCATED = "distserve_colocated"   # the colocated baseline, called like distserve
 COLOCATED = "colocated"
+INSTANCE_PHASES = (PREFILL, DECODE)           # a Triton model per instance of these phases
+
+
+def instance_id(phase: str, index: int) -> str:
+    """("decode", 1) -> "decode-1": the name an instance goes by outside Triton."""
+    return f"{phase}-{index}"
+
+
+def instance_model(instance: str) -> str:
+    """The Triton model hosting instance `instance`: "decode-1" -> "decode_1";
+    "colocated-1" -> "colocated" (one model for all its instances)."""
+    phase, _, index = instance.rpartition("-")
+    if not phase or not index.isdigit():
+        raise ValueError(f"instance id {instance!r} is not <phase>-<index>")
+    return f"{phase}_{int(index)}" if phase in INSTANCE_PHASES else phase
+
+
+def model_instance(model: str) -> tuple[str, int]:
+    """"decode_1" -> ("decode", 1): the phase and index of a per-instance engine model."""
+    phase, _, index = model.rpartition("_")
+    if phase not in INSTANCE_PHASES or not index.isdigit() or str(int(index)) != index:
+        raise ValueError(f"model {model!r} is not an engine instance's model (one of "
+                         f"{', '.join(p + '_<index>' for p in INSTANCE_PHASES)})")
+    return phase, int(index)
+
+
+def instance_models(phase: str, num_instances: int) -> tuple[str, ...]:
+    """The Triton models of a phase's instances: ("prefill_0", "prefill_1", ...)."""
+    if phase not in INSTANCE_PHASES:
+        raise ValueError(f"{phase!r} instances are not models of their own")
+    return tuple(instance_model(instance_id(phase, i)) for i in range(num_instances))
 
 # distserve inputs.
 TEXT_INPUT = "text_input"              # the prompt, UTF-8
@@ -174,5 +213,14 @@ DECODE_SPEC = ModelSpec(
 COLOCATED_SPEC = replace(DECODE_SPEC, name=COLOCATED)
 DISTSERVE_COLOCATED_SPEC = replace(DISTSERVE_SPEC, name=DISTSERVE_COLOCATED)
 
+# Keyed by model kind: a per-instance model (`decode_1`) has its phase's spec (`model_spec`).
 MODEL_SPECS: dict[str, ModelSpec] = {s.name: s for s in (DISTSERVE_SPEC, PREFILL_SPEC, DECODE_SPEC,
                                                          DISTSERVE_COLOCATED_SPEC, COLOCATED_SPEC)}
+
+
+def model_spec(model: str) -> ModelSpec:
+    """The contract of `model`: one of MODEL_SPECS, or a per-instance engine model's (named
+    after it)."""
+    if model in MODEL_SPECS and model not in INSTANCE_PHASES:
+        return MODEL_SPECS[model]
+    return replace(MODEL_SPECS[model_instance(model)[0]], name=model)

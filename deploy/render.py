@@ -1,10 +1,13 @@
 """Render the Triton model repository from a Deployment.
 
-Each model the deployment serves (its `systems`) gets a config.pbtxt from
-`deploy/templates/<model>.pbtxt` (jinja2 with StrictUndefined, so a missing key fails) that
-carries the whole deployment as the string parameter "deployment". The adapters' code
-(`model_repository/<model>/<version>/`) and any top-level `*.py` of the source repository are
-copied next to the rendered configs.
+Each model the deployment serves (its `systems`) gets a config.pbtxt from a template,
+`deploy/templates/<kind>.pbtxt` (jinja2 with StrictUndefined, so a missing key fails), that
+carries the whole deployment as the string parameter "deployment". Every prefill and decode
+instance is a model of its own (`prefill_0`, `decode_1`: deploy/contract.py), rendered from its
+phase's template with one instance. Their adapter is one file, `ENGINE_ADAPTER` at the top of
+the source repository; each such model's `1/model.py` is a relative symlink to it. The other
+adapters (`model_repository/<model>/<version>/`, or deploy/baseline_models/) and every top-level
+`*.py` of the source repository are copied next to the rendered configs.
 """
 from __future__ import annotations
 
@@ -15,15 +18,19 @@ from typing import Any
 
 import jinja2
 
-from deploy.contract import COLOCATED, DECODE, DISTSERVE, DISTSERVE_COLOCATED, MODEL_SPECS, PREFILL
+from deploy.contract import (COLOCATED, DECODE, DISTSERVE, DISTSERVE_COLOCATED, INSTANCE_PHASES,
+                             PREFILL, instance_models, model_instance, model_spec)
 from deploy.deployment import ROOT, Deployment, PhaseSpec
 
 TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
 SRC_REPO = ROOT / "model_repository"
+# The kinds of model each system has (a template each); prefill and decode become one model
+# per instance (served_models).
 SYSTEM_MODELS = {"disaggregated": (DISTSERVE, PREFILL, DECODE),
                  "colocated": (DISTSERVE_COLOCATED, COLOCATED)}
 MODELS = tuple(m for models in SYSTEM_MODELS.values() for m in models)
 FRONT_ENDS = (DISTSERVE, DISTSERVE_COLOCATED)       # the orchestrators users call
+ENGINE_ADAPTER = "engine_model.py"                  # the per-instance models' one adapter
 DEPLOYMENT_PARAMETER = "deployment"
 _PLACEHOLDER = re.compile(r"\{\{|\{%|\$\{")
 _ESCAPES = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
@@ -65,39 +72,67 @@ def render_text(template: str, where: str = "<template>", **context: Any) -> str
     return text
 
 
-def instance_groups(phase: PhaseSpec) -> list[dict[str, Any]]:
-    """Triton instance groups of a phase.
+def instance_groups(phase: PhaseSpec, index: int | None = None) -> list[dict[str, Any]]:
+    """Triton instance groups of a phase's model: with `index`, the one instance `index` (a
+    per-instance model: it finds its index in the model's name); without, all of them.
 
     CPU: one group of `num_instances`; Triton names the instances `<model>_0_<index>` and each
     finds its cores by that index. GPU: one group over the gpu ids, one instance per gpu; each
     finds itself by `model_instance_device_id`.
     """
     if phase.device == "gpu":
-        return [{"kind": "KIND_GPU", "count": 1, "gpus": list(phase.devices)}]
-    return [{"kind": "KIND_CPU", "count": phase.num_instances, "gpus": []}]
+        gpus = list(phase.devices) if index is None else [phase.gpu(index)]
+        return [{"kind": "KIND_GPU", "count": 1, "gpus": gpus}]
+    return [{"kind": "KIND_CPU", "count": phase.num_instances if index is None else 1, "gpus": []}]
+
+
+def served_phases(deployment: Deployment) -> dict[str, PhaseSpec]:
+    """The engine phases of the systems `deployment` serves."""
+    phases = deployment.phases()
+    return {kind: phases[kind] for system in deployment.systems for kind in SYSTEM_MODELS[system]
+            if kind in phases}
 
 
 def served_models(deployment: Deployment) -> tuple[str, ...]:
-    """The models of the systems `deployment` serves."""
-    return tuple(m for system in deployment.systems for m in SYSTEM_MODELS[system])
+    """The models of the systems `deployment` serves (a model per prefill / decode instance)."""
+    phases = served_phases(deployment)
+    return tuple(m for system in deployment.systems for kind in SYSTEM_MODELS[system]
+                 for m in (instance_models(kind, phases[kind].num_instances)
+                           if kind in INSTANCE_PHASES else (kind,)))
+
+
+def model_kind(model: str) -> str:
+    """The template `model` is rendered from: itself, or a per-instance model's phase."""
+    if model in MODELS:
+        return model
+    try:
+        return model_instance(model)[0]
+    except ValueError:
+        raise ValueError(f"unknown model {model!r}: the repository has "
+                         f"{[m for m in MODELS if m not in INSTANCE_PHASES]} and "
+                         f"{[p + '_<index>' for p in INSTANCE_PHASES]}") from None
 
 
 def _context(deployment: Deployment, model: str) -> dict[str, Any]:
-    if model in FRONT_ENDS:
+    kind = model_kind(model)
+    if kind in FRONT_ENDS:
         groups = [{"kind": "KIND_CPU", "count": deployment.num_orchestrator_instances, "gpus": []}]
+    elif kind in INSTANCE_PHASES:
+        groups = instance_groups(deployment.phases()[kind], model_instance(model)[1])
     else:
-        groups = instance_groups(deployment.phases()[model])
-    return {"spec": MODEL_SPECS[model], "groups": groups, "deployment_json": deployment.to_json()}
+        groups = instance_groups(deployment.phases()[kind])
+    return {"spec": model_spec(model), "kind": kind, "groups": groups,
+            "deployment_json": deployment.to_json()}
 
 
 def render_config(deployment: Deployment, model: str) -> str:
     """The config.pbtxt text of `model` for `deployment`."""
-    if model not in MODELS:
-        raise ValueError(f"unknown model {model!r}; the repository has {MODELS}")
+    kind = model_kind(model)
     if model not in served_models(deployment):
-        raise ValueError(f"the deployment does not serve {model!r} (systems {list(deployment.systems)})")
-    text = _environment().get_template(f"{model}.pbtxt").render(**_context(deployment, model))
-    check_no_placeholder(text, f"templates/{model}.pbtxt")
+        raise ValueError(f"the deployment does not serve {model!r} (systems {list(deployment.systems)}: "
+                         f"{list(served_models(deployment))})")
+    text = _environment().get_template(f"{kind}.pbtxt").render(**_context(deployment, model))
+    check_no_placeholder(text, f"templates/{kind}.pbtxt")
     return text
 
 
@@ -122,41 +157,83 @@ def _code_dir(src_repo: str | Path, model: str) -> Path:
     return own if own.is_dir() or not (BASELINE_SRC / model).is_dir() else BASELINE_SRC / model
 
 
+def _is_engine_model(model: str) -> bool:
+    """A per-instance engine model (`decode_1`), or the kind of one (`decode`)."""
+    try:
+        return model_kind(model) in INSTANCE_PHASES
+    except ValueError:
+        return False
+
+
+def _code_file(src_repo: str | Path, model: str) -> Path:
+    if _is_engine_model(model):
+        return Path(src_repo) / ENGINE_ADAPTER
+    return _code_dir(src_repo, model) / "1" / "model.py"
+
+
 def missing_code(src_repo: str | Path = SRC_REPO, models: tuple[str, ...] = MODELS) -> list[str]:
-    """The models whose adapter (`<model>/1/model.py`) is missing from `src_repo`."""
-    return [m for m in models if not (_code_dir(src_repo, m) / "1" / "model.py").is_file()]
+    """The models whose adapter (`<model>/1/model.py`, or `ENGINE_ADAPTER` for the engine
+    instances' models) is missing from `src_repo`."""
+    return [m for m in models if not _code_file(src_repo, m).is_file()]
 
 
 def render_repository(deployment: Deployment, out_dir: str | Path, src_repo: str | Path = SRC_REPO,
                       require_code: bool = False) -> Path:
     """Write a complete model repository for `deployment` into `out_dir`; return `out_dir`.
 
+    Rendered into the source repository itself (how the committed one is made), it writes the
+    configs and the engine models' adapter links, and removes per-instance models the
+    deployment no longer has.
+
     Args:
         require_code: raise FileNotFoundError when an adapter's model.py is missing (set it
             when the repository is about to be served).
     """
     out_dir, src_repo = Path(out_dir).resolve(), Path(src_repo).resolve()
-    if out_dir == src_repo:
-        write_configs(deployment, out_dir)
-        return out_dir
     models = served_models(deployment)
+    if out_dir == src_repo:
+        _remove_models(out_dir, [d.name for d in out_dir.iterdir()
+                                 if _is_engine_model(d.name) and d.name not in models + MODELS])
+        write_configs(deployment, out_dir)
+        _link_engine_adapters(out_dir, models)
+        return out_dir
     if require_code and missing_code(src_repo, models):
         raise FileNotFoundError(f"no adapter code for {missing_code(src_repo, models)}: expected "
-                                f"{src_repo}/<model>/1/model.py")
+                                f"{src_repo}/<model>/1/model.py, or {src_repo}/{ENGINE_ADAPTER} "
+                                "for the engine instances")
     out_dir.mkdir(parents=True, exist_ok=True)
-    for model in MODELS:
-        shutil.rmtree(out_dir / model, ignore_errors=True)
+    _remove_models(out_dir, [*MODELS, *(d.name for d in out_dir.iterdir() if _is_engine_model(d.name))])
     for model in models:
-        _copy_versions(_code_dir(src_repo, model), out_dir / model)
+        _copy_versions(None if _is_engine_model(model) else _code_dir(src_repo, model), out_dir / model)
     write_configs(deployment, out_dir)
     for shared in sorted(src_repo.glob("*.py")):
         shutil.copy2(shared, out_dir / shared.name)
+    _link_engine_adapters(out_dir, models)
     return out_dir
 
 
-def _copy_versions(src: Path, dst: Path) -> None:
+def _remove_models(repo: Path, models: list[str]) -> None:
+    for model in models:
+        shutil.rmtree(repo / model, ignore_errors=True)
+
+
+def _link_engine_adapters(repo: Path, models: tuple[str, ...]) -> None:
+    """`<model>/1/model.py` -> `../../ENGINE_ADAPTER` for each engine instance's model (none
+    while the repository has no adapter: the launch check then names it)."""
+    if not (repo / ENGINE_ADAPTER).is_file():
+        return
+    for model in models:
+        if _is_engine_model(model):
+            link = repo / model / "1" / "model.py"
+            link.parent.mkdir(parents=True, exist_ok=True)
+            if link.is_symlink() or link.exists():
+                link.unlink()
+            link.symlink_to(Path("..") / ".." / ENGINE_ADAPTER)
+
+
+def _copy_versions(src: Path | None, dst: Path) -> None:
     dst.mkdir(parents=True)
-    if not src.is_dir():
+    if src is None or not src.is_dir():
         return
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     for version in sorted(p for p in src.iterdir() if p.is_dir() and p.name.isdigit()):

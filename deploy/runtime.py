@@ -2,10 +2,13 @@
 
     deployment, phase, index = init_instance(args, "prefill")   # pins a CPU instance
 
-Triton names instances `<group name>_<index within the group>`, and a group's default name
-is `<model>_<group position>`; our configs have one group per model, so CPU instances are
-`prefill_0_0`, `prefill_0_1`, ... GPU instances of one group share a name and differ by
-`model_instance_device_id`. No Triton import here: `args` is the plain dict `initialize` gets.
+A prefill or decode instance is a model of its own (`prefill_0`, `decode_1`: deploy/contract.py),
+so its index is in the model's name, and the model must have that one instance. The colocated
+baseline's instances share one model: Triton names instances `<group name>_<index within the
+group>`, and a group's default name is `<model>_<group position>`; our configs have one group
+per model, so its CPU instances are `colocated_0_0`, `colocated_0_1`, ... GPU instances of one
+group share a name and differ by `model_instance_device_id`. No Triton import here: `args` is
+the plain dict `initialize` gets.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import json
 import os
 from typing import Any
 
+from deploy.contract import INSTANCE_PHASES, model_instance
 from deploy.deployment import Deployment, PhaseSpec
 from deploy.render import DEPLOYMENT_PARAMETER
 
@@ -28,8 +32,11 @@ def deployment_from_config(model_config: str | dict[str, Any], check_host: bool 
     return Deployment.from_json(text, check_host=check_host)
 
 
-def instance_index(args: dict[str, Any], phase: PhaseSpec) -> int:
-    """This instance's index into `phase.devices`."""
+def instance_index(args: dict[str, Any], phase: PhaseSpec, phase_name: str = "colocated") -> int:
+    """This instance's index into `phase.devices` (of phase `phase_name`): a prefill or decode
+    instance's from its model's name; ValueError if that does not match the deployment."""
+    if phase_name in INSTANCE_PHASES:
+        return model_index(args, phase, phase_name)
     if phase.device == "gpu":
         device_id = int(args["model_instance_device_id"])
         if device_id not in phase.devices:
@@ -40,6 +47,28 @@ def instance_index(args: dict[str, Any], phase: PhaseSpec) -> int:
     if index >= phase.num_instances:
         raise ValueError(f"instance {args['model_instance_name']!r} has index {index}, but the "
                          f"deployment has {phase.num_instances} instance(s)")
+    return index
+
+
+def model_index(args: dict[str, Any], phase: PhaseSpec, phase_name: str) -> int:
+    """The index in a per-instance model's name (`decode_1` -> 1), checked against the deployment
+    and against Triton's instance: the model's only one, on the gpu the deployment gives it."""
+    model = args["model_name"]
+    named, index = model_instance(model)
+    if named != phase_name:
+        raise ValueError(f"model {model!r} is a {named} instance's, not a {phase_name} instance's")
+    if index >= phase.num_instances:
+        raise ValueError(f"model {model!r} is {phase_name} instance {index}, but the deployment has "
+                         f"{phase.num_instances} {phase_name} instance(s); render the repository again "
+                         "(python -m deploy render)")
+    if phase.device == "gpu":
+        device_id = int(args["model_instance_device_id"])
+        if device_id != phase.gpu(index):
+            raise ValueError(f"model {model!r} runs on gpu {device_id}, but the deployment puts "
+                             f"{phase_name} instance {index} on gpu {phase.gpu(index)}")
+    elif parse_instance_name(args["model_instance_name"]) != (0, 0):
+        raise ValueError(f"model {model!r} has instance {args['model_instance_name']!r}: a "
+                         "per-instance model has one instance (count: 1)")
     return index
 
 
@@ -75,7 +104,7 @@ def init_instance(args: dict[str, Any], phase_name: str) -> tuple[Deployment, Ph
     """Read the deployment from `args`, find this instance, pin it if it runs on CPU."""
     deployment = deployment_from_config(args["model_config"])
     phase = deployment.phases()[phase_name]
-    index = instance_index(args, phase)
+    index = instance_index(args, phase, phase_name)
     if phase.device == "cpu":
         pin_to_cores(phase.cores(index), phase.threads(index))
     return deployment, phase, index

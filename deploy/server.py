@@ -40,7 +40,7 @@ import psutil
 from backends.core.config import ModelConfig
 from deploy.contract import PREFILL
 from deploy.deployment import Deployment
-from deploy.render import DEPLOYMENT_PARAMETER, FRONT_ENDS, served_models
+from deploy.render import DEPLOYMENT_PARAMETER, FRONT_ENDS, served_models, served_phases
 from deploy.server_setup import (ROOT, SHARED_WEIGHTS_ENV, SHM_MIN_FREE_BYTES, ServerError,
                                  check_ports_free, prepare_backend_dir, server_env,
                                  shared_weights_parent, triton_dist_dir)
@@ -138,6 +138,9 @@ class TritonServer:
             "--exit-timeout-secs", str(self.exit_timeout_s),
             # explicit model control: the orchestrator reloads a model whose instance died
             "--model-control-mode=explicit", "--load-model=*",
+            # the configs are rendered complete: no auto-complete stub per model (each one
+            # a python process importing the adapter, hence torch) at every load and reload
+            "--disable-auto-complete-config",
             *self.extra_args,
         ]
 
@@ -382,7 +385,7 @@ def shm_need(deployment: Deployment, config: ModelConfig | None, checkpoint_nbyt
     from kvtransfer.control import segment_geometry
 
     need: dict[str, int] = {}
-    phases = {m: p for m, p in deployment.phases().items() if m in served_models(deployment)}
+    phases = served_phases(deployment)
     if config is not None and PREFILL in phases:
         engine = EngineConfig(dtype=deployment.dtype, kv_dtype=deployment.kv_dtype, role="prefill",
                               limits=deployment.prefill.limits(deployment.block_size))
@@ -394,8 +397,8 @@ def shm_need(deployment: Deployment, config: ModelConfig | None, checkpoint_nbyt
                       for m, p in phases.items() if p.device == "cpu"})
     if deployment.share_weights and formats:
         need[f"{WEIGHTS_ITEM} ({' + '.join(formats)})"] = len(formats) * checkpoint_nbytes
-    stubs = sum(deployment.num_orchestrator_instances if m in FRONT_ENDS else phases[m].num_instances
-                for m in served_models(deployment))
+    stubs = sum(p.num_instances for p in phases.values()) + deployment.num_orchestrator_instances * \
+        sum(m in FRONT_ENDS for m in served_models(deployment))
     need[f"python backend ({stubs} stubs)"] = stubs * stub_nbytes
     return need
 

@@ -17,8 +17,8 @@ from deploy import contract
 from deploy.__main__ import main as deploy_main
 from deploy.deployment import (DEFAULT_MODEL_PATH, ROOT, Deployment, PhaseSpec, colocated_deployment,
                                default_deployment)
-from deploy.render import (MODELS, TEMPLATES_DIR, check_no_placeholder, pbtxt_string, render_config,
-                           render_configs, render_repository, render_text, served_models)
+from deploy.render import (ENGINE_ADAPTER, MODELS, TEMPLATES_DIR, check_no_placeholder, pbtxt_string,
+                           render_config, render_configs, render_repository, render_text, served_models)
 from deploy.runtime import deployment_from_config, instance_index, parse_instance_name
 
 
@@ -67,7 +67,7 @@ def test_colocated_baseline_on_the_same_two_cores():
     assert d.colocated.max_num_batched_tokens == d.prefill.max_num_batched_tokens
     assert chunked.colocated.chunked_prefill and chunked.colocated.max_num_batched_tokens == 512
     assert served_models(d) == ("distserve_colocated", "colocated")
-    assert served_models(two_core()) == ("distserve", "prefill", "decode")
+    assert served_models(two_core()) == ("distserve", "prefill_0", "decode_0")
 
 
 def test_json_round_trip(tmp_path):
@@ -198,6 +198,12 @@ def test_committed_configs_equal_rendered_defaults():
     for model, text in render_configs(two_core()).items():
         committed = ROOT / "model_repository" / model / "config.pbtxt"
         assert committed.read_text() == text, f"{committed} drifted from the default deployment"
+    repo = ROOT / "model_repository"
+    assert sorted(p.name for p in repo.iterdir() if p.is_dir() and p.name != "__pycache__") \
+        == sorted(served_models(two_core()))
+    for model in ("prefill_0", "decode_0"):             # one adapter for every engine instance
+        link = repo / model / "1" / "model.py"
+        assert link.is_symlink() and link.resolve() == (repo / ENGINE_ADAPTER).resolve()
 
 
 @pytest.mark.parametrize("deployment", [two_core(), gpu_deployment(), baseline(chunked=True)],
@@ -206,7 +212,7 @@ def test_rendered_configs_match_the_contract(deployment):
     assert set(render_configs(deployment)) == set(served_models(deployment))
     for model in served_models(deployment):
         config = parse_config(render_config(deployment, model))
-        spec = contract.MODEL_SPECS[model]
+        spec = contract.model_spec(model)
         assert config.name == model and config.backend == "python" and config.max_batch_size == 0
         assert config.model_transaction_policy.decoupled == spec.decoupled
         for tensors, specs in ((config.input, spec.inputs), (config.output, spec.outputs)):
@@ -224,14 +230,21 @@ def instance_groups(deployment: Deployment, model: str) -> list[tuple]:
 
 
 def test_instance_groups():
-    assert instance_groups(gpu_deployment(), "prefill") == [("KIND_GPU", 1, [0, 1])]   # one per gpu
+    # a model per prefill / decode instance, with that one instance
+    assert served_models(gpu_deployment()) == ("distserve", "prefill_0", "prefill_1", "decode_0", "decode_1")
+    assert instance_groups(gpu_deployment(), "prefill_1") == [("KIND_GPU", 1, [1])]
+    assert instance_groups(gpu_deployment(), "decode_0") == [("KIND_GPU", 1, [2])]
     assert instance_groups(gpu_deployment(), "distserve") == [("KIND_CPU", 1, [])]
     cpu = replace(two_core(), decode=PhaseSpec(num_instances=2, devices=[[1], [1]]))
-    assert instance_groups(cpu, "decode") == [("KIND_CPU", 2, [])]
+    assert instance_groups(cpu, "decode_1") == [("KIND_CPU", 1, [])]
+    assert parse_config(render_config(cpu, "decode_1")).name == "decode_1"
     assert instance_groups(baseline(), "colocated") == [("KIND_CPU", 2, [])]         # one per core
     assert instance_groups(baseline(), "distserve_colocated") == [("KIND_CPU", 1, [])]
-    with pytest.raises(ValueError, match="does not serve 'colocated'"):
-        render_config(two_core(), "colocated")
+    for model, match in (("colocated", "does not serve 'colocated'"), ("decode_1", "does not serve 'decode_1'"),
+                         ("decode", "does not serve 'decode'"), ("decode_01", "unknown model"),
+                         ("bogus", "unknown model")):
+        with pytest.raises(ValueError, match=match):
+            render_config(two_core(), model)
 
 
 def test_no_placeholder_survives():
@@ -245,7 +258,7 @@ def test_rendering_is_strict():
         render_text("name: {{ nope }}")
     template = (TEMPLATES_DIR / "prefill.pbtxt").read_text()
     with pytest.raises(jinja2.UndefinedError, match="deployment_json"):
-        render_text(template, spec=contract.PREFILL_SPEC, groups=[])
+        render_text(template, spec=contract.PREFILL_SPEC, kind="prefill", groups=[])
     with pytest.raises(ValueError, match=r"unrendered placeholder '\$\{' on line 2"):
         render_text("a\nb: ${x}")
 
@@ -261,19 +274,42 @@ def test_pbtxt_string_round_trip(value):
 
 def test_render_repository_copies_code(tmp_path):
     src = tmp_path / "src"
-    for model in MODELS:
+    for model in ("distserve", "distserve_colocated", "colocated"):
         (src / model / "1" / "__pycache__").mkdir(parents=True)
         (src / model / "1" / "model.py").write_text(f"# {model}\n")
         (src / model / "1" / "__pycache__" / "model.cpython-311.pyc").write_bytes(b"")
     (src / "shared.py").write_text("X = 1\n")
-    out = render_repository(two_core(), tmp_path / "out", src_repo=src, require_code=True)
-    for model in served_models(two_core()):
-        assert (out / model / "1" / "model.py").read_text() == f"# {model}\n"
+    with pytest.raises(FileNotFoundError, match=ENGINE_ADAPTER):
+        render_repository(two_core(), tmp_path / "out", src_repo=src, require_code=True)
+    (src / ENGINE_ADAPTER).write_text("# engine\n")
+    (tmp_path / "out" / "decode_5" / "1").mkdir(parents=True)       # a stale instance's model
+    two_decodes = replace(two_core(), decode=PhaseSpec(num_instances=2, devices=[[1], [1]]))
+    out = render_repository(two_decodes, tmp_path / "out", src_repo=src, require_code=True)
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == sorted(served_models(two_decodes))
+    for model in served_models(two_decodes):
+        expected = "# engine\n" if model != "distserve" else "# distserve\n"
+        assert (out / model / "1" / "model.py").read_text() == expected
         assert not (out / model / "1" / "__pycache__").exists()
-        assert (out / model / "config.pbtxt").read_text() == render_config(two_core(), model)
+        assert (out / model / "config.pbtxt").read_text() == render_config(two_decodes, model)
+    link = out / "decode_1" / "1" / "model.py"           # one adapter file, linked (relative)
+    assert link.is_symlink() and str(link.readlink()) == f"../../{ENGINE_ADAPTER}"
     assert (out / "shared.py").exists()
     render_repository(baseline(), out, src_repo=src, require_code=True)      # the other system
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == sorted(served_models(baseline()))
+
+
+def test_render_into_the_source_repository_links_and_prunes_engine_models(tmp_path):
+    """How the committed repository is made: configs and links only, stale instances removed."""
+    src = tmp_path / "src"
+    (src / "distserve" / "1").mkdir(parents=True)
+    (src / "distserve" / "1" / "model.py").write_text("# distserve\n")
+    (src / ENGINE_ADAPTER).write_text("# engine\n")
+    two_decodes = replace(two_core(), decode=PhaseSpec(num_instances=2, devices=[[1], [1]]))
+    render_repository(two_decodes, src, src_repo=src)
+    assert (src / "decode_1" / "1" / "model.py").read_text() == "# engine\n"
+    render_repository(two_core(), src, src_repo=src)
+    assert sorted(p.name for p in src.iterdir() if p.is_dir()) == sorted(served_models(two_core()))
+    assert (src / "distserve" / "1" / "model.py").read_text() == "# distserve\n"
 
 
 def test_render_repository_tolerates_missing_code_until_launch(tmp_path):
@@ -285,7 +321,7 @@ def test_render_repository_tolerates_missing_code_until_launch(tmp_path):
 
 def test_render_cli(tmp_path, capsys):
     assert deploy_main(["render", "--out", str(tmp_path / "r"), "--num-cores", "2"]) == 0
-    assert (tmp_path / "r" / "decode" / "config.pbtxt").read_text() == render_config(two_core(), "decode")
+    assert (tmp_path / "r" / "decode_0" / "config.pbtxt").read_text() == render_config(two_core(), "decode_0")
     assert deploy_main(["show-default", "--num-cores", "2"]) == 0
     assert Deployment.from_json(capsys.readouterr().out.split("\n", 1)[1]) == two_core()
     (tmp_path / "bad.json").write_text(json.dumps(_mutated("dtype", "int8")))
@@ -313,17 +349,54 @@ def test_deployment_from_model_config():
 
 
 def test_instance_index():
+    """The colocated baseline's instances share a model: the index is Triton's instance's."""
     cpu = PhaseSpec(num_instances=2, devices=[[0], [1]])
     assert parse_instance_name("prefill_0_1") == (0, 1)
     assert parse_instance_name("my_model_0_12") == (0, 12)
-    assert instance_index({"model_instance_name": "decode_0_1"}, cpu) == 1
-    for bad in ("prefill", "prefill_0_x", "prefill_1_0", "decode_0_2"):
+    assert instance_index({"model_instance_name": "colocated_0_1"}, cpu) == 1
+    for bad in ("colocated", "colocated_0_x", "colocated_1_0", "colocated_0_2"):
         with pytest.raises(ValueError):
             instance_index({"model_instance_name": bad}, cpu)
     gpu = gpu_deployment().decode
-    assert instance_index({"model_instance_name": "decode_0_0", "model_instance_device_id": "3"}, gpu) == 1
+    assert instance_index({"model_instance_name": "colocated_0_0", "model_instance_device_id": "3"}, gpu) == 1
     with pytest.raises(ValueError, match="gpu 7"):
         instance_index({"model_instance_device_id": "7"}, gpu)
+
+
+def test_instance_index_of_a_per_instance_model():
+    """A prefill / decode instance's index is in its model's name, checked against the
+    deployment and Triton's instance."""
+    cpu = PhaseSpec(num_instances=2, devices=[[0], [1]])
+    assert instance_index({"model_name": "decode_1", "model_instance_name": "decode_1_0_0"}, cpu, "decode") == 1
+    for model, instance, match in (
+            ("decode_2", "decode_2_0_0", "deployment has 2 decode instance"),
+            ("prefill_1", "prefill_1_0_0", "is a prefill instance's, not a decode"),
+            ("decode", "decode_0_0", "not an engine instance's model"),     # an old repository
+            ("decode_1", "decode_1_0_1", "has one instance")):
+        with pytest.raises(ValueError, match=match):
+            instance_index({"model_name": model, "model_instance_name": instance}, cpu, "decode")
+    gpu = gpu_deployment().decode                       # gpus 2, 3
+    args = {"model_name": "decode_1", "model_instance_name": "decode_1_0_0", "model_instance_device_id": "3"}
+    assert instance_index(args, gpu, "decode") == 1
+    with pytest.raises(ValueError, match="on gpu 2, but the deployment puts decode instance 1 on gpu 3"):
+        instance_index({**args, "model_instance_device_id": "2"}, gpu, "decode")
+
+
+def test_instance_ids_and_models_map_one_to_one():
+    assert contract.instance_model("decode-1") == "decode_1" and contract.instance_model("prefill-0") == "prefill_0"
+    assert contract.instance_model("colocated-1") == "colocated"          # one model for all
+    assert contract.model_instance("decode_12") == ("decode", 12)
+    assert contract.instance_models("prefill", 2) == ("prefill_0", "prefill_1")
+    for phase, index in (("prefill", 0), ("decode", 3)):
+        model = contract.instance_model(contract.instance_id(phase, index))
+        assert contract.model_instance(model) == (phase, index)
+    for bad in ("decode", "decode_x", "decode_01", "colocated_0", "distserve"):
+        with pytest.raises(ValueError):
+            contract.model_instance(bad)
+    with pytest.raises(ValueError):
+        contract.instance_model("decode")
+    assert contract.model_spec("decode_3").name == "decode_3"
+    assert contract.model_spec("decode_3").inputs == contract.DECODE_SPEC.inputs
 
 
 def test_share_weights_is_on_by_default_and_round_trips():

@@ -1,31 +1,41 @@
-"""The orchestrator's instance monitor, with a fake probe and reload (no server)."""
+"""The orchestrator's instance monitor, with a fake probe and reload (no server): detection,
+reloads, and the placement of requests on live instances."""
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 
-from backends.orchestrator.health import DEAD, STUCK, InstanceMonitor, phase_of
+from backends.orchestrator.health import DEAD, STUCK, InstanceMonitor, instance_load, phase_of
 
 
 class Fleet:
-    """What each instance's probe does: answer, refuse (dead), or time out (stopped)."""
+    """What each instance's probe does: answer (its `stats`), refuse (dead), or time out
+    (stopped). A reload is recorded; with `hold_reloads` set it returns once released."""
 
     def __init__(self, *ids: str) -> None:
         self.state = {i: "up" for i in ids}
+        self.stats: dict[str, dict] = {i: {} for i in ids}
         self.reloads: list[str] = []
         self.now = 0.0
+        self.hold_reloads: threading.Event | None = None
+        self.during_probe = lambda instance: None
 
-    def probe(self, instance: str) -> None:
+    def probe(self, instance: str) -> dict:
         if self.state[instance] == "dead":
             raise ConnectionRefusedError(instance)        # the socket file, no process
         if self.state[instance] == "absent":
             raise FileNotFoundError(instance)             # no socket (yet, or any more)
         if self.state[instance] == "stopped":
             raise TimeoutError("timed out")
+        self.during_probe(instance)
+        return dict(self.stats[instance])
 
     def reload(self, model: str) -> None:
         self.reloads.append(model)
+        if self.hold_reloads is not None:
+            self.hold_reloads.wait(10)
 
 
 def make(*ids: str) -> tuple[Fleet, InstanceMonitor]:
@@ -54,8 +64,8 @@ def test_a_dead_instance_fails_its_requests_and_is_reloaded_once():
     async def go():
         fleet, monitor = make("prefill-0", "decode-0")
         sweep(fleet, monitor)
-        on_decode, on_prefill = monitor.watch("decode"), monitor.watch("prefill")
-        on_decode.narrow("decode-0")
+        on_decode, on_prefill = monitor.place("decode"), monitor.place("prefill")
+        assert (on_decode.instance, on_prefill.instance) == ("decode-0", "prefill-0")
         fleet.state["decode-0"] = "dead"
         sweep(fleet, monitor)
         sweep(fleet, monitor)
@@ -66,14 +76,14 @@ def test_a_dead_instance_fails_its_requests_and_is_reloaded_once():
         assert fleet.reloads == []                      # Triton may restart the stub itself
         sweep(fleet, monitor, 2.0)                      # 3 s gone: ask for a reload
         await asyncio.sleep(0.05)                       # (on its own thread)
-        assert fleet.reloads == ["decode"]
+        assert fleet.reloads == ["decode_0"]            # the instance's own model
         assert monitor.status() == {"prefill-0": "up", "decode-0": DEAD} and not monitor.ready()
-        new = monitor.watch("decode")                   # no new request waits behind it
+        new = monitor.place("decode")                   # no new request waits behind it
         await settle()
-        assert new.failed.done() and "no decode instance can serve" in new.failed.result()
+        assert new.instance is None and "no decode instance can serve: decode-0 is dead" in new.failed.result()
         fleet.state["decode-0"] = "up"                  # back after the reload
         sweep(fleet, monitor)
-        assert monitor.ready() and not monitor.watch("decode").failed.done()
+        assert monitor.ready() and not monitor.place("decode").failed.done()
         for w in (on_decode, on_prefill, new):
             w.close()
     asyncio.run(go())
@@ -118,10 +128,10 @@ def test_not_yet_started_instances_are_not_dead_and_reloads_are_retried():
         await asyncio.sleep(0.05)
         sweep(fleet, monitor, 10.0)                     # still dead, reload too recent
         await asyncio.sleep(0.05)
-        assert fleet.reloads == ["decode"]
+        assert fleet.reloads == ["decode_0"]
         sweep(fleet, monitor, 30.0)
         await asyncio.sleep(0.05)
-        assert fleet.reloads == ["decode", "decode"]
+        assert fleet.reloads == ["decode_0", "decode_0"]
     asyncio.run(go())
 
 
@@ -220,4 +230,129 @@ def test_an_instance_unloaded_in_order_fails_its_requests_but_is_not_reloaded():
         await asyncio.sleep(0.05)
         assert "unloaded" in w.failed.result() and fleet.reloads == []
         w.close()
+    asyncio.run(go())
+
+
+# ---- placement ----------------------------------------------------------------------------
+
+def test_instance_load():
+    assert instance_load("prefill", {"backlog_tokens": 300, "queue_depth": 2}, 1, 50) == (350, 3)
+    assert instance_load("decode", {"running": 3, "pending": 2, "queue_depth": 9}, 1) == (6, 0)
+    assert instance_load("decode", {}) == instance_load("prefill", {}) == (0, 0)   # never probed
+
+
+def placed(monitor: InstanceMonitor, phase: str, n: int, tokens: int = 0) -> list[str | None]:
+    watches = [monitor.place(phase, tokens) for _ in range(n)]
+    for w in watches:
+        w.close()
+    return [w.instance for w in watches]
+
+
+def test_place_goes_to_the_least_loaded_live_instance_and_a_burst_spreads():
+    async def go():
+        fleet, monitor = make("decode-0", "decode-1", "decode-2", "decode-3")
+        fleet.stats["decode-0"] = {"running": 3, "pending": 0}
+        fleet.stats["decode-1"] = {"running": 1, "pending": 1}
+        fleet.stats["decode-2"] = {"running": 0, "pending": 0}
+        fleet.stats["decode-3"] = {"running": 2, "pending": 0}
+        sweep(fleet, monitor)
+        fleet.state["decode-2"] = "dead"                # the idlest, but dead
+        sweep(fleet, monitor)
+        # loads 3, 2, -, 2: decode-1 (ties go to the first), then decode-3, then the
+        # requests just sent count: 3, 3, -, 3 -> decode-0, decode-1, decode-3, ...
+        assert placed(monitor, "decode", 5) == ["decode-1", "decode-3", "decode-0", "decode-1", "decode-3"]
+        assert monitor.load("decode-1") == (4, 0) and monitor.load("decode-0") == (4, 0)
+        fleet.stats["decode-1"] = {"running": 0, "pending": 0}   # its requests finished
+        sweep(fleet, monitor)                           # a probe: what was sent is in its stats
+        assert monitor.load("decode-1") == (0, 0) and monitor.load("decode-0") == (3, 0)
+        assert placed(monitor, "decode", 1) == ["decode-1"]
+    asyncio.run(go())
+
+
+def test_place_prefill_by_queued_prompt_tokens_then_requests():
+    async def go():
+        fleet, monitor = make("prefill-0", "prefill-1", "decode-0")
+        fleet.stats["prefill-0"] = {"backlog_tokens": 1000, "queue_depth": 1}
+        fleet.stats["prefill-1"] = {"backlog_tokens": 200, "queue_depth": 4}
+        sweep(fleet, monitor)
+        assert placed(monitor, "prefill", 1, tokens=700) == ["prefill-1"]    # 200 < 1000 tokens
+        assert placed(monitor, "prefill", 1, tokens=100) == ["prefill-1"]    # 900 < 1000
+        assert monitor.load("prefill-1") == (1000, 6)
+        assert placed(monitor, "prefill", 1, tokens=5) == ["prefill-0"]      # 1000 each: 1 < 6 requests
+    asyncio.run(go())
+
+
+def test_requests_placed_while_a_probe_runs_still_count():
+    """The probe's answer may predate a request placed while it was on its way: only what was
+    placed before the probe began is taken as included in its stats."""
+    async def go():
+        loop = asyncio.get_running_loop()
+        fleet, monitor = make("decode-0", "decode-1")
+        sweep(fleet, monitor)
+        fleet.during_probe = lambda i: i == "decode-0" and monitor.place("decode", loop=loop).close()
+        sweep(fleet, monitor)                           # one request placed on decode-0 meanwhile
+        fleet.during_probe = lambda i: None
+        assert monitor.load("decode-0") == (1, 0) and placed(monitor, "decode", 1) == ["decode-1"]
+    asyncio.run(go())
+
+
+def test_no_live_instance_refuses_at_once_and_instances_not_yet_probed_take_requests():
+    async def go():
+        fleet, monitor = make("prefill-0", "decode-0", "decode-1")
+        assert placed(monitor, "decode", 3) == ["decode-0", "decode-1", "decode-0"]   # starting
+        for i in ("decode-0", "decode-1"):
+            fleet.state[i] = "dead"
+        sweep(fleet, monitor)
+        w = monitor.place("decode")
+        await settle()
+        assert w.instance is None
+        assert w.failed.result() == "no decode instance can serve: decode-0 is dead, decode-1 is dead"
+        nothing = monitor.place("colocated")
+        await settle()
+        assert "the deployment has none" in nothing.failed.result()
+        assert not monitor._watches
+    asyncio.run(go())
+
+
+def test_a_dead_instance_alone_is_reloaded_while_the_others_serve():
+    async def go():
+        fleet, monitor = make("prefill-0", "decode-0", "decode-1")
+        fleet.hold_reloads = threading.Event()
+        sweep(fleet, monitor)
+        on_0, on_1 = monitor.place("decode"), monitor.place("decode")
+        assert (on_0.instance, on_1.instance) == ("decode-0", "decode-1")
+        fleet.state["decode-1"] = "dead"
+        sweep(fleet, monitor)
+        await settle()
+        assert "decode-1 is dead" in on_1.failed.result() and not on_0.failed.done()
+        assert monitor.ready()                          # decode-0 serves the phase
+        sweep(fleet, monitor, 3.0)
+        await asyncio.sleep(0.05)
+        assert fleet.reloads == ["decode_1"]            # its model only
+        assert placed(monitor, "decode", 3) == ["decode-0"] * 3
+        fleet.state["decode-1"] = "up"                  # its new stub answers, the load has not returned
+        sweep(fleet, monitor)
+        assert monitor.status()["decode-1"] == DEAD and placed(monitor, "decode", 1) == ["decode-0"]
+        fleet.hold_reloads.set()
+        await asyncio.sleep(0.05)
+        fleet.stats["decode-0"] = {"running": 5}        # it took everything meanwhile
+        sweep(fleet, monitor)
+        assert monitor.status()["decode-1"] == "up" and placed(monitor, "decode", 1) == ["decode-1"]
+        assert fleet.reloads == ["decode_1"]
+        for w in (on_0, on_1):
+            w.close()
+    asyncio.run(go())
+
+
+def test_watch_instance_fails_at_once_if_that_instance_is_down():
+    async def go():
+        fleet, monitor = make("prefill-0", "prefill-1")
+        sweep(fleet, monitor)
+        fleet.state["prefill-1"] = "dead"
+        sweep(fleet, monitor)
+        up, down = monitor.watch_instance("prefill-0"), monitor.watch_instance("prefill-1")
+        await settle()
+        assert not up.failed.done() and down.failed.result() == "prefill-1 is dead"
+        up.close()
+        down.close()
     asyncio.run(go())

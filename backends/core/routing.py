@@ -1,8 +1,8 @@
 """Dispatch policy: which instance of a phase takes a request (pure policy: no Triton, no clock).
 
-The simulator calls this to place each simulated request; the orchestrator is to call the same
-function once each instance is addressable on its own (Triton round-robins over the instances
-of one model and cannot be told which).
+The simulator calls this to place each simulated request; the orchestrator calls the same
+function (backends/orchestrator/health.InstanceMonitor.place) over the live instances of a
+phase, each a Triton model of its own.
 """
 from __future__ import annotations
 

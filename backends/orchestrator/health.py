@@ -1,12 +1,14 @@
 """Instance health for the orchestrator: notice a dead or stuck instance within seconds, fail the
-requests waiting on it, and bring a dead one back.
+requests waiting on it, bring a dead one back, and place each request on a live instance.
 
-    monitor = InstanceMonitor(["prefill-0", "decode-0"], probe, reload)
+    monitor = InstanceMonitor(["prefill-0", "decode-0", "decode-1"], probe, reload)
     monitor.start()
-    watch = monitor.watch("decode")         # a request waiting on some decode instance ...
-    watch.narrow("decode-0")                # ... on this one, once it said so (Accepted)
+    watch = monitor.place("decode")         # the least loaded live decode instance: watch.instance
     await watch.failed                      # resolves with an error message if it goes down
     watch.close(); monitor.stop()
+    monitor.watch_instance("prefill-0")     # a wait on a given instance
+    monitor.watch("colocated")              # a wait on some instance of a phase (Triton picks) ...
+    watch.narrow("colocated-1")             # ... on this one, once it said so (Accepted)
 
 Every `interval_s` the monitor probes each instance (`probe(instance_id)`: its control socket's
 stats, a short timeout):
@@ -21,10 +23,18 @@ stats, a short timeout):
   stopped process may resume: SIGCONT);
 - an answer from another process than before (Triton restarted the stub on its own): the
   requests of the old process fail (theirs died with it), and the instance is UP;
-- an answer: UP (again).
+- an answer: UP (again); while its model is being reloaded, UP only once the reload returned
+  (Triton serves the model from then on).
 A watch made while its instance (or every instance of its phase) is down fails at once, so no
-new request waits behind a dead instance. Pure policy and threads: no Triton here; the Triton
-glue (orchestrator_adapter) supplies `probe` and `reload`.
+new request waits behind a dead instance.
+
+Placement (`place`): until the SLO router is wired in, each request goes to the least loaded
+(backends/core/routing.least_loaded; ties to the first) live instance of its phase, by the
+instance's stats in the latest probe's answer (`instance_load`) plus what this monitor placed
+there since that probe began, so a burst spreads instead of piling onto the instance that
+looked idle a second ago. A reload is per model (`model_of`: one instance's, for prefill and
+decode), so the other instances keep serving. Pure policy and threads: no Triton here; the
+Triton glue (orchestrator_adapter) supplies `probe` and `reload`.
 """
 from __future__ import annotations
 
@@ -34,6 +44,9 @@ import threading
 import time
 from collections.abc import Callable
 from typing import Any
+
+from backends.core.routing import least_loaded
+from deploy.contract import instance_model
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +65,20 @@ def process_alive(pid: Any) -> bool:
 
 
 def phase_of(instance_id: str) -> str:
-    """"decode-1" -> "decode" (the Triton model that hosts the instance)."""
+    """"decode-1" -> "decode": the phase of an instance id (deploy.contract.instance_model
+    gives its Triton model)."""
     return instance_id.rsplit("-", 1)[0]
+
+
+def instance_load(phase: str, stats: dict[str, Any], sent_requests: int = 0,
+                  sent_tokens: int = 0) -> tuple[int, int]:
+    """How loaded an instance is, for least-loaded placement (compared as a tuple), from its
+    probed `stats` and the requests (and their prompt tokens) sent to it since: prefill, the
+    prompt tokens queued for it, then the requests; decode (or colocated), the sequences
+    running or waiting for their KV."""
+    if phase == "prefill":
+        return (stats.get("backlog_tokens", 0) + sent_tokens, stats.get("queue_depth", 0) + sent_requests)
+    return (stats.get("running", 0) + stats.get("pending", stats.get("queue_depth", 0)) + sent_requests, 0)
 
 
 class Watch:
@@ -89,9 +114,10 @@ class InstanceMonitor:
     def __init__(self, instance_ids: list[str], probe: Callable[[str], Any],
                  reload: Callable[[str], None], interval_s: float = 1.0, stuck_after_s: float = 4.0,
                  reload_after_s: float = 3.0, retry_reload_s: float = 30.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 model_of: Callable[[str], str] = instance_model) -> None:
         self.instance_ids = list(instance_ids)
-        self.probe, self.reload = probe, reload
+        self.probe, self.reload, self.model_of = probe, reload, model_of
         self.interval_s, self.stuck_after_s, self.clock = interval_s, stuck_after_s, clock
         self._lock = threading.Lock()
         self._watches: set[Watch] = set()
@@ -102,6 +128,9 @@ class InstanceMonitor:
         self._reloading: set[str] = set()              # models being reloaded
         self._reloaded_at: dict[str, float] = {}
         self._down_since: dict[str, float] = {}
+        self._stats: dict[str, dict] = {}              # the latest probe's answer
+        self._sent: dict[str, list[int]] = {}         # [requests, prompt tokens] placed, ever
+        self._sent_at_probe: dict[str, tuple[int, int]] = {}   # ... when that probe began
         self.reload_after_s, self.retry_reload_s = reload_after_s, retry_reload_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="instance-monitor", daemon=True)
@@ -118,6 +147,46 @@ class InstanceMonitor:
             w.fail(f"no {phase} instance can serve: " +
                    ", ".join(f"{i} is {self._down[i]}" for i in of_phase))
         return w
+
+    def watch_instance(self, instance: str, loop: asyncio.AbstractEventLoop | None = None) -> Watch:
+        """A wait on `instance`; failed at once if it is down."""
+        w = Watch(self, phase_of(instance), loop or asyncio.get_running_loop())
+        w.instance = instance
+        with self._lock:
+            self._watches.add(w)
+            reason = self._down.get(instance)
+        if reason:
+            w.fail(f"{instance} is {reason}")
+        return w
+
+    def place(self, phase: str, tokens: int = 0, loop: asyncio.AbstractEventLoop | None = None) -> Watch:
+        """A wait on the least loaded live instance of `phase` (`watch.instance`), counted there
+        with its `tokens` prompt tokens; failed at once (`instance` None) if none is live."""
+        w = Watch(self, phase, loop or asyncio.get_running_loop())
+        with self._lock:
+            of_phase = [i for i in self.instance_ids if phase_of(i) == phase]
+            live = [i for i in of_phase if i not in self._down]
+            if live:
+                w.instance = least_loaded(live, self._load)
+                sent = self._sent.setdefault(w.instance, [0, 0])
+                sent[0] += 1
+                sent[1] += tokens
+                self._watches.add(w)
+        if not live:
+            w.fail(f"no {phase} instance can serve: " +
+                   (", ".join(f"{i} is {self._down[i]}" for i in of_phase) or "the deployment has none"))
+        return w
+
+    def load(self, instance: str) -> tuple[int, int]:
+        """`instance_load` of `instance`: its latest probed stats and what was placed since."""
+        with self._lock:
+            return self._load(instance)
+
+    def _load(self, instance: str) -> tuple[int, int]:
+        requests, tokens = self._sent.get(instance, (0, 0))
+        then = self._sent_at_probe.get(instance, (0, 0))
+        return instance_load(phase_of(instance), self._stats.get(instance, {}),
+                             requests - then[0], tokens - then[1])
 
     def status(self) -> dict[str, str]:
         with self._lock:
@@ -150,6 +219,8 @@ class InstanceMonitor:
     def check(self, instance: str) -> None:
         """Probe one instance and act on the answer (the loop's body; tests call it directly)."""
         now = self.clock()
+        with self._lock:
+            placed = tuple(self._sent.get(instance, (0, 0)))
         try:
             reply = self.probe(instance)
             if isinstance(reply, dict) and reply.get("error"):
@@ -164,7 +235,7 @@ class InstanceMonitor:
             # the server is stopping or unloading it, so it is not brought back)
             if isinstance(e, ConnectionRefusedError):
                 self._went_down(instance, DEAD, "its process is gone")
-                model = phase_of(instance)
+                model = self.model_of(instance)
                 gone_for = now - self._down_since.get(instance, now)
                 since_reload = now - self._reloaded_at.get(model, float("-inf"))
                 if gone_for >= self.reload_after_s and since_reload >= self.retry_reload_s:
@@ -181,11 +252,16 @@ class InstanceMonitor:
             self._went_down(instance, DEAD, f"restarted: process {self._pid[instance]} -> {pid}",
                             whole_phase=True)
         self._pid[instance] = pid
+        model = self.model_of(instance)
         with self._lock:
+            if isinstance(reply, dict):
+                self._stats[instance], self._sent_at_probe[instance] = reply, placed
+            if instance in self._down and model in self._reloading:
+                return                  # Triton serves it once the load returned: next probe
             was = self._down.pop(instance, None)
             self._seen_up.add(instance)
         if was:
-            self._reloaded_at.pop(phase_of(instance), None)    # a next death reloads at once
+            self._reloaded_at.pop(model, None)          # a next death reloads at once
             log.warning("%s answers again", instance)
             self.events.append((now, instance, "up"))
 

@@ -1,8 +1,10 @@
-"""Triton glue shared by the prefill, decode and colocated models, with Triton's module injected.
+"""Triton glue shared by the engine models, with Triton's module injected.
 
-`model_repository/{prefill,decode,colocated}/1/model.py` subclass `EngineModel` and set `pb` to
-`triton_python_backend_utils`; this file never imports it, so core stays Triton-free and the
-glue runs in tests with fake Triton types.
+`model_repository/engine_model.py` (the adapter of every prefill and decode instance's model,
+`prefill_0`, `decode_1`, ...: each one's 1/model.py links to it) and the colocated baseline's
+`colocated/1/model.py` subclass `EngineModel` and set `pb` to `triton_python_backend_utils`;
+this file never imports it, so core stays Triton-free and the glue runs in tests with fake
+Triton types.
 """
 from __future__ import annotations
 
@@ -41,15 +43,17 @@ class EngineModel:
     message in the `response` tensor (backends/core/messages.py): a Triton error response on a
     decoupled BLS stream never reaches the orchestrator's response iterator (python backend
     2.51), which would then wait forever."""
-    PHASE: ClassVar[str] = ""
+    PHASE: ClassVar[str] = ""       # "": the phase of the model's name (`decode_1`)
     pb: ClassVar[Any] = None
 
     def initialize(self, args: dict[str, Any]) -> None:
+        from deploy.contract import instance_id, model_instance
         from deploy.runtime import init_instance
-        deployment, _, index = init_instance(args, self.PHASE)
-        metrics = EngineMetrics(self.pb, self.PHASE, f"{self.PHASE}-{index}")
-        self.host = _BUILDERS[self.PHASE](deployment, index, self._send, self._is_cancelled,
-                                          metrics.update)
+        phase = self.PHASE or model_instance(args["model_name"])[0]
+        deployment, _, index = init_instance(args, phase)
+        metrics = EngineMetrics(self.pb, phase, instance_id(phase, index))
+        self.host = _BUILDERS[phase](deployment, index, self._send, self._is_cancelled,
+                                     metrics.update)
 
     def execute(self, requests: list[Any]) -> None:
         for request in requests:

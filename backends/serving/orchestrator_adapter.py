@@ -12,6 +12,11 @@ Every failure becomes an error response followed by FINAL. An `InstanceMonitor`
 waiting on an instance that died or stopped answering fails within seconds, and a dead
 instance's model is reloaded through Triton's model-control API (the launcher runs
 tritonserver with explicit model control and tells the stubs its HTTP address).
+Each prefill and decode instance is a Triton model of its own (`prefill_0`, `decode_1`), so
+the monitor places every prefill and every decode request on a live instance of its phase
+(`InstanceMonitor.place`, least loaded) and the request watches that instance from the start;
+a reload restarts that instance alone. The colocated baseline's instances share one model
+(`colocated`): Triton picks, and a request watches its phase until the instance says which.
 """
 from __future__ import annotations
 
@@ -36,6 +41,7 @@ from backends.core.messages import Accepted, Admitted, Failed, Prefilled, Tokens
 from backends.orchestrator.pipeline import Chunk, Generation, Orchestrator, RequestFailed
 from backends.serving.adapter import bytes_tensor
 from backends.serving.metrics import RequestMetrics
+from deploy.contract import instance_id, instance_model
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +96,7 @@ class OrchestratorModel:
         self.metrics = RequestMetrics(self.pb, args["model_name"])
         phases = (("colocated", deployment.colocated),) if self.MODE == "colocated" else \
             (("prefill", deployment.prefill), ("decode", deployment.decode))
-        self.monitor = InstanceMonitor([f"{name}-{i}" for name, phase in phases if phase is not None
+        self.monitor = InstanceMonitor([instance_id(name, i) for name, phase in phases if phase is not None
                                         for i in range(phase.num_instances)], self._probe, self._reload)
         self.monitor.start()
 
@@ -98,8 +104,9 @@ class OrchestratorModel:
         return send(socket_path(self.control_dir, instance_id), {"op": "stats"}, timeout=1.0)
 
     def _reload(self, model: str) -> None:
-        """Ask Triton to load `model` again (a dead stub is restarted). One orchestrator instance
-        does it: the others find the lock taken."""
+        """Ask Triton to load `model` again (a dead stub is restarted; for prefill and decode,
+        the one instance the model holds). One orchestrator instance does it: the others find
+        the lock taken."""
         url = os.environ.get(SERVER_URL_ENV)
         if not url:
             log.error("cannot reload %s: %s is not set (start the server with deploy.server)",
@@ -201,9 +208,10 @@ class OrchestratorModel:
         return None if tensor is None else tensor.as_numpy().reshape(-1)[0].decode()
 
     async def _prefill(self, payload: str) -> str:
-        watch = self.monitor.watch("prefill")
+        watch = self.monitor.place("prefill", len(json.loads(payload)["prompt_ids"]))
         try:
-            response = await self._call(watch, self._bls("prefill", payload).exec,
+            response = await self._call(watch, lambda: self._bls(instance_model(watch.instance),
+                                                                 payload).exec(),
                                         on_cancel=self._drop_prefilled)
         finally:
             watch.close()
@@ -213,8 +221,9 @@ class OrchestratorModel:
         return out
 
     async def _call(self, watch: Watch, call: Any, on_cancel: Any = None) -> Any:
-        """A blocking BLS call on the pool, unless the instances it would go to are down. If
-        the request is cancelled meanwhile, `on_cancel(result)` runs when the call returns."""
+        """A blocking BLS call on the pool, unless the instance it goes to (or every instance
+        of its phase) is down. If the request is cancelled meanwhile, `on_cancel(result)` runs
+        when the call returns."""
         await asyncio.sleep(0)                  # a watch that failed at creation has resolved
         if watch.failed.done():
             raise RuntimeError(f"request failed: {watch.failed.result()}")
@@ -241,22 +250,22 @@ class OrchestratorModel:
         has taken the KV in (KV a dead prefill instance exported is never read)."""
         if request.get("type") != "decode":
             return None
-        watch = self.monitor.watch("prefill")
-        watch.narrow(request["kv"]["instance_id"])
-        return watch
+        return self.monitor.watch_instance(request["kv"]["instance_id"])
 
-    def _stream_from(self, model: str):
-        """A decoupled BLS stream from `model` (decode or colocated): payload -> responses.
+    def _stream_from(self, phase: str):
+        """A decoupled BLS stream from an instance of `phase` (decode: the one the monitor
+        places it on; colocated: the one Triton picks): payload -> responses.
 
         Closed early (cancel, stop string), it reads the rest in the background: the instance
-        ends the stream at once after a cancel, and an unread BLS stream would keep this model
+        ends the stream at once after a cancel, and an unread BLS stream would keep its model
         from unloading."""
         async def stream(payload: str) -> AsyncIterator[str]:
             request = json.loads(payload)               # our own message: well formed
-            watch = self.monitor.watch(model)
+            watch = self.monitor.place(phase) if phase == "decode" else self.monitor.watch(phase)
+            model = instance_model(watch.instance) if watch.instance else phase
             kv_watch = self._kv_source_watch(request)
             watches = (watch,) if kv_watch is None else (watch, kv_watch)
-            responses, read, done, cancelled = None, None, False, False
+            responses, read, done, cancelled, accepted = None, None, False, False, False
             try:
                 loop = asyncio.get_running_loop()
                 responses = await self._call(watch, lambda: self._bls(model, payload).exec(decoupled=True),
@@ -268,8 +277,10 @@ class OrchestratorModel:
                     done = response is None
                     out = None if done else self._payload(response)
                     if out is not None:
-                        if watch.instance is None and out.startswith('{"type":"accepted"'):
-                            watch.narrow(json.loads(out)["instance_id"])
+                        if not accepted and out.startswith('{"type":"accepted"'):
+                            accepted = True
+                            if watch.instance is None:
+                                watch.narrow(json.loads(out)["instance_id"])
                         elif len(watches) > 1 and out.startswith('{"type":"admitted"'):
                             watches = (watch,)          # the KV is in: its source may go
                         yield out
@@ -278,7 +289,7 @@ class OrchestratorModel:
                 raise
             finally:
                 failed = any(w.failed.done() and not w.failed.cancelled() for w in watches)
-                if (failed or cancelled) and watch.instance:
+                if (failed or cancelled) and accepted:
                     # a stopped instance reads this when it resumes and frees the request; a
                     # request whose KV source died is dropped before its KV is read
                     self._cancel(watch.instance, request["req_id"])
@@ -286,10 +297,11 @@ class OrchestratorModel:
                     if w is not None:
                         w.close()
                 # an unfinished stream is read to its end in the background (after the read in
-                # flight, if the instance went down mid-read); cancelled before the instance
-                # said which it is, the request is cancelled once it does
+                # flight, if the instance went down mid-read); failed or cancelled before the
+                # instance accepted it, the request is cancelled once it does (a cancel that
+                # overtook the request would be lost)
                 if not done and responses is not None:
-                    req_id = request["req_id"] if cancelled and not watch.instance else None
+                    req_id = request["req_id"] if (cancelled or failed) and not accepted else None
                     if read is None or read.done():
                         self.pool.submit(self._drain, responses, req_id)
                     else:

@@ -142,7 +142,7 @@ def test_cancel_mid_stream_frees_kv_on_both_instances(server, protocol):
 def test_unclaimed_prefill_lease_is_reclaimed(server, smollm_tokenizer):
     request = {"type": "prefill", "req_id": "orphan", "prompt_ids": smollm_tokenizer.encode(PROMPTS[5]),
                "params": {"max_tokens": 8, "temperature": 0.0, "seed": 1}}
-    status, text = http_post(server.http_url, "/v2/models/prefill/infer", {"inputs": [
+    status, text = http_post(server.http_url, "/v2/models/prefill_0/infer", {"inputs": [
         {"name": "request", "datatype": "BYTES", "shape": [1], "data": [json.dumps(request)]}]})
     assert status == 200, text
     assert json.loads(json.loads(text)["outputs"][0]["data"][0])["type"] == "prefilled"
@@ -175,7 +175,7 @@ def test_forged_or_stale_descriptor_sent_straight_to_decode(server, smollm_token
     prompt = smollm_tokenizer.encode(PROMPTS[0])
     prefill = {"type": "prefill", "req_id": "real", "prompt_ids": prompt,
                "params": {"max_tokens": 8, "temperature": 0.0, "seed": 1}}
-    status, text = http_post(server.http_url, "/v2/models/prefill/infer", {"inputs": [
+    status, text = http_post(server.http_url, "/v2/models/prefill_0/infer", {"inputs": [
         {"name": "request", "datatype": "BYTES", "shape": [1], "data": [json.dumps(prefill)]}]})
     result = json.loads(json.loads(text)["outputs"][0]["data"][0])
     kv = result["kv"]                                   # the descriptor, nested
@@ -206,7 +206,7 @@ def _raw_decode(server, request: dict) -> list[str]:
     client.start_stream(callback=lambda result, error: errors.append(error) if error else results.append(result))
     tensor = grpcclient.InferInput("request", [1], "BYTES")
     tensor.set_data_from_numpy(np.array([json.dumps(request).encode()], dtype=np.object_))
-    client.async_stream_infer("decode", [tensor], request_id="raw")
+    client.async_stream_infer("decode_0", [tensor], request_id="raw")
     deadline = time.monotonic() + 30
     while not errors and time.monotonic() < deadline and not any(
             r.get_response().parameters.get("triton_final_response", None) and

@@ -1,4 +1,5 @@
-"""Faults on the real server: a killed decode or prefill instance, a stopped decode instance.
+"""Faults on the real server: a killed decode or prefill instance, a stopped decode instance, a
+killed decode instance of two (the other serves meanwhile).
 
 Every in-flight request must end within a deadline, with its tokens or an error; afterwards the
 server serves a normal request again (a dead instance is reloaded), no KV is left held, and
@@ -10,10 +11,11 @@ import os
 import signal
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from benchmarks.fault_tools import kv_segments, segments, serves_again, settled, stub_pid
+from benchmarks.fault_tools import RECOVER_S, kv_segments, segments, serves_again, settled, stub_pid
 from client import DistServeClient, DistServeError
 from deploy.deployment import default_deployment
 from deploy.render import render_repository
@@ -75,7 +77,7 @@ def test_killed_decode_fails_its_streams_at_once_and_is_reloaded(server):
     streams = Streams(server, 6, "Once upon a time", max_tokens=400)
     streams.wait_first_tokens(6)
     killed = time.monotonic()
-    os.kill(stub_pid(server, "decode"), signal.SIGKILL)
+    os.kill(stub_pid(server, "decode_0"), signal.SIGKILL)
     streams.join(DEADLINE_S + 5)
     assert len(streams.results) == 6
     for end, tokens, error in streams.results:
@@ -92,7 +94,7 @@ def test_killed_prefill_fails_what_waits_on_it_and_is_reloaded(server):
     streams = Streams(server, 4, long, max_tokens=8)
     time.sleep(0.5)                                                  # queued on prefill
     killed = time.monotonic()
-    os.kill(stub_pid(server, "prefill"), signal.SIGKILL)
+    os.kill(stub_pid(server, "prefill_0"), signal.SIGKILL)
     streams.join(DEADLINE_S + 5)
     assert len(streams.results) == 4
     for end, tokens, error in streams.results:
@@ -106,7 +108,7 @@ def test_killed_prefill_fails_what_waits_on_it_and_is_reloaded(server):
 def test_stopped_decode_fails_its_streams_and_serves_after_it_resumes(server):
     streams = Streams(server, 4, "Once upon a time", max_tokens=300)
     streams.wait_first_tokens(4)
-    pid = stub_pid(server, "decode")
+    pid = stub_pid(server, "decode_0")
     os.kill(pid, signal.SIGSTOP)
     stopped = time.monotonic()
     try:
@@ -139,7 +141,7 @@ def test_kv_of_a_dead_prefill_instance_is_never_read(tmp_path, gguf_path):
         time.sleep(0.5)
         assert instance_stats(srv, "decode-0")["pending"] == 2
         killed = time.monotonic()
-        os.kill(stub_pid(srv, "prefill"), signal.SIGKILL)
+        os.kill(stub_pid(srv, "prefill_0"), signal.SIGKILL)
         waiting.join(DEADLINE_S + 5)
         for end, tokens, error in waiting.results:
             assert error is not None and "prefill-0" in error and end - killed < DEADLINE_S, error
@@ -149,3 +151,77 @@ def test_kv_of_a_dead_prefill_instance_is_never_read(tmp_path, gguf_path):
         assert instance_stats(srv, "decode-0")["kv_transfer_bytes"] > 0
         serves_again(srv, killed)
         wait_kv_free(srv, ("prefill-0", "decode-0"), timeout=30)
+
+
+def test_with_two_decode_instances_the_live_one_serves_while_the_dead_one_is_reloaded_alone(tmp_path, gguf_path):
+    """1 prefill + 2 decode instances (each its own model; the two decode instances share core 1
+    here, and their weights): SIGKILL decode-0's stub while streams run on both. Its streams
+    fail at once, decode-1's finish; new requests during the reload all go to decode-1 and
+    succeed; only decode_0 is reloaded, and then takes requests again; nothing is left held."""
+    deployment = dataclasses.replace(default_deployment(str(gguf_path)), dtype="float32",
+                                     max_model_len=1024, default_max_tokens=32)
+    deployment = dataclasses.replace(deployment, decode=dataclasses.replace(
+        deployment.decode, num_instances=2, devices=(deployment.decode.devices[0],) * 2))
+    repo = render_repository(deployment, tmp_path / "model_repository", require_code=True)
+    ids = ("prefill-0", "decode-0", "decode-1")
+    with start_server(repo, run_dir=tmp_path / "run") as srv:
+        pids = {i: instance_stats(srv, i)["pid"] for i in ids} | {"distserve": stub_pid(srv, "distserve")}
+        streams = Streams(srv, 6, "Once upon a time", max_tokens=120)
+        streams.wait_first_tokens(6)
+        on = _wait_placed(srv, ("decode-0", "decode-1"), 6)
+        assert on["decode-0"] and on["decode-1"], on                  # the burst spread
+        assert stub_pid(srv, "decode_0") == pids["decode-0"]
+        served_1 = instance_stats(srv, "decode-1")["requests_total"]
+        killed = time.monotonic()
+        os.kill(pids["decode-0"], signal.SIGKILL)
+        first_new = serves_again(srv, killed)                         # one live decode instance
+        streams.join(60)
+        failed = [(end, error) for end, _, error in streams.results if error is not None]
+        assert len(failed) == on["decode-0"], streams.results
+        for end, error in failed:
+            assert "decode-0" in error or "decode_0" in error, error
+            assert end - killed < DEADLINE_S
+        assert all(tokens == 120 for _, tokens, error in streams.results if error is None)
+
+        # during the reload every new request goes to decode-1, and succeeds
+        with pytest.raises(OSError):
+            instance_stats(srv, "decode-0")                           # not back yet
+        client = DistServeClient(srv.grpc_url, "grpc", timeout=60)
+        before = instance_stats(srv, "decode-1")["requests_total"]
+        with ThreadPoolExecutor(4) as pool:
+            during = list(pool.map(lambda p: client.generate(p, max_tokens=6, ignore_eos=True).text,
+                                   ["Hi", "Hello", "Why", "How"]))
+        assert all(during)
+        assert instance_stats(srv, "decode-1")["requests_total"] - before == 4
+        assert before > served_1                                      # serves_again's went there too
+
+        # decode_0 alone is reloaded, then takes requests again (it wins ties when idle)
+        while True:
+            try:
+                stats = instance_stats(srv, "decode-0")
+                if stats["pid"] != pids["decode-0"] and client.generate("Hi", max_tokens=4, ignore_eos=True).text \
+                        and instance_stats(srv, "decode-0")["requests_total"] > 0:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() - killed < RECOVER_S, "decode-0 was not reloaded"
+            time.sleep(0.5)
+        reloaded = time.monotonic() - killed
+        assert {i: instance_stats(srv, i)["pid"] for i in ("prefill-0", "decode-1")} == \
+            {i: pids[i] for i in ("prefill-0", "decode-1")}
+        assert stub_pid(srv, "distserve") == pids["distserve"]
+        settled(srv, ids)
+        print(f"2 decode instances, decode-0 killed: its {len(failed)} stream(s) failed within "
+              f"{max(e for e, _ in failed) - killed:.1f} s, decode-1's {6 - len(failed)} finished; a new "
+              f"request served after {first_new:.1f} s; decode-0 reloaded and serving after {reloaded:.1f} s")
+
+
+def _wait_placed(server, instance_ids: tuple[str, ...], n: int, timeout: float = 10.0) -> dict[str, int]:
+    """Requests running or waiting on each instance, once `n` are there in all."""
+    deadline = time.monotonic() + timeout
+    while True:
+        stats = {i: instance_stats(server, i) for i in instance_ids}
+        on = {i: s["running"] + s["pending"] for i, s in stats.items()}
+        if sum(on.values()) == n or time.monotonic() > deadline:
+            return on
+        time.sleep(0.05)

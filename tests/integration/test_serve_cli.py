@@ -20,8 +20,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from deploy.contract import COLOCATED, DECODE, DISTSERVE, DISTSERVE_COLOCATED, PREFILL
+from deploy.contract import COLOCATED, DISTSERVE, DISTSERVE_COLOCATED, instance_model
 from deploy.deployment import colocated_deployment
+from deploy.render import ENGINE_ADAPTER
 from deploy.server import free_ports
 
 from .conftest import ROOT, http_post
@@ -30,6 +31,7 @@ STAND_IN = '''
 import json, os
 import numpy as np
 import triton_python_backend_utils as pb_utils
+from deploy.contract import COLOCATED, model_instance
 from deploy.runtime import init_instance
 
 
@@ -37,7 +39,7 @@ class TritonPythonModel:
     def initialize(self, args):
         self.name, self.instance = args["model_name"], args["model_instance_name"]
         if not self.name.startswith("distserve"):
-            init_instance(args, self.name)
+            init_instance(args, COLOCATED if self.name == COLOCATED else model_instance(self.name)[0])
 
     def execute(self, requests):
         output = "text_output" if self.name.startswith("distserve") else "response"
@@ -53,9 +55,10 @@ class TritonPythonModel:
 
 
 def stand_in_repository(dest: Path) -> Path:
-    for model in (DISTSERVE, PREFILL, DECODE, DISTSERVE_COLOCATED, COLOCATED):
+    for model in (DISTSERVE, DISTSERVE_COLOCATED, COLOCATED):
         (dest / model / "1").mkdir(parents=True)
         (dest / model / "1" / "model.py").write_text(STAND_IN)
+    (dest / ENGINE_ADAPTER).write_text(STAND_IN)        # every prefill / decode instance's model
     return dest
 
 
@@ -112,7 +115,8 @@ def test_serve_renders_pins_and_stops_cleanly(serving):
     answer = generate(http_url, DISTSERVE, body)
     assert answer["inputs"] == sorted(body)              # every contract input is accepted
     cores = [[0], [1]] if (os.cpu_count() or 1) >= 2 else [[0], [0]]
-    for model, expected in ((PREFILL, cores[0]), (DECODE, cores[1])):
+    for instance, expected in (("prefill-0", cores[0]), ("decode-0", cores[1])):
+        model = instance_model(instance)                  # prefill_0, decode_0
         answer = generate(http_url, model, {"request": "{}"})
         assert (answer["instance"], answer["affinity"]) == (f"{model}_0_0", expected)
 
