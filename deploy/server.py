@@ -31,6 +31,7 @@ import signal
 import subprocess
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from collections import deque
 from pathlib import Path
@@ -45,6 +46,7 @@ from deploy.server_setup import (ROOT, SHARED_WEIGHTS_ENV, SHM_MIN_FREE_BYTES, S
                                  check_ports_free, prepare_backend_dir, server_env,
                                  shared_weights_parent, triton_dist_dir)
 from deploy.server_setup import free_ports, make_shared_weights_dir  # noqa: F401 (re-export)
+from deploy.supervisor import Supervisor
 
 PR_SET_PDEATHSIG = 1
 _ERROR_LINE = re.compile(r"^E\d{4} ")
@@ -99,6 +101,7 @@ class TritonServer:
         self.extra_env = dict(env or {})
         self.die_with_parent = die_with_parent
         self.share_weights = share_weights
+        self.supervisor: Supervisor | None = None        # started once ready
         self.log_file = self.run_dir / "server.log"
         # /dev/shm/<prefix>*: the python backend's regions (and kvtransfer's, if it uses the
         # prefix); unique, so two servers never clash
@@ -230,9 +233,31 @@ class TritonServer:
             if not self.is_alive():
                 raise ServerError(self._failure(f"exited early with code {self.process.returncode}"))
             if self.is_ready():
+                self._supervise()
                 return self
             time.sleep(0.2)
         raise ServerError(self._failure(f"not ready after {timeout:.0f}s"))
+
+    def _supervise(self) -> None:
+        """Watch the front-end models' stubs (deploy/supervisor.py): nothing inside the server
+        watches the orchestrator, whose stub was once seen to crash."""
+        models = [m for m in FRONT_ENDS if (self.model_repository / m).is_dir()]
+        if self.supervisor is None and models:
+            self.supervisor = Supervisor(self.process.pid, models, self.reload_model)
+            self.supervisor.check()                     # the stubs there now
+            self.supervisor.start()
+
+    def reload_model(self, model: str) -> None:
+        """Unload and load `model` (explicit model control); ServerError if Triton refuses."""
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        for op in ("unload", "load"):
+            request = urllib.request.Request(
+                f"http://{self.http_url}/v2/repository/models/{model}/{op}", data=b"{}", method="POST")
+            try:
+                with opener.open(request, timeout=600):
+                    pass
+            except urllib.error.HTTPError as e:
+                raise ServerError(f"Triton refused to {op} {model}: {e.read().decode()[:300]}") from None
 
     def log_tail(self, num_lines: int = 30) -> str:
         try:
@@ -263,6 +288,9 @@ class TritonServer:
         Raises ServerError if a process of the group (e.g. a python backend stub) survives.
         """
         timeout = self.exit_timeout_s + 30 if timeout is None else timeout
+        if self.supervisor is not None:
+            self.supervisor.stop()
+            self.supervisor = None
         if self.process is None:
             self._remove_private_dirs()
             return None

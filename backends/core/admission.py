@@ -27,8 +27,11 @@ class Overloaded(ValueError):
 
 class Backlog:
     """Prompt tokens (and requests) accepted by an instance and not yet prefilled, and its
-    prefill rate: tokens over seconds of prefilling steps, both decayed per step, so the rate
-    follows the recent mix of prompt lengths."""
+    prefill speed: a line t = a + b * tokens fitted to recent steps (weighted sums decayed per
+    step, so it follows the recent mix of prompt lengths): a per-step cost `a` and a per-token
+    cost `b`. A ratio alone would take a 2-token warm-up step's 0.1 s as 20 tokens/s."""
+
+    ratio_min_tokens = 256          # mean prompt tokens per step for a plain ratio to stand in
 
     def __init__(self, decay: float = 0.8) -> None:
         if not 0.0 <= decay < 1.0:
@@ -37,8 +40,7 @@ class Backlog:
         self._lock = threading.Lock()
         self.tokens = 0
         self.requests = 0
-        self._tok = 0.0
-        self._sec = 0.0
+        self._s = [0.0] * 5                     # decayed sums: n, x, y, xx, xy
 
     def add(self, tokens: int) -> None:
         with self._lock:
@@ -52,22 +54,39 @@ class Backlog:
 
     def observe(self, tokens: int, seconds: float) -> None:
         """A step that ran while prompts waited here and computed `tokens` prompt tokens (0: it
-        made no prefill progress, e.g. a decode-only step, or no room for the next prompt)."""
+        made no prefill progress, e.g. a decode-only step)."""
         if seconds <= 0:
             return
         with self._lock:
-            self._tok = self.decay * self._tok + tokens
-            self._sec = self.decay * self._sec + seconds
+            x, y, d = float(tokens), float(seconds), self.decay
+            self._s = [d * v + w for v, w in zip(self._s, (1.0, x, y, x * x, x * y))]
+
+    def _line(self) -> tuple[float, float] | None:
+        """(a, b) of t = a + b * tokens, or None before a step prefilled anything."""
+        n, sx, sy, sxx, sxy = self._s
+        if sx <= 0:
+            return None
+        spread = n * sxx - sx * sx
+        if spread > 1e-9 * n * sxx:            # steps of different sizes: fit both
+            b = (n * sxy - sx * sy) / spread
+            a = (sy - b * sx) / n
+            if b > 0 and a >= 0:
+                return a, b
+        if sx / n >= self.ratio_min_tokens:     # one size seen (or a fit out of shape), but
+            return 0.0, sy / sx                 # steps large enough that a ratio holds
+        return None                             # small steps only: no evidence yet
 
     @property
     def rate(self) -> float | None:
-        """Prompt tokens per second over recent steps; None before any step prefilled."""
-        return self._tok / self._sec if self._sec > 0 and self._tok > 0 else None
+        """Marginal prompt tokens per second (1 / b); None before any step prefilled."""
+        line = self._line()
+        return None if line is None or line[1] <= 0 else 1.0 / line[1]
 
     def predicted_wait(self, extra_tokens: int) -> float | None:
-        """Seconds until a request of `extra_tokens` joining now has its first token."""
-        rate = self.rate
-        return None if rate is None else (self.tokens + extra_tokens) / rate
+        """Seconds until a request of `extra_tokens` joining now has its first token (the
+        queue ahead and it as one more step's worth of work)."""
+        line = self._line()
+        return None if line is None else line[0] + line[1] * (self.tokens + extra_tokens)
 
 
 @dataclass(frozen=True)

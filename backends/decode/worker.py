@@ -40,6 +40,7 @@ class DecodeWorker(EngineWorker):
         backends.core.router.step_budget with the TPOT SLO), else the standing budget."""
         super().__init__(engine, instance_id, clock)
         self.step_budget = step_budget
+        self.num_local = 0                              # prompts taken to prefill here
         self.importer = importer
         self.async_copy = async_copy
         self._copier = cf.ThreadPoolExecutor(1, thread_name_prefix=f"{instance_id or 'decode'}-kv")
@@ -48,7 +49,9 @@ class DecodeWorker(EngineWorker):
         self.kv_seconds = 0.0
 
     def prefills(self, req: DecodeRequest | GenerateRequest) -> bool:
-        return isinstance(req, GenerateRequest)         # a prompt prefilled here, in chunks
+        local = isinstance(req, GenerateRequest)        # a prompt prefilled here, in chunks
+        self.num_local += local
+        return local
 
     def make_sequence(self, req: DecodeRequest | GenerateRequest, now: float) -> Sequence:
         if isinstance(req, GenerateRequest):
@@ -123,7 +126,8 @@ class DecodeWorker(EngineWorker):
     def stats(self) -> dict[str, int]:
         s = self.engine.scheduler
         return {**super().stats(), "pending": len(s.remote) + self._inbox.qsize(),
-                "loading": len(s.loading), "kv_transfer_bytes": self.kv_bytes,
+                "loading": len(s.loading), "local_total": self.num_local,
+                "kv_transfer_bytes": self.kv_bytes,
                 "kv_transfer_seconds": self.kv_seconds}
 
     def close(self) -> None:

@@ -150,3 +150,33 @@ def _load(state: InstanceState | None, phase: str) -> tuple[int, int]:
     if phase == "prefill":
         return (state.queued_tokens, state.queued_requests)
     return (state.num_running + state.queued_requests, -state.free_kv_blocks)
+
+
+def adaptive_dispatcher(deployment: Any, control_dir: Any, live: Callable[[str], bool]) -> Dispatcher:
+    """The orchestrator's dispatcher for a deployment served in adaptive mode: the instances'
+    status pages (backends/core/status_page.py, in the server's run dir) as their states, the
+    deployment's SLOs, and the latency profile's predictor (without one, it places as split)."""
+    from backends.core.status_page import StatusReader, status_path, to_instance_state
+    from planner.router_latency import deployment_predictor
+    from deploy.contract import instance_id
+    prefill_ids = [instance_id("prefill", i) for i in range(deployment.prefill.num_instances)]
+    decode_ids = [instance_id("decode", i) for i in range(deployment.decode.num_instances)]
+    readers = {i: StatusReader(status_path(control_dir, i), i) for i in prefill_ids + decode_ids}
+
+    def states(instance: str) -> Published | None:
+        try:
+            status = readers[instance].read()
+            if status is None or status.stale:
+                return None
+            return to_instance_state(status), status.written_at
+        except ValueError:                            # a page refused: do not trust it
+            return None
+    try:
+        predictor = deployment_predictor(deployment, deployment.resolved_latency_profile())
+    except (OSError, ValueError) as e:
+        import logging
+        logging.getLogger(__name__).warning("adaptive mode without a latency model (%s): "
+                                            "every request is placed as split", e)
+        predictor = None
+    return Dispatcher(prefill_ids, decode_ids, states, live, mode="adaptive",
+                      slo=SLOs(deployment.slo_ttft_s, deployment.slo_tpot_s), predictor=predictor)

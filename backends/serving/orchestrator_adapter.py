@@ -35,7 +35,8 @@ from typing import Any, AsyncIterator, ClassVar
 import numpy as np
 
 from backends.core.control import run_dir, send, socket_path
-from backends.orchestrator.health import InstanceMonitor, Watch
+from backends.orchestrator.dispatch import adaptive_dispatcher
+from backends.orchestrator.health import InstanceMonitor, Watch, phase_of
 from backends.core.admission import OVERLOADED
 from backends.core.messages import Accepted, Admitted, Failed, Prefilled, Tokens, decode
 from backends.orchestrator.pipeline import Chunk, Generation, Orchestrator, RequestFailed
@@ -99,6 +100,10 @@ class OrchestratorModel:
         self.monitor = InstanceMonitor([instance_id(name, i) for name, phase in phases if phase is not None
                                         for i in range(phase.num_instances)], self._probe, self._reload)
         self.monitor.start()
+        self.dispatcher = None                   # adaptive mode: where each request runs
+        if self.MODE == "disaggregated" and deployment.serving_mode == "adaptive":
+            self.dispatcher = adaptive_dispatcher(
+                deployment, self.control_dir, lambda i: self.monitor.status().get(i) in ("up", "starting"))
 
     def _probe(self, instance_id: str) -> dict[str, Any]:
         return send(socket_path(self.control_dir, instance_id), {"op": "stats"}, timeout=1.0)
@@ -183,8 +188,23 @@ class OrchestratorModel:
         if self.MODE == "colocated":
             return self.orch.run_colocated(gen, self._stream_from("colocated"), self._cancel,
                                            is_cancelled)
+        down = self._phase_down("decode")
+        if down:                                 # refused now, not after a wasted prefill
+            raise RuntimeError(f"no decode instance can serve: {down}")
+        if self.dispatcher is not None:          # adaptive: the router decides
+            placement = self.dispatcher.place(len(gen.prompt_ids), gen.params.max_tokens)
+            if placement.kind == "local":        # prefilled in chunks in its decode steps
+                return self.orch.run_colocated(gen, self._stream_from("decode", placement.decode),
+                                               self._cancel, is_cancelled)
         return self.orch.run(gen, self._prefill, self._stream_from("decode"), self._cancel,
                              is_cancelled)
+
+    def _phase_down(self, phase: str) -> str:
+        """Why no instance of `phase` can serve ("" while one can)."""
+        status = {i: s for i, s in self.monitor.status().items() if phase_of(i) == phase}
+        if not status or any(s in ("up", "starting") for s in status.values()):
+            return ""
+        return ", ".join(f"{i} is {s}" for i, s in status.items())
 
     def _response(self, chunk: Chunk, gen: Generation) -> Any:
         pb = self.pb
@@ -252,16 +272,19 @@ class OrchestratorModel:
             return None
         return self.monitor.watch_instance(request["kv"]["instance_id"])
 
-    def _stream_from(self, phase: str):
-        """A decoupled BLS stream from an instance of `phase` (decode: the one the monitor
-        places it on; colocated: the one Triton picks): payload -> responses.
+    def _stream_from(self, phase: str, instance: str | None = None):
+        """A decoupled BLS stream from an instance of `phase` (decode: `instance`, or the one
+        the monitor places it on; colocated: the one Triton picks): payload -> responses.
 
         Closed early (cancel, stop string), it reads the rest in the background: the instance
         ends the stream at once after a cancel, and an unread BLS stream would keep its model
         from unloading."""
         async def stream(payload: str) -> AsyncIterator[str]:
             request = json.loads(payload)               # our own message: well formed
-            watch = self.monitor.place(phase) if phase == "decode" else self.monitor.watch(phase)
+            if instance is not None:
+                watch = self.monitor.watch_instance(instance)
+            else:
+                watch = self.monitor.place(phase) if phase == "decode" else self.monitor.watch(phase)
             model = instance_model(watch.instance) if watch.instance else phase
             kv_watch = self._kv_source_watch(request)
             watches = (watch,) if kv_watch is None else (watch, kv_watch)

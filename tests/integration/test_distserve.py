@@ -355,3 +355,30 @@ def test_client_vanishing_while_its_request_waits_for_decode_frees_it_at_once(tm
             result = blocker.result()[0]
         assert result.ok and result.num_tokens == 600, result
         wait_kv_free(srv, ("prefill-0", "decode-0"))
+
+
+def test_adaptive_mode_prefills_short_prompts_on_decode_when_prefill_is_busy(tmp_path, gguf_path, offline):
+    """Adaptive mode, on the real server: with prefill busy on long prompts, the router sends
+    short prompts to the decode instance, which prefills them inside its decode steps; every
+    output equals the offline engine's (float32, greedy)."""
+    from planner.deployment import serving
+    deployment = dataclasses.replace(default_deployment(str(gguf_path)), dtype="float32",
+                                     max_model_len=1024, slo_ttft_s=1.0, slo_tpot_s=0.2)
+    deployment = serving(deployment, "adaptive")
+    repo = render_repository(deployment, tmp_path / "model_repository", require_code=True)
+    long_prompt = "The quick brown fox jumps over the lazy dog. " * 60
+    with start_server(repo, run_dir=tmp_path / "run") as srv:
+        client = DistServeClient(srv.grpc_url, "grpc", timeout=120)
+        assert client.generate("Hello", max_tokens=2).text          # pages published, warm
+        with ThreadPoolExecutor(8) as pool:
+            longs = [pool.submit(client.generate, long_prompt, max_tokens=4, ignore_eos=True,
+                                 return_token_ids=True) for _ in range(3)]
+            time.sleep(0.3)
+            shorts = [pool.submit(client.generate, p, max_tokens=8, ignore_eos=True,
+                                  return_token_ids=True) for p in PROMPTS[:4]]
+            for p, f in zip(PROMPTS[:4], shorts):
+                assert f.result().token_ids == offline(p, 8).token_ids, p
+            for f in longs:
+                assert f.result().token_ids == offline(long_prompt, 4).token_ids
+        assert instance_stats(srv, "decode-0")["local_total"] >= 1, "nothing went local"
+        wait_kv_free(srv, ("prefill-0", "decode-0"))

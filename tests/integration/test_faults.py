@@ -225,3 +225,16 @@ def _wait_placed(server, instance_ids: tuple[str, ...], n: int, timeout: float =
         if sum(on.values()) == n or time.monotonic() > deadline:
             return on
         time.sleep(0.05)
+
+
+def test_a_killed_orchestrator_stub_is_reloaded_by_the_launcher(server):
+    """Nothing inside the server watches the orchestrator (its stub crashed once in a soak):
+    the launcher's supervisor reloads the `distserve` model, and the server serves again."""
+    pid = stub_pid(server, "distserve")
+    t0 = time.monotonic()
+    os.kill(pid, signal.SIGKILL)
+    took = serves_again(server, t0)
+    print(f"orchestrator killed: served again after {took:.1f} s")
+    assert stub_pid(server, "distserve") != pid
+    assert server.supervisor.reloads == ["distserve"]
+    settled(server)
