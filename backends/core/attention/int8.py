@@ -69,7 +69,10 @@ class _Scratch(threading.local):
 
         def take(numel: int) -> torch.Tensor:
             buf = self.buffers.get(key)
-            if buf is None or buf.numel() < numel:
+            # a buffer made under inference_mode cannot be written outside it (a test, or
+            # a caller without the engine's inference_mode, after an engine step)
+            if buf is None or buf.numel() < numel or \
+                    (buf.is_inference() and not torch.is_inference_mode_enabled()):
                 buf = self.buffers[key] = torch.empty(numel, dtype=key[1], device=key[2])
             return buf[:numel]
         return take
