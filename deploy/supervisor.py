@@ -16,9 +16,28 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterable
 
 log = logging.getLogger(__name__)
+
+
+def reload_model(http_url: str, model: str, timeout_s: float = 600.0) -> None:
+    """Ask the tritonserver at `http_url` ("host:port") to unload `model` and load it again
+    (explicit model control), which restarts its stubs. Unload first: a `load` of a model
+    Triton holds as loaded is a no-op after the first reload, and a dead stub stays dead.
+    RuntimeError if Triton refuses."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))   # loopback: no proxy
+    for op in ("unload", "load"):
+        request = urllib.request.Request(f"http://{http_url}/v2/repository/models/{model}/{op}",
+                                         data=b"{}", method="POST")
+        try:
+            with opener.open(request, timeout=timeout_s) as response:
+                log.warning("%s %s: HTTP %d", op, model, response.status)
+        except urllib.error.HTTPError as e:
+            raise RuntimeError(f"Triton refused to {op} {model}: {e.read().decode()[:300]} "
+                               "(it needs --model-control-mode=explicit)") from None
 
 
 def stub_pids(parent_pid: int, model: str) -> set[int]:

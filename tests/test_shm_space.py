@@ -19,8 +19,8 @@ from backends.core.kv_cache import KVLayout
 from deploy import server as launcher
 from deploy.deployment import default_deployment
 from deploy.render import render_repository
-from deploy.server import (ServerError, TritonServer, check_shm_space, free_ports, read_model_config,
-                           repository_deployment, shm_need)
+from deploy.server import ServerError, TritonServer, free_ports
+from deploy.shm_space import check_shm_space, read_model_config, repository_deployment, shm_need
 from deploy.server_setup import SHARED_WEIGHTS_ENV
 from kvtransfer import segment
 from kvtransfer.errors import SegmentError

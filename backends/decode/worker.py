@@ -49,9 +49,11 @@ class DecodeWorker(EngineWorker):
         self.kv_seconds = 0.0
 
     def prefills(self, req: DecodeRequest | GenerateRequest) -> bool:
-        local = isinstance(req, GenerateRequest)        # a prompt prefilled here, in chunks
-        self.num_local += local
-        return local
+        return isinstance(req, GenerateRequest)         # a prompt prefilled here, in chunks
+
+    def accepted(self, entry: Entry) -> list[Message]:
+        self.num_local += isinstance(entry.req, GenerateRequest)
+        return super().accepted(entry)
 
     def make_sequence(self, req: DecodeRequest | GenerateRequest, now: float) -> Sequence:
         if isinstance(req, GenerateRequest):

@@ -27,8 +27,6 @@ import itertools
 import json
 import logging
 import os
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator, ClassVar
 
@@ -43,6 +41,7 @@ from backends.orchestrator.pipeline import Chunk, Generation, Orchestrator, Requ
 from backends.serving.adapter import bytes_tensor
 from backends.serving.metrics import RequestMetrics
 from deploy.contract import instance_id, instance_model
+from deploy.supervisor import reload_model
 
 log = logging.getLogger(__name__)
 
@@ -122,18 +121,7 @@ class OrchestratorModel:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 return                              # another orchestrator instance is on it
-            # unload first: a `load` of a model Triton holds as loaded is a no-op after the
-            # first reload, and the dead instance stays dead
-            opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-            for op in ("unload", "load"):
-                request = urllib.request.Request(f"http://{url}/v2/repository/models/{model}/{op}",
-                                                 data=b"{}", method="POST")
-                try:
-                    with opener.open(request, timeout=600) as response:
-                        log.warning("%s %s: HTTP %d", op, model, response.status)
-                except urllib.error.HTTPError as e:
-                    raise RuntimeError(f"Triton refused to {op} {model}: {e.read().decode()[:300]} "
-                                       "(it needs --model-control-mode=explicit)") from None
+            reload_model(url, model)
 
     async def execute(self, requests: list[Any]) -> None:
         await asyncio.gather(*(self._serve(r) for r in requests))
