@@ -280,7 +280,10 @@ def test_overloaded_prefill_refuses_at_once_and_serves_what_it_took(tmp_path, gg
         with ThreadPoolExecutor(1) as pool:
             future = pool.submit(replay, "triton-grpc", srv.grpc_url, "distserve", burst,
                                  [0.0] * len(burst), timeout_s=120, progress=False)
-            time.sleep(0.3)                          # the burst is queued by now
+            deadline = time.monotonic() + 30         # until the burst fills the queue
+            while instance_stats(srv, "prefill-0")["backlog_requests"] < 3:
+                assert time.monotonic() < deadline and not future.done(), "the burst never queued"
+                time.sleep(0.02)
             t0 = time.monotonic()
             status, text = http_post(srv.http_url, "/v2/models/distserve/generate",
                                      {"input_ids": list(prompt), "max_tokens": 4})
