@@ -14,8 +14,8 @@ import numpy as np
 from tritonclient.utils import serialize_byte_tensor, triton_to_np_dtype
 
 from deploy.contract import (DISTSERVE_SPEC, IGNORE_EOS, INPUT_IDS, MAX_TOKENS, MESSAGES,
-                             RETURN_TIMING, RETURN_TOKEN_IDS, SEED, STOP, STREAM, TEMPERATURE,
-                             TEXT_INPUT, TOP_K, TOP_P)
+                             RETURN_TIMING, RETURN_TOKEN_IDS, SEED, SLO_TPOT, SLO_TTFT, STOP, STREAM,
+                             TEMPERATURE, TEXT_INPUT, TOP_K, TOP_P)
 
 Messages = Sequence[dict[str, Any]] | str       # chat messages, or that list as a JSON string
 
@@ -26,6 +26,7 @@ def build_inputs(prompt: str | None = None, *, messages: Messages | None = None,
                  top_k: int | None = None, seed: int | None = None,
                  stop: str | Sequence[str] | None = None, ignore_eos: bool | None = None,
                  return_token_ids: bool = False, return_timing: bool = False,
+                 slo_ttft_s: float | None = None, slo_tpot_s: float | None = None,
                  stream: bool = False) -> dict[str, Any]:
     """Input name -> plain value for the `distserve` model; arguments left as None are omitted
     (the server's defaults apply). Raises TypeError for a value of the wrong type."""
@@ -42,6 +43,8 @@ def build_inputs(prompt: str | None = None, *, messages: Messages | None = None,
         IGNORE_EOS: _check(ignore_eos, bool, "ignore_eos"),
         RETURN_TOKEN_IDS: _check(return_token_ids, bool, "return_token_ids") or None,
         RETURN_TIMING: _check(return_timing, bool, "return_timing") or None,
+        SLO_TTFT: _float(slo_ttft_s, "slo_ttft_s"),
+        SLO_TPOT: _float(slo_tpot_s, "slo_tpot_s"),
         STREAM: _check(stream, bool, "stream"),
     }
     return {name: value for name, value in values.items() if value is not None}

@@ -122,14 +122,17 @@ class DistServeClient:
                  temperature: float | None = None, top_p: float | None = None,
                  top_k: int | None = None, seed: int | None = None,
                  stop: str | Sequence[str] | None = None, ignore_eos: bool | None = None,
-                 return_token_ids: bool = False, return_timing: bool = False) -> Completion:
+                 return_token_ids: bool = False, return_timing: bool = False,
+                 slo_ttft_s: float | None = None, slo_tpot_s: float | None = None) -> Completion:
         """The whole completion in one response (`stream` false). Its client TTFT is its E2E;
         for a real TTFT use `stream(...)` (and `.collect()` for a Completion).
-        Arguments left as None take the server's defaults."""
+        Arguments left as None take the server's defaults; `slo_ttft_s` / `slo_tpot_s` are
+        this request's SLOs for an adaptive deployment's router (default: the deployment's)."""
         values = build_inputs(prompt, messages=messages, input_ids=input_ids, max_tokens=max_tokens,
                               temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
                               stop=stop, ignore_eos=ignore_eos, return_token_ids=return_token_ids,
-                              return_timing=return_timing, stream=False)
+                              return_timing=return_timing, slo_ttft_s=slo_ttft_s,
+                              slo_tpot_s=slo_tpot_s, stream=False)
         with self._open(values) as stream:        # cancelled if anything interrupts it
             return stream.collect()
 
@@ -138,13 +141,15 @@ class DistServeClient:
                temperature: float | None = None, top_p: float | None = None,
                top_k: int | None = None, seed: int | None = None,
                stop: str | Sequence[str] | None = None, ignore_eos: bool | None = None,
-               return_token_ids: bool = False, return_timing: bool = False) -> Stream:
+               return_token_ids: bool = False, return_timing: bool = False,
+               slo_ttft_s: float | None = None, slo_tpot_s: float | None = None) -> Stream:
         """Send the request now; iterate the returned Stream for one Chunk per new text piece
         (the last one carries finish_reason, and timing with return_timing)."""
         values = build_inputs(prompt, messages=messages, input_ids=input_ids, max_tokens=max_tokens,
                               temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
                               stop=stop, ignore_eos=ignore_eos, return_token_ids=return_token_ids,
-                              return_timing=return_timing, stream=True)
+                              return_timing=return_timing, slo_ttft_s=slo_ttft_s,
+                              slo_tpot_s=slo_tpot_s, stream=True)
         return self._open(values)
 
     def _open(self, values: dict[str, Any]) -> Stream:

@@ -75,6 +75,8 @@ STOP = "stop"                          # stop strings
 IGNORE_EOS = "ignore_eos"
 RETURN_TOKEN_IDS = "return_token_ids"
 RETURN_TIMING = "return_timing"
+SLO_TTFT = "slo_ttft_s"                # this request's SLOs (adaptive routing); default: the
+SLO_TPOT = "slo_tpot_s"                # deployment's slo_ttft_s / slo_tpot_s
 
 # distserve outputs.
 TEXT_OUTPUT = "text_output"
@@ -103,6 +105,7 @@ class Timing:
     kv_bytes: int | None = None                # the KV hand-off (disaggregated only)
     kv_transfer_s: float | None = None
     decode_admitted_at: float | None = None    # the KV was in on the decode instance
+    route: dict[str, Any] | None = None        # adaptive: the router's choice, options, reasons
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}
@@ -116,6 +119,11 @@ class Timing:
         for f in fields(cls):
             v = d.get(f.name)
             if v is None:
+                continue
+            if f.name == "route":
+                if not isinstance(v, dict):
+                    raise ValueError(f"timing field 'route' must be a JSON object, got {v!r}")
+                out.route = v
                 continue
             want = int if f.type.startswith("int") else float
             if isinstance(v, bool) or not isinstance(v, (int, float)) or (want is int and not isinstance(v, int)):
@@ -181,7 +189,7 @@ DISTSERVE_SPEC = ModelSpec(
         _opt(MAX_TOKENS, "INT32"), _opt(STREAM, "BOOL"), _opt(TEMPERATURE, "FP32"),
         _opt(TOP_P, "FP32"), _opt(TOP_K, "INT32"), _opt(SEED, "INT64"),
         _opt(STOP, "BYTES", (-1,)), _opt(IGNORE_EOS, "BOOL"), _opt(RETURN_TOKEN_IDS, "BOOL"),
-        _opt(RETURN_TIMING, "BOOL"),
+        _opt(RETURN_TIMING, "BOOL"), _opt(SLO_TTFT, "FP32"), _opt(SLO_TPOT, "FP32"),
     ),
     outputs=(
         TensorSpec(TEXT_OUTPUT, "BYTES", (-1,)), TensorSpec(TOKEN_IDS, "INT32", (-1,)),

@@ -6,7 +6,7 @@ import pytest
 
 from client.bench.cli import PAPER_SLO_MULTIPLES, parse_args
 from client.bench.compare import System, markdown, parse_system, parse_systems, _strip
-from client.bench.metrics import RequestResult, time_breakdown
+from client.bench.metrics import RequestResult, route_counts, time_breakdown
 from deploy.deployment import DEFAULT_CHUNKED_TOKEN_BUDGET
 
 
@@ -59,6 +59,8 @@ def test_time_breakdown_splits_ttft_and_the_hand_off():
     col = time_breakdown([_result(0, 1.0, 3.0, {"prefill_queue_s": 0.4, "prefill_s": 0.3})])
     assert col["handoff"] == 0 and col["decode"] == pytest.approx(2.0)
     assert time_breakdown([]) == {}
+    routed = [_result(i, 1.0, 3.0, {"route": {"kind": k}}) for i, k in enumerate(["local", "split", "local"])]
+    assert route_counts(routed) == {"local": 2, "split": 1} and route_counts(rows) == {}
 
 
 def _doc(name, goodput, atts, cores):
@@ -87,6 +89,7 @@ def test_summary_table_has_ratios_against_colocated():
     assert "0.4 (100%), 0.8 (95%), 1.6 (20%)" in md
     assert "| disaggregated | 0.8 | 1.000 | 0.100 | 0.500 | 0.400 |" in md
     assert "results" not in summary["systems"][0]["points"][0]
+    assert "Where the router sent" not in md                  # no adaptive system here
 
 
 def test_baseline_requests_are_those_near_the_p90_prompt():

@@ -81,6 +81,25 @@ def test_adaptive_prefills_a_short_prompt_locally_when_prefill_is_backed_up():
     assert d2.place(4000, 16).kind == "split"
 
 
+def test_a_request_s_own_slo_is_the_one_the_router_judges():
+    """The same state and prompt under the deployment's SLOs and under a request's own: a
+    tighter TPOT shrinks the local option's chunks (so its TTFT grows), and a TTFT no option
+    can reach is reported as missed rather than met."""
+    states = {"prefill-0": prefill(0, 1500), "decode-0": decode(0, 2, local=True)}
+
+    def place(**slo):
+        d = make(states, mode="adaptive", slo=SLOs(100.0, 0.1), predictor=Linear())
+        return d.place(64, 16, d.slos(**slo) if slo else None)
+    default, tight_tpot, tight_ttft = place(), place(tpot=0.019), place(ttft=0.001)
+    assert default.kind == "local" and default.decision["reason"] == "meets both SLOs, lowest TTFT"
+    local, tighter = default.decision["options"][1], tight_tpot.decision["options"][1]
+    assert tighter["chunk_budget"] < local["chunk_budget"] and tighter["ttft_s"] > local["ttft_s"]
+    assert tighter["tpot_s"] <= 0.019 < local["tpot_s"]
+    assert tight_ttft.decision["reason"].startswith("no option meets both SLOs")
+    assert all("misses TTFT" in o["reason"] for o in tight_ttft.decision["options"])
+    assert make(states).slos(tpot=0.05) == SLOs(4.0, 0.05)      # the rest: the deployment's
+
+
 def test_adaptive_with_prefill_down_still_serves_locally_if_it_can():
     states = {"prefill-0": prefill(0), "decode-0": decode(0, 0, local=True)}
     d = make(states, down={"prefill-0"}, mode="adaptive", slo=SLOs(1.0, 0.1), predictor=Linear())

@@ -124,6 +124,7 @@ def test_stop_string_cancels_decode(system):
     ({"text_input": "hi", "top_p": 2.0}, "top_p"), ({"input_ids": [10**7]}, "input_ids"),
     ({"messages": "not json"}, "JSON"), ({"messages": '[{"role": "robot", "content": "x"}]'}, "role"),
     ({"text_input": "word " * 3000}, "context length"),
+    ({"text_input": "hi", "slo_ttft_s": 0.0}, "slo_ttft_s"), ({"text_input": "hi", "slo_tpot_s": True}, "slo_tpot_s"),
 ])
 def test_bad_inputs_are_clear_errors(system, inputs, match):
     orch = system[2]

@@ -2,7 +2,8 @@
 
     dispatcher = Dispatcher(prefill_ids, decode_ids, states, live, mode="adaptive",
                             slo=SLOs(4.0, 0.1), predictor=predictor)
-    placement = dispatcher.place(prompt_len, max_tokens)   # Placement, or NoInstance / Wait
+    placement = dispatcher.place(prompt_len, max_tokens)   # Placement, or NoInstance
+    placement = dispatcher.place(prompt_len, max_tokens, dispatcher.slos(ttft=0.5))  # its own SLO
     ... send to placement.prefill / placement.decode ...
 
 `states(instance_id)` returns what the instance last published (`router.InstanceState` and the
@@ -77,14 +78,19 @@ class Dispatcher:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
 
-    def place(self, prompt_len: int, max_tokens: int) -> Placement:
+    def slos(self, ttft: float | None = None, tpot: float | None = None) -> SLOs:
+        """A request's SLOs: those it gives, the deployment's for the rest."""
+        return SLOs(self.slo.ttft if ttft is None else ttft, self.slo.tpot if tpot is None else tpot)
+
+    def place(self, prompt_len: int, max_tokens: int, slo: SLOs | None = None) -> Placement:
+        """Where one request runs; `slo`: its own SLOs (default: the deployment's)."""
         now = self.clock()
         while self.recent and now - self.recent[0].at > self.horizon_s:
             self.recent.popleft()
         prefills = self._live("prefill", self.prefill_ids, now)
         decodes = self._live("decode", self.decode_ids, now)
         if self.mode == "adaptive" and self.predictor is not None and all(s for _, s in decodes):
-            placement = self._route(prompt_len, max_tokens, prefills, decodes)
+            placement = self._route(prompt_len, max_tokens, prefills, decodes, slo or self.slo)
         else:
             placement = self._split(prefills, decodes)
         self._remember(placement, prompt_len, now)
@@ -97,8 +103,8 @@ class Dispatcher:
         p = least_loaded(prefills, lambda x: _load(x[1], "prefill"))[0]
         return Placement("split", least_loaded(decodes, lambda x: _load(x[1], "decode"))[0], p)
 
-    def _route(self, prompt_len: int, max_tokens: int, prefills, decodes) -> Placement:
-        decision: Decision = route(prompt_len, max_tokens, self.slo,
+    def _route(self, prompt_len: int, max_tokens: int, prefills, decodes, slo: SLOs) -> Placement:
+        decision: Decision = route(prompt_len, max_tokens, slo,
                                    [s for _, s in prefills if s is not None],
                                    [s for _, s in decodes], self.predictor)
         chosen = decision.chosen

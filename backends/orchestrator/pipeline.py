@@ -47,6 +47,9 @@ class Generation:
     stream: bool = True
     return_token_ids: bool = False
     return_timing: bool = False
+    slo_ttft_s: float | None = None            # this request's SLOs (None: the deployment's)
+    slo_tpot_s: float | None = None
+    route: dict[str, Any] | None = None        # adaptive: the router's decision, for its timing
 
 
 @dataclass
@@ -83,7 +86,8 @@ class Orchestrator:
             ignore_eos=bool(inputs.get("ignore_eos", False))).with_seed()
         return Generation(uuid.uuid4().hex, prompt_ids, params, bool(inputs.get("stream", False)),
                           bool(inputs.get("return_token_ids", False)),
-                          bool(inputs.get("return_timing", False)))
+                          bool(inputs.get("return_timing", False)),
+                          _slo(inputs, "slo_ttft_s"), _slo(inputs, "slo_tpot_s"))
 
     def _prompt_ids(self, inputs: dict[str, Any]) -> list[int]:
         given = [k for k in ("text_input", "messages", "input_ids") if k in inputs]
@@ -190,6 +194,15 @@ class Orchestrator:
             cancel(res.instance_id, req_id)
 
 
+def _slo(inputs: dict[str, Any], name: str) -> float | None:
+    value = inputs.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 3600:
+        raise ValueError(f"{name} must be a number of seconds in (0, 3600), got {value!r}")
+    return float(value)
+
+
 class _Output:
     """One request's output so far: tokens, text not yet sent, timing."""
 
@@ -199,7 +212,7 @@ class _Output:
         self.t0 = time.perf_counter()
         self.tokens: list[int] = []
         self.pending = Chunk()
-        self.timing = Timing(prompt_tokens=len(gen.prompt_ids))
+        self.timing = Timing(prompt_tokens=len(gen.prompt_ids), route=gen.route)
 
     def admitted(self, msg: Admitted) -> None:
         """Decode took the KV in."""

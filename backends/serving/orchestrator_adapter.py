@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import fcntl
+import functools
 import itertools
 import json
 import logging
@@ -48,7 +50,7 @@ log = logging.getLogger(__name__)
 _BYTES_LISTS = {"stop"}
 _INT_LISTS = {"input_ids"}
 _SCALARS = {"text_input", "messages", "max_tokens", "stream", "temperature", "top_p", "top_k",
-            "seed", "ignore_eos", "return_token_ids", "return_timing"}
+            "seed", "ignore_eos", "return_token_ids", "return_timing", "slo_ttft_s", "slo_tpot_s"}
 
 
 def read_inputs(pb: Any, request: Any) -> dict[str, Any]:
@@ -180,10 +182,15 @@ class OrchestratorModel:
         if down:                                 # refused now, not after a wasted prefill
             raise RuntimeError(f"no decode instance can serve: {down}")
         if self.dispatcher is not None:          # adaptive: the router decides
-            placement = self.dispatcher.place(len(gen.prompt_ids), gen.params.max_tokens)
+            placement = self.dispatcher.place(len(gen.prompt_ids), gen.params.max_tokens,
+                                              self.dispatcher.slos(gen.slo_ttft_s, gen.slo_tpot_s))
+            gen = dataclasses.replace(gen, route=placement.decision)
             if placement.kind == "local":        # prefilled in chunks in its decode steps
                 return self.orch.run_colocated(gen, self._stream_from("decode", placement.decode),
                                                self._cancel, is_cancelled)
+            return self.orch.run(gen, functools.partial(self._prefill, instance=placement.prefill),
+                                 self._stream_from("decode", placement.decode), self._cancel,
+                                 is_cancelled)
         return self.orch.run(gen, self._prefill, self._stream_from("decode"), self._cancel,
                              is_cancelled)
 
@@ -215,8 +222,10 @@ class OrchestratorModel:
         tensor = self.pb.get_output_tensor_by_name(response, "response")
         return None if tensor is None else tensor.as_numpy().reshape(-1)[0].decode()
 
-    async def _prefill(self, payload: str) -> str:
-        watch = self.monitor.place("prefill", len(json.loads(payload)["prompt_ids"]))
+    async def _prefill(self, payload: str, instance: str | None = None) -> str:
+        """Prefill on `instance`, or on the prefill instance the monitor places it on."""
+        watch = self.monitor.watch_instance(instance) if instance is not None else \
+            self.monitor.place("prefill", len(json.loads(payload)["prompt_ids"]))
         try:
             response = await self._call(watch, lambda: self._bls(instance_model(watch.instance),
                                                                  payload).exec(),

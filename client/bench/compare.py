@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
-from .metrics import RequestResult, time_breakdown
+from .metrics import RequestResult, route_counts, time_breakdown
 
 DEFAULT_SYSTEMS = ("disaggregated", "colocated", "chunked")
 SYSTEM_LABELS = {"disaggregated": "DistServe (1 prefill + 1 decode core)",
@@ -200,7 +200,7 @@ def _strip(doc: dict[str, Any]) -> dict[str, Any]:
     for p in doc["points"]:
         results = [RequestResult.from_json(r) for r in p["results"]]
         points.append({k: v for k, v in p.items() if k != "results"} |
-                      {"breakdown": time_breakdown(results)})
+                      {"breakdown": time_breakdown(results), "routes": route_counts(results)})
     return {k: v for k, v in doc.items() if k != "points"} | {"points": points}
 
 
@@ -258,6 +258,13 @@ def markdown(summary: dict[str, Any], plots: Sequence[str]) -> str:
         lines.append(f"| {d['system']['name']} | {rate:.3g} | " + " | ".join(cells) +
                      f" | {100 * s.get('ttft_attainment', 0):.0f}% | "
                      f"{100 * s.get('tpot_attainment', 0):.0f}% |")
+    routed = [(d, p) for d in docs for p in sorted(d["points"], key=lambda p: p["rate"])
+              if p.get("routes")]
+    if routed:
+        lines += ["", "Where the router sent the requests it placed (adaptive): " + "; ".join(
+            f"{d['system']['name']} at {p['rate']:.3g} rps: " +
+            ", ".join(f"{n} {kind}" for kind, n in sorted(p["routes"].items()))
+            for d, p in routed) + "."]
     lines += ["", "Plots: " + ", ".join(f"[{p}]({p})" for p in plots), ""]
     return "\n".join(lines)
 

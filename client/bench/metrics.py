@@ -223,3 +223,15 @@ def time_breakdown(results: Sequence[RequestResult]) -> dict[str, float]:
     if not rows:
         return {}
     return {k: float(np.mean([row[k] for row in rows])) for k in BREAKDOWN_KEYS} | {"num_requests": len(rows)}
+
+
+def route_counts(results: Sequence[RequestResult]) -> dict[str, int]:
+    """How an adaptive deployment's router placed the requests the server timed ("split",
+    "local", "wait"); empty for a system without a router."""
+    out: dict[str, int] = {}
+    for r in results:
+        route = r.server_timing.route if r.server_timing is not None else None
+        if route:
+            kind = str(route.get("kind"))
+            out[kind] = out.get(kind, 0) + 1
+    return out

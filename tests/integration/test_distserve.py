@@ -373,15 +373,25 @@ def test_adaptive_mode_prefills_short_prompts_on_decode_when_prefill_is_busy(tmp
     with start_server(repo, run_dir=tmp_path / "run") as srv:
         client = DistServeClient(srv.grpc_url, "grpc", timeout=120)
         assert client.generate("Hello", max_tokens=2).text          # pages published, warm
+        # a request's own SLO reaches the router: a TTFT nothing can meet is judged missed
+        hurried = client.generate("Hello", max_tokens=2, slo_ttft_s=1e-6, return_timing=True)
+        assert hurried.timing.route["reason"].startswith("no option meets both SLOs"), hurried.timing
         with ThreadPoolExecutor(8) as pool:
             longs = [pool.submit(client.generate, long_prompt, max_tokens=4, ignore_eos=True,
-                                 return_token_ids=True) for _ in range(3)]
+                                 return_token_ids=True, return_timing=True) for _ in range(3)]
             time.sleep(0.3)
             shorts = [pool.submit(client.generate, p, max_tokens=8, ignore_eos=True,
-                                  return_token_ids=True) for p in PROMPTS[:4]]
+                                  return_token_ids=True, return_timing=True) for p in PROMPTS[:4]]
             for p, f in zip(PROMPTS[:4], shorts):
                 assert f.result().token_ids == offline(p, 8).token_ids, p
             for f in longs:
                 assert f.result().token_ids == offline(long_prompt, 4).token_ids
-        assert instance_stats(srv, "decode-0")["local_total"] >= 1, "nothing went local"
+        local = instance_stats(srv, "decode-0")["local_total"]
+        assert local >= 1, "nothing went local"
+        # each request's timing says where the router sent it, and why
+        routes = [f.result().timing.route for f in longs + shorts]
+        assert all(r["kind"] in ("split", "local") and r["reason"] and r["options"] for r in routes)
+        assert sum(r["kind"] == "local" for r in routes) == local
+        for r in routes:
+            assert r["decode"] == "decode-0" and r["prefill"] == ("prefill-0" if r["kind"] == "split" else None)
         wait_kv_free(srv, ("prefill-0", "decode-0"))
