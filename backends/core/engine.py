@@ -27,6 +27,7 @@ from backends.core.model_runner import ModelRunner, build_model, resolve_device
 from backends.core.sampling import SamplingParams
 from backends.core.scheduler import Batch, Scheduler
 from backends.core.sequence import FinishReason, Sequence, SequenceStatus
+from backends.core.spec_decode import SpecStats
 from backends.core.quant import INT4_GROUP_SIZES
 from backends.core.weight_format import WEIGHT_FORMATS, resolve_format
 from backends.core.weight_share import checkpoint_key, release_free_memory, share_weights, weights_key
@@ -120,6 +121,7 @@ class LLMEngine:
                                    eos_token_ids=self.eos_token_ids, max_model_len=self.max_model_len)
         self.seqs: dict[str, Sequence] = {}
         self.last_batch: Batch | None = None           # the latest step's batch
+        self.spec_stats = SpecStats()                   # speculative decoding's verify rows
 
     @classmethod
     def from_path(cls, path: str, engine_config: EngineConfig = EngineConfig(), **kw) -> LLMEngine:
@@ -215,19 +217,35 @@ class LLMEngine:
         return self.scheduler.has_work()
 
     # -- the step -------------------------------------------------------------------------
-    def step(self, now: float | None = None, token_budget: int | None = None) -> list[StepOutput]:
-        """One step; `token_budget`: this step's tokens (chunked policy), see Scheduler.schedule."""
-        batch = self.scheduler.schedule(time.monotonic() if now is None else now, token_budget)
+    def step(self, now: float | None = None, token_budget: int | None = None,
+             drafts: dict[str, list[int]] | None = None) -> list[StepOutput]:
+        """One step; `token_budget`: this step's tokens (chunked policy), see Scheduler.schedule.
+        `drafts`: proposed tokens by request id (spec_decode.propose_drafts); a decoding
+        sequence verifies its draft this step and may yield several tokens."""
+        if drafts:
+            self._check_drafts(drafts)
+        batch = self.scheduler.schedule(time.monotonic() if now is None else now, token_budget, drafts)
         self.last_batch = batch
         if batch is None:
             return []
-        token_ids = self.runner.execute(batch)
-        results = self.scheduler.update(batch, token_ids)
-        for seq, _, reason in results:
+        if batch.drafts:
+            new_ids = self.runner.verify(batch)
+        else:
+            new_ids = [[t] for t in self.runner.execute(batch)]
+        results = self.scheduler.update_accepted(batch, new_ids)
+        for seq, ids, reason in results:
             if reason is not None:
                 del self.seqs[seq.req_id]
-        return [StepOutput(seq.req_id, [tok], reason is not None, reason, seq)
-                for seq, tok, reason in results]
+            if seq in batch.drafts:
+                self.spec_stats.record(len(batch.drafts[seq]), len(ids))
+        return [StepOutput(seq.req_id, ids, reason is not None, reason, seq)
+                for seq, ids, reason in results]
+
+    def _check_drafts(self, drafts: dict[str, list[int]]) -> None:
+        vocab = self.model_config.vocab_size
+        for req_id, draft in drafts.items():
+            if any(not 0 <= t < vocab for t in draft):
+                raise ValueError(f"draft for {req_id!r} has token ids out of range [0, {vocab})")
 
     def stats(self) -> EngineStats:
         b = self.last_batch

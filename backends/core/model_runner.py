@@ -14,6 +14,7 @@ from backends.core.quant import GroupQuant
 from backends.core.weight_format import apply_weight_format, resolve_format
 from backends.core.sampling import sample
 from backends.core.scheduler import Batch
+from backends.core.spec_decode import accept_draft
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -80,18 +81,34 @@ class ModelRunner:
         seqs = batch.sampled_seqs
         return sample(logits, [s.params for s in seqs], [s.num_output_tokens for s in seqs])
 
+    def verify(self, batch: Batch) -> list[list[int]]:
+        """Like `execute` for a batch with verify rows: each sampled row's tokens, the accepted
+        part of its draft then one of the target's own (spec_decode.accept_draft)."""
+        logits = self.forward_logits(batch)
+        out, row = [], 0
+        for s in batch.sampled_seqs:
+            draft = batch.drafts.get(s, [])
+            out.append(accept_draft(logits[row:row + len(draft) + 1], draft, s.params,
+                                    s.num_output_tokens))
+            row += len(draft) + 1
+        return out
+
     def forward_logits(self, batch: Batch) -> torch.Tensor:
         """Write the new tokens' K/V into the pool; return next-token logits [S, V] float32 of
-        the S sequences whose last token ran (a prompt chunk short of the end yields none).
-        Pure: no sequence changes here (the scheduler's `update` advances `num_cached`)."""
+        the S sequences whose last token ran (a prompt chunk short of the end yields none), a
+        verify row's at each of its 1 + k positions. Pure: no sequence changes here (the
+        scheduler's `update` advances `num_cached`)."""
         ids, positions, context_lens, last = [], [], [], []
+        drafts = batch.drafts
         for s, n, is_sampled in zip(batch.seqs, batch.num_new, batch.is_sampled):
             start = s.num_cached
-            ids += s.token_ids(start, start + n)
+            draft = drafts.get(s, ()) if drafts else ()
+            ids += s.token_ids(start, start + n - len(draft))
+            ids += draft
             positions += range(start, start + n)
             context_lens.append(start + n)
             if is_sampled:
-                last.append(len(ids) - 1)
+                last += range(len(ids) - 1 - len(draft), len(ids))
         meta = AttentionMetadata.build(batch.num_decodes, batch.num_new, context_lens,
                                        [s.block_ids for s in batch.seqs], self.block_size, self.device)
         dev = self.device

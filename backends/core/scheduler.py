@@ -24,6 +24,11 @@ enters with `add_remote()` as WAITING_FOR_KV; `admit_remote()` is the admission 
 while blocks and batch slots last) and hands back the sequences whose KV to fetch now; the KV
 copy runs beside the steps, and `kv_arrived()` lets a sequence join the batch at the next step.
 The engine and the simulator drive these same calls; the model runner only computes.
+
+Speculative decoding (spec_decode.py): `schedule(drafts=...)` attaches a proposal to a decode
+row after the batch is built, from what the step has left (token budget, free blocks; a draft
+never preempts), so the row carries 1 + k tokens; `update_accepted()` appends the accepted
+run, counts only accepted tokens as cached and frees the blocks held only for rejected ones.
 """
 from __future__ import annotations
 
@@ -39,12 +44,14 @@ from backends.core.sequence import FinishReason, Sequence, SequenceStatus
 class Batch:
     """One step's work, decodes first: `seqs[:num_decodes]` add one token each; the others
     prefill `num_new[i]` tokens from their `num_cached` on. A sequence whose step reaches its
-    last token (`is_sampled`) gets a new token; a prompt chunk that does not, none."""
+    last token (`is_sampled`) gets a new token; a prompt chunk that does not, none. A verify
+    row (a sequence in `drafts`) runs its last token plus its draft: num_new = 1 + len(draft)."""
     seqs: list[Sequence] = field(default_factory=list)
     num_new: list[int] = field(default_factory=list)
     is_sampled: list[bool] = field(default_factory=list)
     num_decodes: int = 0
     preempted: list[Sequence] = field(default_factory=list)
+    drafts: dict[Sequence, list[int]] = field(default_factory=dict)
 
     def add(self, seq: Sequence, num_new: int) -> None:
         self.seqs.append(seq)
@@ -105,19 +112,24 @@ class Scheduler:
         """Something `schedule()` can run now."""
         return bool(self.waiting or self.running)
 
-    def schedule(self, now: float = 0.0, token_budget: int | None = None) -> Batch | None:
+    def schedule(self, now: float = 0.0, token_budget: int | None = None,
+                 drafts: dict[str, list[int]] | None = None) -> Batch | None:
         """The next step's batch (None: nothing to run). A sequence's first step stamps its
         `scheduled_time` with `now`. `token_budget` (chunked policy): this step's tokens instead
         of the standing max_num_batched_tokens (a decode instance's mixed step sized to the TPOT
-        SLO: backends.core.router.step_budget)."""
+        SLO: backends.core.router.step_budget). `drafts`: proposed tokens by request id, for
+        decoding sequences to verify this step (see `_attach_drafts`)."""
+        budget = token_budget or self.config.max_num_batched_tokens
         if self.config.chunked_prefill:
-            batch = self._schedule_chunked(token_budget or self.config.max_num_batched_tokens)
+            batch = self._schedule_chunked(budget)
         else:
             batch = self._schedule_prefill()
             if not batch.seqs:
                 batch = self._schedule_decode()
         if not batch.seqs:
             return None
+        if drafts and not self.hand_off and not batch.is_prefill:
+            self._attach_drafts(batch, drafts, budget - batch.num_tokens)
         for seq in batch.seqs:
             if seq.scheduled_time is None:
                 seq.scheduled_time = now
@@ -192,6 +204,32 @@ class Scheduler:
         seq.block_ids += self.blocks.allocate(self._blocks_needed(seq, num_tokens))
         return True
 
+    def _attach_drafts(self, batch: Batch, drafts: dict[str, list[int]], budget: int) -> None:
+        """Turn decode rows into verify rows: each row's draft, clipped to what it may still
+        emit (max_tokens, context length), the step's `budget` and the free blocks."""
+        bs = self.config.block_size
+        for i, seq in enumerate(batch.seqs[:batch.num_decodes]):
+            draft = drafts.get(seq.req_id)
+            if not draft or not batch.is_sampled[i]:
+                continue
+            room = (len(seq.block_ids) + self.blocks.num_free) * bs - seq.num_tokens
+            k = min(len(draft), budget, room, self._max_emit(seq) - 1)
+            if k <= 0:
+                continue
+            seq.block_ids += self.blocks.allocate(self._blocks_needed(seq, seq.num_tokens + k))
+            batch.num_new[i] += k
+            batch.drafts[seq] = list(draft[:k])
+            budget -= k
+        if batch.drafts:
+            batch.decodes_first()
+
+    def _max_emit(self, seq: Sequence) -> int:
+        """Tokens `seq` may still emit before max_tokens or the context length stops it."""
+        n = seq.params.max_tokens - seq.num_output_tokens
+        if self.max_model_len is not None:
+            n = min(n, self.max_model_len - seq.num_tokens)
+        return n
+
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.blocks.free(seq.block_ids)
@@ -201,23 +239,49 @@ class Scheduler:
 
     # -- state changes after a step --------------------------------------------------------------
     def update(self, batch: Batch, token_ids: list[int]) -> list[tuple[Sequence, int, FinishReason | None]]:
-        """Apply a step: every row's new tokens are cached; each sampled row gets its token and
-        finishes if it should stop, or (hand_off) leaves `running` as PREFILLED with its blocks
-        held. Returns (sequence, token, finish reason) per sampled row, in batch order."""
+        """Apply a step of one token per sampled row (see `update_accepted`). Returns (sequence,
+        token, finish reason) per sampled row, in batch order."""
+        return [(seq, ids[0], reason)
+                for seq, ids, reason in self.update_accepted(batch, [[t] for t in token_ids])]
+
+    def update_accepted(self, batch: Batch, new_ids: list[list[int]]
+                        ) -> list[tuple[Sequence, list[int], FinishReason | None]]:
+        """Apply a step: every row's new tokens are cached (a verify row's draft only as far as
+        it was accepted); each sampled row gets its tokens (a verify row 1..k+1, the accepted
+        draft then the target's own) up to the first that stops it, and finishes then, or
+        (hand_off) leaves `running` as PREFILLED with its blocks held. Returns (sequence, tokens
+        appended, finish reason) per sampled row, in batch order."""
+        drafts = batch.drafts
         for seq, n in zip(batch.seqs, batch.num_new):
-            seq.num_cached += n
+            seq.num_cached += n - len(drafts.get(seq, ()))
         out = []
-        for seq, token_id in zip(batch.sampled_seqs, token_ids):
-            seq.append_token(token_id)
-            reason = self.stop_reason(seq, token_id)
+        for seq, ids in zip(batch.sampled_seqs, new_ids):
+            reason = None
+            for i, token_id in enumerate(ids):
+                seq.append_token(token_id)
+                reason = self.stop_reason(seq, token_id)
+                if reason is not None:
+                    ids = ids[:i + 1]
+                    break
             if reason is not None:
                 seq.finish_reason = reason
                 self.finish(seq)
+            elif seq in drafts:
+                self._roll_back(seq, len(ids) - 1)
             elif self.hand_off:
                 self.running.remove(seq)                # KV stays allocated for hand-off
                 seq.status = SequenceStatus.PREFILLED
-            out.append((seq, token_id, reason))
+            out.append((seq, ids, reason))
         return out
+
+    def _roll_back(self, seq: Sequence, num_accepted: int) -> None:
+        """After verifying: the accepted draft tokens' K/V are kept (cached); the rejected ones'
+        slots are dropped, and blocks that held only those go back to the pool."""
+        seq.num_cached += num_accepted
+        keep = self.config.blocks_for(seq.num_cached)
+        if len(seq.block_ids) > keep:
+            self.blocks.free(seq.block_ids[keep:])
+            del seq.block_ids[keep:]
 
     def stop_reason(self, seq: Sequence, token_id: int) -> FinishReason | None:
         p = seq.params

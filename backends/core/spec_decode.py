@@ -1,0 +1,184 @@
+"""Speculative decoding: drafters propose, the target verifies in one step, acceptance is lossless.
+
+Lifecycle of one speculative step (the engine drives it, `LLMEngine.step(drafts=...)`):
+1. A drafter proposes up to k tokens for each decoding sequence from its whole token history
+   (`propose_drafts`).
+2. The scheduler attaches each draft to its sequence's decode row, clipped so that it never
+   runs past max_tokens, the context length, the step's token budget or the free KV blocks
+   (a draft never preempts anyone): the row carries 1 + k tokens, the last sampled token plus
+   the draft, and its KV slots are reserved.
+3. One packed forward writes all their K/V and returns logits at every one of those positions;
+   `accept_draft` keeps the longest accepted run plus one token from the target.
+4. The scheduler appends the accepted tokens (stop criteria checked token by token), counts
+   only accepted tokens as cached and returns the blocks held only for rejected ones.
+
+Acceptance. A deterministic drafter (n-gram: the draft token x has draft probability q = 1)
+needs no draft probabilities: the target draws its own token t at each position with exactly
+the randomness it would use without speculation (sampling.py: the n-th token's noise comes
+from mix(seed, n); greedy is argmax) and the draft is accepted while t == x. That accepts x
+with probability p(x) and, on rejection, yields t ~ p restricted to tokens != x, renormalized:
+the speculative-sampling rule for a one-hot q. So the output is not only distributed as the
+target's, it is token-for-token the same as without speculation, per seed.
+A drafter with a distribution q (a draft model) uses `accept_with_probs`: accept x with
+probability min(1, p(x) / q(x)), else sample from normalize(max(0, p - q)) (Leviathan et al.
+2023, Chen et al. 2023); its randomness too comes from mix(seed, n), so it is reproducible.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from backends.core.sampling import SamplingParams, _mix, _sample_row
+from backends.core.sequence import Sequence
+
+
+class Drafter(Protocol):
+    def propose(self, token_ids: list[int], k: int) -> list[int]:
+        """0..k draft tokens to follow `token_ids` (one sequence's prompt + outputs so far)."""
+        ...
+
+
+@dataclass(frozen=True)
+class NgramDrafter:
+    """Prompt lookup: find the most recent earlier occurrence of the last n tokens (n from
+    `max_n` down to `min_n`) and propose the tokens that followed it. No model."""
+    max_n: int = 4
+    min_n: int = 2
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_n <= self.max_n:
+            raise ValueError(f"need 1 <= min_n <= max_n, got min_n={self.min_n}, max_n={self.max_n}")
+
+    def propose(self, token_ids: list[int], k: int) -> list[int]:
+        if k <= 0:
+            return []
+        tokens = np.asarray(token_ids, dtype=np.int64)
+        for n in range(min(self.max_n, len(tokens) - 1), self.min_n - 1, -1):
+            # windows[i] = tokens[i:i + n], for every i with a token after the window
+            windows = np.lib.stride_tricks.sliding_window_view(tokens[:-1], n)
+            hits = np.flatnonzero((windows == tokens[-n:]).all(axis=1))
+            if hits.size:
+                start = int(hits[-1]) + n
+                return tokens[start:start + k].tolist()
+        return []
+
+
+def propose_drafts(seqs: Iterable[Sequence], drafter: Drafter, k: int) -> dict[str, list[int]]:
+    """Each sequence's draft (sequences with an empty proposal are left out). The scheduler
+    uses a draft only where the sequence decodes this step."""
+    drafts = {}
+    for seq in seqs:
+        draft = drafter.propose(seq.all_ids, k)
+        if draft:
+            drafts[seq.req_id] = draft[:k]
+    return drafts
+
+
+@dataclass
+class SpecStats:
+    """Counts over verify rows (decode rows that carried a draft)."""
+    num_verify_rows: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    num_emitted_tokens: int = 0         # accepted + the target's own token, per row
+
+    def record(self, num_drafted: int, num_emitted: int) -> None:
+        self.num_verify_rows += 1
+        self.num_draft_tokens += num_drafted
+        self.num_emitted_tokens += num_emitted
+        self.num_accepted_tokens += max(0, num_emitted - 1)
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
+
+    @property
+    def tokens_per_verify(self) -> float:
+        return self.num_emitted_tokens / self.num_verify_rows if self.num_verify_rows else 0.0
+
+
+# -- acceptance ------------------------------------------------------------------------------
+def _target_tokens(logits: torch.Tensor, params: SamplingParams, step: int) -> Iterator[int]:
+    # logits: [k + 1, V] -> the target's own token at each position, drawn lazily with the
+    # randomness sampling.sample would use for output token `step + j`
+    if params.is_greedy:
+        yield from logits.argmax(dim=-1).tolist()
+        return
+    for j in range(logits.shape[0]):
+        yield _sample_row(logits[j], params, step + j)
+
+
+def accept_draft(logits: torch.Tensor, draft: list[int], params: SamplingParams,
+                 step: int) -> list[int]:
+    """Verify a deterministic drafter's proposal (q one-hot: n-gram, a greedy draft model).
+
+    Args:
+        logits: [len(draft) + 1, V] float32, the target's next-token logits after the last
+            sampled token and after each draft token.
+        draft: the proposed tokens.
+        params: the sequence's (seeded) sampling parameters.
+        step: index of the first token to emit among the sequence's outputs.
+    Returns:
+        1..len(draft) + 1 tokens: the accepted draft prefix, then the target's own token at
+        the first mismatch (or the bonus token after a fully accepted draft).
+    """
+    out = []
+    for j, token in enumerate(_target_tokens(logits, params, step)):
+        out.append(token)
+        if j == len(draft) or token != draft[j]:
+            break
+    return out
+
+
+def target_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """[K, V] logits -> [K, V] the distribution sampling.sample draws from (temperature,
+    top_k, top_p applied in its order), normalized; one-hot at the argmax when greedy."""
+    if params.is_greedy:
+        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).to(logits.dtype)
+    x = logits / params.temperature
+    if params.top_k and params.top_k < x.shape[-1]:
+        kth = torch.topk(x, params.top_k, dim=-1).values[..., -1:]
+        x = x.masked_fill(x < kth, float("-inf"))
+    probs = torch.softmax(x, dim=-1)
+    if params.top_p < 1.0:
+        sorted_p, idx = probs.sort(dim=-1, descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p > params.top_p
+        probs = torch.zeros_like(probs).scatter_(-1, idx, sorted_p.masked_fill(drop, 0.0))
+    return probs / probs.sum(-1, keepdim=True)
+
+
+def accept_with_probs(logits: torch.Tensor, draft: list[int], draft_probs: torch.Tensor,
+                      params: SamplingParams, step: int) -> list[int]:
+    """Verify a draft sampled from a distribution q (a sampling draft model).
+
+    Args:
+        logits: [len(draft) + 1, V] float32 target logits (as in `accept_draft`).
+        draft: the proposed tokens, draft[j] ~ draft_probs[j].
+        draft_probs: [len(draft), V] q at each draft position.
+        params, step: as in `accept_draft`.
+    Returns:
+        1..len(draft) + 1 tokens distributed exactly as the target samples them.
+    """
+    if params.is_greedy:
+        return accept_draft(logits, draft, params, step)
+    p = target_probs(logits[:len(draft)], params)
+    out = []
+    for j, x in enumerate(draft):
+        gen = torch.Generator().manual_seed(_mix(params.seed or 0, step + j))
+        u = torch.rand((), generator=gen)
+        q_x = float(draft_probs[j, x])
+        if q_x > 0 and u * q_x < p[j, x]:              # u < min(1, p(x) / q(x))
+            out.append(x)
+            continue
+        residual = (p[j] - draft_probs[j]).clamp_min_(0.0)
+        if not residual.sum() > 0:                     # p == q: any rejection is measure-zero
+            residual = p[j].clone()
+        noise = torch.empty_like(residual).exponential_(generator=gen)
+        out.append(int((residual / noise).argmax()))    # exponential race: a draw from residual
+        return out
+    out.append(_sample_row(logits[len(draft)], params, step + len(draft)))   # the bonus token
+    return out

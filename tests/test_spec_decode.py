@@ -1,0 +1,263 @@
+"""Speculative decoding (backends/core/spec_decode.py): the n-gram drafter, lossless acceptance
+(greedy and seeded sampling give the very tokens of plain decoding; the sampling rule for a
+draft distribution reproduces the target's, by chi-square), KV roll-back without leaks, and
+stop criteria on accepted tokens."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from backends.core.sampling import SamplingParams, _mix, _sample_row
+from backends.core.spec_decode import (NgramDrafter, SpecStats, accept_draft, accept_with_probs,
+                                       propose_drafts, target_probs)
+from tests.helpers import GREEDY, assert_no_leaks, generate, make_engine
+
+REPETITIVE = ("Alice sent the report to Bob on Monday. Bob read the report and sent it to Carol. "
+              "Carol read the report and sent it to Dave. Dave read the report and sent it to")
+TEXTS = [REPETITIVE, "def add(a, b):\n    return a + b\n\ndef sub(a, b):\n",
+         "<|im_start|>user\nName three colours.<|im_end|>\n<|im_start|>assistant\n"]
+SAMPLED = SamplingParams(max_tokens=20, temperature=0.8, top_p=0.9, top_k=40, seed=7, ignore_eos=True)
+CHI2_CRITICAL_DF7 = 24.32           # chi-square, 7 degrees of freedom, p = 0.001
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small ops on a shared 2-core machine: one torch thread avoids OpenMP spin contention
+    (measured beside two busy processes: 2 threads made its tests 14-65x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+class OracleDrafter:
+    """Proposes the known continuation `full` (every draft accepted), or `wrong` tokens."""
+
+    def __init__(self, full: list[int], wrong: int | None = None) -> None:
+        self.full, self.wrong = full, wrong
+
+    def propose(self, token_ids: list[int], k: int) -> list[int]:
+        if self.wrong is not None:
+            return [self.wrong] * k
+        return self.full[len(token_ids):len(token_ids) + k]
+
+
+def run_spec(engine, drafter, k: int = 4) -> dict[str, list[int]]:
+    """Run to completion, drafting before every step; check the block invariant after each."""
+    tokens: dict[str, list[int]] = {}
+    while engine.has_unfinished():
+        drafts = propose_drafts(engine.scheduler.running, drafter, k)
+        for out in engine.step(drafts=drafts):
+            tokens.setdefault(out.req_id, []).extend(out.new_token_ids)
+        assert_blocks_match_cache(engine)
+    return tokens
+
+
+def assert_blocks_match_cache(engine) -> None:
+    """A decoding sequence holds blocks for its cached tokens only: rejected drafts' are gone."""
+    for seq in engine.scheduler.running:
+        if seq.num_tokens - seq.num_cached == 1:
+            assert len(seq.block_ids) == engine.config.limits.blocks_for(seq.num_cached)
+
+
+# -- the drafter ---------------------------------------------------------------------------
+def test_ngram_proposes_what_followed_the_most_recent_match():
+    d = NgramDrafter(max_n=3, min_n=1)
+    assert d.propose([1, 2, 3, 9, 1, 2, 3, 7, 8, 1, 2, 3], 2) == [7, 8]   # the later "1 2 3"
+    assert d.propose([5, 6, 7, 5, 6], 4) == [7, 5, 6]                      # up to the end
+    assert d.propose([4, 1, 9, 9, 2, 1], 3) == [9, 9, 2]                   # falls back to n = 1
+    assert d.propose([1, 2, 3, 4], 3) == []                                # no earlier match
+    assert d.propose([1, 1, 1], 0) == [] and d.propose([1], 3) == []
+    assert NgramDrafter(max_n=3, min_n=2).propose([4, 1, 9, 9, 2, 1], 3) == []
+    with pytest.raises(ValueError):
+        NgramDrafter(max_n=1, min_n=2)
+
+
+# -- acceptance on the real model ----------------------------------------------------------
+@pytest.fixture(scope="module")
+def prompts(smollm_tokenizer) -> list[list[int]]:
+    return [smollm_tokenizer.encode(t) for t in TEXTS]
+
+
+@pytest.mark.parametrize("params", [GREEDY, SAMPLED], ids=["greedy", "seeded-sampling"])
+def test_ngram_speculation_gives_the_same_tokens(smollm_fp32, prompts, params):
+    expected = generate(make_engine(*smollm_fp32, num_kv_blocks=64), prompts, params)
+    engine = make_engine(*smollm_fp32, num_kv_blocks=64, block_size=4)
+    alone = []
+    for i, p in enumerate(prompts):
+        engine.spec_stats = SpecStats()
+        engine.add_request(f"r{i}", p, params)
+        alone.append(run_spec(engine, NgramDrafter(max_n=3, min_n=1))[f"r{i}"])
+        if i == 0:                                  # the repetitive prompt: drafts get accepted
+            assert engine.spec_stats.num_accepted_tokens > 0, engine.spec_stats
+            assert engine.spec_stats.tokens_per_verify > 1.0
+    assert alone == expected
+    batched = make_engine(*smollm_fp32, num_kv_blocks=96, block_size=4)   # verify + plain rows
+    for i, p in enumerate(prompts):
+        batched.add_request(f"r{i}", p, params)
+    tokens = run_spec(batched, NgramDrafter(max_n=3, min_n=1))
+    assert [tokens[f"r{i}"] for i in range(len(prompts))] == expected
+    for e in (engine, batched):
+        assert_no_leaks(e)
+
+
+def test_chunked_prefill_engine_verifies_within_its_budget(tiny_llama):
+    prompts = [[3, 4, 5, 3, 4, 5, 3, 4], list(range(10, 50)), [7, 7, 7]]
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    expected = generate(make_engine(*tiny_llama, num_kv_blocks=128, block_size=4), prompts, params)
+    engine = make_engine(*tiny_llama, num_kv_blocks=128, block_size=4, chunked_prefill=True,
+                         max_num_batched_tokens=8, max_num_seqs=4)
+    for i, p in enumerate(prompts):
+        engine.add_request(f"r{i}", p, params)
+    tokens: dict[str, list[int]] = {}
+    while engine.has_unfinished():
+        drafts = propose_drafts(engine.scheduler.running, NgramDrafter(min_n=1), 4)
+        for out in engine.step(drafts=drafts):
+            tokens.setdefault(out.req_id, []).extend(out.new_token_ids)
+        assert engine.last_batch.num_tokens <= 8
+        assert_blocks_match_cache(engine)
+    assert [tokens[f"r{i}"] for i in range(3)] == expected
+    assert engine.spec_stats.num_verify_rows > 0
+    assert_no_leaks(engine)
+
+
+# -- KV roll-back and stop criteria --------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_reference(tiny_llama) -> tuple[list[int], list[int]]:
+    prompt = [5, 9, 2, 7, 11]
+    params = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
+    return prompt, generate(make_engine(*tiny_llama, num_kv_blocks=64, block_size=4), [prompt], params)[0]
+
+
+def test_rejected_drafts_are_rolled_back(tiny_llama, tiny_reference):
+    prompt, expected = tiny_reference
+    wrong = next(t for t in range(128) if t not in expected)        # never the target's token
+    engine = make_engine(*tiny_llama, num_kv_blocks=64, block_size=4)
+    engine.add_request("r", prompt, SamplingParams(max_tokens=30, temperature=0, ignore_eos=True))
+    assert run_spec(engine, OracleDrafter([], wrong=wrong), k=7)["r"] == expected
+    assert engine.spec_stats.num_accepted_tokens == 0 < engine.spec_stats.num_draft_tokens
+    assert engine.spec_stats.tokens_per_verify == 1.0
+    assert_no_leaks(engine)
+
+
+def test_a_draft_takes_only_free_blocks_and_never_preempts(tiny_llama, tiny_reference):
+    prompt, expected = tiny_reference
+    engine = make_engine(*tiny_llama, num_kv_blocks=3, block_size=4)
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    engine.add_request("a", prompt[:3], params)
+    engine.add_request("b", prompt[:3], params)
+    engine.step()                                   # both prompts: one block each, one free
+    drafter = OracleDrafter([9] * 3 + [1] * 20)     # garbage is fine here: counting blocks
+    engine.step(drafts=propose_drafts(engine.scheduler.running, drafter, 8))
+    batch = engine.last_batch
+    assert not batch.preempted
+    assert [len(d) for d in batch.drafts.values()] == [4]       # "a" took the free block
+    assert sorted(batch.num_new) == [1, 5]
+    for req_id in ("a", "b"):
+        engine.abort(req_id)
+    assert_no_leaks(engine)
+
+
+def test_abort_mid_speculation_frees_every_block(tiny_llama, tiny_reference):
+    prompt, expected = tiny_reference
+    engine = make_engine(*tiny_llama, num_kv_blocks=64, block_size=4)
+    for i in range(3):
+        engine.add_request(f"r{i}", prompt, SamplingParams(max_tokens=30, temperature=0, ignore_eos=True))
+    drafter = OracleDrafter(prompt + expected)
+    for _ in range(3):
+        outs = engine.step(drafts=propose_drafts(engine.scheduler.running, drafter, 6))
+    assert engine.last_batch.drafts and all(len(o.new_token_ids) == 7 for o in outs)
+    for i in range(3):
+        engine.abort(f"r{i}")
+    assert_no_leaks(engine)
+
+
+@pytest.mark.parametrize("limit", ["max_tokens", "stop_token", "context"])
+def test_accepted_tokens_never_pass_a_stop(tiny_llama, tiny_reference, limit):
+    prompt, expected = tiny_reference
+    params = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
+    kw = {}
+    if limit == "max_tokens":
+        params, want = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True), expected[:6]
+    elif limit == "stop_token":
+        stop = expected[5]
+        params = SamplingParams(max_tokens=30, temperature=0, stop_token_ids=(stop,))
+        want = expected[:expected.index(stop) + 1]
+    else:
+        kw, want = {"max_model_len": len(prompt) + 9}, expected[:9]
+    engine = make_engine(*tiny_llama, num_kv_blocks=64, block_size=4, **kw)
+    engine.add_request("r", prompt, params)
+    out = run_spec(engine, OracleDrafter(prompt + expected), k=8)["r"]
+    assert out == want
+    assert engine.spec_stats.num_accepted_tokens > 0
+    assert_no_leaks(engine)
+
+
+def test_drafts_out_of_vocabulary_are_refused(tiny_llama):
+    engine = make_engine(*tiny_llama, num_kv_blocks=16, block_size=4)
+    engine.add_request("r", [1, 2, 3], GREEDY)
+    with pytest.raises(ValueError, match="out of range"):
+        engine.step(drafts={"r": [1, 128]})
+
+
+# -- the sampling rule, on a synthetic vocabulary ------------------------------------------
+P = torch.tensor([[0.30, 0.05, 0.20, 0.10, 0.02, 0.15, 0.08, 0.10],
+                  [0.05, 0.40, 0.05, 0.10, 0.10, 0.05, 0.20, 0.05],
+                  [0.125] * 8])
+Q = torch.tensor([[0.10, 0.30, 0.10, 0.10, 0.10, 0.10, 0.10, 0.10],
+                  [0.20, 0.10, 0.30, 0.05, 0.05, 0.10, 0.10, 0.10]])
+NUM_DRAWS = 20_000
+
+
+def chi_square(tokens: list[int], probs: torch.Tensor) -> float:
+    counts = torch.bincount(torch.tensor(tokens), minlength=probs.numel()).double()
+    expected = probs.double() * len(tokens)
+    return float(((counts - expected) ** 2 / expected).sum())
+
+
+def test_target_probs_is_what_the_sampler_draws_from():
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
+    for params in (SamplingParams(temperature=0.7, top_k=10, top_p=0.8, seed=3),
+                   SamplingParams(temperature=1.3, seed=4), SamplingParams(top_p=0.5, seed=5)):
+        probs = target_probs(logits, params)
+        assert torch.allclose(probs.sum(-1), torch.ones(4))
+        for row in range(4):
+            # same noise as _sample_row's (sampling.py): the race over target_probs picks its token
+            gen = torch.Generator().manual_seed(_mix(params.seed, row))
+            noise = torch.empty(50).exponential_(generator=gen)
+            assert int((probs[row] / noise).argmax()) == _sample_row(logits[row], params, row)
+
+
+@pytest.mark.parametrize("draft_kind", ["model", "one-hot"])
+def test_sampling_acceptance_reproduces_the_target_distribution(draft_kind):
+    logits = P.log()                                  # temperature 1: target_probs == P
+    gen = torch.Generator().manual_seed(1)
+    firsts, seconds, num_accepted = [], [], 0
+    for i in range(NUM_DRAWS):
+        params = SamplingParams(temperature=1.0, seed=i)
+        if draft_kind == "model":
+            draft = [int(torch.multinomial(Q[j], 1, generator=gen)) for j in range(2)]
+            out = accept_with_probs(logits, draft, Q, params, step=0)
+        else:                                          # a deterministic drafter: q one-hot
+            draft = [0, 1]
+            out = accept_draft(logits, draft, params, step=0)
+        firsts.append(out[0])
+        num_accepted += out[0] == draft[0]
+        if len(out) > 1:
+            seconds.append(out[1])
+    assert chi_square(firsts, P[0]) < CHI2_CRITICAL_DF7
+    assert chi_square(seconds, P[1]) < CHI2_CRITICAL_DF7
+    if draft_kind == "one-hot":                       # accepted with probability p(x)
+        assert abs(num_accepted / NUM_DRAWS - float(P[0, 0])) < 0.015
+    else:
+        assert abs(num_accepted / NUM_DRAWS - float(torch.minimum(P[0], Q[0]).sum())) < 0.015
+    assert chi_square(torch.multinomial(Q[0], NUM_DRAWS, True, generator=gen).tolist(), P[0]) \
+        > 10 * CHI2_CRITICAL_DF7                       # the test would catch the draft's own q
+
+
+def test_sampling_acceptance_is_reproducible_per_seed():
+    draft = [1, 2]
+    params = SamplingParams(temperature=0.9, top_k=6, seed=11)
+    runs = {tuple(accept_with_probs(P.log(), draft, Q, params, step=3)) for _ in range(3)}
+    assert len(runs) == 1
+    assert accept_draft(P.log(), [], params, 3) == [_sample_row(P.log()[0], params, 3)]
