@@ -182,3 +182,16 @@ def test_gpu_device_without_a_gpu_is_a_clear_error(smollm_fp32):
         make_engine(*smollm_fp32, num_kv_blocks=8, device="cuda:0")
     with pytest.raises(ValueError, match="device"):
         make_engine(*smollm_fp32, num_kv_blocks=8, device="tpu")
+
+
+def test_matmul_rows_are_bucketed():
+    """Every batch size maps to one of a bounded set of matmul row counts (oneDNN builds and
+    caches a primitive per count), with little padding, and small batches are not padded."""
+    from backends.core.model import pad_rows, padded_rows
+    rows = [padded_rows(n) for n in range(1, 4097)]
+    assert rows[:64] == list(range(1, 65))
+    assert all(n <= r <= n * 1.0625 for n, r in enumerate(rows, 1))
+    assert rows == sorted(rows) and len(set(rows)) <= 160
+    x = torch.arange(6.0).view(3, 2)
+    assert torch.equal(pad_rows(x, 5)[:3], x) and not pad_rows(x, 5)[3:].any()
+    assert pad_rows(x, 3) is x

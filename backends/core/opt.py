@@ -18,6 +18,7 @@ from torch import nn
 from backends.core.attention import AttentionMetadata, paged_attention, store_kv
 from backends.core.config import ModelConfig
 from backends.core.kv_cache import KVPool, LayerKV
+from backends.core.model import pad_rows, padded_rows
 
 POSITION_OFFSET = 2     # OPT's embed_positions row for position p is p + 2
 
@@ -52,12 +53,12 @@ class OPTDecoderLayer(nn.Module):
         return norm(x + block(x))
 
     def _attention(self, h: torch.Tensor, meta: AttentionMetadata, cache: LayerKV) -> torch.Tensor:
-        # h: [N, D] -> [N, D]
-        n = h.shape[0]
-        q, k, v = self.qkv_proj(h).view(n, 3, self.num_heads, self.head_dim).unbind(1)
+        # h: [R, D] -> [R, D]; the first N rows are the step's tokens, the rest padding
+        n = meta.positions.shape[0]
+        q, k, v = self.qkv_proj(h)[:n].view(n, 3, self.num_heads, self.head_dim).unbind(1)
         q = q * self.scaling        # HF scales q after the projection and attends with scale 1
         store_kv(cache, k, v, meta)
-        return self.out_proj(paged_attention(q, k, v, cache, meta, 1.0))
+        return self.out_proj(pad_rows(paged_attention(q, k, v, cache, meta, 1.0), h.shape[0]))
 
 
 class OPTCausalLM(nn.Module):
@@ -80,11 +81,14 @@ class OPTCausalLM(nn.Module):
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 kv: KVPool) -> torch.Tensor:
-        # input_ids, positions: [N] -> hidden states [N, D]
-        x = self.embed_tokens(input_ids) + self.embed_positions(positions + POSITION_OFFSET)
+        # input_ids, positions: [N] -> hidden states [N, D] (the matmuls run on padded_rows(N))
+        n = input_ids.shape[0]
+        pad = (0, padded_rows(n) - n)
+        x = self.embed_tokens(F.pad(input_ids, pad)) + \
+            self.embed_positions(F.pad(positions, pad) + POSITION_OFFSET)
         for i, layer in enumerate(self.layers):
             x = layer(x, meta, kv.layers[i])
-        return x if self.final_layer_norm is None else self.final_layer_norm(x)
+        return x[:n] if self.final_layer_norm is None else self.final_layer_norm(x[:n])
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
