@@ -61,6 +61,9 @@ def test_time_breakdown_splits_ttft_and_the_hand_off():
     assert time_breakdown([]) == {}
     routed = [_result(i, 1.0, 3.0, {"route": {"kind": k}}) for i, k in enumerate(["local", "split", "local"])]
     assert route_counts(routed) == {"local": 2, "split": 1} and route_counts(rows) == {}
+    from client.bench.metrics import SLO, summarize
+    routed[0].server_timing.ttft_s = 0.5
+    assert summarize(routed, SLO(10.0, 1.0))["server_timing_mean"] == {"ttft_s": 0.5}   # no `route`
 
 
 def _doc(name, goodput, atts, cores):

@@ -189,7 +189,7 @@ def _mean_server_timing(results: Sequence[RequestResult]) -> dict[str, float]:
     for r in results:
         timing = r.server_timing.to_dict() if r.server_timing is not None else {}
         for key, value in timing.items():
-            if not key.endswith("_at"):
+            if not key.endswith("_at") and isinstance(value, (int, float)):    # not `route`
                 sums.setdefault(key, []).append(float(value))
     return {key: sum(values) / len(values) for key, values in sorted(sums.items())}
 
