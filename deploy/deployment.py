@@ -33,6 +33,8 @@ KV_TRANSPORTS = ("shm", "cuda_ipc")
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_PATH = "models/SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_CHUNKED_TOKEN_BUDGET = 512        # Sarathi-Serve's and vLLM's usual chunk budget
+SPECULATIVE_METHODS = ("ngram",)         # drafters: backends.core.spec_decode.DRAFTERS (no torch here)
+MAX_SPECULATIVE_TOKENS = 16              # a verify row runs 1 + k tokens in one step
 
 
 @dataclass(frozen=True)
@@ -47,11 +49,17 @@ class PhaseSpec:
     max_num_batched_tokens: int = EngineLimits.max_num_batched_tokens   # L_m; per step if chunked
     num_threads: int | None = None        # torch threads per instance; default len(cores), 1 on gpu
     chunked_prefill: bool = EngineLimits.chunked_prefill   # colocated only: chunks ride in decode steps
+    # speculative decoding (decode, colocated): a drafter (SPECULATIVE_METHODS) proposes up to
+    # num_speculative_tokens per decoding sequence; the instance adapts k to measured acceptance
+    # and step cost (0 where it does not pay). null: off, and left out of the JSON.
+    speculative: str | None = None
+    num_speculative_tokens: int = 3
 
     def __post_init__(self) -> None:
         if self.device not in DEVICE_KINDS:
             raise ValueError(f"device must be one of {DEVICE_KINDS}, got {self.device!r}")
         _check_positive_int("num_instances", self.num_instances)
+        self._check_speculative()
         if self.num_threads is not None:
             _check_positive_int("num_threads", self.num_threads)
         self.limits(EngineLimits.block_size)            # checks the limits
@@ -59,6 +67,18 @@ class PhaseSpec:
         if len(self.devices) != self.num_instances:
             raise ValueError(f"devices must list one entry per instance: {self.num_instances} "
                              f"instances, {len(self.devices)} entries ({list(self.devices)})")
+
+    def _check_speculative(self) -> None:
+        if self.speculative is not None and self.speculative not in SPECULATIVE_METHODS:
+            raise ValueError(f"speculative must be null or one of {SPECULATIVE_METHODS}, "
+                             f"got {self.speculative!r}")
+        k = self.num_speculative_tokens
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_SPECULATIVE_TOKENS:
+            raise ValueError(f"num_speculative_tokens must be an integer in [1, "
+                             f"{MAX_SPECULATIVE_TOKENS}] (the most draft tokens per step), got {k!r}")
+        if self.speculative is None and k != PhaseSpec.num_speculative_tokens:
+            raise ValueError(f"num_speculative_tokens ({k}) is set but speculative is null: name a "
+                             f"drafter ({SPECULATIVE_METHODS}) or leave it out")
 
     def limits(self, block_size: int) -> EngineLimits:
         """This phase's engine limits (the block size is the deployment's, one for all phases)."""
@@ -227,6 +247,9 @@ class Deployment:
         if phase.chunked_prefill and name == "prefill":
             raise ValueError("prefill.chunked_prefill: a prefill instance runs no decode steps to "
                              "mix chunks into (set it on decode for local prefill)")
+        if phase.speculative is not None and name == "prefill":
+            raise ValueError("prefill.speculative: a prefill instance emits one token per request; "
+                             "speculation runs in the decode steps (set it on decode or colocated)")
         capacity = phase.num_kv_blocks * self.block_size
         if capacity < self.max_model_len:
             raise ValueError(f"{name}.num_kv_blocks: {phase.num_kv_blocks} blocks x {self.block_size} "
@@ -277,6 +300,9 @@ class Deployment:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data.pop("check_host")
+        for phase in (data["prefill"], data["decode"], data["colocated"]):
+            if phase and phase["speculative"] is None:       # off: the JSON as it was before
+                del phase["speculative"], phase["num_speculative_tokens"]
         return data
 
     def to_json(self, indent: int | None = None) -> str:

@@ -5,8 +5,9 @@ budget, as in Sarathi-Serve (see backends/core/scheduler.py).
 
 Lifecycle (backends/core/worker.py): accepted (a message carrying the instance id, so the
 caller can cancel) -> the engine's waiting queue (FCFS) -> prefilled, in one step or in chunks
-over several -> the first token, with its queueing and prefill times -> one token per step ->
-finished or cancelled: its blocks are freed either way.
+over several -> the first token, with its queueing and prefill times -> one token per step
+(with a `speculator`, 1..k+1 per verified draft) -> finished or cancelled: its blocks are freed
+either way.
 """
 from __future__ import annotations
 

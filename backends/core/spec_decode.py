@@ -22,6 +22,8 @@ target's, it is token-for-token the same as without speculation, per seed.
 A drafter with a distribution q (a draft model) uses `accept_with_probs`: accept x with
 probability min(1, p(x) / q(x)), else sample from normalize(max(0, p - q)) (Leviathan et al.
 2023, Chen et al. 2023); its randomness too comes from mix(seed, n), so it is reproducible.
+
+How many tokens to draft, per sequence and step, when serving: spec_policy.py.
 """
 from __future__ import annotations
 
@@ -65,6 +67,10 @@ class NgramDrafter:
                 start = int(hits[-1]) + n
                 return tokens[start:start + k].tolist()
         return []
+
+
+# the drafters a deployment may name (deploy.deployment.SPECULATIVE_METHODS)
+DRAFTERS: dict[str, type] = {"ngram": NgramDrafter}
 
 
 def propose_drafts(seqs: Iterable[Sequence], drafter: Drafter, k: int) -> dict[str, list[int]]:

@@ -19,6 +19,10 @@ hooks (overridden by PrefillWorker, DecodeWorker, ColocatedWorker):
 - `on_cancel(entry)`: free what the request holds (False: not yet, a KV copy is in flight);
 - `waits()` / `wait()`: work outside the engine (a KV copy) and how to wait for it when idle.
 
+With a `speculator` (backends/core/spec_policy.py; decode and colocated instances when the
+deployment turns speculation on), each step verifies drafts for the decoding sequences and
+an output may carry several tokens.
+
 Every failure is a `Failed` message, the last of its request, from every phase.
 """
 from __future__ import annotations
@@ -31,7 +35,9 @@ from typing import Any, ClassVar
 from backends.core.admission import AdmissionPolicy, Backlog, Overloaded
 from backends.core.engine import LLMEngine, StepOutput
 from backends.core.messages import Accepted, Failed, Message, Tokens, is_final
+from backends.core.scheduler import Batch
 from backends.core.sequence import Sequence
+from backends.core.spec_policy import Speculator
 from backends.core.worker_loop import Inbox
 
 log = logging.getLogger(__name__)
@@ -58,7 +64,7 @@ class EngineWorker:
     REQUEST_TYPES: ClassVar[tuple[type, ...]] = ()
 
     def __init__(self, engine: LLMEngine, instance_id: str = "", clock=time.monotonic,
-                 admission: AdmissionPolicy | None = None) -> None:
+                 admission: AdmissionPolicy | None = None, speculator: Speculator | None = None) -> None:
         if engine.config.role != self.ROLE:
             raise ValueError(f"{type(self).__name__} needs an engine with role={self.ROLE!r}")
         self.engine = engine
@@ -72,6 +78,7 @@ class EngineWorker:
         self.num_rejected = 0                        # refused as overloaded
         self.running_context = 0                     # the running sequences' tokens, summed
         self.progressed = True                       # the last step did or waited for something
+        self.speculator = speculator
 
     # -- any thread -----------------------------------------------------------------------
     def submit(self, req: Any, ctx: Any = None) -> None:
@@ -111,7 +118,8 @@ class EngineWorker:
         if self.engine.scheduler.has_runnable():
             prefilling = self.backlog.requests > 0
             started = self.clock()
-            step_outs = self.engine.step(started, self.token_budget())
+            drafts = self.speculator.drafts(self.engine.scheduler.running) if self.speculator else None
+            step_outs = self.engine.step(started, self.token_budget(), drafts)
             now = self.clock()
             for o in step_outs:
                 entry = self.requests[o.req_id]
@@ -119,8 +127,10 @@ class EngineWorker:
                 out.append(self._emit(entry, self.on_output(entry, o, now)))
             batch = self.engine.last_batch
             self.progressed |= batch is not None
-            if prefilling and batch is not None:        # prompt tokens this step computed
-                self.backlog.observe(sum(batch.num_new[batch.num_decodes:]), now - started)
+            if self.speculator and batch is not None:
+                self.speculator.observe(batch, step_outs, now - started)
+            if prefilling and batch is not None:
+                self.backlog.observe(num_prompt_tokens(batch), now - started)
             self.running_context = sum(seq.num_tokens for seq in self.engine.scheduler.running)
         elif self.waits():
             self.wait()
@@ -161,6 +171,8 @@ class EngineWorker:
 
     def _cancel(self, entry: Entry) -> list[Output]:
         self._settle(entry)
+        if self.speculator:
+            self.speculator.forget(entry.req_id)
         if self.on_cancel(entry):
             self.engine.abort(entry.req_id)
         self.requests.pop(entry.req_id, None)
@@ -194,7 +206,8 @@ class EngineWorker:
                 "last_batch_size": s.last_batch_size, "last_batch_tokens": s.last_batch_tokens,
                 "requests_total": self.num_requests, "backlog_tokens": self.backlog.tokens,
                 "backlog_requests": self.backlog.requests, "prefill_rate": self.backlog.rate,
-                "running_context": self.running_context, "rejected_total": self.num_rejected}
+                "running_context": self.running_context, "rejected_total": self.num_rejected,
+                **(self.speculator.stats() if self.speculator else {})}
 
     def close(self) -> None:
         pass
@@ -222,6 +235,13 @@ class EngineWorker:
 
     def wait(self) -> None:
         pass
+
+
+def num_prompt_tokens(batch: Batch) -> int:
+    """Prompt tokens a step computed: its rows after the decodes, less verify rows (a decode
+    row carrying a draft)."""
+    rows = zip(batch.seqs[batch.num_decodes:], batch.num_new[batch.num_decodes:])
+    return sum(n for seq, n in rows if seq not in batch.drafts)
 
 
 def with_first_token_timing(msg: Tokens, out: StepOutput, now: float) -> Tokens:

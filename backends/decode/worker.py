@@ -8,7 +8,8 @@ queue (FIFO; its KV still sits in the prefill instance's pool, which is the queu
 admitted by the scheduler when blocks and a batch slot are free -> its KV is copied in by the
 copy thread (the importer validates the descriptor and releases the lease; on GPU the copy runs
 on the importer's own stream), while the running batch keeps stepping -> at the next step
-boundary after the copy it joins the batch (`Admitted`) -> one token per step -> finished,
+boundary after the copy it joins the batch (`Admitted`) -> one token per step (with a
+speculator, a verified draft per step: 1..k+1 tokens) -> finished,
 cancelled, or failed (bad descriptor, lost lease): its blocks are freed either way. A request
 cancelled while its copy runs is freed when the copy ends (the copy writes its blocks).
 """
@@ -22,6 +23,7 @@ from backends.core.engine import LLMEngine, StepOutput
 from backends.core.messages import Admitted, DecodeRequest, Failed, GenerateRequest, Message
 from backends.core.scheduler import Scheduler
 from backends.core.sequence import Sequence, SequenceStatus
+from backends.core.spec_policy import Speculator
 from backends.core.worker import EngineWorker, Entry, Output, with_first_token_timing
 from kvtransfer import KVImporter, KVTransferError
 
@@ -33,12 +35,14 @@ class DecodeWorker(EngineWorker):
 
     def __init__(self, engine: LLMEngine, importer: KVImporter, instance_id: str = "",
                  clock=time.monotonic, async_copy: bool = True,
-                 step_budget: Callable[[Scheduler], int | None] | None = None) -> None:
+                 step_budget: Callable[[Scheduler], int | None] | None = None,
+                 speculator: Speculator | None = None) -> None:
         """`async_copy=False` copies inside the step instead (every admission stalls the batch:
         the behaviour before asynchronous admission, kept for comparison). `step_budget`: the
         token budget of each mixed step from the scheduler's state (adaptive mode:
-        backends.core.router.step_budget with the TPOT SLO), else the standing budget."""
-        super().__init__(engine, instance_id, clock)
+        backends.core.router.step_budget with the TPOT SLO), else the standing budget.
+        `speculator`: speculative decoding (the deployment's decode.speculative), else none."""
+        super().__init__(engine, instance_id, clock, speculator=speculator)
         self.step_budget = step_budget
         self.num_local = 0                              # prompts taken to prefill here
         self.importer = importer

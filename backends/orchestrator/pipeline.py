@@ -226,12 +226,16 @@ class _Output:
         t.prefill_queue_s, t.prefill_s = msg.queue_s, msg.prefill_s
 
     def add(self, token_ids: list[int]) -> bool:
-        """Take new tokens; True if a stop string hit (the text is cut before it)."""
-        delta = self.proc.feed(token_ids)
-        self.tokens += token_ids
-        self.pending.text += delta.text
-        self.pending.token_ids += token_ids
-        return delta.stopped
+        """Take new tokens one by one; True if a stop string hit: the text is cut before it and
+        the tokens after the one that completed it (the rest of a verified draft) are dropped."""
+        for token_id in token_ids:
+            delta = self.proc.feed([token_id])
+            self.tokens.append(token_id)
+            self.pending.text += delta.text
+            self.pending.token_ids.append(token_id)
+            if delta.stopped:
+                return True
+        return False
 
     def has_pending(self) -> bool:
         return bool(self.pending.text or self.pending.token_ids)

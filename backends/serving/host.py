@@ -33,6 +33,7 @@ from backends.core.weight_share import ENV_VAR as SHARED_WEIGHTS_ENV, checkpoint
 from backends.core.weights import load_checkpoint
 from backends.core.kv_cache import dtype_from_name
 from backends.core.model_runner import resolve_device
+from backends.core.spec_policy import Speculator, make_speculator
 from backends.core.worker import EngineWorker
 from backends.core.worker_loop import WorkerLoop
 from backends.decode.worker import DecodeWorker
@@ -237,8 +238,16 @@ def build_decode_host(deployment: Any, index: int, send: Send,
                        **kw)
     instance_id = f"decode-{index}"
     worker = DecodeWorker(engine, make_importer(deployment.kv_transport, engine.kv), instance_id,
-                          step_budget=_step_budget(deployment))
+                          step_budget=_step_budget(deployment),
+                          speculator=_speculator(deployment.decode))
     return InstanceHost(worker, send, is_cancelled, on_step)
+
+
+def _speculator(phase: Any) -> Speculator | None:
+    """The phase's speculative decoding (PhaseSpec.speculative), or None when it is off."""
+    if phase.speculative is None:
+        return None
+    return make_speculator(phase.speculative, phase.num_speculative_tokens)
 
 
 def _step_budget(deployment: Any) -> Callable[[Any], int | None] | None:
@@ -266,5 +275,6 @@ def build_colocated_host(deployment: Any, index: int, send: Send,
     engine = LLMEngine(config, sd, _engine_config(deployment, deployment.colocated, "both", index),
                        **kw)
     instance_id = f"colocated-{index}"
-    worker = ColocatedWorker(engine, instance_id, admission=deployment.admission())
+    worker = ColocatedWorker(engine, instance_id, admission=deployment.admission(),
+                             speculator=_speculator(deployment.colocated))
     return InstanceHost(worker, send, is_cancelled, on_step)

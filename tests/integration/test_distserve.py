@@ -395,3 +395,28 @@ def test_adaptive_mode_prefills_short_prompts_on_decode_when_prefill_is_busy(tmp
         for r in routes:
             assert r["decode"] == "decode-0" and r["prefill"] == ("prefill-0" if r["kind"] == "split" else None)
         wait_kv_free(srv, ("prefill-0", "decode-0"))
+
+
+def test_speculative_decoding_serves_the_offline_engines_tokens(tmp_path, gguf_path, offline):
+    """decode.speculative = "ngram" on the real server: greedy outputs (several tokens per
+    decode step, streamed) equal the offline engine's without speculation, for a repetitive
+    prompt and a chat prompt; the decode instance accepted draft tokens; nothing is left held."""
+    deployment = dataclasses.replace(default_deployment(str(gguf_path)), dtype="float32",
+                                     max_model_len=1024)
+    deployment = dataclasses.replace(deployment, decode=dataclasses.replace(
+        deployment.decode, speculative="ngram", num_speculative_tokens=3))
+    repo = render_repository(deployment, tmp_path / "model_repository", require_code=True)
+    chat = [{"role": "user", "content": "Repeat this line three times: the cat sat on the mat."}]
+    with start_server(repo, run_dir=tmp_path / "run") as srv:
+        grpc = DistServeClient(srv.grpc_url, "grpc", timeout=120)
+        got = grpc.generate(PROMPTS[5], max_tokens=48, ignore_eos=True, return_token_ids=True)
+        assert got.token_ids == offline(PROMPTS[5], 48).token_ids
+        expected = offline(chat, 48)
+        chunks = list(DistServeClient(srv.http_url, "http", timeout=120).stream(
+            messages=chat, max_tokens=48, ignore_eos=True, return_token_ids=True))
+        assert [t for c in chunks for t in c.token_ids] == expected.token_ids
+        assert "".join(c.text for c in chunks) == expected.text
+        stats = instance_stats(srv, "decode-0")
+        assert stats["spec_accepted"] > 0 and stats["spec_emitted"] > stats["spec_verify_rows"], stats
+        print({k: v for k, v in stats.items() if k.startswith("spec_")})
+        wait_kv_free(srv, ("prefill-0", "decode-0"))

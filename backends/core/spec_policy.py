@@ -1,0 +1,256 @@
+"""Speculative decoding served: how many draft tokens each decoding sequence verifies.
+
+A decode (or colocated) instance's worker drives a `Speculator` (the deployment's
+decode.speculative): before each step `drafts()` asks `AdaptiveK` which sequences may pay,
+asks the drafter (spec_decode.py) for their proposals and cuts them to the lengths that
+maximise expected tokens per second; the engine verifies them (LLMEngine.step(drafts=...));
+after the step `observe()` feeds back what was accepted and what the step cost (`StepCost`).
+k is 0 wherever drafting does not pay by these measurements, apart from a 1-token probe now
+and then.
+"""
+from __future__ import annotations
+
+import bisect
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from backends.core.sequence import Sequence
+from backends.core.spec_decode import DRAFTERS, Drafter, SpecStats
+
+if TYPE_CHECKING:
+    from backends.core.engine import StepOutput
+    from backends.core.scheduler import Batch
+
+
+class StepCost:
+    """Seconds of a decode step by its rows n (its tokens: decode rows + draft tokens), an EWMA
+    per n of measured steps; the first step of each n is not counted (a new row count builds
+    new kernels: tens of ms once). An unmeasured n: linear between measured neighbours; beyond
+    them the slope of the two nearest (when it rises), else the prior curve 1 + prior_row_cost
+    x (n - 1) scaled through the nearest measured step. Before any measurement, the prior
+    itself (unitless: only ratios of estimates are used)."""
+
+    def __init__(self, alpha: float = 0.2, prior_row_cost: float = 0.15) -> None:
+        self.alpha = alpha
+        self.prior_row_cost = prior_row_cost
+        self.seconds: dict[int, float] = {}
+        self._ns: list[int] = []                      # the measured n, sorted
+        self._warmed: set[int] = set()
+
+    def observe(self, n: int, seconds: float) -> None:
+        if n <= 0 or not seconds > 0:
+            return
+        if n not in self._warmed:
+            self._warmed.add(n)
+            return
+        old = self.seconds.get(n)
+        if old is None:
+            bisect.insort(self._ns, n)
+            self.seconds[n] = seconds
+        else:                                          # a spike moves it at most alpha x old
+            self.seconds[n] = old + self.alpha * (min(seconds, 2 * old) - old)
+
+    def _prior(self, n: int) -> float:
+        return 1.0 + self.prior_row_cost * (n - 1)
+
+    def estimate(self, n: int) -> float:
+        ns, s = self._ns, self.seconds
+        if not ns:
+            return self._prior(n)
+        if n in s:
+            return s[n]
+        i = bisect.bisect_left(ns, n)
+        if 0 < i < len(ns):
+            lo, hi = ns[i - 1], ns[i]
+            return s[lo] + (s[hi] - s[lo]) * (n - lo) / (hi - lo)
+        pair = ns[-2:] if i else ns[:2]                 # the two nearest measured counts
+        end = pair[-1] if i else pair[0]
+        a, b = pair[0], pair[-1]
+        if a != b and s[b] > s[a]:
+            return max(s[end] + (s[b] - s[a]) / (b - a) * (n - end), 0.1 * s[end])
+        return s[end] * self._prior(n) / self._prior(end)
+
+
+@dataclass
+class _Acceptance:
+    accepted: float = 0.0        # discounted draft tokens accepted
+    tried: float = 0.0           # ... and tried (accepted + the first rejected one)
+    idle: int = 0                # steps since it last verified a draft
+    ramp: int = 0                # its last draft was accepted whole: draft this many next
+
+    def add(self, num_drafted: int, num_accepted: int, decay: float, max_k: int = 0) -> None:
+        self.accepted = self.accepted * decay + num_accepted
+        self.tried = self.tried * decay + num_accepted + (num_accepted < num_drafted)
+        self.ramp = min(2 * num_drafted, max_k) if num_accepted == num_drafted else 0
+
+    def rate(self, prior: float, weight: float) -> float:
+        return (self.accepted + weight * prior) / (self.tried + weight)
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """AdaptiveK's settings: `max_k` (the deployment's num_speculative_tokens), a probe after
+    `probe_every` steps left out, the acceptance prior and its weight (in tokens), the decay of
+    a sequence's and of the instance's counts per verify row, the least relative gain taken."""
+    max_k: int = 3
+    probe_every: int = 16
+    prior_accept: float = 0.5
+    prior_weight: float = 2.0
+    decay: float = 0.8
+    instance_decay: float = 0.98
+    min_gain: float = 0.02
+
+    def __post_init__(self) -> None:
+        if self.max_k < 1 or self.probe_every < 1:
+            raise ValueError(f"max_k and probe_every must be >= 1, got {self.max_k}, {self.probe_every}")
+        if not (0 <= self.prior_accept <= 1 and self.prior_weight > 0 and 0 < self.decay <= 1
+                and 0 < self.instance_decay <= 1 and self.min_gain >= 0):
+            raise ValueError(f"bad speculation policy settings: {self}")
+
+
+class AdaptiveK:
+    """How many draft tokens each decoding sequence verifies in the next step (0: none).
+
+    Acceptance: a sequence's chance a that a draft token is accepted given the ones before it
+    were, from discounted counts (`decay` per verify row), shrunk towards the instance's rate
+    (itself shrunk towards `prior_accept`). A draft of k tokens then yields 1 + a + ... + a^k
+    tokens: its j-th token adds a^j. Cost: StepCost, measured decode steps by rows.
+    Choice (`choose`): the proposed draft tokens, best first, are taken while the step's
+    expected tokens per second, (B + gains) / T(B + m), beats a plain step's B / T(B) and every
+    shorter choice by `min_gain`; the best prefix wins, so a workload whose drafts do not pay
+    runs plain steps. `want` asks the drafter only for sequences whose first draft token could
+    pay, plus one probe per step: a sequence left out for `probe_every` steps drafts 1 token,
+    so text that turns repetitive is picked up; while a left-out sequence's drafts are accepted
+    whole, it drafts again next step with twice as many (up to max_k; a ramp, outside the cost
+    rule) until its estimate catches up. Pure: no clock, no model.
+    """
+
+    def __init__(self, max_k: int, cost: StepCost | None = None, **config) -> None:
+        """`config`: PolicyConfig's other fields."""
+        self.config = PolicyConfig(max_k, **config)
+        self.cost = cost or StepCost()
+        self.seqs: dict[str, _Acceptance] = {}
+        self.instance = _Acceptance()
+        self._forced: dict[str, int] = {}          # want's probe and ramps, for choose
+
+    def acceptance(self, req_id: str | None = None) -> float:
+        """The acceptance estimate of `req_id` (None: of the instance)."""
+        c = self.config
+        pooled = self.instance.rate(c.prior_accept, c.prior_weight)
+        seq = self.seqs.get(req_id) if req_id is not None else None
+        return pooled if seq is None else seq.rate(pooled, c.prior_weight)
+
+    def want(self, req_ids: list[str]) -> dict[str, int]:
+        """Draft lengths to ask the drafter for, for the sequences decoding next step (their
+        states are kept; any other's dropped)."""
+        c = self.config
+        self.seqs = {r: self.seqs.get(r) or _Acceptance() for r in req_ids}
+        b = len(req_ids)
+        # a first draft token pays at all if (b + a) / T(b + 1) > b / T(b); whether the
+        # step's drafts together gain min_gain is choose's to judge
+        threshold = b * self.cost.estimate(b + 1) / self.cost.estimate(b) - b
+        out, idle, self._forced = {}, [], {}
+        for r, st in self.seqs.items():
+            st.idle += 1
+            if self.acceptance(r) > threshold:
+                out[r] = c.max_k
+            elif st.ramp:
+                out[r] = self._forced[r] = st.ramp
+            elif st.idle > c.probe_every:
+                idle.append(r)
+        probe = max(idle, key=lambda r: self.seqs[r].idle, default=None)
+        if probe is not None:
+            out[probe] = self._forced[probe] = 1
+        return out
+
+    def choose(self, proposals: dict[str, list[int]], num_rows: int) -> dict[str, list[int]]:
+        """The drafts to verify: `proposals` (drafter output for `want`) cut to the lengths
+        that maximise expected tokens per second of a step of `num_rows` decode rows."""
+        forced = {r: proposals[r] for r in self._forced if proposals.get(r)}
+        for r in self._forced.keys() - forced.keys():    # nothing to draft: ask again later
+            self.seqs[r].idle, self.seqs[r].ramp = 0, 0
+        tokens = num_rows + sum(self.acceptance(r) ** j for r, d in forced.items()
+                                for j in range(1, len(d) + 1))
+        rows = num_rows + sum(map(len, forced.values()))
+        gains = [(self.acceptance(r) ** j, j, r) for r, draft in proposals.items()
+                 if r not in forced for j in range(1, len(draft) + 1)]
+        gains.sort(key=lambda g: (-g[0], g[1]))          # a sequence's tokens stay in order
+        best_m, best = 0, tokens / self.cost.estimate(rows)
+        for m, (gain, _, _) in enumerate(gains, 1):
+            tokens += gain
+            rate = tokens / self.cost.estimate(rows + m)
+            if rate > best * (1 + self.config.min_gain):
+                best_m, best = m, rate
+        k = Counter(r for _, _, r in gains[:best_m])
+        return {**forced, **{r: proposals[r][:n] for r, n in k.items()}}
+
+    def record(self, req_id: str, num_drafted: int, num_accepted: int) -> None:
+        """A verify row's outcome."""
+        c = self.config
+        st = self.seqs.get(req_id)
+        if st is not None:
+            st.add(num_drafted, num_accepted, c.decay, c.max_k)
+            st.idle = 0
+        self.instance.add(num_drafted, num_accepted, c.instance_decay)
+
+    def observe_step(self, num_rows: int, seconds: float) -> None:
+        """A decode step's rows and its measured seconds (drafting included)."""
+        self.cost.observe(num_rows, seconds)
+
+    def forget(self, req_id: str) -> None:
+        self.seqs.pop(req_id, None)
+
+
+class Speculator:
+    """An instance's speculative decoding, as its worker drives it: `drafts()` before each step
+    (the decoding sequences' drafts, sized by AdaptiveK), `observe()` after it (what was
+    accepted and what the step cost), `forget()` when a request leaves."""
+
+    def __init__(self, drafter: Drafter, policy: AdaptiveK) -> None:
+        self.drafter = drafter
+        self.policy = policy
+        self.counts = SpecStats()
+        self.num_steps = 0                       # steps that verified at least one draft
+
+    def drafts(self, running: Iterable[Sequence]) -> dict[str, list[int]]:
+        seqs = [s for s in running if s.num_tokens - s.num_cached == 1]     # decoding next
+        if not seqs:
+            return {}
+        want = self.policy.want([s.req_id for s in seqs])
+        proposals = {}
+        for s in seqs:
+            if want.get(s.req_id) and (draft := self.drafter.propose(s.all_ids, want[s.req_id])):
+                proposals[s.req_id] = draft[:want[s.req_id]]
+        return self.policy.choose(proposals, len(seqs))
+
+    def observe(self, batch: Batch, outputs: Iterable[StepOutput], seconds: float) -> None:
+        drafts = batch.drafts
+        if len(batch.seqs) == batch.num_decodes + len(drafts):     # no prompt rows: a clean cost
+            self.policy.observe_step(batch.num_tokens, seconds)
+        self.num_steps += bool(drafts)
+        for out in outputs:
+            if out.seq in drafts:
+                num_drafted = len(drafts[out.seq])
+                self.counts.record(num_drafted, len(out.new_token_ids))
+                self.policy.record(out.req_id, num_drafted, min(len(out.new_token_ids) - 1, num_drafted))
+            if out.finished:
+                self.policy.forget(out.req_id)
+
+    def forget(self, req_id: str) -> None:
+        self.policy.forget(req_id)
+
+    def stats(self) -> dict[str, float]:
+        c = self.counts
+        return {"spec_steps": self.num_steps, "spec_verify_rows": c.num_verify_rows,
+                "spec_proposed": c.num_draft_tokens, "spec_accepted": c.num_accepted_tokens,
+                "spec_emitted": c.num_emitted_tokens,
+                "spec_acceptance_ewma": round(self.policy.acceptance(), 4)}
+
+
+def make_speculator(method: str, max_k: int, **policy_kw) -> Speculator:
+    """The speculator a deployment names (PhaseSpec.speculative, num_speculative_tokens)."""
+    if method not in DRAFTERS:
+        raise ValueError(f"unknown drafter {method!r}; known: {sorted(DRAFTERS)}")
+    return Speculator(DRAFTERS[method](), AdaptiveK(max_k, **policy_kw))
