@@ -115,8 +115,11 @@ class InstanceMonitor:
                  reload: Callable[[str], None], interval_s: float = 1.0, stuck_after_s: float = 4.0,
                  reload_after_s: float = 3.0, retry_reload_s: float = 30.0,
                  clock: Callable[[], float] = time.monotonic,
-                 model_of: Callable[[str], str] = instance_model) -> None:
+                 model_of: Callable[[str], str] = instance_model,
+                 on_round: Callable[[dict[str, str]], None] | None = None) -> None:
+        """`on_round(status())` runs after each round of probes (e.g. health gauges)."""
         self.instance_ids = list(instance_ids)
+        self.on_round = on_round
         self.probe, self.reload, self.model_of = probe, reload, model_of
         self.interval_s, self.stuck_after_s, self.clock = interval_s, stuck_after_s, clock
         self._lock = threading.Lock()
@@ -215,6 +218,11 @@ class InstanceMonitor:
                     self.check(instance)
                 except Exception:                      # noqa: BLE001 - keep watching the others
                     log.exception("checking %s failed", instance)
+            if self.on_round is not None:
+                try:
+                    self.on_round(self.status())
+                except Exception:                      # noqa: BLE001 - a gauge must not stop the probes
+                    log.exception("on_round failed")
 
     def check(self, instance: str) -> None:
         """Probe one instance and act on the answer (the loop's body; tests call it directly)."""

@@ -70,3 +70,33 @@ class RequestMetrics:
                            ("e2e_seconds", timing.e2e_s)):
             if value is not None:
                 self._hist[key][1].observe(float(value))
+
+
+class HealthMetrics:
+    """What the orchestrator's monitor sees, for probes and alerts: `distserve_instance_up`
+    (1 up, 0 down or not yet up) per engine instance, and `distserve_ready` (1 while every
+    phase has an instance up). Triton's own ready endpoints cannot say this: a python model
+    cannot change its readiness, so they answer 200 while an instance is down."""
+
+    def __init__(self, pb: Any, instance_ids: list[str], phase_of: Any,
+                 model: str = "distserve") -> None:
+        self.phase_of = phase_of
+        up = pb.MetricFamily(name="distserve_instance_up", kind=pb.MetricFamily.GAUGE,
+                             description="1 if the orchestrator counts the engine instance up")
+        ready = pb.MetricFamily(name="distserve_ready", kind=pb.MetricFamily.GAUGE,
+                                description="1 while every phase has an instance up")
+        self._families = (up, ready)
+        self._up = {i: up.Metric(labels={"instance": i, "phase": phase_of(i), "model": model})
+                    for i in instance_ids}
+        self._ready = ready.Metric(labels={"model": model})
+
+    def update(self, status: dict[str, str]) -> None:
+        """`status`: InstanceMonitor.status() (instance -> "up" / "starting" / "dead" / "stuck")."""
+        phases: dict[str, bool] = {}
+        for instance, state in status.items():
+            is_up = state == "up"
+            if instance in self._up:
+                self._up[instance].set(1.0 if is_up else 0.0)
+            phase = self.phase_of(instance)
+            phases[phase] = phases.get(phase, False) or is_up
+        self._ready.set(1.0 if phases and all(phases.values()) else 0.0)

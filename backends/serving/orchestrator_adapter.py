@@ -41,7 +41,7 @@ from backends.core.admission import OVERLOADED
 from backends.core.messages import Accepted, Admitted, Failed, Prefilled, Tokens, decode
 from backends.orchestrator.pipeline import Chunk, Generation, Orchestrator, RequestFailed
 from backends.serving.adapter import bytes_tensor
-from backends.serving.metrics import RequestMetrics
+from backends.serving.metrics import HealthMetrics, RequestMetrics
 from deploy.contract import instance_id, instance_model
 from deploy.supervisor import reload_model
 
@@ -98,8 +98,10 @@ class OrchestratorModel:
         self.metrics = RequestMetrics(self.pb, args["model_name"])
         phases = (("colocated", deployment.colocated),) if self.MODE == "colocated" else \
             (("prefill", deployment.prefill), ("decode", deployment.decode))
-        self.monitor = InstanceMonitor([instance_id(name, i) for name, phase in phases if phase is not None
-                                        for i in range(phase.num_instances)], self._probe, self._reload)
+        ids = [instance_id(name, i) for name, phase in phases if phase is not None
+               for i in range(phase.num_instances)]
+        self.health = HealthMetrics(self.pb, ids, phase_of, args["model_name"])
+        self.monitor = InstanceMonitor(ids, self._probe, self._reload, on_round=self.health.update)
         self.monitor.start()
         self.dispatcher = None                   # adaptive mode: where each request runs
         if self.MODE == "disaggregated" and deployment.serving_mode == "adaptive":

@@ -83,10 +83,29 @@ def test_killed_decode_fails_its_streams_at_once_and_is_reloaded(server):
     for end, tokens, error in streams.results:
         assert error is not None and "decode" in error, error   # ours, or Triton's "stub not healthy"
         assert end - killed < DEADLINE_S
+    deadline = time.monotonic() + 3                          # set at the end of the probe round
+    while _ready_gauge(server) != 0.0:                       # no decode instance up: says so
+        assert time.monotonic() < deadline, "distserve_ready stayed 1 with decode dead"
+        time.sleep(0.2)
     recovered = serves_again(server, killed)
     settled(server)
+    deadline = time.monotonic() + 10
+    while _ready_gauge(server) != 1.0:                       # set after the next probe round
+        assert time.monotonic() < deadline, "distserve_ready stayed 0 after the recovery"
+        time.sleep(0.5)
     print(f"decode killed: streams failed within {max(e for e, _, _ in streams.results) - killed:.1f} s, "
           f"served again after {recovered:.1f} s")
+
+
+def _ready_gauge(server) -> float:
+    """distserve_ready on the metrics port (1: every phase has an instance up)."""
+    import urllib.request
+    with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(server.metrics_url, timeout=10) as r:
+        text = r.read().decode()
+    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+              if line.startswith("distserve_ready{")]
+    assert len(values) == 1, "no distserve_ready gauge"
+    return values[0]
 
 
 def test_killed_prefill_fails_what_waits_on_it_and_is_reloaded(server):
@@ -229,7 +248,9 @@ def _wait_placed(server, instance_ids: tuple[str, ...], n: int, timeout: float =
 
 def test_a_killed_orchestrator_stub_is_reloaded_by_the_launcher(server):
     """Nothing inside the server watches the orchestrator (its stub crashed once in a soak):
-    the launcher's supervisor reloads the `distserve` model, and the server serves again."""
+    the launcher's supervisor reloads the `distserve` model, and the server serves again.
+    (With streams in flight on it when it dies, it does not: docs/faults.md, "The orchestrator
+    itself".)"""
     pid = stub_pid(server, "distserve")
     t0 = time.monotonic()
     os.kill(pid, signal.SIGKILL)
