@@ -31,9 +31,8 @@ from deploy.contract import DISTSERVE_SPEC, Timing
 from tests.fake_triton_grpc import inputs, response, serve
 
 ROOT = Path(__file__).resolve().parent.parent
-ALL_ARGS = dict(max_tokens=8, temperature=0.5, top_p=0.9, top_k=4, seed=7, stop=["\n", "END"],
-                ignore_eos=True, return_token_ids=True, return_timing=True, slo_ttft_s=1.5,
-                slo_tpot_s=0.05, stream=True)
+ALL_ARGS = dict(max_tokens=8, temperature=0.5, top_p=0.9, top_k=4, seed=7, stop=["\n", "END"], ignore_eos=True,
+                return_token_ids=True, return_timing=True, slo_ttft_s=1.5, slo_tpot_s=0.05, stream=True)
 
 
 # -- SSE ------------------------------------------------------------------------------------
@@ -83,11 +82,10 @@ def test_chunks_from_json_scalars_and_arrays_and_from_numpy():
 
 
 def test_timing_is_typed_and_checked():
-    timing = {"prompt_tokens": 3, "output_tokens": 2, "ttft_s": 0.5, "kv_bytes": 64, "future": "x",
-              "route": {"kind": "local", "decode": "decode-0"}}
+    route = {"kind": "local", "decode": "decode-0"}
+    timing = {"prompt_tokens": 3, "output_tokens": 2, "ttft_s": 0.5, "kv_bytes": 64, "future": "x", "route": route}
     chunk = chunk_from_json({"finish_reason": ["length"], "timing": [json.dumps(timing)]})
-    assert chunk.timing == Timing(prompt_tokens=3, output_tokens=2, ttft_s=0.5, kv_bytes=64,
-                                  route={"kind": "local", "decode": "decode-0"})
+    assert chunk.timing == Timing(prompt_tokens=3, output_tokens=2, ttft_s=0.5, kv_bytes=64, route=route)
     for bad, reason in (('{"ttft_s": "0.5"}', "malformed timing: timing field 'ttft_s'"),
                         ('{"kv_bytes": 1.5}', "malformed timing: timing field 'kv_bytes'"),
                         ('{"route": "local"}', "malformed timing: timing field 'route'"),

@@ -1,0 +1,55 @@
+"""The orchestrator's health gauges (distserve_ready, distserve_instance_up), driven by the
+instance monitor's probe rounds, with a fake probe (tests/test_health.py's Fleet) and a fake
+pb_utils.MetricFamily."""
+from __future__ import annotations
+
+import threading
+
+from backends.orchestrator.health import InstanceMonitor, phase_of
+from tests.test_health import Fleet
+
+
+class FakeMetrics:
+    """pb_utils.MetricFamily's shape: families of labelled metrics that keep their value."""
+
+    GAUGE = "gauge"
+
+    def __init__(self, name: str, description: str, kind: str) -> None:
+        self.name, self.metrics = name, []
+
+    def Metric(self, labels: dict):                     # noqa: N802 - pb_utils' name
+        m = type("M", (), {"labels": labels, "value": None})()
+        m.set = lambda v, m=m: setattr(m, "value", v)
+        self.metrics.append(m)
+        return m
+
+
+def test_health_gauges_follow_each_round_of_probes():
+    """distserve_instance_up per instance and distserve_ready (every phase has one up), set by
+    the monitor's thread after each round: 1 while up, 0 once its only decode instance dies."""
+    from types import SimpleNamespace
+    from backends.serving.metrics import HealthMetrics
+    pb = SimpleNamespace(MetricFamily=FakeMetrics)
+    ids = ["prefill-0", "decode-0", "decode-1"]
+    health = HealthMetrics(pb, ids, phase_of)
+    up_family, ready_family = health._families
+    value = {m.labels["instance"]: m for m in up_family.metrics}
+    rounds = threading.Semaphore(0)
+    fleet = Fleet(*ids)
+    monitor = InstanceMonitor(ids, fleet.probe, fleet.reload, interval_s=0.01,
+                              on_round=lambda st: (health.update(st), rounds.release()))
+    monitor.start()
+    try:
+        def after_a_round() -> None:
+            for _ in range(2):                          # one whole round after the change
+                assert rounds.acquire(timeout=5)
+        after_a_round()
+        assert [value[i].value for i in ids] == [1.0, 1.0, 1.0] and ready_family.metrics[0].value == 1.0
+        fleet.state["decode-0"] = "dead"
+        after_a_round()
+        assert value["decode-0"].value == 0.0 and ready_family.metrics[0].value == 1.0   # decode-1 serves
+        fleet.state["decode-1"] = "dead"
+        after_a_round()
+        assert ready_family.metrics[0].value == 0.0
+    finally:
+        monitor.stop()
