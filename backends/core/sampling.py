@@ -85,19 +85,24 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], steps: list[int])
     return out
 
 
-def _sample_row(logits: torch.Tensor, p: SamplingParams, step: int) -> int:
-    # logits: [V]
+def filtered_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """[..., V] logits -> the (unnormalized after top_p) probabilities a sampled token is drawn
+    from: temperature, then top_k, softmax, then top_p, in that order (not for greedy params)."""
     x = logits / p.temperature
-    if p.top_k and p.top_k < x.numel():
-        kth = torch.topk(x, p.top_k).values[-1]
+    if p.top_k and p.top_k < x.shape[-1]:
+        kth = torch.topk(x, p.top_k, dim=-1).values[..., -1:]
         x = x.masked_fill(x < kth, float("-inf"))
     probs = torch.softmax(x, dim=-1)
     if p.top_p < 1.0:
-        sorted_p, idx = probs.sort(descending=True)
-        cum = sorted_p.cumsum(0)
-        drop = cum - sorted_p > p.top_p      # keep the smallest prefix whose mass reaches top_p
-        sorted_p = sorted_p.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter_(0, idx, sorted_p)
+        sorted_p, idx = probs.sort(dim=-1, descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p > p.top_p   # keep the smallest prefix reaching top_p
+        probs = torch.zeros_like(probs).scatter_(-1, idx, sorted_p.masked_fill(drop, 0.0))
+    return probs
+
+
+def _sample_row(logits: torch.Tensor, p: SamplingParams, step: int) -> int:
+    # logits: [V]
+    probs = filtered_probs(logits, p)
     gen = torch.Generator().manual_seed(_mix(p.seed if p.seed is not None else 0, step))
     noise = torch.empty_like(probs).exponential_(generator=gen)
     return int((probs / noise).argmax())      # exponential race == sampling from probs

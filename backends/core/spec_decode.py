@@ -34,7 +34,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from backends.core.sampling import SamplingParams, _mix, _sample_row
+from backends.core.sampling import SamplingParams, _mix, _sample_row, filtered_probs
 from backends.core.sequence import Sequence
 
 
@@ -145,15 +145,7 @@ def target_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     top_k, top_p applied in its order), normalized; one-hot at the argmax when greedy."""
     if params.is_greedy:
         return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).to(logits.dtype)
-    x = logits / params.temperature
-    if params.top_k and params.top_k < x.shape[-1]:
-        kth = torch.topk(x, params.top_k, dim=-1).values[..., -1:]
-        x = x.masked_fill(x < kth, float("-inf"))
-    probs = torch.softmax(x, dim=-1)
-    if params.top_p < 1.0:
-        sorted_p, idx = probs.sort(dim=-1, descending=True)
-        drop = sorted_p.cumsum(-1) - sorted_p > params.top_p
-        probs = torch.zeros_like(probs).scatter_(-1, idx, sorted_p.masked_fill(drop, 0.0))
+    probs = filtered_probs(logits, params)
     return probs / probs.sum(-1, keepdim=True)
 
 
