@@ -103,7 +103,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"starting tritonserver (log: {server.log_file}) ...", flush=True)
         server.start().wait_ready(args.ready_timeout)
         print(usage_text(server, deployment), flush=True)
-        while server.is_alive():
+        while server.is_alive() or server.is_restarting():     # the supervisor may restart it
             time.sleep(0.5)
         print(f"error: tritonserver exited with code {server.process.returncode}\n{server.log_tail()}",
               file=sys.stderr)

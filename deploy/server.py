@@ -29,13 +29,13 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 import urllib.request
 from collections import deque
 from pathlib import Path
 
-import psutil
-
+from deploy.process_group import alive, group_members, reap, signal_group
 from deploy.render import FRONT_ENDS
 from deploy.server_setup import (ROOT, SHARED_WEIGHTS_ENV, SHM_MIN_FREE_BYTES, ServerError,
                                  check_ports_free, prepare_backend_dir, server_env,
@@ -44,7 +44,7 @@ from deploy.server_setup import free_ports, make_shared_weights_dir  # noqa: F40
 from deploy.shm_space import (SHM_DIR, WEIGHTS_ITEM, check_shm_space, checkpoint_nbytes,
                               read_model_config, repository_deployment, shm_free_bytes, shm_need,
                               stub_shm_bytes)
-from deploy.supervisor import Supervisor, reload_model
+from deploy.supervisor import Supervisor, reload_model, requests_in_flight
 
 PR_SET_PDEATHSIG = 1
 _ERROR_LINE = re.compile(r"^E\d{4} ")
@@ -94,6 +94,10 @@ class TritonServer:
         self.die_with_parent = die_with_parent
         self.share_weights = share_weights
         self.supervisor: Supervisor | None = None        # started once ready
+        self.restarts: list[float] = []                  # seconds each automatic restart took
+        self._lock = threading.Lock()                    # a restart against stop()
+        self._stopping = threading.Event()
+        self._restarting = threading.Event()
         self.log_file = self.run_dir / "server.log"
         # /dev/shm/<prefix>*: the python backend's regions (and kvtransfer's, if it uses the
         # prefix); unique, so two servers never clash
@@ -208,6 +212,9 @@ class TritonServer:
     def is_alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
+    def is_restarting(self) -> bool:
+        return self._restarting.is_set()
+
     def is_ready(self) -> bool:
         url = f"http://{self.http_url}/v2/health/ready"
         try:
@@ -235,9 +242,52 @@ class TritonServer:
         watches the orchestrator, whose stub was once seen to crash."""
         models = [m for m in FRONT_ENDS if (self.model_repository / m).is_dir()]
         if self.supervisor is None and models:
-            self.supervisor = Supervisor(self.process.pid, models, self.reload_model)
+            self.supervisor = Supervisor(self.process.pid, models, self.recover_front_end)
             self.supervisor.check()                     # the stubs there now
             self.supervisor.start()
+
+    def recover_front_end(self, model: str) -> None:
+        """The stub of front end `model` died. With nothing in flight on it, reload the model.
+        With requests in flight, restart the whole server: Triton never ends the streams a dead
+        python stub held (their clients wait until they give up), and after a reload the new
+        stub's responses were seen never to reach their clients (docs/faults.md). Killing the
+        server ends those streams at once (the clients see the connection drop)."""
+        in_flight = requests_in_flight(self.metrics_url, model)
+        if in_flight == 0:
+            self.reload_model(model)
+        else:
+            self.restart(f"the {model} stub died with {in_flight} requests in flight")
+
+    def restart(self, why: str, timeout: float = 300.0) -> None:
+        """SIGKILL the server's process group, sweep what it left (shm regions, KV pools,
+        private directories), start it again on the same ports and wait until it is ready.
+        Called from the supervisor's thread; stop() waits for it, and it gives up at once
+        once stop() has begun. ServerError if the new server does not come up."""
+        with self._lock:
+            if self._stopping.is_set() or self.process is None:
+                return
+            t0 = time.monotonic()
+            self._restarting.set()
+            try:
+                signal_group(self.process.pid, signal.SIGKILL)
+                self.process.wait(10)
+                self._stop_group(timeout=10)
+                self._remove_private_dirs()
+                self.control_dir = self.shared_weights_dir = None
+                print(f"tritonserver restarted: {why}", flush=True)
+                self.start()
+                deadline = time.monotonic() + timeout
+                while not self.is_ready():
+                    if self._stopping.is_set():
+                        return
+                    if not self.is_alive() or time.monotonic() > deadline:
+                        raise ServerError(self._failure("did not come back after a restart"))
+                    time.sleep(0.2)
+                if self.supervisor is not None:
+                    self.supervisor.rebase(self.process.pid)
+                self.restarts.append(time.monotonic() - t0)
+            finally:
+                self._restarting.clear()
 
     def reload_model(self, model: str) -> None:
         """Unload and load `model` (explicit model control); ServerError if Triton refuses."""
@@ -275,31 +325,36 @@ class TritonServer:
         Raises ServerError if a process of the group (e.g. a python backend stub) survives.
         """
         timeout = self.exit_timeout_s + 30 if timeout is None else timeout
+        self._stopping.set()                        # a restart under way gives up
         if self.supervisor is not None:
             self.supervisor.stop()
             self.supervisor = None
-        if self.process is None:
-            self._remove_private_dirs()
-            return None
-        try:
-            self._stop_group(timeout)
-        finally:
-            self._remove_private_dirs()
-        return self.process.returncode
+        with self._lock:
+            try:
+                if self.process is None:
+                    self._remove_private_dirs()
+                    return None
+                try:
+                    self._stop_group(timeout)
+                finally:
+                    self._remove_private_dirs()
+                return self.process.returncode
+            finally:
+                self._stopping.clear()
 
     def _stop_group(self, timeout: float) -> None:
         pgid = self.process.pid             # start_new_session: the server leads its group
-        members = _group_members(pgid, self.shm_prefix)
+        members = group_members(pgid, self.shm_prefix)
         if self.process.poll() is None:
-            _signal_group(pgid, signal.SIGTERM)
+            signal_group(pgid, signal.SIGTERM)
             try:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:
-                _signal_group(pgid, signal.SIGKILL)
+                signal_group(pgid, signal.SIGKILL)
                 self.process.wait(10)
-        _reap(members + _group_members(pgid, self.shm_prefix), pgid, timeout=10)
-        leftovers = [p.pid for p in _group_members(pgid, self.shm_prefix)] + \
-            [p.pid for p in members if _alive(p)]
+        reap(members + group_members(pgid, self.shm_prefix), pgid, timeout=10)
+        leftovers = [p.pid for p in group_members(pgid, self.shm_prefix)] + \
+            [p.pid for p in members if alive(p)]
         if leftovers:
             raise ServerError(f"processes of tritonserver pid {pgid} survived stop(): "
                               f"{sorted(set(leftovers))}")
@@ -327,49 +382,3 @@ class TritonServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-
-def _signal_group(pgid: int, sig: signal.Signals) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except ProcessLookupError:
-        pass
-
-
-def _alive(proc: psutil.Process) -> bool:
-    try:
-        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
-def _group_members(pgid: int, marker: str | None = None) -> list[psutil.Process]:
-    """Live processes in process group `pgid`, plus the server's descendants (in any group),
-    plus (with `marker`) any process with `marker` in its command line: the server's python
-    backend stubs carry its unique shm prefix there, so a stub started late (a model load
-    while the server exits) that lost its parent and left the group is still found."""
-    found = {}
-    for proc in psutil.process_iter():
-        try:
-            if (os.getpgid(proc.pid) == pgid or (marker and any(marker in a for a in proc.cmdline()))) \
-                    and _alive(proc):
-                found[proc.pid] = proc
-        except (ProcessLookupError, psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    try:
-        for child in psutil.Process(pgid).children(recursive=True):
-            found.setdefault(child.pid, child)
-    except psutil.NoSuchProcess:
-        pass
-    return [p for p in found.values() if _alive(p)]
-
-
-def _reap(members: list[psutil.Process], pgid: int, timeout: float) -> None:
-    """Wait for the group's processes to go; SIGKILL whatever is left at the deadline."""
-    _, alive = psutil.wait_procs([p for p in members if _alive(p)], timeout=timeout)
-    for proc in alive + _group_members(pgid):
-        try:
-            proc.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(alive, timeout=5)

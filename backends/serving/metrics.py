@@ -9,6 +9,7 @@ from typing import Any
 
 from deploy.contract import Timing
 
+IN_FLIGHT_METRIC = "distserve_requests_in_flight"
 LATENCY_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
 
 
@@ -51,9 +52,16 @@ class EngineMetrics:
 
 
 class RequestMetrics:
-    """Histograms of what users see: TTFT, TPOT, end-to-end latency."""
+    """Histograms of what users see (TTFT, TPOT, end-to-end latency), and the requests in flight
+    on this front end (`distserve_requests_in_flight`). The server keeps a gauge's last value
+    after the stub that set it dies, which the launcher reads to choose how to recover
+    (deploy/server.py)."""
 
     def __init__(self, pb: Any, model: str = "distserve") -> None:
+        self._in_flight_family = pb.MetricFamily(
+            name=IN_FLIGHT_METRIC, kind=pb.MetricFamily.GAUGE,
+            description="Requests this front end is answering (accepted, final response not sent)")
+        self._in_flight = self._in_flight_family.Metric(labels={"model": model})
         self._hist = {}
         for key, text in (("ttft_seconds", "Time to first token"),
                           ("tpot_seconds", "Time per output token after the first"),
@@ -62,6 +70,9 @@ class RequestMetrics:
                                      kind=pb.MetricFamily.HISTOGRAM)
             self._hist[key] = (family, family.Metric(labels={"model": model},
                                                      buckets=LATENCY_BUCKETS))
+
+    def in_flight(self, delta: int) -> None:
+        self._in_flight.increment(float(delta))
 
     def observe(self, timing: Timing | None) -> None:
         if timing is None:

@@ -135,15 +135,19 @@ class OrchestratorModel:
         CANCEL_POLL_S even while nothing arrives: the request may wait for prefill or for
         decode's admission), stop it and free what it holds on the instances."""
         sender = request.get_response_sender()
-        task = asyncio.ensure_future(self._respond(request, sender))
-        while not task.done():
-            await asyncio.wait({task}, timeout=CANCEL_POLL_S)
-            if not task.done() and request.is_cancelled():
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-                with contextlib.suppress(Exception):
-                    sender.send(flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        self.metrics.in_flight(+1)
+        try:
+            task = asyncio.ensure_future(self._respond(request, sender))
+            while not task.done():
+                await asyncio.wait({task}, timeout=CANCEL_POLL_S)
+                if not task.done() and request.is_cancelled():
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+                    with contextlib.suppress(Exception):
+                        sender.send(flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        finally:
+            self.metrics.in_flight(-1)
 
     async def _respond(self, request: Any, sender: Any) -> None:
         final = self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL

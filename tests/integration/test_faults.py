@@ -248,9 +248,8 @@ def _wait_placed(server, instance_ids: tuple[str, ...], n: int, timeout: float =
 
 def test_a_killed_orchestrator_stub_is_reloaded_by_the_launcher(server):
     """Nothing inside the server watches the orchestrator (its stub crashed once in a soak):
-    the launcher's supervisor reloads the `distserve` model, and the server serves again.
-    (With streams in flight on it when it dies, it does not: docs/faults.md, "The orchestrator
-    itself".)"""
+    with nothing in flight on it, the launcher's supervisor reloads the `distserve` model, and
+    the server serves again."""
     pid = stub_pid(server, "distserve")
     t0 = time.monotonic()
     os.kill(pid, signal.SIGKILL)
@@ -259,3 +258,27 @@ def test_a_killed_orchestrator_stub_is_reloaded_by_the_launcher(server):
     assert stub_pid(server, "distserve") != pid
     assert server.supervisor.reloads == ["distserve"]
     settled(server)
+    assert server.restarts == []                            # nothing was in flight: a reload
+
+
+def test_orchestrator_killed_with_streams_in_flight_restarts_the_server(server):
+    """Triton never ends the streams a dead python stub held. The launcher sees the dead
+    stub had requests in flight (distserve_requests_in_flight) and restarts the server: every
+    stream ends with an error at once, and the server serves again. Last in this module: the
+    server is a new process afterwards."""
+    streams = Streams(server, 4, "Once upon a time", max_tokens=400)
+    streams.wait_first_tokens(4)
+    old_pid, killed = server.process.pid, time.monotonic()
+    os.kill(stub_pid(server, "distserve"), signal.SIGKILL)
+    streams.join(DEADLINE_S + 5)
+    assert len(streams.results) == 4
+    for end, tokens, error in streams.results:
+        assert error is not None and 0 < tokens < 400, (tokens, error)
+        assert end - killed < DEADLINE_S
+    recovered = serves_again(server, killed)
+    assert server.process.pid != old_pid and len(server.restarts) == 1
+    settled(server)
+    print(f"orchestrator killed with 4 streams in flight: they failed within "
+          f"{max(e for e, _, _ in streams.results) - killed:.1f} s; restart took "
+          f"{server.restarts[0]:.1f} s; served again after {recovered:.1f} s")
+
