@@ -152,6 +152,22 @@ def test_measured_step_time_shifts_the_predictions():
     assert d.kind == "local" and d.chosen.ttft_s == pytest.approx(0.044 + 0.046)
 
 
+def test_speculation_yield_divides_tpot_and_widens_the_chunk_budget():
+    # a verify step measured at 150 ms that gives each sequence 2 tokens: 75 ms per token,
+    # within the 100 ms TPOT; the same step without speculation's yield misses it
+    plain = decode(recent_step_s=0.150)
+    spec = decode(recent_step_s=0.150, tokens_per_step=2.0)
+    assert chunk_budget(plain, P, TARGET.tpot) == 0 < chunk_budget(spec, P, TARGET.tpot)
+    d = go(100, [prefill()], [spec], slo=SLO(ttft=0.5, tpot=0.1))
+    split = next(o for o in d.options if o.kind == "split")
+    assert split.tpot_s == pytest.approx((P.decode_step_time(5, 2100) + 0.150
+                                          - P.decode_step_time(4, 2000)) / 2)
+    assert split.meets_slo
+    assert not next(o for o in go(100, [prefill()], [plain]).options if o.kind == "split").meets_slo
+    with pytest.raises(ValueError, match="tokens_per_step"):
+        decode(tokens_per_step=0.5)
+
+
 # ---- the chunk budget -----------------------------------------------------------------------
 
 @pytest.mark.parametrize("running,context", [(0, 0), (1, 100), (4, 2000), (30, 3000), (50, 2999)])

@@ -228,8 +228,10 @@ def test_decode_with_speculation_gives_the_tokens_of_plain_decoding(system, para
         if isinstance(drafter, OracleDrafter) and not drafter.wrong:
             assert stats["spec_accepted"] == stats["spec_proposed"] > 0
             assert stats["spec_emitted"] > stats["spec_verify_rows"] * 2     # several tokens a step
+            assert stats["tokens_per_step"] > 1.5           # the yield the router divides by
         if isinstance(drafter, OracleDrafter) and drafter.wrong:
             assert stats["spec_accepted"] == 0 and stats["spec_verify_rows"] > 0
+            assert 1.0 <= stats["tokens_per_step"] < 1.1
             assert stats["spec_verify_rows"] <= 8, "drafts that never pay were not switched off"
         assert_nothing_held(decode)
     prefill.step()

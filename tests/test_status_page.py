@@ -160,7 +160,7 @@ def test_a_page_of_the_wrong_size_is_refused(page):
 
 @pytest.mark.parametrize("offset, data, match", [
     (0, b"NOTSTATS", "magic"),
-    (8, struct.pack("<I", 2), "version 2"),
+    (8, struct.pack("<I", 1), "version 1"),         # the layout before tokens_per_step
     (24, struct.pack("<I", 7), "role 7"),
 ])
 def test_a_page_with_a_bad_header_is_refused(page, offset, data, match):
@@ -316,7 +316,7 @@ def status(**kw) -> InstanceStatus:
     base = dict(instance_id="decode-0", pid=1, role="decode", seq=2, written_at=0.0, age_s=0.0,
                 stale=False, stale_reason="", **{name: 0 for name, _ in FIELDS})
     base.update(block_size=16, max_num_seqs=8, max_num_batched_tokens=512, local_prefill=False,
-                last_step_s=0.0, step_ewma_s=0.0, prefill_rate=0.0)
+                last_step_s=0.0, step_ewma_s=0.0, prefill_rate=0.0, tokens_per_step=0.0)
     return InstanceStatus(**{**base, **kw})
 
 
@@ -332,6 +332,8 @@ def test_to_instance_state():
     c = to_instance_state(status(instance_id="colocated-0", role="both", local_prefill=True))
     assert (c.phase, c.local_prefill, c.recent_step_s) == ("decode", True, None)
     assert to_instance_state(status(role="both"), phase="prefill").phase == "prefill"
+    assert to_instance_state(status(tokens_per_step=2.5)).tokens_per_step == 2.5   # speculation
+    assert to_instance_state(status(role="prefill", tokens_per_step=2.5)).tokens_per_step == 1.0
 
 
 # -- the host publishes ------------------------------------------------------------------------

@@ -22,7 +22,10 @@ Predictions (seconds):
   at any step); TTFT = the mixed steps that prefill j's queued local tokens and this prompt;
   TPOT = the worse of such a step and j's decode step with this sequence added.
 A decode instance's measured `recent_step_s`, when published, stands in for the predicted time
-of its current batch: every prediction there is shifted by (measured - predicted).
+of its current batch: every prediction there is shifted by (measured - predicted). With
+speculative decoding a step verifies drafts: it costs more (the measured step time carries
+that) and gives each sequence `tokens_per_step` tokens on average, so its TPOT is the step's
+time divided by that yield (and a mixed step may take up to TPOT SLO x yield).
 
 Rule: among the options meeting both SLOs, the lowest predicted TTFT (the most TTFT margin;
 local's TPOT is held under its SLO by the chunk budget); if none meets both, the least bad:
@@ -74,6 +77,7 @@ class InstanceState:
     max_num_batched_tokens: int = 2048  # tokens per step
     local_prefill: bool = False         # a decode instance running mixed (chunked) steps
     recent_step_s: float | None = None  # decode: measured time of its recent steps
+    tokens_per_step: float = 1.0        # decode: tokens a sequence gets per step (speculation)
 
     def __post_init__(self) -> None:
         if self.phase not in ("prefill", "decode"):
@@ -82,6 +86,8 @@ class InstanceState:
                      "running_context", "block_size", "max_num_seqs", "max_num_batched_tokens"):
             if getattr(self, name) < (1 if name in ("block_size", "max_num_seqs") else 0):
                 raise ValueError(f"{self.instance}: bad {name} {getattr(self, name)!r}")
+        if not self.tokens_per_step >= 1:
+            raise ValueError(f"{self.instance}: bad tokens_per_step {self.tokens_per_step!r}")
 
     def has_kv_for(self, num_tokens: int) -> bool:
         return self.free_kv_blocks >= -(-num_tokens // self.block_size)
@@ -143,10 +149,11 @@ def chunk_budget(state: InstanceState, predictor: Predictor, tpot_slo: float) ->
     predicted within `tpot_slo` (at most the step's token budget less a token per running
     sequence); 0 when not even one token fits."""
     shift, n, ctx = _shift(state, predictor), state.num_running, state.running_context
+    limit = tpot_slo * state.tokens_per_step
     lo, hi = 0, state.max_num_batched_tokens - n
     while lo < hi:                      # the largest c in [0, hi] that fits
         mid = (lo + hi + 1) // 2
-        if predictor.mixed_step_time(n, ctx, mid) + shift <= tpot_slo:
+        if predictor.mixed_step_time(n, ctx, mid) + shift <= limit:
             lo = mid
         else:
             hi = mid - 1
@@ -161,9 +168,9 @@ def _judged(option: Option, slo: SLO, why: str) -> Option:
 
 
 def _join_tpot(d: InstanceState, prompt_len: int, predictor: Predictor) -> float:
-    """d's decode step once this sequence has joined its batch."""
+    """d's TPOT once this sequence has joined its batch: its step over its yield."""
     step = predictor.decode_step_time(d.num_running + 1, d.running_context + prompt_len)
-    return step + _shift(d, predictor)
+    return (step + _shift(d, predictor)) / d.tokens_per_step
 
 
 def _split(p: InstanceState, target: tuple[InstanceState, float] | None, prompt_len: int,
@@ -199,7 +206,7 @@ def _local(d: InstanceState, prompt_len: int, max_tokens: int, slo: SLO, predict
     step = predictor.mixed_step_time(n, ctx, budget) + shift
     ttft = full * step + (predictor.mixed_step_time(n, ctx, rest) + shift if rest else 0.0)
     largest_step = step if full else ttft         # without a full chunk, one step is the TTFT
-    tpot = max(largest_step, _join_tpot(d, prompt_len, predictor))
+    tpot = max(largest_step / d.tokens_per_step, _join_tpot(d, prompt_len, predictor))
     return _judged(Option("local", None, d.instance, budget, ttft, tpot), slo,
                    f"{full + (rest > 0)} mixed steps of <= {budget} tokens beside {n} running")
 
@@ -234,7 +241,7 @@ def route(prompt_len: int, max_tokens: int, slo: SLO, prefill_states: Sequence[I
 
 
 def step_budget(scheduler, predictor: Predictor, tpot_slo: float,
-                recent_step_s: float | None = None) -> int | None:
+                recent_step_s: float | None = None, tokens_per_step: float = 1.0) -> int | None:
     """The token budget of a decode instance's next mixed step: its decoding sequences' tokens
     plus the `chunk_budget` of exactly those sequences (not the ones still loading or queued,
     which this step does not run), at least 1 so a lone prompt progresses, at most the standing
@@ -248,6 +255,6 @@ def step_budget(scheduler, predictor: Predictor, tpot_slo: float,
                           running_context=sum(q.num_tokens for q in decoding),
                           block_size=lim.block_size, max_num_seqs=lim.max_num_seqs,
                           max_num_batched_tokens=lim.max_num_batched_tokens, local_prefill=True,
-                          recent_step_s=recent_step_s)
+                          recent_step_s=recent_step_s, tokens_per_step=tokens_per_step)
     budget = chunk_budget(state, predictor, tpot_slo)
     return max(1, min(lim.max_num_batched_tokens, len(decoding) + budget))

@@ -6,7 +6,8 @@ asks the drafter (spec_decode.py) for their proposals and cuts them to the lengt
 maximise expected tokens per second; the engine verifies them (LLMEngine.step(drafts=...));
 after the step `observe()` feeds back what was accepted and what the step cost (`StepCost`).
 k is 0 wherever drafting does not pay by these measurements, apart from a 1-token probe now
-and then.
+and then. `tokens_per_step` (an EWMA of the tokens a decoding sequence gets per step) goes on
+the instance's status page, so the router divides a step's time by it to predict TPOT.
 """
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from typing import TYPE_CHECKING
 
 from backends.core.sequence import Sequence
 from backends.core.spec_decode import DRAFTERS, Drafter, SpecStats
+
+YIELD_ALPHA = 0.1                 # the weight of one step in the tokens_per_step EWMA
 
 if TYPE_CHECKING:
     from backends.core.engine import StepOutput
@@ -213,6 +216,7 @@ class Speculator:
         self.policy = policy
         self.counts = SpecStats()
         self.num_steps = 0                       # steps that verified at least one draft
+        self.tokens_per_step = 1.0               # EWMA: tokens a decoding sequence gets a step
 
     def drafts(self, running: Iterable[Sequence]) -> dict[str, list[int]]:
         seqs = [s for s in running if s.num_tokens - s.num_cached == 1]     # decoding next
@@ -230,13 +234,18 @@ class Speculator:
         if len(batch.seqs) == batch.num_decodes + len(drafts):     # no prompt rows: a clean cost
             self.policy.observe_step(batch.num_tokens, seconds)
         self.num_steps += bool(drafts)
+        emitted = 0
         for out in outputs:
             if out.seq in drafts:
                 num_drafted = len(drafts[out.seq])
+                emitted += len(out.new_token_ids)
                 self.counts.record(num_drafted, len(out.new_token_ids))
                 self.policy.record(out.req_id, num_drafted, min(len(out.new_token_ids) - 1, num_drafted))
             if out.finished:
                 self.policy.forget(out.req_id)
+        if rows := batch.num_decodes + len(drafts):      # the step's yield, for the router
+            step_yield = (batch.num_decodes + emitted) / rows
+            self.tokens_per_step += YIELD_ALPHA * (step_yield - self.tokens_per_step)
 
     def forget(self, req_id: str) -> None:
         self.policy.forget(req_id)
@@ -246,7 +255,8 @@ class Speculator:
         return {"spec_steps": self.num_steps, "spec_verify_rows": c.num_verify_rows,
                 "spec_proposed": c.num_draft_tokens, "spec_accepted": c.num_accepted_tokens,
                 "spec_emitted": c.num_emitted_tokens,
-                "spec_acceptance_ewma": round(self.policy.acceptance(), 4)}
+                "spec_acceptance_ewma": round(self.policy.acceptance(), 4),
+                "tokens_per_step": round(self.tokens_per_step, 4)}
 
 
 def make_speculator(method: str, max_k: int, **policy_kw) -> Speculator:

@@ -149,7 +149,8 @@ class InstanceHost:
                 total_kv_blocks=s["kv_blocks_total"], last_step_s=self._steps.last_s,
                 last_batch_size=s["last_batch_size"], step_ewma_s=self._steps.ewma_s,
                 prefill_rate=float(s.get("prefill_rate") or 0.0),
-                requests_total=s["requests_total"], rejected_total=s["rejected_total"])
+                requests_total=s["requests_total"], rejected_total=s["rejected_total"],
+                tokens_per_step=float(s.get("tokens_per_step", 1.0)))
         except Exception:                       # noqa: BLE001 - never stop the loop for it
             if not self._status_failed:        # the page goes stale; serving goes on
                 self._status_failed = True
@@ -237,9 +238,9 @@ def build_decode_host(deployment: Any, index: int, send: Send,
     engine = LLMEngine(config, sd, _engine_config(deployment, deployment.decode, "decode", index),
                        **kw)
     instance_id = f"decode-{index}"
+    speculator = _speculator(deployment.decode)
     worker = DecodeWorker(engine, make_importer(deployment.kv_transport, engine.kv), instance_id,
-                          step_budget=_step_budget(deployment),
-                          speculator=_speculator(deployment.decode))
+                          step_budget=_step_budget(deployment, speculator), speculator=speculator)
     return InstanceHost(worker, send, is_cancelled, on_step)
 
 
@@ -250,10 +251,11 @@ def _speculator(phase: Any) -> Speculator | None:
     return make_speculator(phase.speculative, phase.num_speculative_tokens)
 
 
-def _step_budget(deployment: Any) -> Callable[[Any], int | None] | None:
+def _step_budget(deployment: Any, speculator: Speculator | None = None
+                 ) -> Callable[[Any], int | None] | None:
     """Adaptive mode: each mixed step of a decode instance sized to the TPOT SLO by the router's
-    rule, with the deployment's latency profile; without a usable profile, the standing
-    decode.max_num_batched_tokens (logged)."""
+    rule, with the deployment's latency profile and the speculator's measured yield (tokens
+    per step); without a usable profile, the standing decode.max_num_batched_tokens (logged)."""
     if deployment.serving_mode != "adaptive":
         return None
     from backends.core.router import step_budget
@@ -264,7 +266,9 @@ def _step_budget(deployment: Any) -> Callable[[Any], int | None] | None:
         log.warning("adaptive mode without a latency model (%s): mixed steps take up to "
                     "decode.max_num_batched_tokens tokens", e)
         return None
-    return lambda scheduler: step_budget(scheduler, predictor, deployment.slo_tpot_s)
+    return lambda scheduler: step_budget(
+        scheduler, predictor, deployment.slo_tpot_s,
+        tokens_per_step=speculator.tokens_per_step if speculator else 1.0)
 
 
 def build_colocated_host(deployment: Any, index: int, send: Send,
