@@ -1,85 +1,158 @@
-"""Batch-1 TPOT with and without n-gram speculation, in-process on one pinned core.
+"""TPOT with and without speculative decoding, per workload, at batch 1 and batch 8, in-process
+on one pinned core, through the served decode path (a `Speculator`: the n-gram drafter sized
+by AdaptiveK, exactly what a decode instance runs with decode.speculative = "ngram").
 
-    python -m benchmarks.spec_decode_engine [--core 0] [--k 4] [--max-tokens 64] [--rounds 2]
+    python -m benchmarks.spec_decode_engine [--core 0] [--max-k 4] [--max-tokens 96]
+        [--rounds 2] [--out docs/spec_decode]
 
-For a summarization-like prompt (the answer repeats the input) and a chat prompt, one engine
-(the default model, bf16, the engine's default weight format) generates greedily with no
-drafts and with the n-gram drafter proposing k tokens before every step (co-located: drafting
-time counts), taking turns per round. TPOT = decode time / (tokens - 1) after an untimed
-prefill step. Prints TPOT both ways, their ratio, acceptance rate and tokens per verify row.
+For each workload (chatbot, code, summarization: client/bench/workloads.py, the served model's
+tokenizer, raw prompts, ignore_eos) one engine (the default model and deployment settings:
+bf16, the decode instance's weight format) generates greedily for the same requests with no
+speculation and with it, taking turns per round (ABBA). Batch 1: each request alone; batch 8:
+eight requests started together. A request's TPOT = (its last token's time - its first token's
+time) / (its tokens - 1); its prefill is untimed. Reported: the median TPOT both ways and their
+ratio, the acceptance rate (accepted / proposed draft tokens), tokens per verify row, and the
+decoding sequences' tokens per step (what the router divides a step's time by). Greedy output
+is checked to be identical both ways (speculation is lossless). Writes <out>.json and <out>.md.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import sys
 import time
+from pathlib import Path
 
 from backends.core.model_runner import pin_threads
 
-ARTICLE = ("The city council met on Tuesday to discuss the new park. The new park will have a "
-           "playground, a pond and a garden. The council voted to build the new park next year. "
-           "The mayor said the new park will have a playground, a pond and a garden for every "
-           "family in the city.")
-PROMPTS = {
-    "summarization": [{"role": "user", "content": ARTICLE + "\n\nRepeat the article above, "
-                       "word for word, then summarize it in one sentence."}],
-    "chat": [{"role": "user", "content": "What are three good habits for staying healthy?"}],
-}
+WORKLOADS = ("chatbot", "code", "summarization")
+BATCHES = (1, 8)
 
 
-def run_once(engine, prompt: list[int], params, drafter, k: int) -> tuple[float, int, object]:
-    """(decode seconds, tokens generated, spec stats) for one request."""
-    from backends.core.spec_decode import SpecStats, propose_drafts
-    engine.spec_stats = SpecStats()
-    engine.add_request("r", prompt, params)
-    engine.step()                                   # prefill + first token, untimed
-    num_tokens, start = 1, time.perf_counter()
+def run_batch(engine, prompts: list[list[int]], params, speculator) -> dict:
+    """Generate for `prompts` together: TPOT per request, tokens, and the speculator's counts."""
+    from backends.core.spec_policy import Speculator
+    first, last, tokens = {}, {}, {}
+    for i, p in enumerate(prompts):
+        engine.add_request(f"r{i}", p, params)
+    steps = 0
     while engine.has_unfinished():
-        drafts = propose_drafts(engine.scheduler.running, drafter, k) if drafter else None
-        num_tokens += sum(len(o.new_token_ids) for o in engine.step(drafts=drafts))
-    return time.perf_counter() - start, num_tokens, engine.spec_stats
+        drafts = speculator.drafts(engine.scheduler.running) if speculator else None
+        started = time.perf_counter()
+        outs = engine.step(drafts=drafts)
+        now = time.perf_counter()
+        if speculator is not None and engine.last_batch is not None:
+            speculator.observe(engine.last_batch, outs, now - started)
+        steps += 1
+        for o in outs:
+            tokens.setdefault(o.req_id, []).extend(o.new_token_ids)
+            first.setdefault(o.req_id, now)
+            last[o.req_id] = now
+    tpots = [(last[r] - first[r]) / (len(t) - 1) for r, t in tokens.items() if len(t) > 1]
+    counts = speculator.stats() if isinstance(speculator, Speculator) else {}
+    return {"tpots": tpots, "tokens": {r: t for r, t in sorted(tokens.items())}, "spec": counts}
+
+
+def measure(engine, prompts: list[list[int]], params, make_speculator, rounds: int) -> dict:
+    """ABBA rounds of none / ngram over the same prompts; medians and the counts of the last."""
+    runs = {"none": [], "ngram": []}
+    outputs, spec = {}, {}
+    run_batch(engine, prompts, params, None)                          # warm-up (kernels)
+    for r in range(rounds):
+        for mode in (("none", "ngram") if r % 2 == 0 else ("ngram", "none")):
+            res = run_batch(engine, prompts, params, make_speculator() if mode == "ngram" else None)
+            runs[mode] += res["tpots"]
+            outputs[mode] = res["tokens"]
+            spec = res["spec"] or spec
+    none, ngram = statistics.median(runs["none"]), statistics.median(runs["ngram"])
+    proposed = spec.get("spec_proposed", 0)
+    return {"tpot_none_s": none, "tpot_ngram_s": ngram, "speedup": none / ngram,
+            "acceptance": spec.get("spec_accepted", 0) / proposed if proposed else 0.0,
+            "tokens_per_verify_row": (spec["spec_emitted"] / spec["spec_verify_rows"]
+                                      if spec.get("spec_verify_rows") else None),
+            "tokens_per_step": spec.get("tokens_per_step"),
+            "verify_rows": spec.get("spec_verify_rows", 0),
+            "identical_output": outputs["none"] == outputs["ngram"], "samples": len(runs["none"])}
+
+
+def write(results: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
+    m = results["meta"]
+    lines = [
+        "# Speculative decoding (n-gram drafter, adaptive k): TPOT per workload, batch 1 and 8", "",
+        f"Command: `{m['command']}`; {m['machine']}, one pinned core (core {m['core']}), load "
+        f"average {m['load_before']} before, {m['load_after']} after. Default model and decode "
+        f"settings (bf16, the decode weight format), greedy, ignore_eos, up to {m['max_tokens']} "
+        f"output tokens, max k {m['max_k']}; {m['rounds']} ABBA rounds, medians over requests.", "",
+        "| workload | batch | TPOT none (ms) | TPOT n-gram (ms) | speedup | acceptance | "
+        "tokens / verify row | tokens / step | same output |",
+        "|---|---|---|---|---|---|---|---|---|"]
+    for key, r in results["runs"].items():
+        w, b = key.split("/")
+        tvr = f"{r['tokens_per_verify_row']:.2f}" if r["tokens_per_verify_row"] else "-"
+        tps = f"{r['tokens_per_step']:.2f}" if r["tokens_per_step"] else "-"
+        lines.append(f"| {w} | {b} | {r['tpot_none_s'] * 1e3:.1f} | {r['tpot_ngram_s'] * 1e3:.1f} "
+                     f"| {r['speedup']:.2f}x | {r['acceptance']:.1%} | {tvr} | {tps} "
+                     f"| {'yes' if r['identical_output'] else 'NO'} |")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="checkpoint (default: the project's default model)")
     ap.add_argument("--core", type=int, default=0)
-    ap.add_argument("--k", type=int, default=4)
-    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--max-k", type=int, default=4)
+    ap.add_argument("--max-tokens", type=int, default=96)
+    ap.add_argument("--max-prompt", type=int, default=2048)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
+    ap.add_argument("--out", type=Path, default=Path("/tmp/spec_decode"),
+                    help="results prefix (.json, .md); docs/spec_decode for the record")
     args = ap.parse_args()
     pin_threads([args.core])                        # before the first torch op
-    from backends.core.engine import EngineConfig, LLMEngine
-    from backends.core.limits import EngineLimits
-    from backends.core.sampling import SamplingParams
-    from backends.core.spec_decode import NgramDrafter
-    from backends.core.tokenizer import Tokenizer
-    from deploy.deployment import DEFAULT_MODEL_PATH
+    import dataclasses
 
-    path = str(args.model or DEFAULT_MODEL_PATH)
-    tok = Tokenizer.load(path)
-    engine = LLMEngine.from_path(path, EngineConfig(limits=EngineLimits(num_kv_blocks=64)))
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=0, ignore_eos=True)
-    drafter = NgramDrafter()
-    print(f"load average before: {os.getloadavg()}  core {args.core}  k={args.k}  "
-          f"max_tokens={args.max_tokens}  rounds={args.rounds}")
-    for name, messages in PROMPTS.items():
-        prompt = tok.encode(tok.apply_chat_template(messages))
-        run_once(engine, prompt, params, drafter, args.k)               # warm-up
-        tpot = {"none": [], "ngram": []}
-        stats = None
-        for r in range(args.rounds):
-            for mode in (("none", "ngram") if r % 2 == 0 else ("ngram", "none")):
-                secs, n, s = run_once(engine, prompt, params, drafter if mode == "ngram" else None, args.k)
-                tpot[mode].append(secs / (n - 1))
-                stats = s if mode == "ngram" else stats
-        base, spec = statistics.median(tpot["none"]), statistics.median(tpot["ngram"])
-        print(f"{name:14s} prompt {len(prompt):4d} tok | TPOT none {base * 1e3:6.1f} ms  "
-              f"ngram {spec * 1e3:6.1f} ms  speedup {base / spec:4.2f}x | acceptance "
-              f"{stats.acceptance_rate:5.1%}  tokens/verify {stats.tokens_per_verify:4.2f}  "
-              f"verify rows {stats.num_verify_rows}")
-    print(f"load average after: {os.getloadavg()}")
+    from backends.core.engine import EngineConfig, LLMEngine
+    from backends.core.sampling import SamplingParams
+    from backends.core.spec_policy import make_speculator
+    from client.bench.workloads import LengthCaps, WorkloadSpec, load_workload
+    from deploy.deployment import default_deployment
+
+    dep = default_deployment(args.model) if args.model else default_deployment()
+    path = str(dep.resolved_model_path())
+    limits = dep.decode.limits(dep.block_size)       # the decode instance's, room for batch 8
+    need = max(BATCHES) * -(-(args.max_prompt + args.max_tokens + args.max_k + 1) // dep.block_size)
+    limits = dataclasses.replace(limits, num_kv_blocks=max(limits.num_kv_blocks, need),
+                                 chunked_prefill=False,
+                                 max_num_batched_tokens=max(limits.max_num_batched_tokens, args.max_prompt))
+    engine = LLMEngine.from_path(path, EngineConfig(
+        dtype=dep.dtype, kv_dtype=dep.kv_dtype, limits=limits, max_model_len=dep.max_model_len,
+        role="both", weights=dep.weights))           # "both": it prefills too (untimed)
+    load_before = [round(x, 2) for x in os.getloadavg()]
+    results = {"runs": {}}
+    for name in args.workloads:
+        spec = WorkloadSpec(name, max(BATCHES), seed=0,
+                            caps=LengthCaps(max_prompt_tokens=args.max_prompt,
+                                            max_output_tokens=args.max_tokens))
+        requests = load_workload(spec, path).requests
+        for batch in BATCHES:
+            prompts = [list(r.prompt_ids) for r in requests[:batch]]
+            params = SamplingParams(max_tokens=args.max_tokens, temperature=0, ignore_eos=True)
+            r = measure(engine, prompts, params, lambda: make_speculator("ngram", args.max_k), args.rounds)
+            results["runs"][f"{name}/{batch}"] = r
+            print(f"{name:14s} batch {batch}: TPOT none {r['tpot_none_s'] * 1e3:6.1f} ms  ngram "
+                  f"{r['tpot_ngram_s'] * 1e3:6.1f} ms  {r['speedup']:.2f}x  acceptance "
+                  f"{r['acceptance']:.1%}  same output {r['identical_output']}", flush=True)
+    results["meta"] = {"command": "python -m benchmarks.spec_decode_engine " + " ".join(sys.argv[1:]),
+                       "machine": f"{os.cpu_count()} cores", "core": args.core,
+                       "load_before": load_before,
+                       "load_after": [round(x, 2) for x in os.getloadavg()],
+                       "max_tokens": args.max_tokens, "max_k": args.max_k, "rounds": args.rounds}
+    write(results, args.out)
+    print(f"wrote {args.out}.json and .md")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ backends.core.router with the deployment's slo_ttft_s / slo_tpot_s.
 """
 from __future__ import annotations
 
+import warnings
+
 import json
 import os
 from dataclasses import dataclass, field, replace
@@ -212,6 +214,21 @@ def serving(dep: Deployment, mode: str) -> Deployment:
     if mode == "adaptive":
         dep = replace(dep, decode=replace(dep.decode, chunked_prefill=True))
     return replace(dep, mode=mode)
+
+
+def with_decode_on_prefill_cores(dep: Deployment) -> Deployment:
+    """`dep` plus one decode instance on each prefill instance's cores: where prefill idles,
+    its cores decode too (the "reverse" of local prefill; the router sends work there by the
+    instances' published load). Prefill and that decode instance then share the cores (the
+    OS time-slices them): a warning, as for any overlap."""
+    if dep.prefill is None or dep.decode is None or dep.prefill.device != dep.decode.device:
+        raise ValueError("needs prefill and decode phases on the same kind of device")
+    extra = tuple(dep.prefill.devices)
+    decode = replace(dep.decode, num_instances=dep.decode.num_instances + len(extra),
+                     devices=tuple(dep.decode.devices) + extra)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")           # the overlap is the point
+        return replace(dep, decode=decode)
 
 
 def save_deployment(dep: Deployment, mode: str, path: str | Path) -> None:

@@ -22,6 +22,11 @@ def test_system_names_and_deployments():
     ada = parse_system("adaptive")
     d = ada.deployment("models/x.gguf", num_cores=2)
     assert ada.model == "distserve" and d.serving_mode == "adaptive" and d.decode.chunked_prefill
+    shared = parse_system("adaptive-shared")
+    with pytest.warns(UserWarning, match="share cores"):           # on purpose: said, not hidden
+        d = shared.deployment("models/x.gguf", num_cores=2)
+    assert shared.model == "distserve" and d.serving_mode == "adaptive"
+    assert d.decode.devices == ((1,), (0,)) and d.prefill.devices == ((0,),)
     for bad in ("vllm", "chunked-0", "chunked-x"):
         with pytest.raises(ValueError, match="system|budget"):
             parse_system(bad)

@@ -28,6 +28,8 @@ from .metrics import RequestResult, route_counts, time_breakdown
 DEFAULT_SYSTEMS = ("disaggregated", "colocated", "chunked")
 SYSTEM_LABELS = {"disaggregated": "DistServe (1 prefill + 1 decode core)",
                  "adaptive": "DistServe adaptive (1 prefill + 1 decode core, SLO-routed local prefill)",
+                 "adaptive-shared": "DistServe adaptive + a decode instance on the prefill core "
+                                    "(it decodes there while prefill idles)",
                  "colocated": "colocated (2 x 1 core)",
                  "chunked": "colocated + chunked prefill (2 x 1 core, budget {budget})"}
 
@@ -49,15 +51,19 @@ class System:
     @property
     def model(self) -> str:
         from deploy.contract import DISTSERVE, DISTSERVE_COLOCATED
-        return DISTSERVE if self.kind in ("disaggregated", "adaptive") else DISTSERVE_COLOCATED
+        return DISTSERVE if self.kind in ("disaggregated", "adaptive", "adaptive-shared") \
+            else DISTSERVE_COLOCATED
 
     def deployment(self, model_path: str | Path, num_cores: int | None = None) -> Any:
         from deploy.deployment import colocated_deployment, default_deployment
         if self.kind == "disaggregated":
             return default_deployment(model_path, num_cores)
-        if self.kind == "adaptive":
-            from planner.deployment import serving
-            return serving(default_deployment(model_path, num_cores), "adaptive")
+        if self.kind in ("adaptive", "adaptive-shared"):
+            from planner.deployment import serving, with_decode_on_prefill_cores
+            dep = default_deployment(model_path, num_cores)
+            if self.kind == "adaptive-shared":
+                dep = with_decode_on_prefill_cores(dep)
+            return serving(dep, "adaptive")
         if self.kind == "colocated":
             return colocated_deployment(model_path, num_cores)
         return colocated_deployment(model_path, num_cores, chunked_prefill=True,
@@ -68,12 +74,12 @@ def parse_system(text: str) -> System:
     """`disaggregated`, `colocated`, `chunked` (the default budget) or `chunked-<budget>`."""
     from deploy.deployment import DEFAULT_CHUNKED_TOKEN_BUDGET
     text = text.strip()
-    if text in ("disaggregated", "adaptive", "colocated"):
+    if text in ("disaggregated", "adaptive", "adaptive-shared", "colocated"):
         return System(text)
     m = re.fullmatch(r"chunked(?:-(\d+))?", text)
     if not m:
-        raise ValueError(f"unknown system {text!r}: use disaggregated, adaptive, colocated, "
-                         "chunked or chunked-<token budget>")
+        raise ValueError(f"unknown system {text!r}: use disaggregated, adaptive, adaptive-shared, "
+                         "colocated, chunked or chunked-<token budget>")
     budget = int(m.group(1)) if m.group(1) else DEFAULT_CHUNKED_TOKEN_BUDGET
     if budget < 1:
         raise ValueError(f"{text}: the token budget must be >= 1")
@@ -91,7 +97,8 @@ def parse_systems(text: str) -> list[System]:
 def add_compare_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("systems")
     g.add_argument("--systems", type=_systems_arg, default=list(map(parse_system, DEFAULT_SYSTEMS)),
-                   help="comma-separated: disaggregated, adaptive, colocated, chunked, chunked-<budget> "
+                   help="comma-separated: disaggregated, adaptive, adaptive-shared, colocated, chunked, "
+                        "chunked-<budget> "
                         f"(default: {','.join(DEFAULT_SYSTEMS)})")
     g.add_argument("--serve-model", help="model file served (default: the deployment's default)")
     g.add_argument("--out-dir", type=Path, default=Path("docs") / "goodput",
