@@ -54,10 +54,15 @@ class PhaseSpec:
     # and step cost (0 where it does not pay). null: off, and left out of the JSON.
     speculative: str | None = None
     num_speculative_tokens: int = 3
+    # prefix caching (backends/core/prefix_cache.py): full KV blocks kept after their requests
+    # and reused by prompts that start with the same tokens. On by default, then left out of the JSON.
+    prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         if self.device not in DEVICE_KINDS:
             raise ValueError(f"device must be one of {DEVICE_KINDS}, got {self.device!r}")
+        if not isinstance(self.prefix_caching, bool):
+            raise ValueError(f"prefix_caching must be true or false, got {self.prefix_caching!r}")
         _check_positive_int("num_instances", self.num_instances)
         self._check_speculative()
         if self.num_threads is not None:
@@ -303,6 +308,8 @@ class Deployment:
         for phase in (data["prefill"], data["decode"], data["colocated"]):
             if phase and phase["speculative"] is None:       # off: the JSON as it was before
                 del phase["speculative"], phase["num_speculative_tokens"]
+            if phase and phase["prefix_caching"]:            # the default: likewise
+                del phase["prefix_caching"]
         return data
 
     def to_json(self, indent: int | None = None) -> str:

@@ -43,3 +43,14 @@ def tiny_llama(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_llama")
     save_tiny_hf_model("llama", path)
     return load_checkpoint(path, torch.float32)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Small ops on a shared 2-core machine: one torch thread avoids OpenMP spin contention
+    (measured beside two busy processes: 2 threads made its tests 14-65x slower). A module
+    takes it with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

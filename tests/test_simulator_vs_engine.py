@@ -48,7 +48,8 @@ def run_engine(tiny_llama, requests: list[Request], chunked: bool):
     arrival when idle), takes the latency model's time for its batch, and every request that
     arrived by then is added before it is scheduled."""
     limits = EngineLimits(chunked_prefill=chunked, **LIMITS)
-    engine = LLMEngine(*tiny_llama, EngineConfig(dtype="float32", limits=limits))
+    # the simulator models no prefix cache (and these prompts repeat one token: all would hit)
+    engine = LLMEngine(*tiny_llama, EngineConfig(dtype="float32", limits=limits, prefix_caching=False))
     spec = SimpleNamespace(spec=InstanceSpec(LATENCY, limits))
     steps, durations = [], []
 

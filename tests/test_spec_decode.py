@@ -19,15 +19,7 @@ TEXTS = [REPETITIVE, "def add(a, b):\n    return a + b\n\ndef sub(a, b):\n",
 SAMPLED = SamplingParams(max_tokens=20, temperature=0.8, top_p=0.9, top_k=40, seed=7, ignore_eos=True)
 CHI2_CRITICAL_DF7 = 24.32           # chi-square, 7 degrees of freedom, p = 0.001
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small ops on a shared 2-core machine: one torch thread avoids OpenMP spin contention
-    (measured beside two busy processes: 2 threads made its tests 14-65x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class OracleDrafter:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-import torch
 
 from backends.colocated.worker import ColocatedWorker
 from backends.core.engine import EngineConfig, LLMEngine
@@ -31,13 +30,7 @@ PROMPTS = [list(range(3, 13)) * 3, list(range(40, 47)), [9, 8, 7, 9, 8, 7, 9, 8]
 # batch-1 step seconds by rows, as measured on this CPU (commit 56d0142): 5 rows leave the int4 kernel
 MEASURED = {1: 0.023, 2: 0.0258, 3: 0.030, 4: 0.0356, 5: 0.0509}
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def measured_policy(max_k: int = 4, **kw) -> AdaptiveK:

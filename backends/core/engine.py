@@ -9,13 +9,17 @@ hands out the ones whose KV to copy in now, and `kv_arrived` lets each join the 
 with `chunked_prefill`, prompts too, prefilled locally in chunks inside its decode steps
 (adaptive disaggregation: the router sends a cheap prompt there when that keeps both SLOs).
 
+With `prefix_caching` (the default, every role) the block manager keeps full KV blocks after
+their requests end and a prompt reuses its longest cached prefix (backends/core/prefix_cache.py);
+a decode instance registers the prompt blocks it copied in and the blocks its steps fill.
+
 A request is validated once, where it enters: `make_sequence` checks it against this engine
 (context length, vocabulary, KV pool) and may run on any thread; `add` only registers it.
 """
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
@@ -24,6 +28,7 @@ from backends.core.config import ModelConfig
 from backends.core.kv_cache import BlockManager, KVLayout, KVPool, dtype_from_name
 from backends.core.limits import EngineLimits
 from backends.core.model_runner import ModelRunner, build_model, resolve_device
+from backends.core.prefix_cache import PrefixCache, PrefixStats
 from backends.core.sampling import SamplingParams
 from backends.core.scheduler import Batch, Scheduler
 from backends.core.sequence import FinishReason, Sequence, SequenceStatus
@@ -48,6 +53,7 @@ class EngineConfig:
     kv_dtype: str = "auto"                  # KV_DTYPES: "auto" = the activation dtype
     shared_weights_dir: str | None = None   # instances on one host map one copy of the weights here
     prepack_weights: bool = True            # dense weights in oneDNN's layout (bf16 on CPU; private)
+    prefix_caching: bool = True             # reuse cached KV blocks of earlier prompts (prefix_cache.py)
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16"):
@@ -61,6 +67,8 @@ class EngineConfig:
             raise ValueError(f"kv_dtype must be one of {KV_DTYPES}, got {self.kv_dtype!r}")
         if self.role not in ("both", "prefill", "decode"):
             raise ValueError(f"role must be both, prefill or decode, got {self.role!r}")
+        if not isinstance(self.prefix_caching, bool):
+            raise ValueError(f"prefix_caching must be true or false, got {self.prefix_caching!r}")
         if self.max_model_len is not None and self.max_model_len <= 1:
             raise ValueError(f"max_model_len must be > 1, got {self.max_model_len}")
         if not isinstance(self.limits, EngineLimits):
@@ -83,10 +91,12 @@ class StepOutput:
 class EngineStats:
     num_waiting: int
     num_running: int
-    num_blocks_used: int
+    num_blocks_used: int                # held by a sequence (a KV lease's included)
     num_blocks_total: int
     last_batch_size: int = 0
     last_batch_tokens: int = 0
+    num_blocks_cached: int = 0          # free, but holding cached KV (evictable; not a leak)
+    prefix: PrefixStats = field(default_factory=PrefixStats)
 
 
 class LLMEngine:
@@ -116,7 +126,8 @@ class LLMEngine:
         release_free_memory()       # the loader's freed dense copies, back to the OS (~600 MiB)
         self.runner = ModelRunner(model, kv_pool)
         limits = engine_config.limits
-        self.blocks = BlockManager(limits.num_kv_blocks)
+        cache = PrefixCache(limits.block_size) if engine_config.prefix_caching else None
+        self.blocks = BlockManager(limits.num_kv_blocks, cache)
         self.scheduler = Scheduler(limits, self.blocks, hand_off=engine_config.role == "prefill",
                                    eos_token_ids=self.eos_token_ids, max_model_len=self.max_model_len)
         self.seqs: dict[str, Sequence] = {}
@@ -250,8 +261,10 @@ class LLMEngine:
     def stats(self) -> EngineStats:
         b = self.last_batch
         s = self.scheduler
+        cache = self.blocks.cache
         return EngineStats(s.num_queued(), len(s.running) + len(s.loading), self.blocks.num_used,
-                           self.blocks.num_blocks, len(b.seqs) if b else 0, b.num_tokens if b else 0)
+                           self.blocks.num_blocks, len(b.seqs) if b else 0, b.num_tokens if b else 0,
+                           self.blocks.num_cached_free, replace(cache.stats) if cache else PrefixStats())
 
     # -- disaggregation seam --------------------------------------------------------------
     def export_kv(self, req_id: str) -> tuple[list[int], int]:

@@ -2,6 +2,9 @@
 
 Lifecycle of a block: free -> allocated to a sequence (its block table lists it) -> freed when
 the sequence finishes, is aborted, or (on a prefill instance) when its KV has been handed off.
+With prefix caching (prefix_cache.py) a full block is also registered under its tokens, may be
+held by several sequences at once (reference counts), and when the last lets go it stays free
+but cached, found again by a later prompt, until the pool needs it (LRU).
 The pool is block-major: one block's KV for every layer is a single contiguous byte range, so
 a transfer of a request's KV is one copy per block, whatever the layer count or dtype.
 
@@ -31,6 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from backends.core.config import ModelConfig
+from backends.core.prefix_cache import PrefixCache
 
 _DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16,
                                    "float16": torch.float16}
@@ -232,38 +236,73 @@ class KVPool:
 
 
 class BlockManager:
-    """Hands out KV block ids and keeps count so leaks show (`num_free == num_blocks`)."""
+    """Hands out KV block ids, counting references, and keeps count so leaks show
+    (`num_used == 0`, `num_free == num_blocks`). With a `cache` (prefix_cache.PrefixCache) a
+    block several sequences share is held by each (`share`), and a cached block whose last
+    holder lets go stays findable, free but cached, until the pool has no never-used block
+    left and evicts it (least recently used first). Cached blocks no one holds count as free."""
 
-    def __init__(self, num_blocks: int) -> None:
+    def __init__(self, num_blocks: int, cache: PrefixCache | None = None) -> None:
         if num_blocks <= 0:
             raise ValueError(f"num_blocks must be > 0, got {num_blocks}")
         self.num_blocks = num_blocks
-        self._free: deque[int] = deque(range(num_blocks))
-        self._used: set[int] = set()
+        self.cache = cache
+        self._free: deque[int] = deque(range(num_blocks))      # free and holding nothing cached
+        self._refs = [0] * num_blocks
+        self._num_used = 0
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        return len(self._free) + (self.cache.num_free if self.cache else 0)
 
     @property
     def num_used(self) -> int:
-        return len(self._used)
+        """Blocks some sequence holds."""
+        return self._num_used
 
-    def can_allocate(self, n: int) -> bool:
-        return n <= len(self._free)
+    @property
+    def num_cached_free(self) -> int:
+        """Free blocks that still hold cached KV (evictable)."""
+        return self.cache.num_free if self.cache else 0
+
+    def can_allocate(self, n: int, shared: list[int] | tuple[int, ...] = ()) -> bool:
+        """Whether `n` new blocks are free once the cached `shared` blocks are taken too."""
+        return n <= self.num_free - sum(1 for b in shared if not self._refs[b])
 
     def allocate(self, n: int) -> list[int]:
         if n == 0:
             return []           # most decode rows need no new block
-        if n > len(self._free):
-            raise MemoryError(f"KV cache full: need {n} blocks, {len(self._free)} free")
-        ids = [self._free.popleft() for _ in range(n)]
-        self._used.update(ids)
+        if n > self.num_free:
+            raise MemoryError(f"KV cache full: need {n} blocks, {self.num_free} free")
+        ids = [self._free.popleft() if self._free else self.cache.evict() for _ in range(n)]
+        for b in ids:
+            self._refs[b] = 1
+        self._num_used += n
         return ids
 
-    def free(self, block_ids: list[int]) -> None:
+    def share(self, block_ids: list[int]) -> list[int]:
+        """One more reference to each of these cached blocks (a prefix hit); returns them."""
         for b in block_ids:
-            if b not in self._used:
+            if not self._refs[b]:
+                self.cache.unpark(b)
+                self._num_used += 1
+            self._refs[b] += 1
+        return list(block_ids)
+
+    def free(self, block_ids: list[int]) -> None:
+        """Drop one reference to each. A sequence's blocks go last block first, so its tail is
+        evicted before the prefix other prompts are likelier to share."""
+        for b in reversed(block_ids) if self.cache else block_ids:
+            if not (0 <= b < self.num_blocks and self._refs[b]):
                 raise ValueError(f"block {b} is not allocated (double free?)")
-            self._used.remove(b)
-            self._free.append(b)
+            self._refs[b] -= 1
+            if self._refs[b]:
+                continue
+            self._num_used -= 1
+            if self.cache is not None and self.cache.holds(b):
+                self.cache.park(b)
+            else:
+                self._free.append(b)
+
+    def ref_count(self, block_id: int) -> int:
+        return self._refs[block_id]

@@ -97,7 +97,11 @@ class ModelRunner:
         """Write the new tokens' K/V into the pool; return next-token logits [S, V] float32 of
         the S sequences whose last token ran (a prompt chunk short of the end yields none), a
         verify row's at each of its 1 + k positions. Pure: no sequence changes here (the
-        scheduler's `update` advances `num_cached`)."""
+        scheduler's `update` advances `num_cached`). Cached blocks a sequence takes as copies
+        (`batch.copies`, prefix caching on a prefill engine) are copied first."""
+        if batch.copies:
+            src, dst = zip(*batch.copies)
+            self.kv.write_blocks(list(dst), self.kv.read_blocks(list(src)))
         ids, positions, context_lens, last = [], [], [], []
         drafts = batch.drafts
         for s, n, is_sampled in zip(batch.seqs, batch.num_new, batch.is_sampled):

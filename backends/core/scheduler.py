@@ -17,6 +17,11 @@ In both, when a running sequence needs a block and none is free, the most recent
 sequence is preempted: its blocks are freed and it re-enters `waiting` at the front, to be
 recomputed (prompt + tokens so far) later.
 
+With a prefix cache (the block manager's, prefix_cache.py), a prompt admitted from `waiting`
+starts with its longest cached prefix of full blocks, shared, as `num_cached` tokens (at least
+its last token is computed), and `update()` registers every block a step filled (prompt chunks,
+generated tokens, accepted drafts), so preempted sequences and later prompts find them.
+
 The scheduler owns every state change: `schedule()` admits, reserves and preempts; `update()`
 applies a step's result (cached tokens, sampled tokens, finish, and, on a prefill engine, the
 PREFILLED hand-off state). A sequence whose prompt KV is computed elsewhere (a decode instance)
@@ -52,6 +57,7 @@ class Batch:
     num_decodes: int = 0
     preempted: list[Sequence] = field(default_factory=list)
     drafts: dict[Sequence, list[int]] = field(default_factory=dict)
+    copies: list[tuple[int, int]] = field(default_factory=list)    # (src, dst) blocks to copy first
 
     def add(self, seq: Sequence, num_new: int) -> None:
         self.seqs.append(seq)
@@ -143,10 +149,11 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         while self.waiting and len(self.running) + len(self.loading) + len(batch.seqs) < self.config.max_num_seqs:
             seq = self.waiting[0]
-            num_new = seq.num_tokens - seq.num_cached
+            hit = self._cached_prefix(seq)
+            num_new = seq.num_tokens - len(hit) * self.config.block_size - seq.num_cached
             if batch.seqs and num_new > budget:
                 break                       # a lone long prompt still runs, alone
-            if not self._admit(seq, num_new):
+            if not self._admit(seq, hit, num_new, batch):
                 break
             batch.add(seq, num_new)
             budget -= num_new
@@ -174,23 +181,53 @@ class Scheduler:
                 budget -= num_new
         while self.waiting and budget and len(self.running) + len(self.loading) < self.config.max_num_seqs:
             seq = self.waiting[0]
-            num_new = min(seq.num_tokens - seq.num_cached, budget)
-            if not self._admit(seq, num_new):
+            hit = self._cached_prefix(seq)
+            num_new = min(seq.num_tokens - len(hit) * self.config.block_size - seq.num_cached, budget)
+            if not self._admit(seq, hit, num_new, batch):
                 break
             self.running.append(seq)
             batch.add(seq, num_new)
             budget -= num_new
         return batch.decodes_first()
 
-    def _admit(self, seq: Sequence, num_new: int) -> bool:
-        """Move the head of `waiting` out, with blocks for `num_new` more tokens, if they are free."""
-        need = self._blocks_needed(seq, seq.num_cached + num_new)
-        if not self.blocks.can_allocate(need):
+    def _cached_prefix(self, seq: Sequence) -> list[int]:
+        """Cached blocks holding the leading full blocks of a waiting sequence's tokens (none
+        without a prefix cache, or for a sequence that holds blocks already)."""
+        cache = self.blocks.cache
+        return cache.match(seq) if cache is not None and not seq.block_ids else []
+
+    def _admit(self, seq: Sequence, hit: list[int], num_new: int, batch: Batch) -> bool:
+        """Move the head of `waiting` out, with the cached blocks `hit` (its first tokens' K/V,
+        not computed: see `_take_cached`) and blocks for `num_new` more tokens, if they are free."""
+        num_cached = seq.num_cached + len(hit) * self.config.block_size
+        need = max(0, self.config.blocks_for(num_cached + num_new) - len(seq.block_ids) - len(hit))
+        num_copies = sum(1 for b in hit if self._must_copy(b))
+        if not self.blocks.can_allocate(need + num_copies, hit):
             return False
-        seq.block_ids += self.blocks.allocate(need)
+        if self.blocks.cache is not None:
+            self.blocks.cache.stats.record(seq.num_tokens, num_cached - seq.num_cached)
+        seq.block_ids += self._take_cached(hit, batch) + self.blocks.allocate(need)
+        seq.num_cached = num_cached
         self.waiting.popleft()
         seq.status = SequenceStatus.RUNNING
         return True
+
+    def _must_copy(self, block_id: int) -> bool:
+        """A prefill engine lends each sequence's blocks to decode under a lease that owns them
+        alone (kvtransfer's control table): a cached block another sequence holds is copied."""
+        return self.hand_off and self.blocks.ref_count(block_id) > 0
+
+    def _take_cached(self, hit: list[int], batch: Batch) -> list[int]:
+        """The cached blocks `hit` for a new sequence: shared (one more reference each), or new
+        blocks the step copies them into first (`batch.copies`) where `_must_copy`."""
+        ids = []
+        for b in hit:
+            if self._must_copy(b):
+                ids += self.blocks.allocate(1)
+                batch.copies.append((b, ids[-1]))
+            else:
+                ids += self.blocks.share([b])
+        return ids
 
     def _reserve(self, seq: Sequence, num_tokens: int, batch: Batch) -> bool:
         """Blocks for `num_tokens` of a running sequence, preempting from the back of `running`
@@ -233,7 +270,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.blocks.free(seq.block_ids)
-        seq.block_ids, seq.num_cached = [], 0
+        seq.block_ids, seq.num_cached, seq.block_nodes = [], 0, []
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
 
@@ -254,6 +291,7 @@ class Scheduler:
         drafts = batch.drafts
         for seq, n in zip(batch.seqs, batch.num_new):
             seq.num_cached += n - len(drafts.get(seq, ()))
+            self._cache_blocks(seq)
         out = []
         for seq, ids in zip(batch.sampled_seqs, new_ids):
             reason = None
@@ -278,10 +316,16 @@ class Scheduler:
         """After verifying: the accepted draft tokens' K/V are kept (cached); the rejected ones'
         slots are dropped, and blocks that held only those go back to the pool."""
         seq.num_cached += num_accepted
+        self._cache_blocks(seq)
         keep = self.config.blocks_for(seq.num_cached)
         if len(seq.block_ids) > keep:
             self.blocks.free(seq.block_ids[keep:])
             del seq.block_ids[keep:]
+
+    def _cache_blocks(self, seq: Sequence) -> None:
+        """Register the sequence's blocks that its K/V now fill (prefix cache)."""
+        if self.blocks.cache is not None:
+            self.blocks.cache.register(seq)
 
     def stop_reason(self, seq: Sequence, token_id: int) -> FinishReason | None:
         p = seq.params
@@ -320,6 +364,7 @@ class Scheduler:
             raise ValueError(f"request {seq.req_id!r} is not loading KV")
         self.loading.remove(seq)
         seq.num_cached = seq.num_prompt_tokens
+        self._cache_blocks(seq)
         seq.status = SequenceStatus.RUNNING
         self.running.append(seq)
 

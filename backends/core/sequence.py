@@ -38,6 +38,10 @@ class Sequence:
     finish_reason: FinishReason | None = None
     arrival_time: float = 0.0                   # when it reached this engine (the caller's clock)
     scheduled_time: float | None = None         # its first step on this engine (schedule(now))
+    # prefix cache (prefix_cache.py): the chain hash of each full block of its tokens so far,
+    # and the cache's node of each of its leading blocks that are cached (or equal to one)
+    block_hashes: list[bytes] = field(default_factory=list)
+    block_nodes: list[int] = field(default_factory=list)
     # len(prompt_ids) + len(output_ids), kept by append_token: the scheduler reads it several
     # times per row per step (tokens are only ever appended through append_token)
     num_tokens: int = field(init=False, default=0)

@@ -207,6 +207,9 @@ class EngineWorker:
                 "requests_total": self.num_requests, "backlog_tokens": self.backlog.tokens,
                 "backlog_requests": self.backlog.requests, "prefill_rate": self.backlog.rate,
                 "running_context": self.running_context, "rejected_total": self.num_rejected,
+                "kv_blocks_cached": s.num_blocks_cached, "prefix_queries": s.prefix.num_queries,
+                "prefix_hits": s.prefix.num_hits, "prefix_query_tokens": s.prefix.num_query_tokens,
+                "prefix_hit_tokens": s.prefix.num_hit_tokens,
                 **(self.speculator.stats() if self.speculator else {})}
 
     def close(self) -> None:

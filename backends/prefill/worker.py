@@ -4,7 +4,10 @@ Lifecycle (backends/core/worker.py): the engine's waiting queue (FCFS) -> a pref
 under the token budget L_m -> first token sampled, KV blocks kept and lent to decode under a
 lease (`exporter.grant`) -> one `Prefilled` message (first token + KV descriptor); the request
 stays in the table while its KV is lent -> decode copies the blocks and releases the lease (or
-it expires, or the request is cancelled) -> the blocks are freed at the start of a later step.
+it expires, or the request is cancelled) -> the blocks are freed at the start of a later step
+(with prefix caching, full ones stay cached: a later prompt with the same start reuses them; a
+lease owns its blocks alone, so a prompt whose cached prefix is lent under another lease takes
+copies of those blocks, made before its prefill step, instead of sharing them).
 """
 from __future__ import annotations
 

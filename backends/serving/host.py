@@ -194,7 +194,7 @@ def _engine_config(deployment: Any, phase: Any, role: str, index: int) -> Engine
     return EngineConfig(dtype=deployment.dtype, kv_dtype=deployment.kv_dtype,
                         limits=phase.limits(deployment.block_size),
                         max_model_len=deployment.max_model_len, role=role, device=device,
-                        weights=deployment.weights,
+                        weights=deployment.weights, prefix_caching=phase.prefix_caching,
                         shared_weights_dir=_shared_weights_dir(deployment))
 
 

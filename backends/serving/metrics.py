@@ -14,13 +14,14 @@ LATENCY_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 
 
 class EngineMetrics:
-    """Per-instance gauges (and KV transfer counters on decode)."""
+    """Per-instance gauges, and counters (KV copied in on decode; prefix cache lookups)."""
 
     GAUGES = {
         "queue_depth": "Requests waiting for prefill (prefill) or for KV admission (decode: pending)",
         "running": "Sequences in the decode running batch",
         "last_batch_size": "Sequences in the most recent engine step",
         "kv_blocks_used": "KV cache blocks in use",
+        "kv_blocks_cached": "KV cache blocks free but holding cached prefixes (evictable)",
         "kv_blocks_total": "KV cache blocks in the pool",
         "leases": "Prefill KV block sets lent to decode and not yet released",
     }
@@ -34,7 +35,9 @@ class EngineMetrics:
             self._gauges[key] = (family, family.Metric(labels=labels))
         self._counters = {}
         for key, text in (("kv_transfer_bytes", "Bytes of KV copied in from prefill instances"),
-                          ("kv_transfer_seconds", "Seconds spent copying KV in")):
+                          ("kv_transfer_seconds", "Seconds spent copying KV in"),
+                          ("prefix_query_tokens", "Prompt tokens looked up in the prefix cache"),
+                          ("prefix_hit_tokens", "Prompt tokens whose KV the prefix cache held")):
             family = pb.MetricFamily(name=f"distserve_{key}_total", description=text,
                                      kind=pb.MetricFamily.COUNTER)
             self._counters[key] = (family, family.Metric(labels=labels), [0.0])
