@@ -27,6 +27,11 @@ def test_system_names_and_deployments():
         d = shared.deployment("models/x.gguf", num_cores=2)
     assert shared.model == "distserve" and d.serving_mode == "adaptive"
     assert d.decode.devices == ((1,), (0,)) and d.prefill.devices == ((0,),)
+    from client.bench.compare import without_prefix_caching
+    for dep in (d, parse_system("chunked").deployment("models/x.gguf", num_cores=2)):
+        assert all(p.prefix_caching for p in (dep.prefill, dep.decode, dep.colocated) if p)
+        off = without_prefix_caching(dep)
+        assert not any(p.prefix_caching for p in (off.prefill, off.decode, off.colocated) if p)
     for bad in ("vllm", "chunked-0", "chunked-x"):
         with pytest.raises(ValueError, match="system|budget"):
             parse_system(bad)

@@ -70,6 +70,15 @@ class System:
                                     token_budget=self.token_budget)
 
 
+def without_prefix_caching(dep: Any) -> Any:
+    """`dep` with every phase's prefix cache off. The goodput search replays the same requests
+    at every rate on one server: with the cache on, every rate after the first would hit the
+    prompts of the rates before it (a benchmark artifact, not a workload's reuse)."""
+    phases = {name: replace(getattr(dep, name), prefix_caching=False)
+              for name in ("prefill", "decode", "colocated") if getattr(dep, name) is not None}
+    return replace(dep, **phases)
+
+
 def parse_system(text: str) -> System:
     """`disaggregated`, `colocated`, `chunked` (the default budget) or `chunked-<budget>`."""
     from deploy.deployment import DEFAULT_CHUNKED_TOKEN_BUDGET
@@ -101,6 +110,9 @@ def add_compare_arguments(p: argparse.ArgumentParser) -> None:
                         "chunked-<budget> "
                         f"(default: {','.join(DEFAULT_SYSTEMS)})")
     g.add_argument("--serve-model", help="model file served (default: the deployment's default)")
+    g.add_argument("--prefix-caching", action="store_true",
+                   help="serve with the prefix cache on (off by default here: the search replays "
+                        "the same requests at every rate, so later rates would hit earlier ones)")
     g.add_argument("--out-dir", type=Path, default=Path("docs") / "goodput",
                    help="summary JSON, markdown and plots (default: docs/goodput)")
     g.add_argument("--max-model-len", type=int, help="serve with this context length instead of "
@@ -134,7 +146,9 @@ def run_compare(args: argparse.Namespace) -> dict[str, Any]:
     docs = []
     for system in args.systems:
         deployment = system.deployment(model_path)
-        if system.kind == "adaptive" and slo is not None:    # the router routes by these SLOs
+        if not args.prefix_caching:
+            deployment = without_prefix_caching(deployment)
+        if system.kind in ("adaptive", "adaptive-shared") and slo is not None:   # the router's SLOs
             deployment = replace(deployment, slo_ttft_s=slo.ttft_s, slo_tpot_s=slo.tpot_s)
         if args.max_model_len:
             deployment = replace(deployment, max_model_len=args.max_model_len)
