@@ -3,15 +3,21 @@
     python -m deploy render --out DIR [--deployment FILE | --baseline B] [--num-cores N]
     python -m deploy serve [--deployment FILE | --baseline B] [--model PATH] [--host 127.0.0.1]
                            [--http-port 8000 --grpc-port 8001 --metrics-port 8002]
+                           [--openai-port 8003 (0: none)] [--served-model-name NAME]
     python -m deploy show-default [--baseline B] [--num-cores N]   # print the deployment JSON
 
 --baseline colocated|chunked serves the colocated baseline instead of DistServe, on the same
 cores (one instance per core, each running both phases; `chunked` adds chunked prefill under
 --token-budget tokens per step). Call it as model `distserve_colocated`, like `distserve`.
+
+serve also starts the OpenAI-compatible API (frontend/) on --openai-port, in this process, in
+front of the server's gRPC port; it calls whichever front-end model the deployment serves, as
+--served-model-name (default: the model file's stem), and stops before the server does.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import signal
 import sys
@@ -23,6 +29,9 @@ from deploy.deployment import (DEFAULT_CHUNKED_TOKEN_BUDGET, DEFAULT_MODEL_PATH,
                                colocated_deployment, default_deployment)
 from deploy.render import SRC_REPO, missing_code, render_repository
 from deploy.server import ServerError, TritonServer
+from frontend import DEFAULT_PORT as OPENAI_PORT
+from frontend import make_server, served_model_name
+from frontend.server import FrontendError, FrontendServer
 
 
 BASELINES = ("colocated", "chunked")
@@ -63,7 +72,8 @@ def cmd_show_default(args: argparse.Namespace) -> int:
     return 0
 
 
-def usage_text(server: TritonServer, deployment: Deployment) -> str:
+def usage_text(server: TritonServer, deployment: Deployment, api: FrontendServer | None = None,
+               served_name: str = "") -> str:
     http = f"http://{server.http_url}"
     body = '{"text_input": "Hello", "max_tokens": 32}'
     stream_body = '{"text_input": "Hello", "max_tokens": 32, "stream": true}'
@@ -73,7 +83,23 @@ def usage_text(server: TritonServer, deployment: Deployment) -> str:
             lines += [f"  curl -s {http}/v2/models/{model}/generate -d '{body}'",
                       f"  curl -sN {http}/v2/models/{model}/generate_stream -d '{stream_body}'",
                       f'  .venv/bin/python -m client --url {server.http_url} --model {model} "Hello"']
+    if api is not None:
+        chat = json.dumps({"model": served_name, "max_tokens": 32,
+                           "messages": [{"role": "user", "content": "Hello"}]})
+        lines += [f"OpenAI-compatible API {api.url} (model {served_name!r})",
+                  f"  curl -s {api.url}/chat/completions -H 'Content-Type: application/json' -d '{chat}'"]
     return "\n".join(lines + [f"Server log: {server.log_file}. Ctrl-C stops the server."])
+
+
+def openai_frontend(args: argparse.Namespace, server: TritonServer, deployment: Deployment,
+                    served_name: str) -> FrontendServer | None:
+    """The OpenAI-compatible API in front of `server`, bound now (OSError if the port is taken),
+    serving once started; None with --openai-port 0."""
+    if not args.openai_port:
+        return None
+    model = DISTSERVE if "disaggregated" in deployment.systems else DISTSERVE_COLOCATED
+    return make_server(server.grpc_url, served_name, host=args.host, port=args.openai_port,
+                       triton_model=model, max_model_len=deployment.max_model_len)
 
 
 def _raise_interrupt(signum, frame) -> None:
@@ -98,23 +124,34 @@ def cmd_serve(args: argparse.Namespace) -> int:
     server = TritonServer(repo, run_dir=run_dir, host=args.host, http_port=args.http_port,
                           grpc_port=args.grpc_port, metrics_port=args.metrics_port,
                           log_verbose=args.log_verbose)
+    served_name = args.served_model_name or served_model_name(deployment.model_path)
+    try:
+        api = openai_frontend(args, server, deployment, served_name)
+    except OSError as exc:
+        print(f"error: cannot serve the OpenAI API on {args.host}:{args.openai_port}: {exc}",
+              file=sys.stderr)
+        return 2
     signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         print(f"starting tritonserver (log: {server.log_file}) ...", flush=True)
         server.start().wait_ready(args.ready_timeout)
-        print(usage_text(server, deployment), flush=True)
+        if api is not None:
+            api.start()
+        print(usage_text(server, deployment, api, served_name), flush=True)
         while server.is_alive() or server.is_restarting():     # the supervisor may restart it
             time.sleep(0.5)
         print(f"error: tritonserver exited with code {server.process.returncode}\n{server.log_tail()}",
               file=sys.stderr)
         return 1
-    except ServerError as exc:
+    except (ServerError, FrontendError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("stopping tritonserver ...", flush=True)
         return 0
     finally:
+        if api is not None:
+            api.stop()
         server.stop()
 
 
@@ -151,6 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--http-port", type=int, default=8000)
     serve.add_argument("--grpc-port", type=int, default=8001)
     serve.add_argument("--metrics-port", type=int, default=8002)
+    serve.add_argument("--openai-port", type=int, default=OPENAI_PORT,
+                       help="port of the OpenAI-compatible API (default %(default)s; 0: none)")
+    serve.add_argument("--served-model-name",
+                       help="the model's name in the OpenAI API (default: the model file's stem)")
     serve.add_argument("--run-dir", default=str(ROOT / "run" / "serve"),
                        help="where the rendered repository, deployment.json and server.log go")
     serve.add_argument("--src", default=str(SRC_REPO), help="source repository with the adapters' code")
