@@ -33,6 +33,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int)
     p.add_argument("--stop", nargs="+", metavar="S", help="stop strings")
     p.add_argument("--ignore-eos", action="store_true", default=None)
+    p.add_argument("--min-tokens", type=int, help="EOS and stop tokens are banned until this many are out")
+    p.add_argument("--repetition-penalty", type=float, help="> 1 discourages tokens of the prompt and output")
+    p.add_argument("--presence-penalty", type=float, help="in [-2, 2]: OpenAI's, over the output")
+    p.add_argument("--frequency-penalty", type=float, help="in [-2, 2]: OpenAI's, over the output")
+    p.add_argument("--bad-word", dest="bad_words", action="append", metavar="W",
+                   help="a string never to generate (repeat the flag for more)")
     p.add_argument("--no-stream", dest="stream", action="store_false",
                    help="one response with the whole text instead of streaming")
     p.add_argument("--timing", action="store_true", help="print latencies to stderr")
@@ -45,7 +51,11 @@ def request_kwargs(args: argparse.Namespace, stdin: TextIO = sys.stdin) -> dict[
     kwargs: dict[str, Any] = dict(max_tokens=args.max_tokens, temperature=args.temperature,
                                   top_p=args.top_p, top_k=args.top_k, seed=args.seed,
                                   stop=args.stop, ignore_eos=args.ignore_eos,
-                                  return_timing=args.timing)
+                                  min_tokens=args.min_tokens,
+                                  repetition_penalty=args.repetition_penalty,
+                                  presence_penalty=args.presence_penalty,
+                                  frequency_penalty=args.frequency_penalty,
+                                  bad_words=args.bad_words, return_timing=args.timing)
     if args.chat:
         system = [{"role": "system", "content": args.system}] if args.system else []
         kwargs["messages"] = system + [{"role": "user", "content": prompt}]

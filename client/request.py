@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 from tritonclient.utils import serialize_byte_tensor, triton_to_np_dtype
 
-from deploy.contract import (DISTSERVE_SPEC, IGNORE_EOS, INPUT_IDS, MAX_TOKENS, MESSAGES,
+from deploy.contract import (BAD_WORDS, DISTSERVE_SPEC, FREQUENCY_PENALTY, IGNORE_EOS, INPUT_IDS,
+                             MAX_TOKENS, MESSAGES, MIN_TOKENS, PRESENCE_PENALTY, REPETITION_PENALTY,
                              RETURN_TIMING, RETURN_TOKEN_IDS, SEED, SLO_TPOT, SLO_TTFT, STOP, STREAM,
                              TEMPERATURE, TEXT_INPUT, TOP_K, TOP_P)
 
@@ -27,9 +28,13 @@ def build_inputs(prompt: str | None = None, *, messages: Messages | None = None,
                  stop: str | Sequence[str] | None = None, ignore_eos: bool | None = None,
                  return_token_ids: bool = False, return_timing: bool = False,
                  slo_ttft_s: float | None = None, slo_tpot_s: float | None = None,
+                 min_tokens: int | None = None, repetition_penalty: float | None = None,
+                 presence_penalty: float | None = None, frequency_penalty: float | None = None,
+                 bad_words: str | Sequence[str] | None = None,
                  stream: bool = False) -> dict[str, Any]:
     """Input name -> plain value for the `distserve` model; arguments left as None are omitted
-    (the server's defaults apply). Raises TypeError for a value of the wrong type."""
+    (the server's defaults apply). Raises TypeError for a value of the wrong type. What each
+    input means, its default and its errors: docs/api.md."""
     values: dict[str, Any] = {
         TEXT_INPUT: _check(prompt, str, "prompt"),
         MESSAGES: _messages(messages),
@@ -39,12 +44,17 @@ def build_inputs(prompt: str | None = None, *, messages: Messages | None = None,
         TOP_P: _float(top_p, "top_p"),
         TOP_K: _int(top_k, "top_k"),
         SEED: _int(seed, "seed"),
-        STOP: _stop(stop),
+        STOP: _strings(stop, "stop"),
         IGNORE_EOS: _check(ignore_eos, bool, "ignore_eos"),
         RETURN_TOKEN_IDS: _check(return_token_ids, bool, "return_token_ids") or None,
         RETURN_TIMING: _check(return_timing, bool, "return_timing") or None,
         SLO_TTFT: _float(slo_ttft_s, "slo_ttft_s"),
         SLO_TPOT: _float(slo_tpot_s, "slo_tpot_s"),
+        MIN_TOKENS: _int(min_tokens, "min_tokens"),
+        REPETITION_PENALTY: _float(repetition_penalty, "repetition_penalty"),
+        PRESENCE_PENALTY: _float(presence_penalty, "presence_penalty"),
+        FREQUENCY_PENALTY: _float(frequency_penalty, "frequency_penalty"),
+        BAD_WORDS: _strings(bad_words, "bad_words"),
         STREAM: _check(stream, bool, "stream"),
     }
     return {name: value for name, value in values.items() if value is not None}
@@ -115,10 +125,11 @@ def _messages(messages: Messages | None) -> str | None:
     return json.dumps(list(messages), ensure_ascii=False)
 
 
-def _stop(stop: str | Sequence[str] | None) -> list[str] | None:
-    if stop is None:
+def _strings(value: str | Sequence[str] | None, name: str) -> list[str] | None:
+    """A string or strings (stop, bad_words) as a list; None when there are none."""
+    if value is None:
         return None
-    stops = [stop] if isinstance(stop, str) else list(stop)
-    for s in stops:
-        _check(s, str, "each stop string")
-    return stops or None
+    items = [value] if isinstance(value, str) else list(value)
+    for s in items:
+        _check(s, str, f"each of {name}")
+    return items or None

@@ -15,14 +15,13 @@ the request on the server. Errors of any kind raise DistServeError with the serv
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
 from typing import Any
 
 from deploy.contract import DISTSERVE, Timing
 
 from .grpc_stream import GrpcStream
 from .http_stream import HttpStream
-from .request import Messages, build_inputs
+from .request import build_inputs
 from .results import Chunk, Completion, DistServeError
 from .timer import ClientTimer, Clock
 
@@ -117,40 +116,25 @@ class DistServeClient:
             self.url = self.url.split("://", 1)[-1].rstrip("/")
         self.protocol, self.model, self.timeout, self.clock = protocol, model, float(timeout), clock
 
-    def generate(self, prompt: str | None = None, *, messages: Messages | None = None,
-                 input_ids: Sequence[int] | None = None, max_tokens: int | None = None,
-                 temperature: float | None = None, top_p: float | None = None,
-                 top_k: int | None = None, seed: int | None = None,
-                 stop: str | Sequence[str] | None = None, ignore_eos: bool | None = None,
-                 return_token_ids: bool = False, return_timing: bool = False,
-                 slo_ttft_s: float | None = None, slo_tpot_s: float | None = None) -> Completion:
+    def generate(self, prompt: str | None = None, **options: Any) -> Completion:
         """The whole completion in one response (`stream` false). Its client TTFT is its E2E;
         for a real TTFT use `stream(...)` (and `.collect()` for a Completion).
-        Arguments left as None take the server's defaults; `slo_ttft_s` / `slo_tpot_s` are
-        this request's SLOs for an adaptive deployment's router (default: the deployment's)."""
-        values = build_inputs(prompt, messages=messages, input_ids=input_ids, max_tokens=max_tokens,
-                              temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
-                              stop=stop, ignore_eos=ignore_eos, return_token_ids=return_token_ids,
-                              return_timing=return_timing, slo_ttft_s=slo_ttft_s,
-                              slo_tpot_s=slo_tpot_s, stream=False)
-        with self._open(values) as stream:        # cancelled if anything interrupts it
-            return stream.collect()
 
-    def stream(self, prompt: str | None = None, *, messages: Messages | None = None,
-               input_ids: Sequence[int] | None = None, max_tokens: int | None = None,
-               temperature: float | None = None, top_p: float | None = None,
-               top_k: int | None = None, seed: int | None = None,
-               stop: str | Sequence[str] | None = None, ignore_eos: bool | None = None,
-               return_token_ids: bool = False, return_timing: bool = False,
-               slo_ttft_s: float | None = None, slo_tpot_s: float | None = None) -> Stream:
+        `options`: the keyword arguments of client.request.build_inputs (messages, input_ids,
+        max_tokens, temperature, top_p, top_k, seed, stop, ignore_eos, min_tokens,
+        repetition_penalty, presence_penalty, frequency_penalty, bad_words, return_token_ids,
+        return_timing, slo_ttft_s, slo_tpot_s); left out or None, the server's defaults apply
+        (docs/api.md). `slo_ttft_s` / `slo_tpot_s` are this request's SLOs for an adaptive
+        deployment's router (default: the deployment's). TypeError for an unknown option or a
+        value of the wrong type."""
+        with self._open(build_inputs(prompt, **options, stream=False)) as stream:
+            return stream.collect()               # cancelled if anything interrupts it
+
+    def stream(self, prompt: str | None = None, **options: Any) -> Stream:
         """Send the request now; iterate the returned Stream for one Chunk per new text piece
-        (the last one carries finish_reason, and timing with return_timing)."""
-        values = build_inputs(prompt, messages=messages, input_ids=input_ids, max_tokens=max_tokens,
-                              temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
-                              stop=stop, ignore_eos=ignore_eos, return_token_ids=return_token_ids,
-                              return_timing=return_timing, slo_ttft_s=slo_ttft_s,
-                              slo_tpot_s=slo_tpot_s, stream=True)
-        return self._open(values)
+        (the last one carries finish_reason, and timing with return_timing). `options`: as
+        `generate`'s."""
+        return self._open(build_inputs(prompt, **options, stream=True))
 
     def _open(self, values: dict[str, Any]) -> Stream:
         timer = ClientTimer(self.clock)

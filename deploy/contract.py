@@ -77,6 +77,31 @@ RETURN_TOKEN_IDS = "return_token_ids"
 RETURN_TIMING = "return_timing"
 SLO_TTFT = "slo_ttft_s"                # this request's SLOs (adaptive routing); default: the
 SLO_TPOT = "slo_tpot_s"                # deployment's slo_ttft_s / slo_tpot_s
+MIN_TOKENS = "min_tokens"              # EOS and stop tokens banned until this many are out
+REPETITION_PENALTY = "repetition_penalty"
+PRESENCE_PENALTY = "presence_penalty"
+FREQUENCY_PENALTY = "frequency_penalty"
+BAD_WORDS = "bad_words"                # strings whose token sequences are never generated
+
+# distserve inputs under TensorRT-LLM's ensemble names (docs/api.md): aliases of ours, and
+# inputs accepted at their default only (anything else is refused, naming the input).
+STOP_WORDS = "stop_words"              # = stop
+RANDOM_SEED = "random_seed"            # = seed (UINT64; folded into [0, 2**63))
+MIN_LENGTH = "min_length"              # = min_tokens
+END_ID = "end_id"                      # stop on this token id instead of the model's EOS
+PAD_ID = "pad_id"                      # accepted, no effect
+EXCLUDE_INPUT_IN_OUTPUT = "exclude_input_in_output"   # false: a non-streamed output starts
+                                                      # with the prompt text
+BEAM_WIDTH = "beam_width"              # 1 only
+LENGTH_PENALTY = "length_penalty"      # 1.0 only
+NUM_RETURN_SEQUENCES = "num_return_sequences"   # 1 only
+RETURN_LOG_PROBS = "return_log_probs"  # false only (no cum_log_probs / output_log_probs)
+RETURN_CONTEXT_LOGITS = "return_context_logits"         # false only
+RETURN_GENERATION_LOGITS = "return_generation_logits"   # false only
+RETURN_PERF_METRICS = "return_perf_metrics"             # false only (see return_timing)
+TRTLLM_INPUTS = (STOP_WORDS, RANDOM_SEED, MIN_LENGTH, END_ID, PAD_ID, EXCLUDE_INPUT_IN_OUTPUT,
+                 BEAM_WIDTH, LENGTH_PENALTY, NUM_RETURN_SEQUENCES, RETURN_LOG_PROBS,
+                 RETURN_CONTEXT_LOGITS, RETURN_GENERATION_LOGITS, RETURN_PERF_METRICS)
 
 # distserve outputs.
 TEXT_OUTPUT = "text_output"
@@ -137,7 +162,7 @@ RESPONSE = "response"
 
 # Triton wire dtype -> config.pbtxt data_type.
 _CONFIG_DTYPES = {"BYTES": "TYPE_STRING", "BOOL": "TYPE_BOOL", "INT32": "TYPE_INT32",
-                  "INT64": "TYPE_INT64", "FP32": "TYPE_FP32"}
+                  "INT64": "TYPE_INT64", "UINT64": "TYPE_UINT64", "FP32": "TYPE_FP32"}
 
 
 @dataclass(frozen=True)
@@ -190,6 +215,14 @@ DISTSERVE_SPEC = ModelSpec(
         _opt(TOP_P, "FP32"), _opt(TOP_K, "INT32"), _opt(SEED, "INT64"),
         _opt(STOP, "BYTES", (-1,)), _opt(IGNORE_EOS, "BOOL"), _opt(RETURN_TOKEN_IDS, "BOOL"),
         _opt(RETURN_TIMING, "BOOL"), _opt(SLO_TTFT, "FP32"), _opt(SLO_TPOT, "FP32"),
+        _opt(MIN_TOKENS, "INT32"), _opt(REPETITION_PENALTY, "FP32"), _opt(PRESENCE_PENALTY, "FP32"),
+        _opt(FREQUENCY_PENALTY, "FP32"), _opt(BAD_WORDS, "BYTES", (-1,)),
+        # TensorRT-LLM's names, dtypes as in its ensemble
+        _opt(STOP_WORDS, "BYTES", (-1,)), _opt(RANDOM_SEED, "UINT64"), _opt(MIN_LENGTH, "INT32"),
+        _opt(END_ID, "INT32"), _opt(PAD_ID, "INT32"), _opt(EXCLUDE_INPUT_IN_OUTPUT, "BOOL"),
+        _opt(BEAM_WIDTH, "INT32"), _opt(LENGTH_PENALTY, "FP32"), _opt(NUM_RETURN_SEQUENCES, "INT32"),
+        _opt(RETURN_LOG_PROBS, "BOOL"), _opt(RETURN_CONTEXT_LOGITS, "BOOL"),
+        _opt(RETURN_GENERATION_LOGITS, "BOOL"), _opt(RETURN_PERF_METRICS, "BOOL"),
     ),
     outputs=(
         TensorSpec(TEXT_OUTPUT, "BYTES", (-1,)), TensorSpec(TOKEN_IDS, "INT32", (-1,)),

@@ -27,12 +27,14 @@ from client.results import Completion, chunk_from_arrays, chunk_from_json
 from client.sdk import Stream
 from client.sse import iter_sse_data, iter_sse_events
 from client.timer import ClientTimer
-from deploy.contract import DISTSERVE_SPEC, Timing
+from deploy.contract import DISTSERVE_SPEC, TRTLLM_INPUTS, Timing
 from tests.fake_triton_grpc import inputs, response, serve
 
 ROOT = Path(__file__).resolve().parent.parent
 ALL_ARGS = dict(max_tokens=8, temperature=0.5, top_p=0.9, top_k=4, seed=7, stop=["\n", "END"], ignore_eos=True,
-                return_token_ids=True, return_timing=True, slo_ttft_s=1.5, slo_tpot_s=0.05, stream=True)
+                return_token_ids=True, return_timing=True, slo_ttft_s=1.5, slo_tpot_s=0.05, stream=True,
+                min_tokens=2, repetition_penalty=1.1, presence_penalty=0.5, frequency_penalty=-0.5,
+                bad_words=["x", "y z"])
 
 
 # -- SSE ------------------------------------------------------------------------------------
@@ -108,7 +110,8 @@ def test_build_inputs_omits_unset_and_checks_types():
     assert values["stop"] == ["x"] and values["temperature"] == 1.0
     for bad in (dict(max_tokens=True), dict(max_tokens=1.5), dict(temperature="0"),
                 dict(stop=["a", 1]), dict(input_ids="12"), dict(messages=["hi"]),
-                dict(ignore_eos=1)):
+                dict(ignore_eos=1), dict(bad_words=[b"x"]), dict(min_tokens=1.0),
+                dict(repetition_penalty="1")):
         with pytest.raises(TypeError):
             build_inputs("hi", **bad)
 
@@ -120,7 +123,7 @@ def test_grpc_request_follows_the_contract():
     assert request.parameters["triton_enable_empty_final_response"].bool_param
     tensors = {t.name: t for t in request.inputs}
     assert list(tensors) == list(values)
-    assert set(tensors) == {s.name for s in DISTSERVE_SPEC.inputs} - {"messages"}
+    assert set(tensors) == {s.name for s in DISTSERVE_SPEC.inputs} - {"messages", *TRTLLM_INPUTS}
     for spec in DISTSERVE_SPEC.inputs:
         if spec.name in tensors:
             assert tensors[spec.name].datatype == spec.dtype

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from backends.core.engine import EngineConfig, LLMEngine
 from backends.core.output import RequestOutputProcessor
-from backends.core.sampling import SamplingParams
+from backends.core.sampling import SamplingParams, resolve_eos
 from backends.core.sequence import FinishReason
 from backends.core.tokenizer import Tokenizer
 
@@ -41,6 +41,7 @@ class LLM:
 
     def generate(self, prompts: list[str], params: SamplingParams, chat: bool = False) -> list[Completion]:
         """Run all prompts as one continuously batched workload; results in prompt order."""
+        params = resolve_eos(params, self.engine.eos_token_ids)       # min_tokens bans the EOS
         procs: dict[str, RequestOutputProcessor] = {}
         tokens: dict[str, list[int]] = {}
         reasons: dict[str, str] = {}
@@ -63,6 +64,7 @@ class LLM:
 
     def stream(self, prompt: str | list[dict], params: SamplingParams, chat: bool = False) -> Iterator[str]:
         """Yield text deltas of one request as they are generated."""
+        params = resolve_eos(params, self.engine.eos_token_ids)
         req_id = f"stream-{next(self._ids)}"
         self.engine.add_request(req_id, self.encode_prompt(prompt, chat), params)
         proc = RequestOutputProcessor(self.tokenizer, params.stop)

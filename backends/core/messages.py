@@ -42,7 +42,7 @@ def params_from_dict(d: Any) -> SamplingParams:
     if unknown:
         raise ValueError(f"unknown sampling parameters: {sorted(unknown)}")
     d = dict(d)
-    for key in ("stop", "stop_token_ids"):
+    for key in ("stop", "stop_token_ids", "bad_words_ids"):
         if key in d:
             if not isinstance(d[key], list):
                 raise ValueError(f"{key} must be a list")

@@ -8,6 +8,7 @@ import torch
 from backends.core.attention import AttentionMetadata
 from backends.core.config import ModelConfig
 from backends.core.kv_cache import KVLayout, KVPool
+from backends.core.logits_processors import process_batch
 from backends.core.model import CausalLM, rope_cos_sin
 from backends.core.opt import OPTCausalLM
 from backends.core.quant import GroupQuant
@@ -77,14 +78,14 @@ class ModelRunner:
 
     def execute(self, batch: Batch) -> list[int]:
         """Run one packed forward over `batch`; one token for each of `batch.sampled_seqs`."""
-        logits = self.forward_logits(batch)
         seqs = batch.sampled_seqs
+        logits = process_batch(self.forward_logits(batch), seqs)
         return sample(logits, [s.params for s in seqs], [s.num_output_tokens for s in seqs])
 
     def verify(self, batch: Batch) -> list[list[int]]:
         """Like `execute` for a batch with verify rows: each sampled row's tokens, the accepted
         part of its draft then one of the target's own (spec_decode.accept_draft)."""
-        logits = self.forward_logits(batch)
+        logits = process_batch(self.forward_logits(batch), batch.sampled_seqs, batch.drafts)
         out, row = [], 0
         for s in batch.sampled_seqs:
             draft = batch.drafts.get(s, [])

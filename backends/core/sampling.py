@@ -4,6 +4,9 @@ Randomness is stateless per token: the noise for a request's n-th sampled token 
 generator seeded with mix(seed, n). A request therefore samples the same tokens whatever batch
 it runs in and whichever engine (prefill instance, then decode instance) draws each token; only
 the seed travels with it.
+
+Penalties, min_tokens and bad words (logits_processors.py) read a sequence's own tokens; they
+are applied to its logits before the sampler sees them (model_runner.py).
 """
 from __future__ import annotations
 
@@ -26,6 +29,11 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    min_tokens: int = 0               # stop_token_ids are banned until this many tokens are out
+    repetition_penalty: float = 1.0   # HF / TRT-LLM: > 1 discourages prompt and output tokens
+    presence_penalty: float = 0.0     # OpenAI: subtracted once from each output token's logit
+    frequency_penalty: float = 0.0    # OpenAI: subtracted per occurrence in the output
+    bad_words_ids: tuple[tuple[int, ...], ...] = ()   # token sequences never to complete
 
     def __post_init__(self) -> None:
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
@@ -48,6 +56,34 @@ class SamplingParams:
             raise ValueError(f"stop must be non-empty strings, got {self.stop!r}")
         if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             raise ValueError(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
+        self._check_history_params()
+
+    def _check_history_params(self) -> None:
+        if isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, int) \
+                or not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"min_tokens must be an integer in [0, max_tokens={self.max_tokens}], "
+                             f"got {self.min_tokens!r}")
+        if not _finite(self.repetition_penalty) or self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be a finite number > 0 (1 disables it), "
+                             f"got {self.repetition_penalty!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not _finite(getattr(self, name)) or not -2 <= getattr(self, name) <= 2:
+                raise ValueError(f"{name} must be a number in [-2, 2] (0 disables it), "
+                                 f"got {getattr(self, name)!r}")
+        words = self.bad_words_ids
+        if not isinstance(words, (list, tuple)) or any(
+                not isinstance(w, (list, tuple)) or not w
+                or any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in w) for w in words):
+            raise ValueError(f"bad_words_ids must be non-empty sequences of token ids, got {words!r:.200}")
+        object.__setattr__(self, "bad_words_ids", tuple(tuple(w) for w in words))
+
+    @property
+    def needs_history(self) -> bool:
+        """Its logits depend on the sequence's own tokens (penalties, bad words) or on how many
+        are out (min_tokens): logits_processors applies them; such a sequence is not worth
+        speculating."""
+        return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0
+                or self.frequency_penalty != 0.0 or self.min_tokens > 0 or bool(self.bad_words_ids))
 
     @property
     def is_greedy(self) -> bool:
@@ -58,6 +94,25 @@ class SamplingParams:
         if self.seed is not None:
             return self
         return replace(self, seed=secrets.randbelow(MAX_SEED))
+
+
+def _finite(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def resolve_eos(p: SamplingParams, eos_token_ids: frozenset[int] | tuple[int, ...],
+                end_id: int | None = None) -> SamplingParams:
+    """`p` with the end-of-sequence ids made explicit where the sampler must see them.
+
+    An engine stops on its own EOS ids (unless ignore_eos) and on `p.stop_token_ids`, but only
+    the latter reach the sampler. With `end_id` (TRT-LLM: this id instead of the model's EOS)
+    or with min_tokens (the EOS must be banned until then), the EOS ids move into
+    stop_token_ids and the engine's own check is switched off (ignore_eos): same stops, now
+    visible to min_tokens. A request that ignores EOS keeps only its stop_token_ids."""
+    if p.ignore_eos or (end_id is None and p.min_tokens == 0):
+        return p
+    eos = (end_id,) if end_id is not None else tuple(sorted(eos_token_ids))
+    return replace(p, stop_token_ids=tuple(dict.fromkeys(p.stop_token_ids + eos)), ignore_eos=True)
 
 
 def _mix(seed: int, n: int) -> int:

@@ -24,6 +24,7 @@ from backends.core.messages import (Accepted, Admitted, DecodeRequest, Failed, G
 from backends.core.output import RequestOutputProcessor
 from backends.core.sampling import SamplingParams
 from backends.core.tokenizer import Tokenizer
+from backends.orchestrator.inputs import canonical, sampling_params
 from deploy.contract import Timing
 
 class RequestFailed(RuntimeError):
@@ -50,6 +51,8 @@ class Generation:
     slo_ttft_s: float | None = None            # this request's SLOs (None: the deployment's)
     slo_tpot_s: float | None = None
     route: dict[str, Any] | None = None        # adaptive: the router's decision, for its timing
+    echo: str = ""                             # the prompt, before a non-streamed output
+                                               # (TRT-LLM's exclude_input_in_output false)
 
 
 @dataclass
@@ -68,7 +71,9 @@ class Orchestrator:
 
     # -- inputs ---------------------------------------------------------------------------
     def parse(self, inputs: dict[str, Any]) -> Generation:
-        """Validate and tokenize. Raises ValueError naming the bad input."""
+        """Validate and tokenize (our input names or TensorRT-LLM's: inputs.py). Raises
+        ValueError naming the bad input."""
+        inputs = canonical(inputs)
         prompt_ids = self._prompt_ids(inputs)
         room = self.max_model_len - len(prompt_ids)
         if room <= 0:
@@ -79,15 +84,14 @@ class Orchestrator:
             raise ValueError(f"max_tokens {max_tokens} is too large: the prompt has "
                              f"{len(prompt_ids)} tokens and the context length is "
                              f"{self.max_model_len}, so at most {room} can be generated")
-        params = SamplingParams(
-            max_tokens=max_tokens, temperature=inputs.get("temperature", 0.0),
-            top_p=inputs.get("top_p", 1.0), top_k=inputs.get("top_k", 0),
-            seed=inputs.get("seed"), stop=tuple(inputs.get("stop", ())),
-            ignore_eos=bool(inputs.get("ignore_eos", False))).with_seed()
-        return Generation(uuid.uuid4().hex, prompt_ids, params, bool(inputs.get("stream", False)),
+        params = sampling_params(inputs, self.tokenizer, max_tokens)
+        stream = bool(inputs.get("stream", False))
+        echo = not stream and not inputs.get("exclude_input_in_output", True)
+        return Generation(uuid.uuid4().hex, prompt_ids, params, stream,
                           bool(inputs.get("return_token_ids", False)),
                           bool(inputs.get("return_timing", False)),
-                          _slo(inputs, "slo_ttft_s"), _slo(inputs, "slo_tpot_s"))
+                          _slo(inputs, "slo_ttft_s"), _slo(inputs, "slo_tpot_s"),
+                          echo=self.tokenizer.decode(prompt_ids) if echo else "")
 
     def _prompt_ids(self, inputs: dict[str, Any]) -> list[int]:
         given = [k for k in ("text_input", "messages", "input_ids") if k in inputs]
@@ -250,7 +254,7 @@ class _Output:
         if reason != "stop":
             last.text += self.proc.finish().text
         if not self.gen.stream:
-            last = Chunk(self.proc.text, list(self.tokens))
+            last = Chunk(self.gen.echo + self.proc.text, list(self.tokens))
         self.timing.e2e_s, self.timing.output_tokens = time.perf_counter() - self.t0, len(self.tokens)
         last.finish_reason = reason or "length"
         last.timing = self.timing

@@ -42,28 +42,25 @@ from backends.core.messages import Accepted, Admitted, Failed, Prefilled, Tokens
 from backends.orchestrator.pipeline import Chunk, Generation, Orchestrator, RequestFailed
 from backends.serving.adapter import bytes_tensor
 from backends.serving.metrics import HealthMetrics, RequestMetrics
-from deploy.contract import instance_id, instance_model
+from deploy.contract import DISTSERVE_SPEC, instance_id, instance_model
 from deploy.supervisor import reload_model
 
 log = logging.getLogger(__name__)
 
-_BYTES_LISTS = {"stop"}
-_INT_LISTS = {"input_ids"}
-_SCALARS = {"text_input", "messages", "max_tokens", "stream", "temperature", "top_p", "top_k",
-            "seed", "ignore_eos", "return_token_ids", "return_timing", "slo_ttft_s", "slo_tpot_s"}
-
 
 def read_inputs(pb: Any, request: Any) -> dict[str, Any]:
-    """The request's tensors as plain Python values (absent inputs are left out)."""
+    """The request's tensors as plain Python values (absent inputs are left out): a list for an
+    input of dims [-1], else the one element (any shape holding one: [1] or a batched [1, 1])."""
     out: dict[str, Any] = {}
-    for name in _SCALARS | _BYTES_LISTS | _INT_LISTS:
+    for spec in DISTSERVE_SPEC.inputs:
+        name = spec.name
         tensor = pb.get_input_tensor_by_name(request, name)
         if tensor is None:
             continue
         arr = tensor.as_numpy().reshape(-1)
-        if name in _INT_LISTS:
+        if spec.dims == (-1,) and spec.dtype != "BYTES":
             out[name] = [int(x) for x in arr]
-        elif name in _BYTES_LISTS:
+        elif spec.dims == (-1,):
             out[name] = [_text(name, x) for x in arr]
         elif arr.size != 1:
             raise ValueError(f"input {name!r} must hold one element, got {arr.size}")

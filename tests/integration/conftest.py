@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from backends.core.control import send
-from deploy.render import pbtxt_string
+from deploy.render import pbtxt_string, render_repository
 from deploy.server import TritonServer, free_ports
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -73,6 +73,15 @@ def start_server(repo_dir: str | Path, *, ready_timeout: float = 300.0, **kw) ->
         yield server
     finally:
         server.stop()
+
+
+@contextlib.contextmanager
+def serve_deployment(deployment, tmp_path_factory, **kw) -> Iterator[TritonServer]:
+    """`deployment` rendered into a fresh repository and served (start_server); stopped on exit."""
+    repo = render_repository(deployment, tmp_path_factory.mktemp("repo") / "model_repository",
+                             require_code=True)
+    with start_server(repo, run_dir=tmp_path_factory.mktemp("run"), **kw) as server:
+        yield server
 
 
 def make_echo_repository(dest: Path) -> Path:
