@@ -137,6 +137,17 @@ def test_policy_keeps_only_the_decoding_sequences():
         make_speculator("eagle", 3)
 
 
+def test_sequences_under_penalties_or_bans_get_no_draft():
+    repeat = [5, 6, 7, 5, 6, 7, 5, 6]                     # the n-gram drafter proposes 7, 5, 6
+    plain = Sequence("plain", repeat, SamplingParams(max_tokens=8, temperature=0))
+    penalized = Sequence("pen", repeat, SamplingParams(max_tokens=8, temperature=0,
+                                                       repetition_penalty=1.3))
+    for s in (plain, penalized):
+        s.num_cached = len(repeat) - 1                    # decoding next
+    drafts = make_speculator("ngram", 3).drafts([plain, penalized])
+    assert drafts.get("plain") and "pen" not in drafts
+
+
 # -- the workers -----------------------------------------------------------------------------
 class OracleDrafter:
     """Proposes the known continuation `full` (prompt -> outputs): every draft accepted, or

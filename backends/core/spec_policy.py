@@ -219,7 +219,9 @@ class Speculator:
         self.tokens_per_step = 1.0               # EWMA: tokens a decoding sequence gets a step
 
     def drafts(self, running: Iterable[Sequence]) -> dict[str, list[int]]:
-        seqs = [s for s in running if s.num_tokens - s.num_cached == 1]     # decoding next
+        # decoding next, and not under penalties or bans: those depend on each position's
+        # history (verify applies them per position, correctly, but drafts there rarely pay)
+        seqs = [s for s in running if s.num_tokens - s.num_cached == 1 and not s.params.needs_history]
         if not seqs:
             return {}
         want = self.policy.want([s.req_id for s in seqs])
