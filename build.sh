@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # DistServe on Triton: set-up and entry points.
 #
-#   ./build.sh setup            create .venv, install pinned deps, fetch the default model
+#   ./build.sh setup            create .venv, install pinned deps, fetch the default model and the
+#                               benchmark data sets
 #   ./build.sh test [pytest args]   setup, then run the whole test suite
-#   ./build.sh serve            setup, then serve the default model (see README)
+#   ./build.sh serve [--deployment FILE] [...]   .venv and the default model only (no data sets),
+#                               then serve: the default deployment, or FILE with its own model_path
+#                               (--model PATH overrides it); python -m deploy serve --help
 #   ./build.sh bench engine     setup, then ours vs HF, vLLM-CPU, llama.cpp on one core (--install-peers; docs/)
 #   ./build.sh bench goodput    setup, then the headline goodput comparison (python -m client.bench compare ...)
 #   ./build.sh soak [--short]   setup, then 1,000 ShareGPT requests at 1.5x goodput, 10% cancelled, the decode
 #                               stub killed half-way: nothing hangs or leaks -> docs/soak.* (python -m benchmarks.soak)
-#   ./build.sh generate "text"  setup, then offline generation on the default model
+#   ./build.sh generate "text"  .venv and the default model, then offline generation on it
 #   ./build.sh profile [--quick]   setup, then profile the engine on one core -> docs/profile_cpu.json
 #   ./build.sh plan --workload chatbot --ttft S --tpot S [--devices 1x2] [--out dep.json]
 #                               setup, then choose a placement with that profile (python -m planner plan)
@@ -111,6 +114,8 @@ PYEOF
 }
 
 setup() { setup_venv; fetch_model; fetch_datasets; }
+# serve and generate need the model, not the benchmark's data sets.
+setup_model() { setup_venv; fetch_model; }
 
 cmd="${1:-help}"; shift || true
 case "$cmd" in
@@ -121,7 +126,7 @@ case "$cmd" in
     exec "$PY" -m pytest tests "$@"
     ;;
   generate)
-    setup
+    setup_model
     exec "$PY" -m backends.core.cli generate --model "$DEFAULT_MODEL" "$@"
     ;;
   bench)
@@ -138,8 +143,10 @@ case "$cmd" in
     exec "$PY" -m benchmarks.soak --model "$DEFAULT_MODEL" "$@"
     ;;
   serve)
-    setup
-    exec "$PY" -m deploy serve --model "$DEFAULT_MODEL" "$@"
+    setup_model
+    # No --model here: the default deployment (and --baseline) already serves $DEFAULT_MODEL, and
+    # a --deployment's own model_path must win; an explicit --model still overrides it.
+    exec "$PY" -m deploy serve "$@"
     ;;
   profile)
     setup
@@ -159,6 +166,6 @@ case "$cmd" in
     py="$PY"; [ -x "$py" ] || py="$(base_python)"
     exec "$py" -m benchmarks.gpu_check --model "$DEFAULT_MODEL" "$@"
     ;;
-  help|-h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//' ;;
+  help|-h|--help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//' ;;
   *) die "unknown command '$cmd' (setup | test | serve | bench | soak | generate | profile | plan | gpu-check)" ;;
 esac
