@@ -1,11 +1,11 @@
 """The headline comparison's pieces that need no server: system names, the time breakdown,
-the summary table (a real multi-system run is in tests/integration and docs/goodput)."""
+the labels, the summary table (a real multi-system run is in tests/integration and docs/goodput)."""
 from __future__ import annotations
 
 import pytest
 
 from client.bench.cli import PAPER_SLO_MULTIPLES, parse_args
-from client.bench.compare import System, markdown, parse_system, parse_systems, _strip
+from client.bench.compare import System, markdown, parse_system, parse_systems, placement, _strip
 from client.bench.metrics import RequestResult, route_counts, time_breakdown
 from deploy.deployment import DEFAULT_CHUNKED_TOKEN_BUDGET
 
@@ -39,6 +39,26 @@ def test_system_names_and_deployments():
         parse_systems("colocated,colocated")
 
 
+def test_labels_name_the_instances_and_cores_served():
+    dis = parse_system("disaggregated")
+    assert dis.label(dis.deployment("m.gguf", num_cores=2)) == \
+        "DistServe: 1 prefill on core 0 + 1 decode on core 1"
+    assert dis.label(dis.deployment("m.gguf", num_cores=8)) == \
+        "DistServe: 1 prefill on cores 0-3 + 1 decode on cores 4-7"
+    chunked = parse_system("chunked-256")
+    assert chunked.label(chunked.deployment("m.gguf", num_cores=2)) == \
+        "colocated + chunked prefill (budget 256): 2 instances on cores 0 and 1"
+    with pytest.warns(UserWarning, match="share cores"):
+        shared = parse_system("adaptive-shared").deployment("m.gguf", num_cores=2)
+    assert placement(shared) == "1 prefill on core 0 + 2 decode on cores 1 and 0"
+    from dataclasses import replace
+    from deploy.deployment import PhaseSpec
+    gpu = replace(dis.deployment("m.gguf", num_cores=2), check_host=False,
+                  prefill=PhaseSpec(device="gpu", devices=(0,), num_kv_blocks=512),
+                  decode=PhaseSpec(device="gpu", num_instances=2, devices=(1, 2), num_kv_blocks=1024))
+    assert placement(gpu) == "1 prefill on GPU 0 + 2 decode on GPUs 1 and 2"
+
+
 def test_compare_defaults_to_the_papers_slo_multiples():
     args = parse_args(["compare", "--workload", "code"])
     assert (args.slo_ttft, args.slo_tpot) == PAPER_SLO_MULTIPLES["code"]
@@ -47,6 +67,9 @@ def test_compare_defaults_to_the_papers_slo_multiples():
     assert (args.slo_ttft, args.slo_tpot) == (3, 2) and len(args.systems) == 2
     with pytest.raises(SystemExit):
         parse_args(["compare", "--slo-ttft", "3"])
+    from pathlib import Path
+    assert parse_args(["compare"]).out_dir == Path("results/goodput")       # untracked, not docs/
+    assert parse_args(["compare", "--out-dir", "docs/goodput"]).out_dir == Path("docs/goodput")
 
 
 def _result(i, ttft, e2e, timing, error=None):

@@ -5,13 +5,16 @@ same workload, same SLOs, one after the other in one run.
     ./build.sh bench goodput --workload code ...        # the same command
 
 For each system (--systems, default disaggregated,colocated,chunked) it renders the model
-repository from the deployment (deploy.deployment: the default 1 prefill core + 1 decode core;
-colocated: 2 instances x 1 core, each doing both phases; chunked-N: the same with chunked
-prefill under an N-token budget), starts tritonserver on free loopback ports, searches the
-goodput with the same workload and SLOs, and stops the server before the next one starts.
-Relative SLOs are multiples of the single-request latency measured once, on the first system,
-and shared by all. Writes the full results to results/ and a summary (JSON without per-request
-records, a markdown table with ratios and a time breakdown, PNG plots) to --out-dir.
+repository from the deployment (deploy.deployment, for this host's cores: on 2 cores the default
+is 1 prefill instance on core 0 + 1 decode instance on core 1; colocated: one instance per core,
+each doing both phases; chunked-N: the same with chunked prefill under an N-token budget),
+starts tritonserver on free loopback ports, searches the goodput with the same workload and
+SLOs, and stops the server before the next one starts. Each system's label names the
+instances and cores of the deployment it served. Relative SLOs are multiples of the
+single-request latency measured once, on the first system, and shared by all. Writes the full
+results to results/compare-<name>.json and a summary (JSON without per-request records, a
+markdown table with ratios and a time breakdown, PNG plots) to --out-dir (default
+results/goodput/, untracked; docs/goodput/ holds the runs we chose to publish).
 """
 from __future__ import annotations
 
@@ -26,12 +29,13 @@ from typing import Any, Sequence
 from .metrics import RequestResult, route_counts, time_breakdown
 
 DEFAULT_SYSTEMS = ("disaggregated", "colocated", "chunked")
-SYSTEM_LABELS = {"disaggregated": "DistServe (1 prefill + 1 decode core)",
-                 "adaptive": "DistServe adaptive (1 prefill + 1 decode core, SLO-routed local prefill)",
-                 "adaptive-shared": "DistServe adaptive + a decode instance on the prefill core "
-                                    "(it decodes there while prefill idles)",
-                 "colocated": "colocated (2 x 1 core)",
-                 "chunked": "colocated + chunked prefill (2 x 1 core, budget {budget})"}
+DEFAULT_OUT_DIR = Path("results") / "goodput"
+# What each system is; its label adds the instances and cores of the deployment it served.
+SYSTEM_NAMES = {"disaggregated": "DistServe",
+                "adaptive": "DistServe adaptive (SLO-routed local prefill)",
+                "adaptive-shared": "DistServe adaptive, a decode instance on prefill's cores",
+                "colocated": "colocated",
+                "chunked": "colocated + chunked prefill (budget {budget})"}
 
 
 @dataclass(frozen=True)
@@ -44,9 +48,9 @@ class System:
     def name(self) -> str:
         return f"chunked-{self.token_budget}" if self.kind == "chunked" else self.kind
 
-    @property
-    def label(self) -> str:
-        return SYSTEM_LABELS[self.kind].format(budget=self.token_budget)
+    def label(self, deployment: Any) -> str:
+        """What this system is, and where the deployment it served ran (its instances, cores)."""
+        return f"{SYSTEM_NAMES[self.kind].format(budget=self.token_budget)}: {placement(deployment)}"
 
     @property
     def model(self) -> str:
@@ -68,6 +72,32 @@ class System:
             return colocated_deployment(model_path, num_cores)
         return colocated_deployment(model_path, num_cores, chunked_prefill=True,
                                     token_budget=self.token_budget)
+
+
+def placement(deployment: Any) -> str:
+    """Where `deployment`'s serving instances run, e.g. "1 prefill on core 0 + 1 decode on core 1",
+    "2 instances on cores 0-3 and 4-7", "1 prefill on GPU 0 + 2 decode on GPUs 1 and 2"."""
+    names = ("colocated",) if deployment.systems == ("colocated",) else ("prefill", "decode")
+    return " + ".join(_phase_placement(name, getattr(deployment, name)) for name in names)
+
+
+def _phase_placement(name: str, phase: Any) -> str:
+    if phase.device == "gpu":
+        where = "GPU" + ("s" if len(phase.devices) > 1 else "")
+        groups = [str(g) for g in phase.devices]
+    else:
+        where = "core" + ("s" if any(len(c) > 1 for c in phase.devices) or len(phase.devices) > 1 else "")
+        groups = [_core_span(cores) for cores in phase.devices]
+    what = name if name != "colocated" else "instance" + ("s" if phase.num_instances > 1 else "")
+    return f"{phase.num_instances} {what} on {where} {' and '.join(groups)}"
+
+
+def _core_span(cores: Sequence[int]) -> str:
+    """(4, 5, 6, 7) -> "4-7"; (0, 2) -> "0,2"; (1,) -> "1"."""
+    cores = sorted(cores)
+    if len(cores) > 2 and cores == list(range(cores[0], cores[-1] + 1)):
+        return f"{cores[0]}-{cores[-1]}"
+    return ",".join(map(str, cores))
 
 
 def without_prefix_caching(dep: Any) -> Any:
@@ -113,8 +143,9 @@ def add_compare_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prefix-caching", action="store_true",
                    help="serve with the prefix cache on (off by default here: the search replays "
                         "the same requests at every rate, so later rates would hit earlier ones)")
-    g.add_argument("--out-dir", type=Path, default=Path("docs") / "goodput",
-                   help="summary JSON, markdown and plots (default: docs/goodput)")
+    g.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR,
+                   help="summary JSON, markdown and plots (default: %(default)s, untracked; "
+                        "--out-dir docs/goodput to publish a run)")
     g.add_argument("--max-model-len", type=int, help="serve with this context length instead of "
                    "the deployment's (2048), e.g. for summarization's 1900-2048-token prompts")
     g.add_argument("--name", help="file name stem of the outputs (default: the workload's name)")
@@ -168,7 +199,7 @@ def run_compare(args: argparse.Namespace) -> dict[str, Any]:
             load_before = os.getloadavg()
             t0 = time.monotonic()
             doc = goodput_doc(args, workload, slo, slo_info, url=url, model=system.model,
-                              label=system.label, start_rate=start_rate)
+                              label=system.label(deployment), start_rate=start_rate)
             doc["system"] = {"name": system.name, "deployment": deployment.to_dict(),
                              "load_avg_before": load_before, "load_avg_after": os.getloadavg(),
                              "seconds": time.monotonic() - t0}
