@@ -31,7 +31,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--top-p", type=float)
     p.add_argument("--top-k", type=int)
     p.add_argument("--seed", type=int)
-    p.add_argument("--stop", nargs="+", metavar="S", help="stop strings")
+    p.add_argument("--stop", action="append", metavar="S",
+                   help="a stop string (repeat for more, as ./build.sh generate --stop)")
     p.add_argument("--ignore-eos", action="store_true", default=None)
     p.add_argument("--min-tokens", type=int, help="EOS and stop tokens are banned until this many are out")
     p.add_argument("--repetition-penalty", type=float, help="> 1 discourages tokens of the prompt and output")

@@ -4,10 +4,11 @@
     gen = parse_chat(body, served_model)           # POST /v1/chat/completions
 
 Every field the server acts on is checked here, and a bad one is a 400 naming it (frontend.errors).
-Fields that would change the result and are not supported (logprobs, tools, n > 1, penalties,
-logit_bias, echo, ...) are refused by name unless they hold their neutral value; fields that
+Fields that would change the result and are not supported (logprobs, tools, n > 1, logit_bias,
+echo, ...) are refused by name unless they hold their neutral value; fields that
 change nothing here (user, metadata, store, ...) and unknown fields are ignored, as vLLM does.
-vLLM's `top_k` and `ignore_eos` are accepted (`vllm bench serve --ignore-eos` sends the latter).
+vLLM's `top_k`, `ignore_eos`, `min_tokens` and `repetition_penalty` are accepted (`vllm bench
+serve --ignore-eos` sends ignore_eos), as are OpenAI's presence / frequency penalties.
 What only the server can judge (the prompt's length against the context) it answers itself.
 """
 from __future__ import annotations
@@ -29,10 +30,6 @@ _NEUTRAL: dict[str, Callable[[Any], bool]] = {
     "logprobs": lambda v: v is None or v is False,
     "top_logprobs": lambda v: v is None or v == 0,
     "logit_bias": lambda v: not v,
-    "presence_penalty": lambda v: v is None or v == 0,
-    "frequency_penalty": lambda v: v is None or v == 0,
-    "repetition_penalty": lambda v: v is None or v == 1,
-    "min_tokens": lambda v: v is None or v == 0,
     "best_of": lambda v: v is None or v == 1,
     "echo": lambda v: v is None or v is False,
     "suffix": lambda v: not v,
@@ -97,7 +94,11 @@ def _generation(body: dict[str, Any], max_tokens: int | None, **prompt: Any) -> 
         top_p=_number(body, "top_p", 0.0, 1.0, open_low=True),
         top_k=None if top_k is None else max(top_k, 0),        # vLLM: -1 disables, ours: 0
         seed=_int(body, "seed", 0, MAX_SEED - 1), stop=_stop(body.get("stop")),
-        ignore_eos=_bool(body, "ignore_eos"), return_timing=True, stream=stream)
+        ignore_eos=_bool(body, "ignore_eos"), min_tokens=_int(body, "min_tokens", 0, MAX_INT32),
+        presence_penalty=_number(body, "presence_penalty", -2.0, 2.0),
+        frequency_penalty=_number(body, "frequency_penalty", -2.0, 2.0),
+        repetition_penalty=_number(body, "repetition_penalty", 0.0, 100.0, open_low=True),
+        return_timing=True, stream=stream)
     return Generation(values, stream, stream and bool(include_usage))
 
 

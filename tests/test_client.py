@@ -402,3 +402,10 @@ def test_cli_reports_an_unreachable_server(protocol):
     assert proc.returncode == 1 and proc.stdout == ""
     assert proc.stderr == (f"error: cannot reach Triton at 127.0.0.1:{port}: connection refused"
                            " — is ./build.sh serve running?\n")
+
+
+def test_cli_stop_repeats_and_never_swallows_the_prompt():
+    from client.cli import parse_args
+    args = parse_args(["--stop", "\n\n", "--stop", "END", "Write a haiku"])
+    assert args.stop == ["\n\n", "END"] and args.prompt == "Write a haiku"
+    assert parse_args(["Hi"]).stop is None

@@ -107,8 +107,12 @@ def test_completion_fields_become_the_models_inputs():
                             "presence_penalty": 0, "metadata": {"x": 1}}, MODEL)
     assert gen.values == {"text_input": "Say hi", "max_tokens": 7, "temperature": 0.5, "top_p": 0.9,
                           "top_k": 0, "seed": 3, "stop": ["\n"], "ignore_eos": True,
-                          "return_timing": True, "stream": False}
+                          "presence_penalty": 0.0, "return_timing": True, "stream": False}
     assert not gen.stream and not gen.include_usage
+    penalized = parse_completion({"prompt": "x", "presence_penalty": 0.5, "frequency_penalty": -1,
+                                  "repetition_penalty": 1.2, "min_tokens": 4}, MODEL).values
+    assert (penalized["presence_penalty"], penalized["frequency_penalty"],
+            penalized["repetition_penalty"], penalized["min_tokens"]) == (0.5, -1.0, 1.2, 4)
     assert parse_completion({"prompt": [[1, 2, 3]]}, MODEL).values["input_ids"] == [1, 2, 3]
     streamed = parse_completion({"prompt": [5, 6], "stream": True, "stream_options": {"include_usage": True}}, MODEL)
     assert (streamed.values["input_ids"], streamed.stream, streamed.include_usage) == ([5, 6], True, True)
@@ -129,7 +133,8 @@ def test_chat_fields_become_the_models_inputs():
 
 REFUSED = [
     ({"n": 2}, "n"), ({"logprobs": 2}, "logprobs"), ({"logit_bias": {"1": 5}}, "logit_bias"),
-    ({"presence_penalty": 0.5}, "presence_penalty"), ({"frequency_penalty": -1}, "frequency_penalty"),
+    ({"presence_penalty": 2.5}, "presence_penalty"), ({"frequency_penalty": "x"}, "frequency_penalty"),
+    ({"repetition_penalty": 0}, "repetition_penalty"), ({"min_tokens": -1}, "min_tokens"),
     ({"best_of": 3}, "best_of"), ({"echo": True}, "echo"), ({"suffix": "end"}, "suffix"),
     ({"tools": [{"type": "function"}]}, "tools"), ({"response_format": {"type": "json_object"}}, "response_format"),
     ({"temperature": 2.5}, "temperature"), ({"temperature": "hot"}, "temperature"), ({"top_p": 0}, "top_p"),
