@@ -252,6 +252,12 @@ class TritonServer:
         python stub held (their clients wait until they give up), and after a reload the new
         stub's responses were seen never to reach their clients (docs/faults.md). Killing the
         server ends those streams at once (the clients see the connection drop)."""
+        if self._stopping.is_set() or not self.is_alive() or not self.is_ready():
+            # the server itself is going (a SIGTERM from elsewhere, a crash): its stubs end
+            # with it, and that is no front-end death to recover from
+            print(f"tritonserver is not serving (exit code {self.process.poll()}): the {model} "
+                  "stub went with it; not restarting", flush=True)
+            return
         in_flight = requests_in_flight(self.metrics_url, model)
         if in_flight == 0:
             self.reload_model(model)

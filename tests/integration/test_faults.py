@@ -282,3 +282,14 @@ def test_orchestrator_killed_with_streams_in_flight_restarts_the_server(server):
           f"{max(e for e, _, _ in streams.results) - killed:.1f} s; restart took "
           f"{server.restarts[0]:.1f} s; served again after {recovered:.1f} s")
 
+
+def test_a_server_stopped_from_outside_is_not_restarted(server):
+    """SIGTERM to tritonserver itself (an operator, a container runtime): its stubs exit with
+    it, and the supervisor must not take that for a front-end death and start it again. Last
+    in this module: the server is gone afterwards."""
+    before = len(server.restarts)
+    server.process.send_signal(signal.SIGTERM)
+    server.process.wait(60)
+    time.sleep(4)                                            # several supervisor polls
+    assert not server.is_alive() and not server.is_restarting()
+    assert len(server.restarts) == before
