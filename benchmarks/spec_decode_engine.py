@@ -8,12 +8,14 @@ by AdaptiveK, exactly what a decode instance runs with decode.speculative = "ngr
 For each workload (chatbot, code, summarization: client/bench/workloads.py, the served model's
 tokenizer, raw prompts, ignore_eos) one engine (the default model and deployment settings:
 bf16, the decode instance's weight format) generates greedily for the same requests with no
-speculation and with it, taking turns per round (ABBA). Batch 1: each request alone; batch 8:
-eight requests started together. A request's TPOT = (its last token's time - its first token's
+speculation and with it, taking turns per round (ABBA). Batch 1: each of the eight requests
+alone, one after another; batch 8: the eight started together. A request's TPOT = (its last token's time - its first token's
 time) / (its tokens - 1); its prefill is untimed. Reported: the median TPOT both ways and their
 ratio, the acceptance rate (accepted / proposed draft tokens), tokens per verify row, and the
-decoding sequences' tokens per step (what the router divides a step's time by). Greedy output
-is checked to be identical both ways (speculation is lossless). Writes <out>.json and <out>.md.
+decoding sequences' tokens per step (what the router divides a step's time by), and whether the
+greedy outputs are the same both ways (in float32 they are; in bfloat16 a verify row and a plain
+decode step can round a logit differently, which flips exact bf16 ties: the share of tokens
+before the first difference is reported). Writes <out>.json and <out>.md.
 """
 from __future__ import annotations
 
@@ -55,26 +57,45 @@ def run_batch(engine, prompts: list[list[int]], params, speculator) -> dict:
     return {"tpots": tpots, "tokens": {r: t for r, t in sorted(tokens.items())}, "spec": counts}
 
 
-def measure(engine, prompts: list[list[int]], params, make_speculator, rounds: int) -> dict:
-    """ABBA rounds of none / ngram over the same prompts; medians and the counts of the last."""
+def measure(engine, groups: list[list[list[int]]], params, make_speculator, rounds: int) -> dict:
+    """ABBA rounds of none / ngram; each group of prompts runs together (batch 1: one prompt a
+    group). Medians over every request's TPOT; the speculator's counts summed over the last
+    round's groups."""
     runs = {"none": [], "ngram": []}
-    outputs, spec = {}, {}
-    run_batch(engine, prompts, params, None)                          # warm-up (kernels)
+    outputs: dict[str, dict[str, list[int]]] = {"none": {}, "ngram": {}}
+    run_batch(engine, groups[0], params, None)                        # warm-up (kernels)
     for r in range(rounds):
+        counts: list[dict] = []
         for mode in (("none", "ngram") if r % 2 == 0 else ("ngram", "none")):
-            res = run_batch(engine, prompts, params, make_speculator() if mode == "ngram" else None)
-            runs[mode] += res["tpots"]
-            outputs[mode] = res["tokens"]
-            spec = res["spec"] or spec
+            for g, prompts in enumerate(groups):
+                res = run_batch(engine, prompts, params, make_speculator() if mode == "ngram" else None)
+                runs[mode] += res["tpots"]
+                outputs[mode].update({f"{g}/{req}": t for req, t in res["tokens"].items()})
+                if res["spec"]:
+                    counts.append(res["spec"])
+    spec = {k: sum(c[k] for c in counts) for k in ("spec_proposed", "spec_accepted",
+                                                   "spec_emitted", "spec_verify_rows")}
     none, ngram = statistics.median(runs["none"]), statistics.median(runs["ngram"])
-    proposed = spec.get("spec_proposed", 0)
+    proposed = spec["spec_proposed"]
     return {"tpot_none_s": none, "tpot_ngram_s": ngram, "speedup": none / ngram,
-            "acceptance": spec.get("spec_accepted", 0) / proposed if proposed else 0.0,
+            "acceptance": spec["spec_accepted"] / proposed if proposed else 0.0,
             "tokens_per_verify_row": (spec["spec_emitted"] / spec["spec_verify_rows"]
-                                      if spec.get("spec_verify_rows") else None),
-            "tokens_per_step": spec.get("tokens_per_step"),
-            "verify_rows": spec.get("spec_verify_rows", 0),
-            "identical_output": outputs["none"] == outputs["ngram"], "samples": len(runs["none"])}
+                                      if spec["spec_verify_rows"] else None),
+            "tokens_per_step": statistics.fmean(c["tokens_per_step"] for c in counts) if counts else None,
+            "verify_rows": spec["spec_verify_rows"],
+            "identical_output": outputs["none"] == outputs["ngram"],
+            "common_prefix": common_prefix(outputs["none"], outputs["ngram"]),
+            "samples": len(runs["none"])}
+
+
+def common_prefix(a: dict[str, list[int]], b: dict[str, list[int]]) -> float:
+    """Mean share of each request's tokens before its two outputs first differ (1.0: same)."""
+    shares = []
+    for req, x in a.items():
+        y = b.get(req, [])
+        n = next((i for i, (s, t) in enumerate(zip(x, y)) if s != t), min(len(x), len(y)))
+        shares.append(n / max(len(x), 1))
+    return sum(shares) / len(shares) if shares else 1.0
 
 
 def write(results: dict, out: Path) -> None:
@@ -88,7 +109,7 @@ def write(results: dict, out: Path) -> None:
         f"settings (bf16, the decode weight format), greedy, ignore_eos, up to {m['max_tokens']} "
         f"output tokens, max k {m['max_k']}; {m['rounds']} ABBA rounds, medians over requests.", "",
         "| workload | batch | TPOT none (ms) | TPOT n-gram (ms) | speedup | acceptance | "
-        "tokens / verify row | tokens / step | same output |",
+        "tokens / verify row | tokens / step | same output (share before the first difference) |",
         "|---|---|---|---|---|---|---|---|---|"]
     for key, r in results["runs"].items():
         w, b = key.split("/")
@@ -96,7 +117,7 @@ def write(results: dict, out: Path) -> None:
         tps = f"{r['tokens_per_step']:.2f}" if r["tokens_per_step"] else "-"
         lines.append(f"| {w} | {b} | {r['tpot_none_s'] * 1e3:.1f} | {r['tpot_ngram_s'] * 1e3:.1f} "
                      f"| {r['speedup']:.2f}x | {r['acceptance']:.1%} | {tvr} | {tps} "
-                     f"| {'yes' if r['identical_output'] else 'NO'} |")
+                     f"| {'yes' if r['identical_output'] else 'no'} ({r['common_prefix']:.0%}) |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
@@ -109,6 +130,8 @@ def main() -> None:
     ap.add_argument("--max-prompt", type=int, default=2048)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
+    ap.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
+                    help="activation dtype (default: the deployment's)")
     ap.add_argument("--out", type=Path, default=Path("/tmp/spec_decode"),
                     help="results prefix (.json, .md); docs/spec_decode for the record")
     args = ap.parse_args()
@@ -129,8 +152,9 @@ def main() -> None:
                                  chunked_prefill=False,
                                  max_num_batched_tokens=max(limits.max_num_batched_tokens, args.max_prompt))
     engine = LLMEngine.from_path(path, EngineConfig(
-        dtype=dep.dtype, kv_dtype=dep.kv_dtype, limits=limits, max_model_len=dep.max_model_len,
-        role="both", weights=dep.weights))           # "both": it prefills too (untimed)
+        dtype=args.dtype or dep.dtype, kv_dtype=dep.kv_dtype, limits=limits, max_model_len=dep.max_model_len,
+        role="both", weights=dep.weights,            # "both": it prefills too (untimed)
+        prefix_caching=False))                       # every run prefills its prompts afresh
     load_before = [round(x, 2) for x in os.getloadavg()]
     results = {"runs": {}}
     for name in args.workloads:
@@ -139,13 +163,15 @@ def main() -> None:
                                             max_output_tokens=args.max_tokens))
         requests = load_workload(spec, path).requests
         for batch in BATCHES:
-            prompts = [list(r.prompt_ids) for r in requests[:batch]]
+            prompts = [list(r.prompt_ids) for r in requests]
+            groups = [prompts[i:i + batch] for i in range(0, len(prompts), batch)]
             params = SamplingParams(max_tokens=args.max_tokens, temperature=0, ignore_eos=True)
-            r = measure(engine, prompts, params, lambda: make_speculator("ngram", args.max_k), args.rounds)
+            r = measure(engine, groups, params, lambda: make_speculator("ngram", args.max_k), args.rounds)
             results["runs"][f"{name}/{batch}"] = r
             print(f"{name:14s} batch {batch}: TPOT none {r['tpot_none_s'] * 1e3:6.1f} ms  ngram "
                   f"{r['tpot_ngram_s'] * 1e3:6.1f} ms  {r['speedup']:.2f}x  acceptance "
-                  f"{r['acceptance']:.1%}  same output {r['identical_output']}", flush=True)
+                  f"{r['acceptance']:.1%}  same output {r['identical_output']} "
+                  f"({r['common_prefix']:.0%} before the first difference)", flush=True)
     results["meta"] = {"command": "python -m benchmarks.spec_decode_engine " + " ".join(sys.argv[1:]),
                        "machine": f"{os.cpu_count()} cores", "core": args.core,
                        "load_before": load_before,
