@@ -16,8 +16,6 @@ user counts whose attainment is >= 90% (client/bench/sessions.py). Writes <out>.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import dataclasses
 import json
 import os
 import sys
@@ -28,29 +26,19 @@ SYSTEMS = ("ours-cache", "ours-nocache", "vllm")
 
 
 def sweep(endpoint: str, url: str, model: str, sessions, users: list[int], think: float, slo) -> dict:
-    from client.bench.endpoints import make_endpoint
-    from client.bench.sessions import replay_sessions, summarize, sweep_goodput
-    points = {}
-    for n in users:
-        async def run():
-            async with make_endpoint(endpoint, url, model) as ep:
-                return await replay_sessions(ep, sessions, n, think_s=think)
-        results, seconds = asyncio.run(run())
-        points[n] = summarize(results, seconds, slo)
-        print(f"  {n} users: attainment {points[n]['attainment']:.0%}, goodput "
-              f"{points[n]['goodput_rps']:.3f} rps, TTFT p50 first/later turns "
-              f"{points[n]['ttft_first_turn_p50_s']} / {points[n]['ttft_later_turns_p50_s']}", flush=True)
+    from client.bench.sessions import sweep_goodput, sweep_users
+    points = sweep_users(endpoint, url, model, sessions, users, slo, think_s=think,
+                         log=lambda line: print("  " + line, flush=True))
     return {"points": points, "goodput_rps": sweep_goodput(points)}
 
 
 def run_ours(cache: bool, sessions, users, think, slo) -> dict:
     from backends.core.control import send
+    from client.bench.compare import without_prefix_caching
     from deploy.deployment import default_deployment
     from deploy.render import render_repository
     from deploy.server import TritonServer, free_ports
-    base = default_deployment()
-    dep = dataclasses.replace(base, prefill=dataclasses.replace(base.prefill, prefix_caching=cache),
-                              decode=dataclasses.replace(base.decode, prefix_caching=cache))
+    dep = default_deployment() if cache else without_prefix_caching(default_deployment())
     work = Path(tempfile.mkdtemp(prefix="multiturn-"))
     repo = render_repository(dep, work / "model_repository", require_code=True)
     http_port, grpc_port, metrics_port = free_ports(3)

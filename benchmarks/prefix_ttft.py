@@ -17,7 +17,6 @@ setting. Writes <out>.json and <out>.md.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import statistics
@@ -74,15 +73,14 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("/tmp/prefix_ttft"))
     args = ap.parse_args()
     from backends.core.tokenizer import Tokenizer
+    from client.bench.compare import without_prefix_caching
     from deploy.deployment import default_deployment
     base = default_deployment()
     tok = Tokenizer.load(str(base.resolved_model_path()))
     texts = conversations(2 * args.reps + 1, args.history + args.new, tok)
     load_before = [round(x, 2) for x in os.getloadavg()]
     results = {}
-    for name, on in (("cache on", True), ("cache off", False)):
-        dep = dataclasses.replace(base, prefill=dataclasses.replace(base.prefill, prefix_caching=on),
-                                  decode=dataclasses.replace(base.decode, prefix_caching=on))
+    for name, dep in (("cache on", base), ("cache off", without_prefix_caching(base))):
         results[name] = run_setting(dep, texts, args.history, args.reps)
         print(f"{name}: second turn / cold TTFT, median {results[name]['ratio_median']:.3f} "
               f"({[round(x, 3) for x in results[name]['ratios']]})", flush=True)

@@ -76,3 +76,22 @@ def test_sweep_goodput_takes_the_best_point_that_attains_the_target():
     assert sweep_goodput(points) == 0.9
     assert sweep_goodput({1: {"attainment": 0.5, "goodput_rps": 1.0}}) == 0.0
     assert RequestResult(0, 1, 1, 0.0).ok is False
+
+
+def test_sweep_users_runs_every_count(monkeypatch):
+    import client.bench.endpoints as endpoints
+    from client.bench.sessions import sweep_users
+
+    class Opened(FakeEndpoint):
+        async def __aenter__(self):
+            return self
+
+        async def __aexit__(self, *exc):
+            pass
+    monkeypatch.setattr(endpoints, "make_endpoint", lambda *a: Opened(0.0))
+    sessions = build_sessions(RECORDS, WordTokenizer(), 2, seed=0)
+    lines = []
+    points = sweep_users("fake", "url", "m", sessions, [1, 2], SLO(ttft_s=10, tpot_s=10),
+                         think_s=0.0, log=lines.append)
+    assert sorted(points) == [1, 2] and len(lines) == 2
+    assert all(p["requests"] == 5 and p["attainment"] == 1.0 for p in points.values())

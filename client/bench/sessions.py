@@ -121,11 +121,26 @@ def sweep_goodput(points: dict[int, dict[str, Any]]) -> float:
                default=0.0)
 
 
+def sweep_users(endpoint: str, url: str, model: str, sessions: Sequence[Sequence[Turn]],
+                users: Sequence[int], slo: SLO, *, think_s: float = 1.0, seed: int = 0,
+                log: Any = print) -> dict[int, dict[str, Any]]:
+    """Replay every session at each user count in turn; each count's summary."""
+    from .endpoints import make_endpoint
+    points = {}
+    for n in users:
+        async def run() -> tuple[list, float]:
+            async with make_endpoint(endpoint, url, model) as ep:
+                return await replay_sessions(ep, sessions, n, think_s=think_s, seed=seed)
+        results, seconds = asyncio.run(run())
+        points[n] = summarize(results, seconds, slo)
+        log(f"{n} users: {json.dumps(points[n])}")
+    return points
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     from backends.core.tokenizer import Tokenizer
 
     from . import datasets as ds
-    from .endpoints import make_endpoint
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--endpoint", default="triton-grpc", help="triton-grpc, triton-http or openai")
     ap.add_argument("--url", required=True)
@@ -147,16 +162,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                               max_turns=args.max_turns, max_output_tokens=args.max_output_tokens,
                               seed=args.seed)
     slo = SLO(ttft_s=args.slo_ttft, tpot_s=args.slo_tpot)
-    points = {}
-    for users in (int(u) for u in args.users.split(",")):
-        async def run() -> tuple[list, float]:
-            endpoint = make_endpoint(args.endpoint, args.url, args.model)
-            async with endpoint:
-                return await replay_sessions(endpoint, sessions, users, think_s=args.think,
-                                             seed=args.seed)
-        results, seconds = asyncio.run(run())
-        points[users] = summarize(results, seconds, slo)
-        print(f"{users} users: {json.dumps(points[users])}", flush=True)
+    points = sweep_users(args.endpoint, args.url, args.model, sessions,
+                         [int(u) for u in args.users.split(",")], slo, think_s=args.think,
+                         seed=args.seed, log=lambda line: print(line, flush=True))
     out = {"label": args.label, "slo": {"ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s},
            "sessions": args.sessions, "turns": sum(len(s) for s in sessions),
            "think_s": args.think, "points": points, "goodput_rps": sweep_goodput(points)}
