@@ -85,7 +85,8 @@ class Routing:
 
     # ---- states ---------------------------------------------------------------------------
     def decode_state(self, e: _Engine) -> InstanceState:
-        state = InstanceState.from_scheduler(self._name(e), "decode", e.scheduler)
+        state = InstanceState.from_scheduler(self._name(e), "decode", e.scheduler,
+                                             tpot_slo=self.slo.tpot, now=self.sim.now)
         unreserved = e.blocks.num_blocks - self.reserved.get(id(e.blocks), 0)
         return replace(state, free_kv_blocks=max(0, min(state.free_kv_blocks, unreserved)))
 
@@ -153,7 +154,7 @@ class Routing:
         """The decode instance's scheduler, its step budget set to its decodes + the chunk budget."""
         s = e.scheduler
         decoding = [q for q in s.running if q.num_cached >= q.num_prompt_tokens]
-        batch = s.schedule(now, step_budget(s, self.decode_predictor, self.slo.tpot))
+        batch = s.schedule(now, step_budget(s, self.decode_predictor, self.slo.tpot, now=now))
         # a decoding sequence behind a part-way prompt in `running` (its KV arrived after the
         # prompt was admitted) gets no token when the prompt's chunk takes the rest of the budget
         seqs = set(batch.seqs) if batch else set()

@@ -220,14 +220,15 @@ class Simulator:
 
     def _sequence(self, rec: Record, output_ids: list[int] | None = None) -> Sequence:
         """The request as the engine holds it: a prompt of its length, and a stop at its
-        output length (max_tokens; EOS ignored)."""
+        output length (max_tokens; EOS ignored); prefilled (`output_ids`): its first token's
+        time as a decode instance has it (its arrival there)."""
         r = rec.req
         params = self._params.get(r.output_len)
         if params is None:
             params = self._params[r.output_len] = SamplingParams(max_tokens=r.output_len, seed=0,
                                                                  ignore_eos=True)
         return Sequence(str(r.req_id), [0] * r.prompt_len, params, output_ids=output_ids or [],
-                        arrival_time=r.arrival)
+                        arrival_time=r.arrival, first_token_time=self.now if output_ids else None)
 
     def _arrive(self, r: Request) -> None:
         rec = self.records[r.req_id]

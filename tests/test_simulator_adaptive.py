@@ -118,27 +118,38 @@ def test_the_per_request_choices_are_in_the_records():
 
 
 def test_local_prompts_ride_in_decode_steps_within_the_tpot_budget():
-    """Every decode step that carries prompt chunks stays within the TPOT SLO (the chunk
-    budget the router computes, applied as the step's token budget), save the steps that
-    leave a decoding sequence out (the scheduler's ordering issue below)."""
+    """Every decode step that carries prompt chunks stays within the TPOT SLO plus the slack
+    its running sequences banked (the chunk budget the router computes, applied as the step's
+    token budget), save the steps that leave a decoding sequence out (the scheduler's
+    ordering issue below). With the slack some such steps are longer than the SLO (a long
+    prompt in a few large chunks), and the sequences they ran beside still meet their TPOT
+    SLO (one whose KV arrived during such a step waited for it: not promised)."""
     import planner.simulator as simulator
+    from backends.core.router import tpot_slack
     slo = SLO(ttft=1.0, tpot=0.1)
-    steps, real = [], simulator._Engine.step_time
+    steps, beside, real = [], set(), simulator._Engine.step_time
 
     def spy(engine, batch):
         t = real(engine, batch)
         if engine.role == "decode" and batch.num_decodes < len(batch.seqs):
             running = [q for q in engine.scheduler.running if q.num_cached >= q.num_prompt_tokens]
-            steps.append((t, batch.num_decodes, len(running) - batch.num_decodes))
+            s = engine.scheduler
+            slack = tpot_slack(running, slo.tpot, sim.now, len(s.loading) + len(s.remote))
+            steps.append((t, slack, batch.num_decodes, len(running) - batch.num_decodes))
+            if t > slo.tpot:
+                beside.update(int(q.req_id) for q in running)
         return t
     simulator._Engine.step_time = spy
     try:
-        res = Simulator(split_config().adaptive(slo), short_beside_long()).run()
+        sim = Simulator(split_config().adaptive(slo), short_beside_long())
+        res = sim.run()
     finally:
         simulator._Engine.step_time = real
-    whole = [t for t, k, left_out in steps if not left_out]
-    assert len(whole) > 50 and any(k > 0 for _, k, _ in steps)          # mixed steps happened
-    assert max(whole) <= slo.tpot
+    whole = [(t, slack) for t, slack, k, left_out in steps if not left_out]
+    assert len(whole) > 20 and any(k > 0 for _, _, k, _ in steps)       # mixed steps happened
+    assert all(t <= slo.tpot + slack + 1e-9 for t, slack in whole)
+    assert any(t > slo.tpot for t, _ in whole)                           # the slack was spent
+    assert beside and max(r.tpot for r in res.records if r.req.req_id in beside) <= slo.tpot
     assert any(r.route == "local" and r.req.prompt_len == 1500 for r in res.records)   # chunked
 
 
@@ -189,12 +200,16 @@ def test_adaptive_beats_split_when_ttft_binds_on_the_cpu_profile():
     assert routes["local"] >= 0.1 * (routes["local"] + routes["split"])
 
 
-def test_adaptive_falls_back_to_split_when_tpot_is_tight():
-    """TPOT at 1.5x a single request's (44 ms): a mixed step has almost no room for a chunk,
-    so nearly every request is split and the goodput is split's."""
+def test_adaptive_mostly_splits_when_tpot_is_tight():
+    """TPOT at 1.5x a single request's (44 ms): a mixed step has almost no room for a chunk
+    beyond the slack the running batch banked, so nearly every request is split; the few
+    prompts the slack takes locally still make it no worse than split (1.10x when this
+    test was written)."""
     lengths, slo = chatbot_like(400), SLO(ttft=1.262, tpot=0.0436)
     split = search(split_config(), lengths, slo)
     adaptive = search(split_config().adaptive(slo), lengths, slo)
     routes = simulate(split_config().adaptive(slo), lengths, split).routes()
     assert routes["local"] <= 0.06 * (routes["local"] + routes["split"])
-    assert 0.9 * split <= adaptive <= 1.05 * split, (adaptive, split)
+    assert 0.95 * split <= adaptive <= 1.25 * split, (adaptive, split)
+
+

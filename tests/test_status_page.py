@@ -334,6 +334,8 @@ def test_to_instance_state():
     assert to_instance_state(status(role="both"), phase="prefill").phase == "prefill"
     assert to_instance_state(status(tokens_per_step=2.5)).tokens_per_step == 2.5   # speculation
     assert to_instance_state(status(role="prefill", tokens_per_step=2.5)).tokens_per_step == 1.0
+    assert to_instance_state(status(tpot_slack_s=0.25)).step_slack_s == 0.25      # adaptive
+    assert to_instance_state(status(role="prefill", tpot_slack_s=0.25)).step_slack_s == 0.0
 
 
 # -- the host publishes ------------------------------------------------------------------------

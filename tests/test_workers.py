@@ -397,3 +397,31 @@ def test_decode_mixed_steps_keep_to_the_step_budget_the_router_sizes(tiny_llama)
         assert_no_leaks(dengine)
     finally:
         decode.close()
+
+
+def test_decode_worker_publishes_its_running_sequences_tpot_slack(tiny_llama):
+    """Adaptive mode (a TPOT SLO given): stats() carries the slack the running batch banked
+    (router.tpot_slack) for the status page; a local prompt's first token stamps its TPOT clock."""
+    from backends.core.messages import GenerateRequest
+    from backends.core.router import SLACK_SHARE
+    config, sd = tiny_llama
+    now = [100.0]
+    dcfg = EngineConfig(dtype="float32", role="decode", limits=EngineLimits(
+        64, max_num_seqs=4, max_num_batched_tokens=64, block_size=4, chunked_prefill=True))
+    dengine = LLMEngine(config, sd, dcfg)
+    decode = DecodeWorker(dengine, make_importer("shm", dengine.kv), "decode-0",
+                          clock=lambda: now[0], tpot_slo=0.05)
+    plain = DecodeWorker(dengine, make_importer("shm", dengine.kv), "decode-1")
+    try:
+        decode.submit(GenerateRequest("a", list(range(3, 8)), PARAMS))
+        assert decode.stats()["tpot_slack_s"] == 0.0               # nothing decoding yet
+        for _ in range(4):                                          # prefill, then 3 decodes
+            decode.step()
+        seq = dengine.seqs["a"]
+        assert seq.first_token_time == 100.0 and seq.num_output_tokens == 4
+        now[0] = 100.05                                             # 3 gaps in 50 ms: 0.1 s banked
+        assert decode.stats()["tpot_slack_s"] == pytest.approx(SLACK_SHARE * (0.05 * 3 - 0.05))
+        assert plain.stats()["tpot_slack_s"] == 0.0                 # no SLO: none published
+    finally:
+        decode.close()
+        plain.close()

@@ -196,7 +196,7 @@ class LLMEngine:
         if params.seed is None:
             raise ValueError("a prefilled sequence must carry its seed")
         return Sequence(req_id, list(prompt_ids), params, output_ids=[first_token_id],
-                        arrival_time=arrival_time)
+                        arrival_time=arrival_time, first_token_time=arrival_time)
 
     def add(self, seq: Sequence) -> None:
         """Register a sequence from `make_sequence`: it waits for a prefill batch, or (decode)

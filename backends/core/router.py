@@ -19,8 +19,21 @@ Predictions (seconds):
   batch queues it for a slot, as the decode instances' pull-based admission does today).
 - local on j: every mixed step of j carries up to `chunk_budget` prompt tokens, the most that
   keeps the step within the TPOT SLO (whether or not a batch is running: a sequence may join
-  at any step); TTFT = the mixed steps that prefill j's queued local tokens and this prompt;
-  TPOT = the worse of such a step and j's decode step with this sequence added.
+  at any step) plus the running sequences' banked slack (below); TTFT = the mixed steps that
+  prefill j's queued local tokens and this prompt (the first of them spends the slack, the
+  rest have none); TPOT = the worse of a slack-free such step and j's decode step with this
+  sequence added.
+
+TPOT is a mean over a request's output (client.bench.metrics.tpot), so a decoding sequence
+whose steps so far were faster than its SLO has banked the difference: slack = SLO x (tokens
+out - 1) - time since its first token. One step may take up to SLO x yield + the least slack
+of the running sequences and every one of them still meets its TPOT even if it ended right
+after (`tpot_slack`: SLACK_SHARE of it, a margin for the prediction). A long prompt is then
+prefilled in a few large chunks while the batch has slack, where a per-step bound would cut
+it into many small ones. A sequence waiting to join (its KV on the way) has banked nothing:
+while one is there, steps keep the per-step bound. One that arrives during a long step waits
+for it, as behind any mixed step.
+
 A decode instance's measured `recent_step_s`, when published, stands in for the predicted time
 of its current batch: every prediction there is shifted by (measured - predicted). With
 speculative decoding a step verifies drafts: it costs more (the measured step time carries
@@ -78,6 +91,7 @@ class InstanceState:
     local_prefill: bool = False         # a decode instance running mixed (chunked) steps
     recent_step_s: float | None = None  # decode: measured time of its recent steps
     tokens_per_step: float = 1.0        # decode: tokens a sequence gets per step (speculation)
+    step_slack_s: float = 0.0           # decode: how much over TPOT SLO x yield its next step may take
 
     def __post_init__(self) -> None:
         if self.phase not in ("prefill", "decode"):
@@ -88,14 +102,18 @@ class InstanceState:
                 raise ValueError(f"{self.instance}: bad {name} {getattr(self, name)!r}")
         if not self.tokens_per_step >= 1:
             raise ValueError(f"{self.instance}: bad tokens_per_step {self.tokens_per_step!r}")
+        if not self.step_slack_s >= 0:
+            raise ValueError(f"{self.instance}: bad step_slack_s {self.step_slack_s!r}")
 
     def has_kv_for(self, num_tokens: int) -> bool:
         return self.free_kv_blocks >= -(-num_tokens // self.block_size)
 
     @classmethod
     def from_scheduler(cls, instance: str, phase: Literal["prefill", "decode"], scheduler,
-                       recent_step_s: float | None = None) -> InstanceState:
-        """The state of a `backends.core.scheduler.Scheduler` (read, not changed)."""
+                       recent_step_s: float | None = None, tpot_slo: float | None = None,
+                       now: float | None = None) -> InstanceState:
+        """The state of a `backends.core.scheduler.Scheduler` (read, not changed); with
+        `tpot_slo` and `now`, a decode instance's running sequences' slack too."""
         s, lim = scheduler, scheduler.config
         prefilling = [*s.waiting, *(q for q in s.running if q.num_cached < q.num_prompt_tokens)]
         decoding = [*(q for q in s.running if q.num_cached >= q.num_prompt_tokens), *s.loading, *s.remote]
@@ -106,7 +124,9 @@ class InstanceState:
                    sum(q.num_tokens - q.num_cached for q in prefilling), len(prefilling),
                    len(decoding), sum(q.num_tokens for q in decoding), lim.block_size,
                    lim.max_num_seqs, lim.max_num_batched_tokens,
-                   phase == "decode" and lim.chunked_prefill, recent_step_s)
+                   phase == "decode" and lim.chunked_prefill, recent_step_s,
+                   step_slack_s=tpot_slack(s.running, tpot_slo, now, len(s.loading) + len(s.remote))
+                   if phase == "decode" and tpot_slo is not None and now is not None else 0.0)
 
 
 @dataclass(frozen=True)
@@ -144,12 +164,34 @@ def _shift(d: InstanceState, predictor: Predictor) -> float:
     return d.recent_step_s - predictor.decode_step_time(d.num_running, d.running_context)
 
 
-def chunk_budget(state: InstanceState, predictor: Predictor, tpot_slo: float) -> int:
+SLACK_SHARE = 0.8                       # of the banked slack a step may spend
+
+
+def tpot_slack(seqs, tpot_slo: float, now: float, joining: int = 0) -> float:
+    """How much longer than `tpot_slo` x its yield the next step may take with each of the
+    decoding sequences among `seqs` still within `tpot_slo` on average (over its tokens so far
+    and the next) if it ended right after: SLACK_SHARE of the least slack banked; 0 with none
+    decoding, or `joining` sequences waiting to join (they banked nothing; neither has a
+    sequence without a first-token time yet)."""
+    if joining:
+        return 0.0
+    least = None
+    for q in seqs:
+        if q.num_cached < q.num_prompt_tokens or not q.output_ids:
+            continue                    # prefilling: no TPOT yet
+        banked = 0.0 if q.first_token_time is None else \
+            tpot_slo * (q.num_output_tokens - 1) - (now - q.first_token_time)
+        least = banked if least is None else min(least, banked)
+    return 0.0 if least is None else max(0.0, least) * SLACK_SHARE
+
+
+def chunk_budget(state: InstanceState, predictor: Predictor, tpot_slo: float,
+                 slack: bool = True) -> int:
     """The most prompt tokens one mixed step of `state`'s running batch can carry with the step
-    predicted within `tpot_slo` (at most the step's token budget less a token per running
-    sequence); 0 when not even one token fits."""
+    predicted within `tpot_slo` x yield + (with `slack`) its `step_slack_s` (at most the step's
+    token budget less a token per running sequence); 0 when not even one token fits."""
     shift, n, ctx = _shift(state, predictor), state.num_running, state.running_context
-    limit = tpot_slo * state.tokens_per_step
+    limit = tpot_slo * state.tokens_per_step + (state.step_slack_s if slack else 0.0)
     lo, hi = 0, state.max_num_batched_tokens - n
     while lo < hi:                      # the largest c in [0, hi] that fits
         mid = (lo + hi + 1) // 2
@@ -198,17 +240,22 @@ def _local(d: InstanceState, prompt_len: int, max_tokens: int, slo: SLO, predict
         return impossible("no KV free for it")
     if d.num_running + d.queued_requests >= d.max_num_seqs:     # queued prompts take slots too
         return impossible("decode batch full")
-    budget = chunk_budget(d, predictor, slo.tpot)
-    if budget == 0:
+    first = chunk_budget(d, predictor, slo.tpot)            # spends the running batch's slack
+    budget = chunk_budget(d, predictor, slo.tpot, slack=False) if d.step_slack_s else first
+    tokens = d.queued_tokens + prompt_len
+    if first == 0 or (budget == 0 and tokens > first):
         return impossible("running batch at its TPOT limit")
     shift, n, ctx = _shift(d, predictor), d.num_running, d.running_context
-    full, rest = divmod(d.queued_tokens + prompt_len, budget)
-    step = predictor.mixed_step_time(n, ctx, budget) + shift
-    ttft = full * step + (predictor.mixed_step_time(n, ctx, rest) + shift if rest else 0.0)
-    largest_step = step if full else ttft         # without a full chunk, one step is the TTFT
-    tpot = max(largest_step / d.tokens_per_step, _join_tpot(d, prompt_len, predictor))
+    head = min(tokens, first)
+    full, rest = divmod(tokens - head, budget) if budget else (0, 0)
+    step = predictor.mixed_step_time(n, ctx, budget) + shift if budget else 0.0
+    ttft = predictor.mixed_step_time(n, ctx, head) + shift + full * step + \
+        (predictor.mixed_step_time(n, ctx, rest) + shift if rest else 0.0)
+    # its own TPOT: the slack-free mixed steps of later prompts, or its decode step
+    tpot = max(min(step, ttft) / d.tokens_per_step, _join_tpot(d, prompt_len, predictor))
     return _judged(Option("local", None, d.instance, budget, ttft, tpot), slo,
-                   f"{full + (rest > 0)} mixed steps of <= {budget} tokens beside {n} running")
+                   f"{1 + full + (rest > 0)} mixed steps of <= {max(first, budget)} tokens "
+                   f"beside {n} running (slack {d.step_slack_s * 1e3:.0f} ms)")
 
 
 def route(prompt_len: int, max_tokens: int, slo: SLO, prefill_states: Sequence[InstanceState],
@@ -241,12 +288,14 @@ def route(prompt_len: int, max_tokens: int, slo: SLO, prefill_states: Sequence[I
 
 
 def step_budget(scheduler, predictor: Predictor, tpot_slo: float,
-                recent_step_s: float | None = None, tokens_per_step: float = 1.0) -> int | None:
+                recent_step_s: float | None = None, tokens_per_step: float = 1.0,
+                now: float | None = None) -> int | None:
     """The token budget of a decode instance's next mixed step: its decoding sequences' tokens
     plus the `chunk_budget` of exactly those sequences (not the ones still loading or queued,
-    which this step does not run), at least 1 so a lone prompt progresses, at most the standing
-    budget; None when no prompt is queued or part-way (a plain decode step). The real decode
-    instance and the simulator call this before each step."""
+    which this step does not run) with their slack at `now` (none without it), at least 1 so
+    a lone prompt progresses, at most the standing budget; None when no prompt is queued or
+    part-way (a plain decode step). The real decode instance and the simulator call this
+    before each step."""
     s, lim = scheduler, scheduler.config
     if not (s.waiting or any(q.num_cached < q.num_prompt_tokens for q in s.running)):
         return None
@@ -255,6 +304,8 @@ def step_budget(scheduler, predictor: Predictor, tpot_slo: float,
                           running_context=sum(q.num_tokens for q in decoding),
                           block_size=lim.block_size, max_num_seqs=lim.max_num_seqs,
                           max_num_batched_tokens=lim.max_num_batched_tokens, local_prefill=True,
-                          recent_step_s=recent_step_s, tokens_per_step=tokens_per_step)
+                          recent_step_s=recent_step_s, tokens_per_step=tokens_per_step,
+                          step_slack_s=0.0 if now is None else
+                          tpot_slack(decoding, tpot_slo, now, len(s.loading) + len(s.remote)))
     budget = chunk_budget(state, predictor, tpot_slo)
     return max(1, min(lim.max_num_batched_tokens, len(decoding) + budget))

@@ -123,7 +123,8 @@ class Scheduler:
         """The next step's batch (None: nothing to run). A sequence's first step stamps its
         `scheduled_time` with `now`. `token_budget` (chunked policy): this step's tokens instead
         of the standing max_num_batched_tokens (a decode instance's mixed step sized to the TPOT
-        SLO: backends.core.router.step_budget). `drafts`: proposed tokens by request id, for
+        SLO: backends.core.router.step_budget). A sequence prefilled here gets its
+        `first_token_time` at its first step after that. `drafts`: proposed tokens by request id, for
         decoding sequences to verify this step (see `_attach_drafts`)."""
         budget = token_budget or self.config.max_num_batched_tokens
         if self.config.chunked_prefill:
@@ -139,6 +140,8 @@ class Scheduler:
         for seq in batch.seqs:
             if seq.scheduled_time is None:
                 seq.scheduled_time = now
+            if seq.first_token_time is None and seq.output_ids:
+                seq.first_token_time = now      # its first token came out of the last step
         return batch
 
     def _blocks_needed(self, seq: Sequence, num_tokens: int) -> int:

@@ -38,6 +38,9 @@ class Sequence:
     finish_reason: FinishReason | None = None
     arrival_time: float = 0.0                   # when it reached this engine (the caller's clock)
     scheduled_time: float | None = None         # its first step on this engine (schedule(now))
+    # when its first output token came out: prefilled elsewhere, its arrival here; prefilled
+    # here, the start of the step after (schedule(now)); the clock of its TPOT (router slack)
+    first_token_time: float | None = None
     # prefix cache (prefix_cache.py): the chain hash of each full block of its tokens so far,
     # and the cache's node of each of its leading blocks that are cached (or equal to one)
     block_hashes: list[bytes] = field(default_factory=list)

@@ -16,7 +16,7 @@ One writer (the instance's step thread), many readers, in other processes. The p
 
     offset  type     field
     0       8s       magic b"DSSTATUS"
-    8       u32      version (2)
+    8       u32      version (3)
     12      u32      page size (512)
     16      i64      writer pid
     24      u32      role: 0 both (colocated), 1 prefill, 2 decode
@@ -24,9 +24,9 @@ One writer (the instance's step thread), many readers, in other processes. The p
     32      64s      instance id (ASCII, NUL-padded)
     96      u64      sequence counter (seqlock: odd while a write is in progress; native order)
     104     f64      written_at: time.monotonic() of the last write (CLOCK_MONOTONIC, host-wide)
-    112     19 x 8   the fields of FIELDS, in order (i64, or f64 for the *_s and rate fields)
-    264     u32      CRC-32 of bytes 104..264
-    268     ...      zero up to 512 (room for later fields; a layout change bumps the version)
+    112     20 x 8   the fields of FIELDS, in order (i64, or f64 for the *_s and rate fields)
+    272     u32      CRC-32 of bytes 104..272
+    276     ...      zero up to 512 (room for later fields; a layout change bumps the version)
 
 A write: counter odd, the fields and their CRC, counter even. A reader copies the fields between
 two reads of the counter and keeps the copy only if both reads are equal and even and the CRC
@@ -71,7 +71,7 @@ from backends.core.router import InstanceState
 log = logging.getLogger(__name__)
 
 MAGIC = b"DSSTATUS"
-VERSION = 2
+VERSION = 3
 PAGE_SIZE = 512
 ROLES = ("both", "prefill", "decode")
 STALE_AFTER_S = 5.0          # a page not written for this long is stale (a step this long, too)
@@ -101,7 +101,9 @@ FIELDS: tuple[tuple[str, str], ...] = (
     ("requests_total", "q"),
     ("rejected_total", "q"),
     ("tokens_per_step", "d"),         # decode: tokens a decoding sequence gets per step (EWMA;
-)                                     # 1 without speculation, more with accepted drafts)
+                                      # 1 without speculation, more with accepted drafts)
+    ("tpot_slack_s", "d"),            # decode, adaptive: the running batch's TPOT slack
+)                                     # (backends.core.router.tpot_slack; 0: none)
 FIELD_NAMES = tuple(name for name, _ in FIELDS)
 _INDEX = {name: i + 1 for i, name in enumerate(FIELD_NAMES)}    # 0 is written_at
 _BODY = struct.Struct("<d" + "".join(code for _, code in FIELDS))
@@ -145,6 +147,7 @@ class InstanceStatus:
     requests_total: int
     rejected_total: int
     tokens_per_step: float
+    tpot_slack_s: float
 
 
 def status_path(directory: Path, instance_id: str) -> Path:
@@ -411,4 +414,5 @@ def to_instance_state(status: InstanceStatus,
         max_num_seqs=status.max_num_seqs, max_num_batched_tokens=status.max_num_batched_tokens,
         local_prefill=decode and status.local_prefill,
         recent_step_s=status.step_ewma_s if decode and status.step_ewma_s > 0 else None,
-        tokens_per_step=status.tokens_per_step if decode and status.tokens_per_step >= 1 else 1.0)
+        tokens_per_step=status.tokens_per_step if decode and status.tokens_per_step >= 1 else 1.0,
+        step_slack_s=max(0.0, status.tpot_slack_s) if decode else 0.0)

@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 from backends.core.engine import LLMEngine, StepOutput
 from backends.core.messages import Admitted, DecodeRequest, Failed, GenerateRequest, Message
+from backends.core.router import tpot_slack
 from backends.core.scheduler import Scheduler
 from backends.core.sequence import Sequence, SequenceStatus
 from backends.core.spec_policy import Speculator
@@ -36,14 +37,17 @@ class DecodeWorker(EngineWorker):
     def __init__(self, engine: LLMEngine, importer: KVImporter, instance_id: str = "",
                  clock=time.monotonic, async_copy: bool = True,
                  step_budget: Callable[[Scheduler], int | None] | None = None,
-                 speculator: Speculator | None = None) -> None:
+                 speculator: Speculator | None = None, tpot_slo: float | None = None) -> None:
         """`async_copy=False` copies inside the step instead (every admission stalls the batch:
         the behaviour before asynchronous admission, kept for comparison). `step_budget`: the
         token budget of each mixed step from the scheduler's state (adaptive mode:
         backends.core.router.step_budget with the TPOT SLO), else the standing budget.
-        `speculator`: speculative decoding (the deployment's decode.speculative), else none."""
+        `speculator`: speculative decoding (the deployment's decode.speculative), else none.
+        `tpot_slo` (adaptive mode): its running sequences' TPOT slack goes into `stats()` for
+        the router (backends.core.router.tpot_slack)."""
         super().__init__(engine, instance_id, clock, speculator=speculator)
         self.step_budget = step_budget
+        self.tpot_slo = tpot_slo
         self.num_local = 0                              # prompts taken to prefill here
         self.importer = importer
         self.async_copy = async_copy
@@ -134,7 +138,9 @@ class DecodeWorker(EngineWorker):
         return {**super().stats(), "pending": len(s.remote) + self._inbox.qsize(),
                 "loading": len(s.loading), "local_total": self.num_local,
                 "kv_transfer_bytes": self.kv_bytes,
-                "kv_transfer_seconds": self.kv_seconds}
+                "kv_transfer_seconds": self.kv_seconds,
+                "tpot_slack_s": 0.0 if self.tpot_slo is None else
+                tpot_slack(s.running, self.tpot_slo, self.clock(), len(s.loading) + len(s.remote))}
 
     def close(self) -> None:
         self._copier.shutdown(wait=True)

@@ -150,7 +150,8 @@ class InstanceHost:
                 last_batch_size=s["last_batch_size"], step_ewma_s=self._steps.ewma_s,
                 prefill_rate=float(s.get("prefill_rate") or 0.0),
                 requests_total=s["requests_total"], rejected_total=s["rejected_total"],
-                tokens_per_step=float(s.get("tokens_per_step", 1.0)))
+                tokens_per_step=float(s.get("tokens_per_step", 1.0)),
+                tpot_slack_s=float(s.get("tpot_slack_s", 0.0)))
         except Exception:                       # noqa: BLE001 - never stop the loop for it
             if not self._status_failed:        # the page goes stale; serving goes on
                 self._status_failed = True
@@ -240,7 +241,9 @@ def build_decode_host(deployment: Any, index: int, send: Send,
     instance_id = f"decode-{index}"
     speculator = _speculator(deployment.decode)
     worker = DecodeWorker(engine, make_importer(deployment.kv_transport, engine.kv), instance_id,
-                          step_budget=_step_budget(deployment, speculator), speculator=speculator)
+                          step_budget=_step_budget(deployment, speculator), speculator=speculator,
+                          tpot_slo=deployment.slo_tpot_s if deployment.serving_mode == "adaptive"
+                          else None)
     return InstanceHost(worker, send, is_cancelled, on_step)
 
 
@@ -253,8 +256,8 @@ def _speculator(phase: Any) -> Speculator | None:
 
 def _step_budget(deployment: Any, speculator: Speculator | None = None
                  ) -> Callable[[Any], int | None] | None:
-    """Adaptive mode: each mixed step of a decode instance sized to the TPOT SLO by the router's
-    rule, with the deployment's latency profile and the speculator's measured yield (tokens
+    """Adaptive mode: each mixed step of a decode instance sized to the TPOT SLO and the running
+    sequences' slack by the router's rule, with the deployment's latency profile and the speculator's measured yield (tokens
     per step); without a usable profile, the standing decode.max_num_batched_tokens (logged)."""
     if deployment.serving_mode != "adaptive":
         return None
@@ -268,7 +271,7 @@ def _step_budget(deployment: Any, speculator: Speculator | None = None
         return None
     return lambda scheduler: step_budget(
         scheduler, predictor, deployment.slo_tpot_s,
-        tokens_per_step=speculator.tokens_per_step if speculator else 1.0)
+        tokens_per_step=speculator.tokens_per_step if speculator else 1.0, now=time.monotonic())
 
 
 def build_colocated_host(deployment: Any, index: int, send: Send,
