@@ -125,3 +125,25 @@ def test_the_deployment_predictor_comes_from_this_hosts_profile(tmp_path):
     with pytest.raises(ValueError, match="profiles smollm2.* serves other-model"):
         deployment_predictor(dataclasses.replace(d, model_path="models/other-model.gguf"),
                              "docs/profile_cpu.json")
+
+
+def test_where_prefill_shares_decode_cores_local_placements_come_first(tmp_path):
+    """An idle prefill instance predicts the lowest TTFT (no decode marginal cost), so the
+    router splits; with a decode instance on the prefill instance's cores (adaptive-shared)
+    that split would time-slice those cores with decoding, so a local option meeting both SLOs
+    is taken first, and a prompt no local option can serve in time still splits."""
+    from deploy.deployment import default_deployment
+    from backends.orchestrator.dispatch import adaptive_dispatcher
+    from planner.deployment import serving, with_decode_on_prefill_cores
+    states = {"prefill-0": prefill(0), "decode-0": decode(0, 2, local=True),
+              "decode-1": decode(1, 0, local=True)}
+    kw = dict(mode="adaptive", slo=SLOs(1.0, 0.1), predictor=Linear())
+    assert make(states, **kw).place(300, 16).kind == "split"
+    p = make(states, prefer_local=True, **kw).place(300, 16)
+    assert (p.kind, p.decode) == ("local", "decode-1")
+    assert p.decision["reason"] == "meets both SLOs, local preferred, lowest TTFT"
+    assert make(states, prefer_local=True, **kw).place(20_000, 16).kind == "split"
+    plain = serving(default_deployment(num_cores=2), "adaptive")
+    live = lambda i: True                                               # noqa: E731
+    assert not adaptive_dispatcher(plain, tmp_path, live).prefer_local
+    assert adaptive_dispatcher(with_decode_on_prefill_cores(plain), tmp_path, live).prefer_local

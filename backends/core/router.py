@@ -41,7 +41,10 @@ that) and gives each sequence `tokens_per_step` tokens on average, so its TPOT i
 time divided by that yield (and a mixed step may take up to TPOT SLO x yield).
 
 Rule: among the options meeting both SLOs, the lowest predicted TTFT (the most TTFT margin;
-local's TPOT is held under its SLO by the chunk budget); if none meets both, the least bad:
+local's TPOT is held under its SLO by the chunk budget), or with `prefer_local` the lowest
+local one if any meets both (a deployment whose prefill instance shares its cores with a
+decode instance: a split there runs on cores that also decode, two processes the OS
+time-slices, which no prediction here sees); if none meets both, the least bad:
 lowest max(TTFT / TTFT SLO, TPOT / TPOT SLO). Ties go to the earlier option: every split
 before every local, instances in the order given. KV is never overcommitted: an option needs
 blocks for the prompt free on its prefill instance (split: decode pulls the KV when it has
@@ -259,7 +262,8 @@ def _local(d: InstanceState, prompt_len: int, max_tokens: int, slo: SLO, predict
 
 
 def route(prompt_len: int, max_tokens: int, slo: SLO, prefill_states: Sequence[InstanceState],
-          decode_states: Sequence[InstanceState], predictor: Predictor) -> Decision:
+          decode_states: Sequence[InstanceState], predictor: Predictor,
+          prefer_local: bool = False) -> Decision:
     """Where to run one request of `prompt_len` prompt tokens and up to `max_tokens` outputs."""
     if prompt_len < 1 or max_tokens < 0:
         raise ValueError(f"bad request: prompt_len {prompt_len}, max_tokens {max_tokens}")
@@ -276,6 +280,10 @@ def route(prompt_len: int, max_tokens: int, slo: SLO, prefill_states: Sequence[I
                *(_local(d, prompt_len, max_tokens, slo, predictor) for d in decode_states))
     possible = [o for o in options if o.ttft_s is not None]
     meeting = [o for o in possible if o.meets_slo]
+    local = [o for o in meeting if o.kind == "local"]
+    if prefer_local and local:
+        return Decision(min(local, key=lambda o: o.ttft_s),
+                        "meets both SLOs, local preferred, lowest TTFT", options)
     if meeting:                         # min keeps the first of equals: the tie rule
         return Decision(min(meeting, key=lambda o: o.ttft_s), "meets both SLOs, lowest TTFT", options)
     if possible:

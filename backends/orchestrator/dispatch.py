@@ -70,6 +70,7 @@ class Dispatcher:
     mode: str = "split"
     slo: SLOs = SLOs(4.0, 0.1)
     predictor: Predictor | None = None
+    prefer_local: bool = False                       # adaptive: see router.route
     clock: Callable[[], float] = time.monotonic
     horizon_s: float = 5.0                           # forget placements older than this
     recent: deque = field(default_factory=deque)
@@ -106,7 +107,7 @@ class Dispatcher:
     def _route(self, prompt_len: int, max_tokens: int, prefills, decodes, slo: SLOs) -> Placement:
         decision: Decision = route(prompt_len, max_tokens, slo,
                                    [s for _, s in prefills if s is not None],
-                                   [s for _, s in decodes], self.predictor)
+                                   [s for _, s in decodes], self.predictor, self.prefer_local)
         chosen = decision.chosen
         if chosen is None:
             if not prefills:
@@ -162,7 +163,8 @@ def _load(state: InstanceState | None, phase: str) -> tuple[int, int]:
 def adaptive_dispatcher(deployment: Any, control_dir: Any, live: Callable[[str], bool]) -> Dispatcher:
     """The orchestrator's dispatcher for a deployment served in adaptive mode: the instances'
     status pages (backends/core/status_page.py, in the server's run dir) as their states, the
-    deployment's SLOs, and the latency profile's predictor (without one, it places as split)."""
+    deployment's SLOs, and the latency profile's predictor (without one, it places as split);
+    where a prefill instance's cores are a decode instance's too, local placements first."""
     from backends.core.status_page import StatusReader, status_path, to_instance_state
     from planner.router_latency import deployment_predictor
     from deploy.contract import instance_id
@@ -185,5 +187,8 @@ def adaptive_dispatcher(deployment: Any, control_dir: Any, live: Callable[[str],
         logging.getLogger(__name__).warning("adaptive mode without a latency model (%s): "
                                             "every request is placed as split", e)
         predictor = None
+    shared = deployment.prefill.device == deployment.decode.device and \
+        bool(deployment.prefill.all_devices() & deployment.decode.all_devices())
     return Dispatcher(prefill_ids, decode_ids, states, live, mode="adaptive",
-                      slo=SLOs(deployment.slo_ttft_s, deployment.slo_tpot_s), predictor=predictor)
+                      slo=SLOs(deployment.slo_ttft_s, deployment.slo_tpot_s), predictor=predictor,
+                      prefer_local=shared)
