@@ -147,3 +147,10 @@ def test_where_prefill_shares_decode_cores_local_placements_come_first(tmp_path)
     live = lambda i: True                                               # noqa: E731
     assert not adaptive_dispatcher(plain, tmp_path, live).prefer_local
     assert adaptive_dispatcher(with_decode_on_prefill_cores(plain), tmp_path, live).prefer_local
+    # prefix caching on (the default): the dispatcher guesses where prompts are cached
+    import dataclasses
+    assert adaptive_dispatcher(plain, tmp_path, live).affinity.capacity == {
+        "prefill-0": plain.prefill.num_kv_blocks, "decode-0": plain.decode.num_kv_blocks}
+    off = dataclasses.replace(plain, prefill=dataclasses.replace(plain.prefill, prefix_caching=False),
+                              decode=dataclasses.replace(plain.decode, prefix_caching=False))
+    assert adaptive_dispatcher(off, tmp_path, live).affinity is None

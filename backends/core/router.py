@@ -34,6 +34,12 @@ it into many small ones. A sequence waiting to join (its KV on the way) has bank
 while one is there, steps keep the per-step bound. One that arrives during a long step waits
 for it, as behind any mixed step.
 
+With `hits` (instance -> prompt tokens its prefix cache likely holds: the orchestrator's
+backends.core.cache_affinity guess), an option prefills only the rest of the prompt there,
+so a conversation's next turn goes where its history is cached unless that instance is
+loaded enough to lose the advantage. (KV is still counted for the whole prompt: a hit shares
+blocks that may be evicted by the time the prompt runs.)
+
 A decode instance's measured `recent_step_s`, when published, stands in for the predicted time
 of its current batch: every prediction there is shifted by (measured - predicted). With
 speculative decoding a step verifies drafts: it costs more (the measured step time carries
@@ -54,7 +60,7 @@ max_tokens on its decode instance (local); with neither, "wait".
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
-from typing import Literal, Protocol, Sequence
+from typing import Literal, Mapping, Protocol, Sequence
 
 
 class Predictor(Protocol):
@@ -218,8 +224,12 @@ def _join_tpot(d: InstanceState, prompt_len: int, predictor: Predictor) -> float
     return (step + _shift(d, predictor)) / d.tokens_per_step
 
 
+def _cached(hit: int) -> str:
+    return f"; {hit} prompt tokens cached" if hit else ""
+
+
 def _split(p: InstanceState, target: tuple[InstanceState, float] | None, prompt_len: int,
-           slo: SLO, predictor: Predictor) -> Option:
+           slo: SLO, predictor: Predictor, hit: int = 0) -> Option:
     if target is None:
         return Option("split", p.instance, None, reason="no decode instance")
     if not p.has_kv_for(prompt_len):
@@ -228,13 +238,14 @@ def _split(p: InstanceState, target: tuple[InstanceState, float] | None, prompt_
     share, extra = divmod(tokens, n)
     wait = predictor.prefill_time([share + 1] * extra + [share] * (n - extra)) if tokens else 0.0
     d, tpot = target
-    ttft = wait + predictor.prefill_time([prompt_len])
+    ttft = wait + predictor.prefill_time([prompt_len - hit])
     return _judged(Option("split", p.instance, d.instance, 0, ttft, tpot), slo,
                    f"prefill behind {tokens} queued tokens, decode on {d.instance} "
-                   f"({d.num_running} running)")
+                   f"({d.num_running} running){_cached(hit)}")
 
 
-def _local(d: InstanceState, prompt_len: int, max_tokens: int, slo: SLO, predictor: Predictor) -> Option:
+def _local(d: InstanceState, prompt_len: int, max_tokens: int, slo: SLO, predictor: Predictor,
+           hit: int = 0) -> Option:
     def impossible(reason: str) -> Option:
         return Option("local", None, d.instance, reason=reason)
     if not d.local_prefill:
@@ -245,7 +256,7 @@ def _local(d: InstanceState, prompt_len: int, max_tokens: int, slo: SLO, predict
         return impossible("decode batch full")
     first = chunk_budget(d, predictor, slo.tpot)            # spends the running batch's slack
     budget = chunk_budget(d, predictor, slo.tpot, slack=False) if d.step_slack_s else first
-    tokens = d.queued_tokens + prompt_len
+    tokens = d.queued_tokens + prompt_len - hit
     if first == 0 or (budget == 0 and tokens > first):
         return impossible("running batch at its TPOT limit")
     shift, n, ctx = _shift(d, predictor), d.num_running, d.running_context
@@ -258,15 +269,19 @@ def _local(d: InstanceState, prompt_len: int, max_tokens: int, slo: SLO, predict
     tpot = max(min(step, ttft) / d.tokens_per_step, _join_tpot(d, prompt_len, predictor))
     return _judged(Option("local", None, d.instance, budget, ttft, tpot), slo,
                    f"{1 + full + (rest > 0)} mixed steps of <= {max(first, budget)} tokens "
-                   f"beside {n} running (slack {d.step_slack_s * 1e3:.0f} ms)")
+                   f"beside {n} running (slack {d.step_slack_s * 1e3:.0f} ms){_cached(hit)}")
 
 
 def route(prompt_len: int, max_tokens: int, slo: SLO, prefill_states: Sequence[InstanceState],
           decode_states: Sequence[InstanceState], predictor: Predictor,
-          prefer_local: bool = False) -> Decision:
-    """Where to run one request of `prompt_len` prompt tokens and up to `max_tokens` outputs."""
+          prefer_local: bool = False, hits: Mapping[str, int] | None = None) -> Decision:
+    """Where to run one request of `prompt_len` prompt tokens and up to `max_tokens` outputs;
+    `hits`: prompt tokens each instance's prefix cache likely holds (none: no cache)."""
     if prompt_len < 1 or max_tokens < 0:
         raise ValueError(f"bad request: prompt_len {prompt_len}, max_tokens {max_tokens}")
+    hits = hits or {}
+    if any(not 0 <= n < prompt_len for n in hits.values()):
+        raise ValueError(f"cached tokens must be in [0, {prompt_len}), got {dict(hits)}")
     for states, phase in ((prefill_states, "prefill"), (decode_states, "decode")):
         if any(s.phase != phase for s in states):
             raise ValueError(f"{phase}_states holds an instance of another phase")
@@ -276,8 +291,10 @@ def route(prompt_len: int, max_tokens: int, slo: SLO, prefill_states: Sequence[I
     joins = [(d, _join_tpot(d, prompt_len, predictor)) for d in decode_states]
     roomy = [j for j in joins if j[0].has_kv_for(prompt_len + max_tokens)]
     target = min(roomy or joins, key=lambda j: j[1], default=None)
-    options = (*(_split(p, target, prompt_len, slo, predictor) for p in prefill_states),
-               *(_local(d, prompt_len, max_tokens, slo, predictor) for d in decode_states))
+    options = (*(_split(p, target, prompt_len, slo, predictor, hits.get(p.instance, 0))
+                 for p in prefill_states),
+               *(_local(d, prompt_len, max_tokens, slo, predictor, hits.get(d.instance, 0))
+                 for d in decode_states))
     possible = [o for o in options if o.ttft_s is not None]
     meeting = [o for o in possible if o.meets_slo]
     local = [o for o in meeting if o.kind == "local"]

@@ -4,6 +4,7 @@
                             slo=SLOs(4.0, 0.1), predictor=predictor)
     placement = dispatcher.place(prompt_len, max_tokens)   # Placement, or NoInstance
     placement = dispatcher.place(prompt_len, max_tokens, dispatcher.slos(ttft=0.5))  # its own SLO
+    placement = dispatcher.place(len(ids), max_tokens, prompt_ids=ids)    # cache-aware (adaptive)
     ... send to placement.prefill / placement.decode ...
 
 `states(instance_id)` returns what the instance last published (`router.InstanceState` and the
@@ -17,7 +18,9 @@ Modes: "split" (DistServe: prefill instance, then decode instance; each the leas
 has room), "adaptive" (backends/core/router.route decides split or local prefill on a decode
 instance, from the instances' states and the latency model, against the SLOs). Without a
 predictor (no latency profile for this model and host) adaptive falls back to split. Pure
-policy: no Triton, the clock injected.
+policy: no Triton, the clock injected. With an `affinity` (backends.core.cache_affinity: the
+instances' prefix caches, guessed from what was placed where) and the prompt's ids, adaptive
+mode predicts each option with the prompt tokens its instance likely has cached.
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
+from backends.core.cache_affinity import CacheAffinity
 from backends.core.router import Decision, InstanceState, Predictor, route
 from backends.core.routing import least_loaded
 
@@ -71,6 +75,7 @@ class Dispatcher:
     slo: SLOs = SLOs(4.0, 0.1)
     predictor: Predictor | None = None
     prefer_local: bool = False                       # adaptive: see router.route
+    affinity: CacheAffinity | None = None            # adaptive: where prompts' prefixes are cached
     clock: Callable[[], float] = time.monotonic
     horizon_s: float = 5.0                           # forget placements older than this
     recent: deque = field(default_factory=deque)
@@ -83,18 +88,28 @@ class Dispatcher:
         """A request's SLOs: those it gives, the deployment's for the rest."""
         return SLOs(self.slo.ttft if ttft is None else ttft, self.slo.tpot if tpot is None else tpot)
 
-    def place(self, prompt_len: int, max_tokens: int, slo: SLOs | None = None) -> Placement:
-        """Where one request runs; `slo`: its own SLOs (default: the deployment's)."""
+    def place(self, prompt_len: int, max_tokens: int, slo: SLOs | None = None,
+              prompt_ids: list[int] | None = None) -> Placement:
+        """Where one request runs; `slo`: its own SLOs (default: the deployment's);
+        `prompt_ids` (len prompt_len): for the cache affinity."""
         now = self.clock()
         while self.recent and now - self.recent[0].at > self.horizon_s:
             self.recent.popleft()
         prefills = self._live("prefill", self.prefill_ids, now)
         decodes = self._live("decode", self.decode_ids, now)
+        hashes, hits = [], {}
+        if self.affinity is not None and prompt_ids:
+            hashes = self.affinity.hashes(prompt_ids)
+            hits = self.affinity.hits(hashes, prompt_len)
         if self.mode == "adaptive" and self.predictor is not None and all(s for _, s in decodes):
-            placement = self._route(prompt_len, max_tokens, prefills, decodes, slo or self.slo)
+            placement = self._route(prompt_len, max_tokens, prefills, decodes, slo or self.slo, hits)
         else:
             placement = self._split(prefills, decodes)
-        self._remember(placement, prompt_len, now)
+        computes = placement.prefill or placement.decode          # where the prompt is prefilled
+        self._remember(placement, prompt_len - hits.get(computes, 0), prompt_len, now)
+        if hashes:
+            for instance in {placement.prefill, placement.decode} - {None}:
+                self.affinity.placed(instance, hashes)
         return placement
 
     # -- the two policies ---------------------------------------------------------------------
@@ -104,10 +119,11 @@ class Dispatcher:
         p = least_loaded(prefills, lambda x: _load(x[1], "prefill"))[0]
         return Placement("split", least_loaded(decodes, lambda x: _load(x[1], "decode"))[0], p)
 
-    def _route(self, prompt_len: int, max_tokens: int, prefills, decodes, slo: SLOs) -> Placement:
+    def _route(self, prompt_len: int, max_tokens: int, prefills, decodes, slo: SLOs,
+               hits: dict[str, int]) -> Placement:
         decision: Decision = route(prompt_len, max_tokens, slo,
                                    [s for _, s in prefills if s is not None],
-                                   [s for _, s in decodes], self.predictor, self.prefer_local)
+                                   [s for _, s in decodes], self.predictor, self.prefer_local, hits)
         chosen = decision.chosen
         if chosen is None:
             if not prefills:
@@ -144,11 +160,11 @@ class Dispatcher:
                        running_context=state.running_context + sum(s.context for s in sent),
                        free_kv_blocks=max(0, state.free_kv_blocks - blocks))
 
-    def _remember(self, placement: Placement, prompt_len: int, now: float) -> None:
+    def _remember(self, placement: Placement, to_prefill: int, prompt_len: int, now: float) -> None:
         if placement.prefill is not None:
-            self.recent.append(_Sent(now, placement.prefill, prompt_len, 0, 0))
+            self.recent.append(_Sent(now, placement.prefill, to_prefill, 0, 0))
         local = placement.kind == "local"
-        self.recent.append(_Sent(now, placement.decode, prompt_len if local else 0, 1, prompt_len))
+        self.recent.append(_Sent(now, placement.decode, to_prefill if local else 0, 1, prompt_len))
 
 
 def _load(state: InstanceState | None, phase: str) -> tuple[int, int]:
@@ -164,7 +180,8 @@ def adaptive_dispatcher(deployment: Any, control_dir: Any, live: Callable[[str],
     """The orchestrator's dispatcher for a deployment served in adaptive mode: the instances'
     status pages (backends/core/status_page.py, in the server's run dir) as their states, the
     deployment's SLOs, and the latency profile's predictor (without one, it places as split);
-    where a prefill instance's cores are a decode instance's too, local placements first."""
+    where a prefill instance's cores are a decode instance's too, local placements first; with
+    prefix caching, the cache affinity of the instances that cache."""
     from backends.core.status_page import StatusReader, status_path, to_instance_state
     from planner.router_latency import deployment_predictor
     from deploy.contract import instance_id
@@ -189,6 +206,10 @@ def adaptive_dispatcher(deployment: Any, control_dir: Any, live: Callable[[str],
         predictor = None
     shared = deployment.prefill.device == deployment.decode.device and \
         bool(deployment.prefill.all_devices() & deployment.decode.all_devices())
+    capacity = {i: phase.num_kv_blocks
+                for ids, phase in ((prefill_ids, deployment.prefill), (decode_ids, deployment.decode))
+                if phase.prefix_caching for i in ids}
     return Dispatcher(prefill_ids, decode_ids, states, live, mode="adaptive",
                       slo=SLOs(deployment.slo_ttft_s, deployment.slo_tpot_s), predictor=predictor,
-                      prefer_local=shared)
+                      prefer_local=shared,
+                      affinity=CacheAffinity(deployment.block_size, capacity) if capacity else None)

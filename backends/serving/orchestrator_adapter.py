@@ -186,7 +186,8 @@ class OrchestratorModel:
             raise RuntimeError(f"no decode instance can serve: {down}")
         if self.dispatcher is not None:          # adaptive: the router decides
             placement = self.dispatcher.place(len(gen.prompt_ids), gen.params.max_tokens,
-                                              self.dispatcher.slos(gen.slo_ttft_s, gen.slo_tpot_s))
+                                              self.dispatcher.slos(gen.slo_ttft_s, gen.slo_tpot_s),
+                                              gen.prompt_ids)
             gen = dataclasses.replace(gen, route=placement.decision)
             if placement.kind == "local":        # prefilled in chunks in its decode steps
                 return self.orch.run_colocated(gen, self._stream_from("decode", placement.decode),
