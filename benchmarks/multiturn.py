@@ -1,12 +1,15 @@
 """Multi-turn chat, closed loop (client.bench.sessions), side by side in one run: our default
-deployment with the prefix cache on and off, and vLLM-CPU with its prefix caching on, on the
-same two cores, the same sessions, think times and SLOs.
+deployment with the prefix cache on and off, our adaptive deployments, and vLLM-CPU with its
+prefix caching on, on the same two cores, the same sessions, think times and SLOs.
 
     python -m benchmarks.multiturn [--users 2,4,8] [--sessions 8] [--slo-ttft 3.92 --slo-tpot 0.082]
-        [--systems ours-cache,ours-nocache,vllm] [--out docs/multiturn]
+        [--systems ours-cache,ours-nocache,ours-adaptive,ours-shared,vllm] [--out docs/multiturn]
 
 Ours: `./build.sh serve`'s deployment (1 prefill core + 1 decode core), reached over Triton
-gRPC. vLLM-CPU: benchmarks.peers.vllm_server (its OpenAI server, pinned to both cores, the same
+gRPC; ours-adaptive serves it in adaptive mode (the router sends prompts to prefill or
+prefills them in the decode instance's steps, by the SLOs given here), ours-shared adds a
+decode instance on the prefill core (planner.deployment.with_decode_on_prefill_cores), so
+both cores decode and a conversation's turns follow its cached history (cache affinity). vLLM-CPU: benchmarks.peers.vllm_server (its OpenAI server, pinned to both cores, the same
 model as dense bf16), reached over /v1/completions; installed on demand by
 `python -m benchmarks.peers.install vllm` (never in CI). Each system sweeps the same user counts
 with the same seeded think times; the goodput is the best SLO-meeting throughput among the
@@ -22,7 +25,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-SYSTEMS = ("ours-cache", "ours-nocache", "vllm")
+SYSTEMS = ("ours-cache", "ours-nocache", "ours-adaptive", "ours-shared", "vllm")
 
 
 def sweep(endpoint: str, url: str, model: str, sessions, users: list[int], think: float, slo) -> dict:
@@ -32,21 +35,44 @@ def sweep(endpoint: str, url: str, model: str, sessions, users: list[int], think
     return {"points": points, "goodput_rps": sweep_goodput(points)}
 
 
-def run_ours(cache: bool, sessions, users, think, slo) -> dict:
-    from backends.core.control import send
+def deployment(system: str, slo):
+    """Our deployment for `system` (see the module's docstring)."""
+    import dataclasses
     from client.bench.compare import without_prefix_caching
     from deploy.deployment import default_deployment
+    from planner.deployment import serving, with_decode_on_prefill_cores
+    dep = default_deployment()
+    if system == "ours-nocache":
+        return without_prefix_caching(dep)
+    if system in ("ours-adaptive", "ours-shared"):
+        dep = serving(dataclasses.replace(dep, slo_ttft_s=slo.ttft_s, slo_tpot_s=slo.tpot_s),
+                      "adaptive")
+        return with_decode_on_prefill_cores(dep) if system == "ours-shared" else dep
+    if system != "ours-cache":
+        raise ValueError(f"unknown system {system!r}; one of {SYSTEMS}")
+    return dep
+
+
+def run_ours(system: str, sessions, users, think, slo) -> dict:
+    from backends.core.control import send
+    from deploy.contract import instance_id
     from deploy.render import render_repository
     from deploy.server import TritonServer, free_ports
-    dep = default_deployment() if cache else without_prefix_caching(default_deployment())
+    dep = deployment(system, slo)
     work = Path(tempfile.mkdtemp(prefix="multiturn-"))
     repo = render_repository(dep, work / "model_repository", require_code=True)
     http_port, grpc_port, metrics_port = free_ports(3)
     with TritonServer(repo, run_dir=work / "run", http_port=http_port, grpc_port=grpc_port,
                       metrics_port=metrics_port) as server:
         out = sweep("triton-grpc", server.grpc_url, "distserve", sessions, users, think, slo)
-        stats = send(server.control_dir / str(server.process.pid) / "prefill-0.sock", {"op": "stats"})
-    out["prefill_stats"] = {k: v for k, v in stats.items() if k.startswith(("prefix_", "kv_blocks"))}
+        instances = [instance_id(name, i) for name, phase in (("prefill", dep.prefill),
+                                                              ("decode", dep.decode))
+                     for i in range(phase.num_instances)]
+        stats = {i: send(server.control_dir / str(server.process.pid) / f"{i}.sock", {"op": "stats"})
+                 for i in instances}
+    out["instance_stats"] = {i: {k: v for k, v in s.items()
+                                 if k.startswith(("prefix_", "kv_blocks", "local_total"))}
+                             for i, s in stats.items()}
     return out
 
 
@@ -87,7 +113,7 @@ def main() -> None:
         if system == "vllm":
             results[system] = run_vllm(sessions, users, args.think, slo)
         else:
-            results[system] = run_ours(system == "ours-cache", sessions, users, args.think, slo)
+            results[system] = run_ours(system, sessions, users, args.think, slo)
     meta = {"command": "python -m benchmarks.multiturn " + " ".join(sys.argv[1:]),
             "sessions": args.sessions, "turns": sum(len(s) for s in sessions), "users": users,
             "think_s": args.think, "slo": {"ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s},
@@ -115,12 +141,14 @@ def write_md(path: Path, meta: dict, results: dict) -> None:
                          f"{later if later is None else round(later, 3)} |")
     lines += ["", "| system | goodput (rps) |", "|---|---|"]
     lines += [f"| {name} | **{r['goodput_rps']:.3f}** |" for name, r in results.items()]
-    if "ours-cache" in results and "vllm" in results and results["vllm"]["goodput_rps"]:
-        lines += ["", f"ours (cache on) / vLLM-CPU: "
-                      f"{results['ours-cache']['goodput_rps'] / results['vllm']['goodput_rps']:.2f}x"]
-    if "ours-cache" in results:
-        lines += ["", f"Our prefill instance's prefix-cache counters (cache on): "
-                      f"{results['ours-cache'].get('prefill_stats')}"]
+    vllm = results.get("vllm", {}).get("goodput_rps")
+    for name, r in results.items():
+        if name != "vllm" and vllm:
+            lines += ["", f"{name} / vLLM-CPU: {r['goodput_rps'] / vllm:.2f}x"]
+    for name, r in results.items():
+        if r.get("instance_stats"):
+            lines += ["", f"{name}, each instance's prefix-cache counters (and prompts it "
+                          f"prefilled locally): {r['instance_stats']}"]
     path.write_text("\n".join(lines) + "\n")
 
 
