@@ -128,8 +128,11 @@ class KVImporter(ABC):
     kind: ClassVar[str]
 
     @abstractmethod
-    def fetch(self, desc: KVDescriptor, dst_block_ids: Sequence[int]) -> TransferStats:
+    def fetch(self, desc: KVDescriptor, dst_block_ids: Sequence[int], skip_blocks: int = 0
+              ) -> TransferStats:
         """Copy the descriptor's blocks into `dst_block_ids` of our pool, then release the lease.
+        `skip_blocks`: the first blocks are not copied (we hold their K/V already: a prefix
+        cache hit), so `dst_block_ids` takes the rest; the lease covers them all either way.
 
         Raises: LeaseError (nothing read) if the lease is not granted on every block,
             TransferAborted if it was reclaimed mid-copy (dst blocks hold garbage: free them),
@@ -166,19 +169,23 @@ class LeaseCheckedImporter(KVImporter):
         return self._sources.get(desc)
 
     @abstractmethod
-    def _copy(self, src: Any, desc: KVDescriptor, dst_ids: tuple[int, ...]) -> None:
-        """Copy the descriptor's blocks from `src` into `dst_ids` of our pool."""
+    def _copy(self, src: Any, desc: KVDescriptor, src_ids: tuple[int, ...],
+              dst_ids: tuple[int, ...]) -> None:
+        """Copy blocks `src_ids` (the descriptor's, or its tail) from `src` into `dst_ids` of
+        our pool."""
 
-    def fetch(self, desc: KVDescriptor, dst_block_ids: Sequence[int]) -> TransferStats:
+    def fetch(self, desc: KVDescriptor, dst_block_ids: Sequence[int], skip_blocks: int = 0
+              ) -> TransferStats:
         start = time.perf_counter()
-        dst_ids = check_destination(desc, self.dst_pool.layout, dst_block_ids)
+        dst_ids = check_destination(desc, self.dst_pool.layout, dst_block_ids, skip_blocks)
+        src_ids = desc.block_ids[skip_blocks:]
         with self._sources.lock:
             src = self._source(desc)
             check_granted(src.segment.table, desc)
-            self._copy(src, desc, dst_ids)
+            self._copy(src, desc, src_ids, dst_ids)
             check_still_granted(src.segment.table, desc)
             mark_released(src.segment.table, desc)
-        return TransferStats(desc.num_bytes, time.perf_counter() - start)
+        return TransferStats(len(src_ids) * desc.layout.block_nbytes, time.perf_counter() - start)
 
     def release(self, desc: KVDescriptor) -> None:
         with self._sources.lock:
@@ -191,8 +198,10 @@ class LeaseCheckedImporter(KVImporter):
         return self._sources.prune()
 
 
-def check_destination(desc: KVDescriptor, dst: KVLayout, dst_block_ids: Sequence[int]) -> tuple[int, ...]:
-    """The destination blocks can take the descriptor's blocks. ValueError otherwise."""
+def check_destination(desc: KVDescriptor, dst: KVLayout, dst_block_ids: Sequence[int],
+                      skip_blocks: int = 0) -> tuple[int, ...]:
+    """The destination blocks can take the descriptor's blocks past the first `skip_blocks`.
+    ValueError otherwise."""
     if desc.layout.dtype != dst.dtype:
         raise ValueError(f"KV dtype mismatch: the prefill pool {desc.pool_name} holds "
                          f"{desc.layout.dtype} KV, this decode pool holds {dst.dtype}; prefill "
@@ -200,9 +209,14 @@ def check_destination(desc: KVDescriptor, dst: KVLayout, dst_block_ids: Sequence
     if not same_block_format(desc.layout, dst):
         raise ValueError(f"descriptor layout {desc.layout} is not block-compatible with the "
                          f"decode pool {dst} (different model, block size or dtype)")
+    if isinstance(skip_blocks, bool) or not isinstance(skip_blocks, int) or \
+            not 0 <= skip_blocks <= len(desc.block_ids):
+        raise ValueError(f"skip_blocks must be an int in [0, {len(desc.block_ids)}], got {skip_blocks!r}")
     ids = tuple(dst_block_ids)
-    if len(ids) != len(desc.block_ids):
-        raise ValueError(f"{len(desc.block_ids)} source blocks but {len(ids)} destination blocks")
+    if len(ids) != len(desc.block_ids) - skip_blocks:
+        raise ValueError(f"{len(desc.block_ids) - skip_blocks} source blocks to copy "
+                         f"({len(desc.block_ids)} less {skip_blocks} held already) but "
+                         f"{len(ids)} destination blocks")
     if not all(isinstance(b, int) and not isinstance(b, bool) and 0 <= b < dst.num_blocks for b in ids):
         raise ValueError(f"destination block ids must be ints in [0, {dst.num_blocks})")
     if len(set(ids)) != len(ids):

@@ -232,9 +232,10 @@ class CudaIpcKVImporter(LeaseCheckedImporter):
         self._sources: SourceCache[_IpcSource] = SourceCache(
             self.kind, lambda desc: _IpcSource(cudart, desc), max_attached)
 
-    def _copy(self, src: _IpcSource, desc: KVDescriptor, dst_ids: tuple[int, ...]) -> None:
+    def _copy(self, src: _IpcSource, desc: KVDescriptor, src_ids: tuple[int, ...],
+              dst_ids: tuple[int, ...]) -> None:
         copy_device_blocks(self._cudart, self._stream, src, self.dst_pool.data.data_ptr(),
-                           desc.layout.block_nbytes, desc.block_ids, dst_ids)
+                           desc.layout.block_nbytes, src_ids, dst_ids)
 
     def _source(self, desc: KVDescriptor) -> _IpcSource:
         check(self._cudart.cudaSetDevice(self.device), f"cudaSetDevice({self.device})")

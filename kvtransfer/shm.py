@@ -86,8 +86,9 @@ class ShmKVImporter(LeaseCheckedImporter):
         self._dst_blocks = block_bytes(dst_pool.data)
         self._sources: SourceCache[_Source] = SourceCache(self.kind, _attach, max_attached)
 
-    def _copy(self, src: _Source, desc: KVDescriptor, dst_ids: tuple[int, ...]) -> None:
-        copy_blocks(src.blocks, self._dst_blocks, desc.block_ids, dst_ids)
+    def _copy(self, src: _Source, desc: KVDescriptor, src_ids: tuple[int, ...],
+              dst_ids: tuple[int, ...]) -> None:
+        copy_blocks(src.blocks, self._dst_blocks, src_ids, dst_ids)
 
     def close(self) -> None:
         self._sources.close()

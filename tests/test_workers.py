@@ -218,10 +218,10 @@ class GatedImporter:
     def __init__(self, inner) -> None:
         self.inner, self.gate, self.started = inner, threading.Event(), threading.Event()
 
-    def fetch(self, desc, dst):
+    def fetch(self, desc, dst, skip_blocks=0):
         self.started.set()
         assert self.gate.wait(10)
-        return self.inner.fetch(desc, dst)
+        return self.inner.fetch(desc, dst, skip_blocks)
 
     def release(self, desc):
         self.inner.release(desc)

@@ -348,15 +348,22 @@ class Scheduler:
     def admit_remote(self) -> list[Sequence]:
         """Admission policy for remote KV: FIFO, while the head's prompt blocks are free and the
         batch has a slot (sequences still loading count). Blocks are allocated; the caller
-        copies each returned sequence's KV into `seq.block_ids`, then calls `kv_arrived`."""
+        copies each returned sequence's KV into `seq.block_ids`, then calls `kv_arrived`. With
+        a prefix cache, the prompt's leading full blocks found in it are shared instead and
+        `seq.num_cached` counts their tokens: the caller copies only the blocks past those
+        (`seq.block_ids[seq.num_cached // block_size:]`; the partial pull)."""
         admitted = []
         while self.remote and len(self.running) + len(self.loading) < self.config.max_num_seqs:
             seq = self.remote[0]
-            need = self.config.blocks_for(seq.num_prompt_tokens)
-            if not self.blocks.can_allocate(need):
+            hit = self._cached_prefix(seq)          # full prompt blocks (the first token is known)
+            need = self.config.blocks_for(seq.num_prompt_tokens) - len(hit)
+            if not self.blocks.can_allocate(need, hit):
                 break
             self.remote.popleft()
-            seq.block_ids = self.blocks.allocate(need)
+            if self.blocks.cache is not None:
+                self.blocks.cache.stats.record(seq.num_prompt_tokens, len(hit) * self.config.block_size)
+            seq.block_ids = self.blocks.share(hit) + self.blocks.allocate(need)
+            seq.num_cached = len(hit) * self.config.block_size
             self.loading.append(seq)
             admitted.append(seq)
         return admitted

@@ -5,8 +5,9 @@ budget (adaptive disaggregation: the router sends a prompt here when that keeps 
 
 Lifecycle (backends/core/worker.py): accepted -> WAITING_FOR_KV in the scheduler's remote
 queue (FIFO; its KV still sits in the prefill instance's pool, which is the queue buffer) ->
-admitted by the scheduler when blocks and a batch slot are free -> its KV is copied in by the
-copy thread (the importer validates the descriptor and releases the lease; on GPU the copy runs
+admitted by the scheduler when blocks and a batch slot are free (with a prefix cache, the
+prompt's leading blocks it holds already are shared, e.g. the conversation's previous turn
+decoded here) -> the rest of its KV is copied in by the copy thread (the importer validates the descriptor and releases the lease; on GPU the copy runs
 on the importer's own stream), while the running batch keeps stepping -> at the next step
 boundary after the copy it joins the batch (`Admitted`) -> one token per step (with a
 speculator, a verified draft per step: 1..k+1 tokens) -> finished,
@@ -79,7 +80,9 @@ class DecodeWorker(EngineWorker):
         out = self._collect()
         for seq in self.engine.admit_remote():
             entry = self.requests[seq.req_id]
-            future = self._copier.submit(self.importer.fetch, entry.req.kv, list(seq.block_ids))
+            held = seq.num_cached // self.engine.config.limits.block_size   # cached here: not pulled
+            future = self._copier.submit(self.importer.fetch, entry.req.kv, list(seq.block_ids[held:]),
+                                         held)
             self._copies[future] = (entry, False)
         if not self.async_copy and self._copies:
             cf.wait(list(self._copies))
