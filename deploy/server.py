@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ctypes
 import http.client
+import logging
 import os
 import re
 import secrets
@@ -37,14 +38,17 @@ from pathlib import Path
 
 from deploy.process_group import alive, group_members, reap, signal_group
 from deploy.render import FRONT_ENDS
-from deploy.server_setup import (ROOT, SHARED_WEIGHTS_ENV, SHM_MIN_FREE_BYTES, ServerError,
-                                 check_ports_free, prepare_backend_dir, server_env,
-                                 shared_weights_parent, triton_dist_dir)
+from deploy.server_setup import (CONTROL_DIR_PREFIX, ROOT, SHARED_WEIGHTS_ENV, SHM_MIN_FREE_BYTES,
+                                 WEIGHTS_DIR_PREFIX, ServerError, check_ports_free,
+                                 make_private_dir, prepare_backend_dir, server_env,
+                                 shared_weights_parent, sweep_orphans, triton_dist_dir)
 from deploy.server_setup import free_ports, make_shared_weights_dir  # noqa: F401 (re-export)
 from deploy.shm_space import (SHM_DIR, WEIGHTS_ITEM, check_shm_space, checkpoint_nbytes,
                               read_model_config, repository_deployment, shm_free_bytes, shm_need,
                               stub_shm_bytes)
 from deploy.supervisor import Supervisor, reload_model, requests_in_flight
+
+log = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1
 _ERROR_LINE = re.compile(r"^E\d{4} ")
@@ -149,6 +153,10 @@ class TritonServer:
         if not self.model_repository.is_dir():
             raise ServerError(f"model repository {self.model_repository} does not exist")
         check_ports_free(self.host, [self.http_port, self.grpc_port, self.metrics_port])
+        for parent, prefix in ((SHM_DIR, WEIGHTS_DIR_PREFIX), (tempfile.gettempdir(), WEIGHTS_DIR_PREFIX),
+                               (tempfile.gettempdir(), CONTROL_DIR_PREFIX)):
+            for path in sweep_orphans(parent, prefix):       # an earlier launcher killed
+                log.warning("removed %s, left by a server launcher that is gone", path)
         weights_parent = self._check_shm()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         backend_dir = prepare_backend_dir(self.run_dir / "backends")
@@ -192,12 +200,11 @@ class TritonServer:
         env = {"DISTSERVE_SHM_PREFIX": self.shm_prefix,
                "DISTSERVE_SERVER_URL": self.http_url}         # for the orchestrator's reloads
         if self._unset("DISTSERVE_RUN_DIR"):
-            self.control_dir = Path(tempfile.mkdtemp(prefix="distserve-ctl-"))
+            self.control_dir = make_private_dir(CONTROL_DIR_PREFIX)
             env["DISTSERVE_RUN_DIR"] = str(self.control_dir)
             env["DISTSERVE_SEGMENT_LOG"] = str(self.control_dir / "kv-segments")
         if self.share_weights and self._unset(SHARED_WEIGHTS_ENV):
-            self.shared_weights_dir = Path(tempfile.mkdtemp(prefix="distserve-weights-",
-                                                            dir=weights_parent))
+            self.shared_weights_dir = make_private_dir(WEIGHTS_DIR_PREFIX, weights_parent)
             env[SHARED_WEIGHTS_ENV] = str(self.shared_weights_dir)
         return env
 

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
 import socket
+import stat
 import sys
 import sysconfig
 import tempfile
@@ -120,6 +122,51 @@ def shared_weights_parent(min_free_bytes: int = SHM_MIN_FREE_BYTES) -> str:
     return tempfile.gettempdir()
 
 
+WEIGHTS_DIR_PREFIX = "distserve-weights-"
+CONTROL_DIR_PREFIX = "distserve-ctl-"
+
+
+def make_private_dir(prefix: str, parent: str | None = None) -> Path:
+    """A fresh private (0700) directory `<parent>/<prefix><our pid>-<random>`: the pid lets a
+    later run tell a directory whose creator died without removing it (`sweep_orphans`)."""
+    return Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=parent))
+
+
 def make_shared_weights_dir() -> Path:
     """A fresh private (0700) directory for one server run's shared weights."""
-    return Path(tempfile.mkdtemp(prefix="distserve-weights-", dir=shared_weights_parent()))
+    return make_private_dir(WEIGHTS_DIR_PREFIX, shared_weights_parent())
+
+
+def _pid_gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False                    # someone's process: alive
+    return False
+
+
+def sweep_orphans(parent: str | Path, prefix: str) -> list[Path]:
+    """Remove `<parent>/<prefix><pid>-*` directories of ours whose creating process is gone:
+    a server's launcher killed by a signal never ran stop(), and its tritonserver (which dies
+    with it) does not know these (e.g. 160 MiB of shared weights left in /dev/shm). Only real
+    directories owned by this uid are touched; a pid that is alive (or reused) keeps its own."""
+    removed = []
+    pattern = re.compile(re.escape(prefix) + r"(\d{1,10})-[A-Za-z0-9_]+")
+    try:
+        entries = list(os.scandir(parent))
+    except OSError:
+        return removed
+    for entry in entries:
+        m = pattern.fullmatch(entry.name)
+        if m is None or int(m.group(1)) == os.getpid() or not _pid_gone(int(m.group(1))):
+            continue
+        try:
+            st = entry.stat(follow_symlinks=False)
+        except OSError:
+            continue
+        if stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid():
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed.append(Path(entry.path))
+    return removed

@@ -100,3 +100,33 @@ def test_server_share_weights_off_and_failed_start_leave_no_dir(tmp_path, monkey
     with pytest.raises(OSError, match="no tritonserver"):
         _sleeping_server(tmp_path, monkeypatch).start()
     assert made and not made[0].exists()
+
+
+def test_directories_of_a_launcher_that_died_are_swept(tmp_path):
+    """A launcher killed by a signal never runs stop(): its private directories (named with its
+    pid) stay. sweep_orphans (run by every start) removes those whose pid is gone, and leaves
+    a live process's, our own, a look-alike file, a symlink and other names alone."""
+    import os
+    import subprocess
+    from deploy.server_setup import WEIGHTS_DIR_PREFIX, make_private_dir, sweep_orphans
+    code = ("import sys; sys.path.insert(0, %r); from deploy.server_setup import make_private_dir; "
+            "print(make_private_dir('distserve-weights-', %r))" % (str(Path.cwd()), str(tmp_path)))
+    dead = Path(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                               check=True).stdout.strip())
+    (dead / "weights.bin").write_bytes(b"x" * 1024)
+    assert dead.is_dir() and dead.name.startswith(f"{WEIGHTS_DIR_PREFIX}")
+    ours = make_private_dir(WEIGHTS_DIR_PREFIX, str(tmp_path))
+    alive = tmp_path / f"{WEIGHTS_DIR_PREFIX}1-abc"                   # pid 1: alive
+    alive.mkdir()
+    pid_of_dead = int(dead.name[len(WEIGHTS_DIR_PREFIX):].split("-")[0])
+    file_alike = tmp_path / f"{WEIGHTS_DIR_PREFIX}{pid_of_dead}-file"
+    file_alike.write_text("not a directory")
+    link = tmp_path / f"{WEIGHTS_DIR_PREFIX}{pid_of_dead}-link"
+    link.symlink_to(ours)
+    other = tmp_path / f"other-{pid_of_dead}-x"
+    other.mkdir()
+    assert sweep_orphans(tmp_path, WEIGHTS_DIR_PREFIX) == [dead]
+    assert not dead.exists()
+    assert all(p.exists() for p in (ours, alive, file_alike, link, other))
+    assert stat.S_IMODE(os.stat(ours).st_mode) == 0o700
+    assert sweep_orphans(tmp_path / "missing", WEIGHTS_DIR_PREFIX) == []
