@@ -19,6 +19,8 @@ import sysconfig
 import tempfile
 from pathlib import Path
 
+import psutil
+
 ROOT = Path(__file__).resolve().parent.parent
 
 # Where the instances map their one shared copy of the weights (backends.core.weight_share.ENV_VAR)
@@ -137,16 +139,6 @@ def make_shared_weights_dir() -> Path:
     return make_private_dir(WEIGHTS_DIR_PREFIX, shared_weights_parent())
 
 
-def _pid_gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False                    # someone's process: alive
-    return False
-
-
 def sweep_orphans(parent: str | Path, prefix: str) -> list[Path]:
     """Remove `<parent>/<prefix><pid>-*` directories of ours whose creating process is gone:
     a server's launcher killed by a signal never ran stop(), and its tritonserver (which dies
@@ -160,7 +152,7 @@ def sweep_orphans(parent: str | Path, prefix: str) -> list[Path]:
         return removed
     for entry in entries:
         m = pattern.fullmatch(entry.name)
-        if m is None or int(m.group(1)) == os.getpid() or not _pid_gone(int(m.group(1))):
+        if m is None or int(m.group(1)) == os.getpid() or psutil.pid_exists(int(m.group(1))):
             continue
         try:
             st = entry.stat(follow_symlinks=False)
