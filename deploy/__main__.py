@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from deploy.contract import DISTSERVE, DISTSERVE_COLOCATED
+from deploy.contract import DISTSERVE, DISTSERVE_BATCHED, DISTSERVE_COLOCATED
 from deploy.deployment import (DEFAULT_CHUNKED_TOKEN_BUDGET, DEFAULT_MODEL_PATH, ROOT, Deployment,
                                colocated_deployment, default_deployment)
 from deploy.render import SRC_REPO, missing_code, render_repository
@@ -83,6 +83,9 @@ def usage_text(server: TritonServer, deployment: Deployment, api: FrontendServer
             lines += [f"  curl -s {http}/v2/models/{model}/generate -d '{body}'",
                       f"  curl -sN {http}/v2/models/{model}/generate_stream -d '{stream_body}'",
                       f'  .venv/bin/python -m client --url {server.http_url} --model {model} "Hello"']
+    if deployment.batched_front_end:
+        lines.append(f"  {DISTSERVE_BATCHED}: the same with a leading batch dimension of 1 on every "
+                     "tensor (TensorRT-LLM clients' [1, 1] shapes)")
     if api is not None:
         chat = json.dumps({"model": served_name, "max_tokens": 32,
                            "messages": [{"role": "user", "content": "Hello"}]})

@@ -7,8 +7,12 @@ imports the names from here (this module needs nothing beyond the standard libra
 endpoints and existing LLM tools work unchanged: top-level JSON keys map to inputs by name
 and each output becomes a JSON field. All `distserve` inputs are optional; one of
 `text_input`, `messages` or `input_ids` must be given. `distserve_colocated`, the colocated
-baseline's front end, has the same contract. The engine models are internal (reached by the
-orchestrators' BLS calls): one JSON document in `request`, one JSON document per `response`.
+baseline's front end, has the same contract. `distserve_batched` (served when a deployment sets
+`batched_front_end`) is `distserve` with `max_batch_size: 1`: every input and output has a
+leading batch dimension of 1 (`[1, 1]`, lists `[1, n]`), as TensorRT-LLM's ensemble clients
+send; Triton checks shapes against the config, so one model cannot take both. The engine
+models are internal (reached by the orchestrators' BLS calls): one JSON document in `request`,
+one JSON document per `response`.
 
 Each prefill and decode instance is its own Triton model, `prefill_0`, `prefill_1`, ...,
 `decode_0`, ... (Triton round-robins over the instances of one model and cannot be told which
@@ -28,6 +32,7 @@ DISTSERVE = "distserve"
 PREFILL = "prefill"
 DECODE = "decode"
 DISTSERVE_COLOCATED = "distserve_colocated"   # the colocated baseline, called like distserve
+DISTSERVE_BATCHED = "distserve_batched"       # distserve with a leading batch dimension of 1
 COLOCATED = "colocated"
 INSTANCE_PHASES = (PREFILL, DECODE)           # a Triton model per instance of these phases
 
@@ -188,6 +193,7 @@ class ModelSpec:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     decoupled: bool
+    max_batch_size: int = 0     # > 0: every tensor has a leading batch dimension beyond its dims
 
     def input(self, name: str) -> TensorSpec:
         return _find(self.inputs, name, f"{self.name} input")
@@ -253,10 +259,12 @@ DECODE_SPEC = ModelSpec(
 # response, one per step: as decode's; the first token's carries "queue_s" and "prefill_s"
 COLOCATED_SPEC = replace(DECODE_SPEC, name=COLOCATED)
 DISTSERVE_COLOCATED_SPEC = replace(DISTSERVE_SPEC, name=DISTSERVE_COLOCATED)
+DISTSERVE_BATCHED_SPEC = replace(DISTSERVE_SPEC, name=DISTSERVE_BATCHED, max_batch_size=1)
 
 # Keyed by model kind: a per-instance model (`decode_1`) has its phase's spec (`model_spec`).
 MODEL_SPECS: dict[str, ModelSpec] = {s.name: s for s in (DISTSERVE_SPEC, PREFILL_SPEC, DECODE_SPEC,
-                                                         DISTSERVE_COLOCATED_SPEC, COLOCATED_SPEC)}
+                                                         DISTSERVE_COLOCATED_SPEC, COLOCATED_SPEC,
+                                                         DISTSERVE_BATCHED_SPEC)}
 
 
 def model_spec(model: str) -> ModelSpec:

@@ -155,6 +155,9 @@ class Deployment:
     kv_transport: str | None = None       # default: cuda_ipc when both phases are on gpu, else shm
     lease_timeout_s: float = 30.0         # an unclaimed prefill KV lease expires after this
     num_orchestrator_instances: int = 1
+    # also serve `distserve_batched`: distserve with max_batch_size 1, for clients that send a
+    # leading batch dimension (TensorRT-LLM's); its own orchestrator instances (disaggregated only)
+    batched_front_end: bool = False
     default_max_tokens: int = 128
     max_model_len: int = 2048
     colocated: PhaseSpec | None = None    # the colocated baseline: each instance runs both phases
@@ -201,9 +204,13 @@ class Deployment:
                              f"({self.max_model_len})")
         if self.weights not in WEIGHT_FORMATS:
             raise ValueError(f"weights must be one of {WEIGHT_FORMATS}, got {self.weights!r}")
-        if not isinstance(self.share_weights, bool):
-            raise ValueError(f"share_weights must be true or false, got {self.share_weights!r}")
+        for name in ("share_weights", "batched_front_end"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         self._check_systems()
+        if self.batched_front_end and "disaggregated" not in self.systems:
+            raise ValueError("batched_front_end serves distserve_batched beside distserve: it needs "
+                             f"'disaggregated' in systems, got {list(self.systems)}")
         self._check_mode()
         for name, phase in self.phases().items():
             self._check_phase(name, phase)

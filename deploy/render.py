@@ -7,7 +7,9 @@ instance is a model of its own (`prefill_0`, `decode_1`: deploy/contract.py), re
 phase's template with one instance. Their adapter is one file, `ENGINE_ADAPTER` at the top of
 the source repository; each such model's `1/model.py` is a relative symlink to it. The other
 adapters (`model_repository/<model>/<version>/`, or deploy/baseline_models/) and every top-level
-`*.py` of the source repository are copied next to the rendered configs.
+`*.py` of the source repository are copied next to the rendered configs. `distserve_batched`
+(a deployment's `batched_front_end`) is rendered from distserve's template and runs distserve's
+adapter (`SAME_AS`); only its name and `max_batch_size` (deploy/contract.py) differ.
 """
 from __future__ import annotations
 
@@ -18,8 +20,8 @@ from typing import Any
 
 import jinja2
 
-from deploy.contract import (COLOCATED, DECODE, DISTSERVE, DISTSERVE_COLOCATED, INSTANCE_PHASES,
-                             PREFILL, instance_models, model_instance, model_spec)
+from deploy.contract import (COLOCATED, DECODE, DISTSERVE, DISTSERVE_BATCHED, DISTSERVE_COLOCATED,
+                             INSTANCE_PHASES, PREFILL, instance_models, model_instance, model_spec)
 from deploy.deployment import ROOT, Deployment, PhaseSpec
 
 TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
@@ -28,8 +30,10 @@ SRC_REPO = ROOT / "model_repository"
 # per instance (served_models).
 SYSTEM_MODELS = {"disaggregated": (DISTSERVE, PREFILL, DECODE),
                  "colocated": (DISTSERVE_COLOCATED, COLOCATED)}
-MODELS = tuple(m for models in SYSTEM_MODELS.values() for m in models)
-FRONT_ENDS = (DISTSERVE, DISTSERVE_COLOCATED)       # the orchestrators users call
+OPTIONAL_MODELS = (DISTSERVE_BATCHED,)              # served when the deployment asks (served_models)
+MODELS = tuple(m for models in SYSTEM_MODELS.values() for m in models) + OPTIONAL_MODELS
+FRONT_ENDS = (DISTSERVE, DISTSERVE_COLOCATED, DISTSERVE_BATCHED)   # the orchestrators users call
+SAME_AS = {DISTSERVE_BATCHED: DISTSERVE}             # a model with another's template and adapter
 ENGINE_ADAPTER = "engine_model.py"                  # the per-instance models' one adapter
 DEPLOYMENT_PARAMETER = "deployment"
 _PLACEHOLDER = re.compile(r"\{\{|\{%|\$\{")
@@ -96,9 +100,10 @@ def served_phases(deployment: Deployment) -> dict[str, PhaseSpec]:
 def served_models(deployment: Deployment) -> tuple[str, ...]:
     """The models of the systems `deployment` serves (a model per prefill / decode instance)."""
     phases = served_phases(deployment)
-    return tuple(m for system in deployment.systems for kind in SYSTEM_MODELS[system]
-                 for m in (instance_models(kind, phases[kind].num_instances)
-                           if kind in INSTANCE_PHASES else (kind,)))
+    models = tuple(m for system in deployment.systems for kind in SYSTEM_MODELS[system]
+                   for m in (instance_models(kind, phases[kind].num_instances)
+                             if kind in INSTANCE_PHASES else (kind,)))
+    return models + ((DISTSERVE_BATCHED,) if deployment.batched_front_end else ())
 
 
 def model_kind(model: str) -> str:
@@ -121,7 +126,7 @@ def _context(deployment: Deployment, model: str) -> dict[str, Any]:
         groups = instance_groups(deployment.phases()[kind], model_instance(model)[1])
     else:
         groups = instance_groups(deployment.phases()[kind])
-    return {"spec": model_spec(model), "kind": kind, "groups": groups,
+    return {"spec": model_spec(model), "kind": SAME_AS.get(kind, kind), "groups": groups,
             "deployment_json": deployment.to_json()}
 
 
@@ -131,8 +136,9 @@ def render_config(deployment: Deployment, model: str) -> str:
     if model not in served_models(deployment):
         raise ValueError(f"the deployment does not serve {model!r} (systems {list(deployment.systems)}: "
                          f"{list(served_models(deployment))})")
-    text = _environment().get_template(f"{kind}.pbtxt").render(**_context(deployment, model))
-    check_no_placeholder(text, f"templates/{kind}.pbtxt")
+    template = f"{SAME_AS.get(kind, kind)}.pbtxt"
+    text = _environment().get_template(template).render(**_context(deployment, model))
+    check_no_placeholder(text, f"templates/{template}")
     return text
 
 
@@ -153,7 +159,7 @@ BASELINE_SRC = Path(__file__).resolve().parent / "baseline_models"
 
 
 def _code_dir(src_repo: str | Path, model: str) -> Path:
-    own = Path(src_repo) / model
+    own = Path(src_repo) / SAME_AS.get(model, model)
     return own if own.is_dir() or not (BASELINE_SRC / model).is_dir() else BASELINE_SRC / model
 
 

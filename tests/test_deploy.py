@@ -117,6 +117,7 @@ def _mutated(path: str, value) -> dict:
     ("systems", [], "systems must be"),
     ("systems", ["vllm"], "systems must be"),
     ("share_weights", "yes", "share_weights must be true or false"),
+    ("batched_front_end", 1, "batched_front_end must be true or false"),
 ])
 def test_validation_names_the_field(path, value, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
@@ -148,6 +149,8 @@ def test_colocated_validation():
         Deployment.from_dict(data)
     with pytest.raises(ValueError, match="exactly when"):
         replace(baseline(), systems=("disaggregated",))
+    with pytest.raises(ValueError, match="batched_front_end .* needs 'disaggregated' in systems"):
+        replace(baseline(), batched_front_end=True)
 
 
 def test_missing_field_is_named():
@@ -206,14 +209,16 @@ def test_committed_configs_equal_rendered_defaults():
         assert link.is_symlink() and link.resolve() == (repo / ENGINE_ADAPTER).resolve()
 
 
-@pytest.mark.parametrize("deployment", [two_core(), gpu_deployment(), baseline(chunked=True)],
-                         ids=["cpu", "gpu", "colocated"])
+@pytest.mark.parametrize("deployment", [two_core(), gpu_deployment(), baseline(chunked=True),
+                                        replace(two_core(), batched_front_end=True)],
+                         ids=["cpu", "gpu", "colocated", "batched"])
 def test_rendered_configs_match_the_contract(deployment):
     assert set(render_configs(deployment)) == set(served_models(deployment))
     for model in served_models(deployment):
         config = parse_config(render_config(deployment, model))
         spec = contract.model_spec(model)
-        assert config.name == model and config.backend == "python" and config.max_batch_size == 0
+        assert config.name == model and config.backend == "python"
+        assert config.max_batch_size == spec.max_batch_size == (model == contract.DISTSERVE_BATCHED)
         assert config.model_transaction_policy.decoupled == spec.decoupled
         for tensors, specs in ((config.input, spec.inputs), (config.output, spec.outputs)):
             assert [(t.name, model_config_pb2.DataType.Name(t.data_type), tuple(t.dims)) for t in tensors] \
@@ -296,6 +301,13 @@ def test_render_repository_copies_code(tmp_path):
     assert (out / "shared.py").exists()
     render_repository(baseline(), out, src_repo=src, require_code=True)      # the other system
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == sorted(served_models(baseline()))
+    batched = replace(two_core(), batched_front_end=True)       # distserve's adapter, its own config
+    render_repository(batched, out, src_repo=src, require_code=True)
+    assert served_models(batched) == served_models(two_core()) + ("distserve_batched",)
+    assert (out / "distserve_batched" / "1" / "model.py").read_text() == "# distserve\n"
+    assert "max_batch_size: 1" in (out / "distserve_batched" / "config.pbtxt").read_text()
+    render_repository(two_core(), out, src_repo=src, require_code=True)
+    assert not (out / "distserve_batched").exists()
 
 
 def test_render_into_the_source_repository_links_and_prunes_engine_models(tmp_path):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from backends.core.sampling import MAX_SEED, SamplingParams
-from backends.orchestrator.pipeline import Orchestrator
+from backends.orchestrator.pipeline import Chunk, Orchestrator
 from backends.serving.orchestrator_adapter import OrchestratorModel, read_inputs
 from client.cli import parse_args, request_kwargs
 from client.request import build_inputs
@@ -118,6 +118,23 @@ def test_validation_errors_are_invalid_arg(orch):
         orch.parse({"text_input": PROMPT, "beam_width": 4})
     error = Model()._error(info.value)
     assert error.code == "INVALID_ARG" and "beam_width 4" in error.message
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_the_batched_front_end_answers_with_a_batch_dimension(orch, batched):
+    """distserve_batched (max_batch_size 1) runs the same adapter; its outputs are [1, n]."""
+    class Pb(FakePb):
+        Tensor = staticmethod(lambda name, array: (name, array.shape))
+        InferenceResponse = staticmethod(dict)
+
+    class Model(OrchestratorModel):
+        pb = Pb
+    model = Model()
+    model.batched = batched
+    gen = orch.parse({"text_input": PROMPT, "return_token_ids": True})
+    shapes = model._response(Chunk("Paris", [1, 2, 3], "stop"), gen)
+    expected = {"text_output": (1,), "token_ids": (3,), "finish_reason": (1,)}
+    assert shapes == ({k: (1, *v) for k, v in expected.items()} if batched else expected)
 
 
 def test_docs_list_every_input_with_its_dtype():

@@ -17,6 +17,8 @@ the monitor places every prefill and every decode request on a live instance of 
 (`InstanceMonitor.place`, least loaded) and the request watches that instance from the start;
 a reload restarts that instance alone. The colocated baseline's instances share one model
 (`colocated`): Triton picks, and a request watches its phase until the instance says which.
+`distserve_batched` (max_batch_size 1) runs this same adapter: `read_inputs` takes any shape
+holding the values, and its outputs get the leading batch dimension of 1.
 """
 from __future__ import annotations
 
@@ -86,6 +88,9 @@ class OrchestratorModel:
         from backends.core.tokenizer import Tokenizer
         from deploy.runtime import deployment_from_config
         deployment = deployment_from_config(args["model_config"])
+        # distserve_batched (max_batch_size 1): outputs get the leading batch dimension too
+        config = args["model_config"]
+        self.batched = (json.loads(config) if isinstance(config, str) else config).get("max_batch_size", 0) > 0
         tokenizer = Tokenizer.load(str(deployment.resolved_model_path()))
         self.orch = Orchestrator(tokenizer, deployment.max_model_len, deployment.default_max_tokens)
         self.pool = ThreadPoolExecutor(max_workers=256, thread_name_prefix="bls-stream")
@@ -206,15 +211,16 @@ class OrchestratorModel:
         return ", ".join(f"{i} is {s}" for i, s in status.items())
 
     def _response(self, chunk: Chunk, gen: Generation) -> Any:
-        pb = self.pb
-        tensors = [bytes_tensor(pb, "text_output", chunk.text)]
+        text = lambda s: np.array([s.encode()], dtype=np.object_)  # noqa: E731
+        arrays = {"text_output": text(chunk.text)}
         if gen.return_token_ids:
-            tensors.append(pb.Tensor("token_ids", np.array(chunk.token_ids, dtype=np.int32)))
+            arrays["token_ids"] = np.array(chunk.token_ids, dtype=np.int32)
         if chunk.finish_reason is not None:
-            tensors.append(bytes_tensor(pb, "finish_reason", chunk.finish_reason))
+            arrays["finish_reason"] = text(chunk.finish_reason)
         if chunk.timing is not None and gen.return_timing:
-            tensors.append(bytes_tensor(pb, "timing", json.dumps(chunk.timing.to_dict())))
-        return pb.InferenceResponse(tensors)
+            arrays["timing"] = text(json.dumps(chunk.timing.to_dict()))
+        return self.pb.InferenceResponse([self.pb.Tensor(name, a.reshape(1, -1) if self.batched else a)
+                                          for name, a in arrays.items()])
 
     def _bls(self, model: str, payload: str) -> Any:
         return self.pb.InferenceRequest(model_name=model, requested_output_names=["response"],

@@ -1,7 +1,8 @@
 """TensorRT-LLM's ensemble contract on the real server: a tritonclient gRPC stream with TRT-LLM's
 input names and dtypes, penalties / min_tokens / bad_words through the SDK, equal to the
-offline engine; refusals (an unsupported value, a batched shape) are clear errors. One server,
-float32 so outputs compare exactly with the offline engine."""
+offline engine; refusals (an unsupported value, a batched shape) are clear errors; the batched
+front end (`distserve_batched`) takes TRT-LLM's [1, 1] shapes. One server, float32 so outputs
+compare exactly with the offline engine."""
 from __future__ import annotations
 
 import dataclasses
@@ -17,6 +18,7 @@ from backends.core.limits import EngineLimits
 from backends.core.llm import LLM
 from backends.core.sampling import SamplingParams
 from client import DistServeClient, DistServeError
+from deploy.contract import DISTSERVE, DISTSERVE_BATCHED
 from deploy.deployment import default_deployment
 from tests.integration.conftest import http_post, serve_deployment, wait_kv_free
 
@@ -27,7 +29,7 @@ HI = [{"role": "user", "content": "Hi!"}]          # the model answers in ~10 to
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, gguf_path):
     deployment = dataclasses.replace(default_deployment(str(gguf_path)), dtype="float32",
-                                     max_model_len=1024, default_max_tokens=32)
+                                     max_model_len=1024, default_max_tokens=32, batched_front_end=True)
     deployment = dataclasses.replace(
         deployment, prefill=dataclasses.replace(deployment.prefill, num_kv_blocks=128),
         decode=dataclasses.replace(deployment.decode, num_kv_blocks=128))
@@ -53,14 +55,16 @@ def _tensor(name: str, value, dtype: str, batched: bool) -> grpcclient.InferInpu
     return tensor
 
 
-def trtllm_stream(url: str, inputs: dict[str, tuple], batched: bool = False) -> tuple[str, str | None]:
+def trtllm_stream(url: str, inputs: dict[str, tuple], batched: bool = False, model: str = DISTSERVE,
+                  shapes: list | None = None) -> tuple[str, str | None]:
     """What tensorrtllm_backend's end-to-end gRPC client does: one streamed request with
-    TRT-LLM's names and dtypes. Returns (text, error message or None)."""
+    TRT-LLM's names and dtypes. Returns (text, error message or None); appends each response's
+    output shapes ({name: shape}) to `shapes`."""
     responses: queue.Queue = queue.Queue()
     client = grpcclient.InferenceServerClient(url)
     client.start_stream(callback=lambda result, error: responses.put((result, error)))
     try:
-        client.async_stream_infer("distserve", [_tensor(n, v, t, batched) for n, (v, t) in inputs.items()],
+        client.async_stream_infer(model, [_tensor(n, v, t, batched) for n, (v, t) in inputs.items()],
                                   enable_empty_final_response=True)
         text = ""
         while True:
@@ -68,7 +72,9 @@ def trtllm_stream(url: str, inputs: dict[str, tuple], batched: bool = False) -> 
             if error is not None:
                 return text, str(error)
             out = result.as_numpy("text_output")
-            text += "" if out is None else out[0].decode()
+            text += "" if out is None else out.reshape(-1)[0].decode()
+            if shapes is not None and out is not None:
+                shapes.append({o.name: list(o.shape) for o in result.get_response().outputs})
             if result.get_response().parameters["triton_final_response"].bool_param:
                 return text, None
     finally:
@@ -136,3 +142,28 @@ def test_unsupported_values_and_batched_shapes_are_clear_errors(server):
     assert "unexpected shape for input" in error and "Expected [1], got [1,1]" in error
     wait_kv_free(server, ("prefill-0", "decode-0"))
 
+
+
+def test_the_batched_front_end_takes_trtllm_shapes(server):
+    """distserve_batched (batched_front_end): TRT-LLM's shapes ([1, 1], lists [1, n]) in and out,
+    the same answer as distserve's; it refuses the flat shapes, as distserve the batched ones."""
+    request = {**TRTLLM_REQUEST, "return_token_ids": (True, "BOOL")}
+    flat_shapes, batched_shapes = [], []
+    flat, error = trtllm_stream(server.grpc_url, request, shapes=flat_shapes)
+    assert error is None
+    text, error = trtllm_stream(server.grpc_url, {**request, "bad_words": (["", "Lyon"], "BYTES")},
+                                batched=True, model=DISTSERVE_BATCHED, shapes=batched_shapes)
+    assert error is None and text == flat
+    assert [s["text_output"] for s in flat_shapes] == [[1]] * len(flat_shapes)
+    assert [s["text_output"] for s in batched_shapes] == [[1, 1]] * len(batched_shapes)
+    assert [s["token_ids"] for s in batched_shapes] == [[1, n] for [n] in (s["token_ids"] for s in flat_shapes)]
+    text, error = trtllm_stream(server.grpc_url, {"text_input": (PROMPT, "BYTES"), "max_tokens": (4, "INT32")},
+                                model=DISTSERVE_BATCHED)
+    assert "unexpected shape for input" in error and "Expected [-1,1], got [1]" in error
+    # Triton's generate builds the batched tensors from JSON scalars
+    body = {"text_input": PROMPT, "max_tokens": 8, "ignore_eos": True}
+    answers = [http_post(server.http_url, f"/v2/models/{model}/generate", body)
+               for model in (DISTSERVE, DISTSERVE_BATCHED)]
+    assert [status for status, _ in answers] == [200, 200]
+    assert json.loads(answers[1][1])["text_output"] == json.loads(answers[0][1])["text_output"]
+    wait_kv_free(server, ("prefill-0", "decode-0"))
