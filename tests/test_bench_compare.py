@@ -139,3 +139,53 @@ def test_baseline_requests_are_those_near_the_p90_prompt():
     assert all(r.output_len >= 2 for r in baseline_requests(reqs, 9, 0.0))
     with pytest.raises(ValueError):
         baseline_requests(reqs, 3, 1.5)
+
+
+def test_speculative_variants():
+    s = parse_system("disaggregated+ngram")
+    assert (s.kind, s.speculative, s.name, s.model) == ("disaggregated", "ngram", "disaggregated+ngram",
+                                                        "distserve")
+    d = s.deployment("m.gguf", num_cores=2)
+    assert d.decode.speculative == "ngram" and d.prefill.speculative is None
+    assert s.label(d) == ("DistServe, speculative decoding (ngram drafter, adaptive k): "
+                          "1 prefill on core 0 + 1 decode on core 1")
+    c = parse_system("chunked-256+ngram")
+    assert c.name == "chunked-256+ngram" and c.deployment("m.gguf", num_cores=2).colocated.speculative == "ngram"
+    assert parse_system("disaggregated").deployment("m.gguf", num_cores=2).decode.speculative is None
+    parse_systems("disaggregated,disaggregated+ngram")                 # distinct names
+    with pytest.raises(ValueError, match="drafter"):
+        parse_system("disaggregated+medusa")
+    with pytest.raises(ValueError, match="system"):
+        parse_system("vllm+ngram")
+
+
+def test_every_adaptive_system_serves_the_runs_slos(monkeypatch):
+    """The router's SLOs are the run's from the first system on: absolute SLOs are known before
+    any server starts (an adaptive system listed first was served with the deployment's
+    defaults once); a relative SLO measured on an adaptive first system is refused."""
+    import deploy.render
+    from client.bench.compare import run_compare
+    served = []
+
+    class Stop(Exception):
+        pass
+
+    def render(deployment, *a, **kw):
+        served.append(deployment)
+        raise Stop
+    monkeypatch.setattr(deploy.render, "render_repository", render)
+    args = parse_args(["compare", "--workload", "code", "--num-requests", "4", "--slo-mode", "absolute",
+                       "--slo-ttft", "1.5", "--slo-tpot", "0.05", "--systems", "adaptive-shared,chunked"])
+    with pytest.warns(UserWarning, match="share cores"), pytest.raises(Stop):
+        run_compare(args)
+    assert (served[0].slo_ttft_s, served[0].slo_tpot_s) == (1.5, 0.05)
+    relative = parse_args(["compare", "--workload", "code", "--num-requests", "4",
+                           "--systems", "adaptive,colocated"])
+    with pytest.raises(ValueError, match="non-adaptive system first"):
+        run_compare(relative)
+    given = parse_args(["compare", "--workload", "code", "--num-requests", "4", "--baseline-ttft", "0.1",
+                        "--baseline-tpot", "0.02", "--systems", "adaptive,colocated"])
+    with pytest.raises(Stop):
+        run_compare(given)
+    t, p = PAPER_SLO_MULTIPLES["code"]
+    assert served[1].slo_ttft_s == pytest.approx(0.1 * t) and served[1].slo_tpot_s == pytest.approx(0.02 * p)

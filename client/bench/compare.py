@@ -40,17 +40,23 @@ SYSTEM_NAMES = {"disaggregated": "DistServe",
 
 @dataclass(frozen=True)
 class System:
-    """One system to measure: its name (`chunked-256` has a token budget), model to call."""
+    """One system to measure: its name (`chunked-256` has a token budget; `<system>+ngram`
+    decodes speculatively with that drafter), model to call."""
     kind: str                        # disaggregated | adaptive | colocated | chunked
     token_budget: int | None = None
+    speculative: str | None = None   # a drafter (deploy.deployment.SPECULATIVE_METHODS)
 
     @property
     def name(self) -> str:
-        return f"chunked-{self.token_budget}" if self.kind == "chunked" else self.kind
+        base = f"chunked-{self.token_budget}" if self.kind == "chunked" else self.kind
+        return base + (f"+{self.speculative}" if self.speculative else "")
 
     def label(self, deployment: Any) -> str:
         """What this system is, and where the deployment it served ran (its instances, cores)."""
-        return f"{SYSTEM_NAMES[self.kind].format(budget=self.token_budget)}: {placement(deployment)}"
+        spec = f", speculative decoding ({self.speculative} drafter, adaptive k)" \
+            if self.speculative else ""
+        return f"{SYSTEM_NAMES[self.kind].format(budget=self.token_budget)}{spec}: " \
+               f"{placement(deployment)}"
 
     @property
     def model(self) -> str:
@@ -59,6 +65,14 @@ class System:
             else DISTSERVE_COLOCATED
 
     def deployment(self, model_path: str | Path, num_cores: int | None = None) -> Any:
+        dep = self._deployment(model_path, num_cores)
+        if self.speculative is None:
+            return dep
+        decoding = {name: replace(getattr(dep, name), speculative=self.speculative)
+                    for name in ("decode", "colocated") if getattr(dep, name) is not None}
+        return replace(dep, **decoding)
+
+    def _deployment(self, model_path: str | Path, num_cores: int | None = None) -> Any:
         from deploy.deployment import colocated_deployment, default_deployment
         if self.kind == "disaggregated":
             return default_deployment(model_path, num_cores)
@@ -110,9 +124,15 @@ def without_prefix_caching(dep: Any) -> Any:
 
 
 def parse_system(text: str) -> System:
-    """`disaggregated`, `colocated`, `chunked` (the default budget) or `chunked-<budget>`."""
-    from deploy.deployment import DEFAULT_CHUNKED_TOKEN_BUDGET
+    """`disaggregated`, `adaptive`, `adaptive-shared`, `colocated`, `chunked` (the default
+    budget) or `chunked-<budget>`, each optionally `+<drafter>` (speculative decoding)."""
+    from deploy.deployment import DEFAULT_CHUNKED_TOKEN_BUDGET, SPECULATIVE_METHODS
     text = text.strip()
+    if "+" in text:
+        base, drafter = text.split("+", 1)
+        if drafter not in SPECULATIVE_METHODS:
+            raise ValueError(f"unknown drafter in system {text!r}: one of {SPECULATIVE_METHODS}")
+        return replace(parse_system(base), speculative=drafter)
     if text in ("disaggregated", "adaptive", "adaptive-shared", "colocated"):
         return System(text)
     m = re.fullmatch(r"chunked(?:-(\d+))?", text)
@@ -137,7 +157,7 @@ def add_compare_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("systems")
     g.add_argument("--systems", type=_systems_arg, default=list(map(parse_system, DEFAULT_SYSTEMS)),
                    help="comma-separated: disaggregated, adaptive, adaptive-shared, colocated, chunked, "
-                        "chunked-<budget> "
+                        "chunked-<budget>, each optionally +ngram (speculative decoding) "
                         f"(default: {','.join(DEFAULT_SYSTEMS)})")
     g.add_argument("--serve-model", help="model file served (default: the deployment's default)")
     g.add_argument("--prefix-caching", action="store_true",
@@ -173,6 +193,13 @@ def run_compare(args: argparse.Namespace) -> dict[str, Any]:
     run_root = (args.run_dir or ROOT / "run" / "bench").resolve()
     model_path = Path(args.serve_model).resolve() if args.serve_model else DEFAULT_MODEL_PATH
     slo = slo_info = None
+    if args.slo_mode == "absolute" or (args.baseline_ttft is not None and args.baseline_tpot is not None):
+        slo, slo_info = resolve_slo(args, workload)     # known now: every system's router gets it
+    elif args.systems and args.systems[0].kind in ("adaptive", "adaptive-shared") and \
+            args.slo_ttft is not None:
+        raise ValueError(f"{args.systems[0].name} would serve before the relative SLO is measured "
+                         "(on the first system): list a non-adaptive system first, or give "
+                         "--baseline-ttft/--baseline-tpot or absolute SLOs")
     start_rate = args.start_rate
     docs = []
     for system in args.systems:
