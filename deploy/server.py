@@ -287,7 +287,7 @@ class TritonServer:
                 self._stop_group(timeout=10)
                 self._remove_private_dirs()
                 self.control_dir = self.shared_weights_dir = None
-                print(f"tritonserver restarted: {why}", flush=True)
+                print(f"tritonserver restarted: {why} (the old log: {self._keep_log()})", flush=True)
                 self.start()
                 deadline = time.monotonic() + timeout
                 while not self.is_ready():
@@ -301,6 +301,13 @@ class TritonServer:
                 self.restarts.append(time.monotonic() - t0)
             finally:
                 self._restarting.clear()
+
+    def _keep_log(self) -> Path:
+        """The log of the server that died, kept beside the new one's (how it died is in it)."""
+        kept = self.log_file.with_name(self.log_file.name + ".before-restart")
+        if self.log_file.exists():
+            self.log_file.replace(kept)
+        return kept
 
     def reload_model(self, model: str) -> None:
         """Unload and load `model` (explicit model control); ServerError if Triton refuses."""

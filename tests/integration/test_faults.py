@@ -277,6 +277,8 @@ def test_orchestrator_killed_with_streams_in_flight_restarts_the_server(server):
         assert end - killed < DEADLINE_S
     recovered = serves_again(server, killed)
     assert server.process.pid != old_pid and len(server.restarts) == 1
+    old_log = server.log_file.with_name(server.log_file.name + ".before-restart")
+    assert old_log.stat().st_size > 0             # the dead server's log is kept, not overwritten
     settled(server)
     print(f"orchestrator killed with 4 streams in flight: they failed within "
           f"{max(e for e, _, _ in streams.results) - killed:.1f} s; restart took "
