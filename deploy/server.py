@@ -61,6 +61,15 @@ def _die_with_parent() -> None:
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+CRASH_SIGNALS = (signal.SIGABRT, signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE)
+
+
+def crashed(returncode: int | None) -> bool:
+    """Whether a tritonserver exit code is a crash (killed by a fault signal), as opposed to
+    still running (None), an exit of its own, or a SIGTERM / SIGKILL someone sent it."""
+    return returncode is not None and returncode < 0 and -returncode in CRASH_SIGNALS
+
+
 class TritonServer:
     """One tritonserver process serving `model_repository`.
 
@@ -259,8 +268,14 @@ class TritonServer:
         python stub held (their clients wait until they give up), and after a reload the new
         stub's responses were seen never to reach their clients (docs/faults.md). Killing the
         server ends those streams at once (the clients see the connection drop)."""
+        if not self._stopping.is_set() and crashed(self.process.poll()):
+            # tritonserver itself crashed (seen: SIGABRT from the python backend when a stub
+            # was killed holding its IPC mutex, docs/faults.md): serve again
+            self.restart(f"tritonserver crashed (exit code {self.process.poll()}); the {model} "
+                         "stub went with it")
+            return
         if self._stopping.is_set() or not self.is_alive() or not self.is_ready():
-            # the server itself is going (a SIGTERM from elsewhere, a crash): its stubs end
+            # the server itself is going (a SIGTERM or SIGKILL from elsewhere): its stubs end
             # with it, and that is no front-end death to recover from
             print(f"tritonserver is not serving (exit code {self.process.poll()}): the {model} "
                   "stub went with it; not restarting", flush=True)

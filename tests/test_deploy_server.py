@@ -130,3 +130,12 @@ def test_directories_of_a_launcher_that_died_are_swept(tmp_path):
     assert all(p.exists() for p in (ours, alive, file_alike, link, other))
     assert stat.S_IMODE(os.stat(ours).st_mode) == 0o700
     assert sweep_orphans(tmp_path / "missing", WEIGHTS_DIR_PREFIX) == []
+
+
+def test_only_a_fault_signal_is_a_crash():
+    import signal
+    from deploy.server import crashed
+    assert crashed(-signal.SIGABRT) and crashed(-signal.SIGSEGV) and crashed(-signal.SIGBUS)
+    assert not crashed(None)                                    # still running
+    assert not crashed(0) and not crashed(1)                    # its own exit (SIGTERM: 0)
+    assert not crashed(-signal.SIGTERM) and not crashed(-signal.SIGKILL)   # someone stopped it

@@ -285,6 +285,19 @@ def test_orchestrator_killed_with_streams_in_flight_restarts_the_server(server):
           f"{server.restarts[0]:.1f} s; served again after {recovered:.1f} s")
 
 
+def test_a_crashed_tritonserver_is_restarted(server):
+    """tritonserver itself dies of a fault signal (seen: SIGABRT from the python backend when a
+    stub was killed holding its IPC mutex, docs/faults.md): the supervisor notices its front
+    end's stub gone with it and starts it again; it serves."""
+    before, old_pid = len(server.restarts), server.process.pid
+    killed = time.monotonic()
+    os.kill(old_pid, signal.SIGABRT)
+    recovered = serves_again(server, killed)
+    assert server.process.pid != old_pid and len(server.restarts) == before + 1
+    settled(server)
+    print(f"tritonserver SIGABRT: served again after {recovered:.1f} s")
+
+
 def test_a_server_stopped_from_outside_is_not_restarted(server):
     """SIGTERM to tritonserver itself (an operator, a container runtime): its stubs exit with
     it, and the supervisor must not take that for a front-end death and start it again. Last
