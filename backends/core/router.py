@@ -134,7 +134,7 @@ class InstanceState:
                    len(decoding), sum(q.num_tokens for q in decoding), lim.block_size,
                    lim.max_num_seqs, lim.max_num_batched_tokens,
                    phase == "decode" and lim.chunked_prefill, recent_step_s,
-                   step_slack_s=tpot_slack(s.running, tpot_slo, now, len(s.loading) + len(s.remote))
+                   step_slack_s=scheduler_slack(s, tpot_slo, now)
                    if phase == "decode" and tpot_slo is not None and now is not None else 0.0)
 
 
@@ -192,6 +192,12 @@ def tpot_slack(seqs, tpot_slo: float, now: float, joining: int = 0) -> float:
             tpot_slo * (q.num_output_tokens - 1) - (now - q.first_token_time)
         least = banked if least is None else min(least, banked)
     return 0.0 if least is None else max(0.0, least) * SLACK_SHARE
+
+
+def scheduler_slack(scheduler, tpot_slo: float, now: float) -> float:
+    """`tpot_slack` of a scheduler's running batch, its sequences waiting for KV joining."""
+    s = scheduler
+    return tpot_slack(s.running, tpot_slo, now, len(s.loading) + len(s.remote))
 
 
 def chunk_budget(state: InstanceState, predictor: Predictor, tpot_slo: float,
@@ -330,7 +336,6 @@ def step_budget(scheduler, predictor: Predictor, tpot_slo: float,
                           block_size=lim.block_size, max_num_seqs=lim.max_num_seqs,
                           max_num_batched_tokens=lim.max_num_batched_tokens, local_prefill=True,
                           recent_step_s=recent_step_s, tokens_per_step=tokens_per_step,
-                          step_slack_s=0.0 if now is None else
-                          tpot_slack(decoding, tpot_slo, now, len(s.loading) + len(s.remote)))
+                          step_slack_s=0.0 if now is None else scheduler_slack(s, tpot_slo, now))
     budget = chunk_budget(state, predictor, tpot_slo)
     return max(1, min(lim.max_num_batched_tokens, len(decoding) + budget))

@@ -7,9 +7,10 @@ Lifecycle (backends/core/worker.py): accepted -> WAITING_FOR_KV in the scheduler
 queue (FIFO; its KV still sits in the prefill instance's pool, which is the queue buffer) ->
 admitted by the scheduler when blocks and a batch slot are free (with a prefix cache, the
 prompt's leading blocks it holds already are shared, e.g. the conversation's previous turn
-decoded here) -> the rest of its KV is copied in by the copy thread (the importer validates the descriptor and releases the lease; on GPU the copy runs
-on the importer's own stream), while the running batch keeps stepping -> at the next step
-boundary after the copy it joins the batch (`Admitted`) -> one token per step (with a
+decoded here) -> the rest of its KV is copied in by the copy thread (the importer validates
+the descriptor and releases the lease; on GPU the copy runs on the importer's own stream),
+while the running batch keeps stepping -> at the next step boundary after the copy it joins
+the batch (`Admitted`) -> one token per step (with a
 speculator, a verified draft per step: 1..k+1 tokens) -> finished,
 cancelled, or failed (bad descriptor, lost lease): its blocks are freed either way. A request
 cancelled while its copy runs is freed when the copy ends (the copy writes its blocks).
@@ -22,7 +23,7 @@ from collections.abc import Callable
 
 from backends.core.engine import LLMEngine, StepOutput
 from backends.core.messages import Admitted, DecodeRequest, Failed, GenerateRequest, Message
-from backends.core.router import tpot_slack
+from backends.core.router import scheduler_slack
 from backends.core.scheduler import Scheduler
 from backends.core.sequence import Sequence, SequenceStatus
 from backends.core.spec_policy import Speculator
@@ -143,7 +144,7 @@ class DecodeWorker(EngineWorker):
                 "kv_transfer_bytes": self.kv_bytes,
                 "kv_transfer_seconds": self.kv_seconds,
                 "tpot_slack_s": 0.0 if self.tpot_slo is None else
-                tpot_slack(s.running, self.tpot_slo, self.clock(), len(s.loading) + len(s.remote))}
+                scheduler_slack(s, self.tpot_slo, self.clock())}
 
     def close(self) -> None:
         self._copier.shutdown(wait=True)
