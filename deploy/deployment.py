@@ -54,6 +54,10 @@ class PhaseSpec:
     # and step cost (0 where it does not pay). null: off, and left out of the JSON.
     speculative: str | None = None
     num_speculative_tokens: int = 3
+    # the drafter on its own cores (backends/draft/): per instance, the cores of a drafter process
+    # that proposes asynchronously (the instance never waits for it). null: in the instance's own
+    # process, and left out of the JSON. cpu phases only (a drafter on its own gpu is not built).
+    draft_devices: tuple | None = None
     # prefix caching (backends/core/prefix_cache.py): full KV blocks kept after their requests
     # and reused by prompts that start with the same tokens. On by default, then left out of the JSON.
     prefix_caching: bool = True
@@ -84,6 +88,24 @@ class PhaseSpec:
         if self.speculative is None and k != PhaseSpec.num_speculative_tokens:
             raise ValueError(f"num_speculative_tokens ({k}) is set but speculative is null: name a "
                              f"drafter ({SPECULATIVE_METHODS}) or leave it out")
+        if self.draft_devices is not None:
+            self._check_draft_devices()
+
+    def _check_draft_devices(self) -> None:
+        if self.speculative is None:
+            raise ValueError("draft_devices is set but speculative is null: name a drafter "
+                             f"({SPECULATIVE_METHODS}) or leave draft_devices out")
+        if self.device != "cpu":
+            raise ValueError("draft_devices on a gpu phase: a drafter on its own gpu is not built "
+                             "(the remote drafter runs on cpu cores); leave draft_devices out")
+        try:
+            devices = _normalize_devices("cpu", self.draft_devices)
+        except ValueError as exc:
+            raise ValueError(f"draft_{exc}") from None
+        if len(devices) != self.num_instances:
+            raise ValueError(f"draft_devices must list one core set per instance: "
+                             f"{self.num_instances} instances, {len(devices)} entries")
+        object.__setattr__(self, "draft_devices", devices)
 
     def limits(self, block_size: int) -> EngineLimits:
         """This phase's engine limits (the block size is the deployment's, one for all phases)."""
@@ -111,6 +133,10 @@ class PhaseSpec:
         if self.device == "gpu":
             return set(self.devices)
         return {core for cores in self.devices for core in cores}
+
+    def draft_cores(self, index: int) -> tuple[int, ...] | None:
+        """The cores of instance `index`'s drafter process (None: the drafter runs in-process)."""
+        return None if self.draft_devices is None else self.draft_devices[index]
 
 
 def _check_positive_int(name: str, value: Any) -> None:
@@ -270,6 +296,10 @@ class Deployment:
         if self.check_host and phase.device == "cpu" and max(phase.all_devices()) >= num_cores:
             raise ValueError(f"{name}.devices: core {max(phase.all_devices())} does not exist on this "
                              f"{num_cores}-core host (use check_host=False to render for another host)")
+        draft = {c for cores in phase.draft_devices or () for c in cores}
+        if self.check_host and draft and max(draft) >= num_cores:
+            raise ValueError(f"{name}.draft_devices: core {max(draft)} does not exist on this "
+                             f"{num_cores}-core host (use check_host=False to render for another host)")
 
     def _resolve_transport(self) -> str:
         on_gpu = self.prefill.device == "gpu" and self.decode.device == "gpu"
@@ -315,6 +345,8 @@ class Deployment:
         for phase in (data["prefill"], data["decode"], data["colocated"]):
             if phase and phase["speculative"] is None:       # off: the JSON as it was before
                 del phase["speculative"], phase["num_speculative_tokens"]
+            if phase and phase["draft_devices"] is None:       # in-process: likewise
+                del phase["draft_devices"]
             if phase and phase["prefix_caching"]:            # the default: likewise
                 del phase["prefix_caching"]
         return data
