@@ -131,8 +131,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-output-tokens", type=int, default=None, help="cap a named workload's outputs")
     p.add_argument("--algorithm", choices=("low", "high", "both"), default="both")
     p.add_argument("--modes", type=parse_modes, default=("split", "adaptive", "colocated"),
-                   help="how the placements may be served: split, adaptive, colocated (comma-"
-                        "separated; colocated needs the baseline; default: all three)")
+                   help="how the placements may be served: split, adaptive, adaptive-shared (a "
+                        "decode instance on each prefill instance's cores too), colocated (comma-"
+                        "separated; colocated needs the baseline; default: split, adaptive, colocated)")
     p.add_argument("--out", help="write a deploy.deployment.Deployment JSON (CPU hosts)")
     p.add_argument("--json", help="write the plan as JSON")
     prof = sub.add_parser("profile", help="profile our engine on one core, fit the latency model")
@@ -166,7 +167,7 @@ def describe(p: Placement | None) -> str:
     if p.decode is not None:
         parts.append(f"decode tp{p.decode.tp} pp{p.decode.pp} x{p.num_decode}")
     units = f" per unit, {p.num_units} unit(s)" if p.algorithm == "low" else ""
-    served = f", served {p.mode}" if p.decode is not None else ""
+    served = f", served {p.label}" if p.decode is not None else ""
     return (f"{p.algorithm:9s} {', '.join(parts)}{units}{served}: {p.goodput:.3g} req/s on "
             f"{p.num_devices} devices = {p.per_device:.3g} req/s/device")
 
@@ -200,10 +201,11 @@ def run_plan(args: argparse.Namespace) -> dict:
             modes.append(doc["colocated"].pop("_placement"))
     doc.get("colocated", {}).pop("_placement", None)
     for p in modes:
-        print(f"  {p.mode:9s} ({p.algorithm}): {p.goodput:.3g} req/s = {p.per_device:.3g} req/s/device")
+        print(f"  {p.label:15s} ({p.algorithm}): {p.goodput:.3g} req/s = {p.per_device:.3g} req/s/device")
     best = choose(modes) or best
     doc["modes"] = [_plan_dict(p) for p in modes]
     doc["chosen"], doc["mode"] = _plan_dict(best), best.mode if best else None
+    doc["served_as"] = best.label if best else None
     print(f"chosen: {describe(best).strip()}" if best else "chosen: none fits")
     gain = (doc.get("colocated") or {}).get("gain_per_device")
     if gain is not None and gain < 1 and "colocated" not in args.modes:
@@ -232,7 +234,7 @@ def _baseline(planner: Planner, table, best: Placement | None) -> dict:
 
 
 def _plan_dict(p: Placement | None) -> dict | None:
-    return None if p is None else {**asdict(p), "per_device": p.per_device}
+    return None if p is None else {**asdict(p), "per_device": p.per_device, "served_as": p.label}
 
 
 def deployment_for(best: Placement, target: Target, args: argparse.Namespace):
@@ -262,7 +264,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         save_deployment(dep, best.mode, args.out)
         print(f"cores: {describe_cores(dep)}")
-        print(f"wrote {args.out}, mode {best.mode} (serve it: python -m deploy serve --deployment "
+        print(f"wrote {args.out}, mode {best.label} (serve it: python -m deploy serve --deployment "
               f"{args.out})")
     return 0
 

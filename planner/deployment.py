@@ -172,6 +172,8 @@ def placement_config(planner: Planner, p: Placement) -> SimConfig:
     config = SimConfig("disaggregated", space.instance(cluster.device, p.prefill.tp, p.prefill.pp),
                        space.instance(cluster.device, p.decode.tp, p.decode.pp),
                        p.num_prefill * units, p.num_decode * units, link, space.kv_bytes_per_token)
+    if p.shared_cores:
+        config = config.shared()
     return config.adaptive(planner.slo) if p.mode == "adaptive" else config
 
 
@@ -202,10 +204,11 @@ def to_deployment(p: Placement, model_path: str = DEFAULT_MODEL_PATH, num_kv_blo
     n, m = p.num_prefill * units, p.num_decode * units
     prefill_cores, nxt = _core_sets(0, n, p.prefill.num_devices)
     decode_cores, _ = _core_sets(nxt, m, p.decode.num_devices)
-    return Deployment(model_path=model_path, dtype=dtype, kv_dtype=kv_dtype, block_size=block_size,
-                      prefill=PhaseSpec(num_instances=n, devices=prefill_cores, **common),
-                      decode=PhaseSpec(num_instances=m, devices=decode_cores, **common),
-                      check_host=False, **extra)
+    dep = Deployment(model_path=model_path, dtype=dtype, kv_dtype=kv_dtype, block_size=block_size,
+                     prefill=PhaseSpec(num_instances=n, devices=prefill_cores, **common),
+                     decode=PhaseSpec(num_instances=m, devices=decode_cores, **common),
+                     check_host=False, **extra)
+    return with_decode_on_prefill_cores(dep) if p.shared_cores else dep
 
 
 def serving(dep: Deployment, mode: str) -> Deployment:
@@ -264,6 +267,24 @@ def _tp(phase: PhaseSpec, what: str) -> int:
     return sizes.pop()
 
 
+def _shared_decode(dep: Deployment) -> int:
+    """How many decode instances run on a prefill instance's devices (with_decode_on_prefill_cores):
+    each on exactly one prefill instance's, one per prefill instance; any other overlap cannot
+    be simulated."""
+    if dep.prefill.device != dep.decode.device:
+        return 0
+    pre = [frozenset(d) if isinstance(d, tuple) else frozenset([d]) for d in dep.prefill.devices]
+    dec = [frozenset(d) if isinstance(d, tuple) else frozenset([d]) for d in dep.decode.devices]
+    shared = [d for d in dec if d in pre]
+    if len(set(shared)) != len(shared) or \
+            any(d & p for d in dec for p in pre if d not in shared):
+        raise ValueError("decode instances overlap prefill instances' devices other than one decode "
+                         "instance on exactly one prefill instance's: cannot be simulated")
+    if len(shared) == len(dec):
+        raise ValueError("every decode instance runs on a prefill instance's devices: cannot be simulated")
+    return len(shared)
+
+
 def deployment_configs(dep: Deployment, target: Target, mode: str = "split") -> dict[str, SimConfig]:
     """One simulator config per system the deployment serves ('disaggregated', 'colocated');
     `mode` adaptive: the disaggregated one served adaptively with the deployment's SLOs."""
@@ -276,9 +297,10 @@ def deployment_configs(dep: Deployment, target: Target, mode: str = "split") -> 
     if "disaggregated" in dep.systems:
         pre = target.instance(_tp(dep.prefill, "prefill"), dep.prefill, bs)
         dec = target.instance(_tp(dep.decode, "decode"), dep.decode, bs)
+        shared = _shared_decode(dep)
         out["disaggregated"] = SimConfig("disaggregated", pre, dec, dep.prefill.num_instances,
-                                         dep.decode.num_instances, target.link,
-                                         target.kv_bytes_per_token)
+                                         dep.decode.num_instances - shared, target.link,
+                                         target.kv_bytes_per_token, num_shared_decode=shared)
         if mode == "adaptive":
             out["disaggregated"] = out["disaggregated"].adaptive(SLO(dep.slo_ttft_s, dep.slo_tpot_s))
     if "colocated" in dep.systems:

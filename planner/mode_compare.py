@@ -1,4 +1,4 @@
-"""Simulated goodput of pure split, adaptive, colocated and chunked on this machine's profile, for
+"""Simulated goodput of pure split, adaptive, adaptive-shared, colocated and chunked on this machine's profile, for
 the settings of docs/goodput (no servers).
 
     python -m planner.mode_compare docs/goodput/raw/compare-*.json.gz \\
@@ -14,8 +14,11 @@ caps (load_workload, seed 0), not the 40 requests measured. Each setting is judg
   prompt (TTFT: the prompt's prefill; TPOT: its decode steps over the median output), what the
   benchmark would set today (runs with absolute SLOs have no multiples and are judged once).
 Systems: split (the disaggregated deployment), adaptive (the same instances, every request
-routed by backends.core.router.route: planner/sim_routing.py), colocated and chunked-512 (the
-run's baselines). Goodput: the planner's rate search (planner.rate_search.goodput) over
+routed by backends.core.router.route: planner/sim_routing.py), adaptive-shared (adaptive plus a
+decode instance on the prefill core, time-sliced with prefill: SimConfig.shared), colocated and
+chunked-512 (the run's baselines; where the run served none, the deployments `client.bench
+compare` serves). Beside each: the goodput the run measured, where it served that system
+(the "as run" row only: those are its SLOs). Goodput: the planner's rate search (planner.rate_search.goodput) over
 seeded Poisson probes, each with one request lifetime of warm-up and at least 4 lifetimes,
 30 s and 300 requests counted; one search per seed (--seeds) to show the sampling noise.
 At each adaptive goodput the run is repeated once to record where the router sent requests.
@@ -26,7 +29,7 @@ import argparse
 import json
 import math
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -38,7 +41,8 @@ from planner.fidelity import read_json
 from planner.rate_search import SLO, cycle, goodput, lifetime, make_probe
 from planner.simulator import SimConfig, simulate
 
-SYSTEMS = ("split", "adaptive", "colocated", "chunked-512")
+SYSTEMS = ("split", "adaptive", "adaptive-shared", "colocated", "chunked-512")
+CHOICES = ("split", "colocated", "adaptive", "adaptive-shared")   # the planner's modes, simpler first
 POOL = 2000
 NOTES = "<!-- notes: kept when the command rewrites the table above -->"
 
@@ -58,14 +62,28 @@ def single_request(target: Target, lengths: Sequence[tuple[int, int]]) -> tuple[
 
 
 def configs(compare: dict[str, Any], target: Target, slo: SLO) -> dict[str, SimConfig]:
+    """Each system simulated on its deployment as run; a system the run did not serve on the
+    2-core deployments `client.bench compare` would have used."""
+    from deploy.deployment import colocated_deployment
     deps = {s["system"]["name"]: Deployment.from_dict(s["system"]["deployment"], check_host=False)
             for s in compare["systems"]}
-    split = deployment_configs(deps["disaggregated"], target)["disaggregated"]
-    out = {"split": split, "adaptive": split.adaptive(slo),
-           "colocated": deployment_configs(deps["colocated"], target)["colocated"]}
-    if "chunked-512" in deps:
-        out["chunked-512"] = deployment_configs(deps["chunked-512"], target)["colocated"]
-    return out
+    ours = next(deps[n] for n in ("disaggregated", "adaptive", "adaptive-shared") if n in deps)
+    split = replace(deployment_configs(ours, target)["disaggregated"].split(), num_shared_decode=0)
+    model, cores = ours.model_path, len(set().union(*(ph.all_devices() for ph in ours.phases().values())))
+    colocated = deps.get("colocated") or colocated_deployment(model, cores)
+    chunked = deps.get("chunked-512") or colocated_deployment(model, cores, chunked_prefill=True,
+                                                              token_budget=512)
+    return {"split": split, "adaptive": split.adaptive(slo),
+            "adaptive-shared": split.shared().adaptive(slo),
+            "colocated": deployment_configs(colocated, target)["colocated"],
+            "chunked-512": deployment_configs(chunked, target)["colocated"]}
+
+
+def measured(compare: dict[str, Any]) -> dict[str, float]:
+    """The run's own goodput per system, under this module's names."""
+    names = {"disaggregated": "split"}
+    return {names.get(s["system"]["name"], s["system"]["name"]): s["goodput_rps"]
+            for s in compare["systems"] if s.get("goodput_rps") is not None}
 
 
 def search(config: SimConfig, lengths, slo: SLO, seed: int) -> float:
@@ -97,26 +115,27 @@ def setting(name: str, compare: dict[str, Any], target: Target, lengths, slo: SL
     cfgs = configs(compare, target, slo)
     found = {s: [search(c, lengths, slo, seed) for seed in seeds] for s, c in cfgs.items()}
     mean = {s: float(np.mean(g)) for s, g in found.items()}
-    chosen = max(("split", "colocated", "adaptive"), key=lambda s: mean[s])      # ties: simpler
+    chosen = max(CHOICES, key=lambda s: mean[s])                                 # ties: simpler
     print(f"{name}: " + ", ".join(f"{s} {'/'.join(f'{g:.3g}' for g in v)}" for s, v in found.items())
           + f" -> {chosen}", flush=True)
     return {"name": name, "slo": asdict(slo), "goodput": found, "mean": mean, "chosen": chosen,
+            "measured": measured(compare),
             "adaptive_routes": routes_at(cfgs["adaptive"], lengths, slo, mean["adaptive"])
             if mean["adaptive"] > 0 else None}
 
 
-def run(path: Path, target: Target, seeds: Sequence[int]) -> list[dict[str, Any]]:
+def run(path: Path, target: Target, seeds: Sequence[int], rescale: bool = True) -> list[dict[str, Any]]:
     compare = read_json(path)
     name = path.name.split(".")[0].removeprefix("compare-")
     lengths = pool_lengths(compare["workload"])
     s = compare["slo"]
     out = [{**setting(f"{name} (as run)", compare, target, lengths, SLO(s["ttft_s"], s["tpot_s"]), seeds),
             "workload": compare["workload"], "slo_source": "as run"}]
-    if s.get("mode") == "relative":
+    if s.get("mode") == "relative" and rescale:
         ttft1, tpot1 = single_request(target, lengths)
         slo = SLO(s["ttft_multiple"] * ttft1, s["tpot_multiple"] * tpot1)
         out.append({**setting(f"{name} (rescaled)", compare, target, lengths, slo, seeds),
-                    "workload": compare["workload"],
+                    "measured": {}, "workload": compare["workload"],
                     "slo_source": f"{s['ttft_multiple']}x / {s['tpot_multiple']}x this profile's "
                                   f"single request ({ttft1:.3f} s / {tpot1 * 1e3:.1f} ms)"})
     return out
@@ -126,19 +145,22 @@ def markdown(results: Sequence[dict[str, Any]], command: str, png: str) -> str:
     lines = ["# Adaptive disaggregation in the simulator: split vs adaptive vs colocated", "",
              f"Command: `{command}` (planner/mode_compare.py says how).", "",
              "Goodput (req/s, 2 cores, >= 90% of requests within both SLOs), one search per seed "
-             "(seed 0 / seed 1); **bold**: the planner's choice among split, adaptive and colocated "
-             "(the highest mean). Routes: where the router sent the requests at the adaptive "
-             "goodput (share local, share held first for KV, mean prompt of each).", "",
-             "| setting | SLO TTFT / TPOT | split | adaptive | colocated | chunked-512 | adaptive / split "
-             "| adaptive / best other | routes at adaptive goodput |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "(seed 0 / seed 1), then in brackets the goodput the run measured where it served "
+             "that system; **bold**: the planner's choice among split, adaptive, adaptive-shared "
+             "and colocated (the highest mean). Routes: where the router sent the requests at "
+             "the adaptive goodput (share local, share held first for KV, mean prompt of each).", "",
+             "| setting | SLO TTFT / TPOT | split | adaptive | adaptive-shared | colocated | chunked-512 "
+             "| adaptive / split | best adaptive / best other | routes at adaptive goodput |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
-        g, m = r["goodput"], r["mean"]
+        g, m, real = r["goodput"], r["mean"], r.get("measured", {})
 
         def cell(s: str) -> str:
             text = " / ".join(f"{v:.3g}" for v in g[s]) if s in g else "-"
-            return f"**{text}**" if s == r["chosen"] else text
-        others = max(m[s] for s in m if s != "adaptive")
+            text = f"**{text}**" if s == r["chosen"] else text
+            return text + (f" [{real[s]:.3g}]" if s in real else "")
+        others = max(m[s] for s in m if not s.startswith("adaptive"))
+        best_adaptive = max(m[s] for s in m if s.startswith("adaptive"))
         ro = r["adaptive_routes"]
         routes = "-" if ro is None else (
             f"{100 * ro['local'] / max(1, ro['local'] + ro['split']):.0f}% local (prompt "
@@ -146,9 +168,9 @@ def markdown(results: Sequence[dict[str, Any]], command: str, png: str) -> str:
             f"{100 * ro['waited'] / max(1, ro['local'] + ro['split']):.0f}% held")
         ratio = lambda a, b: f"{a / b:.2f}x" if b else "-"      # noqa: E731
         lines.append(f"| {r['name']} | {r['slo']['ttft']:.3g} s / {1e3 * r['slo']['tpot']:.3g} ms | "
-                     f"{cell('split')} | {cell('adaptive')} | {cell('colocated')} | "
-                     f"{cell('chunked-512')} | {ratio(m['adaptive'], m['split'])} | "
-                     f"{ratio(m['adaptive'], others)} | {routes} |")
+                     f"{cell('split')} | {cell('adaptive')} | {cell('adaptive-shared')} | "
+                     f"{cell('colocated')} | {cell('chunked-512')} | {ratio(m['adaptive'], m['split'])} | "
+                     f"{ratio(best_adaptive, others)} | {routes} |")
     lines += ["", f"![goodput]({png})", ""]
     return "\n".join(lines)
 
@@ -160,7 +182,7 @@ def plot(results: Sequence[dict[str, Any]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(results)), 4.0))
     width = 0.8 / len(SYSTEMS)
     for i, s in enumerate(SYSTEMS):
-        xs = [j + (i - 1.5) * width for j in range(len(results))]
+        xs = [j + (i - (len(SYSTEMS) - 1) / 2) * width for j in range(len(results))]
         ax.bar(xs, [r["mean"].get(s, 0.0) for r in results], width, label=s)
     ax.set_xticks(range(len(results)))
     short = [r["name"].replace("chatbot-history-", "chatbot\n").replace("abs-slo-new-engine", "abs-slo")
@@ -179,9 +201,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", type=Path, default=Path("docs/profile_cpu.json"))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--out", type=Path, default=Path("docs/adaptive_sim"))
+    p.add_argument("--no-rescale", action="store_true",
+                   help="judge relative-SLO runs only at the SLOs they ran with")
     args = p.parse_args(argv)
     target = load_target(args.profile)
-    results = [r for path in args.compare for r in run(path, target, args.seeds)]
+    results = [r for path in args.compare for r in run(path, target, args.seeds, not args.no_rescale)]
     command = "python -m planner.mode_compare " + " ".join(sys.argv[1:] if argv is None else map(str, argv))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     png = args.out.with_suffix(".png")

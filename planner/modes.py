@@ -4,6 +4,10 @@
 - adaptive: the same instances; each request routed by backends.core.router.route (split, or
   prefilled locally in chunks inside a decode instance's steps), simulated by
   SimConfig.adaptive (planner/sim_routing.py).
+- adaptive-shared: adaptive, plus one decode instance on each prefill instance's cores
+  (planner.deployment.with_decode_on_prefill_cores; the router takes a local option that meets
+  both SLOs first). The simulator time-slices the shared cores (SimConfig.shared). Offered
+  where prefill and decode instances are alike in size (same tp, pp 1).
 - colocated: every instance runs both phases (plan_colocated, the vLLM-style baseline).
 
 A disaggregated placement's split and adaptive goodputs are searched on the deployment its
@@ -18,10 +22,11 @@ from dataclasses import replace
 from typing import Iterable, Sequence
 
 from planner.placement import checked_on
-from planner.search import SERVE_MODES, Placement, Planner, goodput
+from planner.search import Placement, Planner, goodput
 from planner.simulator import SimConfig
 
-SIMPLER_FIRST = ("split", "colocated", "adaptive")
+SIMPLER_FIRST = ("split", "colocated", "adaptive", "adaptive-shared")
+PLAN_MODES = ("split", "adaptive", "adaptive-shared", "colocated")
 
 
 def mode_goodputs(planner: Planner, placement: Placement,
@@ -29,6 +34,9 @@ def mode_goodputs(planner: Planner, placement: Placement,
     """Goodput of a disaggregated placement served each way (req/s of the whole placement)."""
     config, factor = checked_on(planner, placement)
     configs = {"split": config, "adaptive": config.adaptive(planner.slo)}
+    if "adaptive-shared" in modes and can_share(placement):
+        configs["adaptive-shared"] = config.shared().adaptive(planner.slo)
+    modes = [m for m in modes if m in configs]
     guess = max(placement.goodput / factor, 1e-3)
     scale = config.num_prefill + config.num_decode
     return {mode: factor * goodput(planner.probe(configs[mode], scale), planner.slo.target, guess,
@@ -36,12 +44,19 @@ def mode_goodputs(planner: Planner, placement: Placement,
             for mode in modes}
 
 
+def can_share(placement: Placement) -> bool:
+    """A decode instance fits on a prefill instance's devices: the same tp, no pipeline."""
+    return placement.decode is not None and placement.prefill.pp == placement.decode.pp == 1 \
+        and placement.prefill.tp == placement.decode.tp
+
+
 def serve_modes(planner: Planner, placement: Placement,
                 modes: Sequence[str] = ("split", "adaptive")) -> list[Placement]:
-    """The placement once per mode, each with its goodput (the placement's own check kept in
-    notes as `checked_goodput`)."""
+    """The placement once per mode (adaptive-shared: where `can_share`), each with its goodput
+    (the placement's own check kept in notes as `checked_goodput`)."""
     found = mode_goodputs(planner, placement, [m for m in modes if m != "colocated"])
-    return [replace(placement, mode=mode, goodput=g,
+    return [replace(placement, mode="adaptive" if mode == "adaptive-shared" else mode,
+                    shared_cores=mode == "adaptive-shared", goodput=g,
                     notes={**placement.notes, "checked_goodput": placement.goodput})
             for mode, g in found.items()]
 
@@ -49,14 +64,14 @@ def serve_modes(planner: Planner, placement: Placement,
 def choose(candidates: Iterable[Placement | None]) -> Placement | None:
     """The highest goodput per device, then the higher goodput, then the simpler mode."""
     return max((c for c in candidates if c is not None),
-               key=lambda c: (c.per_device, c.goodput, -SIMPLER_FIRST.index(c.mode)), default=None)
+               key=lambda c: (c.per_device, c.goodput, -SIMPLER_FIRST.index(c.label)), default=None)
 
 
 def parse_modes(text: str) -> tuple[str, ...]:
     modes = tuple(dict.fromkeys(m.strip() for m in text.split(",") if m.strip()))
-    bad = [m for m in modes if m not in SERVE_MODES]
+    bad = [m for m in modes if m not in PLAN_MODES]
     if not modes or bad:
-        raise ValueError(f"modes must be names from {SERVE_MODES}, got {text!r}")
+        raise ValueError(f"modes must be names from {PLAN_MODES}, got {text!r}")
     return modes
 
 
@@ -75,9 +90,14 @@ def same_devices(dep, target, slo) -> dict[str, SimConfig]:
     split_dep = replace(dep, systems=("disaggregated",), colocated=None)
     out = {"split": deployment_configs(split_dep, target)["disaggregated"]}
     out["adaptive"] = out["split"].adaptive(slo)
+    split = out["split"]
+    if not split.num_shared_decode and split.prefill.latency.tp == split.decode.latency.tp and \
+            split.prefill.latency.pp == split.decode.latency.pp == 1:
+        out["adaptive-shared"] = split.shared().adaptive(slo)
+    devices = tuple(dict.fromkeys(dep.prefill.devices + dep.decode.devices))   # shared ones once
     colocated = dep.colocated or PhaseSpec(
-        device=dep.decode.device, num_instances=dep.prefill.num_instances + dep.decode.num_instances,
-        devices=dep.prefill.devices + dep.decode.devices, num_kv_blocks=dep.decode.num_kv_blocks,
+        device=dep.decode.device, num_instances=len(devices),
+        devices=devices, num_kv_blocks=dep.decode.num_kv_blocks,
         max_num_seqs=dep.decode.max_num_seqs, max_num_batched_tokens=dep.prefill.max_num_batched_tokens)
     try:
         out["colocated"] = deployment_configs(replace(dep, colocated=colocated, systems=("colocated",)),

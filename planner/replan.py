@@ -43,7 +43,7 @@ import numpy as np
 
 from planner.deployment import (Target, best_of, deployment_configs, deployment_mode, describe_cores,
                                 load_deployment, placement_config, search)
-from planner.modes import recommend, same_devices
+from planner.modes import parse_modes, recommend, same_devices
 from planner.placement import plan_colocated
 from planner.search import SLO, Planner, goodput
 from planner.simulator import Request, SimConfig, Simulator, make_requests
@@ -257,19 +257,24 @@ def _colocated(planner: Planner, target: Target, trace: Trace) -> dict[str, Any]
             "trace": evaluate(placement_config(planner, colo), trace, planner.slo)}
 
 
-def _modes(dep, target: Target, planner: Planner, trace: Trace, mode: str) -> dict[str, Any]:
-    """The deployment's devices served each way: goodput and the trace, and the advice."""
+def _modes(dep, target: Target, planner: Planner, trace: Trace, mode: str,
+           modes: Sequence[str] | None = None) -> dict[str, Any]:
+    """The deployment's devices served each way (those of `modes`, and its own): goodput and
+    the trace, and the advice."""
     guess = trace.rate if math.isfinite(trace.rate) else 1.0
     found = {m: {"trace": evaluate(config, trace, planner.slo),
                  "goodput": config_goodput(planner, config, guess)}
-             for m, config in same_devices(dep, target, planner.slo).items()}
+             for m, config in same_devices(dep, target, planner.slo).items()
+             if modes is None or m in modes or m == mode}
     return {"by_mode": found, **recommend(mode, found)}
 
 
 def replan(dep, target: Target, trace: Trace, planner_for: Callable[[list], Planner],
-           plan: bool = True, max_grow: int = 8, mode: str | None = None) -> dict[str, Any]:
+           plan: bool = True, max_grow: int = 8, mode: str | None = None,
+           modes: Sequence[str] | None = None) -> dict[str, Any]:
     """The whole report as a dict (see the module docstring); `mode`: how `dep` is served
-    (default: deployment_mode)."""
+    (default: deployment_mode); `modes`: the other ways to serve its devices to weigh
+    (planner.modes.PLAN_MODES; default: all)."""
     mode = deployment_mode(dep, mode)
     planner = planner_for(list(trace.lengths))
     slo = planner.slo
@@ -287,7 +292,7 @@ def replan(dep, target: Target, trace: Trace, planner_for: Callable[[list], Plan
                           "chosen": _chosen(planner, trace, doc["current"]),
                           "colocated": _colocated(planner, target, trace) if target.measured_here else None}
         doc["sized_for_trace"] = size_for_rate(planner, trace, max_grow)
-    doc["modes"] = _modes(dep, target, planner, trace, mode)
+    doc["modes"] = _modes(dep, target, planner, trace, mode, modes)
     doc["num_sims"] = planner.num_sims
     return doc
 
@@ -382,6 +387,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grow", type=int, default=8, help="max instances added when sizing for the trace")
     p.add_argument("--no-search", action="store_true", help="only check the current deployment")
     p.add_argument("--json", help="write the report as JSON")
+    p.add_argument("--modes", type=parse_modes, default=None,
+                   help="the ways to serve the same devices to weigh (comma-separated: split, "
+                        "adaptive, adaptive-shared, colocated; default: all)")
 
 
 def cmd_replan(args: argparse.Namespace, target: Target, planner_for: Callable[[list], Planner]) -> int:
@@ -405,7 +413,8 @@ def cmd_replan(args: argparse.Namespace, target: Target, planner_for: Callable[[
     if args.devices is None and dep.prefill.device == "cpu":
         used = set().union(*(ph.all_devices() for ph in dep.phases().values()))
         args.devices = f"1x{len(used)}"
-    doc = replan(dep, target, trace, planner_for, plan=not args.no_search, max_grow=args.grow, mode=mode)
+    doc = replan(dep, target, trace, planner_for, plan=not args.no_search, max_grow=args.grow, mode=mode,
+                 modes=args.modes)
     print(report(doc))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

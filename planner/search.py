@@ -132,11 +132,19 @@ class Placement:
     num_devices: int                    # devices the placement uses
     notes: dict = field(default_factory=dict)
     mode: ServeMode = "split"           # how it is served (planner/modes.py)
+    shared_cores: bool = False          # adaptive plus a decode instance on each prefill's cores
 
     def __post_init__(self) -> None:
         if self.mode not in SERVE_MODES or (self.mode == "colocated") != (self.decode is None):
             raise ValueError(f"a placement {'without' if self.decode is None else 'with'} decode "
                              f"instances cannot be served as {self.mode!r}")
+        if self.shared_cores and self.mode != "adaptive":
+            raise ValueError(f"decode instances on prefill's cores are served adaptive, not {self.mode!r}")
+
+    @property
+    def label(self) -> str:
+        """How it is served, as the planner names it (planner.modes.PLAN_MODES)."""
+        return "adaptive-shared" if self.shared_cores else self.mode
 
     @property
     def per_device(self) -> float:

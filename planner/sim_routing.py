@@ -78,6 +78,8 @@ class Routing:
         pre, dec = sim.config.prefill.latency, sim.config.decode.latency
         self.predictor = PhasePredictor(LatencyModelPredictor(pre), LatencyModelPredictor(dec))
         self.decode_predictor = self.predictor.decode
+        # as the dispatcher of a deployment whose prefill and decode instances share cores
+        self.prefer_local = sim.config.num_shared_decode > 0
 
     @staticmethod
     def _name(e: _Engine) -> str:
@@ -105,7 +107,7 @@ class Routing:
         while self.held:
             rec = self.held[0]
             decision = route(rec.req.prompt_len, rec.req.output_len, self.slo, *self.states(),
-                             self.predictor)
+                             self.predictor, prefer_local=self.prefer_local)
             if decision.chosen is None:
                 return
             self.held.popleft()

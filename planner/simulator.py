@@ -23,6 +23,14 @@ An instance of pipeline degree pp is pp virtual engines (each its own scheduler,
 batch; one KV cache between them) sharing the first pipeline stage: a batch holds the stage
 for the latency model's stage time and is done pp stage times later. At pp = 1 that is the
 plain engine.
+
+Shared cores (`num_shared_decode` k): decode instances num_decode..num_decode+k-1 run on the
+cores of prefill instances 0..k-1 (planner.deployment.with_decode_on_prefill_cores: where
+prefill idles, its cores decode). The OS time-slices the two processes, modelled as processor
+sharing: while both instances have a step in flight, each progresses at half speed, so a step
+ends when its latency-model time of work is done (`_Cores`). The router sees only each
+instance's own state (as the servers), so the slow-down is what no prediction sees; like the
+dispatcher on such a deployment, it takes a local option that meets both SLOs first.
 """
 from __future__ import annotations
 
@@ -73,6 +81,7 @@ class SimConfig:
     link: Link | None = None                     # None: KV copies take no time
     kv_bytes_per_token: float = 0.0
     slo: RouterSLO | None = None                 # adaptive: the SLOs the router routes by
+    num_shared_decode: int = 0                   # decode instances on prefill instances' cores
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -83,6 +92,12 @@ class SimConfig:
             raise ValueError(f"mode {self.mode} needs a decode InstanceSpec")
         if self.num_prefill < 1 or self.num_decode < 1:
             raise ValueError("instance counts must be >= 1")
+        if self.num_shared_decode:
+            if self.mode not in SPLIT_MODES or not 0 < self.num_shared_decode <= self.num_prefill:
+                raise ValueError(f"num_shared_decode must be in [0, num_prefill] in a split mode, "
+                                 f"got {self.num_shared_decode} ({self.mode}, {self.num_prefill} prefill)")
+            if self.prefill.latency.pp > 1 or self.decode.latency.pp > 1:
+                raise ValueError("shared cores are simulated for pp = 1 instances only")
         if self.mode == "adaptive" and (self.slo is None or not self.decode.limits.chunked_prefill):
             raise ValueError("mode adaptive needs the SLOs to route by and decode instances with "
                              "chunked_prefill (their steps carry local prompts' chunks)")
@@ -101,6 +116,50 @@ class SimConfig:
             raise ValueError(f"only a disaggregated or adaptive config has a split, not {self.mode}")
         decode = replace(self.decode, limits=replace(self.decode.limits, chunked_prefill=False))
         return replace(self, mode="disaggregated", decode=decode, slo=None)
+
+    def shared(self) -> SimConfig:
+        """This config plus one decode instance on each prefill instance's cores."""
+        return replace(self, num_shared_decode=self.num_prefill)
+
+    @property
+    def num_decode_instances(self) -> int:
+        return self.num_decode + self.num_shared_decode
+
+
+class _Cores:
+    """Cores that two instances share: processor sharing, as the OS time-slices their
+    processes. Each step in flight has its latency-model time of work left; with n steps in
+    flight each progresses at 1/n speed. Every change re-plans the ends (`version`: older
+    planned ends are void)."""
+
+    def __init__(self) -> None:
+        self.active: dict[_Engine, list] = {}     # engine -> [work left (s), its batch]
+        self.since = 0.0
+        self.version = 0
+
+    def _advance(self, now: float) -> None:
+        if self.active:
+            done = (now - self.since) / len(self.active)
+            for entry in self.active.values():
+                entry[0] -= done
+        self.since = now
+
+    def start(self, sim: Simulator, e: _Engine, work: float, batch: Batch) -> None:
+        self._advance(sim.now)
+        self.active[e] = [work, batch]
+        self._plan(sim)
+
+    def end(self, sim: Simulator, e: _Engine) -> Batch:
+        self._advance(sim.now)
+        batch = self.active.pop(e)[1]
+        self._plan(sim)
+        return batch
+
+    def _plan(self, sim: Simulator) -> None:
+        self.version += 1
+        n = len(self.active)
+        for e, (left, _) in self.active.items():
+            sim._at(sim.now + max(0.0, left) * n, sim._shared_step_done, self, self.version, e)
 
 
 class _Stage:
@@ -125,6 +184,7 @@ class _Engine:
         self.blocks = blocks
         self.busy = False
         self.copy_free_at = 0.0             # decode: when its copy thread is free
+        self.cores: _Cores | None = None    # cores shared with another instance
         self.num_steps = self.num_preempted = self.peak_blocks = 0
 
     def load(self) -> int:
@@ -172,8 +232,11 @@ class Simulator:
         self.now = 0.0
         self.prefills = self._make("prefill", config.num_prefill, config.prefill,
                                    config.mode in (*SPLIT_MODES, "prefill"))
-        self.decodes = self._make("decode", config.num_decode, config.decode,
+        self.decodes = self._make("decode", config.num_decode_instances, config.decode,
                                   config.mode in (*SPLIT_MODES, "decode"))
+        for i in range(config.num_shared_decode):
+            cores = _Cores()
+            self.prefills[i].cores = self.decodes[config.num_decode + i].cores = cores
         self.colocated = self._make("both", config.num_prefill, config.prefill,
                                     config.mode == "colocated")
         self._validate()
@@ -263,6 +326,9 @@ class Simulator:
         e.peak_blocks = max(e.peak_blocks, e.blocks.num_used)
         e.num_preempted += len(batch.preempted)
         duration = e.step_time(batch)
+        if e.cores is not None:
+            e.cores.start(self, e, duration, batch)
+            return
         if stage.pp > 1:
             stage.busy = True
             self._at(self.now + duration, self._stage_free, stage)
@@ -272,6 +338,10 @@ class Simulator:
         stage.busy = False
         for e in stage.engines:
             self._poke(e)
+
+    def _shared_step_done(self, cores: _Cores, version: int, e: _Engine) -> None:
+        if version == cores.version:                       # else re-planned since
+            self._step_done(e, cores.end(self, e))
 
     def _step_done(self, e: _Engine, batch: Batch) -> None:
         """...update: the scheduler's own `update`, as in LLMEngine.step (tokens are dummies)."""

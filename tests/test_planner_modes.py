@@ -11,7 +11,8 @@ import pytest
 
 from deploy.deployment import default_deployment
 from planner.__main__ import main
-from planner.deployment import load_deployment, load_target, make_planner, save_deployment, serving
+from planner.deployment import (load_deployment, load_target, make_planner, save_deployment, serving,
+                                with_decode_on_prefill_cores)
 from planner.modes import recommend
 from planner.replan import Trace, replan
 from planner.search import SLO
@@ -85,12 +86,12 @@ def trace_of(lengths, rate: float, seed: int = 0) -> Trace:
     return Trace(tuple(arrivals.tolist()), tuple(lengths), "synthetic")
 
 
-def replan_modes(lengths, rate: float, slo: SLO, mode: str | None = None) -> dict:
+def replan_modes(lengths, rate: float, slo: SLO, mode: str | None = None, modes=None, dep=None) -> dict:
     target = load_target(CPU_PROFILE)
     planner_for = lambda lens: make_planner(target, lens, slo, "1x2", pps=(1,), max_num_seqs=32,  # noqa: E731
                                             num_requests=200, min_span_s=20, max_requests=3000)
-    doc = replan(default_deployment("models/x.gguf", 2), target, trace_of(lengths, rate),
-                 planner_for, plan=False, mode=mode)
+    doc = replan(dep or default_deployment("models/x.gguf", 2), target, trace_of(lengths, rate),
+                 planner_for, plan=False, mode=mode, modes=modes)
     return doc["modes"]
 
 
@@ -107,8 +108,26 @@ def test_replan_recommends_another_mode_where_it_pays():
 
 
 def test_replan_keeps_the_mode_where_no_other_pays():
-    m = replan_modes(summarization_like(120), 0.3, SLO(5.48, 0.174))
+    m = replan_modes(summarization_like(120), 0.3, SLO(5.48, 0.174),
+                     modes=("split", "adaptive", "colocated"))
+    assert set(m["by_mode"]) == {"split", "adaptive", "colocated"}
     assert m["current"] == "split" and m["recommend"] is None and "no mode gains" in m["why"]
+
+
+def test_replan_weighs_a_decode_instance_on_the_prefill_core():
+    """Summarization's prefill core idles between its long prompts: a decode instance there
+    (time-sliced with prefill in the simulator) is predicted to pay; a deployment served that
+    way is simulated with its shared core, and is not offered the same again."""
+    m = replan_modes(summarization_like(120), 0.3, SLO(5.48, 0.174))
+    found = m["by_mode"]
+    assert set(found) == {"split", "adaptive", "adaptive-shared", "colocated"}
+    assert m["recommend"] == "adaptive-shared" and m["gain"] >= 1.1
+    assert found["adaptive-shared"]["goodput"] > found["adaptive"]["goodput"]
+    shared = with_decode_on_prefill_cores(serving(default_deployment("models/x.gguf", 2), "adaptive"))
+    again = replan_modes(summarization_like(120), 0.3, SLO(5.48, 0.174), dep=shared)
+    assert again["current"] == "adaptive" and "adaptive-shared" not in again["by_mode"]
+    assert again["by_mode"]["adaptive"]["goodput"] == pytest.approx(found["adaptive-shared"]["goodput"], rel=0.05)
+    assert again["recommend"] is None
 
 
 def test_recommend_rule():
