@@ -2,9 +2,12 @@
 
 A decode (or colocated) instance's worker drives a `Speculator` (the deployment's
 decode.speculative): before each step `drafts()` asks `AdaptiveK` which sequences may pay,
-asks the drafter (spec_decode.py) for their proposals and cuts them to the lengths that
-maximise expected tokens per second; the engine verifies them (LLMEngine.step(drafts=...));
-after the step `observe()` feeds back what was accepted and what the step cost (`StepCost`).
+asks its `DraftSource` for their proposals and cuts them to the lengths that maximise expected
+tokens per second; the engine verifies them (LLMEngine.step(drafts=...)); after the step
+`observe()` tells the source the new tokens and feeds back what was accepted and what the step
+cost (`StepCost`). The source is a drafter (spec_decode.py) run in the step (`InProcess`), or
+one in a process of its own (backends/draft: decode.draft_devices) whose ready proposals are
+taken without waiting.
 k is 0 wherever drafting does not pay by these measurements, apart from a 1-token probe now
 and then. `tokens_per_step` (an EWMA of the tokens a decoding sequence gets per step) goes on
 the instance's status page, so the router divides a step's time by it to predict TPOT.
@@ -15,7 +18,7 @@ import bisect
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from backends.core.sequence import Sequence
 from backends.core.spec_decode import DRAFTERS, Drafter, SpecStats
@@ -206,13 +209,55 @@ class AdaptiveK:
         self.seqs.pop(req_id, None)
 
 
+@runtime_checkable
+class DraftSource(Protocol):
+    """Where a Speculator's proposals come from, per sequence."""
+
+    def draft(self, seq: Sequence, k: int) -> list[int]:
+        """Up to k tokens to follow `seq` as it is now ([]: none ready)."""
+        ...
+
+    def update(self, seqs: Iterable[Sequence]) -> None:
+        """These sequences have new tokens (or are new)."""
+        ...
+
+    def forget(self, req_id: str) -> None: ...
+
+    def stats(self) -> dict[str, float]: ...
+
+    def close(self) -> None: ...
+
+
+class InProcess:
+    """A Drafter run in the step thread, from the sequence's whole history."""
+
+    def __init__(self, drafter: Drafter) -> None:
+        self.drafter = drafter
+
+    def draft(self, seq: Sequence, k: int) -> list[int]:
+        return self.drafter.propose(seq.all_ids, k)
+
+    def update(self, seqs: Iterable[Sequence]) -> None:
+        pass
+
+    def forget(self, req_id: str) -> None:
+        pass
+
+    def stats(self) -> dict[str, float]:
+        return {}
+
+    def close(self) -> None:
+        pass
+
+
 class Speculator:
     """An instance's speculative decoding, as its worker drives it: `drafts()` before each step
     (the decoding sequences' drafts, sized by AdaptiveK), `observe()` after it (what was
-    accepted and what the step cost), `forget()` when a request leaves."""
+    accepted and what the step cost), `forget()` when a request leaves, `close()` at the end."""
 
-    def __init__(self, drafter: Drafter, policy: AdaptiveK) -> None:
-        self.drafter = drafter
+    def __init__(self, drafter: Drafter | DraftSource, policy: AdaptiveK) -> None:
+        """`drafter`: a DraftSource, or a Drafter to run in-process."""
+        self.source = drafter if isinstance(drafter, DraftSource) else InProcess(drafter)
         self.policy = policy
         self.counts = SpecStats()
         self.num_steps = 0                       # steps that verified at least one draft
@@ -224,14 +269,16 @@ class Speculator:
         seqs = [s for s in running if s.num_tokens - s.num_cached == 1 and not s.params.needs_history]
         if not seqs:
             return {}
+        self.source.update(seqs)
         want = self.policy.want([s.req_id for s in seqs])
         proposals = {}
         for s in seqs:
-            if want.get(s.req_id) and (draft := self.drafter.propose(s.all_ids, want[s.req_id])):
+            if want.get(s.req_id) and (draft := self.source.draft(s, want[s.req_id])):
                 proposals[s.req_id] = draft[:want[s.req_id]]
         return self.policy.choose(proposals, len(seqs))
 
-    def observe(self, batch: Batch, outputs: Iterable[StepOutput], seconds: float) -> None:
+    def observe(self, batch: Batch, outputs: list[StepOutput], seconds: float) -> None:
+        self.source.update(o.seq for o in outputs if not o.finished and not o.seq.params.needs_history)
         drafts = batch.drafts
         if len(batch.seqs) == batch.num_decodes + len(drafts):     # no prompt rows: a clean cost
             self.policy.observe_step(batch.num_tokens, seconds)
@@ -244,13 +291,17 @@ class Speculator:
                 self.counts.record(num_drafted, len(out.new_token_ids))
                 self.policy.record(out.req_id, num_drafted, min(len(out.new_token_ids) - 1, num_drafted))
             if out.finished:
-                self.policy.forget(out.req_id)
+                self.forget(out.req_id)
         if rows := batch.num_decodes + len(drafts):      # the step's yield, for the router
             step_yield = (batch.num_decodes + emitted) / rows
             self.tokens_per_step += YIELD_ALPHA * (step_yield - self.tokens_per_step)
 
     def forget(self, req_id: str) -> None:
         self.policy.forget(req_id)
+        self.source.forget(req_id)
+
+    def close(self) -> None:
+        self.source.close()
 
     def stats(self) -> dict[str, float]:
         c = self.counts
@@ -258,7 +309,7 @@ class Speculator:
                 "spec_proposed": c.num_draft_tokens, "spec_accepted": c.num_accepted_tokens,
                 "spec_emitted": c.num_emitted_tokens,
                 "spec_acceptance_ewma": round(self.policy.acceptance(), 4),
-                "tokens_per_step": round(self.tokens_per_step, 4)}
+                "tokens_per_step": round(self.tokens_per_step, 4), **self.source.stats()}
 
 
 def make_speculator(method: str, max_k: int, **policy_kw) -> Speculator:

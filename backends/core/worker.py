@@ -213,7 +213,8 @@ class EngineWorker:
                 **(self.speculator.stats() if self.speculator else {})}
 
     def close(self) -> None:
-        pass
+        if self.speculator:
+            self.speculator.close()          # a drafter process of its own: ended and reaped
 
     # -- phase hooks (the colocated defaults) ---------------------------------------------------
     def accepted(self, entry: Entry) -> list[Message]:

@@ -149,3 +149,4 @@ class DecodeWorker(EngineWorker):
     def close(self) -> None:
         self._copier.shutdown(wait=True)
         self.importer.close()
+        super().close()

@@ -37,6 +37,7 @@ from backends.core.spec_policy import Speculator, make_speculator
 from backends.core.worker import EngineWorker
 from backends.core.worker_loop import WorkerLoop
 from backends.decode.worker import DecodeWorker
+from backends.draft import remote_speculator
 from backends.prefill.worker import PrefillWorker
 from kvtransfer import make_exporter, make_importer
 
@@ -239,7 +240,7 @@ def build_decode_host(deployment: Any, index: int, send: Send,
     engine = LLMEngine(config, sd, _engine_config(deployment, deployment.decode, "decode", index),
                        **kw)
     instance_id = f"decode-{index}"
-    speculator = _speculator(deployment.decode)
+    speculator = _speculator(deployment, deployment.decode, index, config.vocab_size)
     worker = DecodeWorker(engine, make_importer(deployment.kv_transport, engine.kv), instance_id,
                           step_budget=_step_budget(deployment, speculator), speculator=speculator,
                           tpot_slo=deployment.slo_tpot_s if deployment.serving_mode == "adaptive"
@@ -247,11 +248,16 @@ def build_decode_host(deployment: Any, index: int, send: Send,
     return InstanceHost(worker, send, is_cancelled, on_step)
 
 
-def _speculator(phase: Any) -> Speculator | None:
-    """The phase's speculative decoding (PhaseSpec.speculative), or None when it is off."""
+def _speculator(deployment: Any, phase: Any, index: int, vocab_size: int) -> Speculator | None:
+    """Instance `index`'s speculative decoding (PhaseSpec.speculative), or None when it is off;
+    its drafter in a process of its own on the phase's draft_devices when they are set."""
     if phase.speculative is None:
         return None
-    return make_speculator(phase.speculative, phase.num_speculative_tokens)
+    cores = phase.draft_cores(index)
+    if cores is None:
+        return make_speculator(phase.speculative, phase.num_speculative_tokens)
+    return remote_speculator(phase.speculative, phase.num_speculative_tokens, cores, vocab_size,
+                             deployment.max_model_len)
 
 
 def _step_budget(deployment: Any, speculator: Speculator | None = None
@@ -283,5 +289,6 @@ def build_colocated_host(deployment: Any, index: int, send: Send,
                        **kw)
     instance_id = f"colocated-{index}"
     worker = ColocatedWorker(engine, instance_id, admission=deployment.admission(),
-                             speculator=_speculator(deployment.colocated))
+                             speculator=_speculator(deployment, deployment.colocated, index,
+                                                    config.vocab_size))
     return InstanceHost(worker, send, is_cancelled, on_step)
