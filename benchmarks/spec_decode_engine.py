@@ -3,7 +3,7 @@ on one pinned core, through the served decode path (a `Speculator`: the n-gram d
 by AdaptiveK, exactly what a decode instance runs with decode.speculative = "ngram").
 
     python -m benchmarks.spec_decode_engine [--core 0] [--max-k 4] [--max-tokens 96]
-        [--rounds 2] [--out docs/spec_decode]
+        [--rounds 2] [--remote-drafter [--draft-core 1]] [--out docs/spec_decode]
 
 For each workload (chatbot, code, summarization: client/bench/workloads.py, the served model's
 tokenizer, raw prompts, ignore_eos) one engine (the default model and deployment settings:
@@ -15,7 +15,11 @@ ratio, the acceptance rate (accepted / proposed draft tokens), tokens per verify
 decoding sequences' tokens per step (what the router divides a step's time by), and whether the
 greedy outputs are the same both ways (in float32 they are; in bfloat16 a verify row and a plain
 decode step can round a logit differently, which flips exact bf16 ties: the share of tokens
-before the first difference is reported). Writes <out>.json and <out>.md.
+before the first difference is reported). With --remote-drafter a third system runs beside
+the two, in the same rounds: the n-gram drafter in a process of its own on --draft-core
+(backends/draft, what decode.draft_devices serves), its proposals taken when ready, never
+waited for; reported beside the in-process drafter, with how many of its proposals served.
+Writes <out>.json and <out>.md.
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from backends.core.model_runner import pin_threads
 
@@ -57,35 +62,44 @@ def run_batch(engine, prompts: list[list[int]], params, speculator) -> dict:
     return {"tpots": tpots, "tokens": {r: t for r, t in sorted(tokens.items())}, "spec": counts}
 
 
-def measure(engine, groups: list[list[list[int]]], params, make_speculator, rounds: int) -> dict:
-    """ABBA rounds of none / ngram; each group of prompts runs together (batch 1: one prompt a
-    group). Medians over every request's TPOT; the speculator's counts summed over the last
-    round's groups."""
-    runs = {"none": [], "ngram": []}
-    outputs: dict[str, dict[str, list[int]]] = {"none": {}, "ngram": {}}
+def measure(engine, groups: list[list[list[int]]], params, speculators: dict, rounds: int) -> dict:
+    """ABBA rounds of none and each of `speculators` (name -> a new Speculator), in turn; each
+    group of prompts runs together (batch 1: one prompt a group). Medians over every request's
+    TPOT; each speculator's counts summed over the last round's groups. The in-process n-gram's
+    figures ("ngram") at the top level, any other's under its name."""
+    modes = ["none", *speculators]
+    runs: dict[str, list[float]] = {m: [] for m in modes}
+    outputs: dict[str, dict[str, list[int]]] = {m: {} for m in modes}
+    counts: dict[str, list[dict]] = {}
     run_batch(engine, groups[0], params, None)                        # warm-up (kernels)
     for r in range(rounds):
-        counts: list[dict] = []
-        for mode in (("none", "ngram") if r % 2 == 0 else ("ngram", "none")):
+        for mode in (modes if r % 2 == 0 else modes[::-1]):
+            counts[mode] = []
             for g, prompts in enumerate(groups):
-                res = run_batch(engine, prompts, params, make_speculator() if mode == "ngram" else None)
+                res = run_batch(engine, prompts, params, speculators[mode]() if mode != "none" else None)
                 runs[mode] += res["tpots"]
                 outputs[mode].update({f"{g}/{req}": t for req, t in res["tokens"].items()})
                 if res["spec"]:
-                    counts.append(res["spec"])
+                    counts[mode].append(res["spec"])
+    none = statistics.median(runs["none"])
+    figures = {m: figures_of(none, runs[m], outputs["none"], outputs[m], counts[m]) for m in speculators}
+    ngram = figures.pop("ngram")
+    return {"tpot_none_s": none, "tpot_ngram_s": ngram.pop("tpot_s"), **ngram, **figures,
+            "samples": len(runs["none"])}
+
+
+def figures_of(none: float, tpots: list[float], plain: dict, outputs: dict, counts: list[dict]) -> dict:
+    """One speculator's median TPOT, speedup over `none`, acceptance and output check."""
     spec = {k: sum(c[k] for c in counts) for k in ("spec_proposed", "spec_accepted",
                                                    "spec_emitted", "spec_verify_rows")}
-    none, ngram = statistics.median(runs["none"]), statistics.median(runs["ngram"])
-    proposed = spec["spec_proposed"]
-    return {"tpot_none_s": none, "tpot_ngram_s": ngram, "speedup": none / ngram,
+    tpot, proposed = statistics.median(tpots), spec["spec_proposed"]
+    return {"tpot_s": tpot, "speedup": none / tpot,
             "acceptance": spec["spec_accepted"] / proposed if proposed else 0.0,
             "tokens_per_verify_row": (spec["spec_emitted"] / spec["spec_verify_rows"]
                                       if spec["spec_verify_rows"] else None),
             "tokens_per_step": statistics.fmean(c["tokens_per_step"] for c in counts) if counts else None,
             "verify_rows": spec["spec_verify_rows"],
-            "identical_output": outputs["none"] == outputs["ngram"],
-            "common_prefix": common_prefix(outputs["none"], outputs["ngram"]),
-            "samples": len(runs["none"])}
+            "identical_output": plain == outputs, "common_prefix": common_prefix(plain, outputs)}
 
 
 def common_prefix(a: dict[str, list[int]], b: dict[str, list[int]]) -> float:
@@ -118,7 +132,74 @@ def write(results: dict, out: Path) -> None:
         lines.append(f"| {w} | {b} | {r['tpot_none_s'] * 1e3:.1f} | {r['tpot_ngram_s'] * 1e3:.1f} "
                      f"| {r['speedup']:.2f}x | {r['acceptance']:.1%} | {tvr} | {tps} "
                      f"| {'yes' if r['identical_output'] else 'no'} ({r['common_prefix']:.0%}) |")
+    if any("remote" in r for r in results["runs"].values()):
+        lines += remote_table(results)
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+def remote_table(results: dict) -> list[str]:
+    """The n-gram drafter in a process of its own beside the in-process one, same rounds."""
+    lines = ["", f"## The n-gram drafter in a process of its own (core {results['meta']['draft_core']})", "",
+             "Its proposals are verified when they are ready (never waited for). Proposals served: "
+             "draft() calls that found one aligned with the sequence; late: found one the sequence "
+             "had already left behind.", "",
+             "| workload | batch | TPOT none (ms) | TPOT in-process (ms) | TPOT own process (ms) | "
+             "own / in-process | acceptance | proposals served | late | same output |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for key, r in results["runs"].items():
+        w, b = key.split("/")
+        x, d = r["remote"], r["remote"]["drafter"]
+        lines.append(f"| {w} | {b} | {r['tpot_none_s'] * 1e3:.1f} | {r['tpot_ngram_s'] * 1e3:.1f} "
+                     f"| {x['tpot_s'] * 1e3:.1f} | {r['tpot_ngram_s'] / x['tpot_s']:.2f}x "
+                     f"| {x['acceptance']:.1%} | {d['drafts']} | {d['unaligned']} "
+                     f"| {'yes' if x['identical_output'] else 'no'} ({x['common_prefix']:.0%}) |")
+    return lines
+
+
+def speculators(args, engine, dep) -> tuple[dict, Any]:
+    """name -> a new Speculator for each run: the in-process n-gram, and with --remote-drafter
+    one drafting with a drafter process on --draft-core (shared by every run; returned too)."""
+    from backends.core.spec_policy import AdaptiveK, Speculator, make_speculator
+    out = {"ngram": lambda: make_speculator("ngram", args.max_k)}
+    if not args.remote_drafter:
+        return out, None
+    from backends.draft import remote_drafter
+    drafter = remote_drafter("ngram", args.max_k, (args.draft_core,), engine.model_config.vocab_size,
+                             dep.max_model_len)
+    if not drafter.wait_up(120):
+        drafter.close()
+        raise SystemExit("the drafter process did not come up in 120 s")
+    out["remote"] = lambda: Speculator(drafter, AdaptiveK(args.max_k))
+    return out, drafter
+
+
+def run_workloads(args, engine, path: str, systems: dict, drafter: Any) -> dict:
+    """measure() for each workload and batch size; the drafter process's counts per run."""
+    import dataclasses
+
+    from backends.core.sampling import SamplingParams
+    from client.bench.workloads import LengthCaps, WorkloadSpec, load_workload
+    runs = {}
+    for name in args.workloads:
+        spec = WorkloadSpec(name, max(BATCHES), seed=0,
+                            caps=LengthCaps(max_prompt_tokens=args.max_prompt,
+                                            max_output_tokens=args.max_tokens))
+        requests = load_workload(spec, path).requests
+        for batch in BATCHES:
+            prompts = [list(r.prompt_ids) for r in requests]
+            groups = [prompts[i:i + batch] for i in range(0, len(prompts), batch)]
+            params = SamplingParams(max_tokens=args.max_tokens, temperature=0, ignore_eos=True)
+            before = dataclasses.asdict(drafter.counts) if drafter else {}
+            r = runs[f"{name}/{batch}"] = measure(engine, groups, params, systems, args.rounds)
+            if drafter:
+                after = dataclasses.asdict(drafter.counts)
+                r["remote"]["drafter"] = {k: v - before[k] for k, v in after.items()}
+            print(f"{name:14s} batch {batch}: TPOT none {r['tpot_none_s'] * 1e3:6.1f} ms  ngram "
+                  f"{r['tpot_ngram_s'] * 1e3:6.1f} ms  {r['speedup']:.2f}x  acceptance "
+                  f"{r['acceptance']:.1%}  same output {r['identical_output']} "
+                  f"({r['common_prefix']:.0%} before the first difference)"
+                  + (f"  own process {r['remote']['tpot_s'] * 1e3:6.1f} ms" if drafter else ""), flush=True)
+    return runs
 
 
 def main() -> None:
@@ -134,14 +215,17 @@ def main() -> None:
                     help="activation dtype (default: the deployment's)")
     ap.add_argument("--out", type=Path, default=Path("/tmp/spec_decode"),
                     help="results prefix (.json, .md); docs/spec_decode for the record")
+    ap.add_argument("--remote-drafter", action="store_true",
+                    help="also the n-gram drafter in a process of its own (backends/draft), side by side")
+    ap.add_argument("--draft-core", type=int, default=None,
+                    help="that drafter's core (default: the core after --core)")
     args = ap.parse_args()
+    if args.draft_core is None:
+        args.draft_core = (args.core + 1) % (os.cpu_count() or 1)
     pin_threads([args.core])                        # before the first torch op
     import dataclasses
 
     from backends.core.engine import EngineConfig, LLMEngine
-    from backends.core.sampling import SamplingParams
-    from backends.core.spec_policy import make_speculator
-    from client.bench.workloads import LengthCaps, WorkloadSpec, load_workload
     from deploy.deployment import default_deployment
 
     dep = default_deployment(args.model) if args.model else default_deployment()
@@ -156,27 +240,18 @@ def main() -> None:
         role="both", weights=dep.weights,            # "both": it prefills too (untimed)
         prefix_caching=False))                       # every run prefills its prompts afresh
     load_before = [round(x, 2) for x in os.getloadavg()]
-    results = {"runs": {}}
-    for name in args.workloads:
-        spec = WorkloadSpec(name, max(BATCHES), seed=0,
-                            caps=LengthCaps(max_prompt_tokens=args.max_prompt,
-                                            max_output_tokens=args.max_tokens))
-        requests = load_workload(spec, path).requests
-        for batch in BATCHES:
-            prompts = [list(r.prompt_ids) for r in requests]
-            groups = [prompts[i:i + batch] for i in range(0, len(prompts), batch)]
-            params = SamplingParams(max_tokens=args.max_tokens, temperature=0, ignore_eos=True)
-            r = measure(engine, groups, params, lambda: make_speculator("ngram", args.max_k), args.rounds)
-            results["runs"][f"{name}/{batch}"] = r
-            print(f"{name:14s} batch {batch}: TPOT none {r['tpot_none_s'] * 1e3:6.1f} ms  ngram "
-                  f"{r['tpot_ngram_s'] * 1e3:6.1f} ms  {r['speedup']:.2f}x  acceptance "
-                  f"{r['acceptance']:.1%}  same output {r['identical_output']} "
-                  f"({r['common_prefix']:.0%} before the first difference)", flush=True)
+    systems, drafter = speculators(args, engine, dep)
+    try:
+        results = {"runs": run_workloads(args, engine, path, systems, drafter)}
+    finally:
+        if drafter:
+            drafter.close()
     results["meta"] = {"command": "python -m benchmarks.spec_decode_engine " + " ".join(sys.argv[1:]),
                        "machine": f"{os.cpu_count()} cores", "core": args.core,
                        "load_before": load_before,
                        "load_after": [round(x, 2) for x in os.getloadavg()],
-                       "max_tokens": args.max_tokens, "max_k": args.max_k, "rounds": args.rounds}
+                       "max_tokens": args.max_tokens, "max_k": args.max_k, "rounds": args.rounds,
+                       "draft_core": args.draft_core if drafter else None}
     write(results, args.out)
     print(f"wrote {args.out}.json and .md")
 

@@ -6,14 +6,21 @@ from __future__ import annotations
 from backends.core.spec_policy import AdaptiveK, Speculator
 from backends.draft.client import DrafterSpec, RemoteDrafter, aligned_draft
 
-__all__ = ["DrafterSpec", "RemoteDrafter", "aligned_draft", "remote_speculator"]
+__all__ = ["DrafterSpec", "RemoteDrafter", "aligned_draft", "remote_drafter", "remote_speculator"]
+
+
+def remote_drafter(method: str, max_k: int, cores: tuple[int, ...], vocab_size: int,
+                   max_len: int) -> RemoteDrafter:
+    """A drafter process pinned to `cores` for a Speculator of up to max_k draft tokens: its
+    proposals are 2 x max_k long (the rest of one the target partly accepted still serves a
+    step later)."""
+    return RemoteDrafter(DrafterSpec(method, num_draft=2 * max_k, vocab_size=vocab_size,
+                                     cores=tuple(cores), max_len=max_len))
 
 
 def remote_speculator(method: str, max_k: int, cores: tuple[int, ...], vocab_size: int,
                       max_len: int, **policy_kw) -> Speculator:
-    """A Speculator whose drafts come from a drafter process pinned to `cores`: proposals of
-    2 x max_k tokens (the rest of one the target partly accepted still serves a step later),
-    k adapted as for an in-process drafter (AdaptiveK, `policy_kw`)."""
-    spec = DrafterSpec(method, num_draft=2 * max_k, vocab_size=vocab_size, cores=tuple(cores),
-                       max_len=max_len)
-    return Speculator(RemoteDrafter(spec), AdaptiveK(max_k, **policy_kw))
+    """A Speculator drafting with `remote_drafter(...)`, k adapted as for an in-process drafter
+    (AdaptiveK, `policy_kw`)."""
+    return Speculator(remote_drafter(method, max_k, cores, vocab_size, max_len),
+                      AdaptiveK(max_k, **policy_kw))

@@ -10,12 +10,14 @@ The step thread never waits for the drafter. It queues frames into a bounded buf
 what the socket takes at once; an update that does not fit is dropped, and the sequence's next
 update carries every token the drafter has not had (a sequence counts as sent only as far as
 frames for it were queued). A DROP that does not fit waits for room; too many waiting take the
-drafter down.
+drafter down. `update()` also takes in whatever answers have arrived, without waiting (the
+supervisor may not have had the GIL since).
+
 The supervisor thread starts the child, reads its frames (a PROPOSAL replaces the sequence's
-last one) and watches it: EOF, a socket error, a malformed frame, the child's exit, or no answer
-for `stall_timeout_s` take it down (killed, reaped, its proposals dropped), and it is started
-again after a backoff that doubles up to `max_backoff_s`. While it is down `draft()` returns []
-and the instance decodes plainly. A stopped child that comes back just answers late.
+last one) and watches it: EOF, a socket error, a malformed frame, the child's exit, or no
+answer for `stall_timeout_s` take it down (killed, reaped, its proposals dropped), and it is
+started again after a backoff that doubles up to `max_backoff_s`. While it is down `draft()`
+returns [] and the instance decodes plainly. A stopped child that comes back just answers late.
 
 Alignment (`aligned_draft`): a proposal made at length L with tokens d is usable at length
 M >= L iff tokens[L:M] == d[:M - L] (the target accepted that much of it); the draft is then
@@ -143,7 +145,8 @@ class RemoteDrafter:
 
     # -- the step thread ------------------------------------------------------------------------
     def update(self, seqs: Iterable[Sequence]) -> None:
-        """Send each sequence's tokens the drafter has not had (never blocks)."""
+        """Send each sequence's tokens the drafter has not had, and take in the proposals that
+        have arrived (never blocks)."""
         with self._lock:
             conn = self._conn
             if conn is None:
@@ -160,6 +163,7 @@ class RemoteDrafter:
                     st.sent, st.high = n, max(st.high, n)
                     conn.awaiting = conn.awaiting or time.monotonic()
             self._flush(conn)
+            self._take_ready(conn)        # answers the supervisor has not read yet: fresher drafts
 
     def draft(self, seq: Sequence, k: int) -> list[int]:
         with self._lock:
@@ -222,7 +226,7 @@ class RemoteDrafter:
             except BlockingIOError:
                 return
             except OSError as e:
-                conn.broken = str(e)
+                conn.broken = f"a send failed ({e})"
                 return
 
     # -- state --------------------------------------------------------------------------------
@@ -294,23 +298,13 @@ class RemoteDrafter:
     def _watch(self, conn: _Conn) -> str | None:
         """Serve `conn` until it fails (why) or the client closes (None)."""
         while not self._closed.is_set():
-            if conn.broken is not None:
-                return f"a send failed ({conn.broken})"
+            if why := conn.broken or self._stalled(conn):
+                return why
             if (status := conn.proc.poll()) is not None:
                 return f"it exited with status {status}"
-            if why := self._stalled(conn):
-                return why
-            try:
-                if not select.select([conn.sock], [], [], POLL_S)[0]:
-                    continue
-                data = conn.sock.recv(1 << 16)
-                if not data:
-                    return "it closed its socket"
-                self._receive(conn, conn.reader.feed(data))
-            except ProtocolError as e:
-                return f"it sent a malformed frame ({e})"
-            except OSError as e:
-                return f"socket error ({e})"
+            if select.select([conn.sock], [], [], POLL_S)[0]:
+                with self._lock:
+                    self._take_ready(conn)
         return None
 
     def _stalled(self, conn: _Conn) -> str | None:
@@ -322,20 +316,37 @@ class RemoteDrafter:
         late = timeout is not None and conn.awaiting is not None and now - conn.awaiting > timeout
         return f"no answer for {timeout} s" if late else None
 
-    def _receive(self, conn: _Conn, frames: list[Frame]) -> None:
-        with self._lock:
-            conn.awaiting = None
-            for f in frames:
-                if f.kind == Kind.READY:
-                    conn.ready = True
-                elif f.kind == Kind.PONG:
-                    self.drafter_sequences = f.base
-                elif (st := self._sids.get(f.sid)) is not None:       # a PROPOSAL still wanted
-                    if f.base > st.high:
-                        raise ProtocolError(f"a proposal at {f.base} tokens for a sequence sent "
-                                            f"{st.high}")
-                    st.proposal = (f.base, f.tokens)
-                    self.counts.proposals += 1
+    def _take_ready(self, conn: _Conn) -> None:
+        """Apply every frame the socket holds now, without waiting (either thread, under the
+        lock); a failure marks the connection broken, for the supervisor to take down."""
+        while conn.broken is None:
+            try:
+                data = conn.sock.recv(1 << 16)
+            except BlockingIOError:
+                return
+            except OSError as e:
+                conn.broken = f"socket error ({e})"
+                return
+            if not data:
+                conn.broken = "it closed its socket"
+                return
+            try:
+                self._apply(conn, conn.reader.feed(data))
+            except ProtocolError as e:
+                conn.broken = f"it sent a malformed frame ({e})"
+
+    def _apply(self, conn: _Conn, frames: list[Frame]) -> None:
+        conn.awaiting = None
+        for f in frames:
+            if f.kind == Kind.READY:
+                conn.ready = True
+            elif f.kind == Kind.PONG:
+                self.drafter_sequences = f.base
+            elif (st := self._sids.get(f.sid)) is not None:       # a PROPOSAL still wanted
+                if f.base > st.high:
+                    raise ProtocolError(f"a proposal at {f.base} tokens for a sequence sent {st.high}")
+                st.proposal = (f.base, f.tokens)
+                self.counts.proposals += 1
 
     def _take_down(self, conn: _Conn, why: str | None) -> None:
         with self._lock:

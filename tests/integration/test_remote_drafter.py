@@ -50,6 +50,7 @@ def test_a_drafter_on_its_own_core_gives_plain_tokens_and_outlives_a_sigkill(tmp
         assert got.token_ids == expected
         stats = instance_stats(srv, "decode-0")
         assert stats["drafter_drafts"] > 0 and stats["spec_accepted"] > 0, stats
+        print({k: v for k, v in stats.items() if k.startswith(("spec_", "drafter_"))})
 
         tokens = []
         for chunk in DistServeClient(srv.http_url, "http", timeout=120).stream(
