@@ -29,7 +29,7 @@ from backends.draft.protocol import FROM_DRAFTER, TO_DRAFTER, Frame, FrameReader
 from backends.draft.server import DraftServer
 from backends.prefill.worker import PrefillWorker
 from backends.serving.host import _speculator
-from deploy.deployment import default_deployment
+from deploy.deployment import Deployment, PhaseSpec, default_deployment
 from kvtransfer import make_exporter, make_importer
 from tests.helpers import assert_no_leaks
 from tests.test_spec_worker import assert_nothing_held, decode_all, handed_off
@@ -359,6 +359,24 @@ def test_cancel_mid_speculation_frees_everything_here_and_in_the_drafter(system,
 
 
 # -- the deployment ---------------------------------------------------------------------------
+def test_draft_devices_are_a_phase_field_rendered_only_when_set():
+    base = default_deployment(num_cores=2)
+    assert "draft_devices" not in base.to_json()
+    on = dataclasses.replace(base, decode=dataclasses.replace(base.decode, speculative="ngram",
+                                                              draft_devices=[[0]]))
+    again = Deployment.from_json(on.to_json(), check_host=False)
+    assert again == on and again.decode.draft_cores(0) == (0,) and base.decode.draft_cores(0) is None
+    for bad, match in [({"draft_devices": [[0]]}, "speculative is null"),
+                       ({"speculative": "ngram", "draft_devices": [[0], [1]]}, "one core set per instance"),
+                       ({"speculative": "ngram", "draft_devices": [[]]}, "draft_devices of a cpu phase"),
+                       ({"speculative": "ngram", "device": "gpu", "devices": [0], "draft_devices": [1]},
+                        "a drafter on its own gpu is not built")]:
+        with pytest.raises(ValueError, match=match):
+            PhaseSpec(**bad)
+    with pytest.raises(ValueError, match="decode.draft_devices: core 7 does not exist"):
+        dataclasses.replace(on, decode=dataclasses.replace(on.decode, draft_devices=[[7]]))
+
+
 def test_draft_devices_start_a_drafter_process_on_those_cores():
     base = default_deployment(num_cores=2)
     phase = dataclasses.replace(base.decode, speculative="ngram", draft_devices=[[0]])

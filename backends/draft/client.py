@@ -270,7 +270,11 @@ class RemoteDrafter:
             conn = self._start()
             if conn is None:
                 continue
-            why = self._watch(conn)
+            try:
+                why = self._watch(conn)
+            except Exception as e:            # noqa: BLE001 - never leave the child behind
+                log.exception("watching the drafter failed")
+                why = f"the supervisor failed ({e!r})"
             self._take_down(conn, why)
 
     def _start(self) -> _Conn | None:
