@@ -113,9 +113,16 @@ PYEOF
   done
 }
 
-setup() { setup_venv; fetch_model; fetch_datasets; }
+# Our native CPU kernels, compiled for this host (seconds; a no-op once built). Without a
+# compiler the engine still runs, on torch ops (slower), and says so.
+build_native() {
+  "$PY" -m backends.core.attention.native --build \
+    || log "native kernels not built: attention runs on torch ops (slower)"
+}
+
+setup() { setup_venv; build_native; fetch_model; fetch_datasets; }
 # serve and generate need the model, not the benchmark's data sets.
-setup_model() { setup_venv; fetch_model; }
+setup_model() { setup_venv; build_native; fetch_model; }
 
 cmd="${1:-help}"; shift || true
 case "$cmd" in

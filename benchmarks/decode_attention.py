@@ -40,35 +40,52 @@ def main(core: int = 1, rounds: int = 3, steps: int = 5) -> dict:
                                                            limits=EngineLimits(block_size=16,
                                                                                num_kv_blocks=2400))), config.vocab_size)
     load_before = os.getloadavg()
-    cases = {}
-    for name, ctxs in CASES.items():
-        times: dict[str, list[float]] = {"old": [], "new": []}
-        for rnd in range(rounds):
-            order = [("old", OLD), ("new", new)]
-            for label, (max_ctx, group_cost) in order if rnd % 2 == 0 else order[::-1]:
-                backend.sdpa_decode_max_context, backend.group_cost_tokens = max_ctx, group_cost
-                times[label] += probe.decode(ctxs, warmup=1, steps=steps)[0]
-        old, cur = statistics.median(times["old"]), statistics.median(times["new"])
-        cases[name] = {"old_ms": 1e3 * old, "new_ms": 1e3 * cur, "speedup": old / cur}
-        print(f"{name:22s} before {1e3 * old:7.1f} ms  now {1e3 * cur:7.1f} ms  x{old / cur:.2f}", flush=True)
-    backend.sdpa_decode_max_context, backend.group_cost_tokens = new
+
+    def use(setting: tuple[int, int]) -> None:
+        backend.sdpa_decode_max_context, backend.group_cost_tokens = setting
+    cases = interleaved(probe, {"old": lambda: use(OLD), "new": lambda: use(new)}, rounds, steps)
+    use(new)
     doc = {"command": "python -m benchmarks.decode_attention", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
            "core": core, "load_avg": [load_before, os.getloadavg()], "rounds": rounds,
            "steps_per_round": steps, "now": {"SDPA_DECODE_MAX_CONTEXT": new[0], "GROUP_COST_TOKENS": new[1]},
            "cases": cases}
-    out = ROOT / "docs" / "bench_decode_attention"
-    out.with_suffix(".json").write_text(json.dumps(doc, indent=1))
-    rows = [f"| {n} | {c['old_ms']:.1f} | {c['new_ms']:.1f} | {c['speedup']:.2f}x |" for n, c in cases.items()]
-    out.with_suffix(".md").write_text("\n".join([
+    write(ROOT / "docs" / "bench_decode_attention", doc, [
         "# Decode attention, before and after the batch-1 / length-group change", "",
         f"`{doc['command']}` ({doc['created']}), SmolLM2-135M bf16, one pinned core, one thread; "
         f"median engine step over {rounds} interleaved rounds x {steps} steps; load average "
-        f"{load_before[0]:.2f} at start. Contexts are per sequence at the first step.", "",
-        "| decode batch | before (ms/step) | now (ms/step) | speedup |", "|---|---|---|---|", *rows, "",
-        "Only batch 1 beyond 256 tokens and batches split into more than one length group run "
-        "different code; the other rows run the same code both ways, so their differences "
-        "(a few %) are this machine's noise.", ""]))
+        f"{load_before[0]:.2f} at start. Contexts are per sequence at the first step.", ""],
+        ("before", "now"), ["Only batch 1 beyond 256 tokens and batches split into more than one "
+                            "length group run different code; the other rows run the same code both "
+                            "ways, so their differences (a few %) are this machine's noise.", ""])
     return doc
+
+
+def interleaved(probe: EngineProbe, variants: dict, rounds: int, steps: int) -> dict[str, dict]:
+    """Per case, the median decode step of two variants (label -> a function that switches to
+    it), taking turns round by round (ABBA...); each case's `<label>_ms` and A/B `speedup`."""
+    (a, set_a), (b, set_b) = variants.items()
+    cases = {}
+    for name, ctxs in CASES.items():
+        times: dict[str, list[float]] = {a: [], b: []}
+        for rnd in range(rounds):
+            order = [(a, set_a), (b, set_b)]
+            for label, switch in order if rnd % 2 == 0 else order[::-1]:
+                switch()
+                times[label] += probe.decode(ctxs, warmup=1, steps=steps)[0]
+        ta, tb = statistics.median(times[a]), statistics.median(times[b])
+        cases[name] = {f"{a}_ms": 1e3 * ta, f"{b}_ms": 1e3 * tb, "speedup": ta / tb}
+        print(f"{name:22s} {a} {1e3 * ta:7.1f} ms  {b} {1e3 * tb:7.1f} ms  x{ta / tb:.2f}", flush=True)
+    return cases
+
+
+def write(out: Path, doc: dict, intro: list[str], names: tuple[str, str], outro: list[str]) -> None:
+    """`out`.json (the doc) and `out`.md: intro, the A/B table of doc["cases"], outro."""
+    out.with_suffix(".json").write_text(json.dumps(doc, indent=1))
+    keys = [k for k in next(iter(doc["cases"].values())) if k.endswith("_ms")]
+    rows = [f"| {n} | {c[keys[0]]:.1f} | {c[keys[1]]:.1f} | {c['speedup']:.2f}x |" for n, c in doc["cases"].items()]
+    out.with_suffix(".md").write_text("\n".join([
+        *intro, f"| decode batch | {names[0]} (ms/step) | {names[1]} (ms/step) | speedup |",
+        "|---|---|---|---|", *rows, "", *outro]))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,189 @@
+// Decode attention straight over the paged KV cache, on CPU cores.
+//
+// One query token per sequence; per (sequence, KV head) task the G query heads that share the
+// KV head read that head's K and V block by block from the cache (no gathered copy, no padding
+// to the batch's longest context, no mask): scores in float, a softmax, then the weighted sum
+// of V, written in the query's dtype. Tasks run under at::parallel_for (the instance's intra-op
+// threads). Compiled on the host that runs it (-march=native, backends/core/attention/native.py);
+// the inner loops are plain float loops the compiler vectorizes (bf16 -> float is a 16-bit shift).
+//
+// Shapes: q [B, H, hd]; k_cache, v_cache [num_blocks, KVH, block_size, hd] (q's dtype: float or
+// bfloat16; dense within a block, blocks at any stride: the pool interleaves layers);
+// block_tables [B, max_blocks] int64; context_lens [B] int32. Returns [B, H, hd].
+#include <torch/library.h>
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace {
+
+inline float to_float(float x) { return x; }
+inline float to_float(c10::BFloat16 x) {
+  uint32_t bits = static_cast<uint32_t>(x.x) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+// Blocks are scattered over the pool, so the hardware prefetcher cannot see the next one
+// coming: ask for it while the current one is computed.
+template <typename T>
+inline void prefetch_block(const T* p, int64_t n) {
+  const char* c = reinterpret_cast<const char*>(p);
+  for (int64_t off = 0; off < n * static_cast<int64_t>(sizeof(T)); off += 64) __builtin_prefetch(c + off);
+}
+
+template <typename T>
+void load_rows(const T* src, float* dst, int64_t n) {   // n contiguous values -> float
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) dst[i] = to_float(src[i]);
+}
+
+template <typename T>
+void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                   const at::Tensor& block_tables, const at::Tensor& context_lens, double scale,
+                   at::Tensor& out) {
+  const int64_t B = q.size(0), H = q.size(1), hd = q.size(2);
+  const int64_t kvh = k_cache.size(1), bs = k_cache.size(2);
+  const int64_t G = H / kvh, max_blocks = block_tables.size(1);
+  const T* qp = q.data_ptr<T>();
+  const T* kp = k_cache.data_ptr<T>();
+  const T* vp = v_cache.data_ptr<T>();
+  const int64_t* tables = block_tables.data_ptr<int64_t>();
+  const int32_t* lens = context_lens.data_ptr<int32_t>();
+  T* op = out.data_ptr<T>();
+  const int64_t block_stride = k_cache.stride(0), head_stride = bs * hd;   // blocks may be strided
+
+  at::parallel_for(0, B * kvh, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(G * hd), kv(bs * hd), scores, acc(G * hd);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / kvh, h = task % kvh;
+      const int64_t T_ = lens[b];
+      scores.resize(G * T_);
+      for (int64_t g = 0; g < G; ++g) {
+        const T* src = qp + (b * H + h * G + g) * hd;
+        float* dst = qf.data() + g * hd;
+#pragma omp simd
+        for (int64_t i = 0; i < hd; ++i) dst[i] = to_float(src[i]) * static_cast<float>(scale);
+      }
+      const int64_t nblocks = (T_ + bs - 1) / bs;
+      // scores[g, t] = q_g . k_t
+      const int64_t* table = tables + b * max_blocks;
+      for (int64_t n = 0; n < nblocks; ++n) {
+        const int64_t blk = table[n];
+        const int64_t rows = std::min(bs, T_ - n * bs);
+        if (n + 2 < nblocks) prefetch_block(kp + table[n + 2] * block_stride + h * head_stride, bs * hd);
+        else prefetch_block(vp + table[0] * block_stride + h * head_stride, bs * hd);
+        load_rows(kp + blk * block_stride + h * head_stride, kv.data(), rows * hd);
+        for (int64_t r = 0; r < rows; ++r) {
+          const float* krow = kv.data() + r * hd;
+          for (int64_t g = 0; g < G; ++g) {
+            const float* qg = qf.data() + g * hd;
+            float s = 0.f;
+#pragma omp simd reduction(+ : s)
+            for (int64_t i = 0; i < hd; ++i) s += qg[i] * krow[i];
+            scores[g * T_ + n * bs + r] = s;
+          }
+        }
+      }
+      // softmax over t, per query head
+      std::vector<float> inv(G);
+      for (int64_t g = 0; g < G; ++g) {
+        float* s = scores.data() + g * T_;
+        float m = s[0];
+#pragma omp simd reduction(max : m)
+        for (int64_t t = 0; t < T_; ++t) m = std::max(m, s[t]);
+        float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t t = 0; t < T_; ++t) {
+          s[t] = std::exp(s[t] - m);
+          sum += s[t];
+        }
+        inv[g] = 1.f / sum;
+      }
+      // acc[g] = sum_t p[g, t] v_t
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t n = 0; n < nblocks; ++n) {
+        const int64_t blk = table[n];
+        const int64_t rows = std::min(bs, T_ - n * bs);
+        if (n + 2 < nblocks) prefetch_block(vp + table[n + 2] * block_stride + h * head_stride, bs * hd);
+        load_rows(vp + blk * block_stride + h * head_stride, kv.data(), rows * hd);
+        for (int64_t r = 0; r < rows; ++r) {
+          const float* vrow = kv.data() + r * hd;
+          for (int64_t g = 0; g < G; ++g) {
+            const float p = scores[g * T_ + n * bs + r];
+            float* a = acc.data() + g * hd;
+#pragma omp simd
+            for (int64_t i = 0; i < hd; ++i) a[i] += p * vrow[i];
+          }
+        }
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        T* dst = op + (b * H + h * G + g) * hd;
+        const float* a = acc.data() + g * hd;
+        for (int64_t i = 0; i < hd; ++i) dst[i] = static_cast<T>(a[i] * inv[g]);
+      }
+    }
+  });
+}
+
+at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
+                                  const at::Tensor& v_cache, const at::Tensor& block_tables,
+                                  const at::Tensor& context_lens, double scale) {
+  TORCH_CHECK(q.device().is_cpu(), "paged_decode_attention runs on CPU tensors");
+  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(),
+              "expected q [B, H, hd] and K/V caches [blocks, KVH, block_size, hd]");
+  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && q.scalar_type() == v_cache.scalar_type(),
+              "q and the KV cache must have one dtype");
+  TORCH_CHECK(q.size(2) == k_cache.size(3) && q.size(1) % k_cache.size(1) == 0,
+              "head_dim differs, or the query heads are not a multiple of the KV heads");
+  TORCH_CHECK(block_tables.scalar_type() == at::kLong && context_lens.scalar_type() == at::kInt,
+              "block_tables must be int64 and context_lens int32");
+  TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == q.size(0) &&
+                  context_lens.numel() == q.size(0),
+              "one block table row and one context length per sequence");
+  // the KV pool interleaves layers, so a layer's blocks are strided; within a block, dense
+  const auto dense_block = [](const at::Tensor& c) {
+    return c.stride(3) == 1 && c.stride(2) == c.size(3) && c.stride(1) == c.size(2) * c.size(3);
+  };
+  TORCH_CHECK(q.is_contiguous() && block_tables.is_contiguous() && context_lens.is_contiguous() &&
+                  dense_block(k_cache) && dense_block(v_cache) && k_cache.stride(0) == v_cache.stride(0),
+              "q, block_tables and context_lens must be contiguous, and each KV block dense");
+  const int64_t bs = k_cache.size(2), num_blocks = k_cache.size(0);
+  const int32_t* lens = context_lens.data_ptr<int32_t>();
+  const int64_t* tables = block_tables.data_ptr<int64_t>();
+  for (int64_t b = 0; b < q.size(0); ++b) {          // never read outside the cache
+    TORCH_CHECK(lens[b] > 0 && (lens[b] + bs - 1) / bs <= block_tables.size(1),
+                "context length ", lens[b], " of sequence ", b, " does not fit its block table");
+    for (int64_t n = 0; n < (lens[b] + bs - 1) / bs; ++n) {
+      const int64_t blk = tables[b * block_tables.size(1) + n];
+      TORCH_CHECK(blk >= 0 && blk < num_blocks, "block id ", blk, " out of [0, ", num_blocks, ")");
+    }
+  }
+  at::Tensor out = at::empty_like(q);
+  if (q.scalar_type() == at::kBFloat16) {
+    decode_kernel<c10::BFloat16>(q, k_cache, v_cache, block_tables, context_lens, scale, out);
+  } else if (q.scalar_type() == at::kFloat) {
+    decode_kernel<float>(q, k_cache, v_cache, block_tables, context_lens, scale, out);
+  } else {
+    TORCH_CHECK(false, "paged_decode_attention supports float32 and bfloat16, got ", q.scalar_type());
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(distserve, m) {
+  m.def("paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
+        "Tensor context_lens, float scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(distserve, CPU, m) {
+  m.impl("paged_decode_attention", &paged_decode_attention);
+}

@@ -1,0 +1,109 @@
+"""Our native CPU kernels (csrc/), compiled on the host that runs them.
+
+    python -m backends.core.attention.native [--build] [--check]
+
+`./build.sh setup` builds them once (torch.utils.cpp_extension, -O3 -march=native: the
+instructions of this host's CPU) into build/native-<torch>-<host>/, so that serving never
+compiles. An instance loads the library if it is there (`available()`); otherwise attention
+runs the torch ops (backends/core/attention/torch_backend.py), the same results more slowly,
+and says so once in its log. The build directory is keyed by torch's version and this host's
+CPU (model and flags), so a checkout carried to another machine never loads a library built
+for different instructions.
+
+Ops (registered as torch.ops.distserve.*):
+- paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale): decode
+  attention read straight from the paged cache (csrc/paged_decode.cpp).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import platform
+import sys
+from functools import cache
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[3]
+SOURCES = (Path(__file__).with_name("csrc") / "paged_decode.cpp",)
+NAME = "distserve_native"
+# -ffast-math lets exp vectorize (glibc's libmvec); the kernel has no inf/NaN inputs to keep
+CFLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-ffast-math")
+log = logging.getLogger(__name__)
+
+
+def _host() -> str:
+    """This host's CPU: model name and instruction-set flags (a hash)."""
+    text = platform.machine()
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        text += "".join(sorted({ln for ln in lines if ln.startswith(("model name", "flags"))}))
+    except OSError:
+        pass
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def build_dir() -> Path:
+    version = torch.__version__.replace("+", "_")
+    return ROOT / "build" / f"native-{version}-{_host()}"
+
+
+def library_path() -> Path:
+    return build_dir() / f"{NAME}.so"
+
+
+def build(verbose: bool = False) -> Path:
+    """Compile (or bring up to date) and load the library; its path. Raises on a failed build."""
+    import os
+    from torch.utils import cpp_extension
+    # the ninja that cpp_extension runs: the one installed beside this interpreter (pyproject)
+    bindir = str(Path(sys.executable).parent)
+    if bindir not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
+    out = build_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    cpp_extension.load(NAME, [str(s) for s in SOURCES], extra_cflags=list(CFLAGS),
+                       build_directory=str(out), is_python_module=False, verbose=verbose)
+    return library_path()
+
+
+@cache
+def available() -> bool:
+    """Load the built library into this process (once); False, with the reason logged once,
+    where it has not been built or does not load."""
+    path = library_path()
+    if not path.is_file():
+        log.warning("native CPU kernels not built (%s missing: ./build.sh setup builds them); "
+                    "attention runs on torch ops, slower", path)
+        return False
+    try:
+        torch.ops.load_library(str(path))
+    except (OSError, RuntimeError) as e:
+        log.warning("native CPU kernels did not load (%s); attention runs on torch ops, slower", e)
+        return False
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m backends.core.attention.native",
+                                description=__doc__.split("\n\n")[0])
+    p.add_argument("--build", action="store_true", help="compile for this host (a no-op if built)")
+    p.add_argument("--verbose", action="store_true")
+    args = p.parse_args(argv)
+    if args.build:
+        try:
+            print(f"native kernels: {build(args.verbose)}")
+        except Exception as e:          # a missing compiler, headers...: serving still works
+            print(f"native kernels: build failed ({e}); attention will run on torch ops",
+                  file=sys.stderr)
+            return 1
+        return 0
+    ok = available()
+    print(f"native kernels: {'loaded from ' + str(library_path()) if ok else 'not available'}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
