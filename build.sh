@@ -116,7 +116,7 @@ PYEOF
 # Our native CPU kernels, compiled for this host (seconds; a no-op once built). Without a
 # compiler the engine still runs, on torch ops (slower), and says so.
 build_native() {
-  "$PY" -m backends.core.attention.native --build \
+  timeout 900 "$PY" -m backends.core.native --build \
     || log "native kernels not built: attention runs on torch ops (slower)"
 }
 

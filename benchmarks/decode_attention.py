@@ -60,18 +60,22 @@ def main(core: int = 1, rounds: int = 3, steps: int = 5) -> dict:
     return doc
 
 
-def interleaved(probe: EngineProbe, variants: dict, rounds: int, steps: int) -> dict[str, dict]:
-    """Per case, the median decode step of two variants (label -> a function that switches to
-    it), taking turns round by round (ABBA...); each case's `<label>_ms` and A/B `speedup`."""
+def interleaved(probe: EngineProbe, variants: dict, rounds: int, steps: int,
+                prefills: tuple[int, ...] = (), prefill_probe: EngineProbe | None = None) -> dict[str, dict]:
+    """Per case (the decode batches of CASES, then one prompt of each of `prefills` on
+    `prefill_probe`'s engine), the median step of two variants (label -> a function that switches to it), taking turns round by
+    round (ABBA...); each case's `<label>_ms` and A/B `speedup`."""
     (a, set_a), (b, set_b) = variants.items()
     cases = {}
-    for name, ctxs in CASES.items():
+    runs = {name: (lambda c=ctxs: probe.decode(c, warmup=1, steps=steps)[0]) for name, ctxs in CASES.items()}
+    runs |= {f"prefill 1 x {n}": (lambda n=n: [prefill_probe.prefill([n]) for _ in range(steps)]) for n in prefills}
+    for name, run in runs.items():
         times: dict[str, list[float]] = {a: [], b: []}
         for rnd in range(rounds):
             order = [(a, set_a), (b, set_b)]
             for label, switch in order if rnd % 2 == 0 else order[::-1]:
                 switch()
-                times[label] += probe.decode(ctxs, warmup=1, steps=steps)[0]
+                times[label] += run()
         ta, tb = statistics.median(times[a]), statistics.median(times[b])
         cases[name] = {f"{a}_ms": 1e3 * ta, f"{b}_ms": 1e3 * tb, "speedup": ta / tb}
         print(f"{name:22s} {a} {1e3 * ta:7.1f} ms  {b} {1e3 * tb:7.1f} ms  x{ta / tb:.2f}", flush=True)

@@ -1,4 +1,4 @@
-"""Our native CPU decode-attention kernel (backends/core/attention/csrc/paged_decode.cpp):
+"""Our native CPU decode-attention kernel (backends/core/csrc/paged_decode.cpp):
 against a float64 reference in both dtypes, on the pool's strided layout with scattered
 blocks and very different lengths; its input checks (a bad block id or length is refused,
 never read); the engine's greedy tokens with it and without it; the build directory keyed by
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from backends.core import attention as A
-from backends.core.attention import native
+from backends.core import native
 from backends.core.attention.metadata import AttentionMetadata
 from backends.core.kv_cache import LayerKV
 from tests.helpers import generate, make_engine
@@ -21,29 +21,30 @@ KVH, G, HD, BS = 3, 3, 64, 16
 @pytest.fixture(scope="module", autouse=True)
 def built():
     if not native.available():
-        pytest.skip("native kernels not built on this host (python -m backends.core.attention.native --build)")
+        pytest.skip("native kernels not built on this host (python -m backends.core.native --build)")
 
 
-def pool_cache(context_lens, dtype, seed=0):
+def pool_cache(context_lens, dtype, seed=0, kvh=KVH, bs=BS, hd=HD):
     """A layer of a 3-layer pool [blocks, layers, 2, KVH, BS, HD] (strided blocks), scattered
     block tables."""
     g = torch.Generator().manual_seed(seed)
-    need = sum(-(-n // BS) for n in context_lens)
-    pool = torch.randn(need + 5, 3, 2, KVH, BS, HD, generator=g).to(dtype)
+    need = sum(-(-n // bs) for n in context_lens)
+    pool = torch.randn(need + 5, 3, 2, kvh, bs, hd, generator=g).to(dtype)
     perm = torch.randperm(need + 5, generator=g).tolist()
     tables, start = [], 0
     for n in context_lens:
-        tables.append(perm[start:start + -(-n // BS)])
-        start += -(-n // BS)
+        tables.append(perm[start:start + -(-n // bs)])
+        start += -(-n // bs)
     return LayerKV(pool[:, 2, 0], pool[:, 2, 1]), tables
 
 
 def reference(q, cache, tables, context_lens, scale):
     out = []
+    kvh, hd = cache.k.shape[1], cache.k.shape[3]
     for b, (table, n) in enumerate(zip(tables, context_lens)):
-        k = cache.k[table].transpose(0, 1).reshape(KVH, -1, HD)[:, :n].double()
-        v = cache.v[table].transpose(0, 1).reshape(KVH, -1, HD)[:, :n].double()
-        qb = q[b].double().view(KVH, G, HD)
+        k = cache.k[table].transpose(0, 1).reshape(kvh, -1, hd)[:, :n].double()
+        v = cache.v[table].transpose(0, 1).reshape(kvh, -1, hd)[:, :n].double()
+        qb = q[b].double().view(kvh, -1, hd)
         out.append(((qb @ k.transpose(1, 2)) * scale).softmax(-1).matmul(v).reshape(-1))
     return torch.stack(out)
 
@@ -60,6 +61,49 @@ def test_kernel_matches_float64(dtype, tol, context_lens):
     assert out.dtype == dtype and out.shape == q.shape
     ref = reference(q, cache, tables, context_lens, HD ** -0.5)
     torch.testing.assert_close(out.reshape(len(context_lens), -1).double(), ref, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("kvh,g,hd,bs", [(2, 1, 128, 16), (1, 8, 128, 32), (2, 5, 64, 8),   # fixed sizes
+                                         (1, 9, 64, 16), (2, 4, 96, 16)])                 # generic
+def test_kernel_shapes(kvh, g, hd, bs):
+    """The compile-time-size path (head size 64/128, 1-8 query heads per KV head) and the
+    generic one, other block sizes; contexts of one block (a one-block-wide table) and more."""
+    for context_lens in ([1, bs - 1, bs], [bs + 1, 3 * bs, 1]):
+        cache, tables = pool_cache(context_lens, torch.float32, kvh=kvh, bs=bs, hd=hd)
+        block_tables = torch.tensor([t + [0] * (3 - len(t)) for t in tables])[:, :max(map(len, tables))]
+        q = torch.randn(len(context_lens), kvh * g, hd)
+        out = torch.ops.distserve.paged_decode_attention(
+            q, cache.k, cache.v, block_tables.contiguous(), torch.tensor(context_lens, dtype=torch.int32),
+            hd ** -0.5)
+        ref = reference(q, cache, tables, context_lens, hd ** -0.5)
+        torch.testing.assert_close(out.reshape(len(context_lens), -1).double(), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_fused_elementwise_ops_match_the_torch_ops(dtype, tol):
+    from backends.core.model import RMSNorm
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(7, 2 * 48, generator=g).to(dtype)
+    gate, up = x.chunk(2, dim=-1)
+    ref = (torch.nn.functional.silu(gate.float()) * up.float())
+    torch.testing.assert_close(torch.ops.distserve.silu_and_mul(x).float(), ref, rtol=tol, atol=tol)
+    res, delta = torch.randn(7, 64, generator=g).to(dtype), torch.randn(7, 64, generator=g).to(dtype)
+    norm = RMSNorm(64, 1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(64, generator=g) + 0.5)
+    total, normed = torch.ops.distserve.add_rms_norm(res, delta, norm.weight, norm.eps)
+    torch.testing.assert_close(total, res + delta)
+    with torch.no_grad():
+        torch.testing.assert_close(normed.float(), norm(res + delta).float(), rtol=tol, atol=tol)
+    qkv = torch.randn(5, 3 * 4 * 16, generator=g).to(dtype)              # q and k heads, then v
+    heads = qkv[:, :2 * 4 * 16].view(5, 8, 16)                              # strided rows
+    cos, sin = torch.randn(5, 16, generator=g).to(dtype), torch.randn(5, 16, generator=g).to(dtype)
+    ref = heads.float() * cos[:, None].float() + heads.float().roll(8, -1) * sin[:, None].float()
+    out = torch.ops.distserve.rope(heads, cos, sin)
+    assert out.is_contiguous() and out.shape == heads.shape
+    torch.testing.assert_close(out.float(), ref, rtol=tol, atol=tol)
+    with pytest.raises(RuntimeError, match="even number"):
+        torch.ops.distserve.silu_and_mul(x[:, :-1])
 
 
 def test_kernel_refuses_what_it_cannot_read_safely():
@@ -99,7 +143,9 @@ def test_engine_greedy_tokens_with_and_without_the_kernel(smollm_fp32, smollm_to
     assert out[True] == out[False] and all(len(t) > 0 for t in out[True])
 
 
-def test_build_directory_is_keyed_by_torch_and_host():
+def test_build_directory_is_keyed_by_torch_host_and_sources(monkeypatch):
     d = native.build_dir()
-    assert torch.__version__.replace("+", "_") in d.name and d.parent.name == "build"
+    assert d.name == f"native-{torch.__version__.replace('+', '_')}-{native._key()}" and d.parent.name == "build"
     assert native.library_path().is_file()
+    monkeypatch.setattr(native, "CFLAGS", native.CFLAGS + ("-DCHANGED",))
+    assert native.build_dir() != d                   # another flag (or source, or CPU): another build

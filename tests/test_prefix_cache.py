@@ -84,19 +84,39 @@ def test_bf16_cached_prefix_adds_no_error_of_its_own(tiny_llama, kv_dtype):
     assert warm_error <= 1.25 * cold_error
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+SMOLLM_TURN = ("<|im_start|>system\nYou are a helpful assistant who answers briefly.<|im_end|>\n"
+               "<|im_start|>user\nWhat is the tallest mountain in Europe, and how high is it?"
+               "<|im_end|>\n<|im_start|>assistant\n")
+SMOLLM_FOLLOW_UP = "<|im_end|>\n<|im_start|>user\nAnd in Africa?<|im_end|>\n<|im_start|>assistant\n"
+
+
 @pytest.mark.parametrize("params", [GREEDY, SEEDED], ids=["greedy", "seeded"])
-def test_second_turn_same_tokens_smollm(smollm_fp32, smollm_tokenizer, dtype, params):
-    text = ("<|im_start|>system\nYou are a helpful assistant who answers briefly.<|im_end|>\n"
-            "<|im_start|>user\nWhat is the tallest mountain in Europe, and how high is it?"
-            "<|im_end|>\n<|im_start|>assistant\n")
-    prompt = smollm_tokenizer.encode(text)
-    follow_up = smollm_tokenizer.encode("<|im_end|>\n<|im_start|>user\nAnd in Africa?<|im_end|>\n"
-                                        "<|im_start|>assistant\n")
+def test_second_turn_same_tokens_smollm(smollm_fp32, smollm_tokenizer, params):
+    prompt = smollm_tokenizer.encode(SMOLLM_TURN)
     hits = same_turns_with_and_without(
-        lambda **kw: make_engine(*smollm_fp32, dtype=dtype, num_kv_blocks=64, **kw),
-        prompt, params, follow_up)
+        lambda **kw: make_engine(*smollm_fp32, num_kv_blocks=64, **kw),
+        prompt, params, smollm_tokenizer.encode(SMOLLM_FOLLOW_UP))
     assert hits == [(len(prompt) + 16 - 1) // 16 * 16, 0]
+
+
+@pytest.mark.parametrize("params", [GREEDY, SEEDED], ids=["greedy", "seeded"])
+def test_bf16_second_turn_over_the_cache_adds_no_error_smollm(smollm_fp32, smollm_tokenizer, params):
+    """In bfloat16 the answer's K/V were written by decode steps and round differently from a
+    cold prefill's, so a sampled token may part (measured: seeded, the first token of the second
+    turn). What the cache must not do is add error: the second turn's logits over the cached
+    prefix are as close to float32's as a cold bfloat16 prefill's are (as the tiny-model test
+    below, on the real model)."""
+    prompt = smollm_tokenizer.encode(SMOLLM_TURN)
+    answer = generate(make_engine(*smollm_fp32, dtype="bfloat16", num_kv_blocks=64), [prompt], params)[0]
+    turn = prompt + answer + smollm_tokenizer.encode(SMOLLM_FOLLOW_UP)
+    reference = prefill_logits(make_engine(*smollm_fp32, num_kv_blocks=64), turn)
+    cold, warm = (make_engine(*smollm_fp32, dtype="bfloat16", num_kv_blocks=64, prefix_caching=caching)
+                  for caching in (False, True))
+    generate(warm, [prompt], params)
+    cold_error = (prefill_logits(cold, turn) - reference).abs().max()
+    warm_error = (prefill_logits(warm, turn) - reference).abs().max()
+    assert warm.stats().prefix.num_hit_tokens == (len(prompt) + len(answer)) // 16 * 16 > 0
+    assert 0 < warm_error <= 1.25 * cold_error
 
 
 def test_chunked_prefill_engine_reuses_the_cache(tiny_llama):

@@ -65,10 +65,41 @@ def pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
     return x if x.shape[0] == rows else F.pad(x, (0, 0) * (x.dim() - 1) + (0, rows - x.shape[0]))
 
 
+_FUSED: bool | None = None
+
+
+def fused(x: torch.Tensor) -> bool:
+    """Our fused CPU kernels (backends/core/csrc/fused.cpp) for `x`: built, not turned off
+    (DISTSERVE_NATIVE=0), a CPU tensor in float32 or bfloat16. Else the torch ops below."""
+    global _FUSED
+    if _FUSED is None:
+        from backends.core import native
+        _FUSED = native.enabled() and native.available()
+    return _FUSED and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
     # x: [N, heads, hd]; cos/signed_sin: [N, 1, hd] in x's dtype, signed_sin = [-sin_1, sin_2]:
     # HF's x*cos + rotate_half(x)*sin, with rotate_half(x) = [-x2, x1] = roll(x) * [-1, 1]
+    if fused(x) and x.stride(-1) == 1 and cos.dtype == x.dtype:
+        return torch.ops.distserve.rope(x, cos[:, 0], signed_sin[:, 0])
     return x * cos + x.roll(x.shape[-1] // 2, -1) * signed_sin
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """[N, 2I] (gate, up) -> silu(gate) * up, [N, I]."""
+    if fused(x) and x.stride(-1) == 1:
+        return torch.ops.distserve.silu_and_mul(x)
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + delta, norm(x + delta)): the residual stream and its normed rows, in one pass."""
+    if fused(x) and norm.weight.dtype == x.dtype == delta.dtype and x.stride(-1) == delta.stride(-1) == 1:
+        return torch.ops.distserve.add_rms_norm(x, delta, norm.weight, norm.eps)
+    x = x + delta
+    return x, norm(x)
 
 
 class RMSNorm(nn.Module):
@@ -97,17 +128,23 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.norm_eps)
         self.scale = c.head_dim ** -0.5
 
-    def forward(self, x, cos, sin, meta: AttentionMetadata, cache: LayerKV):
-        # x: [R, D], the N = len(cos) real tokens' rows first, then padding (padded_rows)
+    def forward(self, x, delta, cos, sin, meta: AttentionMetadata, cache: LayerKV):
+        # x: [R, D] the residual stream, the N = len(cos) real tokens' rows first, then padding
+        # (padded_rows); delta: the previous layer's MLP output, still to be added (None first).
+        # Returns (x, this layer's MLP output): each add is fused with the norm that follows it.
         n, h, kvh, hd = cos.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
-        qkv = self.qkv_proj(self.input_layernorm(x))[:n]
+        if delta is None:
+            normed = self.input_layernorm(x)
+        else:
+            x, normed = add_rms_norm(x, delta, self.input_layernorm)
+        qkv = self.qkv_proj(normed)[:n]
         qk = apply_rope(qkv[:, :(h + kvh) * hd].view(n, h + kvh, hd), cos, sin)  # q and k at once
         q, k = qk.split([h, kvh], dim=1)
         v = qkv[:, (h + kvh) * hd:].view(n, kvh, hd)
         store_kv(cache, k, v, meta)
-        x = x + self.o_proj(pad_rows(paged_attention(q, k, v, cache, meta, self.scale), x.shape[0]))
-        gate, up = self.gate_up_proj(self.post_attention_layernorm(x)).chunk(2, dim=-1)
-        return x + self.down_proj(F.silu(gate) * up)
+        attn = self.o_proj(pad_rows(paged_attention(q, k, v, cache, meta, self.scale), x.shape[0]))
+        x, normed = add_rms_norm(x, attn, self.post_attention_layernorm)
+        return x, self.down_proj(silu_and_mul(self.gate_up_proj(normed)))
 
 
 class CausalLM(nn.Module):
@@ -134,9 +171,10 @@ class CausalLM(nn.Module):
         half = self.config.head_dim // 2
         sin = self.rope_sin[positions].to(x.dtype).unsqueeze(1)
         sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)            # signed, once a step
+        delta = None
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, meta, kv.layers[i])
-        return self.norm(x[:n])
+            x, delta = layer(x, delta, cos, sin, meta, kv.layers[i])
+        return add_rms_norm(x[:n], delta[:n], self.norm)[1]
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,7 @@
 A batch is all-prefill, all-decode, or mixed (chunked prefill): decode rows first, then prefill
 chunks, each part through its own path. Prefill runs SDPA per sequence (over the fresh k/v
 when there is no cached prefix, else over the context read back from the cache). Decode on CPU
-runs our kernel where it is built (native.py, csrc/paged_decode.cpp: each sequence read
+runs our kernel where it is built (backends/core/native.py, csrc/paged_decode.cpp: each sequence read
 straight from its blocks, to its own length). Otherwise, and for int8 KV, decode runs,
 per KV head, one bmm of its G query heads against that head's dense gathered context; batch 1
 with a short context takes one SDPA call instead, and a batch of very different context
@@ -14,7 +14,6 @@ conversion is a copy anyway, so the head-major layout it writes costs nothing ex
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -96,7 +95,7 @@ class TorchAttentionBackend(AttentionBackend):
 
     def __init__(self, sdpa_decode_max_context: int = SDPA_DECODE_MAX_CONTEXT,
                  group_cost_tokens: int = GROUP_COST_TOKENS, native: bool | None = None) -> None:
-        """`native`: decode attention on CPU by our kernel (native.py) straight from the paged
+        """`native`: decode attention on CPU by our kernel (backends/core/native.py) straight from the paged
         cache; None: where it is built and DISTSERVE_NATIVE is not 0 (decided on first use)."""
         self.sdpa_decode_max_context = sdpa_decode_max_context
         self.group_cost_tokens = group_cost_tokens
@@ -106,8 +105,8 @@ class TorchAttentionBackend(AttentionBackend):
     @property
     def native(self) -> bool:
         if self._native is None:
-            from backends.core.attention import native
-            self._native = os.environ.get("DISTSERVE_NATIVE", "1") != "0" and native.available()
+            from backends.core import native
+            self._native = native.enabled() and native.available()
         return self._native
 
     # -- per step ---------------------------------------------------------------------------
@@ -120,8 +119,8 @@ class TorchAttentionBackend(AttentionBackend):
             parts = (AttentionMetadata.build(d, qlens[:d], clens[:d], tables[:d], bs, device),
                      AttentionMetadata.build(0, qlens[d:], clens[d:], tables[d:], bs, device))
             return TorchPlan(*slots, parts=parts)
-        if d > 1 and not (self.native and device.type == "cpu") and \
-                len(groups := decode_groups(clens, self.group_cost_tokens)) > 1:
+        # (the native kernel ignores groups; int8 or other-dtype KV still takes them)
+        if d > 1 and len(groups := decode_groups(clens, self.group_cost_tokens)) > 1:
             return TorchPlan(*slots, groups=tuple(
                 (torch.tensor(g, device=device),
                  AttentionMetadata.build(len(g), [1] * len(g), [clens[i] for i in g],
@@ -180,7 +179,8 @@ class TorchAttentionBackend(AttentionBackend):
         # head's dense gathered context (GQA without repeating K/V, and no transposing copies,
         # which on CPU cost more than the matmuls; SDPA's CPU flash kernel is slower for q_len 1).
         B, H, hd = q.shape
-        if self.native and q.device.type == "cpu" and not cache.is_quantized and cache.k.dtype == q.dtype:
+        if q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16) and \
+                not cache.is_quantized and cache.k.dtype == q.dtype and self.native:
             # our kernel: straight from the paged cache, each sequence to its own length
             return torch.ops.distserve.paged_decode_attention(
                 q.contiguous(), cache.k, cache.v, meta.block_tables, meta.seq_lens, scale).view(B, H * hd)

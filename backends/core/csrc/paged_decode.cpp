@@ -21,15 +21,11 @@
 #include <limits>
 #include <vector>
 
+#include "common.h"
+
 namespace {
 
-inline float to_float(float x) { return x; }
-inline float to_float(c10::BFloat16 x) {
-  uint32_t bits = static_cast<uint32_t>(x.x) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
+using distserve::load;
 
 // Blocks are scattered over the pool, so the hardware prefetcher cannot see the next one
 // coming: ask for it while the current one is computed.
@@ -39,10 +35,44 @@ inline void prefetch_block(const T* p, int64_t n) {
   for (int64_t off = 0; off < n * static_cast<int64_t>(sizeof(T)); off += 64) __builtin_prefetch(c + off);
 }
 
+// s[t] <- exp(s[t] - max s), in place; returns 1 / sum, the normalizer applied at the end.
+inline float softmax_unnormalized(float* s, int64_t len) {
+  float m = s[0];
+#pragma omp simd reduction(max : m)
+  for (int64_t t = 0; t < len; ++t) m = std::max(m, s[t]);
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t t = 0; t < len; ++t) {
+    s[t] = std::exp(s[t] - m);
+    sum += s[t];
+  }
+  return 1.f / sum;
+}
+
 template <typename T>
 void load_rows(const T* src, float* dst, int64_t n) {   // n contiguous values -> float
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) dst[i] = to_float(src[i]);
+  for (int64_t i = 0; i < n; ++i) dst[i] = load(src[i]);
+}
+
+// fn(t, row) for every row t < len of one head's blocks, each row widened to float; the block
+// two ahead is prefetched, and after the last ones the first blocks of `then` (read next).
+template <typename T, int HD, typename Fn>
+inline void each_row(const T* head, const T* then, const int64_t* table, int64_t nblocks,
+                     int64_t len, int64_t bs, int64_t block_stride, Fn&& fn) {
+  for (int64_t n = 0; n < nblocks; ++n) {
+    const T* block = head + table[n] * block_stride;
+    if (n + 2 < nblocks) prefetch_block(head + table[n + 2] * block_stride, bs * HD);
+    else if (then != nullptr && n + 2 - nblocks < nblocks)
+      prefetch_block(then + table[n + 2 - nblocks] * block_stride, bs * HD);
+    const int64_t rows = std::min(bs, len - n * bs);
+    for (int64_t r = 0; r < rows; ++r) {
+      float row[HD];
+#pragma omp simd
+      for (int i = 0; i < HD; ++i) row[i] = load(block[r * HD + i]);
+      fn(n * bs + r, row);
+    }
+  }
 }
 
 // One (sequence, KV head) task with the head size and group size known at compile time: the
@@ -54,73 +84,57 @@ void attend_fixed(const T* q, const T* k_head, const T* v_head, const int64_t* t
   float qf[G][HD];
   for (int g = 0; g < G; ++g)
 #pragma omp simd
-    for (int i = 0; i < HD; ++i) qf[g][i] = to_float(q[g * HD + i]) * scale;
+    for (int i = 0; i < HD; ++i) qf[g][i] = load(q[g * HD + i]) * scale;
   const int64_t nblocks = (len + bs - 1) / bs;
-  for (int64_t n = 0; n < nblocks; ++n) {                 // scores[g, t] = q_g . k_t
-    const T* kb = k_head + table[n] * block_stride;
-    if (n + 2 < nblocks) prefetch_block(k_head + table[n + 2] * block_stride, bs * HD);
-    else prefetch_block(v_head + table[n + 2 - nblocks] * block_stride, bs * HD);
-    const int64_t rows = std::min(bs, len - n * bs);
-    for (int64_t r = 0; r < rows; ++r) {
-      float k[HD];
-#pragma omp simd
-      for (int i = 0; i < HD; ++i) k[i] = to_float(kb[r * HD + i]);
-      for (int g = 0; g < G; ++g) {
-        float s = 0.f;
+  each_row<T, HD>(k_head, v_head, table, nblocks, len, bs, block_stride, [&](int64_t t, const float* k) {
+    for (int g = 0; g < G; ++g) {                         // scores[g, t] = q_g . k_t
+      float s = 0.f;
 #pragma omp simd reduction(+ : s)
-        for (int i = 0; i < HD; ++i) s += qf[g][i] * k[i];
-        scores[g * len + n * bs + r] = s;
-      }
+      for (int i = 0; i < HD; ++i) s += qf[g][i] * k[i];
+      scores[g * len + t] = s;
     }
-  }
+  });
   float inv[G];
-  for (int g = 0; g < G; ++g) {                           // softmax over t
-    float* sg = scores + g * len;
-    float m = sg[0];
-#pragma omp simd reduction(max : m)
-    for (int64_t t = 0; t < len; ++t) m = std::max(m, sg[t]);
-    float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t t = 0; t < len; ++t) {
-      sg[t] = std::exp(sg[t] - m);
-      sum += sg[t];
-    }
-    inv[g] = 1.f / sum;
-  }
+  for (int g = 0; g < G; ++g) inv[g] = softmax_unnormalized(scores + g * len, len);
   float acc[G][HD] = {};
-  for (int64_t n = 0; n < nblocks; ++n) {                 // acc[g] = sum_t p[g, t] v_t
-    const T* vb = v_head + table[n] * block_stride;
-    if (n + 2 < nblocks) prefetch_block(v_head + table[n + 2] * block_stride, bs * HD);
-    const int64_t rows = std::min(bs, len - n * bs);
-    for (int64_t r = 0; r < rows; ++r) {
-      float v[HD];
+  each_row<T, HD>(v_head, nullptr, table, nblocks, len, bs, block_stride, [&](int64_t t, const float* v) {
+    for (int g = 0; g < G; ++g) {                         // acc[g] = sum_t p[g, t] v_t
+      const float p = scores[g * len + t];
 #pragma omp simd
-      for (int i = 0; i < HD; ++i) v[i] = to_float(vb[r * HD + i]);
-      for (int g = 0; g < G; ++g) {
-        const float p = scores[g * len + n * bs + r];
-#pragma omp simd
-        for (int i = 0; i < HD; ++i) acc[g][i] += p * v[i];
-      }
+      for (int i = 0; i < HD; ++i) acc[g][i] += p * v[i];
     }
-  }
+  });
   for (int g = 0; g < G; ++g)
 #pragma omp simd
     for (int i = 0; i < HD; ++i) out[g * HD + i] = static_cast<T>(acc[g][i] * inv[g]);
 }
 
+// The op's tensors as raw pointers and sizes (checked by paged_decode_attention).
+template <typename T>
+struct Views {
+  Views(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, const at::Tensor& t_,
+        const at::Tensor& l_, at::Tensor& o_)
+      : B(q_.size(0)), kvh(k_.size(1)), bs(k_.size(2)), max_blocks(t_.size(1)), block_stride(k_.stride(0)),
+        q(q_.data_ptr<T>()), k(k_.data_ptr<T>()), v(v_.data_ptr<T>()), tables(t_.data_ptr<int64_t>()),
+        lens(l_.data_ptr<int32_t>()), out(o_.data_ptr<T>()) {}
+  int64_t B, kvh, bs, max_blocks, block_stride;
+  const T *q, *k, *v;
+  const int64_t* tables;
+  const int32_t* lens;
+  T* out;
+};
+
 template <typename T, int HD, int G>
 bool run_fixed(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                const at::Tensor& block_tables, const at::Tensor& context_lens, double scale,
                at::Tensor& out) {
-  const int64_t B = q.size(0), kvh = k_cache.size(1), bs = k_cache.size(2);
-  const int64_t max_blocks = block_tables.size(1), block_stride = k_cache.stride(0);
-  const T* qp = q.data_ptr<T>();
-  const T* kp = k_cache.data_ptr<T>();
-  const T* vp = v_cache.data_ptr<T>();
-  const int64_t* tables = block_tables.data_ptr<int64_t>();
-  const int32_t* lens = context_lens.data_ptr<int32_t>();
-  T* op = out.data_ptr<T>();
-  at::parallel_for(0, B * kvh, 1, [&](int64_t begin, int64_t end) {
+  const Views<T> a(q, k_cache, v_cache, block_tables, context_lens, out);
+  const int64_t kvh = a.kvh, bs = a.bs, max_blocks = a.max_blocks, block_stride = a.block_stride;
+  const T *qp = a.q, *kp = a.k, *vp = a.v;
+  const int64_t* tables = a.tables;
+  const int32_t* lens = a.lens;
+  T* op = a.out;
+  at::parallel_for(0, a.B * kvh, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / kvh, h = task % kvh;
@@ -155,16 +169,14 @@ template <typename T>
 void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                    const at::Tensor& block_tables, const at::Tensor& context_lens, double scale,
                    at::Tensor& out) {
-  const int64_t B = q.size(0), H = q.size(1), hd = q.size(2);
-  const int64_t kvh = k_cache.size(1), bs = k_cache.size(2);
-  const int64_t G = H / kvh, max_blocks = block_tables.size(1);
-  const T* qp = q.data_ptr<T>();
-  const T* kp = k_cache.data_ptr<T>();
-  const T* vp = v_cache.data_ptr<T>();
-  const int64_t* tables = block_tables.data_ptr<int64_t>();
-  const int32_t* lens = context_lens.data_ptr<int32_t>();
-  T* op = out.data_ptr<T>();
-  const int64_t block_stride = k_cache.stride(0), head_stride = bs * hd;   // blocks may be strided
+  const Views<T> a(q, k_cache, v_cache, block_tables, context_lens, out);
+  const int64_t B = a.B, H = q.size(1), hd = q.size(2), kvh = a.kvh, bs = a.bs;
+  const int64_t G = H / kvh, max_blocks = a.max_blocks;
+  const T *qp = a.q, *kp = a.k, *vp = a.v;
+  const int64_t* tables = a.tables;
+  const int32_t* lens = a.lens;
+  T* op = a.out;
+  const int64_t block_stride = a.block_stride, head_stride = bs * hd;   // blocks may be strided
 
   at::parallel_for(0, B * kvh, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qf(G * hd), kv(bs * hd), scores, acc(G * hd);
@@ -176,7 +188,7 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
         const T* src = qp + (b * H + h * G + g) * hd;
         float* dst = qf.data() + g * hd;
 #pragma omp simd
-        for (int64_t i = 0; i < hd; ++i) dst[i] = to_float(src[i]) * static_cast<float>(scale);
+        for (int64_t i = 0; i < hd; ++i) dst[i] = load(src[i]) * static_cast<float>(scale);
       }
       const int64_t nblocks = (T_ + bs - 1) / bs;
       // scores[g, t] = q_g . k_t
@@ -200,19 +212,7 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
       }
       // softmax over t, per query head
       std::vector<float> inv(G);
-      for (int64_t g = 0; g < G; ++g) {
-        float* s = scores.data() + g * T_;
-        float m = s[0];
-#pragma omp simd reduction(max : m)
-        for (int64_t t = 0; t < T_; ++t) m = std::max(m, s[t]);
-        float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t t = 0; t < T_; ++t) {
-          s[t] = std::exp(s[t] - m);
-          sum += s[t];
-        }
-        inv[g] = 1.f / sum;
-      }
+      for (int64_t g = 0; g < G; ++g) inv[g] = softmax_unnormalized(scores.data() + g * T_, T_);
       // acc[g] = sum_t p[g, t] v_t
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t n = 0; n < nblocks; ++n) {

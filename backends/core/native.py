@@ -1,6 +1,6 @@
 """Our native CPU kernels (csrc/), compiled on the host that runs them.
 
-    python -m backends.core.attention.native [--build] [--check]
+    python -m backends.core.native [--build]
 
 `./build.sh setup` builds them once (torch.utils.cpp_extension, -O3 -march=native: the
 instructions of this host's CPU) into build/native-<torch>-<host>/, so that serving never
@@ -13,41 +13,57 @@ for different instructions.
 Ops (registered as torch.ops.distserve.*):
 - paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale): decode
   attention read straight from the paged cache (csrc/paged_decode.cpp).
+- silu_and_mul, add_rms_norm, rope: a layer's element-wise steps, fused (csrc/fused.cpp;
+  backends/core/model.py calls them).
+DISTSERVE_NATIVE=0 turns them all off (the torch ops run), for comparisons.
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 import logging
 import platform
+import shutil
 import sys
+import time
 from functools import cache
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[3]
-SOURCES = (Path(__file__).with_name("csrc") / "paged_decode.cpp",)
+ROOT = Path(__file__).resolve().parents[2]
+SOURCES = tuple(Path(__file__).with_name("csrc") / name for name in ("paged_decode.cpp", "fused.cpp"))
+HEADERS = (Path(__file__).with_name("csrc") / "common.h",)
 NAME = "distserve_native"
-# -ffast-math lets exp vectorize (glibc's libmvec); the kernel has no inf/NaN inputs to keep
+# -ffast-math lets exp vectorize (glibc's libmvec). It assumes no inf/NaN: the kernels' inputs
+# are finite activations and K/V (a NaN in them would give a wrong finite value, not a NaN).
 CFLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-ffast-math")
+OPS = ("paged_decode_attention", "silu_and_mul", "add_rms_norm", "rope")
+STALE_LOCK_S = 600
 log = logging.getLogger(__name__)
 
 
-def _host() -> str:
-    """This host's CPU: model name and instruction-set flags (a hash)."""
+CPU_LINES = ("model name", "flags", "Features", "CPU implementer", "CPU part")   # x86, aarch64
+
+
+def _key() -> str:
+    """A hash of this host's CPU (model, instruction-set flags), the sources and the flags."""
     text = platform.machine()
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
-        text += "".join(sorted({ln for ln in lines if ln.startswith(("model name", "flags"))}))
+        text += "".join(sorted({ln for ln in lines if ln.startswith(CPU_LINES)}))
     except OSError:
         pass
+    text += " ".join(CFLAGS) + "".join(src.read_text() for src in (*SOURCES, *HEADERS))
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def build_dir() -> Path:
+    """build/native-<torch>-<key>: a changed source, flag, CPU or torch builds anew, so a stale
+    library is never loaded."""
     version = torch.__version__.replace("+", "_")
-    return ROOT / "build" / f"native-{version}-{_host()}"
+    return ROOT / "build" / f"native-{version}-{_key()}"
 
 
 def library_path() -> Path:
@@ -56,7 +72,6 @@ def library_path() -> Path:
 
 def build(verbose: bool = False) -> Path:
     """Compile (or bring up to date) and load the library; its path. Raises on a failed build."""
-    import os
     from torch.utils import cpp_extension
     # the ninja that cpp_extension runs: the one installed beside this interpreter (pyproject)
     bindir = str(Path(sys.executable).parent)
@@ -64,9 +79,20 @@ def build(verbose: bool = False) -> Path:
         os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
     out = build_dir()
     out.mkdir(parents=True, exist_ok=True)
+    lock = out / "lock"            # cpp_extension's baton, waited on forever if a build was killed
+    if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+        lock.unlink(missing_ok=True)
     cpp_extension.load(NAME, [str(s) for s in SOURCES], extra_cflags=list(CFLAGS),
                        build_directory=str(out), is_python_module=False, verbose=verbose)
+    for old in out.parent.glob("native-*"):          # earlier sources', flags' or torch's builds
+        if old != out and old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
     return library_path()
+
+
+def enabled() -> bool:
+    """Not turned off by DISTSERVE_NATIVE=0 (to compare against the torch ops)."""
+    return os.environ.get("DISTSERVE_NATIVE", "1") != "0"
 
 
 @cache
@@ -83,11 +109,15 @@ def available() -> bool:
     except (OSError, RuntimeError) as e:
         log.warning("native CPU kernels did not load (%s); attention runs on torch ops, slower", e)
         return False
+    missing = [op for op in OPS if not hasattr(torch.ops.distserve, op)]
+    if missing:
+        log.warning("native CPU kernels at %s lack %s; the engine runs on torch ops, slower", path, missing)
+        return False
     return True
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m backends.core.attention.native",
+    p = argparse.ArgumentParser(prog="python -m backends.core.native",
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--build", action="store_true", help="compile for this host (a no-op if built)")
     p.add_argument("--verbose", action="store_true")
