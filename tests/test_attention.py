@@ -96,6 +96,25 @@ def test_prefill_chunks_and_mixed_batches_match_dense(native):
     torch.testing.assert_close(_context(cache.k, tables[3], 33), k[22:])   # stored where it belongs
 
 
+def test_short_prefill_rows_match_dense(native):
+    """Rows of a few new tokens (speculative verify rows, short chunks; a fresh 4-token prompt
+    among them): with the native kernel each token is a decode query to its causal length."""
+    context_lens, query_lens = [40, 9, 4, 70], [3, 5, 4, 1]
+    cache, tables = _cache(context_lens, seed=2)
+    meta = AttentionMetadata.build(0, query_lens, context_lens, tables, BS)
+    assert (meta.plan.per_token is not None) == native
+    q = torch.randn(sum(query_lens), KVH * G, HD)
+    k, v = torch.randn(sum(query_lens), KVH, HD), torch.randn(sum(query_lens), KVH, HD)
+    store_kv(cache, k, v, meta)
+    out = paged_attention(q, k, v, cache, meta, SCALE)
+    start = 0
+    for n, qlen, table in zip(context_lens, query_lens, tables):
+        rows = slice(start, start + qlen)
+        ref = _reference(q[rows], _context(cache.k, table, n), _context(cache.v, table, n), SCALE)
+        torch.testing.assert_close(out[rows], ref, rtol=1e-5, atol=1e-5)
+        start += qlen
+
+
 def test_metadata_is_flat_and_validated():
     meta = AttentionMetadata.build(0, [3, 2], [5, 2], [[7, 8], [2]], 4)
     assert meta.cu_seqlens_q.tolist() == [0, 3, 5] and meta.positions.tolist() == [2, 3, 4, 0, 1]

@@ -28,6 +28,8 @@ GROUP_COST_TOKENS = 4096    # one more decode group costs about this many padded
 # (measured on one CPU core, SmolLM2: splitting pays at batch 32 with contexts 18-886, 262 ->
 # 208 ms a step, and costs at batch 8 with 40-900, 91 -> 109 ms with a 512-token cost)
 SDPA_DECODE_MAX_CONTEXT = 256     # batch-1 decode: SDPA up to here, the per-head loop beyond
+NATIVE_MAX_QUERY = 8        # prefill rows of up to this many new tokens (speculative verify rows,
+# short chunks) run the native decode kernel once per token, each to its own causal length
 BATCHED_HEADS_MAX_BATCH = 1       # decode batches up to this size gather all KV heads at once
 # (measured, one core: batch 1 at 512 tokens 32.1 -> 29.0 ms a step; batch 32 99 -> 118 ms)
 
@@ -40,6 +42,9 @@ class TorchPlan:
     parts: tuple[AttentionMetadata, AttentionMetadata] | None = None   # mixed: (decodes, prefills)
     # decode with very different context lengths: (row indices, their own metadata) per group
     groups: tuple[tuple[torch.Tensor, AttentionMetadata], ...] | None = None
+    # prefill of short rows only, for the native kernel: each new token's block table row and
+    # causal context length ([N, max_blocks] int64, [N] int32)
+    per_token: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 def decode_groups(context_lens: list[int] | tuple[int, ...],
@@ -128,6 +133,12 @@ class TorchAttentionBackend(AttentionBackend):
         if d:
             t = torch.arange(meta.block_tables.shape[1] * bs, device=device)
             return TorchPlan(*slots, decode_mask=(t[None, :] < meta.seq_lens[:, None])[:, None, None, :])
+        if max(qlens) <= NATIVE_MAX_QUERY and device.type == "cpu" and self.native:
+            # token j of a row of q new tokens over c attends to the first c - q + j + 1 positions
+            rows = torch.repeat_interleave(torch.arange(len(qlens)), torch.tensor(qlens))
+            lens = [c - q + j + 1 for q, c in zip(qlens, clens) for j in range(q)]
+            return TorchPlan(*slots, per_token=(meta.block_tables.index_select(0, rows.to(device)),
+                                                torch.tensor(lens, dtype=torch.int32, device=device)))
         return TorchPlan(*slots)
 
     # -- per layer --------------------------------------------------------------------------
@@ -155,6 +166,11 @@ class TorchAttentionBackend(AttentionBackend):
                           self._prefill(q[d:], k[d:], v[d:], cache, prefills, scale)])
 
     def _prefill(self, q, k, v, cache: LayerKV, meta: AttentionMetadata, scale: float):
+        if meta.plan.per_token is not None and self._native_reads(q, cache):
+            # short rows (their K/V stored already): each token a decode query over its prefix
+            tables, lens = meta.plan.per_token
+            return torch.ops.distserve.paged_decode_attention(
+                q.contiguous(), cache.k, cache.v, tables, lens, scale).view(q.shape[0], -1)
         # SDPA gets 4-D [1, H, S, hd] inputs: with 3-D ones it falls back to a ~3x slower path.
         outs, start = [], 0
         for i, (qlen, clen) in enumerate(zip(meta.query_lens, meta.context_lens)):
@@ -174,13 +190,18 @@ class TorchAttentionBackend(AttentionBackend):
             start += qlen
         return torch.cat(outs) if len(outs) > 1 else outs[0]
 
+    def _native_reads(self, q: torch.Tensor, cache: LayerKV) -> bool:
+        """The native kernel can read this cache for these queries (CPU, float32/bf16 KV in
+        the queries' dtype), and is built."""
+        return q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16) and \
+            not cache.is_quantized and cache.k.dtype == q.dtype and self.native
+
     def _decode(self, q, cache: LayerKV, meta: AttentionMetadata, scale: float):
         # One query per sequence; per KV head, its G query heads go in one bmm against that
         # head's dense gathered context (GQA without repeating K/V, and no transposing copies,
         # which on CPU cost more than the matmuls; SDPA's CPU flash kernel is slower for q_len 1).
         B, H, hd = q.shape
-        if q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16) and \
-                not cache.is_quantized and cache.k.dtype == q.dtype and self.native:
+        if self._native_reads(q, cache):
             # our kernel: straight from the paged cache, each sequence to its own length
             return torch.ops.distserve.paged_decode_attention(
                 q.contiguous(), cache.k, cache.v, meta.block_tables, meta.seq_lens, scale).view(B, H * hd)
