@@ -76,6 +76,15 @@ def test_decode_attention_matches_dense(context_lens, native):
         torch.testing.assert_close(out[i], ref[0], rtol=1e-5, atol=1e-5)
 
 
+def _assert_rows_match_dense(out, q, cache, tables, context_lens, query_lens) -> None:
+    start = 0
+    for n, qlen, table in zip(context_lens, query_lens, tables):
+        rows = slice(start, start + qlen)
+        ref = _reference(q[rows], _context(cache.k, table, n), _context(cache.v, table, n), SCALE)
+        torch.testing.assert_close(out[rows], ref, rtol=1e-5, atol=1e-5)
+        start += qlen
+
+
 def test_prefill_chunks_and_mixed_batches_match_dense(native):
     """Decode rows first, then a fresh prompt (attends its own k/v) and a chunk after a cached
     prefix (reads the context back): each row against the dense reference."""
@@ -87,12 +96,7 @@ def test_prefill_chunks_and_mixed_batches_match_dense(native):
     k, v = torch.randn(sum(query_lens), KVH, HD), torch.randn(sum(query_lens), KVH, HD)
     store_kv(cache, k, v, meta)
     out = paged_attention(q, k, v, cache, meta, SCALE)
-    start = 0
-    for n, qlen, table in zip(context_lens, query_lens, tables):
-        rows = slice(start, start + qlen)
-        ref = _reference(q[rows], _context(cache.k, table, n), _context(cache.v, table, n), SCALE)
-        torch.testing.assert_close(out[rows], ref, rtol=1e-5, atol=1e-5)
-        start += qlen
+    _assert_rows_match_dense(out, q, cache, tables, context_lens, query_lens)
     torch.testing.assert_close(_context(cache.k, tables[3], 33), k[22:])   # stored where it belongs
 
 
@@ -107,12 +111,7 @@ def test_short_prefill_rows_match_dense(native):
     k, v = torch.randn(sum(query_lens), KVH, HD), torch.randn(sum(query_lens), KVH, HD)
     store_kv(cache, k, v, meta)
     out = paged_attention(q, k, v, cache, meta, SCALE)
-    start = 0
-    for n, qlen, table in zip(context_lens, query_lens, tables):
-        rows = slice(start, start + qlen)
-        ref = _reference(q[rows], _context(cache.k, table, n), _context(cache.v, table, n), SCALE)
-        torch.testing.assert_close(out[rows], ref, rtol=1e-5, atol=1e-5)
-        start += qlen
+    _assert_rows_match_dense(out, q, cache, tables, context_lens, query_lens)
 
 
 def test_metadata_is_flat_and_validated():
