@@ -165,3 +165,15 @@ def test_speculation_with_processors_gives_the_same_tokens(smollm_fp32, smollm_t
     assert run_spec(engine, NgramDrafter())["r0"] == expected
     assert engine.spec_stats.num_draft_tokens > 0       # the verify path really ran
     assert_no_leaks(engine)
+
+
+def test_greedy_tokens_are_argmax_ties_included():
+    """The sampler's greedy pick (max(dim).indices, faster on CPU) is argmax's token, the first
+    of equal maxima, in float32 and bfloat16."""
+    from backends.core.sampling import greedy_tokens
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        tied = torch.randint(0, 3, (16, 4099), generator=g).to(dtype)      # many equal maxima
+        spread = torch.randn(16, 4099, generator=g).to(dtype)
+        for x in (tied, spread):
+            assert greedy_tokens(x) == x.argmax(dim=-1).tolist()

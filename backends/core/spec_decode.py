@@ -34,7 +34,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from backends.core.sampling import SamplingParams, _mix, _sample_row, filtered_probs
+from backends.core.sampling import SamplingParams, _mix, _sample_row, filtered_probs, greedy_tokens
 from backends.core.sequence import Sequence
 
 
@@ -112,7 +112,7 @@ def _target_tokens(logits: torch.Tensor, params: SamplingParams, step: int) -> I
     # logits: [k + 1, V] -> the target's own token at each position, drawn lazily with the
     # randomness sampling.sample would use for output token `step + j`
     if params.is_greedy:
-        yield from logits.argmax(dim=-1).tolist()
+        yield from greedy_tokens(logits)
         return
     for j in range(logits.shape[0]):
         yield _sample_row(logits[j], params, step + j)
