@@ -53,3 +53,32 @@ def test_health_gauges_follow_each_round_of_probes():
         assert ready_family.metrics[0].value == 0.0
     finally:
         monitor.stop()
+
+
+def test_engine_gauges_are_set_only_when_they_change():
+    """Each gauge set is an IPC round trip under the stub's mutex (a stub killed holding it
+    aborts tritonserver): an idle instance's repeated updates set nothing; counters add deltas."""
+    from types import SimpleNamespace
+    from backends.serving.metrics import EngineMetrics
+    sets: list[tuple[str, float]] = []
+
+    class Family(FakeMetrics):
+        COUNTER = "counter"
+
+        def Metric(self, labels: dict):                 # noqa: N802 - pb_utils' name
+            m = super().Metric(labels)
+            m.set = lambda v, name=self.name: sets.append((name, v))
+            m.increment = lambda v, name=self.name: sets.append((name, v))
+            return m
+
+    metrics = EngineMetrics(SimpleNamespace(MetricFamily=Family), "prefill", "prefill-0")
+    stats = {"pending": 2, "running": 0, "kv_blocks_used": 5, "kv_transfer_bytes": 10}
+    metrics.update(stats)
+    first = dict(sets)
+    assert first["distserve_queue_depth"] == 2.0 and first["distserve_kv_transfer_bytes_total"] == 10.0
+    sets.clear()
+    for _ in range(3):
+        metrics.update(stats)                           # idle: nothing changed
+    assert sets == []
+    metrics.update({**stats, "kv_blocks_used": 7, "kv_transfer_bytes": 25})
+    assert sorted(sets) == [("distserve_kv_blocks_used", 7.0), ("distserve_kv_transfer_bytes_total", 15.0)]

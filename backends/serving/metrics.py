@@ -32,7 +32,7 @@ class EngineMetrics:
         for key, text in self.GAUGES.items():
             family = pb.MetricFamily(name=f"distserve_{key}", description=text,
                                      kind=pb.MetricFamily.GAUGE)
-            self._gauges[key] = (family, family.Metric(labels=labels))
+            self._gauges[key] = (family, family.Metric(labels=labels), [None])
         self._counters = {}
         for key, text in (("kv_transfer_bytes", "Bytes of KV copied in from prefill instances"),
                           ("kv_transfer_seconds", "Seconds spent copying KV in"),
@@ -43,11 +43,15 @@ class EngineMetrics:
             self._counters[key] = (family, family.Metric(labels=labels), [0.0])
 
     def update(self, stats: dict[str, Any]) -> None:
+        """Set what changed since the last update. Each set is an IPC round trip to the server
+        under the stub's shared-memory mutex, so an idle instance makes none (a stub killed
+        while it holds that mutex aborts tritonserver itself: docs/faults.md)."""
         stats = dict(stats)
         stats.setdefault("queue_depth", stats.get("pending", 0))
-        for key, (_, metric) in self._gauges.items():
-            if key in stats:
-                metric.set(float(stats[key]))
+        for key, (_, metric, last) in self._gauges.items():
+            if key in stats and float(stats[key]) != last[0]:
+                last[0] = float(stats[key])
+                metric.set(last[0])
         for key, (_, metric, last) in self._counters.items():
             if key in stats and stats[key] > last[0]:
                 metric.increment(float(stats[key] - last[0]))
