@@ -82,6 +82,15 @@ def interleaved(probe: EngineProbe, variants: dict, rounds: int, steps: int,
     return cases
 
 
+def ab_doc(module: str, argv: list[str] | None, args, load_before: tuple, cases: dict) -> dict:
+    """An A/B benchmark's record: its command, when, the core, the load before and after, the
+    rounds and steps (args.core, args.rounds, args.steps) and the cases."""
+    command = f"python -m {module} " + " ".join(argv if argv is not None else [])
+    return {"command": command.strip(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "core": args.core, "load_avg": [load_before, os.getloadavg()], "rounds": args.rounds,
+            "steps_per_round": args.steps, "cases": cases}
+
+
 def write(out: Path, doc: dict, intro: list[str], names: tuple[str, str], outro: list[str]) -> None:
     """`out`.json (the doc) and `out`.md: intro, the A/B table of doc["cases"], outro."""
     out.with_suffix(".json").write_text(json.dumps(doc, indent=1))

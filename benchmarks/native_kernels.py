@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
 import torch
 
-from benchmarks.decode_attention import interleaved, write
+from benchmarks.decode_attention import ab_doc, interleaved, write
 from deploy.deployment import DEFAULT_MODEL_PATH, ROOT
 
 
@@ -53,10 +52,7 @@ def main(argv: list[str] | None = None) -> dict:
     cases = interleaved(probe, {"torch": use(False), "native": use(True)}, args.rounds, args.steps,
                         prefills=(128, 512, 2048), prefill_probe=prefill)
     backend._native = model._FUSED = None
-    command = "python -m benchmarks.native_kernels " + " ".join(argv if argv is not None else [])
-    doc = {"command": command.strip(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-           "core": args.core, "load_avg": [load_before, os.getloadavg()], "rounds": args.rounds,
-           "steps_per_round": args.steps, "cases": cases}
+    doc = ab_doc("benchmarks.native_kernels", argv, args, load_before, cases)
     write(ROOT / "docs" / "bench_native_kernels", doc, [
         "# Engine step: torch ops vs our native CPU kernels", "",
         f"`{doc['command']}` ({doc['created']}), SmolLM2-135M as its instances run it (bf16 "

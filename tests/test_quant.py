@@ -271,7 +271,8 @@ def test_prepacked_dense_matches_plain(smollm_codes) -> None:
     auto = LLMEngine(config, codes, EngineConfig(weights="auto", limits=EngineLimits(num_kv_blocks=16)))
     assert isinstance(packed.runner.model.layers[0].qkv_proj, PackedLinear)
     layer = auto.runner.model.layers[0].qkv_proj               # int4, with a packed dense fallback
-    x = torch.randn(quant.INT4_MAX_ROWS_PACKED + 1, layer.in_features, dtype=torch.bfloat16)
+    most = quant.NATIVE_INT4_MAX_ROWS if layer.native else quant.INT4_MAX_ROWS_PACKED
+    x = torch.randn(most + 1, layer.in_features, dtype=torch.bfloat16)
     dense = plain.runner.model.layers[0].qkv_proj.weight
     assert layer.dense is None and torch.equal(layer(x), F.linear(x, dense))
     prompt = list(range(3000, 3040))               # 40 rows: auto's layers take the packed GEMM

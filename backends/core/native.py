@@ -15,6 +15,8 @@ Ops (registered as torch.ops.distserve.*):
   attention read straight from the paged cache (csrc/paged_decode.cpp).
 - silu_and_mul, add_rms_norm, rope: a layer's element-wise steps, fused (csrc/fused.cpp;
   backends/core/model.py calls them).
+- quant_linear(x, codes, scales_offsets): int4 weights x few rows (csrc/quant_linear.cpp; used by
+  backends/core/quant.Int4Linear). Built only on CPUs with AVX-512 VNNI (`has("quant_linear")`).
 DISTSERVE_NATIVE=0 turns them all off (the torch ops run), for comparisons.
 """
 from __future__ import annotations
@@ -33,13 +35,15 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
-SOURCES = tuple(Path(__file__).with_name("csrc") / name for name in ("paged_decode.cpp", "fused.cpp"))
+SOURCES = tuple(Path(__file__).with_name("csrc") / name
+                for name in ("paged_decode.cpp", "fused.cpp", "quant_linear.cpp"))
 HEADERS = (Path(__file__).with_name("csrc") / "common.h",)
 NAME = "distserve_native"
 # -ffast-math lets exp vectorize (glibc's libmvec). It assumes no inf/NaN: the kernels' inputs
 # are finite activations and K/V (a NaN in them would give a wrong finite value, not a NaN).
 CFLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-ffast-math")
 OPS = ("paged_decode_attention", "silu_and_mul", "add_rms_norm", "rope")
+OPTIONAL_OPS = ("quant_linear",)      # built only where the CPU has their instructions (AVX-512 VNNI)
 STALE_LOCK_S = 600
 log = logging.getLogger(__name__)
 
@@ -114,6 +118,12 @@ def available() -> bool:
         log.warning("native CPU kernels at %s lack %s; the engine runs on torch ops, slower", path, missing)
         return False
     return True
+
+
+def has(op: str) -> bool:
+    """Whether the loaded library has `op` (an OPTIONAL_OPS one may be left out of a build),
+    and the native kernels are on."""
+    return enabled() and available() and hasattr(torch.ops.distserve, op)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,7 +10,8 @@
   the dense AMX GEMM is 8x faster than the int4 kernel at 512 rows) keeps dense weights; a
   decode or colocated engine runs GGUF Q4_x / Q8_0 layers on the int4 kernel and keeps the
   dense weight beside them for steps of more than INT4_MAX_ROWS_PACKED (4) rows, 12 when not
-  prepacked. HF checkpoints, float32 engines and GPU engines stay dense (the int4/int8 kernels
+  prepacked; on our native kernel (quant.py: AVX-512 VNNI hosts, bf16) for up to
+  NATIVE_INT4_MAX_ROWS (8) rows, the Q8_0 head as one 8-bit plane. HF checkpoints, float32 engines and GPU engines stay dense (the int4/int8 kernels
   here are torch's CPU ones, fast on bf16 activations only).
 
 The int4 kernel holds GGUF codes exactly with float32 activations; with bf16 its scales round
@@ -74,7 +75,7 @@ def _quantize(model: nn.Module, state_dict: dict, fmt: str, group_size: int) -> 
             _set_module(model, name, new)
     head = getattr(model, "lm_head", None)
     tied = getattr(model.config, "tie_word_embeddings", False)
-    if tied and (isinstance(head, Int8Linear) or (isinstance(head, Int4Linear) and rows_supported())):
+    if tied and (isinstance(head, Int8Linear) or (isinstance(head, Int4Linear) and (head.native or rows_supported()))):
         model.embed_tokens = RowsEmbedding(head)       # lookups read the quantized head's rows
 
 
