@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"Command: `{doc['command']}`; core {args.core}, load average {[round(x, 2) for x in load_before]} "
         f"before, {[round(x, 2) for x in os.getloadavg()]} after; {args.rounds} interleaved rounds x "
         f"{args.steps} steps, medians. Default model, bf16, weights auto (GGUF Q4_1 layers, the tied "
-        "Q8_0 head), context ~300 tokens. Past 8 rows both engines use the prepacked dense weights.", ""],
+        "Q8_0 head), context ~300 tokens. Past 4 rows (torch int4) or 16 (native) the engines run the prepacked dense weights.", ""],
         ("torch int4", "native"), [
         "torch's kernel dequantizes every weight again for each row of the step; ours unpacks it once "
         "for all of them, and runs the Q8_0 head as one 8-bit plane instead of two int4 planes."])

@@ -59,13 +59,18 @@ def test_kernel_matches_float64(bits, dtype, tol, rows):
     assert ((y.double() - ref).abs().max() / ref.abs().max()).item() < tol
 
 
-def test_a_row_gives_the_same_bits_alone_or_beside_others():
-    gq = codes(64, 256, 4)
+@pytest.mark.parametrize("bits", [4, 8])
+def test_a_row_gives_the_same_bits_whatever_rows_share_its_pass(bits):
+    """Within each path (1-2 rows: int16 dot products; 3 or more bf16 rows: AMX, 16 rows a
+    pass), a row's result does not depend on the rows beside it."""
+    gq = codes(64, 256, bits)
     packed, so = pack_int4_native(gq)
-    x = torch.randn(7, 256).bfloat16()
-    together = torch.ops.distserve.quant_linear(x, packed, so)
-    for i in range(7):
-        assert torch.equal(torch.ops.distserve.quant_linear(x[i:i + 1], packed, so), together[i:i + 1])
+    x = torch.randn(37, 256).bfloat16()
+    op = torch.ops.distserve.quant_linear
+    together = op(x, packed, so)
+    for i in (0, 5, 20, 36):
+        assert torch.equal(op(x[i:i + 1], packed, so), op(x[[i, (i + 1) % 37]], packed, so)[:1])
+        assert torch.equal(op(x[[i, 1, 2]], packed, so)[:1], together[i:i + 1])
 
 
 def test_kernel_refuses_what_it_cannot_read():

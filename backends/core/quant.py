@@ -16,11 +16,11 @@ Formats (chosen by measurement on one core of this project's CPU, docs/profile_s
 Where the native library has `quant_linear` (csrc/quant_linear.cpp, AVX-512 VNNI hosts), layers
 with bf16 activations whose codes fit (4-bit, or 8-bit Q8_0 as one plane; outputs a multiple of
 16) run on it instead, in its own layout (`pack_int4_native`; torch's packing is then not built).
-It unpacks each weight once for every row of the step and keeps GGUF's fp16 scales exactly; rows
-are quantized to int16 per block of 32. One core, SmolLM2's layers inside a decode step:
-batch-1 steps 16.8 vs 18.2 ms, a 5-row verify step 31.3 vs 39.0, batch 4 24.5 vs 29.7 and batch
-8 40.9 vs 47.0 (docs/bench_quant_linear.md). Past NATIVE_INT4_MAX_ROWS rows the dense weight,
-where the layer keeps one, is faster.
+It unpacks each weight once for every row of the step (1-2 rows: int16 dot products; 3 or more:
+AMX tiles where the CPU has them) and keeps GGUF's fp16 scales exactly. One core, a decode
+instance's step on SmolLM2 (docs/bench_quant_linear.md): batch 1 1.14x torch's int4 kernel,
+a 5-row verify step 1.70x, batch 8 1.54x, batch 16 1.32x. Past NATIVE_INT4_MAX_ROWS rows the
+dense weight, where the layer keeps one, is as fast.
 
 An int4 layer may also hold the dense weight (`dense`, or `dense_packed`): then steps of more
 than INT4_MAX_ROWS rows (INT4_MAX_ROWS_PACKED when prepacked), where the dense bf16 GEMM
@@ -42,7 +42,7 @@ from torch import nn
 
 INT4_MAX_ROWS = 12     # int4 kernel vs plain dense bf16 cross over at 12-16 rows (SmolLM2, 1 core)
 INT4_MAX_ROWS_PACKED = 4   # ... vs oneDNN-prepacked dense bf16: at 4-6 rows
-NATIVE_INT4_MAX_ROWS = 8   # our kernel vs prepacked dense bf16 in a decode step: level at 8-12 rows
+NATIVE_INT4_MAX_ROWS = 16  # our kernel (AMX from 3 rows) vs prepacked dense bf16 in a decode step
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 _PACK_ROWS = 64        # the CPU int4 pack interleaves output channels in blocks of 64
 

@@ -32,6 +32,12 @@
 #include <cstring>
 #include <vector>
 
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+#define DISTSERVE_AMX 1
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 #include "common.h"
 
 namespace {
@@ -80,29 +86,36 @@ inline __m512i pair(const int16_t* p) {   // inputs p[0], p[1] in every lane
   return _mm512_set1_epi32(v);
 }
 
+// One tile x block's codes as int16: w[p] holds input pair p (inputs 2p, 2p + 1 of the block) of
+// the 16 outputs, element e = output e / 2, input 2p + e % 2.
+template <int BITS>
+inline void unpack(const uint8_t* c, __m512i* w) {
+  const __m512i low = _mm512_set1_epi16(0x0F);
+  for (int u = 0; u < 8; ++u) {
+    if constexpr (BITS == 4) {
+      const __m512i bytes = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 32 * u)));
+      w[u] = _mm512_and_si512(bytes, low);
+      w[8 + u] = _mm512_srli_epi16(bytes, 4);
+    } else {                           // 8-bit: chunk u, then chunk 8 + u, one code a byte
+      w[u] = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 32 * u)));
+      w[8 + u] = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 32 * (8 + u))));
+    }
+  }
+}
+
 // rows [m0, m0 + R) of y, output tiles [t0, t1)
 template <int BITS, int R, typename T>
 void tile(const QuantRows& xq, int64_t k, int64_t m0, int64_t t0, int64_t t1, const uint8_t* codes,
           const uint16_t* so, T* y, int64_t ys) {
   const int64_t nb = k / kBlock;
-  const __m512i low = _mm512_set1_epi16(0x0F);
   for (int64_t t = t0; t < t1; ++t) {
     __m512 acc[R];
     for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; ++b) {
       const uint8_t* c = codes + (t * nb + b) * kTileBytes<BITS>;
       const uint16_t* sb = so + (t * nb + b) * 2 * kTile;
-      __m512i w[16];                       // w[u]: inputs 2u, 2u+1; w[8 + u]: 16 + 2u, 17 + 2u
-      for (int u = 0; u < 8; ++u) {
-        if constexpr (BITS == 4) {
-          const __m512i bytes = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 32 * u)));
-          w[u] = _mm512_and_si512(bytes, low);
-          w[8 + u] = _mm512_srli_epi16(bytes, 4);
-        } else {                           // 8-bit: chunk u, then chunk 8 + u, one code a byte
-          w[u] = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 32 * u)));
-          w[8 + u] = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 32 * (8 + u))));
-        }
-      }
+      __m512i w[16];
+      unpack<BITS>(c, w);
       const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sb)));
       const __m512 o = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sb + kTile)));
       for (int r = 0; r < R; ++r) {
@@ -152,6 +165,135 @@ void quant_linear_impl(const at::Tensor& x, const at::Tensor& codes, const at::T
   });
 }
 
+#ifdef DISTSERVE_AMX
+// Steps of kAmxMinRows or more bf16 rows run on the AMX tiles, up to 16 rows a pass: each tile x
+// block's codes become bf16 integers once (exact: q < 256), one tile multiply gives every row's
+// sum_i x[m, i] q[n, i] over the block in float32 (bf16 products are exact in float32), and
+//   y[m, n] += s[n, b] * that + o[n, b] * sum_i x[m, i],
+// as above but on x itself (no int16 rounding). Two result tiles take alternate blocks, so one
+// block's multiply runs while the previous one's result is scaled.
+constexpr int64_t kAmxMinRows = 3;
+constexpr int64_t kAmxRows = 16;
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+bool amx_permitted() {                 // the kernel must allow this process the tile state
+  static const bool ok = [] {
+    constexpr long kReqXcompPerm = 0x1023, kXtileData = 18;
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXtileData) == 0;
+  }();
+  return ok;
+}
+
+// w[p] (int16 codes) -> bf16 of the same integers, in the tile's layout (row p: pair p)
+template <int BITS>
+inline void codes_bf16(const __m512i* w, uint16_t* out) {
+  for (int p = 0; p < 16; ++p) {
+    __m512i v;
+    if constexpr (BITS == 4) {         // a table of bf16(0..15): one permute
+      const __m512i table = _mm512_set_epi16(
+          0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+          0x4170, 0x4160, 0x4150, 0x4140, 0x4130, 0x4120, 0x4110, 0x4100,
+          0x40E0, 0x40C0, 0x40A0, 0x4080, 0x4040, 0x4000, 0x3F80, 0x0000);
+      v = _mm512_permutexvar_epi16(w[p], table);
+    } else {
+      const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_castsi512_si256(w[p])));
+      const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(w[p], 1)));
+      v = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+    }
+    _mm512_store_si512(out + 32 * p, v);
+  }
+}
+
+// rows [m0, m0 + m) (m <= 16) of y for output tiles [t0, t1); xsum: [M, K / 32] block sums
+template <int BITS>
+void amx_rows(const c10::BFloat16* x, const float* xsum, int64_t m, int64_t k, int64_t m0, int64_t t0,
+              int64_t t1, const uint8_t* codes, const uint16_t* so, c10::BFloat16* y, int64_t ys) {
+  const int64_t nb = k / kBlock;
+  TileConfig cfg;
+  for (int i = 0; i < 2; ++i) {
+    cfg.rows[i] = cfg.rows[2 + i] = static_cast<uint8_t>(m);  // C0, C1: m x 16 fp32; A0, A1: m x 32 bf16
+    cfg.colsb[i] = cfg.colsb[2 + i] = 64;
+    cfg.rows[4 + i] = 16;                                      // B0, B1: 16 pairs x (16 outputs x 2)
+    cfg.colsb[4 + i] = 64;
+  }
+  _tile_loadconfig(&cfg);
+  alignas(64) uint16_t wbuf[2][16 * 32];
+  alignas(64) float cbuf[kAmxRows * kTile];
+  const c10::BFloat16* xr = x + m0 * k;
+  const float* xs = xsum + m0 * nb;
+  const int64_t stride = k * static_cast<int64_t>(sizeof(c10::BFloat16));
+  __m512 acc[kAmxRows];
+  // the previous block's result: scaled into acc while the next block multiplies
+  auto scale_block = [&](int64_t t, int64_t b) {
+    const uint16_t* sb = so + (t * nb + b) * 2 * kTile;
+    const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sb)));
+    const __m512 o = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sb + kTile)));
+    for (int64_t r = 0; r < m; ++r) {
+      acc[r] = _mm512_fmadd_ps(_mm512_load_ps(cbuf + r * kTile), s, acc[r]);
+      acc[r] = _mm512_fmadd_ps(o, _mm512_set1_ps(xs[r * nb + b]), acc[r]);
+    }
+  };
+  for (int64_t t = t0; t < t1; ++t) {
+    for (int64_t r = 0; r < m; ++r) acc[r] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; ++b) {
+      __m512i w[16];
+      unpack<BITS>(codes + (t * nb + b) * kTileBytes<BITS>, w);
+      codes_bf16<BITS>(w, wbuf[b & 1]);
+      if (b & 1) {
+        _tile_zero(1);
+        _tile_loadd(3, xr + b * kBlock, stride);
+        _tile_loadd(5, wbuf[1], 64);
+        _tile_dpbf16ps(1, 3, 5);
+      } else {
+        _tile_zero(0);
+        _tile_loadd(2, xr + b * kBlock, stride);
+        _tile_loadd(4, wbuf[0], 64);
+        _tile_dpbf16ps(0, 2, 4);
+      }
+      if (b > 0) {
+        if (b & 1) _tile_stored(0, cbuf, 64);
+        else _tile_stored(1, cbuf, 64);
+        scale_block(t, b - 1);
+      }
+    }
+    if ((nb - 1) & 1) _tile_stored(1, cbuf, 64);
+    else _tile_stored(0, cbuf, 64);
+    scale_block(t, nb - 1);
+    for (int64_t r = 0; r < m; ++r) {
+      alignas(64) float out[kTile];
+      _mm512_store_ps(out, acc[r]);
+      for (int64_t i = 0; i < kTile; ++i) store(y + (m0 + r) * ys + t * kTile + i, out[i]);
+    }
+  }
+  _tile_release();
+}
+
+template <int BITS>
+void amx_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& so, at::Tensor& y) {
+  const int64_t m = x.size(0), k = x.size(1), n = y.size(1), nb = k / kBlock;
+  const c10::BFloat16* xp = x.data_ptr<c10::BFloat16>();
+  std::vector<float> xsum(m * nb);
+  for (int64_t r = 0; r < m; ++r)
+    for (int64_t b = 0; b < nb; ++b) {
+      float sum = 0.f;
+      for (int64_t i = 0; i < kBlock; ++i) sum += load(xp[r * k + b * kBlock + i]);
+      xsum[r * nb + b] = sum;
+    }
+  const uint8_t* cp = codes.data_ptr<uint8_t>();
+  const uint16_t* sp = reinterpret_cast<const uint16_t*>(so.data_ptr<at::Half>());
+  c10::BFloat16* yp = y.data_ptr<c10::BFloat16>();
+  at::parallel_for(0, n / kTile, 4, [&](int64_t t0, int64_t t1) {
+    for (int64_t m0 = 0; m0 < m; m0 += kAmxRows)
+      amx_rows<BITS>(xp, xsum.data(), std::min(kAmxRows, m - m0), k, m0, t0, t1, cp, sp, yp, n);
+  });
+}
+#endif  // DISTSERVE_AMX
+
 at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& so) {
   TORCH_CHECK(x.device().is_cpu() && codes.device().is_cpu() && so.device().is_cpu(), "quant_linear: CPU tensors only");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
@@ -170,6 +312,13 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& codes, const at::
   at::Tensor y = at::empty({x.size(0), tiles * kTile}, x.options());
   if (x.size(0) == 0) return y;
   const bool bf16 = x.scalar_type() == at::kBFloat16;
+#ifdef DISTSERVE_AMX
+  if (bf16 && x.size(0) >= kAmxMinRows && x.is_contiguous() && amx_permitted()) {
+    if (eight) amx_linear<8>(x, codes, so, y);
+    else amx_linear<4>(x, codes, so, y);
+    return y;
+  }
+#endif
   if (eight && bf16) quant_linear_impl<8, c10::BFloat16>(x, codes, so, y);
   else if (eight) quant_linear_impl<8, float>(x, codes, so, y);
   else if (bf16) quant_linear_impl<4, c10::BFloat16>(x, codes, so, y);
