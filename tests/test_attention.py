@@ -106,7 +106,7 @@ def test_short_prefill_rows_match_dense(native):
     context_lens, query_lens = [40, 9, 4, 70], [3, 5, 4, 1]
     cache, tables = _cache(context_lens, seed=2)
     meta = AttentionMetadata.build(0, query_lens, context_lens, tables, BS)
-    assert (meta.plan.per_token is not None) == native
+    assert (meta.plan.short_rows is not None) == native
     q = torch.randn(sum(query_lens), KVH * G, HD)
     k, v = torch.randn(sum(query_lens), KVH, HD), torch.randn(sum(query_lens), KVH, HD)
     store_kv(cache, k, v, meta)

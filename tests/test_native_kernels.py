@@ -149,3 +149,34 @@ def test_build_directory_is_keyed_by_torch_host_and_sources(monkeypatch):
     assert native.library_path().is_file()
     monkeypatch.setattr(native, "CFLAGS", native.CFLAGS + ("-DCHANGED",))
     assert native.build_dir() != d                   # another flag (or source, or CPU): another build
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_prefix_kernel_matches_float64(dtype, tol):
+    """Several new tokens per sequence (verify rows, short chunks): token j of q over a context
+    of c attends to its first c - q + 1 + j positions; K/V are read once per sequence."""
+    context_lens, query_lens = [40, 5, 300, 16, 17], [3, 5, 8, 1, 2]
+    cache, tables = pool_cache(context_lens, dtype, seed=3)
+    meta = AttentionMetadata.build(0, query_lens, context_lens, tables, BS)
+    q = torch.randn(sum(query_lens), KVH * G, HD).to(dtype)
+    out = torch.ops.distserve.paged_prefix_attention(q, cache.k, cache.v, meta.block_tables, meta.seq_lens,
+                                                     torch.tensor(query_lens, dtype=torch.int32), HD ** -0.5)
+    # the reference: each token as its own decode query over its causal prefix
+    rows = [(s, c - ql + 1 + j) for s, (ql, c) in enumerate(zip(query_lens, context_lens)) for j in range(ql)]
+    want = reference(q.view(len(rows), -1), cache, [tables[s] for s, _ in rows], [n for _, n in rows], HD ** -0.5)
+    assert (out.double().view(len(rows), -1) - want).abs().max().item() < tol
+
+
+def test_prefix_kernel_refuses_bad_query_lengths():
+    cache, tables = pool_cache([40, 9], torch.float32)
+    meta = AttentionMetadata.build(0, [3, 2], [40, 9], tables, BS)
+    op = torch.ops.distserve.paged_prefix_attention
+    q = torch.randn(5, KVH * G, HD)
+    for lens, match in (([3, 3], "sum to"), ([9, 2], "new tokens"), ([0, 5], "new tokens"), ([3], "one per sequence")):
+        with pytest.raises(RuntimeError, match=match):
+            op(q, cache.k, cache.v, meta.block_tables, meta.seq_lens, torch.tensor(lens, dtype=torch.int32), 1.0)
+    with pytest.raises(RuntimeError, match="not built"):
+        cache2, tables2 = pool_cache([40], torch.float32, hd=32)
+        meta2 = AttentionMetadata.build(0, [2], [40], tables2, BS)
+        op(torch.randn(2, KVH * G, 32), cache2.k, cache2.v, meta2.block_tables, meta2.seq_lens,
+           torch.tensor([2], dtype=torch.int32), 1.0)

@@ -13,6 +13,8 @@ for different instructions.
 Ops (registered as torch.ops.distserve.*):
 - paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale): decode
   attention read straight from the paged cache (csrc/paged_decode.cpp).
+- paged_prefix_attention(..., query_lens, scale): a few new tokens per sequence (verify rows,
+  short chunks), each to its causal length, K/V read once per sequence (same file).
 - silu_and_mul, add_rms_norm, rope: a layer's element-wise steps, fused (csrc/fused.cpp;
   backends/core/model.py calls them).
 - quant_linear(x, codes, scales_offsets): int4 weights x few rows (csrc/quant_linear.cpp; used by
@@ -42,7 +44,7 @@ NAME = "distserve_native"
 # -ffast-math lets exp vectorize (glibc's libmvec). It assumes no inf/NaN: the kernels' inputs
 # are finite activations and K/V (a NaN in them would give a wrong finite value, not a NaN).
 CFLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-ffast-math")
-OPS = ("paged_decode_attention", "silu_and_mul", "add_rms_norm", "rope")
+OPS = ("paged_decode_attention", "paged_prefix_attention", "silu_and_mul", "add_rms_norm", "rope")
 OPTIONAL_OPS = ("quant_linear",)      # built only where the CPU has their instructions (AVX-512 VNNI)
 STALE_LOCK_S = 600
 log = logging.getLogger(__name__)

@@ -29,7 +29,8 @@ GROUP_COST_TOKENS = 4096    # one more decode group costs about this many padded
 # 208 ms a step, and costs at batch 8 with 40-900, 91 -> 109 ms with a 512-token cost)
 SDPA_DECODE_MAX_CONTEXT = 256     # batch-1 decode: SDPA up to here, the per-head loop beyond
 NATIVE_MAX_QUERY = 8        # prefill rows of up to this many new tokens (speculative verify rows,
-# short chunks) run the native decode kernel once per token, each to its own causal length
+# short chunks) run the native prefix kernel: K/V read once per row for all its tokens, each
+# token to its own causal length
 BATCHED_HEADS_MAX_BATCH = 1       # decode batches up to this size gather all KV heads at once
 # (measured, one core: batch 1 at 512 tokens 32.1 -> 29.0 ms a step; batch 32 99 -> 118 ms)
 
@@ -42,9 +43,8 @@ class TorchPlan:
     parts: tuple[AttentionMetadata, AttentionMetadata] | None = None   # mixed: (decodes, prefills)
     # decode with very different context lengths: (row indices, their own metadata) per group
     groups: tuple[tuple[torch.Tensor, AttentionMetadata], ...] | None = None
-    # prefill of short rows only, for the native kernel: each new token's block table row and
-    # causal context length ([N, max_blocks] int64, [N] int32)
-    per_token: tuple[torch.Tensor, torch.Tensor] | None = None
+    # prefill of short rows only, for the native prefix kernel: each row's new tokens ([S] int32)
+    short_rows: torch.Tensor | None = None
 
 
 def decode_groups(context_lens: list[int] | tuple[int, ...],
@@ -135,10 +135,7 @@ class TorchAttentionBackend(AttentionBackend):
             return TorchPlan(*slots, decode_mask=(t[None, :] < meta.seq_lens[:, None])[:, None, None, :])
         if max(qlens) <= NATIVE_MAX_QUERY and device.type == "cpu" and self.native:
             # token j of a row of q new tokens over c attends to the first c - q + j + 1 positions
-            rows = torch.repeat_interleave(torch.arange(len(qlens)), torch.tensor(qlens))
-            lens = [c - q + j + 1 for q, c in zip(qlens, clens) for j in range(q)]
-            return TorchPlan(*slots, per_token=(meta.block_tables.index_select(0, rows.to(device)),
-                                                torch.tensor(lens, dtype=torch.int32, device=device)))
+            return TorchPlan(*slots, short_rows=torch.tensor(qlens, dtype=torch.int32, device=device))
         return TorchPlan(*slots)
 
     # -- per layer --------------------------------------------------------------------------
@@ -166,11 +163,12 @@ class TorchAttentionBackend(AttentionBackend):
                           self._prefill(q[d:], k[d:], v[d:], cache, prefills, scale)])
 
     def _prefill(self, q, k, v, cache: LayerKV, meta: AttentionMetadata, scale: float):
-        if meta.plan.per_token is not None and self._native_reads(q, cache):
-            # short rows (their K/V stored already): each token a decode query over its prefix
-            tables, lens = meta.plan.per_token
-            return torch.ops.distserve.paged_decode_attention(
-                q.contiguous(), cache.k, cache.v, tables, lens, scale).view(q.shape[0], -1)
+        if meta.plan.short_rows is not None and self._native_reads(q, cache) and \
+                q.shape[-1] in (64, 128) and q.shape[1] // cache.k.shape[1] <= 8:
+            # short rows (their K/V stored already): each token a query over its own prefix
+            return torch.ops.distserve.paged_prefix_attention(
+                q.contiguous(), cache.k, cache.v, meta.block_tables, meta.seq_lens,
+                meta.plan.short_rows, scale).view(q.shape[0], -1)
         # SDPA gets 4-D [1, H, S, hd] inputs: with 3-D ones it falls back to a ~3x slower path.
         outs, start = [], 0
         for i, (qlen, clen) in enumerate(zip(meta.query_lens, meta.context_lens)):

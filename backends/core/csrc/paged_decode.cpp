@@ -1,4 +1,5 @@
-// Decode attention straight over the paged KV cache, on CPU cores.
+// Decode attention straight over the paged KV cache, on CPU cores (and, paged_prefix_attention
+// below, a few new tokens per sequence: verify rows and short chunks).
 //
 // One query token per sequence; per (sequence, KV head) task the G query heads that share the
 // KV head read that head's K and V block by block from the cache (no gathered copy, no padding
@@ -19,6 +20,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <utility>
 #include <vector>
 
 #include "common.h"
@@ -109,6 +111,52 @@ void attend_fixed(const T* q, const T* k_head, const T* v_head, const int64_t* t
     for (int i = 0; i < HD; ++i) out[g * HD + i] = static_cast<T>(acc[g][i] * inv[g]);
 }
 
+// Several new tokens of one sequence (speculative verify rows, short chunks), for one KV head:
+// token j of nq attends to the first len - nq + 1 + j positions (causal). K and V are read once
+// for all nq x G queries, instead of once per token.
+constexpr int64_t kMaxQuery = 8;
+
+template <typename T, int HD, int G>
+void attend_multi(const T* q, int64_t q_stride, int64_t nq, const T* k_head, const T* v_head,
+                  const int64_t* table, int64_t len, int64_t bs, int64_t block_stride, float scale,
+                  float* scores, T* out) {
+  float qf[kMaxQuery * G][HD];
+  for (int64_t j = 0; j < nq; ++j)
+    for (int g = 0; g < G; ++g)
+#pragma omp simd
+      for (int i = 0; i < HD; ++i) qf[j * G + g][i] = load(q[j * q_stride + g * HD + i]) * scale;
+  const int64_t first = len - nq + 1;                     // token 0's length
+  const int64_t nblocks = (len + bs - 1) / bs;
+  each_row<T, HD>(k_head, v_head, table, nblocks, len, bs, block_stride, [&](int64_t t, const float* k) {
+    for (int64_t j = std::max<int64_t>(0, t - first + 1); j < nq; ++j)   // the tokens that see t
+      for (int g = 0; g < G; ++g) {
+        float s = 0.f;
+#pragma omp simd reduction(+ : s)
+        for (int i = 0; i < HD; ++i) s += qf[j * G + g][i] * k[i];
+        scores[(j * G + g) * len + t] = s;
+      }
+  });
+  float inv[kMaxQuery * G];
+  for (int64_t j = 0; j < nq; ++j)
+    for (int g = 0; g < G; ++g) inv[j * G + g] = softmax_unnormalized(scores + (j * G + g) * len, first + j);
+  float acc[kMaxQuery * G][HD];
+  for (int64_t r = 0; r < nq * G; ++r)
+#pragma omp simd
+    for (int i = 0; i < HD; ++i) acc[r][i] = 0.f;
+  each_row<T, HD>(v_head, nullptr, table, nblocks, len, bs, block_stride, [&](int64_t t, const float* v) {
+    for (int64_t j = std::max<int64_t>(0, t - first + 1); j < nq; ++j)
+      for (int g = 0; g < G; ++g) {
+        const float p = scores[(j * G + g) * len + t];
+#pragma omp simd
+        for (int i = 0; i < HD; ++i) acc[j * G + g][i] += p * v[i];
+      }
+  });
+  for (int64_t j = 0; j < nq; ++j)
+    for (int g = 0; g < G; ++g)
+#pragma omp simd
+      for (int i = 0; i < HD; ++i) out[j * q_stride + g * HD + i] = static_cast<T>(acc[j * G + g][i] * inv[j * G + g]);
+}
+
 // The op's tensors as raw pointers and sizes (checked by paged_decode_attention).
 template <typename T>
 struct Views {
@@ -148,13 +196,12 @@ bool run_fixed(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor&
   return true;
 }
 
-// The shapes of the models we serve (head size 64 or 128, 1-8 query heads per KV head).
-template <typename T>
-bool dispatch_fixed(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& t,
-                    const at::Tensor& l, double scale, at::Tensor& out) {
-  const int64_t hd = q.size(2), G = q.size(1) / k.size(1);
+// The shapes of the models we serve (head size 64 or 128, 1-8 query heads per KV head): Op<T, HD,
+// G>::run(args...) for the one that matches, false for any other.
+template <template <typename, int, int> class Op, typename T, typename... Args>
+bool dispatch_shape(int64_t hd, int64_t G, Args&&... args) {
 #define DISTSERVE_CASE(HD_, G_) \
-  if (hd == HD_ && G == G_) return run_fixed<T, HD_, G_>(q, k, v, t, l, scale, out);
+  if (hd == HD_ && G == G_) return Op<T, HD_, G_>::run(std::forward<Args>(args)...);
 #define DISTSERVE_GROUPS(HD_) \
   DISTSERVE_CASE(HD_, 1) DISTSERVE_CASE(HD_, 2) DISTSERVE_CASE(HD_, 3) DISTSERVE_CASE(HD_, 4) \
   DISTSERVE_CASE(HD_, 5) DISTSERVE_CASE(HD_, 6) DISTSERVE_CASE(HD_, 7) DISTSERVE_CASE(HD_, 8)
@@ -163,6 +210,18 @@ bool dispatch_fixed(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
 #undef DISTSERVE_GROUPS
 #undef DISTSERVE_CASE
   return false;
+}
+
+template <typename T, int HD, int G>
+struct FixedOp {
+  template <typename... Args>
+  static bool run(Args&&... args) { return run_fixed<T, HD, G>(std::forward<Args>(args)...); }
+};
+
+template <typename T>
+bool dispatch_fixed(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& t,
+                    const at::Tensor& l, double scale, at::Tensor& out) {
+  return dispatch_shape<FixedOp, T>(q.size(2), q.size(1) / k.size(1), q, k, v, t, l, scale, out);
 }
 
 template <typename T>
@@ -239,20 +298,58 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
   });
 }
 
-at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
-                                  const at::Tensor& v_cache, const at::Tensor& block_tables,
-                                  const at::Tensor& context_lens, double scale) {
-  TORCH_CHECK(q.device().is_cpu(), "paged_decode_attention runs on CPU tensors");
+template <typename T, int HD, int G>
+bool run_multi(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+               const at::Tensor& block_tables, const at::Tensor& context_lens,
+               const std::vector<int64_t>& starts, double scale, at::Tensor& out) {
+  const int64_t S = block_tables.size(0), kvh = k_cache.size(1), bs = k_cache.size(2);
+  const int64_t max_blocks = block_tables.size(1), block_stride = k_cache.stride(0), H = q.size(1);
+  const T *qp = q.data_ptr<T>(), *kp = k_cache.data_ptr<T>(), *vp = v_cache.data_ptr<T>();
+  const int64_t* tables = block_tables.data_ptr<int64_t>();
+  const int32_t* lens = context_lens.data_ptr<int32_t>();
+  T* op = out.data_ptr<T>();
+  at::parallel_for(0, S * kvh, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t s = task / kvh, h = task % kvh, nq = starts[s + 1] - starts[s];
+      scores.resize(nq * G * static_cast<int64_t>(lens[s]));
+      const int64_t head = starts[s] * H * HD + h * G * HD;   // q and out: [N, KVH * G, HD]
+      attend_multi<T, HD, G>(qp + head, H * HD, nq, kp + h * bs * HD, vp + h * bs * HD,
+                             tables + s * max_blocks, lens[s], bs, block_stride,
+                             static_cast<float>(scale), scores.data(), op + head);
+    }
+  });
+  return true;
+}
+
+template <typename T, int HD, int G>
+struct MultiOp {
+  template <typename... Args>
+  static bool run(Args&&... args) { return run_multi<T, HD, G>(std::forward<Args>(args)...); }
+};
+
+template <typename T>
+bool dispatch_multi(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& t,
+                    const at::Tensor& l, const std::vector<int64_t>& starts, double scale, at::Tensor& out) {
+  return dispatch_shape<MultiOp, T>(q.size(2), q.size(1) / k.size(1), q, k, v, t, l, starts, scale, out);
+}
+
+// Checks shared by both ops: shapes, dtypes, layout, and that every context length fits its
+// block table and every block id it reaches is inside the cache (nothing outside is ever read).
+void check_paged(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                 const at::Tensor& block_tables, const at::Tensor& context_lens) {
+  TORCH_CHECK(q.device().is_cpu(), "paged attention runs on CPU tensors");
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(),
               "expected q [B, H, hd] and K/V caches [blocks, KVH, block_size, hd]");
   TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && q.scalar_type() == v_cache.scalar_type(),
               "q and the KV cache must have one dtype");
+  TORCH_CHECK(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kFloat,
+              "paged attention supports float32 and bfloat16, got ", q.scalar_type());
   TORCH_CHECK(q.size(2) == k_cache.size(3) && q.size(1) % k_cache.size(1) == 0,
               "head_dim differs, or the query heads are not a multiple of the KV heads");
   TORCH_CHECK(block_tables.scalar_type() == at::kLong && context_lens.scalar_type() == at::kInt,
               "block_tables must be int64 and context_lens int32");
-  TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == q.size(0) &&
-                  context_lens.numel() == q.size(0),
+  TORCH_CHECK(block_tables.dim() == 2 && context_lens.numel() == block_tables.size(0),
               "one block table row and one context length per sequence");
   // the KV pool interleaves layers, so a layer's blocks are strided; within a block, dense
   const auto dense_block = [](const at::Tensor& c) {
@@ -264,7 +361,7 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
   const int64_t bs = k_cache.size(2), num_blocks = k_cache.size(0);
   const int32_t* lens = context_lens.data_ptr<int32_t>();
   const int64_t* tables = block_tables.data_ptr<int64_t>();
-  for (int64_t b = 0; b < q.size(0); ++b) {          // never read outside the cache
+  for (int64_t b = 0; b < block_tables.size(0); ++b) {
     TORCH_CHECK(lens[b] > 0 && (lens[b] + bs - 1) / bs <= block_tables.size(1),
                 "context length ", lens[b], " of sequence ", b, " does not fit its block table");
     for (int64_t n = 0; n < (lens[b] + bs - 1) / bs; ++n) {
@@ -272,16 +369,51 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
       TORCH_CHECK(blk >= 0 && blk < num_blocks, "block id ", blk, " out of [0, ", num_blocks, ")");
     }
   }
+}
+
+at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
+                                  const at::Tensor& v_cache, const at::Tensor& block_tables,
+                                  const at::Tensor& context_lens, double scale) {
+  check_paged(q, k_cache, v_cache, block_tables, context_lens);
+  TORCH_CHECK(block_tables.size(0) == q.size(0), "one block table row and one context length per sequence");
   at::Tensor out = at::empty_like(q);
   if (q.scalar_type() == at::kBFloat16) {
     if (!dispatch_fixed<c10::BFloat16>(q, k_cache, v_cache, block_tables, context_lens, scale, out))
       decode_kernel<c10::BFloat16>(q, k_cache, v_cache, block_tables, context_lens, scale, out);
-  } else if (q.scalar_type() == at::kFloat) {
+  } else {
     if (!dispatch_fixed<float>(q, k_cache, v_cache, block_tables, context_lens, scale, out))
       decode_kernel<float>(q, k_cache, v_cache, block_tables, context_lens, scale, out);
-  } else {
-    TORCH_CHECK(false, "paged_decode_attention supports float32 and bfloat16, got ", q.scalar_type());
   }
+  return out;
+}
+
+// Sequence s has query_lens[s] new tokens (rows of q, sequence after sequence; at most
+// kMaxQuery each) and context_lens[s] positions including them; token j of s attends to the first
+// context_lens[s] - query_lens[s] + 1 + j. Head sizes 64 / 128 with 1-8 query heads per KV head
+// only (false otherwise: the caller runs its other path).
+at::Tensor paged_prefix_attention(const at::Tensor& q, const at::Tensor& k_cache,
+                                  const at::Tensor& v_cache, const at::Tensor& block_tables,
+                                  const at::Tensor& context_lens, const at::Tensor& query_lens,
+                                  double scale) {
+  check_paged(q, k_cache, v_cache, block_tables, context_lens);
+  TORCH_CHECK(query_lens.scalar_type() == at::kInt && query_lens.is_contiguous() &&
+                  query_lens.numel() == block_tables.size(0),
+              "query_lens must be int32, one per sequence");
+  const int32_t* ql = query_lens.data_ptr<int32_t>();
+  const int32_t* cl = context_lens.data_ptr<int32_t>();
+  std::vector<int64_t> starts(query_lens.numel() + 1, 0);
+  for (int64_t s = 0; s < query_lens.numel(); ++s) {
+    TORCH_CHECK(ql[s] >= 1 && ql[s] <= kMaxQuery && ql[s] <= cl[s], "sequence ", s, ": ", ql[s],
+                " new tokens over a context of ", cl[s], " (1 to ", kMaxQuery, ", within the context)");
+    starts[s + 1] = starts[s] + ql[s];
+  }
+  TORCH_CHECK(starts.back() == q.size(0), "q has ", q.size(0), " rows, query_lens sum to ", starts.back());
+  at::Tensor out = at::empty_like(q);
+  const bool done = q.scalar_type() == at::kBFloat16
+      ? dispatch_multi<c10::BFloat16>(q, k_cache, v_cache, block_tables, context_lens, starts, scale, out)
+      : dispatch_multi<float>(q, k_cache, v_cache, block_tables, context_lens, starts, scale, out);
+  TORCH_CHECK(done, "paged_prefix_attention: head size ", q.size(2), " with ", q.size(1) / k_cache.size(1),
+              " query heads per KV head is not built (64 or 128, 1-8)");
   return out;
 }
 
@@ -290,8 +422,11 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
 TORCH_LIBRARY(distserve, m) {
   m.def("paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
         "Tensor context_lens, float scale) -> Tensor");
+  m.def("paged_prefix_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
+        "Tensor context_lens, Tensor query_lens, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(distserve, CPU, m) {
   m.impl("paged_decode_attention", &paged_decode_attention);
+  m.impl("paged_prefix_attention", &paged_prefix_attention);
 }
