@@ -122,8 +122,8 @@ def native_int4_fits(gq: GroupQuant) -> bool:
 
 def pack_int4_native(gq: GroupQuant) -> tuple[torch.Tensor, torch.Tensor]:
     """(codes uint8 [N/16, K/32, 256 (4-bit) or 512 (8-bit)], scales_offsets float16
-    [N/16, K/32, 2, 16]) in csrc/quant_linear.cpp's layout. Groups wider than 32 repeat their (scale, offset) per block of
-    32; fp16 holds GGUF's own fp16 values exactly."""
+    [N/16, K/32, 2, 16]) in csrc/quant_linear.cpp's layout. Groups wider than 32 repeat their
+    (scale, offset) per block of 32; fp16 holds GGUF's own fp16 values exactly."""
     if not native_int4_fits(gq):
         raise ValueError(f"the native kernel needs outputs a multiple of 16 and groups "
                          f"a multiple of 32; got {gq.bits} bits, shape {gq.shape}, groups of {gq.group_size}")
@@ -251,18 +251,16 @@ class Int4Linear(nn.Module):
                 for i in range(self.num_planes)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [M, K] -> [M, N]
+        # x: [M, K] -> [M, N]; past the kernel's row limit, the dense weight where there is one
+        most_packed, most = ((NATIVE_INT4_MAX_ROWS, NATIVE_INT4_MAX_ROWS) if self.native
+                             else (INT4_MAX_ROWS_PACKED, INT4_MAX_ROWS))
+        if x.shape[0] > most_packed and self.dense_packed is not None:
+            return packed_linear(x, self.dense_packed, self.bias)
+        if x.shape[0] > most and self.dense is not None:
+            return F.linear(x, self.dense, self.bias)
         if self.native:
-            if x.shape[0] > NATIVE_INT4_MAX_ROWS and self.dense_packed is not None:
-                return packed_linear(x, self.dense_packed, self.bias)
-            if x.shape[0] > NATIVE_INT4_MAX_ROWS and self.dense is not None:
-                return F.linear(x, self.dense, self.bias)
             y = torch.ops.distserve.quant_linear(x.contiguous(), self.native_codes, self.native_so)
             return y if self.bias is None else y.add_(self.bias)
-        if x.shape[0] > INT4_MAX_ROWS_PACKED and self.dense_packed is not None:
-            return packed_linear(x, self.dense_packed, self.bias)
-        if x.shape[0] > INT4_MAX_ROWS and self.dense is not None:
-            return F.linear(x, self.dense, self.bias)
         y = None
         for packed, sz in self._planes():
             part = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, self.group_size, sz)

@@ -1,9 +1,10 @@
-// y = x @ W^T for int4 (or 8-bit) weights and few rows of x (decode steps, verify rows), on CPU cores with
-// AVX-512 VNNI. torch's CPU int4 kernel dequantizes the weights again for every row of x (a
+// y = x @ W^T for int4 (or 8-bit) weights and few rows of x (decode steps, verify rows), on CPU
+// cores with AVX-512 VNNI. torch's CPU int4 kernel dequantizes the weights again for every row of x (a
 // step of 5 rows costs 2.5x a step of 1); here each unpacked weight serves every row.
 //
 // Weights (packed by backends/core/quant.py, `pack_int4_native`): W [N, K], N a multiple of 16
-// and K of 32, in blocks of 32 inputs: w = q * s + o, q in [0, 16), (s, o) per (output, block).
+// and K of 32, in blocks of 32 inputs: w = q * s + o, q in [0, 16) (8-bit: [0, 256)), (s, o) per
+// (output, block).
 // Tiles of 16 outputs; for tile t and block b:
 //   codes  uint8 [N/16, K/32, 256]: 8 chunks of 32 bytes; in chunk u, byte e is for output
 //          16 t + e / 2: its low nibble holds the code of input 2 u + e % 2 of the block, its
