@@ -277,16 +277,18 @@ def _wait_placed(server, instance_ids: tuple[str, ...], n: int, timeout: float =
 def test_a_killed_orchestrator_stub_is_reloaded_by_the_launcher(server):
     """Nothing inside the server watches the orchestrator (its stub crashed once in a soak):
     with nothing in flight on it, the launcher's supervisor reloads the `distserve` model, and
-    the server serves again."""
+    the server serves again. Counted from here: an earlier test in this module may have
+    recovered the server already (Triton's abort on a stub kill, docs/faults.md)."""
+    reloads, restarts = len(server.supervisor.reloads), len(server.restarts)
     pid = stub_pid(server, "distserve")
     t0 = time.monotonic()
     os.kill(pid, signal.SIGKILL)
     took = serves_again(server, t0)
     print(f"orchestrator killed: served again after {took:.1f} s")
     assert stub_pid(server, "distserve") != pid
-    assert server.supervisor.reloads == ["distserve"]
+    assert server.supervisor.reloads[reloads:] == ["distserve"]
     settled(server)
-    assert server.restarts == []                            # nothing was in flight: a reload
+    assert len(server.restarts) == restarts                 # nothing was in flight: a reload
 
 
 def test_orchestrator_killed_with_streams_in_flight_restarts_the_server(server):
@@ -296,6 +298,7 @@ def test_orchestrator_killed_with_streams_in_flight_restarts_the_server(server):
     server is a new process afterwards."""
     streams = Streams(server, 4, "Once upon a time", max_tokens=400)
     streams.wait_first_tokens(4)
+    restarts = len(server.restarts)                 # an earlier test may have restarted it
     old_pid, killed = server.process.pid, time.monotonic()
     os.kill(stub_pid(server, "distserve"), signal.SIGKILL)
     streams.join(DEADLINE_S + 5)
@@ -304,13 +307,13 @@ def test_orchestrator_killed_with_streams_in_flight_restarts_the_server(server):
         assert error is not None and 0 < tokens < 400, (tokens, error)
         assert end - killed < DEADLINE_S
     recovered = serves_again(server, killed)
-    assert server.process.pid != old_pid and len(server.restarts) == 1
+    assert server.process.pid != old_pid and len(server.restarts) == restarts + 1
     old_log = server.log_file.with_name(server.log_file.name + ".before-restart")
     assert old_log.stat().st_size > 0             # the dead server's log is kept, not overwritten
     settled(server)
     print(f"orchestrator killed with 4 streams in flight: they failed within "
           f"{max(e for e, _, _ in streams.results) - killed:.1f} s; restart took "
-          f"{server.restarts[0]:.1f} s; served again after {recovered:.1f} s")
+          f"{server.restarts[-1]:.1f} s; served again after {recovered:.1f} s")
 
 
 def test_a_crashed_tritonserver_is_restarted(server):
