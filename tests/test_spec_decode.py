@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from backends.core.sampling import SamplingParams, _mix, _sample_row
-from backends.core.spec_decode import (NgramDrafter, SpecStats, accept_draft, accept_with_probs,
+from backends.core.spec_decode import (MAX_EVIDENCE, NgramDrafter, SpecStats, accept_draft, accept_with_probs,
                                        propose_drafts, target_probs)
 from tests.helpers import GREEDY, assert_no_leaks, generate, make_engine
 
@@ -63,6 +63,18 @@ def test_ngram_proposes_what_followed_the_most_recent_match():
     assert NgramDrafter(max_n=3, min_n=2).propose([4, 1, 9, 9, 2, 1], 3) == []
     with pytest.raises(ValueError):
         NgramDrafter(max_n=1, min_n=2)
+
+
+def test_ngram_scores_a_draft_by_the_length_of_its_match():
+    d = NgramDrafter(max_n=3, min_n=1)
+    # "1 2 3" matched, and the token before both occurrences (5) agrees too: a 4-token match
+    assert d.propose_scored([5, 1, 2, 3, 9, 8, 5, 1, 2, 3], 2) == ([9, 8], 4)
+    assert d.propose_scored([4, 1, 9, 9, 2, 1], 3) == ([9, 9, 2], 1)     # "1" alone: 4 != 2
+    assert d.propose_scored([1, 2, 3, 4], 3) == ([], 0)
+    assert d.propose_scored([1, 1, 1], 0) == ([], 0)
+    long = list(range(40)) * 2                                          # 37 tokens agree: capped
+    assert d.propose_scored(long, 2) == ([0, 1], MAX_EVIDENCE)
+    assert d.propose(long, 2) == [0, 1]
 
 
 # -- acceptance on the real model ----------------------------------------------------------

@@ -126,6 +126,36 @@ def test_a_sequence_left_out_is_probed_and_picked_up_when_it_turns_repetitive():
     assert len(step({"a"})["a"]) == 2 and "b" not in policy.want(["a", "b"])
 
 
+def test_a_scored_draft_is_judged_by_its_evidence_not_by_the_sequences_last_rejections():
+    """n-gram drafts are bursty: rejections after short matches must not shut out the long
+    match that follows; and a class of evidence whose drafts keep failing stops being drafted."""
+    policy = measured_policy(max_k=4)
+
+    def k(evidence: int, req_id: str = "a") -> int:
+        assert policy.want([req_id], scored=True) == {req_id: 4}    # asked for every sequence
+        return len(policy.choose({req_id: [7] * 4}, 1, {req_id: evidence}).get(req_id, []))
+
+    assert k(12, "fresh") >= 2 and k(2, "fresh") <= 1
+    for _ in range(4):                                              # short matches, rejected
+        k(2)
+        policy.record("a", 1, 0, evidence=2)
+    assert k(2) == 0                                                # the next short one: plain
+    assert k(12) >= 1                                               # a long one is verified
+    for _ in range(30):                                             # long ones failing, too
+        policy.record("a", 2, 0, evidence=12)
+    assert k(12) == 0
+    assert policy.acceptance("a", 12) < 0.2 < AdaptiveK(4).acceptance("a", 12)
+
+
+def test_the_speculator_passes_the_ngram_drafts_scores_to_the_policy():
+    repeat = [5, 6, 7, 8, 5, 6, 7]                        # "5 6 7" again: the drafter proposes 8
+    seq = Sequence("s", repeat, SamplingParams(max_tokens=8, temperature=0))
+    seq.num_cached = len(repeat) - 1
+    spec = make_speculator("ngram", 3)
+    assert spec.scored and spec.drafts([seq]) == {"s": [8, 5, 6]}
+    assert spec._evidence == {"s": 3}
+
+
 def test_policy_keeps_only_the_decoding_sequences():
     policy = AdaptiveK(2)
     policy.want(["a", "b"])

@@ -9,7 +9,9 @@ cost (`StepCost`). The source is a drafter (spec_decode.py) run in the step (`In
 one in a process of its own (backends/draft: decode.draft_devices) whose ready proposals are
 taken without waiting.
 k is 0 wherever drafting does not pay by these measurements, apart from a 1-token probe now
-and then. `tokens_per_step` (an EWMA of the tokens a decoding sequence gets per step) goes on
+and then. A drafter that scores its drafts (the n-gram's match length: `evidence`) is asked
+for every sequence each step, and each draft's acceptance is then judged by what drafts of
+that evidence have done on this instance. `tokens_per_step` (an EWMA of the tokens a decoding sequence gets per step) goes on
 the instance's status page, so the router divides a step's time by it to predict TPOT.
 """
 from __future__ import annotations
@@ -24,6 +26,11 @@ from backends.core.sequence import Sequence
 from backends.core.spec_decode import DRAFTERS, Drafter, SpecStats
 
 YIELD_ALPHA = 0.1                 # the weight of one step in the tokens_per_step EWMA
+# The evidence classes scored drafts' acceptance is kept by (lower bounds of the score) and each
+# class's prior acceptance: n-gram drafts on the default model, chatbot, code and summarization
+# alike, accepted their first token 47-52% of the time after a 2-token match, 71-79% after 3-4,
+# 83-85% after 5-8 and 91-97% after 9 or more (docs/spec_decode.md).
+EVIDENCE_PRIORS = {1: 0.3, 2: 0.5, 3: 0.7, 5: 0.8, 9: 0.9}
 
 if TYPE_CHECKING:
     from backends.core.engine import StepOutput
@@ -99,7 +106,9 @@ class _Acceptance:
 class PolicyConfig:
     """AdaptiveK's settings: `max_k` (the deployment's num_speculative_tokens), a probe after
     `probe_every` steps left out, the acceptance prior and its weight (in tokens), the decay of
-    a sequence's and of the instance's counts per verify row, the least relative gain taken."""
+    a sequence's and of the instance's counts per verify row, the least relative gain taken,
+    and the weight (in tokens) of a scored draft's evidence class against the sequence's own
+    counts."""
     max_k: int = 3
     probe_every: int = 16
     prior_accept: float = 0.5
@@ -107,12 +116,13 @@ class PolicyConfig:
     decay: float = 0.8
     instance_decay: float = 0.98
     min_gain: float = 0.02
+    evidence_weight: float = 4.0
 
     def __post_init__(self) -> None:
         if self.max_k < 1 or self.probe_every < 1:
             raise ValueError(f"max_k and probe_every must be >= 1, got {self.max_k}, {self.probe_every}")
         if not (0 <= self.prior_accept <= 1 and self.prior_weight > 0 and 0 < self.decay <= 1
-                and 0 < self.instance_decay <= 1 and self.min_gain >= 0):
+                and 0 < self.instance_decay <= 1 and self.min_gain >= 0 and self.evidence_weight > 0):
             raise ValueError(f"bad speculation policy settings: {self}")
 
 
@@ -130,7 +140,14 @@ class AdaptiveK:
     pay, plus one probe per step: a sequence left out for `probe_every` steps drafts 1 token,
     so text that turns repetitive is picked up; while a left-out sequence's drafts are accepted
     whole, it drafts again next step with twice as many (up to max_k; a ramp, outside the cost
-    rule) until its estimate catches up. Pure: no clock, no model.
+    rule) until its estimate catches up.
+    Scored drafts (`choose(..., evidence=)`, a drafter's confidence such as the n-gram's match
+    length) are judged otherwise: the instance keeps acceptance counts per evidence class
+    (EVIDENCE_PRIORS: the classes and their priors), and a draft's a is the sequence's counts
+    shrunk towards its class's rate with `evidence_weight`. n-gram drafts are bursty (a long copied run, then nothing), so a
+    sequence's recent rejections must not shut out the long match that follows; `want` then
+    asks for every sequence (the drafter is cheap and its score comes with the draft).
+    Pure: no clock, no model.
     """
 
     def __init__(self, max_k: int, cost: StepCost | None = None, **config) -> None:
@@ -139,20 +156,35 @@ class AdaptiveK:
         self.cost = cost or StepCost()
         self.seqs: dict[str, _Acceptance] = {}
         self.instance = _Acceptance()
+        self.classes: dict[int, _Acceptance] = {}   # scored drafts' counts by evidence class
         self._forced: dict[str, int] = {}          # want's probe and ramps, for choose
 
-    def acceptance(self, req_id: str | None = None) -> float:
-        """The acceptance estimate of `req_id` (None: of the instance)."""
+    @staticmethod
+    def evidence_class(evidence: int) -> int:
+        """The class (a EVIDENCE_BUCKETS bound) of a draft's evidence; 0: unscored."""
+        return max((b for b in EVIDENCE_PRIORS if evidence >= b), default=0)
+
+    def acceptance(self, req_id: str | None = None, evidence: int = 0) -> float:
+        """The acceptance estimate of `req_id` (None: of the instance), for a draft scored
+        `evidence` (0: unscored)."""
         c = self.config
         pooled = self.instance.rate(c.prior_accept, c.prior_weight)
         seq = self.seqs.get(req_id) if req_id is not None else None
-        return pooled if seq is None else seq.rate(pooled, c.prior_weight)
+        if not (cls := self.evidence_class(evidence)):
+            return pooled if seq is None else seq.rate(pooled, c.prior_weight)
+        counts = self.classes.get(cls)
+        base = EVIDENCE_PRIORS[cls] if counts is None else counts.rate(EVIDENCE_PRIORS[cls], c.prior_weight)
+        return base if seq is None else seq.rate(base, c.evidence_weight)
 
-    def want(self, req_ids: list[str]) -> dict[str, int]:
+    def want(self, req_ids: list[str], scored: bool = False) -> dict[str, int]:
         """Draft lengths to ask the drafter for, for the sequences decoding next step (their
-        states are kept; any other's dropped)."""
+        states are kept; any other's dropped). `scored`: the drafter scores its drafts, so
+        every sequence is asked for max_k (choose judges each draft by its score)."""
         c = self.config
         self.seqs = {r: self.seqs.get(r) or _Acceptance() for r in req_ids}
+        if scored:
+            self._forced = {}
+            return dict.fromkeys(req_ids, c.max_k)
         b = len(req_ids)
         # a first draft token pays at all if (b + a) / T(b + 1) > b / T(b); whether the
         # step's drafts together gain min_gain is choose's to judge
@@ -171,16 +203,19 @@ class AdaptiveK:
             out[probe] = self._forced[probe] = 1
         return out
 
-    def choose(self, proposals: dict[str, list[int]], num_rows: int) -> dict[str, list[int]]:
+    def choose(self, proposals: dict[str, list[int]], num_rows: int,
+               evidence: dict[str, int] | None = None) -> dict[str, list[int]]:
         """The drafts to verify: `proposals` (drafter output for `want`) cut to the lengths
-        that maximise expected tokens per second of a step of `num_rows` decode rows."""
+        that maximise expected tokens per second of a step of `num_rows` decode rows.
+        `evidence`: each scored draft's score (absent: unscored)."""
+        evidence = evidence or {}
         forced = {r: proposals[r] for r in self._forced if proposals.get(r)}
         for r in self._forced.keys() - forced.keys():    # nothing to draft: ask again later
             self.seqs[r].idle, self.seqs[r].ramp = 0, 0
-        tokens = num_rows + sum(self.acceptance(r) ** j for r, d in forced.items()
-                                for j in range(1, len(d) + 1))
+        rate = {r: self.acceptance(r, evidence.get(r, 0)) for r in proposals}
+        tokens = num_rows + sum(rate[r] ** j for r, d in forced.items() for j in range(1, len(d) + 1))
         rows = num_rows + sum(map(len, forced.values()))
-        gains = [(self.acceptance(r) ** j, j, r) for r, draft in proposals.items()
+        gains = [(rate[r] ** j, j, r) for r, draft in proposals.items()
                  if r not in forced for j in range(1, len(draft) + 1)]
         gains.sort(key=lambda g: (-g[0], g[1]))          # a sequence's tokens stay in order
         best_m, best = 0, tokens / self.cost.estimate(rows)
@@ -192,14 +227,16 @@ class AdaptiveK:
         k = Counter(r for _, _, r in gains[:best_m])
         return {**forced, **{r: proposals[r][:n] for r, n in k.items()}}
 
-    def record(self, req_id: str, num_drafted: int, num_accepted: int) -> None:
-        """A verify row's outcome."""
+    def record(self, req_id: str, num_drafted: int, num_accepted: int, evidence: int = 0) -> None:
+        """A verify row's outcome (`evidence`: its draft's score; 0: unscored)."""
         c = self.config
         st = self.seqs.get(req_id)
         if st is not None:
             st.add(num_drafted, num_accepted, c.decay, c.max_k)
             st.idle = 0
         self.instance.add(num_drafted, num_accepted, c.instance_decay)
+        if cls := self.evidence_class(evidence):
+            self.classes.setdefault(cls, _Acceptance()).add(num_drafted, num_accepted, c.instance_decay)
 
     def observe_step(self, num_rows: int, seconds: float) -> None:
         """A decode step's rows and its measured seconds (drafting included)."""
@@ -229,13 +266,22 @@ class DraftSource(Protocol):
 
 
 class InProcess:
-    """A Drafter run in the step thread, from the sequence's whole history."""
+    """A Drafter run in the step thread, from the sequence's whole history. `scored`: the
+    drafter scores its drafts (`propose_scored`, e.g. NgramDrafter), and so does
+    `draft_scored` (a DraftSource may have these two; the Speculator asks)."""
 
     def __init__(self, drafter: Drafter) -> None:
         self.drafter = drafter
+        self.scored = callable(getattr(drafter, "propose_scored", None))
 
     def draft(self, seq: Sequence, k: int) -> list[int]:
         return self.drafter.propose(seq.all_ids, k)
+
+    def draft_scored(self, seq: Sequence, k: int) -> tuple[list[int], int]:
+        """(draft, its score); score 0 from a drafter that does not score."""
+        if self.scored:
+            return self.drafter.propose_scored(seq.all_ids, k)
+        return self.draft(seq, k), 0
 
     def update(self, seqs: Iterable[Sequence]) -> None:
         pass
@@ -258,7 +304,9 @@ class Speculator:
     def __init__(self, drafter: Drafter | DraftSource, policy: AdaptiveK) -> None:
         """`drafter`: a DraftSource, or a Drafter to run in-process."""
         self.source = drafter if isinstance(drafter, DraftSource) else InProcess(drafter)
+        self.scored = bool(getattr(self.source, "scored", False))
         self.policy = policy
+        self._evidence: dict[str, int] = {}     # the last drafts' scores, for observe
         self.counts = SpecStats()
         self.num_steps = 0                       # steps that verified at least one draft
         self.tokens_per_step = 1.0               # EWMA: tokens a decoding sequence gets a step
@@ -270,12 +318,17 @@ class Speculator:
         if not seqs:
             return {}
         self.source.update(seqs)
-        want = self.policy.want([s.req_id for s in seqs])
-        proposals = {}
+        want = self.policy.want([s.req_id for s in seqs], scored=self.scored)
+        proposals, self._evidence = {}, {}
         for s in seqs:
-            if want.get(s.req_id) and (draft := self.source.draft(s, want[s.req_id])):
-                proposals[s.req_id] = draft[:want[s.req_id]]
-        return self.policy.choose(proposals, len(seqs))
+            if not (k := want.get(s.req_id)):
+                continue
+            draft, score = self.source.draft_scored(s, k) if self.scored else (self.source.draft(s, k), 0)
+            if draft:
+                proposals[s.req_id] = draft[:k]
+                if score:
+                    self._evidence[s.req_id] = score
+        return self.policy.choose(proposals, len(seqs), self._evidence)
 
     def observe(self, batch: Batch, outputs: list[StepOutput], seconds: float) -> None:
         self.source.update(o.seq for o in outputs if not o.finished and not o.seq.params.needs_history)
@@ -289,7 +342,8 @@ class Speculator:
                 num_drafted = len(drafts[out.seq])
                 emitted += len(out.new_token_ids)
                 self.counts.record(num_drafted, len(out.new_token_ids))
-                self.policy.record(out.req_id, num_drafted, min(len(out.new_token_ids) - 1, num_drafted))
+                self.policy.record(out.req_id, num_drafted, min(len(out.new_token_ids) - 1, num_drafted),
+                                   self._evidence.get(out.req_id, 0))
             if out.finished:
                 self.forget(out.req_id)
         if rows := batch.num_decodes + len(drafts):      # the step's yield, for the router
