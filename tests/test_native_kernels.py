@@ -180,3 +180,37 @@ def test_prefix_kernel_refuses_bad_query_lengths():
         meta2 = AttentionMetadata.build(0, [2], [40], tables2, BS)
         op(torch.randn(2, KVH * G, 32), cache2.k, cache2.v, meta2.block_tables, meta2.seq_lens,
            torch.tensor([2], dtype=torch.int32), 1.0)
+
+
+@pytest.mark.parametrize("kvh,g,hd,bs", [(3, 3, 64, 16), (2, 1, 128, 16), (1, 8, 128, 32), (2, 5, 64, 32)])
+def test_bf16_kernels_on_the_amx_tiles_and_off_them_agree_with_float64(kvh, g, hd, bs, monkeypatch):
+    """bf16 attention runs on the AMX tiles where the CPU has them (block sizes of 16s, head size
+    64/128, up to 16 query rows a task; DISTSERVE_AMX_ATTENTION=0 turns it off): decode tokens
+    at contexts short (the scalar kernel) and long, a block's tail past the context (read, then
+    masked; its V as zeros even where the pool holds NaN), and verify rows of 1-5 tokens (rows
+    past 16 fall back)."""
+    context_lens, query_lens = [1, 63, 64, 200, 3 * bs + 5], [1, 5, 2, 4, 3]
+    cache, tables = pool_cache(context_lens, torch.bfloat16, seed=7, kvh=kvh, bs=bs, hd=hd)
+    for table, n in zip(tables, context_lens):                      # NaN past every context
+        cache.k[table[-1], :, n % bs or bs:] = float("nan")
+        cache.v[table[-1], :, n % bs or bs:] = float("nan")
+    meta = AttentionMetadata.build(0, query_lens, context_lens, tables, bs)
+    q = torch.randn(sum(query_lens), kvh * g, hd).to(torch.bfloat16)
+    rows = [(s, c - ql + 1 + j) for s, (ql, c) in enumerate(zip(query_lens, context_lens)) for j in range(ql)]
+    want = reference(q.view(len(rows), -1), cache, [tables[s] for s, _ in rows], [n for _, n in rows], hd ** -0.5)
+    dmeta = AttentionMetadata.build(len(context_lens), [1] * len(context_lens), context_lens, tables, bs)
+    qd = torch.randn(len(context_lens), kvh * g, hd).to(torch.bfloat16)
+    want_d = reference(qd, cache, tables, context_lens, hd ** -0.5)
+    outs = {}
+    for amx in ("1", "0"):
+        monkeypatch.setenv("DISTSERVE_AMX_ATTENTION", amx)
+        out = torch.ops.distserve.paged_prefix_attention(
+            q, cache.k, cache.v, meta.block_tables, meta.seq_lens, torch.tensor(query_lens, dtype=torch.int32),
+            hd ** -0.5)
+        assert (out.double().view(len(rows), -1) - want).abs().max().item() < 2e-2
+        out_d = torch.ops.distserve.paged_decode_attention(qd, cache.k, cache.v, dmeta.block_tables,
+                                                           dmeta.seq_lens, hd ** -0.5)
+        torch.testing.assert_close(out_d.reshape(len(context_lens), -1).double(), want_d, rtol=2e-2, atol=2e-2)
+        outs[amx] = out, out_d
+    if native.cpu_has("amx_bf16", "amx_tile"):                      # the tiles ran: other rounding
+        assert not torch.equal(outs["1"][1], outs["0"][1])

@@ -39,7 +39,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 SOURCES = tuple(Path(__file__).with_name("csrc") / name
                 for name in ("paged_decode.cpp", "fused.cpp", "quant_linear.cpp"))
-HEADERS = (Path(__file__).with_name("csrc") / "common.h",)
+HEADERS = tuple(Path(__file__).with_name("csrc") / name for name in ("common.h", "amx.h"))
 NAME = "distserve_native"
 # -ffast-math lets exp vectorize (glibc's libmvec). It assumes no inf/NaN: the kernels' inputs
 # are finite activations and K/V (a NaN in them would give a wrong finite value, not a NaN).
@@ -51,6 +51,16 @@ log = logging.getLogger(__name__)
 
 
 CPU_LINES = ("model name", "flags", "Features", "CPU implementer", "CPU part")   # x86, aarch64
+
+
+def cpu_has(*flags: str) -> bool:
+    """This host's CPU lists every one of `flags` (/proc/cpuinfo, x86 names: "amx_bf16")."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return False
+    have = {f for ln in lines if ln.startswith("flags") for f in ln.split(":", 1)[1].split()}
+    return set(flags) <= have
 
 
 def _key() -> str:

@@ -25,6 +25,14 @@
 
 #include "common.h"
 
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__AVX512BW__)
+#define DISTSERVE_AMX_ATTENTION 1
+#include <cstdlib>
+#include <type_traits>
+
+#include "amx.h"
+#endif
+
 namespace {
 
 using distserve::load;
@@ -157,6 +165,219 @@ void attend_multi(const T* q, int64_t q_stride, int64_t nq, const T* k_head, con
       for (int i = 0; i < HD; ++i) out[j * q_stride + g * HD + i] = static_cast<T>(acc[j * G + g][i] * inv[j * G + g]);
 }
 
+#ifdef DISTSERVE_AMX_ATTENTION
+// bf16 attention on the AMX tiles, for one (sequence, KV head) task of up to 16 query rows
+// (the G heads of one token: a decode row; or of nq tokens: verify rows, short chunks). The
+// scalar kernels above spend a horizontal sum on every (query, position); here
+//   scores^T [16 positions x 16 rows] = K [16 positions x 32 dims] . Q^T [32 dims x 16 rows]
+// is one tile multiply per 32 dims, K loaded straight from its block (rows are positions), Q^T
+// packed once per task. The softmax runs across the 16 rows in the lanes (a position's scores
+// are one vector). Then P (bf16, as FlashAttention keeps it) is transposed 32 positions at a
+// time into the A tile of
+//   out [16 rows x 16 dims] += P [16 rows x 32 positions] . V [32 positions x 16 dims],
+// V packed pairwise (positions 2i, 2i + 1 interleaved per dim) into the B tile. K/V blocks are
+// read once for every row; the cost hardly depends on the number of rows.
+// Needs: a block size that is a multiple of 16 (a score tile never crosses a block), head size
+// 64 or 128. Positions past the context inside its last block are read but masked (their V as
+// zeros: a pool block's tail may hold anything).
+constexpr int64_t kAmxRows = 16;
+constexpr int64_t kAmxMinContext = 64;  // a single decode token over fewer positions: the scalar kernel
+constexpr float kMasked = -1e30f;        // finite: the kernels are built with -ffast-math
+
+bool amx_attention_enabled() {           // DISTSERVE_AMX_ATTENTION=0 turns it off (A/B runs)
+  const char* env = std::getenv("DISTSERVE_AMX_ATTENTION");
+  return distserve::amx_permitted() && !(env != nullptr && env[0] == '0');
+}
+
+// 16 x 16 floats: r[i] (row i) -> r[i] = column i
+inline void transpose16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44);
+    r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xEE);
+    r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+  }
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_f32x4(r[i], r[4 + i], 0x88);
+    t[4 + i] = _mm512_shuffle_f32x4(r[i], r[4 + i], 0xDD);
+    t[8 + i] = _mm512_shuffle_f32x4(r[8 + i], r[12 + i], 0x88);
+    t[12 + i] = _mm512_shuffle_f32x4(r[8 + i], r[12 + i], 0xDD);
+  }
+  for (int i = 0; i < 8; ++i) {
+    r[i] = _mm512_shuffle_f32x4(t[i], t[8 + i], 0x88);
+    r[8 + i] = _mm512_shuffle_f32x4(t[i], t[8 + i], 0xDD);
+  }
+}
+
+struct AmxScratch {
+  std::vector<float> scores;             // [positions, 16]: scores^T, then P^T
+  std::vector<uint16_t> p;               // [positions / 32, 16, 32]: P (bf16), A tiles
+};
+
+// nq tokens of G heads each: query row j * G + g at q + j * q_stride + g * HD (out likewise);
+// token j sees the first len - nq + 1 + j positions.
+template <int HD, typename T>
+void attend_amx(const T* q, int64_t q_stride, int64_t nq, int64_t G, const T* k_head, const T* v_head,
+                const int64_t* table, int64_t len, int64_t bs, int64_t block_stride, float scale,
+                AmxScratch& buf, T* out) {
+  static_assert(HD % 64 == 0, "head size 64 or 128");
+  static_assert(std::is_same_v<T, c10::BFloat16>, "bf16 only");
+  constexpr int kChunks = HD / 32;                  // 32 dims a tile multiply
+  const int64_t M = nq * G;
+  const auto offset = [&](int64_t r) { return (r / G) * q_stride + (r % G) * HD; };   // of row r in q, out
+  // Q^T, packed: qt[c][i][r] = dims 32 c + 2 i, + 1 of row r (0 for padding rows)
+  alignas(64) uint32_t qt[kChunks][16][kAmxRows];
+  for (int c = 0; c < kChunks; ++c)
+    for (int i = 0; i < 16; ++i)
+      for (int64_t r = 0; r < kAmxRows; ++r) {
+        uint32_t v = 0;
+        if (r < M) std::memcpy(&v, q + offset(r) + 32 * c + 2 * i, sizeof v);
+        qt[c][i][r] = v;
+      }
+  const int64_t npos = (len + 15) / 16 * 16, nblocks = (len + bs - 1) / bs;
+  buf.scores.resize(npos * kAmxRows);
+  buf.p.resize((npos + 31) / 32 * kAmxRows * 32);
+  float* sc = buf.scores.data();
+  _tile_loadd(4, qt[0], 64);                        // B: Q^T, 32 dims a tile
+  _tile_loadd(5, qt[1], 64);
+  if constexpr (kChunks == 4) {
+    _tile_loadd(6, qt[2 % kChunks], 64);
+    _tile_loadd(7, qt[3 % kChunks], 64);
+  }
+  // scores^T, 16 positions a tile
+  for (int64_t n = 0; n < nblocks; ++n) {
+    const c10::BFloat16* kb = k_head + table[n] * block_stride;
+    if (n + 2 < nblocks) prefetch_block(k_head + table[n + 2] * block_stride, bs * HD);
+    else if (n + 2 - nblocks < nblocks) prefetch_block(v_head + table[n + 2 - nblocks] * block_stride, bs * HD);
+    for (int64_t t0 = n * bs; t0 < std::min(len, (n + 1) * bs); t0 += 16) {
+      _tile_zero(0);
+      const c10::BFloat16* k16 = kb + (t0 - n * bs) * HD;
+      if constexpr (kChunks >= 1) { _tile_loadd(1, k16, HD * 2); _tile_dpbf16ps(0, 1, 4); }
+      if constexpr (kChunks >= 2) { _tile_loadd(1, k16 + 32, HD * 2); _tile_dpbf16ps(0, 1, 5); }
+      if constexpr (kChunks >= 3) { _tile_loadd(1, k16 + 64, HD * 2); _tile_dpbf16ps(0, 1, 6); }
+      if constexpr (kChunks >= 4) { _tile_loadd(1, k16 + 96, HD * 2); _tile_dpbf16ps(0, 1, 7); }
+      _tile_stored(0, sc + t0 * kAmxRows, 64);
+    }
+  }
+  // mask: past the context, and each token's future (the last nq - 1 positions)
+  const int64_t first = len - nq + 1;
+  for (int64_t t = first; t < npos; ++t)
+    for (int64_t r = 0; r < kAmxRows; ++r)
+      if (t >= len || (r < M && t >= first + r / G)) sc[t * kAmxRows + r] = kMasked;
+  // softmax over positions: each row's max with the rows in the lanes (one vector a position),
+  // then 32 positions at a time transposed to rows, exponentiated (the M real rows only) and
+  // written as bf16 into P's A tiles
+  alignas(64) float mx[kAmxRows], sum[kAmxRows];
+  for (int64_t r = 0; r < kAmxRows; ++r) mx[r] = kMasked, sum[r] = 0.f;
+  for (int64_t t = 0; t < npos; ++t)
+#pragma omp simd
+    for (int64_t r = 0; r < kAmxRows; ++r) mx[r] = std::max(mx[r], sc[t * kAmxRows + r]);
+  uint16_t* pa = buf.p.data();
+  const __m512 masked = _mm512_set1_ps(kMasked);
+  for (int64_t t0 = 0; t0 < npos; t0 += 32) {
+    __m512 lo[16], hi[16];
+    for (int i = 0; i < 16; ++i) {
+      lo[i] = _mm512_loadu_ps(sc + (t0 + i) * kAmxRows);
+      hi[i] = t0 + 16 + i < npos ? _mm512_loadu_ps(sc + (t0 + 16 + i) * kAmxRows) : masked;
+    }
+    transpose16(lo);
+    transpose16(hi);
+    for (int64_t r = 0; r < kAmxRows; ++r) {
+      __m512i bf = _mm512_setzero_si512();
+      if (r < M) {
+        alignas(64) float e[32];
+        _mm512_store_ps(e, lo[r]);
+        _mm512_store_ps(e + 16, hi[r]);
+        float s = 0.f;
+#pragma omp simd reduction(+ : s)
+        for (int i = 0; i < 32; ++i) {
+          e[i] = std::exp((e[i] - mx[r]) * scale);
+          s += e[i];
+        }
+        sum[r] += s;
+        bf = (__m512i)_mm512_cvtne2ps_pbh(_mm512_load_ps(e + 16), _mm512_load_ps(e));
+      }
+      _mm512_storeu_si512(pa + (t0 / 32 * kAmxRows + r) * 32, bf);
+    }
+  }
+  // out = P V, 64 dims (4 result tiles) a pass
+  // word 2 i of a B row: dim i of position 2 i's row (a), word 2 i + 1: of the next (b)
+  const __m512i lo_pairs = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
+                                            39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+  const __m512i hi_pairs = _mm512_add_epi16(lo_pairs, _mm512_set1_epi16(16));     // dims 16-31
+  alignas(64) uint16_t vb[4][16][32];
+  alignas(64) float cbuf[kAmxRows][16];
+  for (int pass = 0; pass < HD / 64; ++pass) {
+    _tile_zero(0);                                  // tile ids are immediates: unrolled
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int64_t t0 = 0; t0 < npos; t0 += 32) {
+      for (int i = 0; i < 16; ++i) {                // positions t0 + 2 i, + 1: this pass's 64 dims
+        const int64_t t = t0 + 2 * i;
+        __m512i a0 = _mm512_setzero_si512(), a1 = a0, b0 = a0, b1 = a0;
+        if (t < len) {
+          const c10::BFloat16* v = v_head + table[t / bs] * block_stride + (t % bs) * HD + pass * 64;
+          a0 = _mm512_loadu_si512(v);
+          a1 = _mm512_loadu_si512(v + 32);
+          if (t + 1 < len) {
+            b0 = _mm512_loadu_si512(v + HD);
+            b1 = _mm512_loadu_si512(v + HD + 32);
+          }
+        }
+        _mm512_store_si512(vb[0][i], _mm512_permutex2var_epi16(a0, lo_pairs, b0));
+        _mm512_store_si512(vb[1][i], _mm512_permutex2var_epi16(a0, hi_pairs, b0));
+        _mm512_store_si512(vb[2][i], _mm512_permutex2var_epi16(a1, lo_pairs, b1));
+        _mm512_store_si512(vb[3][i], _mm512_permutex2var_epi16(a1, hi_pairs, b1));
+      }
+      _tile_loadd(4, pa + t0 / 32 * kAmxRows * 32, 64);
+      _tile_loadd(5, vb[0], 64); _tile_dpbf16ps(0, 4, 5);
+      _tile_loadd(6, vb[1], 64); _tile_dpbf16ps(1, 4, 6);
+      _tile_loadd(7, vb[2], 64); _tile_dpbf16ps(2, 4, 7);
+      _tile_loadd(5, vb[3], 64); _tile_dpbf16ps(3, 4, 5);
+    }
+    for (int d = 0; d < 4; ++d) {
+      switch (d) {
+        case 0: _tile_stored(0, cbuf, 64); break;
+        case 1: _tile_stored(1, cbuf, 64); break;
+        case 2: _tile_stored(2, cbuf, 64); break;
+        default: _tile_stored(3, cbuf, 64); break;
+      }
+      for (int64_t r = 0; r < M; ++r) {
+        c10::BFloat16* o = out + offset(r) + pass * 64 + d * 16;
+        const float inv = 1.f / sum[r];
+        for (int i = 0; i < 16; ++i) distserve::store(o + i, cbuf[r][i] * inv);
+      }
+    }
+  }
+}
+#endif  // DISTSERVE_AMX_ATTENTION
+
+#ifdef DISTSERVE_AMX_ATTENTION
+// The dtype and head sizes attend_amx is built for.
+template <typename T, int HD>
+constexpr bool kAmxShape = std::is_same_v<T, c10::BFloat16> && HD % 64 == 0;
+
+// Runs fn(task, scratch) for tasks [0, n) on the AMX tiles where the CPU (and the switch) and the
+// block size allow (true), else nothing (false: the caller runs its own kernel).
+template <typename Fn>
+bool amx_tasks(int64_t n, int64_t bs, Fn&& fn) {
+  if (bs % 16 != 0 || !amx_attention_enabled()) return false;
+  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+    distserve::load_square_tiles();
+    AmxScratch scratch;
+    for (int64_t task = begin; task < end; ++task) fn(task, scratch);
+    _tile_release();
+  });
+  return true;
+}
+#endif
+
 // The op's tensors as raw pointers and sizes (checked by paged_decode_attention).
 template <typename T>
 struct Views {
@@ -182,6 +403,22 @@ bool run_fixed(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor&
   const int64_t* tables = a.tables;
   const int32_t* lens = a.lens;
   T* op = a.out;
+#ifdef DISTSERVE_AMX_ATTENTION
+  if constexpr (kAmxShape<T, HD>)
+    if (amx_tasks(a.B * kvh, bs, [&](int64_t task, AmxScratch& scratch) {
+        const int64_t b = task / kvh, h = task % kvh, head = (b * kvh + h) * G * HD;
+        if (lens[b] < kAmxMinContext) {                 // too short to pay for the packing
+          scratch.scores.resize(G * static_cast<int64_t>(lens[b]));
+          attend_fixed<T, HD, G>(qp + head, kp + h * bs * HD, vp + h * bs * HD, tables + b * max_blocks,
+                                 lens[b], bs, block_stride, static_cast<float>(scale), scratch.scores.data(),
+                                 op + head);
+          return;
+        }
+        attend_amx<HD>(qp + head, 0, 1, G, kp + h * bs * HD, vp + h * bs * HD, tables + b * max_blocks, lens[b],
+                       bs, block_stride, static_cast<float>(scale), scratch, op + head);
+      }))
+    return true;
+#endif
   at::parallel_for(0, a.B * kvh, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
     for (int64_t task = begin; task < end; ++task) {
@@ -308,6 +545,19 @@ bool run_multi(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor&
   const int64_t* tables = block_tables.data_ptr<int64_t>();
   const int32_t* lens = context_lens.data_ptr<int32_t>();
   T* op = out.data_ptr<T>();
+#ifdef DISTSERVE_AMX_ATTENTION
+  // a sequence's nq tokens x G heads in one AMX task where they fit its 16 rows
+  bool fits = true;
+  for (int64_t s = 0; s < S; ++s) fits = fits && (starts[s + 1] - starts[s]) * G <= kAmxRows;
+  if constexpr (kAmxShape<T, HD>)
+    if (fits && amx_tasks(S * kvh, bs, [&](int64_t task, AmxScratch& scratch) {
+        const int64_t s = task / kvh, h = task % kvh, nq = starts[s + 1] - starts[s];
+        const int64_t head = starts[s] * H * HD + h * G * HD;
+        attend_amx<HD>(qp + head, H * HD, nq, G, kp + h * bs * HD, vp + h * bs * HD, tables + s * max_blocks,
+                       lens[s], bs, block_stride, static_cast<float>(scale), scratch, op + head);
+      }))
+    return true;
+#endif
   at::parallel_for(0, S * kvh, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
     for (int64_t task = begin; task < end; ++task) {

@@ -35,8 +35,7 @@
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
 #define DISTSERVE_AMX 1
-#include <sys/syscall.h>
-#include <unistd.h>
+#include "amx.h"
 #endif
 
 #include "common.h"
@@ -176,19 +175,8 @@ void quant_linear_impl(const at::Tensor& x, const at::Tensor& codes, const at::T
 constexpr int64_t kAmxMinRows = 3;
 constexpr int64_t kAmxRows = 16;
 
-struct alignas(64) TileConfig {
-  uint8_t palette = 1, start_row = 0, reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
-bool amx_permitted() {                 // the kernel must allow this process the tile state
-  static const bool ok = [] {
-    constexpr long kReqXcompPerm = 0x1023, kXtileData = 18;
-    return syscall(SYS_arch_prctl, kReqXcompPerm, kXtileData) == 0;
-  }();
-  return ok;
-}
+using distserve::amx_permitted;
+using distserve::TileConfig;
 
 // w[p] (int16 codes) -> bf16 of the same integers, in the tile's layout (row p: pair p)
 template <int BITS>
@@ -222,7 +210,7 @@ void amx_rows(const c10::BFloat16* x, const float* xsum, int64_t m, int64_t k, i
     cfg.rows[4 + i] = 16;                                      // B0, B1: 16 pairs x (16 outputs x 2)
     cfg.colsb[4 + i] = 64;
   }
-  _tile_loadconfig(&cfg);
+  distserve::load_config(cfg);
   alignas(64) uint16_t wbuf[2][16 * 32];
   alignas(64) float cbuf[kAmxRows * kTile];
   const c10::BFloat16* xr = x + m0 * k;
