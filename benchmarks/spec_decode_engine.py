@@ -3,7 +3,7 @@ on one pinned core, through the served decode path (a `Speculator`: the n-gram d
 by AdaptiveK, exactly what a decode instance runs with decode.speculative = "ngram").
 
     python -m benchmarks.spec_decode_engine [--core 0] [--max-k 4] [--max-tokens 96]
-        [--rounds 2] [--remote-drafter [--draft-core 1]] [--out docs/spec_decode]
+        [--rounds 2] [--own-history-too] [--remote-drafter [--draft-core 1]] [--out docs/spec_decode]
 
 For each workload (chatbot, code, summarization: client/bench/workloads.py, the served model's
 tokenizer, raw prompts, ignore_eos) one engine (the default model and deployment settings:
@@ -19,6 +19,8 @@ before the first difference is reported). With --remote-drafter a third system r
 the two, in the same rounds: the n-gram drafter in a process of its own on --draft-core
 (backends/draft, what decode.draft_devices serves), its proposals taken when ready, never
 waited for; reported beside the in-process drafter, with how many of its proposals served.
+With --own-history-too the in-process drafter also runs without its corpus of finished
+requests (each sequence's own history only), in the same rounds.
 Writes <out>.json and <out>.md.
 """
 from __future__ import annotations
@@ -35,6 +37,7 @@ from typing import Any
 from backends.core.model_runner import pin_threads
 
 WORKLOADS = ("chatbot", "code", "summarization")
+ADDITIVE = ("spec_steps", "spec_verify_rows", "spec_proposed", "spec_accepted", "spec_emitted")
 BATCHES = (1, 8)
 
 
@@ -64,9 +67,12 @@ def run_batch(engine, prompts: list[list[int]], params, speculator) -> dict:
 
 def measure(engine, groups: list[list[list[int]]], params, speculators: dict, rounds: int) -> dict:
     """ABBA rounds of none and each of `speculators` (name -> a new Speculator), in turn; each
-    group of prompts runs together (batch 1: one prompt a group). Medians over every request's
-    TPOT; each speculator's counts summed over the last round's groups. The in-process n-gram's
-    figures ("ngram") at the top level, any other's under its name."""
+    group of prompts runs together (batch 1: one prompt a group). One Speculator serves a
+    round's groups one after another, as an instance serves its requests (its policy's
+    measurements and the n-gram drafter's corpus of finished requests carry over); each round
+    starts a new one, so a request never drafts from its own earlier run. Medians over every
+    request's TPOT; each speculator's counts over the last round's groups. The in-process
+    n-gram's figures ("ngram") at the top level, any other's under its name."""
     modes = ["none", *speculators]
     runs: dict[str, list[float]] = {m: [] for m in modes}
     outputs: dict[str, dict[str, list[int]]] = {m: {} for m in modes}
@@ -75,12 +81,16 @@ def measure(engine, groups: list[list[list[int]]], params, speculators: dict, ro
     for r in range(rounds):
         for mode in (modes if r % 2 == 0 else modes[::-1]):
             counts[mode] = []
+            speculator = speculators[mode]() if mode != "none" else None
+            before: dict = {}
             for g, prompts in enumerate(groups):
-                res = run_batch(engine, prompts, params, speculators[mode]() if mode != "none" else None)
+                res = run_batch(engine, prompts, params, speculator)
                 runs[mode] += res["tpots"]
                 outputs[mode].update({f"{g}/{req}": t for req, t in res["tokens"].items()})
-                if res["spec"]:
-                    counts[mode].append(res["spec"])
+                if res["spec"]:                       # this group's share of the running counts
+                    counts[mode].append({k: v - before.get(k, 0) if k in ADDITIVE else v
+                                         for k, v in res["spec"].items()})
+                    before = res["spec"]
     none = statistics.median(runs["none"])
     figures = {m: figures_of(none, runs[m], outputs["none"], outputs[m], counts[m]) for m in speculators}
     ngram = figures.pop("ngram")
@@ -132,9 +142,26 @@ def write(results: dict, out: Path) -> None:
         lines.append(f"| {w} | {b} | {r['tpot_none_s'] * 1e3:.1f} | {r['tpot_ngram_s'] * 1e3:.1f} "
                      f"| {r['speedup']:.2f}x | {r['acceptance']:.1%} | {tvr} | {tps} "
                      f"| {'yes' if r['identical_output'] else 'no'} ({r['common_prefix']:.0%}) |")
+    if any("own" in r for r in results["runs"].values()):
+        lines += own_table(results)
     if any("remote" in r for r in results["runs"].values()):
         lines += remote_table(results)
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+def own_table(results: dict) -> list[str]:
+    """The n-gram drafter with its corpus of finished requests (the default) beside the same
+    drafter on each sequence's own history only, same rounds."""
+    lines = ["", "## The corpus of finished requests vs each sequence's own history only", "",
+             "| workload | batch | TPOT none (ms) | TPOT own history (ms) | speedup | acceptance "
+             "| TPOT with the corpus (ms) | speedup | acceptance |", "|---|---|---|---|---|---|---|---|---|"]
+    for key, r in results["runs"].items():
+        w, b = key.split("/")
+        o = r["own"]
+        lines.append(f"| {w} | {b} | {r['tpot_none_s'] * 1e3:.1f} | {o['tpot_s'] * 1e3:.1f} | {o['speedup']:.2f}x "
+                     f"| {o['acceptance']:.1%} | {r['tpot_ngram_s'] * 1e3:.1f} | {r['speedup']:.2f}x "
+                     f"| {r['acceptance']:.1%} |")
+    return lines
 
 
 def remote_table(results: dict) -> list[str]:
@@ -159,8 +186,11 @@ def remote_table(results: dict) -> list[str]:
 def speculators(args, engine, dep) -> tuple[dict, Any]:
     """name -> a new Speculator for each run: the in-process n-gram, and with --remote-drafter
     one drafting with a drafter process on --draft-core (shared by every run; returned too)."""
+    from backends.core.spec_decode import NgramDrafter
     from backends.core.spec_policy import AdaptiveK, Speculator, make_speculator
     out = {"ngram": lambda: make_speculator("ngram", args.max_k)}
+    if args.own_history_too:
+        out["own"] = lambda: Speculator(NgramDrafter(cross_request=False), AdaptiveK(args.max_k))
     if not args.remote_drafter:
         return out, None
     from backends.draft import remote_drafter
@@ -217,6 +247,8 @@ def main() -> None:
                     help="results prefix (.json, .md); docs/spec_decode for the record")
     ap.add_argument("--remote-drafter", action="store_true",
                     help="also the n-gram drafter in a process of its own (backends/draft), side by side")
+    ap.add_argument("--own-history-too", action="store_true",
+                    help="also the n-gram drafter without its corpus of finished requests, side by side")
     ap.add_argument("--draft-core", type=int, default=None,
                     help="that drafter's core (default: the core after --core)")
     args = ap.parse_args()

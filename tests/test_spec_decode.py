@@ -4,12 +4,13 @@ draft distribution reproduces the target's, by chi-square), KV roll-back without
 stop criteria on accepted tokens."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from backends.core.sampling import SamplingParams, _mix, _sample_row
-from backends.core.spec_decode import (MAX_EVIDENCE, NgramDrafter, SpecStats, accept_draft, accept_with_probs,
-                                       propose_drafts, target_probs)
+from backends.core.spec_decode import (MAX_EVIDENCE, NgramDrafter, SpecStats, TokenCorpus, accept_draft,
+                                       accept_with_probs, propose_drafts, target_probs)
 from tests.helpers import GREEDY, assert_no_leaks, generate, make_engine
 
 REPETITIVE = ("Alice sent the report to Bob on Monday. Bob read the report and sent it to Carol. "
@@ -265,3 +266,26 @@ def test_sampling_acceptance_is_reproducible_per_seed():
     runs = {tuple(accept_with_probs(P.log(), draft, Q, params, step=3)) for _ in range(3)}
     assert len(runs) == 1
     assert accept_draft(P.log(), [], params, 3) == [_sample_row(P.log()[0], params, 3)]
+
+
+def test_a_finished_sequences_text_drafts_for_the_next_one():
+    """The n-gram drafter's corpus: a history with no match of its own takes the longest match
+    among finished sequences, scored like its own; a longer own match wins; the corpus is
+    bounded, and what it dropped is never proposed."""
+    d = NgramDrafter(max_n=3, min_n=2)
+    first = [50, 51, 52, 53, 54, 55, 56]
+    assert d.propose_scored([9, 8, 51, 52, 53], 2) == ([], 0)          # nothing finished yet
+    d.done(first)
+    assert d.propose_scored([9, 8, 51, 52, 53], 2) == ([54, 55], 3)    # corpus: "51 52 53"
+    assert d.propose_scored([7, 50, 51, 52, 53], 2) == ([54, 55], 4)   # "50" before it agrees too
+    own = [1, 2, 52, 53, 60, 61, 1, 2, 52, 53]                         # own match "1 2 52 53": 4
+    assert d.propose_scored(own, 2) == ([60, 61], 4)
+    assert NgramDrafter(cross_request=False).corpus is None
+
+    corpus = TokenCorpus(max_n=3, min_n=2, max_tokens=10)
+    corpus.add([1, 2, 3, 4, 5, 6])
+    corpus.add([11, 12, 13, 14, 15, 16])                               # 12 tokens: the first goes
+    assert list(corpus.docs.values())[0].tolist() == [11, 12, 13, 14, 15, 16]
+    assert corpus.lookup(np.asarray([1, 2, 3]), 2) == ([], 0)
+    assert corpus.lookup(np.asarray([0, 12, 13]), 2) == ([14, 15], 2)
+    assert all(key in corpus.docs for key, _ in corpus.index.values())

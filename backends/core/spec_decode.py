@@ -27,8 +27,9 @@ How many tokens to draft, per sequence and step, when serving: spec_policy.py.
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -43,8 +44,67 @@ class Drafter(Protocol):
         """0..k draft tokens to follow `token_ids` (one sequence's prompt + outputs so far)."""
         ...
 
+    # optional: `done(token_ids)`, a sequence has left with these tokens (a drafter that learns
+    # from finished text keeps them; NgramDrafter's corpus)
+
 
 MAX_EVIDENCE = 16          # a match is extended back this far at most when scoring a draft
+
+
+def _extend_back(a: np.ndarray, a_end: int, b: np.ndarray, b_end: int, n: int) -> int:
+    """n, plus how many tokens before a[:a_end] and b[:b_end] also agree (to MAX_EVIDENCE)."""
+    back = 0
+    while n + back < MAX_EVIDENCE and a_end - n - back > 0 and b_end - n - back > 0 \
+            and a[a_end - n - back - 1] == b[b_end - n - back - 1]:
+        back += 1
+    return n + back
+
+
+class TokenCorpus:
+    """The tokens of recently finished sequences (prompt + output), indexed by their n-grams
+    (n = min_n..max_n; each maps to its most recent occurrence): where a sequence's own history
+    offers no good match, the n-gram drafter looks here. Code, templated prompts and answers
+    repeat across users, so one request's text drafts another's (suffix decoding across
+    requests). Bounded to `max_tokens` (the oldest sequences go first); each sequence's last
+    `max_doc` tokens. Owned by one instance's step thread."""
+
+    def __init__(self, max_n: int = 4, min_n: int = 2, max_tokens: int = 1 << 16, max_doc: int = 4096) -> None:
+        self.max_n, self.min_n, self.max_tokens, self.max_doc = max_n, min_n, max_tokens, max_doc
+        self.docs: OrderedDict[int, np.ndarray] = OrderedDict()
+        self.index: dict[tuple[int, ...], tuple[int, int]] = {}   # n-gram -> (doc, its end)
+        self.num_tokens = 0
+        self._next = 0
+
+    def _grams(self, doc: np.ndarray) -> Iterator[tuple[tuple[int, ...], int]]:
+        toks = doc.tolist()
+        for n in range(self.min_n, self.max_n + 1):
+            for end in range(n, len(toks)):                 # a token follows every indexed n-gram
+                yield tuple(toks[end - n:end]), end
+
+    def add(self, token_ids: list[int]) -> None:
+        doc = np.asarray(token_ids[-self.max_doc:], dtype=np.int64)
+        if len(doc) <= self.min_n:
+            return
+        key, self._next = self._next, self._next + 1
+        self.docs[key] = doc
+        self.num_tokens += len(doc)
+        for gram, end in self._grams(doc):
+            self.index[gram] = (key, end)
+        while self.num_tokens > self.max_tokens and len(self.docs) > 1:
+            old_key, old = self.docs.popitem(last=False)
+            self.num_tokens -= len(old)
+            for gram, _ in self._grams(old):
+                if self.index.get(gram, (None,))[0] == old_key:
+                    del self.index[gram]
+
+    def lookup(self, tokens: np.ndarray, k: int) -> tuple[list[int], int]:
+        """(draft, evidence) following the longest n-gram ending `tokens`; ([], 0) if none."""
+        for n in range(min(self.max_n, len(tokens)), self.min_n - 1, -1):
+            hit = self.index.get(tuple(tokens[-n:].tolist()))
+            if hit is not None:
+                doc = self.docs[hit[0]]
+                return doc[hit[1]:hit[1] + k].tolist(), _extend_back(doc, hit[1], tokens, len(tokens), n)
+        return [], 0
 
 
 @dataclass(frozen=True)
@@ -55,13 +115,25 @@ class NgramDrafter:
     back while the tokens before both occurrences agree, up to MAX_EVIDENCE): a draft copied
     after a long match is accepted far more often (measured on the default model: the first
     token 47-52% after a 2-token match, 91-97% after 9 or more), which the speculation policy
-    (spec_policy.AdaptiveK) learns and uses."""
+    (spec_policy.AdaptiveK) learns and uses. With a `corpus` (TokenCorpus: finished sequences'
+    text), a history whose own match is short or absent takes the corpus's when that one is
+    longer."""
     max_n: int = 4
     min_n: int = 2
+    cross_request: bool = True           # keep a corpus of finished sequences
+    strong: int = 8                      # an own match this long is not looked up in the corpus
+    corpus: TokenCorpus | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_n <= self.max_n:
             raise ValueError(f"need 1 <= min_n <= max_n, got min_n={self.min_n}, max_n={self.max_n}")
+        if self.cross_request and self.corpus is None:
+            object.__setattr__(self, "corpus", TokenCorpus(self.max_n, self.min_n))
+
+    def done(self, token_ids: list[int]) -> None:
+        """A sequence left with these tokens: into the corpus."""
+        if self.corpus is not None:
+            self.corpus.add(token_ids)
 
     def propose(self, token_ids: list[int], k: int) -> list[int]:
         return self.propose_scored(token_ids, k)[0]
@@ -71,18 +143,20 @@ class NgramDrafter:
         if k <= 0:
             return [], 0
         tokens = np.asarray(token_ids, dtype=np.int64)
+        own: tuple[list[int], int] = ([], 0)
         for n in range(min(self.max_n, len(tokens) - 1), self.min_n - 1, -1):
             # windows[i] = tokens[i:i + n], for every i with a token after the window
             windows = np.lib.stride_tricks.sliding_window_view(tokens[:-1], n)
             hits = np.flatnonzero((windows == tokens[-n:]).all(axis=1))
             if hits.size:
-                hit = int(hits[-1])
-                start, end = hit + n, len(tokens) - n          # the match, and the suffix's start
-                back = 0
-                while n + back < MAX_EVIDENCE and hit - back > 0 and tokens[hit - back - 1] == tokens[end - back - 1]:
-                    back += 1
-                return tokens[start:start + k].tolist(), n + back
-        return [], 0
+                start = int(hits[-1]) + n                       # the token after the match
+                own = tokens[start:start + k].tolist(), _extend_back(tokens, start, tokens, len(tokens), n)
+                break
+        if self.corpus is not None and own[1] < self.strong:
+            other = self.corpus.lookup(tokens, k)
+            if other[1] > own[1]:
+                return other
+        return own
 
 
 # the drafters a deployment may name (deploy.deployment.SPECULATIVE_METHODS)

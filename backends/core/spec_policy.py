@@ -273,6 +273,8 @@ class InProcess:
     def __init__(self, drafter: Drafter) -> None:
         self.drafter = drafter
         self.scored = callable(getattr(drafter, "propose_scored", None))
+        self._done = getattr(drafter, "done", None)      # told each sequence's tokens as it leaves
+        self._live: dict[str, Sequence] = {}
 
     def draft(self, seq: Sequence, k: int) -> list[int]:
         return self.drafter.propose(seq.all_ids, k)
@@ -284,10 +286,13 @@ class InProcess:
         return self.draft(seq, k), 0
 
     def update(self, seqs: Iterable[Sequence]) -> None:
-        pass
+        if self._done is not None:
+            for seq in seqs:
+                self._live[seq.req_id] = seq
 
     def forget(self, req_id: str) -> None:
-        pass
+        if (seq := self._live.pop(req_id, None)) is not None:
+            self._done(seq.all_ids)
 
     def stats(self) -> dict[str, float]:
         return {}

@@ -70,8 +70,10 @@ class DraftServer:
         self._changed[f.sid] = None
 
     def _drop(self, f: Frame) -> None:
-        self.histories.pop(f.sid, None)
+        history = self.histories.pop(f.sid, None)
         self._changed.pop(f.sid, None)
+        if history is not None and (done := getattr(self.drafter, "done", None)) is not None:
+            done(history)                 # a drafter that learns from finished text
 
     def _ping(self, f: Frame) -> Frame:
         return Frame(Kind.PONG, base=len(self.histories))
