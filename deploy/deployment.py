@@ -61,12 +61,16 @@ class PhaseSpec:
     # prefix caching (backends/core/prefix_cache.py): full KV blocks kept after their requests
     # and reused by prompts that start with the same tokens. On by default, then left out of the JSON.
     prefix_caching: bool = True
+    # the n-gram drafter's corpus of finished requests (spec_decode.TokenCorpus): drafts from
+    # other requests' text where a sequence's own has no long match. On by default, then left out.
+    draft_corpus: bool = True
 
     def __post_init__(self) -> None:
         if self.device not in DEVICE_KINDS:
             raise ValueError(f"device must be one of {DEVICE_KINDS}, got {self.device!r}")
-        if not isinstance(self.prefix_caching, bool):
-            raise ValueError(f"prefix_caching must be true or false, got {self.prefix_caching!r}")
+        for flag in ("prefix_caching", "draft_corpus"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"{flag} must be true or false, got {getattr(self, flag)!r}")
         _check_positive_int("num_instances", self.num_instances)
         self._check_speculative()
         if self.num_threads is not None:
@@ -347,8 +351,9 @@ class Deployment:
                 del phase["speculative"], phase["num_speculative_tokens"]
             if phase and phase["draft_devices"] is None:       # in-process: likewise
                 del phase["draft_devices"]
-            if phase and phase["prefix_caching"]:            # the default: likewise
-                del phase["prefix_caching"]
+            for flag in ("prefix_caching", "draft_corpus"):
+                if phase and phase[flag]:                     # the default: likewise
+                    del phase[flag]
         return data
 
     def to_json(self, indent: int | None = None) -> str:

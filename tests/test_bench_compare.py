@@ -31,7 +31,7 @@ def test_system_names_and_deployments():
     for dep in (d, parse_system("chunked").deployment("models/x.gguf", num_cores=2)):
         assert all(p.prefix_caching for p in (dep.prefill, dep.decode, dep.colocated) if p)
         off = without_prefix_caching(dep)
-        assert not any(p.prefix_caching for p in (off.prefill, off.decode, off.colocated) if p)
+        assert not any(p.prefix_caching or p.draft_corpus for p in (off.prefill, off.decode, off.colocated) if p)
     for bad in ("vllm", "chunked-0", "chunked-x"):
         with pytest.raises(ValueError, match="system|budget"):
             parse_system(bad)

@@ -156,6 +156,27 @@ def test_the_speculator_passes_the_ngram_drafts_scores_to_the_policy():
     assert spec._evidence == {"s": 3}
 
 
+def test_the_deployment_turns_the_draft_corpus_off_in_both_placements(monkeypatch):
+    """decode.draft_corpus (on by default, left out of the JSON): the in-process drafter's and
+    the drafter process's options."""
+    import json
+
+    import backends.draft as draft
+    monkeypatch.setattr(draft, "RemoteDrafter", lambda spec: spec)      # the spec, no process
+    dep = default_deployment()
+    assert dep.decode.draft_corpus and "draft_corpus" not in dep.to_dict()["decode"]
+    off = dataclasses.replace(dep, decode=dataclasses.replace(dep.decode, speculative="ngram",
+                                                              draft_corpus=False))
+    assert off.to_dict()["decode"]["draft_corpus"] is False
+    assert Deployment.from_dict(off.to_dict()).decode.draft_corpus is False
+    assert make_speculator("ngram", 3).source.drafter.corpus is not None
+    assert make_speculator("ngram", 3, drafter_options={"cross_request": False}).source.drafter.corpus is None
+    spec = draft.remote_drafter("ngram", 3, (0,), 100, 64, {"cross_request": False})
+    assert json.loads(spec.options) == {"cross_request": False}
+    with pytest.raises(ValueError, match="draft_corpus"):
+        dataclasses.replace(dep.decode, draft_corpus="yes")
+
+
 def test_policy_keeps_only_the_decoding_sequences():
     policy = AdaptiveK(2)
     policy.want(["a", "b"])

@@ -371,8 +371,9 @@ class Speculator:
                 "tokens_per_step": round(self.tokens_per_step, 4), **self.source.stats()}
 
 
-def make_speculator(method: str, max_k: int, **policy_kw) -> Speculator:
-    """The speculator a deployment names (PhaseSpec.speculative, num_speculative_tokens)."""
+def make_speculator(method: str, max_k: int, drafter_options: dict | None = None, **policy_kw) -> Speculator:
+    """The speculator a deployment names (PhaseSpec.speculative, num_speculative_tokens;
+    `drafter_options`: the drafter's keywords, e.g. NgramDrafter's cross_request)."""
     if method not in DRAFTERS:
         raise ValueError(f"unknown drafter {method!r}; known: {sorted(DRAFTERS)}")
-    return Speculator(DRAFTERS[method](), AdaptiveK(max_k, **policy_kw))
+    return Speculator(DRAFTERS[method](**(drafter_options or {})), AdaptiveK(max_k, **policy_kw))

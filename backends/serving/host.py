@@ -254,10 +254,11 @@ def _speculator(deployment: Any, phase: Any, index: int, vocab_size: int) -> Spe
     if phase.speculative is None:
         return None
     cores = phase.draft_cores(index)
+    options = {"cross_request": phase.draft_corpus}
     if cores is None:
-        return make_speculator(phase.speculative, phase.num_speculative_tokens)
+        return make_speculator(phase.speculative, phase.num_speculative_tokens, drafter_options=options)
     return remote_speculator(phase.speculative, phase.num_speculative_tokens, cores, vocab_size,
-                             deployment.max_model_len)
+                             deployment.max_model_len, drafter_options=options)
 
 
 def _step_budget(deployment: Any, speculator: Speculator | None = None

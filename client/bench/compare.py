@@ -115,10 +115,11 @@ def _core_span(cores: Sequence[int]) -> str:
 
 
 def without_prefix_caching(dep: Any) -> Any:
-    """`dep` with every phase's prefix cache off. The goodput search replays the same requests
-    at every rate on one server: with the cache on, every rate after the first would hit the
-    prompts of the rates before it (a benchmark artifact, not a workload's reuse)."""
-    phases = {name: replace(getattr(dep, name), prefix_caching=False)
+    """`dep` with every phase's prefix cache and n-gram draft corpus off. The goodput search
+    replays the same requests at every rate on one server: with the cache on, every rate after
+    the first would hit the prompts of the rates before it, and the drafter would copy their
+    earlier outputs (a benchmark artifact, not a workload's reuse)."""
+    phases = {name: replace(getattr(dep, name), prefix_caching=False, draft_corpus=False)
               for name in ("prefill", "decode", "colocated") if getattr(dep, name) is not None}
     return replace(dep, **phases)
 
@@ -161,8 +162,9 @@ def add_compare_arguments(p: argparse.ArgumentParser) -> None:
                         f"(default: {','.join(DEFAULT_SYSTEMS)})")
     g.add_argument("--serve-model", help="model file served (default: the deployment's default)")
     g.add_argument("--prefix-caching", action="store_true",
-                   help="serve with the prefix cache on (off by default here: the search replays "
-                        "the same requests at every rate, so later rates would hit earlier ones)")
+                   help="serve with the prefix cache and the n-gram draft corpus on (off by default "
+                        "here: the search replays the same requests at every rate, so later rates "
+                        "would hit earlier ones)")
     g.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR,
                    help="summary JSON, markdown and plots (default: %(default)s, untracked; "
                         "--out-dir docs/goodput to publish a run)")
