@@ -11,8 +11,9 @@ taken without waiting.
 k is 0 wherever drafting does not pay by these measurements, apart from a 1-token probe now
 and then. A drafter that scores its drafts (the n-gram's match length: `evidence`) is asked
 for every sequence each step, and each draft's acceptance is then judged by what drafts of
-that evidence have done on this instance. `tokens_per_step` (an EWMA of the tokens a decoding sequence gets per step) goes on
-the instance's status page, so the router divides a step's time by it to predict TPOT.
+that evidence have done on this instance. `tokens_per_step` (an EWMA of the tokens a decoding
+sequence gets per step) goes on the instance's status page, so the router divides a step's
+time by it to predict TPOT.
 """
 from __future__ import annotations
 
@@ -144,9 +145,10 @@ class AdaptiveK:
     Scored drafts (`choose(..., evidence=)`, a drafter's confidence such as the n-gram's match
     length) are judged otherwise: the instance keeps acceptance counts per evidence class
     (EVIDENCE_PRIORS: the classes and their priors), and a draft's a is the sequence's counts
-    shrunk towards its class's rate with `evidence_weight`. n-gram drafts are bursty (a long copied run, then nothing), so a
-    sequence's recent rejections must not shut out the long match that follows; `want` then
-    asks for every sequence (the drafter is cheap and its score comes with the draft).
+    shrunk towards its class's rate with `evidence_weight`. n-gram drafts are bursty (a long
+    copied run, then nothing), so a sequence's recent rejections must not shut out the long
+    match that follows; `want` then asks for every sequence (the drafter is cheap and its score
+    comes with the draft).
     Pure: no clock, no model.
     """
 
@@ -161,7 +163,7 @@ class AdaptiveK:
 
     @staticmethod
     def evidence_class(evidence: int) -> int:
-        """The class (a EVIDENCE_BUCKETS bound) of a draft's evidence; 0: unscored."""
+        """The class (an EVIDENCE_PRIORS key: a lower bound) of a draft's evidence; 0: unscored."""
         return max((b for b in EVIDENCE_PRIORS if evidence >= b), default=0)
 
     def acceptance(self, req_id: str | None = None, evidence: int = 0) -> float:
