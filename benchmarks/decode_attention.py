@@ -7,6 +7,7 @@ round by round on one pinned core, the real default model.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
@@ -80,6 +81,19 @@ def interleaved(probe: EngineProbe, variants: dict, rounds: int, steps: int,
         cases[name] = {f"{a}_ms": 1e3 * ta, f"{b}_ms": 1e3 * tb, "speedup": ta / tb}
         print(f"{name:22s} {a} {1e3 * ta:7.1f} ms  {b} {1e3 * tb:7.1f} ms  x{ta / tb:.2f}", flush=True)
     return cases
+
+
+def ab_args(prog: str, description: str, argv: list[str] | None) -> argparse.Namespace:
+    """An A/B benchmark's --core, --rounds, --steps, with this process pinned to that core on
+    one thread."""
+    p = argparse.ArgumentParser(prog=prog, description=description.split("\n\n")[0])
+    p.add_argument("--core", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=5)
+    args = p.parse_args(argv)
+    os.sched_setaffinity(0, {args.core % (os.cpu_count() or 1)})
+    torch.set_num_threads(1)
+    return args
 
 
 def ab_doc(module: str, argv: list[str] | None, args, load_before: tuple, cases: dict) -> dict:

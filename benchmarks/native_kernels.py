@@ -8,23 +8,16 @@ for single prompts of 128, 512 and 2048 tokens).
 """
 from __future__ import annotations
 
-import argparse
 import os
 
 import torch
 
-from benchmarks.decode_attention import ab_doc, interleaved, write
+from benchmarks.decode_attention import ab_args, ab_doc, interleaved, write
 from deploy.deployment import DEFAULT_MODEL_PATH, ROOT
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.native_kernels", description=__doc__.split("\n\n")[0])
-    p.add_argument("--core", type=int, default=1)
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--steps", type=int, default=5)
-    args = p.parse_args(argv)
-    os.sched_setaffinity(0, {args.core % (os.cpu_count() or 1)})
-    torch.set_num_threads(1)
+    args = ab_args("python -m benchmarks.native_kernels", __doc__, argv)
     from backends.core import attention as A
     from backends.core import model
     from backends.core import native

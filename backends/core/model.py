@@ -16,6 +16,7 @@ from torch import nn
 from backends.core.attention import AttentionMetadata, paged_attention, store_kv
 from backends.core.config import ModelConfig
 from backends.core.kv_cache import KVPool, LayerKV
+from backends.core.layer_stack import LayerStack
 
 
 def rope_cos_sin(config: ModelConfig, max_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -171,10 +172,21 @@ class CausalLM(nn.Module):
         half = self.config.head_dim // 2
         sin = self.rope_sin[positions].to(x.dtype).unsqueeze(1)
         sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)            # signed, once a step
-        delta = None
-        for i, layer in enumerate(self.layers):
-            x, delta = layer(x, delta, cos, sin, meta, kv.layers[i])
+        stack = self._layer_stack()
+        ok, query_lens = stack.query_lens(x, meta, kv) if stack is not None else (False, None)
+        if ok:                      # a decode step on our kernels: the layers in one native call
+            x, delta = stack.run(x, cos[:, 0], sin[:, 0], meta, kv, query_lens)
+        else:
+            delta = None
+            for i, layer in enumerate(self.layers):
+                x, delta = layer(x, delta, cos, sin, meta, kv.layers[i])
         return add_rms_norm(x[:n], delta[:n], self.norm)[1]
+
+    def _layer_stack(self) -> LayerStack | None:
+        # decided on the first step, once the weights are in their final format
+        if not hasattr(self, "_stack"):
+            self._stack = LayerStack.build(self.layers)
+        return self._stack
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,103 @@
+"""A decode step's layer stack in one native call (csrc/layer_stack.cpp, `decode_layers`).
+
+A Llama-family step of a few rows is a few hundred small ops; on one CPU core, calling them from
+Python cost about 8 of a batch-1 step's 22 ms (SmolLM2, docs/profile_step.md). Where every
+piece runs on our native kernels anyway (int4 weights on `quant_linear`, bf16 KV read by the
+paged kernels), the same ops run from C++ in the same order, so the results are bit-identical
+to `DecoderLayer.forward`, which still serves everything else: prefills and chunks, steps past
+the int4 kernel's rows, mixed steps, int8 KV, float32, other devices.
+
+DISTSERVE_LAYER_STACK=0 turns it off (for comparisons).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from backends.core.attention.metadata import AttentionMetadata
+from backends.core.attention.torch_backend import TorchAttentionBackend
+from backends.core.kv_cache import KVPool
+from backends.core.quant import NATIVE_INT4_MAX_ROWS, Int4Linear
+
+LINEARS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+MAX_ROWS = 64        # rows padded_rows() leaves unpadded (the stack never pads)
+
+
+def enabled() -> bool:
+    return os.environ.get("DISTSERVE_LAYER_STACK", "1") != "0"
+
+
+class LayerStack:
+    """The model's per-layer tensors for `decode_layers`, and when a step may use it."""
+
+    def __init__(self, layers) -> None:
+        self.layers = list(layers)
+        first = self.layers[0]
+        self.heads, self.kv_heads, self.head_dim = first.num_heads, first.num_kv_heads, first.head_dim
+        self.scale, self.eps = first.scale, first.input_layernorm.eps
+        mods = [getattr(layer, name) for layer in self.layers for name in LINEARS]
+        # past NATIVE_INT4_MAX_ROWS a layer holding a dense copy runs that instead
+        self.max_rows = NATIVE_INT4_MAX_ROWS if any(
+            m.dense is not None or m.dense_packed is not None for m in mods) else MAX_ROWS
+        self._weights: list[torch.Tensor] | None = None
+
+    @classmethod
+    def build(cls, layers) -> LayerStack | None:
+        """None unless every projection runs on the native int4 kernel and the op is built."""
+        from backends.core import native
+        if not (enabled() and native.has("decode_layers") and native.has("quant_linear")):
+            return None
+        for layer in layers:
+            for name in LINEARS:
+                mod = getattr(layer, name)
+                if not (isinstance(mod, Int4Linear) and mod.native) or (name != "qkv_proj" and mod.bias is not None):
+                    return None
+        return cls(layers)
+
+    def weights(self) -> list[torch.Tensor]:
+        """11 tensors a layer, in the op's order. Kept between steps; read again if the layers'
+        buffers were rebound since (weight sharing maps them onto a shared file)."""
+        first, last = self.layers[0].qkv_proj, self.layers[-1].down_proj
+        if self._weights is None or self._weights[2] is not first.native_codes \
+                or self._weights[-2] is not last.native_codes:
+            self._weights = self._gather()
+        return self._weights
+
+    def _gather(self) -> list[torch.Tensor]:
+        empty = torch.empty(0)
+        out = []
+        for layer in self.layers:
+            qkv, o, gu, down = (getattr(layer, name) for name in LINEARS)
+            out += [layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
+                    qkv.native_codes, qkv.native_so, empty if qkv.bias is None else qkv.bias,
+                    o.native_codes, o.native_so, gu.native_codes, gu.native_so,
+                    down.native_codes, down.native_so]
+        return out
+
+    def query_lens(self, x: torch.Tensor, meta: AttentionMetadata, kv: KVPool) -> tuple[bool, torch.Tensor | None]:
+        """(whether this step can run here, each sequence's new tokens for the prefix kernel or
+        None for one token each)."""
+        n = x.shape[0]
+        backend = meta.backend
+        if not (n <= self.max_rows and x.device.type == "cpu" and x.dtype == torch.bfloat16
+                and isinstance(backend, TorchAttentionBackend) and backend.native):
+            return False, None
+        cache = kv.layers[0]
+        if cache.is_quantized or cache.k.dtype != x.dtype:
+            return False, None
+        if meta.is_decode:
+            return True, None
+        short = getattr(meta.plan, "short_rows", None)
+        if meta.is_prefill and short is not None and self.head_dim in (64, 128) \
+                and self.heads // self.kv_heads <= 8:
+            return True, short
+        return False, None
+
+    def run(self, x, cos, signed_sin, meta: AttentionMetadata, kv: KVPool, query_lens):
+        """(x, delta) after the last layer, as the Python loop returns them."""
+        plan = meta.plan
+        return torch.ops.distserve.decode_layers(
+            x, self.weights(), cos, signed_sin, [c.k for c in kv.layers], [c.v for c in kv.layers],
+            meta.block_tables, meta.seq_lens, plan.slot_blocks, plan.slot_offsets, query_lens,
+            self.heads, self.kv_heads, self.eps, self.scale)

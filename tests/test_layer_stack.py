@@ -1,0 +1,125 @@
+"""The decode step's layer stack in one native call (backends/core/layer_stack.py,
+csrc/layer_stack.cpp) against the Python layer loop it replaces, on the default model's weights:
+the same bits for decode steps and short verify rows (each row to its own causal length), the
+same K/V written, the same greedy tokens; where it steps aside; and the checks on what it writes."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from backends.core import native
+from backends.core.attention import AttentionMetadata
+from backends.core.engine import EngineConfig, EngineLimits, LLMEngine
+from backends.core.layer_stack import LayerStack
+from backends.core.sampling import SamplingParams
+from tests.helpers import assert_no_leaks, generate
+from tests.test_quant import smollm_codes  # noqa: F401 - a fixture
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+BS = 16
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built():
+    if not (native.has("decode_layers") and native.has("quant_linear")):
+        pytest.skip("the native layer stack needs quant_linear (AVX-512 VNNI) and "
+                    "python -m backends.core.native --build")
+
+
+@pytest.fixture(scope="module")
+def engine(smollm_codes):
+    config, sd = smollm_codes
+    return LLMEngine(config, sd, EngineConfig(weights="auto", limits=EngineLimits(num_kv_blocks=64)))
+
+
+def _forward(model, kv, qlens, clens, tables, ids, stack: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hidden states of one packed step, and the K/V pool after it, with or without the stack."""
+    n_dec = len(qlens) if all(q == 1 for q in qlens) else 0
+    meta = AttentionMetadata.build(n_dec, qlens, clens, tables, BS)
+    positions = [p for q, c in zip(qlens, clens) for p in range(c - q, c)]
+    saved = model._layer_stack()
+    x = torch.zeros(len(ids), model.config.hidden_size, dtype=torch.bfloat16)
+    assert saved.query_lens(x, meta, kv)[0]             # a step the stack takes
+    if not stack:
+        model._stack = None
+    try:
+        hidden = model(torch.tensor(ids), torch.tensor(positions), meta, kv)
+    finally:
+        model._stack = saved
+    return hidden, kv.data.clone()
+
+
+def _prefill(model, kv, prompts, tables):
+    for p, t in zip(prompts, tables):
+        meta = AttentionMetadata.build(0, [len(p)], [len(p)], [t], BS)
+        model(torch.tensor(p), torch.arange(len(p)), meta, kv)
+
+
+@pytest.mark.parametrize("qlens", [[1], [1, 1, 1, 1, 1], [5], [3, 1, 4], [8, 8]])
+def test_stack_gives_the_python_loops_bits(engine, qlens):
+    """Decode steps (one token each) and verify-like rows (several new tokens a sequence, the
+    paged prefix kernel): hidden states and the pool equal bit for bit."""
+    model, kv = engine.runner.model, engine.runner.kv
+    assert model._layer_stack() is not None
+    g = torch.Generator().manual_seed(len(qlens))
+    prompts = [torch.randint(100, 40_000, (n,), generator=g).tolist() for n in (37, 70, 15, 130, 64)][:len(qlens)]
+    tables = [list(range(10 * i, 10 * i + 10)) for i in range(len(qlens))]
+    _prefill(model, kv, prompts, tables)
+    clens = [len(p) + q for p, q in zip(prompts, qlens)]
+    ids = torch.randint(100, 40_000, (sum(qlens),), generator=g).tolist()
+    before = kv.data.clone()
+    fast, fast_kv = _forward(model, kv, qlens, clens, tables, ids, stack=True)
+    kv.data.copy_(before)
+    slow, slow_kv = _forward(model, kv, qlens, clens, tables, ids, stack=False)
+    assert torch.equal(fast, slow)
+    assert torch.equal(fast_kv, slow_kv)
+    assert not torch.equal(fast_kv, before)            # the new tokens' K/V were written
+
+
+def test_greedy_tokens_match_with_the_stack_off(engine, monkeypatch):
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    prompts = [[1, 504, 3458, 282, 4649, 314], list(range(1000, 1040)), [28, 1130, 2671, 30]]
+
+    def run() -> list[list[int]]:
+        out = generate(engine, prompts, params)
+        assert_no_leaks(engine)
+        return out
+
+    model = engine.runner.model
+    calls = []
+    real = LayerStack.run
+    monkeypatch.setattr(LayerStack, "run", lambda self, *a: calls.append(1) or real(self, *a))
+    fast = run()
+    assert calls, "no decode step took the stack"
+    saved, model._stack = model._layer_stack(), None
+    try:
+        slow = run()
+    finally:
+        model._stack = saved
+    assert fast == slow
+
+
+def test_stack_steps_aside_where_it_does_not_apply(engine):
+    model, kv = engine.runner.model, engine.runner.kv
+    stack = model._layer_stack()
+    x = torch.zeros(1, model.config.hidden_size, dtype=torch.bfloat16)
+    decode = AttentionMetadata.build(1, [1], [5], [[0]], BS)
+    assert stack.query_lens(x, decode, kv) == (True, None)
+    assert stack.query_lens(x.float(), decode, kv)[0] is False                  # float32
+    long_rows = torch.zeros(20, model.config.hidden_size, dtype=torch.bfloat16)
+    prefill = AttentionMetadata.build(0, [20], [20], [[0, 1]], BS)
+    assert stack.query_lens(long_rows, prefill, kv)[0] is False                # a prompt
+    mixed = AttentionMetadata.build(1, [1, 4], [5, 4], [[0], [1]], BS)
+    assert stack.query_lens(torch.zeros(5, x.shape[1], dtype=torch.bfloat16), mixed, kv)[0] is False
+
+
+def test_a_slot_outside_the_pool_is_refused(engine):
+    model, kv = engine.runner.model, engine.runner.kv
+    stack = model._layer_stack()
+    meta = AttentionMetadata.build(1, [1], [5], [[0]], BS)
+    bad = type(meta.plan)(slot_blocks=torch.tensor([kv.data.shape[0]]), slot_offsets=torch.tensor([4]))
+    meta = type(meta)(**{**meta.__dict__, "plan": bad})
+    x = torch.zeros(1, model.config.hidden_size, dtype=torch.bfloat16)
+    cos = torch.ones(1, model.config.head_dim, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="outside the KV cache"):
+        stack.run(x, cos, cos, meta, kv, None)
