@@ -62,13 +62,15 @@ def main(core: int = 1, rounds: int = 3, steps: int = 5) -> dict:
 
 
 def interleaved(probe: EngineProbe, variants: dict, rounds: int, steps: int,
-                prefills: tuple[int, ...] = (), prefill_probe: EngineProbe | None = None) -> dict[str, dict]:
-    """Per case (the decode batches of CASES, then one prompt of each of `prefills` on
+                prefills: tuple[int, ...] = (), prefill_probe: EngineProbe | None = None,
+                batches: dict[str, list[int]] | None = None) -> dict[str, dict]:
+    """Per case (the decode batches of `batches`, CASES by default, then one prompt of each of `prefills` on
     `prefill_probe`'s engine), the median step of two variants (label -> a function that switches to it), taking turns round by
     round (ABBA...); each case's `<label>_ms` and A/B `speedup`."""
     (a, set_a), (b, set_b) = variants.items()
     cases = {}
-    runs = {name: (lambda c=ctxs: probe.decode(c, warmup=1, steps=steps)[0]) for name, ctxs in CASES.items()}
+    runs = {name: (lambda c=ctxs: probe.decode(c, warmup=1, steps=steps)[0])
+            for name, ctxs in (CASES if batches is None else batches).items()}
     runs |= {f"prefill 1 x {n}": (lambda n=n: [prefill_probe.prefill([n]) for _ in range(steps)]) for n in prefills}
     for name, run in runs.items():
         times: dict[str, list[float]] = {a: [], b: []}

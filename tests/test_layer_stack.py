@@ -29,7 +29,9 @@ def built():
 @pytest.fixture(scope="module")
 def engine(smollm_codes):
     config, sd = smollm_codes
-    return LLMEngine(config, sd, EngineConfig(weights="auto", limits=EngineLimits(num_kv_blocks=64)))
+    # a decode instance's model: int4 on our kernel (a dense copy beside it past 64 rows)
+    return LLMEngine(config, sd, EngineConfig(weights="auto", role="decode",
+                                              limits=EngineLimits(num_kv_blocks=256, chunked_prefill=True)))
 
 
 def _forward(model, kv, qlens, clens, tables, ids, stack: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,14 +57,16 @@ def _prefill(model, kv, prompts, tables):
         model(torch.tensor(p), torch.arange(len(p)), meta, kv)
 
 
-@pytest.mark.parametrize("qlens", [[1], [1, 1, 1, 1, 1], [5], [3, 1, 4], [8, 8]])
+@pytest.mark.parametrize("qlens", [[1], [1, 1, 1, 1, 1], [5], [3, 1, 4], [8, 8], [1] * 20, [5] * 8])
 def test_stack_gives_the_python_loops_bits(engine, qlens):
     """Decode steps (one token each) and verify-like rows (several new tokens a sequence, the
-    paged prefix kernel): hidden states and the pool equal bit for bit."""
+    paged prefix kernel), to 16 rows and past (the int4 kernel's two AMX paths): hidden
+    states and the pool equal bit for bit."""
     model, kv = engine.runner.model, engine.runner.kv
     assert model._layer_stack() is not None
     g = torch.Generator().manual_seed(len(qlens))
-    prompts = [torch.randint(100, 40_000, (n,), generator=g).tolist() for n in (37, 70, 15, 130, 64)][:len(qlens)]
+    lengths = (37, 70, 15, 130, 64)
+    prompts = [torch.randint(100, 40_000, (lengths[i % 5],), generator=g).tolist() for i in range(len(qlens))]
     tables = [list(range(10 * i, 10 * i + 10)) for i in range(len(qlens))]
     _prefill(model, kv, prompts, tables)
     clens = [len(p) + q for p, q in zip(prompts, qlens)]
@@ -77,20 +81,22 @@ def test_stack_gives_the_python_loops_bits(engine, qlens):
 
 
 def test_greedy_tokens_match_with_the_stack_off(engine, monkeypatch):
+    """3 sequences, then 20 (past 16 rows the int4 kernel dequantizes to bf16 tiles)."""
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
-    prompts = [[1, 504, 3458, 282, 4649, 314], list(range(1000, 1040)), [28, 1130, 2671, 30]]
+    few = [[1, 504, 3458, 282, 4649, 314], list(range(1000, 1040)), [28, 1130, 2671, 30]]
+    many = few + [list(range(2000 + 50 * i, 2000 + 50 * i + 9 + i)) for i in range(17)]
 
     def run() -> list[list[int]]:
-        out = generate(engine, prompts, params)
+        out = [generate(engine, prompts, params) for prompts in (few, many)]
         assert_no_leaks(engine)
         return out
 
     model = engine.runner.model
     calls = []
     real = LayerStack.run
-    monkeypatch.setattr(LayerStack, "run", lambda self, *a: calls.append(1) or real(self, *a))
+    monkeypatch.setattr(LayerStack, "run", lambda self, x, *a: calls.append(x.shape[0]) or real(self, x, *a))
     fast = run()
-    assert calls, "no decode step took the stack"
+    assert calls and min(calls) <= 16 < max(calls), calls      # both AMX paths
     saved, model._stack = model._layer_stack(), None
     try:
         slow = run()

@@ -46,7 +46,7 @@ def test_packed_layout_round_trips(bits, group):
 
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 8e-3)])
-@pytest.mark.parametrize("rows", [1, 3, 4, 5, 9])
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 9, 17, 40, 64, 70])
 def test_kernel_matches_float64(bits, dtype, tol, rows):
     """Relative to the output's scale: float32 loses only the int16 rounding of x (1/65534 of a
     block's largest |x|); bf16 adds the output's rounding (2^-9)."""
@@ -61,16 +61,21 @@ def test_kernel_matches_float64(bits, dtype, tol, rows):
 
 @pytest.mark.parametrize("bits", [4, 8])
 def test_a_row_gives_the_same_bits_whatever_rows_share_its_pass(bits):
-    """Within each path (1-2 rows: int16 dot products; 3 or more bf16 rows: AMX, 16 rows a
-    pass), a row's result does not depend on the rows beside it."""
+    """Within each path (1-2 rows: int16 dot products; 3-16 bf16 rows: AMX, each block's result
+    scaled; 17-64: AMX on bf16-dequantized weights), a row's result does not depend on the rows
+    beside it."""
     gq = codes(64, 256, bits)
     packed, so = pack_int4_native(gq)
     x = torch.randn(37, 256).bfloat16()
     op = torch.ops.distserve.quant_linear
     together = op(x, packed, so)
     for i in (0, 5, 20, 36):
+        others = [j for j in range(37) if j != i]
         assert torch.equal(op(x[i:i + 1], packed, so), op(x[[i, (i + 1) % 37]], packed, so)[:1])
-        assert torch.equal(op(x[[i, 1, 2]], packed, so)[:1], together[i:i + 1])
+        assert torch.equal(op(x[[i, 1, 2]], packed, so)[:1], op(x[[i, *others[:15]]], packed, so)[:1])
+        assert torch.equal(op(x[[i, *others[:20]]], packed, so)[:1], together[i:i + 1])
+    # 94 rows: a pass of 64 then one of 30, both dequantized; x's copy straddles them
+    assert torch.equal(op(torch.cat([x, x, x[:20]]), packed, so)[37:74], together)
 
 
 def test_kernel_refuses_what_it_cannot_read():

@@ -4,8 +4,8 @@ A Llama-family step of a few rows is a few hundred small ops; on one CPU core, c
 Python cost about 8 of a batch-1 step's 22 ms (SmolLM2, docs/profile_step.md). Where every
 piece runs on our native kernels anyway (int4 weights on `quant_linear`, bf16 KV read by the
 paged kernels), the same ops run from C++ in the same order, so the results are bit-identical
-to `DecoderLayer.forward`, which still serves everything else: prefills and chunks, steps past
-the int4 kernel's rows, mixed steps, int8 KV, float32, other devices.
+to `DecoderLayer.forward`, which still serves everything else: prefills and chunks, steps of
+more than 64 rows, mixed steps, int8 KV, float32, other devices.
 
 DISTSERVE_LAYER_STACK=0 turns it off (for comparisons).
 """
@@ -36,11 +36,8 @@ class LayerStack:
         first = self.layers[0]
         self.heads, self.kv_heads, self.head_dim = first.num_heads, first.num_kv_heads, first.head_dim
         self.scale, self.eps = first.scale, first.input_layernorm.eps
-        mods = [getattr(layer, name) for layer in self.layers for name in LINEARS]
-        # past NATIVE_INT4_MAX_ROWS a layer holding a dense copy runs that instead
-        self.max_rows = NATIVE_INT4_MAX_ROWS if any(
-            m.dense is not None or m.dense_packed is not None for m in mods) else MAX_ROWS
         self._weights: list[torch.Tensor] | None = None
+        self._key: tuple | None = None
 
     @classmethod
     def build(cls, layers) -> LayerStack | None:
@@ -55,31 +52,34 @@ class LayerStack:
                     return None
         return cls(layers)
 
-    def weights(self) -> list[torch.Tensor]:
-        """11 tensors a layer, in the op's order. Kept between steps; read again if the layers'
-        buffers were rebound since (weight sharing maps them onto a shared file)."""
+    def _refresh(self) -> None:
+        """The op's tensors, gathered again whenever the layers' buffers were rebound (weight
+        sharing maps them onto a shared file; a kept reference would pin the private copy)."""
         first, last = self.layers[0].qkv_proj, self.layers[-1].down_proj
-        if self._weights is None or self._weights[2] is not first.native_codes \
-                or self._weights[-2] is not last.native_codes:
-            self._weights = self._gather()
-        return self._weights
-
-    def _gather(self) -> list[torch.Tensor]:
+        key = (id(first.native_codes), id(last.native_codes), id(first.dense), id(first.dense_packed),
+               id(last.dense), id(last.dense_packed))
+        if key == self._key:
+            return
         empty = torch.empty(0)
-        out = []
+        weights, dense = [], False
         for layer in self.layers:
-            qkv, o, gu, down = (getattr(layer, name) for name in LINEARS)
-            out += [layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
-                    qkv.native_codes, qkv.native_so, empty if qkv.bias is None else qkv.bias,
-                    o.native_codes, o.native_so, gu.native_codes, gu.native_so,
-                    down.native_codes, down.native_so]
-        return out
+            mods = [getattr(layer, name) for name in LINEARS]
+            qkv, o, gu, down = mods
+            weights += [layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
+                        qkv.native_codes, qkv.native_so, empty if qkv.bias is None else qkv.bias,
+                        o.native_codes, o.native_so, gu.native_codes, gu.native_so,
+                        down.native_codes, down.native_so]
+            dense = dense or any(m.dense is not None or m.dense_packed is not None for m in mods)
+        self._weights, self._key = weights, key
+        # past NATIVE_INT4_MAX_ROWS a layer holding a dense copy runs that (Int4Linear.forward)
+        self.max_rows = min(MAX_ROWS, NATIVE_INT4_MAX_ROWS) if dense else MAX_ROWS
 
     def query_lens(self, x: torch.Tensor, meta: AttentionMetadata, kv: KVPool) -> tuple[bool, torch.Tensor | None]:
         """(whether this step can run here, each sequence's new tokens for the prefix kernel or
         None for one token each)."""
         n = x.shape[0]
         backend = meta.backend
+        self._refresh()
         if not (n <= self.max_rows and x.device.type == "cpu" and x.dtype == torch.bfloat16
                 and isinstance(backend, TorchAttentionBackend) and backend.native):
             return False, None
@@ -97,7 +97,8 @@ class LayerStack:
     def run(self, x, cos, signed_sin, meta: AttentionMetadata, kv: KVPool, query_lens):
         """(x, delta) after the last layer, as the Python loop returns them."""
         plan = meta.plan
+        self._refresh()
         return torch.ops.distserve.decode_layers(
-            x, self.weights(), cos, signed_sin, [c.k for c in kv.layers], [c.v for c in kv.layers],
+            x, self._weights, cos, signed_sin, [c.k for c in kv.layers], [c.v for c in kv.layers],
             meta.block_tables, meta.seq_lens, plan.slot_blocks, plan.slot_offsets, query_lens,
             self.heads, self.kv_heads, self.eps, self.scale)

@@ -16,11 +16,12 @@ Formats (chosen by measurement on one core of this project's CPU, docs/profile_s
 Where the native library has `quant_linear` (csrc/quant_linear.cpp, AVX-512 VNNI hosts), layers
 with bf16 activations whose codes fit (4-bit, or 8-bit Q8_0 as one plane; outputs a multiple of
 16) run on it instead, in its own layout (`pack_int4_native`; torch's packing is then not built).
-It unpacks each weight once for every row of the step (1-2 rows: int16 dot products; 3 or more:
-AMX tiles where the CPU has them) and keeps GGUF's fp16 scales exactly. One core, a decode
-instance's step on SmolLM2 (docs/bench_quant_linear.md): batch 1 1.14x torch's int4 kernel,
-a 5-row verify step 1.70x, batch 8 1.54x, batch 16 1.32x. Past NATIVE_INT4_MAX_ROWS rows the
-dense weight, where the layer keeps one, is as fast.
+It unpacks each weight once for every row of the step (1-2 rows: int16 dot products; 3-16:
+AMX tiles where the CPU has them, GGUF's fp16 scales kept exactly; 17-64: AMX on the weights
+dequantized to bf16, the dense model's precision). One core, a decode instance's step on
+SmolLM2 (docs/bench_quant_linear.md): batch 1 1.14x torch's int4 kernel, a 5-row verify step
+1.70x, batch 8 1.54x, batch 16 1.32x; to 64 rows it is faster than the prepacked dense weight
+(docs/engine.md §7), past NATIVE_INT4_MAX_ROWS the dense weight, where the layer keeps one, runs.
 
 An int4 layer may also hold the dense weight (`dense`, or `dense_packed`): then steps of more
 than INT4_MAX_ROWS rows (INT4_MAX_ROWS_PACKED when prepacked), where the dense bf16 GEMM
@@ -42,7 +43,8 @@ from torch import nn
 
 INT4_MAX_ROWS = 12     # int4 kernel vs plain dense bf16 cross over at 12-16 rows (SmolLM2, 1 core)
 INT4_MAX_ROWS_PACKED = 4   # ... vs oneDNN-prepacked dense bf16: at 4-6 rows
-NATIVE_INT4_MAX_ROWS = 16  # our kernel (AMX from 3 rows) vs prepacked dense bf16 in a decode step
+NATIVE_INT4_MAX_ROWS = 64  # our kernel vs prepacked dense bf16 in a decode step: ours to 64 rows
+# (one core, SmolLM2, whole steps: batch 20 46 vs 64 ms, 32 61 vs 77, 64 108 vs 122)
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 _PACK_ROWS = 64        # the CPU int4 pack interleaves output channels in blocks of 64
 

@@ -11,7 +11,7 @@
   decode or colocated engine runs GGUF Q4_x / Q8_0 layers on the int4 kernel and keeps the
   dense weight beside them for steps of more than INT4_MAX_ROWS_PACKED (4) rows, 12 when not
   prepacked; on our native kernel (quant.py: AVX-512 VNNI hosts, bf16) for up to
-  NATIVE_INT4_MAX_ROWS (16) rows, the Q8_0 head as one 8-bit plane. HF checkpoints, float32
+  NATIVE_INT4_MAX_ROWS (64) rows, the Q8_0 head as one 8-bit plane. HF checkpoints, float32
   engines and GPU engines stay dense (the int4/int8 kernels are CPU ones, fast on bf16
   activations only).
 

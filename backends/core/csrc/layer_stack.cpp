@@ -5,8 +5,7 @@
 // (docs/profile_step.md); its kernels are unchanged, and so is every rounding: the same ops run
 // in the same order on the same tensors as backends/core/model.py's DecoderLayer.forward.
 //
-// decode_layers(x [N, D], weights (11 per layer, below), cos, signed_sin [N, hd],
-//               k_caches, v_caches (one per layer), block_tables, seq_lens, slot_blocks,
+// decode_layers(x [N, D], weights (11 per layer, below), cos, signed_sin [N, hd], k_caches, v_caches (one per layer), block_tables, seq_lens, slot_blocks,
 //               slot_offsets [N], query_lens (None: one new token per sequence, paged decode;
 //               else each sequence's new tokens, paged prefix attention), heads, kv_heads,
 //               eps, scale) -> (x, delta): the residual stream before the last layer's MLP
