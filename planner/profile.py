@@ -332,15 +332,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=DEVICE, help="device kind the coefficients are filed under")
     p.add_argument("--threshold", type=int, default=None,
                    help="decode batch-size threshold between the two fits (default: where the "
-                        "engine switches kernels: 5 with --weights auto, whose decode steps of more "
-                        "than 4 rows leave the int4 kernel for the dense GEMM; else 95)")
+                        "engine switches kernels with --weights auto: 3 on our int4 kernel, whose "
+                        "steps of 3 or more rows run on the AMX tiles, 5 on torch's, whose steps of "
+                        "more than 4 rows leave it for the dense GEMM; else 95)")
     p.add_argument("--no-progress", action="store_true")
 
 
-def decode_threshold(weights: str) -> int:
-    """The batch size where the engine's decode step changes kernels (the fit's regime split)."""
-    from backends.core.quant import INT4_MAX_ROWS_PACKED
-    return INT4_MAX_ROWS_PACKED + 1 if weights == "auto" else 95
+def decode_threshold(weights: str, dtype: str = "bfloat16") -> int:
+    """The batch size where the engine's decode step changes kernels (the fit's regime split):
+    with weights auto on our int4 kernel, 3 (1-2 rows run int16 dot products, 3-64 the AMX
+    tiles); on torch's int4 kernel 5 (past 4 rows the dense GEMM); else 95."""
+    from backends.core.model_runner import DTYPES
+    from backends.core.quant import INT4_MAX_ROWS_PACKED, native_int4_enabled
+    if weights != "auto":
+        return 95
+    return 3 if native_int4_enabled(DTYPES[dtype]) else INT4_MAX_ROWS_PACKED + 1
 
 
 def main(args: argparse.Namespace, argv: Sequence[str]) -> int:
@@ -354,7 +360,7 @@ def main(args: argparse.Namespace, argv: Sequence[str]) -> int:
     load_before = os.getloadavg()         # the machine may be shared: what else was running
     doc = run(config, sd, model_path=str(model), dtype=args.dtype, block_size=args.block_size,
               settings=QUICK if args.quick else Settings(), device=args.device,
-              threshold=args.threshold or decode_threshold(args.weights),
+              threshold=args.threshold or decode_threshold(args.weights, args.dtype),
               progress=not args.no_progress, kv_dtype=args.kv_dtype,
               weights=args.weights)
     doc[PROFILE_KEY].update(machine(core), load_avg_before=load_before, load_avg_after=os.getloadavg(),
