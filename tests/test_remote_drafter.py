@@ -25,7 +25,7 @@ from backends.core.spec_decode import NgramDrafter
 from backends.core.spec_policy import AdaptiveK, Speculator
 from backends.decode.worker import DecodeWorker
 from backends.draft import DrafterSpec, RemoteDrafter, aligned_draft
-from backends.draft.protocol import FROM_DRAFTER, TO_DRAFTER, Frame, FrameReader, Kind, ProtocolError
+from backends.draft.protocol import MAX_SCORE, FROM_DRAFTER, TO_DRAFTER, Frame, FrameReader, Kind, ProtocolError
 from backends.draft.server import DraftServer
 from backends.prefill.worker import PrefillWorker
 from backends.serving.host import _speculator
@@ -90,6 +90,8 @@ def test_frames_round_trip_in_any_pieces():
     reader = FrameReader(TO_DRAFTER, 8, VOCAB)
     got = [f for i in range(len(data)) for f in reader.feed(data[i:i + 1])]
     assert got == frames
+    scored = Frame(Kind.PROPOSAL, 7, 3, [1, 2], score=MAX_SCORE)
+    assert FrameReader(FROM_DRAFTER, 8, VOCAB).feed(scored.encode()) == [scored]
 
 
 UNKNOWN_KIND = bytes([99]) + bytes(15)
@@ -103,8 +105,9 @@ UNKNOWN_KIND = bytes([99]) + bytes(15)
     (Frame(Kind.PROPOSAL, 1, 0, [1] * 7).encode(), "carries 7 tokens"),
     (Frame(Kind.PROPOSAL, 0, 0, [1]).encode(), "bad sid"),
     (Frame(Kind.PONG, 3, 0).encode(), "bad sid"),
+    (Frame(Kind.PONG, score=4).encode(), "a score"),
 ], ids=["wrong-direction", "unknown-kind", "token-too-large", "negative-token", "too-long",
-        "no-sid", "stray-sid"])
+        "no-sid", "stray-sid", "stray-score"])
 def test_a_malformed_frame_is_refused(data, match):
     with pytest.raises(ProtocolError, match=match):
         FrameReader(FROM_DRAFTER, 6, VOCAB).feed(data)
@@ -114,7 +117,8 @@ def test_the_drafter_keeps_histories_and_proposes_once_per_sequence_at_its_end()
     server = DraftServer(NgramDrafter(), num_draft=3, max_len=64)
     out = server.handle([Frame(Kind.RESET, 1, 0, [5, 6, 7, 5]), Frame(Kind.APPEND, 1, 4, [6]),
                          Frame(Kind.RESET, 2, 0, [9]), Frame(Kind.DROP, 2), Frame(Kind.PING)])
-    assert out == [Frame(Kind.PONG, base=1), Frame(Kind.PROPOSAL, 1, 5, [7, 5, 6])]
+    # scored by its match: [5, 6] ends the history and was seen at the start (nothing before it)
+    assert out == [Frame(Kind.PONG, base=1), Frame(Kind.PROPOSAL, 1, 5, [7, 5, 6], score=2)]
     assert server.handle([Frame(Kind.DROP, 1), Frame(Kind.PING)]) == [Frame(Kind.PONG, base=0)]
     with pytest.raises(ProtocolError, match="APPEND to sequence 1 at 4, but it holds none"):
         server.handle([Frame(Kind.APPEND, 1, 4, [6])])
@@ -165,6 +169,7 @@ def test_killed_drafter_is_reaped_and_restarted_and_close_leaves_nothing():
     s = seq([1, 2, 3, 1, 2])
     drafter.update([s])
     assert wait_for(lambda: drafter.draft(s, 2) == [3, 1])
+    assert drafter.scored and drafter.draft_scored(s, 2) == ([3, 1], 2)    # the match's length
     first = drafter.pid
     os.kill(first, signal.SIGKILL)
     assert wait_for(lambda: drafter.counts.failures == 1 and is_gone(first))

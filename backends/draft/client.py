@@ -99,7 +99,7 @@ class _Seq:
     sid: int
     sent: int = 0              # its tokens queued on this connection (0: send them all)
     high: int = 0              # the most ever queued on this connection: a proposal's base <= it
-    proposal: tuple[int, list[int]] | None = None     # (base, tokens), the latest
+    proposal: tuple[int, list[int], int] | None = None     # (base, tokens, score), the latest
 
 
 @dataclass(eq=False)
@@ -130,6 +130,8 @@ class RemoteDrafter:
 
     def __init__(self, spec: DrafterSpec) -> None:
         self.spec = spec
+        # its drafts carry a score (the n-gram's match length), which the Speculator's policy uses
+        self.scored = callable(getattr(DRAFTERS[spec.method], "propose_scored", None))
         self.counts = DrafterCounts()
         self.drafter_sequences: int | None = None     # what its last PONG said it holds
         self._lock = threading.Lock()
@@ -166,15 +168,20 @@ class RemoteDrafter:
             self._take_ready(conn)        # answers the supervisor has not read yet: fresher drafts
 
     def draft(self, seq: Sequence, k: int) -> list[int]:
+        return self.draft_scored(seq, k)[0]
+
+    def draft_scored(self, seq: Sequence, k: int) -> tuple[list[int], int]:
+        """(draft, the drafter's score for it: the n-gram's match length; 0 unscored)."""
         with self._lock:
             st = self._seqs.get(seq.req_id)
             proposal = st.proposal if st is not None else None
         if proposal is None:
-            return []
-        draft = aligned_draft(seq, *proposal, k)
+            return [], 0
+        base, tokens, score = proposal
+        draft = aligned_draft(seq, base, tokens, k)
         self.counts.drafts += bool(draft)
         self.counts.unaligned += not draft
-        return draft
+        return draft, score if draft else 0
 
     def forget(self, req_id: str) -> None:
         with self._lock:
@@ -349,7 +356,7 @@ class RemoteDrafter:
             elif (st := self._sids.get(f.sid)) is not None:       # a PROPOSAL still wanted
                 if f.base > st.high:
                     raise ProtocolError(f"a proposal at {f.base} tokens for a sequence sent {st.high}")
-                st.proposal = (f.base, f.tokens)
+                st.proposal = (f.base, f.tokens, f.score)
                 self.counts.proposals += 1
 
     def _take_down(self, conn: _Conn, why: str | None) -> None:

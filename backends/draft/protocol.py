@@ -1,7 +1,7 @@
 """The drafter process's wire format: length-prefixed binary frames over a private socket pair.
 
-Every frame is a 16-byte header, little-endian `kind: u8, pad: 3, sid: u32, base: u32, n: u32`,
-then `n` int32 token ids. `sid` names one sequence (the client's number for it, never reused),
+Every frame is a 16-byte header, little-endian `kind: u8, pad: 1, score: u16, sid: u32, base: u32,
+n: u32`, then `n` int32 token ids. `sid` names one sequence (the client's number for it, never reused),
 `base` is a length in that sequence's tokens. No pickle, no JSON: a reader checks the kind
 against the ones its side may receive, `n` against its bound, every token against [0, vocab)
 and the fields a kind leaves unused against 0, and raises ProtocolError on anything else.
@@ -14,7 +14,9 @@ To the drafter:
 - PING: answer with PONG.
 From the drafter:
 - READY(base = its pid): initialized, proposing from now on.
-- PROPOSAL(sid, base, tokens): a draft to follow the sequence's first `base` tokens.
+- PROPOSAL(sid, base, tokens, score): a draft to follow the sequence's first `base` tokens, and the
+  drafter's confidence in it (the n-gram's match length; 0 from a drafter that does not score).
+  Every other frame's score is 0.
 - PONG(base = the sequences it holds).
 """
 from __future__ import annotations
@@ -25,7 +27,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-HEADER = struct.Struct("<B3xIII")
+HEADER = struct.Struct("<BxHIII")
+MAX_SCORE = (1 << 16) - 1
 TOKEN = np.dtype("<i4")
 MAX_SID = (1 << 32) - 1
 
@@ -57,9 +60,10 @@ class Frame:
     sid: int = 0
     base: int = 0
     tokens: list[int] = field(default_factory=list)
+    score: int = 0
 
     def encode(self) -> bytes:
-        return HEADER.pack(self.kind, self.sid, self.base, len(self.tokens)) + \
+        return HEADER.pack(self.kind, self.score, self.sid, self.base, len(self.tokens)) + \
             np.asarray(self.tokens, dtype=TOKEN).tobytes()
 
 
@@ -83,15 +87,17 @@ class FrameReader:
         self._buf += data
         frames, pos = [], 0
         while len(self._buf) - pos >= HEADER.size:
-            kind, sid, base, n = HEADER.unpack_from(self._buf, pos)
+            kind, score, sid, base, n = HEADER.unpack_from(self._buf, pos)
             self._check_header(kind, sid, base, n)
+            if score and kind != Kind.PROPOSAL:
+                raise ProtocolError(f"{Kind(kind).name}: a score ({score}) on a frame that has none")
             end = pos + HEADER.size + n * TOKEN.itemsize
             if len(self._buf) < end:
                 break
             tokens = np.frombuffer(bytes(self._buf[pos + HEADER.size:end]), TOKEN)
             if n and not (tokens.min() >= 0 and tokens.max() < self.vocab_size):
                 raise ProtocolError(f"{Kind(kind).name}: a token id outside [0, {self.vocab_size})")
-            frames.append(Frame(Kind(kind), sid, base, tokens.tolist()))
+            frames.append(Frame(Kind(kind), sid, base, tokens.tolist(), score))
             pos = end
         del self._buf[:pos]
         return frames

@@ -23,7 +23,7 @@ import socket
 import sys
 from collections.abc import Callable
 
-from backends.draft.protocol import TO_DRAFTER, Frame, FrameReader, Kind, ProtocolError
+from backends.draft.protocol import MAX_SCORE, TO_DRAFTER, Frame, FrameReader, Kind, ProtocolError
 
 MAX_SEQUENCES = 1 << 16           # histories held at once (the client drops what leaves)
 MAX_READ_BYTES = 4 << 20          # input taken per round before proposing
@@ -39,6 +39,7 @@ class DraftServer:
         self.num_draft = num_draft
         self.max_len = max_len
         self.histories: dict[int, list[int]] = {}
+        self._scored = callable(getattr(drafter, "propose_scored", None))   # e.g. the n-gram's match length
         self._changed: dict[int, None] = {}          # this round's updated sequences, in order
         self._handlers: dict[Kind, Callable[[Frame], Frame | None]] = {
             Kind.RESET: self._reset, Kind.APPEND: self._append, Kind.DROP: self._drop,
@@ -51,8 +52,12 @@ class DraftServer:
             raise ProtocolError(f"more than {MAX_SEQUENCES} sequences at once")
         for sid in self._changed:
             history = self.histories[sid]
-            draft = self.drafter.propose(history, self.num_draft)[:self.num_draft]
-            out.append(Frame(Kind.PROPOSAL, sid, len(history), list(draft)))
+            if self._scored:
+                draft, score = self.drafter.propose_scored(history, self.num_draft)
+            else:
+                draft, score = self.drafter.propose(history, self.num_draft), 0
+            out.append(Frame(Kind.PROPOSAL, sid, len(history), list(draft[:self.num_draft]),
+                             min(score, MAX_SCORE) if draft else 0))
         return out
 
     def _reset(self, f: Frame) -> None:
