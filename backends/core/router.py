@@ -28,9 +28,10 @@ TPOT is a mean over a request's output (client.bench.metrics.tpot), so a decodin
 whose steps so far were faster than its SLO has banked the difference: slack = SLO x (tokens
 out - 1) - time since its first token. One step may take up to SLO x yield + the least slack
 of the running sequences and every one of them still meets its TPOT even if it ended right
-after (`tpot_slack`: SLACK_SHARE of it, a margin for the prediction). A long prompt is then
-prefilled in a few large chunks while the batch has slack, where a per-step bound would cut
-it into many small ones. A sequence waiting to join (its KV on the way) has banked nothing:
+after (`tpot_slack`: SLACK_SHARE of it, a margin for the prediction, and at most one more
+TPOT SLO: a request may join during the step unseen, see MAX_SLACK_SLOS). A long prompt is then
+prefilled in larger chunks while the batch has slack, where a per-step bound would cut it into
+many small ones. A sequence waiting to join (its KV on the way) has banked nothing:
 while one is there, steps keep the per-step bound. One that arrives during a long step waits
 for it, as behind any mixed step.
 
@@ -174,6 +175,12 @@ def _shift(d: InstanceState, predictor: Predictor) -> float:
 
 
 SLACK_SHARE = 0.8                       # of the banked slack a step may spend
+MAX_SLACK_SLOS = 1.0                    # ... and at most this many TPOT SLOs: a step of up to 2
+# SLOs. A request may join during the step without this instance knowing of it (a split
+# request still prefilling elsewhere): it waits for the step, and the wait counts towards its
+# TPOT, which over a short output cannot absorb much. Uncapped, the slack of a long-running
+# batch let single steps run for seconds (served, tight TPOT: split requests of 6-15 output
+# tokens waited 0.1-0.5 s to join behind a long local prefill and missed a 50 ms TPOT).
 
 
 def tpot_slack(seqs, tpot_slo: float, now: float, joining: int = 0) -> float:
@@ -181,7 +188,7 @@ def tpot_slack(seqs, tpot_slo: float, now: float, joining: int = 0) -> float:
     decoding sequences among `seqs` still within `tpot_slo` on average (over its tokens so far
     and the next) if it ended right after: SLACK_SHARE of the least slack banked; 0 with none
     decoding, or `joining` sequences waiting to join (they banked nothing; neither has a
-    sequence without a first-token time yet)."""
+    sequence without a first-token time yet); at most MAX_SLACK_SLOS x `tpot_slo`."""
     if joining:
         return 0.0
     least = None
@@ -191,7 +198,7 @@ def tpot_slack(seqs, tpot_slo: float, now: float, joining: int = 0) -> float:
         banked = 0.0 if q.first_token_time is None else \
             tpot_slo * (q.num_output_tokens - 1) - (now - q.first_token_time)
         least = banked if least is None else min(least, banked)
-    return 0.0 if least is None else max(0.0, least) * SLACK_SHARE
+    return 0.0 if least is None else min(max(0.0, least) * SLACK_SHARE, MAX_SLACK_SLOS * tpot_slo)
 
 
 def scheduler_slack(scheduler, tpot_slo: float, now: float) -> float:
