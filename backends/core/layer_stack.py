@@ -97,7 +97,8 @@ class LayerStack:
     def run(self, x, cos, signed_sin, meta: AttentionMetadata, kv: KVPool, query_lens):
         """(x, delta) after the last layer, as the Python loop returns them."""
         plan = meta.plan
-        self._refresh()
+        if self._weights is None:       # else query_lens() refreshed them this step
+            self._refresh()
         return torch.ops.distserve.decode_layers(
             x, self._weights, cos, signed_sin, [c.k for c in kv.layers], [c.v for c in kv.layers],
             meta.block_tables, meta.seq_lens, plan.slot_blocks, plan.slot_offsets, query_lens,
