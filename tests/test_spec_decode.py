@@ -78,6 +78,30 @@ def test_ngram_scores_a_draft_by_the_length_of_its_match():
     assert d.propose(long, 2) == [0, 1]
 
 
+@pytest.mark.parametrize("max_n,min_n", [(4, 2), (3, 1)])
+def test_the_incremental_index_finds_what_the_scan_finds(max_n, min_n):
+    """A sequence's HistoryIndex, synced as its history grows a few tokens a step, gives the
+    very draft and score of the scan over the whole history, with and without a corpus match,
+    over small vocabularies (many matches, many ties) and a large one (few)."""
+    rng = np.random.default_rng(max_n)
+    for trial in range(150):
+        d = NgramDrafter(max_n=max_n, min_n=min_n)
+        vocab = [3, 5, 50][trial % 3]
+        for _ in range(trial % 4):
+            d.done(rng.integers(0, vocab, int(rng.integers(3, 40))).tolist())
+        index, tokens = d.new_index(), rng.integers(0, vocab, int(rng.integers(1, 5))).tolist()
+        for _ in range(40):
+            k = int(rng.integers(0, 5))
+            assert d.propose_scored(tokens, k, index=index) == d.propose_scored(tokens, k)
+            tokens = tokens + rng.integers(0, vocab, int(rng.integers(1, 4))).tolist()
+        assert index.tokens == tokens[:len(index.tokens)]
+    # a history that does not extend the indexed one (here: shorter) is indexed anew
+    d = NgramDrafter(max_n=3, min_n=1, cross_request=False)
+    index = d.new_index()
+    d.propose_scored([1, 2, 3, 1, 2], 2, index=index)
+    assert d.propose_scored([7, 8, 7], 2, index=index) == ([8, 7], 1) == d.propose_scored([7, 8, 7], 2)
+
+
 # -- acceptance on the real model ----------------------------------------------------------
 @pytest.fixture(scope="module")
 def prompts(smollm_tokenizer) -> list[list[int]]:

@@ -40,6 +40,8 @@ class DraftServer:
         self.max_len = max_len
         self.histories: dict[int, list[int]] = {}
         self._scored = callable(getattr(drafter, "propose_scored", None))   # e.g. the n-gram's match length
+        self._new_index = getattr(drafter, "new_index", None)              # per-sequence state
+        self._indexes: dict[int, object] = {}
         self._changed: dict[int, None] = {}          # this round's updated sequences, in order
         self._handlers: dict[Kind, Callable[[Frame], Frame | None]] = {
             Kind.RESET: self._reset, Kind.APPEND: self._append, Kind.DROP: self._drop,
@@ -52,7 +54,12 @@ class DraftServer:
             raise ProtocolError(f"more than {MAX_SEQUENCES} sequences at once")
         for sid in self._changed:
             history = self.histories[sid]
-            if self._scored:
+            if self._scored and self._new_index is not None:
+                index = self._indexes.get(sid)
+                if index is None:
+                    index = self._indexes[sid] = self._new_index()
+                draft, score = self.drafter.propose_scored(history, self.num_draft, index=index)
+            elif self._scored:
                 draft, score = self.drafter.propose_scored(history, self.num_draft)
             else:
                 draft, score = self.drafter.propose(history, self.num_draft), 0
@@ -62,6 +69,7 @@ class DraftServer:
 
     def _reset(self, f: Frame) -> None:
         self.histories[f.sid] = list(f.tokens)
+        self._indexes.pop(f.sid, None)
         self._changed[f.sid] = None
 
     def _append(self, f: Frame) -> None:
@@ -77,6 +85,7 @@ class DraftServer:
     def _drop(self, f: Frame) -> None:
         history = self.histories.pop(f.sid, None)
         self._changed.pop(f.sid, None)
+        self._indexes.pop(f.sid, None)
         if history is not None and (done := getattr(self.drafter, "done", None)) is not None:
             done(history)                 # a drafter that learns from finished text
 
