@@ -34,9 +34,11 @@ def engine(smollm_codes):
                                               limits=EngineLimits(num_kv_blocks=256, chunked_prefill=True)))
 
 
-def _forward(model, kv, qlens, clens, tables, ids, stack: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Hidden states of one packed step, and the K/V pool after it, with or without the stack."""
-    n_dec = len(qlens) if all(q == 1 for q in qlens) else 0
+def _forward(model, kv, qlens, clens, tables, ids, stack: bool, n_dec: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hidden states of one packed step, and the K/V pool after it, with or without the stack.
+    `n_dec`: the leading sequences that decode (default: all if every row is one token, else none)."""
+    if n_dec is None:
+        n_dec = len(qlens) if all(q == 1 for q in qlens) else 0
     meta = AttentionMetadata.build(n_dec, qlens, clens, tables, BS)
     positions = [p for q, c in zip(qlens, clens) for p in range(c - q, c)]
     saved = model._layer_stack()
@@ -57,11 +59,15 @@ def _prefill(model, kv, prompts, tables):
         model(torch.tensor(p), torch.arange(len(p)), meta, kv)
 
 
-@pytest.mark.parametrize("qlens", [[1], [1, 1, 1, 1, 1], [5], [3, 1, 4], [8, 8], [1] * 20, [5] * 8])
-def test_stack_gives_the_python_loops_bits(engine, qlens):
-    """Decode steps (one token each) and verify-like rows (several new tokens a sequence, the
-    paged prefix kernel), to 16 rows and past (the int4 kernel's two AMX paths): hidden
-    states and the pool equal bit for bit."""
+@pytest.mark.parametrize("n_dec,qlens", [
+    (None, [1]), (None, [1, 1, 1, 1, 1]), (None, [5]), (None, [3, 1, 4]), (None, [8, 8]),
+    (None, [1] * 20), (None, [5] * 8),
+    (2, [1, 1, 4]), (7, [1] * 7 + [3]), (12, [1] * 12 + [5, 2])])      # mixed: decodes + verify rows
+def test_stack_gives_the_python_loops_bits(engine, n_dec, qlens):
+    """Decode steps (one token each), verify-like rows (several new tokens a sequence, the
+    paged prefix kernel) and mixed steps of both (a speculative step where some sequences carry
+    a draft), to 16 rows and past (the int4 kernel's two AMX paths): hidden states and the pool
+    equal bit for bit."""
     model, kv = engine.runner.model, engine.runner.kv
     assert model._layer_stack() is not None
     g = torch.Generator().manual_seed(len(qlens))
@@ -72,9 +78,9 @@ def test_stack_gives_the_python_loops_bits(engine, qlens):
     clens = [len(p) + q for p, q in zip(prompts, qlens)]
     ids = torch.randint(100, 40_000, (sum(qlens),), generator=g).tolist()
     before = kv.data.clone()
-    fast, fast_kv = _forward(model, kv, qlens, clens, tables, ids, stack=True)
+    fast, fast_kv = _forward(model, kv, qlens, clens, tables, ids, stack=True, n_dec=n_dec)
     kv.data.copy_(before)
-    slow, slow_kv = _forward(model, kv, qlens, clens, tables, ids, stack=False)
+    slow, slow_kv = _forward(model, kv, qlens, clens, tables, ids, stack=False, n_dec=n_dec)
     assert torch.equal(fast, slow)
     assert torch.equal(fast_kv, slow_kv)
     assert not torch.equal(fast_kv, before)            # the new tokens' K/V were written
@@ -115,8 +121,11 @@ def test_stack_steps_aside_where_it_does_not_apply(engine):
     long_rows = torch.zeros(20, model.config.hidden_size, dtype=torch.bfloat16)
     prefill = AttentionMetadata.build(0, [20], [20], [[0, 1]], BS)
     assert stack.query_lens(long_rows, prefill, kv)[0] is False                # a prompt
-    mixed = AttentionMetadata.build(1, [1, 4], [5, 4], [[0], [1]], BS)
-    assert stack.query_lens(torch.zeros(5, x.shape[1], dtype=torch.bfloat16), mixed, kv)[0] is False
+    chunk = AttentionMetadata.build(1, [1, 20], [5, 20], [[0], [1, 2]], BS)     # a prompt chunk
+    assert stack.query_lens(torch.zeros(21, x.shape[1], dtype=torch.bfloat16), chunk, kv)[0] is False
+    verify = AttentionMetadata.build(1, [1, 4], [5, 4], [[0], [1]], BS)          # decode + verify row
+    ok, short = stack.query_lens(torch.zeros(5, x.shape[1], dtype=torch.bfloat16), verify, kv)
+    assert ok and short.tolist() == [4]
 
 
 def test_a_slot_outside_the_pool_is_refused(engine):
@@ -129,3 +138,9 @@ def test_a_slot_outside_the_pool_is_refused(engine):
     cos = torch.ones(1, model.config.head_dim, dtype=torch.bfloat16)
     with pytest.raises(RuntimeError, match="outside the KV cache"):
         stack.run(x, cos, cos, meta, kv, None)
+    good = AttentionMetadata.build(1, [1], [5], [[0]], BS)
+    with pytest.raises(RuntimeError, match="num_decodes needs query_lens"):       # 1 decode, no others
+        torch.ops.distserve.decode_layers(
+            x, stack._weights, cos, cos, [c.k for c in kv.layers], [c.v for c in kv.layers],
+            good.block_tables, good.seq_lens, good.plan.slot_blocks, good.plan.slot_offsets,
+            torch.tensor([1], dtype=torch.int32), stack.heads, stack.kv_heads, stack.eps, stack.scale, 1)

@@ -76,7 +76,8 @@ class LayerStack:
 
     def query_lens(self, x: torch.Tensor, meta: AttentionMetadata, kv: KVPool) -> tuple[bool, torch.Tensor | None]:
         """(whether this step can run here, each sequence's new tokens for the prefix kernel or
-        None for one token each)."""
+        None for one token each). A mixed step of short rows (decodes beside speculative verify
+        rows): the verify sequences' new tokens; `run` decodes the first num_decodes."""
         n = x.shape[0]
         backend = meta.backend
         self._refresh()
@@ -88,11 +89,12 @@ class LayerStack:
             return False, None
         if meta.is_decode:
             return True, None
-        short = getattr(meta.plan, "short_rows", None)
-        if meta.is_prefill and short is not None and self.head_dim in (64, 128) \
-                and self.heads // self.kv_heads <= 8:
-            return True, short
-        return False, None
+        if not (self.head_dim in (64, 128) and self.heads // self.kv_heads <= 8):
+            return False, None
+        parts = getattr(meta.plan, "parts", None)
+        plan = meta.plan if meta.is_prefill else parts[1].plan if parts else None
+        short = getattr(plan, "short_rows", None)
+        return (True, short) if short is not None else (False, None)
 
     def run(self, x, cos, signed_sin, meta: AttentionMetadata, kv: KVPool, query_lens):
         """(x, delta) after the last layer, as the Python loop returns them."""
@@ -102,4 +104,5 @@ class LayerStack:
         return torch.ops.distserve.decode_layers(
             x, self._weights, cos, signed_sin, [c.k for c in kv.layers], [c.v for c in kv.layers],
             meta.block_tables, meta.seq_lens, plan.slot_blocks, plan.slot_offsets, query_lens,
-            self.heads, self.kv_heads, self.eps, self.scale)
+            self.heads, self.kv_heads, self.eps, self.scale,
+            meta.num_decodes if query_lens is not None else 0)

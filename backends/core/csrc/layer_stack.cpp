@@ -8,8 +8,12 @@
 // decode_layers(x [N, D], weights (11 per layer, below), cos, signed_sin [N, hd], k_caches, v_caches (one per layer), block_tables, seq_lens, slot_blocks,
 //               slot_offsets [N], query_lens (None: one new token per sequence, paged decode;
 //               else each sequence's new tokens, paged prefix attention), heads, kv_heads,
-//               eps, scale) -> (x, delta): the residual stream before the last layer's MLP
-//               output `delta` is added (the caller's final norm adds it).
+//               eps, scale, num_decodes) -> (x, delta): the residual stream before the last
+//               layer's MLP output `delta` is added (the caller's final norm adds it).
+// num_decodes > 0 with query_lens: a mixed step of short rows (a speculative step where some
+// sequences carry a draft): its first num_decodes sequences decode one token each (paged
+// decode), query_lens gives the rest's new tokens (paged prefix attention), as the Python
+// loop splits a mixed step.
 // Per layer: input_norm [D], post_norm [D], qkv codes, qkv scales/offsets, qkv bias (an empty
 // tensor where there is none), o codes, o s/o, gate_up codes, gate_up s/o, down codes, down s/o.
 #include <torch/library.h>
@@ -75,12 +79,25 @@ Tensor linear(const Ops& op, const Tensor& x, const Tensor& codes, const Tensor&
   return bias.defined() && bias.numel() ? y.add_(bias) : y;
 }
 
+// One layer's attention: paged decode, paged prefix attention, or both (a mixed step).
+Tensor attention(const Ops& op, const Tensor& q, const Tensor& kc, const Tensor& vc,
+                 const Tensor& block_tables, const Tensor& seq_lens,
+                 const std::optional<Tensor>& query_lens, int64_t d, double scale) {
+  if (!query_lens.has_value()) return op.decode.call(q, kc, vc, block_tables, seq_lens, scale);
+  if (d == 0) return op.prefix.call(q, kc, vc, block_tables, seq_lens, *query_lens, scale);
+  const int64_t s = seq_lens.size(0), n = q.size(0);
+  return at::cat({op.decode.call(q.narrow(0, 0, d), kc, vc, block_tables.narrow(0, 0, d),
+                                 seq_lens.narrow(0, 0, d), scale),
+                  op.prefix.call(q.narrow(0, d, n - d), kc, vc, block_tables.narrow(0, d, s - d),
+                                 seq_lens.narrow(0, d, s - d), *query_lens, scale)});
+}
+
 std::tuple<Tensor, Tensor> decode_layers(
     const Tensor& x_in, at::TensorList weights, const Tensor& cos, const Tensor& signed_sin,
     at::TensorList k_caches, at::TensorList v_caches, const Tensor& block_tables,
     const Tensor& seq_lens, const Tensor& slot_blocks, const Tensor& slot_offsets,
     const std::optional<Tensor>& query_lens, int64_t heads, int64_t kv_heads, double eps,
-    double scale) {
+    double scale, int64_t num_decodes) {
   const int64_t layers = static_cast<int64_t>(k_caches.size());
   TORCH_CHECK(layers > 0 && static_cast<int64_t>(v_caches.size()) == layers &&
                   static_cast<int64_t>(weights.size()) == layers * kPerLayer,
@@ -92,6 +109,13 @@ std::tuple<Tensor, Tensor> decode_layers(
                   slot_blocks.is_contiguous() && slot_offsets.is_contiguous() &&
                   slot_blocks.numel() == n && slot_offsets.numel() == n,
               "decode_layers: one int64 slot (block, offset) per token");
+  TORCH_CHECK(num_decodes >= 0 && num_decodes <= n && num_decodes <= seq_lens.size(0) &&
+                  block_tables.size(0) == seq_lens.size(0) &&
+                  (num_decodes == 0 || (query_lens.has_value() && query_lens->dim() == 1 &&
+                                        query_lens->size(0) == seq_lens.size(0) - num_decodes &&
+                                        num_decodes < n)),
+              "decode_layers: num_decodes needs query_lens for the other sequences (got ", num_decodes,
+              " of ", seq_lens.size(0), " sequences, ", n, " tokens)");
   const int64_t* blocks = slot_blocks.data_ptr<int64_t>();
   const int64_t* offsets = slot_offsets.data_ptr<int64_t>();
   for (int64_t l = 0; l < layers; ++l) {
@@ -124,9 +148,8 @@ std::tuple<Tensor, Tensor> decode_layers(
     store_rows(qk.narrow(1, heads, kv_heads), k_caches[l], blocks, offsets);
     store_rows(v, v_caches[l], blocks, offsets);
     Tensor q = qk.narrow(1, 0, heads).contiguous();
-    Tensor attn = query_lens.has_value()
-        ? op.prefix.call(q, k_caches[l], v_caches[l], block_tables, seq_lens, *query_lens, scale)
-        : op.decode.call(q, k_caches[l], v_caches[l], block_tables, seq_lens, scale);
+    Tensor attn = attention(op, q, k_caches[l], v_caches[l], block_tables, seq_lens, query_lens,
+                            num_decodes, scale);
     Tensor o = linear(op, attn.view({n, heads * hd}), w[5], w[6], Tensor());
     std::tie(x, normed) = op.add_rms_norm.call(x, o, w[1], eps);
     delta = linear(op, op.silu_and_mul.call(linear(op, normed, w[7], w[8], Tensor())), w[9], w[10], Tensor());
@@ -139,7 +162,7 @@ std::tuple<Tensor, Tensor> decode_layers(
 TORCH_LIBRARY_FRAGMENT(distserve, m) {
   m.def("decode_layers(Tensor x, Tensor[] weights, Tensor cos, Tensor signed_sin, Tensor[] k_caches, "
         "Tensor[] v_caches, Tensor block_tables, Tensor seq_lens, Tensor slot_blocks, Tensor slot_offsets, "
-        "Tensor? query_lens, int heads, int kv_heads, float eps, float scale) -> (Tensor, Tensor)");
+        "Tensor? query_lens, int heads, int kv_heads, float eps, float scale, int num_decodes=0) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(distserve, CPU, m) {
