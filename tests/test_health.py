@@ -114,6 +114,36 @@ def test_a_stopped_instance_fails_after_the_stuck_time_and_comes_back_without_re
     asyncio.run(go())
 
 
+def test_an_instance_that_answers_but_makes_no_progress_is_stuck_while_the_stall_lasts():
+    """Its probe answers (the control thread lives) but says its step loop has held work
+    without progress for stall_after_s (90 s by default): STUCK, its requests fail with where
+    it stalled, no reload; UP again once it makes progress."""
+    async def go():
+        fleet, monitor = make("prefill-0", "decode-0")
+        assert monitor.stall_after_s == 90.0
+        sweep(fleet, monitor)
+        on_decode = monitor.place("decode")
+        fleet.stats["decode-0"] = {"stalled_s": 89.0, "stalled_in": "step loop"}
+        sweep(fleet, monitor)
+        await settle()
+        assert not on_decode.failed.done() and monitor.status()["decode-0"] == "up"
+        fleet.stats["decode-0"] = {"stalled_s": 95.0, "stalled_in": "response sender"}
+        sweep(fleet, monitor)
+        await settle()
+        assert "decode-0 is stuck (its response sender has made no progress for 95 s)" in on_decode.failed.result()
+        sweep(fleet, monitor)                           # still stalled: stays down
+        new = monitor.place("decode")
+        await settle()
+        assert new.instance is None and new.failed.done()
+        fleet.stats["decode-0"] = {"stalled_s": 0.0}
+        sweep(fleet, monitor)
+        assert monitor.status()["decode-0"] == "up" and fleet.reloads == []
+        assert [e[1:] for e in monitor.events] == [("decode-0", STUCK), ("decode-0", "up")]
+        for w in (on_decode, new):
+            w.close()
+    asyncio.run(go())
+
+
 def test_not_yet_started_instances_are_not_dead_and_reloads_are_retried():
     async def go():
         fleet, monitor = make("decode-0")

@@ -361,8 +361,10 @@ def test_a_blocked_prefill_worker_reports_no_progress_and_its_loop_does_not_spin
         loop = WorkerLoop(prefill, emit=lambda out: None, idle_s=0.05)
         loop.start()
         _time.sleep(0.5)
+        stalled = loop.stalled_s()                      # work held, nothing ran: the watchdog's
         loop.stop()
         assert steps[0] < 40, f"{steps[0]} steps in 0.5 s: the loop spins"
+        assert stalled >= 0.4
     finally:
         prefill.close()
 

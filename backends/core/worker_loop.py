@@ -7,7 +7,9 @@ through which other threads hand a worker requests and cancellations.
 Each turn: cancel what the host reports cancelled, then `worker.step()`, then `emit` each output,
 then `after_step()` (metrics).
 With nothing to do, or nothing that can run now (the worker's `progressed` is False), it sleeps
-until woken (or `idle_s`, so lease expiry still runs). If a step
+until woken (or `idle_s`, so lease expiry still runs). `stalled_s()` says how long the loop has
+held work without progress (no output, no batch run: the worker's `ran_batch`, where it has
+one), for a watchdog; 0 while it has nothing to do. If a step
 raises, every request the host knows of is failed through `on_crash` and the loop goes on:
 one bad batch must not take the server down.
 """
@@ -70,6 +72,11 @@ class WorkerLoop:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._progress_at = time.monotonic()     # idle, an output or a batch run, last seen
+
+    def stalled_s(self) -> float:
+        """Seconds since the loop last made progress or had nothing to do (any thread)."""
+        return max(0.0, time.monotonic() - self._progress_at)
 
     def start(self) -> None:
         self._thread.start()
@@ -88,6 +95,7 @@ class WorkerLoop:
             for req_id in self.poll_cancelled():
                 self.worker.cancel(req_id)
             if not self.worker.has_work():
+                self._progress_at = time.monotonic()
                 self._wake.wait(self.idle_s)
                 self._wake.clear()
             try:
@@ -96,6 +104,8 @@ class WorkerLoop:
                 log.exception("worker step failed")
                 self.on_crash(e)
                 continue
+            if outputs or getattr(self.worker, "ran_batch", False):
+                self._progress_at = time.monotonic()
             for out in outputs:
                 self.emit(out)
             self.after_step()

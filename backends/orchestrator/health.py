@@ -21,6 +21,11 @@ stats, a short timeout):
   own, again every `retry_reload_s` while it stays gone;
 - no answer for `stuck_after_s` (stopped, or wedged): DOWN; its requests fail; no reload (a
   stopped process may resume: SIGCONT);
+- an answer saying it has held work without progress for `stall_after_s` (its `stalled_s`: no
+  batch run and no output, or a response stuck in its sender; backends/serving/host.py): STUCK,
+  its requests fail, and it stays down while the stall lasts (it has logged its threads'
+  stacks). The default is past the KV lease timeout (kvtransfer.lease: 60 s), the longest a
+  healthy instance waits with work (a prefill instance whose KV is all lent out);
 - an answer from another process than before (Triton restarted the stub on its own): the
   requests of the old process fail (theirs died with it), and the instance is UP;
 - an answer: UP (again); while its model is being reloaded, UP only once the reload returned
@@ -113,7 +118,7 @@ class Watch:
 class InstanceMonitor:
     def __init__(self, instance_ids: list[str], probe: Callable[[str], Any],
                  reload: Callable[[str], None], interval_s: float = 1.0, stuck_after_s: float = 4.0,
-                 reload_after_s: float = 3.0, retry_reload_s: float = 30.0,
+                 stall_after_s: float = 90.0, reload_after_s: float = 3.0, retry_reload_s: float = 30.0,
                  clock: Callable[[], float] = time.monotonic,
                  model_of: Callable[[str], str] = instance_model,
                  on_round: Callable[[dict[str, str]], None] | None = None) -> None:
@@ -122,6 +127,7 @@ class InstanceMonitor:
         self.on_round = on_round
         self.probe, self.reload, self.model_of = probe, reload, model_of
         self.interval_s, self.stuck_after_s, self.clock = interval_s, stuck_after_s, clock
+        self.stall_after_s = stall_after_s
         self._lock = threading.Lock()
         self._watches: set[Watch] = set()
         self._down: dict[str, str] = {}               # instance -> DEAD / STUCK
@@ -261,9 +267,15 @@ class InstanceMonitor:
                             whole_phase=True)
         self._pid[instance] = pid
         model = self.model_of(instance)
+        stalled = reply.get("stalled_s", 0) if isinstance(reply, dict) else 0
         with self._lock:
             if isinstance(reply, dict):
                 self._stats[instance], self._sent_at_probe[instance] = reply, placed
+        if isinstance(stalled, (int, float)) and stalled >= self.stall_after_s:
+            where = reply.get("stalled_in") or "step loop"
+            self._went_down(instance, STUCK, f"its {where} has made no progress for {stalled:.0f} s")
+            return
+        with self._lock:
             if instance in self._down and model in self._reloading:
                 return                  # Triton serves it once the load returned: next probe
             was = self._down.pop(instance, None)

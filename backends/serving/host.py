@@ -16,8 +16,10 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import sys
 import threading
 import time
+import traceback
 
 import torch
 from collections.abc import Callable
@@ -49,6 +51,14 @@ Send = Callable[[Any, str, bool], None]          # (ctx, payload, final)
 # second, not after every engine step (part of the decode stub's extra CPU per token).
 METRICS_PERIOD_S = 0.1
 STEP_EWMA_ALPHA = 0.2             # weight of the newest step in the status page's step_ewma_s
+STACK_DUMP_AFTER_S = 30.0         # a stall this long puts every thread's stack in the log
+
+
+def thread_stacks() -> str:
+    """Every thread's Python stack, innermost call last, named."""
+    names = {t.ident: t.name for t in threading.enumerate()}
+    return "\n".join(f"--- thread {names.get(ident, ident)}\n" + "".join(traceback.format_stack(frame))
+                     for ident, frame in sys._current_frames().items())
 
 
 def _throttled(fn: Callable[[], None], period_s: float) -> Callable[[], None]:
@@ -70,6 +80,7 @@ class _TimedSteps:
         self.worker = worker
         self.last_s = 0.0
         self.ewma_s = 0.0
+        self.ran_batch = False             # the last turn ran a batch (progress, for the watchdog)
 
     def has_work(self) -> bool:
         return self.worker.has_work()
@@ -82,7 +93,8 @@ class _TimedSteps:
         before = engine.last_batch
         started = time.perf_counter()
         out = self.worker.step()
-        if engine.last_batch is not None and engine.last_batch is not before:
+        self.ran_batch = engine.last_batch is not None and engine.last_batch is not before
+        if self.ran_batch:
             self.last_s = time.perf_counter() - started
             self.ewma_s += (self.last_s - self.ewma_s) * (STEP_EWMA_ALPHA if self.ewma_s else 1.0)
         return out
@@ -105,6 +117,8 @@ class InstanceHost:
         # Responses go out on their own thread, in order: a send blocks ~0.6 ms on the hand-off
         # to tritonserver, which would otherwise delay the next engine step (B sends per step).
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._sending_since = 0.0          # when the send under way began (0: none)
+        self._dumped = False               # this stall's stacks are in the log
         self._sender = threading.Thread(target=self._send_loop, name=f"{self.instance_id}-send",
                                         daemon=True)
         self._sender.start()
@@ -131,7 +145,24 @@ class InstanceHost:
         self.loop.wake()
 
     def stats(self) -> dict[str, Any]:
-        return {"instance_id": self.instance_id, "pid": os.getpid(), **self.worker.stats()}
+        """The worker's stats, with how long this instance has held work without progress
+        (`stalled_s`: its step loop, or a response stuck in its sender; `stalled_in` says
+        which). A stall of STACK_DUMP_AFTER_S writes every thread's Python stack to the log,
+        once per stall: the orchestrator's probe calls this every second, so a wedged
+        instance explains itself."""
+        now = time.monotonic()
+        stalls = {"step loop": self.loop.stalled_s(),
+                  "response sender": now - self._sending_since if self._sending_since else 0.0}
+        where = max(stalls, key=stalls.get)
+        stalled = stalls[where]
+        if stalled >= STACK_DUMP_AFTER_S and not self._dumped:
+            self._dumped = True
+            log.error("%s: its %s has made no progress for %.0f s; its threads' stacks:\n%s",
+                      self.instance_id, where, stalled, thread_stacks())
+        elif stalled < STACK_DUMP_AFTER_S:
+            self._dumped = False
+        return {"instance_id": self.instance_id, "pid": os.getpid(), **self.worker.stats(),
+                "stalled_s": round(stalled, 2), "stalled_in": where if stalled >= 1.0 else ""}
 
     def _publish_status(self, **static: int) -> None:
         """The worker's stats on the status page (the loop thread; once at start before it).
@@ -164,10 +195,12 @@ class InstanceHost:
 
     def _send_loop(self) -> None:
         while (item := self._outbox.get()) is not None:
+            self._sending_since = time.monotonic()
             try:
                 self._send(*item)
             except Exception:                   # noqa: BLE001 - one bad send must not stop the rest
                 log.exception("sending a response failed")
+            self._sending_since = 0.0
 
     def _poll_cancelled(self) -> list[str]:
         """On the loop thread: requests whose client cancelled (Triton's flag)."""
