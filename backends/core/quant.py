@@ -16,7 +16,7 @@ Formats (chosen by measurement on one core of this project's CPU, docs/profile_s
 Where the native library has `quant_linear` (csrc/quant_linear.cpp, AVX-512 VNNI hosts), layers
 with bf16 activations whose codes fit (4-bit, or 8-bit Q8_0 as one plane; outputs a multiple of
 16) run on it instead, in its own layout (`pack_int4_native`; torch's packing is then not built).
-It unpacks each weight once for every row of the step (1-2 rows: int16 dot products; 3-16:
+It unpacks each weight once for every row of the step (1-4 rows: int16 dot products; 5-16:
 AMX tiles where the CPU has them, GGUF's fp16 scales kept exactly; 17-64: AMX on the weights
 dequantized to bf16, the dense model's precision). One core, a decode instance's step on
 SmolLM2 (docs/bench_quant_linear.md): batch 1 1.14x torch's int4 kernel, a 5-row verify step
