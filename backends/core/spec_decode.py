@@ -114,7 +114,8 @@ class HistoryIndex:
     history per step (a batch of long histories asked every step paid 0.1-0.3 ms a sequence).
     It finds exactly the occurrence the scan finds. Keep one per sequence: its history only
     grows. A history that visibly does not extend the indexed one (shorter, or another first
-    token or token at the indexed end) is indexed anew."""
+    token or token at the indexed end) is indexed anew. Memory: about 0.45 KB a token (1.8 MB
+    for a 4,096-token history, n = 2..4), held while the sequence runs."""
 
     def __init__(self, max_n: int, min_n: int) -> None:
         self.max_n, self.min_n = max_n, min_n
