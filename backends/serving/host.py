@@ -150,9 +150,9 @@ class InstanceHost:
         which). A stall of STACK_DUMP_AFTER_S writes every thread's Python stack to the log,
         once per stall: the orchestrator's probe calls this every second, so a wedged
         instance explains itself."""
-        now = time.monotonic()
+        now, sending_since = time.monotonic(), self._sending_since    # read once: the sender resets it
         stalls = {"step loop": self.loop.stalled_s(),
-                  "response sender": now - self._sending_since if self._sending_since else 0.0}
+                  "response sender": now - sending_since if sending_since else 0.0}
         where = max(stalls, key=stalls.get)
         stalled = stalls[where]
         if stalled >= STACK_DUMP_AFTER_S and not self._dumped:
