@@ -74,6 +74,22 @@ def test_long_prompt_goes_to_prefill():
     assert local.ttft_s > d.chosen.ttft_s
 
 
+def test_a_local_prefill_over_several_steps_only_where_no_split_meets_both():
+    # 1,500 tokens beside 4 running: 3 mixed steps of <= 660 tokens (0.252 s), against split
+    # behind 1,000 queued tokens (0.27 s). With TTFT 0.5 s both meet it: split, though local is
+    # sooner (each local step spends the batch's slack on a prediction, and requests still
+    # prefilling elsewhere join behind them unseen); with TTFT 0.26 s only local meets it: local
+    d = go(1500, [prefill(queued=1000)], [decode()])
+    split, local = d.options
+    assert local.steps == 3 and local.meets_slo and split.meets_slo and local.ttft_s < split.ttft_s
+    assert d.kind == "split" and d.reason == "meets both SLOs, lowest TTFT"
+    d = go(1500, [prefill(queued=1000)], [decode()], slo=SLO(ttft=0.26, tpot=0.1))
+    assert d.kind == "local" and d.chosen.steps == 3
+    assert d.reason == "meets both SLOs only by a local prefill over several steps"
+    # one step: cheap, and it competes on TTFT as before
+    assert go(100, [prefill(queued=1000)], [decode()]).chosen.steps == 1
+
+
 def test_decode_batch_at_its_tpot_limit_sends_a_short_prompt_to_prefill():
     # a 99.95 ms decode step: one more prompt token breaks 100 ms; on the only decode instance
     # the prompt goes to prefill, the least bad (its decode step after joining is over too)
@@ -277,7 +293,7 @@ def test_every_option_is_listed_with_predictions_and_a_reason():
     assert all(o.reason for o in d.options) and d.reason
     for o in d.options[:3]:
         assert o.ttft_s > 0 and o.tpot_s > 0
-    assert "mixed steps" in d.options[2].reason
+    assert "1 mixed step of" in d.options[2].reason
     assert "no mixed steps" in d.options[3].reason and "KV" in d.options[4].reason
     out = json.loads(json.dumps(d.to_dict()))
     assert out["kind"] == d.kind and out["decode"] == d.chosen.decode and len(out["options"]) == 5
