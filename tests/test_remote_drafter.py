@@ -119,10 +119,10 @@ def test_the_drafter_keeps_histories_and_proposes_once_per_sequence_at_its_end()
                          Frame(Kind.RESET, 2, 0, [9]), Frame(Kind.DROP, 2), Frame(Kind.PING)])
     # scored by its match: [5, 6] ends the history and was seen at the start (nothing before it)
     assert out == [Frame(Kind.PONG, base=1), Frame(Kind.PROPOSAL, 1, 5, [7, 5, 6], score=2)]
-    assert set(server._indexes) == {1}               # its n-gram index, kept between rounds
+    assert set(server._drafts._indexes) == {1}               # its n-gram index, kept between rounds
     assert server.handle([Frame(Kind.APPEND, 1, 5, [7])]) == [Frame(Kind.PROPOSAL, 1, 6, [5, 6, 7], score=3)]
     assert server.handle([Frame(Kind.DROP, 1), Frame(Kind.PING)]) == [Frame(Kind.PONG, base=0)]
-    assert not server._indexes
+    assert not server._drafts._indexes
     with pytest.raises(ProtocolError, match="APPEND to sequence 1 at 4, but it holds none"):
         server.handle([Frame(Kind.APPEND, 1, 4, [6])])
     with pytest.raises(ProtocolError, match="grows past 64"):

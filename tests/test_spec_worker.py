@@ -154,12 +154,12 @@ def test_the_speculator_passes_the_ngram_drafts_scores_to_the_policy():
     spec = make_speculator("ngram", 3)
     assert spec.scored and spec.drafts([seq]) == {"s": [8, 5, 6]}
     assert spec._evidence == {"s": 3}
-    assert set(spec.source._indexes) == {"s"}             # its n-gram index, kept between steps
+    assert set(spec.source._drafts._indexes) == {"s"}     # its n-gram index, kept between steps
     seq.append_token(8)
     seq.num_cached += 1
     assert spec.drafts([seq]) == {"s": [5, 6, 7]} and spec._evidence == {"s": 4}
     spec.forget("s")                                      # finished or cancelled: dropped
-    assert not spec.source._indexes
+    assert not spec.source._drafts._indexes
 
 
 def test_the_deployment_turns_the_draft_corpus_off_in_both_placements(monkeypatch):

@@ -216,6 +216,32 @@ class NgramDrafter:
         return own
 
 
+class KeyedDrafts:
+    """A drafter's (draft, score) per live sequence, by key: `propose_scored` where the drafter
+    scores (score 0 where it does not), with the sequence's own state (`new_index`, e.g.
+    NgramDrafter's HistoryIndex) kept between calls until `forget(key)`. The in-process source
+    and the drafter process both draft through one."""
+
+    def __init__(self, drafter: Drafter) -> None:
+        self.drafter = drafter
+        self.scored = callable(getattr(drafter, "propose_scored", None))
+        self._new_index = getattr(drafter, "new_index", None) if self.scored else None
+        self._indexes: dict = {}
+
+    def propose(self, key, token_ids: list[int], k: int) -> tuple[list[int], int]:
+        if not self.scored:
+            return self.drafter.propose(token_ids, k), 0
+        if self._new_index is None:
+            return self.drafter.propose_scored(token_ids, k)
+        index = self._indexes.get(key)
+        if index is None:
+            index = self._indexes[key] = self._new_index()
+        return self.drafter.propose_scored(token_ids, k, index=index)
+
+    def forget(self, key) -> None:
+        self._indexes.pop(key, None)
+
+
 # the drafters a deployment may name (deploy.deployment.SPECULATIVE_METHODS)
 DRAFTERS: dict[str, type] = {"ngram": NgramDrafter}
 

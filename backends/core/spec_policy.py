@@ -12,9 +12,9 @@ k is 0 wherever drafting does not pay by these measurements, apart from a 1-toke
 and then. A drafter that scores its drafts (the n-gram's match length: `evidence`) is asked
 for every sequence each step, and each draft's acceptance is then judged by what drafts of
 that evidence have done on this instance (the n-gram drafter keeps each sequence's n-grams
-indexed as it grows, so asking costs about 10 us a sequence, not a scan of its history). `tokens_per_step` (an EWMA of the tokens a decoding
-sequence gets per step) goes on the instance's status page, so the router divides a step's
-time by it to predict TPOT.
+indexed as it grows, so asking costs about 10 us a sequence, not a scan of its history).
+`tokens_per_step` (an EWMA of the tokens a decoding sequence gets per step) goes on the
+instance's status page, so the router divides a step's time by it to predict TPOT.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from backends.core.sequence import Sequence
-from backends.core.spec_decode import DRAFTERS, Drafter, SpecStats
+from backends.core.spec_decode import DRAFTERS, Drafter, KeyedDrafts, SpecStats
 
 YIELD_ALPHA = 0.1                 # the weight of one step in the tokens_per_step EWMA
 # The evidence classes scored drafts' acceptance is kept by (lower bounds of the score) and each
@@ -275,26 +275,17 @@ class InProcess:
 
     def __init__(self, drafter: Drafter) -> None:
         self.drafter = drafter
-        self.scored = callable(getattr(drafter, "propose_scored", None))
+        self._drafts = KeyedDrafts(drafter)
+        self.scored = self._drafts.scored
         self._done = getattr(drafter, "done", None)      # told each sequence's tokens as it leaves
         self._live: dict[str, Sequence] = {}
-        # a drafter that keeps per-sequence state between steps (NgramDrafter's HistoryIndex)
-        self._new_index = getattr(drafter, "new_index", None)
-        self._indexes: dict[str, object] = {}
 
     def draft(self, seq: Sequence, k: int) -> list[int]:
         return self.drafter.propose(seq.all_ids, k)
 
     def draft_scored(self, seq: Sequence, k: int) -> tuple[list[int], int]:
         """(draft, its score); score 0 from a drafter that does not score."""
-        if not self.scored:
-            return self.draft(seq, k), 0
-        if self._new_index is None:
-            return self.drafter.propose_scored(seq.all_ids, k)
-        index = self._indexes.get(seq.req_id)
-        if index is None:
-            index = self._indexes[seq.req_id] = self._new_index()
-        return self.drafter.propose_scored(seq.all_ids, k, index=index)
+        return self._drafts.propose(seq.req_id, seq.all_ids, k)
 
     def update(self, seqs: Iterable[Sequence]) -> None:
         if self._done is not None:
@@ -302,7 +293,7 @@ class InProcess:
                 self._live[seq.req_id] = seq
 
     def forget(self, req_id: str) -> None:
-        self._indexes.pop(req_id, None)
+        self._drafts.forget(req_id)
         if (seq := self._live.pop(req_id, None)) is not None:
             self._done(seq.all_ids)
 

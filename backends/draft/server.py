@@ -39,9 +39,8 @@ class DraftServer:
         self.num_draft = num_draft
         self.max_len = max_len
         self.histories: dict[int, list[int]] = {}
-        self._scored = callable(getattr(drafter, "propose_scored", None))   # e.g. the n-gram's match length
-        self._new_index = getattr(drafter, "new_index", None)              # per-sequence state
-        self._indexes: dict[int, object] = {}
+        from backends.core.spec_decode import KeyedDrafts   # here: torch loads after the core pinning
+        self._drafts = KeyedDrafts(drafter)      # scored (the n-gram's match length), with its state
         self._changed: dict[int, None] = {}          # this round's updated sequences, in order
         self._handlers: dict[Kind, Callable[[Frame], Frame | None]] = {
             Kind.RESET: self._reset, Kind.APPEND: self._append, Kind.DROP: self._drop,
@@ -54,22 +53,14 @@ class DraftServer:
             raise ProtocolError(f"more than {MAX_SEQUENCES} sequences at once")
         for sid in self._changed:
             history = self.histories[sid]
-            if self._scored and self._new_index is not None:
-                index = self._indexes.get(sid)
-                if index is None:
-                    index = self._indexes[sid] = self._new_index()
-                draft, score = self.drafter.propose_scored(history, self.num_draft, index=index)
-            elif self._scored:
-                draft, score = self.drafter.propose_scored(history, self.num_draft)
-            else:
-                draft, score = self.drafter.propose(history, self.num_draft), 0
+            draft, score = self._drafts.propose(sid, history, self.num_draft)
             out.append(Frame(Kind.PROPOSAL, sid, len(history), list(draft[:self.num_draft]),
                              min(score, MAX_SCORE) if draft else 0))
         return out
 
     def _reset(self, f: Frame) -> None:
         self.histories[f.sid] = list(f.tokens)
-        self._indexes.pop(f.sid, None)
+        self._drafts.forget(f.sid)
         self._changed[f.sid] = None
 
     def _append(self, f: Frame) -> None:
@@ -85,7 +76,7 @@ class DraftServer:
     def _drop(self, f: Frame) -> None:
         history = self.histories.pop(f.sid, None)
         self._changed.pop(f.sid, None)
-        self._indexes.pop(f.sid, None)
+        self._drafts.forget(f.sid)
         if history is not None and (done := getattr(self.drafter, "done", None)) is not None:
             done(history)                 # a drafter that learns from finished text
 
