@@ -54,9 +54,9 @@ steps is taken only when no split meets both SLOs: each of its steps spends the 
 batch's slack on a prediction, and requests still prefilling elsewhere join behind those steps
 unseen (served, summarization: 2,000-token prompts prefilled locally in long mixed steps while
 a split met TTFT made 15% of requests miss TPOT; adaptive 0.6 rps against split's 0.8). With
-`prefer_local`, the lowest local one if any meets both (a deployment whose prefill instance shares its cores with a
-decode instance: a split there runs on cores that also decode, two processes the OS
-time-slices, which no prediction here sees); if none meets both, the least bad:
+`prefer_local`, the lowest local one if any meets both (a deployment whose prefill instance
+shares its cores with a decode instance: a split there runs on cores that also decode, two
+processes the OS time-slices, which no prediction here sees); if none meets both, the least bad:
 lowest max(TTFT / TTFT SLO, TPOT / TPOT SLO). Ties go to the earlier option: every split
 before every local, instances in the order given. KV is never overcommitted: an option needs
 blocks for the prompt free on its prefill instance (split: decode pulls the KV when it has
