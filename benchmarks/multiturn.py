@@ -28,10 +28,11 @@ from pathlib import Path
 SYSTEMS = ("ours-cache", "ours-nocache", "ours-adaptive", "ours-shared", "vllm")
 
 
-def sweep(endpoint: str, url: str, model: str, sessions, users: list[int], think: float, slo) -> dict:
+def sweep(endpoint: str, url: str, model: str, sessions, users: list[int], think: float, slo,
+          raw_dir: Path | None = None) -> dict:
     from client.bench.sessions import sweep_goodput, sweep_users
     points = sweep_users(endpoint, url, model, sessions, users, slo, think_s=think,
-                         log=lambda line: print("  " + line, flush=True))
+                         log=lambda line: print("  " + line, flush=True), raw_dir=raw_dir)
     return {"points": points, "goodput_rps": sweep_goodput(points)}
 
 
@@ -53,7 +54,7 @@ def deployment(system: str, slo):
     return dep
 
 
-def run_ours(system: str, sessions, users, think, slo) -> dict:
+def run_ours(system: str, sessions, users, think, slo, raw_dir: Path | None = None) -> dict:
     from backends.core.control import send
     from deploy.contract import instance_id
     from deploy.render import render_repository
@@ -64,7 +65,7 @@ def run_ours(system: str, sessions, users, think, slo) -> dict:
     http_port, grpc_port, metrics_port = free_ports(3)
     with TritonServer(repo, run_dir=work / "run", http_port=http_port, grpc_port=grpc_port,
                       metrics_port=metrics_port) as server:
-        out = sweep("triton-grpc", server.grpc_url, "distserve", sessions, users, think, slo)
+        out = sweep("triton-grpc", server.grpc_url, "distserve", sessions, users, think, slo, raw_dir)
         instances = [instance_id(name, i) for name, phase in (("prefill", dep.prefill),
                                                               ("decode", dep.decode))
                      for i in range(phase.num_instances)]
@@ -76,10 +77,10 @@ def run_ours(system: str, sessions, users, think, slo) -> dict:
     return out
 
 
-def run_vllm(sessions, users, think, slo) -> dict:
+def run_vllm(sessions, users, think, slo, raw_dir: Path | None = None) -> dict:
     from benchmarks.peers.vllm_server import VLLMServer
     with VLLMServer(cores=(0, 1), prefix_caching=True) as server:
-        out = sweep("openai", server.url, server.model, sessions, users, think, slo)
+        out = sweep("openai", server.url, server.model, sessions, users, think, slo, raw_dir)
         out["startup_s"] = server.startup_s
     return out
 
@@ -95,6 +96,7 @@ def main() -> None:
     ap.add_argument("--slo-tpot", type=float, default=0.082)
     ap.add_argument("--systems", default=",".join(SYSTEMS))
     ap.add_argument("--out", type=Path, default=Path("/tmp/multiturn"))
+    ap.add_argument("--raw-dir", type=Path, help="every request's result, per system and user count")
     args = ap.parse_args()
     from backends.core.tokenizer import Tokenizer
     from client.bench import datasets as ds
@@ -108,12 +110,15 @@ def main() -> None:
     slo = SLO(ttft_s=args.slo_ttft, tpot_s=args.slo_tpot)
     load_before = [round(x, 2) for x in os.getloadavg()]
     results = {}
+
+    def raw(system: str) -> Path | None:
+        return args.raw_dir and args.raw_dir / system
     for system in args.systems.split(","):
         print(f"{system}:", flush=True)
         if system == "vllm":
-            results[system] = run_vllm(sessions, users, args.think, slo)
+            results[system] = run_vllm(sessions, users, args.think, slo, raw(system))
         else:
-            results[system] = run_ours(system, sessions, users, args.think, slo)
+            results[system] = run_ours(system, sessions, users, args.think, slo, raw(system))
     meta = {"command": "python -m benchmarks.multiturn " + " ".join(sys.argv[1:]),
             "sessions": args.sessions, "turns": sum(len(s) for s in sessions), "users": users,
             "think_s": args.think, "slo": {"ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s},

@@ -95,3 +95,16 @@ def test_sweep_users_runs_every_count(monkeypatch):
                          think_s=0.0, log=lines.append)
     assert sorted(points) == [1, 2] and len(lines) == 2
     assert all(p["requests"] == 5 and p["attainment"] == 1.0 for p in points.values())
+
+
+def test_summarize_counts_which_slo_each_miss_broke():
+    from client.bench.sessions import Turn
+    rs = [RequestResult(0, 10, 4, 0.0, ttft_s=0.5, tpot_s=0.05, num_tokens=4),     # meets both
+          RequestResult(1, 10, 4, 0.0, ttft_s=2.0, tpot_s=0.05, num_tokens=4),     # TTFT
+          RequestResult(2, 10, 4, 0.0, ttft_s=0.5, tpot_s=0.20, num_tokens=4),     # TPOT
+          RequestResult(3, 10, 4, 0.0, ttft_s=3.0, tpot_s=0.30, num_tokens=4)]     # both
+    turns = [Turn(session=i, turn=0, request=None) for i in range(len(rs))]
+    point = summarize(list(zip(turns, rs)), 4.0, SLO(ttft_s=1.0, tpot_s=0.1))
+    assert point["attainment"] == 0.25
+    assert (point["missed_ttft"], point["missed_tpot"]) == (2, 2)
+    assert point["tpot_p50_s"] == 0.20 and point["tpot_p90_s"] == 0.30

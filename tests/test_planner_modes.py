@@ -113,7 +113,8 @@ def test_replan_recommends_another_mode_where_it_pays():
 
 
 def test_replan_keeps_the_mode_where_no_other_pays():
-    m = replan_modes(summarization_like(120), 0.3, SLO(5.48, 0.174),
+    # (at TPOT 174 ms adaptive gains 1.11x since a batch behind its TPOT takes shorter steps)
+    m = replan_modes(summarization_like(120), 0.3, SLO(5.48, 0.1),
                      modes=("split", "adaptive", "colocated"))
     assert set(m["by_mode"]) == {"split", "adaptive", "colocated"}
     assert m["current"] == "split" and m["recommend"] is None and "no mode gains" in m["why"]

@@ -13,7 +13,7 @@ import pytest
 
 from backends.core.kv_cache import BlockManager
 from backends.core.limits import EngineLimits
-from backends.core.router import (MAX_SLACK_SLOS, SLACK_SHARE, Decision, InstanceState, chunk_budget, route,
+from backends.core.router import (DEFICIT_SLOS, MAX_SLACK_SLOS, SLACK_SHARE, Decision, InstanceState, chunk_budget, route,
                                   step_budget, tpot_slack)
 from backends.core.sampling import SamplingParams
 from backends.core.scheduler import Batch, Scheduler
@@ -218,8 +218,11 @@ def test_tpot_slack_is_the_least_banked_of_the_decoding_sequences():
     assert tpot_slack([a, b], 0.1, now=10.0) == pytest.approx(SLACK_SHARE * 0.1)
     # ... at most MAX_SLACK_SLOS SLOs (a request may join during the step unseen)
     assert tpot_slack([a], 0.1, now=10.0) == pytest.approx(min(SLACK_SHARE * 0.5, MAX_SLACK_SLOS * 0.1))
-    late = _decoding("late", 3, first_at=9.0)                   # 1 s for 2 gaps: behind its SLO
-    assert tpot_slack([a, late], 0.1, now=10.0) == 0.0
+    late = _decoding("late", 3, first_at=9.76)                  # 0.24 s for 2 gaps: 0.04 s behind
+    assert tpot_slack([a, late], 0.1, now=10.0) == pytest.approx(-0.04)    # steps 0.04 s shorter
+    assert tpot_slack([a, late], 0.1, now=10.0, joining=1) == pytest.approx(-0.04)
+    very_late = _decoding("very_late", 3, first_at=9.0)         # 1 s for 2 gaps: capped deficit
+    assert tpot_slack([a, very_late], 0.1, now=10.0) == pytest.approx(-DEFICIT_SLOS * 0.1)
     fresh = _decoding("fresh", 1, first_at=None)                # no first-token time yet
     assert tpot_slack([a, fresh], 0.1, now=10.0) == 0.0
     prefilling = seq("p", 40)                                    # no TPOT yet: not counted
@@ -254,7 +257,24 @@ def test_slack_widens_the_first_chunk_and_local_prefill_then_meets_ttft():
                                         P.mixed_step_time(4, 2000, rest) +
                                         (P.mixed_step_time(4, 2000, tail) if tail else 0))
     with pytest.raises(ValueError, match="step_slack_s"):
-        decode(step_slack_s=-0.1)
+        decode(step_slack_s=float("nan"))
+
+
+def test_a_deficit_shrinks_every_mixed_step_and_can_rule_local_out():
+    tight, behind = decode(), decode(step_slack_s=-0.04)
+    assert 0 < chunk_budget(behind, P, TARGET.tpot) < chunk_budget(tight, P, TARGET.tpot)
+    assert P.mixed_step_time(4, 2000, chunk_budget(behind, P, TARGET.tpot)) <= TARGET.tpot - 0.04
+    slo = SLO(ttft=10.0, tpot=0.1)
+    prompt = 3 * chunk_budget(tight, P, 0.1)                 # several steps either way
+    on_time = next(o for o in go(prompt, [], [tight], slo=slo).options if o.kind == "local")
+    late = next(o for o in go(prompt, [], [behind], slo=slo).options if o.kind == "local")
+    assert late.chunk_budget == chunk_budget(behind, P, 0.1)    # every step, not the first only
+    assert late.steps > on_time.steps and late.ttft_s > on_time.ttft_s
+    # a batch so far behind that its plain decode step is all it may take: no local prefill
+    hopeless = decode(step_slack_s=-(0.1 - P.decode_step_time(4, 2000)) - 1e-3)
+    assert chunk_budget(hopeless, P, 0.1) == 0
+    assert next(o for o in go(100, [], [hopeless], slo=slo).options
+                if o.kind == "local").reason == "running batch at its TPOT limit"
 
 
 def test_step_budget_spends_the_running_sequences_slack():

@@ -103,7 +103,7 @@ FIELDS: tuple[tuple[str, str], ...] = (
     ("tokens_per_step", "d"),         # decode: tokens a decoding sequence gets per step (EWMA;
                                       # 1 without speculation, more with accepted drafts)
     ("tpot_slack_s", "d"),            # decode, adaptive: the running batch's TPOT slack
-)                                     # (backends.core.router.tpot_slack; 0: none)
+)                                     # (backends.core.router.tpot_slack; 0: none, < 0: behind)
 FIELD_NAMES = tuple(name for name, _ in FIELDS)
 _INDEX = {name: i + 1 for i, name in enumerate(FIELD_NAMES)}    # 0 is written_at
 _BODY = struct.Struct("<d" + "".join(code for _, code in FIELDS))
@@ -415,4 +415,4 @@ def to_instance_state(status: InstanceStatus,
         local_prefill=decode and status.local_prefill,
         recent_step_s=status.step_ewma_s if decode and status.step_ewma_s > 0 else None,
         tokens_per_step=status.tokens_per_step if decode and status.tokens_per_step >= 1 else 1.0,
-        step_slack_s=max(0.0, status.tpot_slack_s) if decode else 0.0)
+        step_slack_s=status.tpot_slack_s if decode else 0.0)

@@ -101,6 +101,7 @@ async def replay_sessions(endpoint: Any, sessions: Sequence[Sequence[Turn]], num
 def summarize(results: Sequence[tuple[Turn, RequestResult]], seconds: float, slo: SLO) -> dict[str, Any]:
     done = [r for _, r in results]
     met = [r for r in done if meets(r, slo)]
+    tpots = [r.tpot_s for r in done if r.ok and r.tpot_s is not None]
 
     def ttft(rs: list[RequestResult]) -> float | None:
         values = [r.ttft_s for r in rs if r.ok and r.ttft_s is not None]
@@ -112,7 +113,15 @@ def summarize(results: Sequence[tuple[Turn, RequestResult]], seconds: float, slo
             "seconds": seconds,
             "ttft_first_turn_p50_s": ttft([r for t, r in results if t.turn == 0]),
             "ttft_later_turns_p50_s": ttft([r for t, r in results if t.turn > 0]),
-            "mean_prompt_tokens": statistics.fmean(r.prompt_len for r in done) if done else 0.0}
+            "mean_prompt_tokens": statistics.fmean(r.prompt_len for r in done) if done else 0.0,
+            # which SLO the misses broke (a request can break both), and TPOT's spread
+            "missed_ttft": sum(r.ok and r.ttft_s is not None and r.ttft_s > slo.ttft_s for r in done),
+            "missed_tpot": sum(r.ok and r.tpot_s is not None and r.tpot_s > slo.tpot_s for r in done),
+            "tpot_p50_s": _quantile(tpots, 0.5), "tpot_p90_s": _quantile(tpots, 0.9)}
+
+
+def _quantile(values: list[float], q: float) -> float | None:
+    return sorted(values)[min(len(values) - 1, int(q * len(values)))] if values else None
 
 
 def sweep_goodput(points: dict[int, dict[str, Any]]) -> float:
@@ -123,8 +132,9 @@ def sweep_goodput(points: dict[int, dict[str, Any]]) -> float:
 
 def sweep_users(endpoint: str, url: str, model: str, sessions: Sequence[Sequence[Turn]],
                 users: Sequence[int], slo: SLO, *, think_s: float = 1.0, seed: int = 0,
-                log: Any = print) -> dict[int, dict[str, Any]]:
-    """Replay every session at each user count in turn; each count's summary."""
+                log: Any = print, raw_dir: Path | None = None) -> dict[int, dict[str, Any]]:
+    """Replay every session at each user count in turn; each count's summary (with `raw_dir`,
+    every request's result too, as <raw_dir>/users-<n>.json.gz)."""
     from .endpoints import make_endpoint
     points = {}
     for n in users:
@@ -133,6 +143,12 @@ def sweep_users(endpoint: str, url: str, model: str, sessions: Sequence[Sequence
                 return await replay_sessions(ep, sessions, n, think_s=think_s, seed=seed)
         results, seconds = asyncio.run(run())
         points[n] = summarize(results, seconds, slo)
+        if raw_dir is not None:
+            import gzip
+            raw_dir.mkdir(parents=True, exist_ok=True)
+            rows = [{"session": t.session, "turn": t.turn, **r.to_json()} for t, r in results]
+            with gzip.open(raw_dir / f"users-{n}.json.gz", "wt") as f:
+                json.dump(rows, f)
         log(f"{n} users: {json.dumps(points[n])}")
     return points
 
