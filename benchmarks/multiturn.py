@@ -25,7 +25,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-SYSTEMS = ("ours-cache", "ours-nocache", "ours-adaptive", "ours-shared", "vllm")
+SYSTEMS = ("ours-cache", "ours-nocache", "ours-adaptive", "ours-shared", "ours-chunked",
+           "ours-chunked-1x2", "vllm")
 
 
 def sweep(endpoint: str, url: str, model: str, sessions, users: list[int], think: float, slo,
@@ -49,6 +50,16 @@ def deployment(system: str, slo):
         dep = serving(dataclasses.replace(dep, slo_ttft_s=slo.ttft_s, slo_tpot_s=slo.tpot_s),
                       "adaptive")
         return with_decode_on_prefill_cores(dep) if system == "ours-shared" else dep
+    if system in ("ours-chunked", "ours-chunked-1x2"):
+        # the colocated baseline with chunked prefill: 2 one-core instances that Triton takes
+        # turns over (no cache affinity), or 1 instance over both cores (vLLM-CPU's shape)
+        from deploy.deployment import colocated_deployment
+        dep = colocated_deployment(dep.model_path, chunked_prefill=True)
+        if system == "ours-chunked-1x2":
+            cores = tuple(c for group in dep.colocated.devices for c in group)
+            dep = dataclasses.replace(dep, colocated=dataclasses.replace(
+                dep.colocated, num_instances=1, devices=(cores,)))
+        return dep
     if system != "ours-cache":
         raise ValueError(f"unknown system {system!r}; one of {SYSTEMS}")
     return dep
@@ -56,7 +67,7 @@ def deployment(system: str, slo):
 
 def run_ours(system: str, sessions, users, think, slo, raw_dir: Path | None = None) -> dict:
     from backends.core.control import send
-    from deploy.contract import instance_id
+    from deploy.contract import DISTSERVE_COLOCATED, instance_id
     from deploy.render import render_repository
     from deploy.server import TritonServer, free_ports
     dep = deployment(system, slo)
@@ -65,10 +76,11 @@ def run_ours(system: str, sessions, users, think, slo, raw_dir: Path | None = No
     http_port, grpc_port, metrics_port = free_ports(3)
     with TritonServer(repo, run_dir=work / "run", http_port=http_port, grpc_port=grpc_port,
                       metrics_port=metrics_port) as server:
-        out = sweep("triton-grpc", server.grpc_url, "distserve", sessions, users, think, slo, raw_dir)
-        instances = [instance_id(name, i) for name, phase in (("prefill", dep.prefill),
-                                                              ("decode", dep.decode))
-                     for i in range(phase.num_instances)]
+        model = DISTSERVE_COLOCATED if dep.systems == ("colocated",) else "distserve"
+        out = sweep("triton-grpc", server.grpc_url, model, sessions, users, think, slo, raw_dir)
+        phases = (("colocated", dep.colocated),) if dep.systems == ("colocated",) else \
+            (("prefill", dep.prefill), ("decode", dep.decode))
+        instances = [instance_id(name, i) for name, phase in phases for i in range(phase.num_instances)]
         stats = {i: send(server.control_dir / str(server.process.pid) / f"{i}.sock", {"op": "stats"})
                  for i in instances}
     out["instance_stats"] = {i: {k: v for k, v in s.items()
