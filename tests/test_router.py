@@ -260,7 +260,7 @@ def test_slack_widens_the_first_chunk_and_local_prefill_then_meets_ttft():
         decode(step_slack_s=float("nan"))
 
 
-def test_a_deficit_shrinks_every_mixed_step_and_can_rule_local_out():
+def test_a_deficit_shrinks_the_next_mixed_step_and_delays_local_prefill():
     tight, behind = decode(), decode(step_slack_s=-0.04)
     assert 0 < chunk_budget(behind, P, TARGET.tpot) < chunk_budget(tight, P, TARGET.tpot)
     assert P.mixed_step_time(4, 2000, chunk_budget(behind, P, TARGET.tpot)) <= TARGET.tpot - 0.04
@@ -268,12 +268,18 @@ def test_a_deficit_shrinks_every_mixed_step_and_can_rule_local_out():
     prompt = 3 * chunk_budget(tight, P, 0.1)                 # several steps either way
     on_time = next(o for o in go(prompt, [], [tight], slo=slo).options if o.kind == "local")
     late = next(o for o in go(prompt, [], [behind], slo=slo).options if o.kind == "local")
-    assert late.chunk_budget == chunk_budget(behind, P, 0.1)    # every step, not the first only
-    assert late.steps > on_time.steps and late.ttft_s > on_time.ttft_s
-    # a batch so far behind that its plain decode step is all it may take: no local prefill
-    hopeless = decode(step_slack_s=-(0.1 - P.decode_step_time(4, 2000)) - 1e-3)
-    assert chunk_budget(hopeless, P, 0.1) == 0
-    assert next(o for o in go(100, [], [hopeless], slo=slo).options
+    assert late.chunk_budget == on_time.chunk_budget         # only the first step repays it
+    assert late.steps == on_time.steps + 1 and late.ttft_s > on_time.ttft_s
+    # too far behind for one prompt token: plain decode steps until caught up, then the prompt
+    plain = P.decode_step_time(4, 2000)
+    far = decode(step_slack_s=-(0.1 - plain) * 1.5)
+    assert chunk_budget(far, P, 0.1) == 0
+    delayed = next(o for o in go(100, [], [far], slo=slo).options if o.kind == "local")
+    assert "after 2 plain steps" in delayed.reason
+    assert delayed.ttft_s == pytest.approx(2 * plain + P.mixed_step_time(4, 2000, 100))
+    # a decode step alone over the SLO: no local prefill at all
+    slow = decode(running=60, context=20000, max_num_seqs=64, step_slack_s=-0.01)
+    assert next(o for o in go(100, [], [slow], slo=SLO(10.0, 0.05)).options
                 if o.kind == "local").reason == "running batch at its TPOT limit"
 
 

@@ -30,9 +30,10 @@ out - 1) - time since its first token. One step may take up to SLO x yield + the
 of the running sequences and every one of them still meets its TPOT even if it ended right
 after (`tpot_slack`: SLACK_SHARE of it, a margin for the prediction, and at most one more
 TPOT SLO: a request may join during the step unseen, see MAX_SLACK_SLOS). One that ran slower
-than its SLO so far has a deficit instead: steps are held that much under the SLO (at most
-DEFICIT_SLOS of it) until it has caught up, so a batch whose mixed steps ran over their
-prediction takes fewer prompt tokens, and the local option there looks worse to the router. A long prompt is then
+than its SLO so far has a deficit instead: the next step is held that much under the SLO (at
+most DEFICIT_SLOS of it), which puts it back on its SLO, so a batch whose mixed steps ran over
+their prediction takes fewer prompt tokens; the router predicts a local prefill there after
+that step (or after plain decode steps, where the deficit leaves no room for a prompt token). A long prompt is then
 prefilled in larger chunks while the batch has slack, where a per-step bound would cut it into
 many small ones. A sequence waiting to join (its KV on the way) has banked nothing:
 while one is there, steps keep the per-step bound. One that arrives during a long step waits
@@ -186,8 +187,8 @@ def _shift(d: InstanceState, predictor: Predictor) -> float:
 
 
 SLACK_SHARE = 0.8                       # of the banked slack a step may spend
-DEFICIT_SLOS = 0.5                      # a batch behind its TPOT SLO: steps up to this many
-# SLOs shorter than the SLO until it has caught up. Without it every mixed step was sized to
+DEFICIT_SLOS = 0.5                      # a batch behind its TPOT SLO: its next step up to this
+# many SLOs shorter than the SLO (which makes it up). Without it every mixed step was sized to
 # the SLO itself, so a sequence's mean TPOT sat at the SLO and each step that ran over its
 # prediction put it past (served, multi-turn chat, 16 users: TPOT p50 86 ms at an 82 ms SLO).
 MAX_SLACK_SLOS = 1.0                    # ... and at most this many TPOT SLOs: a step of up to 2
@@ -286,23 +287,33 @@ def _local(d: InstanceState, prompt_len: int, max_tokens: int, slo: SLO, predict
         return impossible("no KV free for it")
     if d.num_running + d.queued_requests >= d.max_num_seqs:     # queued prompts take slots too
         return impossible("decode batch full")
-    first = chunk_budget(d, predictor, slo.tpot)            # spends the running batch's slack
-    # banked slack is spent by the first step; a deficit binds every step until made up
-    budget = chunk_budget(d, predictor, slo.tpot, slack=False) if d.step_slack_s > 0 else first
+    # the first step spends the running batch's banked slack, or repays its deficit: one step
+    # that much under the SLO puts the sequence furthest behind back on it; the rest have none
+    first = chunk_budget(d, predictor, slo.tpot)
+    budget = chunk_budget(d, predictor, slo.tpot, slack=False)
     tokens = d.queued_tokens + prompt_len - hit
-    if first == 0 or (budget == 0 and tokens > first):
+    if budget == 0 and tokens > first:
         return impossible("running batch at its TPOT limit")
     shift, n, ctx = _shift(d, predictor), d.num_running, d.running_context
+    delay, catch_up = 0.0, 0
+    if first == 0:                      # too far behind for a prompt token: plain steps first
+        plain = predictor.decode_step_time(n, ctx) + shift
+        room = slo.tpot * d.tokens_per_step - plain
+        if room <= 0:
+            return impossible("running batch at its TPOT limit")
+        catch_up = max(1, math.ceil(-d.step_slack_s / room))
+        delay, first = catch_up * plain, budget
     head = min(tokens, first)
     full, rest = divmod(tokens - head, budget) if budget else (0, 0)
     step = predictor.mixed_step_time(n, ctx, budget) + shift if budget else 0.0
-    ttft = predictor.mixed_step_time(n, ctx, head) + shift + full * step + \
+    ttft = delay + predictor.mixed_step_time(n, ctx, head) + shift + full * step + \
         (predictor.mixed_step_time(n, ctx, rest) + shift if rest else 0.0)
     # its own TPOT: the slack-free mixed steps of later prompts, or its decode step
     tpot = max(min(step, ttft) / d.tokens_per_step, _join_tpot(d, prompt_len, predictor))
     steps = 1 + full + (rest > 0)
+    after = f" after {catch_up} plain step{'s' * (catch_up > 1)}" if catch_up else ""
     return _judged(Option("local", None, d.instance, budget, ttft, tpot, steps=steps), slo,
-                   f"{steps} mixed step{'s' * (steps > 1)} of <= {max(first, budget)} tokens "
+                   f"{steps} mixed step{'s' * (steps > 1)} of <= {max(first, budget)} tokens{after} "
                    f"beside {n} running (slack {d.step_slack_s * 1e3:.0f} ms){_cached(hit)}")
 
 
