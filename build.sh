@@ -13,6 +13,8 @@
 #                               stub killed half-way: nothing hangs or leaks -> docs/soak.* (python -m benchmarks.soak)
 #   ./build.sh generate "text"  .venv and the default model, then offline generation on it
 #   ./build.sh profile [--quick]   setup, then profile the engine on one core -> docs/profile_cpu.json
+#   ./build.sh profile-host     profile this CPU for the router -> results/profile_host.json (serve
+#                               does it once where docs/profile_cpu.json is another CPU's)
 #   ./build.sh plan --workload chatbot --ttft S --tpot S [--devices 1x2] [--out dep.json]
 #                               setup, then choose a placement with that profile (python -m planner plan)
 #   ./build.sh gpu-check [--out results/gpu_check.json]   on a GPU host: engine on cuda:0 vs CPU, KV over
@@ -120,6 +122,21 @@ build_native() {
     || log "native kernels not built: attention runs on torch ops (slower)"
 }
 
+# The router prices steps with a latency profile; step times do not carry over between CPUs
+# (planner/router_latency.profile_for_host). Where the shipped one is another CPU's and this
+# one has none yet, measure it (a minute or two, one core) -> results/profile_host.json.
+ensure_host_profile() {
+  local force="${1:-}"
+  if [ -z "$force" ] && "$PY" -c 'import sys
+from planner.profile import cpu_model
+from planner.router_latency import HOST_PROFILE, profiled_cpu
+sys.exit(cpu_model() not in (profiled_cpu(sys.argv[1]), profiled_cpu(HOST_PROFILE)))' "$CPU_PROFILE"; then
+    return 0
+  fi
+  log "profiling the engine on this CPU for the router's step times -> results/profile_host.json"
+  "$PY" -m planner profile --model "$DEFAULT_MODEL" --out "$ROOT/results/profile_host.json"
+}
+
 setup() { setup_venv; build_native; fetch_model; fetch_datasets; }
 # serve and generate need the model, not the benchmark's data sets.
 setup_model() { setup_venv; build_native; fetch_model; }
@@ -151,6 +168,7 @@ case "$cmd" in
     ;;
   serve)
     setup_model
+    ensure_host_profile
     # No --model here: the default deployment (and --baseline) already serves $DEFAULT_MODEL, and
     # a --deployment's own model_path must win; an explicit --model still overrides it.
     exec "$PY" -m deploy serve "$@"
@@ -158,6 +176,10 @@ case "$cmd" in
   profile)
     setup
     exec "$PY" -m planner profile --model "$DEFAULT_MODEL" "$@"
+    ;;
+  profile-host)
+    setup_model
+    ensure_host_profile force
     ;;
   plan)
     setup
@@ -173,6 +195,6 @@ case "$cmd" in
     py="$PY"; [ -x "$py" ] || py="$(base_python)"
     exec "$py" -m benchmarks.gpu_check --model "$DEFAULT_MODEL" "$@"
     ;;
-  help|-h|--help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//' ;;
-  *) die "unknown command '$cmd' (setup | test | serve | bench | soak | generate | profile | plan | gpu-check)" ;;
+  help|-h|--help) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//' ;;
+  *) die "unknown command '$cmd' (setup | test | serve | bench | soak | generate | profile | profile-host | plan | gpu-check)" ;;
 esac

@@ -380,12 +380,16 @@ def dumps(doc: dict) -> str:
                   .replace(" ]", "]"), text)
 
 
+def cpu_model() -> str:
+    """This host's CPU as /proc/cpuinfo names it ("?" where it does not)."""
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    return next((ln.split(":", 1)[1].strip() for ln in cpuinfo.splitlines()
+                 if ln.startswith("model name")), "?")
+
+
 def machine(core: int) -> dict:
     import torch
-    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    name = next((ln.split(":", 1)[1].strip() for ln in cpuinfo.splitlines()
-                 if ln.startswith("model name")), "?")
-    return {"machine": {"cpu_model": name, "core": core, "torch_threads": torch.get_num_threads(),
+    return {"machine": {"cpu_model": cpu_model(), "core": core, "torch_threads": torch.get_num_threads(),
                         "torch": torch.__version__},
             "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 

@@ -11,11 +11,17 @@ overlaps with the prefill's). Times are a batch's latency: pp stage times.
 """
 from __future__ import annotations
 
+import json
+import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 from planner.latency import LatencyModel, model_key
+
+log = logging.getLogger(__name__)
+HOST_PROFILE = "results/profile_host.json"    # ./build.sh profile-host: measured on this machine
 
 
 @dataclass(frozen=True)
@@ -59,6 +65,7 @@ def deployment_predictor(deployment, profile: str | Path) -> PhasePredictor:
     phase priced on its instances' shape. ValueError if the profile is for another model or
     lacks that shape (the orchestrator then routes without predictions)."""
     from planner.deployment import _tp, load_target
+    profile = profile_for_host(profile)
     target = load_target(profile)
     served = model_key(Path(deployment.model_path).name.removesuffix(".gguf"))
     if target.model != served:
@@ -69,3 +76,32 @@ def deployment_predictor(deployment, profile: str | Path) -> PhasePredictor:
     except KeyError as e:
         raise ValueError(f"{profile}: {e.args[0]}") from None
     return PhasePredictor(LatencyModelPredictor(pre), LatencyModelPredictor(dec))
+
+
+def profiled_cpu(profile: str | Path) -> str | None:
+    """The CPU a profile of ours was measured on (None: not recorded, or not readable)."""
+    try:
+        return json.loads(Path(profile).read_text())["profile"]["machine"]["cpu_model"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def profile_for_host(profile: str | Path, root: str | Path | None = None) -> Path:
+    """`profile`, unless it was measured on another CPU and HOST_PROFILE (under `root`,
+    $DISTSERVE_ROOT or the repository) was measured on this one: then that. Step times do not
+    carry over between CPUs: the shipped profile is an Intel Xeon's (AMX), where a 130-token
+    prefill chunk took 78 ms; on an AMD EPYC (AVX-512 BF16, no AMX) 203 ms, and the router sized
+    mixed steps and predicted TTFTs 2-5x too optimistically. With no profile of this CPU it
+    warns and keeps `profile`."""
+    from planner.profile import ROOT, cpu_model
+    here, measured = cpu_model(), profiled_cpu(profile)
+    if measured is None or measured == here:
+        return Path(profile)
+    host = Path(root or os.environ.get("DISTSERVE_ROOT") or ROOT) / HOST_PROFILE
+    if profiled_cpu(host) == here:
+        log.info("latency profile: %s (this CPU, %s) instead of %s (%s)", host, here, profile, measured)
+        return host
+    log.warning("latency profile %s was measured on %s, this host is %s: predicted step times may "
+                "be off by several times (./build.sh profile-host measures this one)",
+                profile, measured, here)
+    return Path(profile)

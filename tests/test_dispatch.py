@@ -127,6 +127,31 @@ def test_the_deployment_predictor_comes_from_this_hosts_profile(tmp_path):
                              "docs/profile_cpu.json")
 
 
+def test_a_profile_of_another_cpu_gives_way_to_one_of_this_cpu(tmp_path, monkeypatch, caplog):
+    import json
+    import planner.profile
+    from planner.router_latency import HOST_PROFILE, profile_for_host, profiled_cpu
+    doc = json.loads(open("docs/profile_cpu.json").read())
+    shipped = tmp_path / "shipped.json"
+    shipped.write_text(json.dumps(doc))
+    measured = profiled_cpu(shipped)
+    assert measured and profiled_cpu(tmp_path / "none.json") is None
+    monkeypatch.setattr(planner.profile, "cpu_model", lambda: measured)
+    assert profile_for_host(shipped, tmp_path) == shipped                  # measured here
+    monkeypatch.setattr(planner.profile, "cpu_model", lambda: "Other CPU")
+    with caplog.at_level("WARNING"):
+        assert profile_for_host(shipped, tmp_path) == shipped              # none of this CPU: kept,
+    assert "measured on " + measured in caplog.text                         # with a warning
+    host = tmp_path / HOST_PROFILE
+    host.parent.mkdir(parents=True)
+    doc["profile"]["machine"]["cpu_model"] = "Another CPU"
+    host.write_text(json.dumps(doc))
+    assert profile_for_host(shipped, tmp_path) == shipped                  # a third CPU's: no use
+    doc["profile"]["machine"]["cpu_model"] = "Other CPU"
+    host.write_text(json.dumps(doc))
+    assert profile_for_host(shipped, tmp_path) == host                     # this CPU's
+
+
 def test_where_prefill_shares_decode_cores_local_placements_come_first(tmp_path):
     """An idle prefill instance predicts the lowest TTFT (no decode marginal cost), so the
     router splits; with a decode instance on the prefill instance's cores (adaptive-shared)
