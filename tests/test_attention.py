@@ -153,22 +153,3 @@ def test_registry_is_keyed_by_device_type_and_names_the_registered_ones():
         A.registry._WARNED.discard("cuda")
         assert A.backend_for("cuda") is A.backend_for("cpu")
     assert any("tuned for cpu" in str(w.message) for w in caught)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("s,c,heads,kv_heads", [(20, 70, 9, 3), (1, 40, 4, 4), (64, 64 + 300, 6, 2)])
-def test_prefix_chunk_attention_is_the_causal_attention_after_a_prefix(dtype, s, c, heads, kv_heads):
-    """The chunk-after-a-cached-prefix path (on CPU: two flash passes merged by log-sum-exp)
-    against the masked softmax, in float32 to rounding and in bf16 to its precision."""
-    from backends.core.attention.torch_backend import prefix_chunk_attention
-    torch.manual_seed(s + c)
-    q = torch.randn(1, heads, s, 32)
-    k, v = torch.randn(1, kv_heads, c, 32), torch.randn(1, kv_heads, c, 32)
-    g = heads // kv_heads
-    scores = (q @ k.repeat_interleave(g, 1).transpose(-1, -2)) * 0.2
-    allowed = torch.arange(c)[None, :] <= (c - s + torch.arange(s))[:, None]
-    want = scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ v.repeat_interleave(g, 1)
-    got = prefix_chunk_attention(q.to(dtype), k.to(dtype), v.to(dtype), 0.2)
-    assert got.dtype == dtype and got.shape == want.shape
-    tol = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
-    torch.testing.assert_close(got.float(), want, **tol)
