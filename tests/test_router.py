@@ -1,6 +1,6 @@
 """The router on hand-made instance states with a hand-made linear predictor (no model, no
 Triton), its chunk budget, the state an instance publishes from its scheduler, and the
-planner's predictor against the simulator's step pricing.
+planner's predictor against the simulator's step pricing (TPOT slack: test_router_slack.py).
 
 The predictor `Linear`: prefill 10 ms + 0.1 ms per prompt token; a decode step 10 ms + 1 ms per
 sequence + 0.01 ms per context token; a mixed step the chunk's prefill plus the decodes'
@@ -13,8 +13,7 @@ import pytest
 
 from backends.core.kv_cache import BlockManager
 from backends.core.limits import EngineLimits
-from backends.core.router import (DEFICIT_SLOS, MAX_SLACK_SLOS, SLACK_SHARE, Decision, InstanceState, chunk_budget, route,
-                                  step_budget, tpot_slack)
+from backends.core.router import Decision, InstanceState, chunk_budget, route
 from backends.core.sampling import SamplingParams
 from backends.core.scheduler import Batch, Scheduler
 from backends.core.sequence import Sequence
@@ -201,110 +200,6 @@ def test_chunk_budget_is_zero_at_the_limit_and_capped_by_the_step_token_budget()
     assert chunk_budget(decode(running=90, context=0, max_num_seqs=128), P, TARGET.tpot) == 0
     assert chunk_budget(decode(running=4, max_num_batched_tokens=64), P, TARGET.tpot) == 60
     assert chunk_budget(decode(running=4), P, tpot_slo=10.0) == 2048 - 4
-
-
-# ---- TPOT slack: a mean over the output -------------------------------------------------------
-
-def _decoding(name, out_tokens, first_at, prompt=10):
-    q = Sequence(name, [5] * prompt, SamplingParams(max_tokens=50, seed=0),
-                 output_ids=list(range(1, out_tokens + 1)))
-    q.num_cached, q.first_token_time = prompt + out_tokens - 1, first_at
-    return q
-
-
-def test_tpot_slack_is_the_least_banked_of_the_decoding_sequences():
-    # a: 11 tokens in 0.5 s (10 gaps of SLO 0.1 s: 0.5 s banked); b: 3 tokens in 0.1 s (0.1 s)
-    a, b = _decoding("a", 11, first_at=9.5), _decoding("b", 3, first_at=9.9)
-    assert tpot_slack([a, b], 0.1, now=10.0) == pytest.approx(SLACK_SHARE * 0.1)
-    # ... at most MAX_SLACK_SLOS SLOs (a request may join during the step unseen)
-    assert tpot_slack([a], 0.1, now=10.0) == pytest.approx(min(SLACK_SHARE * 0.5, MAX_SLACK_SLOS * 0.1))
-    late = _decoding("late", 3, first_at=9.76)                  # 0.24 s for 2 gaps: 0.04 s behind
-    assert tpot_slack([a, late], 0.1, now=10.0) == pytest.approx(-0.04)    # steps 0.04 s shorter
-    assert tpot_slack([a, late], 0.1, now=10.0, joining=1) == pytest.approx(-0.04)
-    very_late = _decoding("very_late", 3, first_at=9.0)         # 1 s for 2 gaps: capped deficit
-    assert tpot_slack([a, very_late], 0.1, now=10.0) == pytest.approx(-DEFICIT_SLOS * 0.1)
-    fresh = _decoding("fresh", 1, first_at=None)                # no first-token time yet
-    assert tpot_slack([a, fresh], 0.1, now=10.0) == 0.0
-    prefilling = seq("p", 40)                                    # no TPOT yet: not counted
-    assert tpot_slack([a, prefilling], 0.1, now=10.0) == tpot_slack([a], 0.1, now=10.0)
-    assert tpot_slack([], 0.1, now=10.0) == 0.0
-    assert tpot_slack([a], 0.1, now=10.0, joining=1) == 0.0     # one waiting to join banked nothing
-    # the bound: a step of SLO + slack keeps every one within its SLO had it ended right after
-    for q in (a, b):
-        step = 0.1 + tpot_slack([a, b], 0.1, now=10.0)
-        assert (10.0 + step - q.first_token_time) / q.num_output_tokens <= 0.1
-
-
-def test_slack_widens_the_first_chunk_and_local_prefill_then_meets_ttft():
-    # 4 running (34 ms steps) that banked 0.3 s: a 2,000-token prompt fits one step of up to
-    # 0.4 s (0.234 s), where the per-step bound (0.1 s) cuts it into 4 (0.336 s)
-    tight, banked = decode(), decode(step_slack_s=0.3)
-    assert chunk_budget(banked, P, TARGET.tpot) > 2000 > chunk_budget(tight, P, TARGET.tpot)
-    assert chunk_budget(banked, P, TARGET.tpot, slack=False) == chunk_budget(tight, P, TARGET.tpot)
-    busy, slo = [prefill(queued=4000)], SLO(ttft=0.3, tpot=0.1)     # split: 0.62 s
-    plain = go(2000, busy, [tight], slo=slo)
-    assert not any(o.meets_slo for o in plain.options)
-    assert next(o for o in plain.options if o.kind == "local").ttft_s == pytest.approx(0.336)
-    d = go(2000, busy, [banked], slo=slo)
-    assert d.kind == "local" and d.chosen.meets_slo
-    assert d.chosen.ttft_s == pytest.approx(P.mixed_step_time(4, 2000, 2000)) == pytest.approx(0.234)
-    assert d.chosen.tpot_s <= 0.1 and "slack 300 ms" in d.chosen.reason
-    # a prompt longer than the slack's chunk: the rest goes in slack-free steps
-    long = go(5000, busy, [banked], slo=SLO(ttft=10.0, tpot=0.1)).options[-1]
-    head, rest = chunk_budget(banked, P, 0.1), chunk_budget(banked, P, 0.1, slack=False)
-    full, tail = divmod(5000 - head, rest)
-    assert long.ttft_s == pytest.approx(P.mixed_step_time(4, 2000, head) + full *
-                                        P.mixed_step_time(4, 2000, rest) +
-                                        (P.mixed_step_time(4, 2000, tail) if tail else 0))
-    with pytest.raises(ValueError, match="step_slack_s"):
-        decode(step_slack_s=float("nan"))
-
-
-def test_a_deficit_shrinks_the_next_mixed_step_and_delays_local_prefill():
-    tight, behind = decode(), decode(step_slack_s=-0.04)
-    assert 0 < chunk_budget(behind, P, TARGET.tpot) < chunk_budget(tight, P, TARGET.tpot)
-    assert P.mixed_step_time(4, 2000, chunk_budget(behind, P, TARGET.tpot)) <= TARGET.tpot - 0.04
-    slo = SLO(ttft=10.0, tpot=0.1)
-    prompt = 3 * chunk_budget(tight, P, 0.1)                 # several steps either way
-    on_time = next(o for o in go(prompt, [], [tight], slo=slo).options if o.kind == "local")
-    late = next(o for o in go(prompt, [], [behind], slo=slo).options if o.kind == "local")
-    assert late.chunk_budget == on_time.chunk_budget         # only the first step repays it
-    assert late.steps == on_time.steps + 1 and late.ttft_s > on_time.ttft_s
-    # too far behind for one prompt token: plain decode steps until caught up, then the prompt
-    plain = P.decode_step_time(4, 2000)
-    far = decode(step_slack_s=-(0.1 - plain) * 1.5)
-    assert chunk_budget(far, P, 0.1) == 0
-    delayed = next(o for o in go(100, [], [far], slo=slo).options if o.kind == "local")
-    assert "after 2 plain steps" in delayed.reason
-    assert delayed.ttft_s == pytest.approx(2 * plain + P.mixed_step_time(4, 2000, 100))
-    # a decode step alone over the SLO: no local prefill at all
-    slow = decode(running=60, context=20000, max_num_seqs=64, step_slack_s=-0.01)
-    assert next(o for o in go(100, [], [slow], slo=SLO(10.0, 0.05)).options
-                if o.kind == "local").reason == "running batch at its TPOT limit"
-
-
-def test_step_budget_spends_the_running_sequences_slack():
-    lim = EngineLimits(num_kv_blocks=256, max_num_seqs=8, max_num_batched_tokens=4096,
-                       block_size=16, chunked_prefill=True)
-    s = Scheduler(lim, BlockManager(lim.num_kv_blocks))
-    a = seq("a", 10, 7)
-    s.add_remote(a)
-    s.admit_remote()
-    s.kv_arrived(a)
-    a.first_token_time = 0.0
-    for t in range(20):                                         # 20 tokens in 0.2 s: 1.7 s banked
-        s.update(s.schedule(now=0.01 * t), [7])
-    s.add(seq("long", 3000))
-    no_clock = step_budget(s, P, 0.1)
-    spent = step_budget(s, P, 0.1, now=0.2)
-    assert spent > no_clock
-    slack = min(SLACK_SHARE * (0.1 * 20 - 0.2), MAX_SLACK_SLOS * 0.1)       # the cap binds
-    assert P.mixed_step_time(1, a.num_tokens, spent - 1) <= 0.1 + slack
-    st = InstanceState.from_scheduler("decode_0", "decode", s, tpot_slo=0.1, now=0.2)
-    assert st.step_slack_s == pytest.approx(slack)
-    s.add_remote(seq("joining", 9, 7))                          # now one waits to join
-    assert step_budget(s, P, 0.1, now=0.2) == no_clock
-    assert InstanceState.from_scheduler("decode_0", "decode", s).step_slack_s == 0.0
 
 
 # ---- what the decision carries --------------------------------------------------------------

@@ -222,15 +222,9 @@ def test_with_two_decode_instances_the_live_one_serves_while_the_dead_one_is_rel
         killed = time.monotonic()
         os.kill(pids["decode-0"], signal.SIGKILL)
         first_new = serves_again(srv, killed)                         # one live decode instance
-        streams.join(60)
-        failed = [(end, error) for end, _, error in streams.results if error is not None]
-        assert len(failed) == on["decode-0"], streams.results
-        for end, error in failed:
-            assert "decode-0" in error or "decode_0" in error, error
-            assert end - killed < DEADLINE_S
-        assert all(tokens == 120 for _, tokens, error in streams.results if error is None)
 
-        # during the reload every new request goes to decode-1, and succeeds
+        # during the reload every new request goes to decode-1, and succeeds (checked at once:
+        # on a fast host the reload may be done before decode-1's streams end)
         with pytest.raises(OSError):
             instance_stats(srv, "decode-0")                           # not back yet
         client = DistServeClient(srv.grpc_url, "grpc", timeout=60)
@@ -241,6 +235,14 @@ def test_with_two_decode_instances_the_live_one_serves_while_the_dead_one_is_rel
         assert all(during)
         assert instance_stats(srv, "decode-1")["requests_total"] - before == 4
         assert before > served_1                                      # serves_again's went there too
+
+        streams.join(60)
+        failed = [(end, error) for end, _, error in streams.results if error is not None]
+        assert len(failed) == on["decode-0"], streams.results
+        for end, error in failed:
+            assert "decode-0" in error or "decode_0" in error, error
+            assert end - killed < DEADLINE_S
+        assert all(tokens == 120 for _, tokens, error in streams.results if error is None)
 
         # decode_0 alone is reloaded, then takes requests again (it wins ties when idle)
         while True:
