@@ -33,10 +33,10 @@ TPOT SLO: a request may join during the step unseen, see MAX_SLACK_SLOS). One th
 than its SLO so far has a deficit instead: the next step is held that much under the SLO (at
 most DEFICIT_SLOS of it), which puts it back on its SLO, so a batch whose mixed steps ran over
 their prediction takes fewer prompt tokens; the router predicts a local prefill there after
-that step (or after plain decode steps, where the deficit leaves no room for a prompt token). A long prompt is then
-prefilled in larger chunks while the batch has slack, where a per-step bound would cut it into
-many small ones. A sequence waiting to join (its KV on the way) has banked nothing:
-while one is there, steps keep the per-step bound. One that arrives during a long step waits
+that step (or after plain decode steps, where the deficit leaves no room for a prompt token).
+A long prompt is then prefilled in larger chunks while the batch has slack, where a per-step
+bound would cut it into many small ones. A sequence waiting to join (its KV on the way) has
+banked nothing: while one is there, steps keep the per-step bound. One that arrives during a long step waits
 for it, as behind any mixed step.
 
 With `hits` (instance -> prompt tokens its prefix cache likely holds: the orchestrator's

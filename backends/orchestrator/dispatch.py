@@ -154,7 +154,8 @@ class Dispatcher:
         seqs = sum(s.seqs for s in sent)
         blocks = sum(-(-(s.context + 1) // state.block_size) for s in sent if s.seqs)
         return replace(state, queued_tokens=state.queued_tokens + tokens,
-                       step_slack_s=min(0.0, state.step_slack_s) if tokens else state.step_slack_s,  # spent on them
+                       # slack is spent on the prompts sent since; a deficit stays
+                       step_slack_s=min(0.0, state.step_slack_s) if tokens else state.step_slack_s,
                        queued_requests=state.queued_requests + sum(1 for s in sent if s.tokens),
                        num_running=state.num_running + seqs,
                        running_context=state.running_context + sum(s.context for s in sent),
