@@ -132,9 +132,11 @@ class InstanceState:
     @classmethod
     def from_scheduler(cls, instance: str, phase: Literal["prefill", "decode"], scheduler,
                        recent_step_s: float | None = None, tpot_slo: float | None = None,
-                       now: float | None = None) -> InstanceState:
+                       now: float | None = None, plain_step_s: float | None = None
+                       ) -> InstanceState:
         """The state of a `backends.core.scheduler.Scheduler` (read, not changed); with
-        `tpot_slo` and `now`, a decode instance's running sequences' slack too."""
+        `tpot_slo` and `now`, a decode instance's running sequences' slack too (`tpot_slack`,
+        counting their later tokens with `plain_step_s`)."""
         s, lim = scheduler, scheduler.config
         prefilling = [*s.waiting, *(q for q in s.running if q.num_cached < q.num_prompt_tokens)]
         decoding = [*(q for q in s.running if q.num_cached >= q.num_prompt_tokens), *s.loading, *s.remote]
@@ -146,7 +148,7 @@ class InstanceState:
                    len(decoding), sum(q.num_tokens for q in decoding), lim.block_size,
                    lim.max_num_seqs, lim.max_num_batched_tokens,
                    phase == "decode" and lim.chunked_prefill, recent_step_s,
-                   step_slack_s=scheduler_slack(s, tpot_slo, now)
+                   step_slack_s=scheduler_slack(s, tpot_slo, now, plain_step_s)
                    if phase == "decode" and tpot_slo is not None and now is not None else 0.0)
 
 
@@ -197,34 +199,80 @@ MAX_SLACK_SLOS = 1.0                    # ... and at most this many TPOT SLOs: a
 # TPOT, which over a short output cannot absorb much. Uncapped, the slack of a long-running
 # batch let single steps run for seconds (served, tight TPOT: split requests of 6-15 output
 # tokens waited 0.1-0.5 s to join behind a long local prefill and missed a 50 ms TPOT).
+FUTURE_SHARE = 0.5                      # of a sequence's spare its later tokens leave (tpot_slack)
 
 
-def tpot_slack(seqs, tpot_slo: float, now: float, joining: int = 0) -> float:
+def sure_tokens(q) -> int:
+    """Output tokens sequence `q` is certain still to produce: up to max_tokens where nothing
+    can stop it earlier (ignore_eos, no stop ids or strings), else up to min_tokens."""
+    p = q.params
+    last = p.max_tokens if p.ignore_eos and not p.stop_token_ids and not p.stop else p.min_tokens
+    return max(0, last - q.num_output_tokens)
+
+
+def tpot_slack(seqs, tpot_slo: float, now: float, joining: int = 0,
+               plain_step_s: float | None = None, tokens_per_step: float = 1.0,
+               joiners=()) -> float:
     """How much longer than `tpot_slo` x its yield the next step may take with each of the
     decoding sequences among `seqs` still within `tpot_slo` on average (over its tokens so far
     and the next) if it ended right after: SLACK_SHARE of the least slack banked; 0 with none
     decoding, or `joining` sequences waiting to join (they banked nothing; neither has a
     sequence without a first-token time yet); at most MAX_SLACK_SLOS x `tpot_slo`. Negative
     when one is behind its SLO (a deficit, joining or not): the step must be that much
-    shorter, by at most DEFICIT_SLOS x `tpot_slo`."""
-    least = None
-    for q in seqs:
-        if q.num_cached < q.num_prompt_tokens or not q.output_ids:
+    shorter, by at most DEFICIT_SLOS x `tpot_slo`.
+
+    With `plain_step_s` (the batch's predicted plain decode step), a sequence sure to produce
+    more tokens (`sure_tokens`) is held to its SLO at its end instead: all it may still spend
+    beyond plain steps is its spare = banked + (its steps from this one on) x (SLO x yield -
+    plain step). A step of plain + FUTURE_SHARE x spare leaves (1 - FUTURE_SHARE) of it, so
+    it never runs out while predictions hold, and the next steps shrink towards plain while
+    prompts keep coming (a spare at or under 0: plain steps only, until it ends). No
+    MAX_SLACK_SLOS bound there: each sequence's own spare bounds the step. The sequences in
+    `joiners` (their KV on the way) count with their spares, their wait so far against them,
+    where they have later tokens, else as `joining`."""
+    y = tokens_per_step
+    margin = None if plain_step_s is None else tpot_slo * y - plain_step_s
+    least, spare = None, None
+    for q, joiner in (*((q, False) for q in seqs), *((q, True) for q in joiners)):
+        if not joiner and (q.num_cached < q.num_prompt_tokens or not q.output_ids):
             continue                    # prefilling: no TPOT yet
         banked = 0.0 if q.first_token_time is None else \
             tpot_slo * (q.num_output_tokens - 1) - (now - q.first_token_time)
-        least = banked if least is None else min(least, banked)
-    if least is None:
-        return 0.0
-    if least < 0:
-        return max(least, -DEFICIT_SLOS * tpot_slo)
-    return 0.0 if joining else min(least * SLACK_SHARE, MAX_SLACK_SLOS * tpot_slo)
+        steps = 0.0 if margin is None else sure_tokens(q) / y
+        if steps > 1:
+            mine = banked + steps * margin
+            spare = mine if spare is None else min(spare, mine)
+        elif joiner:
+            joining += 1
+        else:
+            least = banked if least is None else min(least, banked)
+    slacks = []
+    if least is not None:
+        slacks.append(max(least, -DEFICIT_SLOS * tpot_slo) if least < 0 else
+                      0.0 if joining else min(least * SLACK_SHARE, MAX_SLACK_SLOS * tpot_slo))
+    if spare is not None:               # over SLO x yield: plain + share x spare - SLO x yield
+        over = FUTURE_SHARE * max(0.0, spare) - margin
+        slacks.append(min(over, 0.0) if joining else over)
+    return min(slacks, default=0.0)
 
 
-def scheduler_slack(scheduler, tpot_slo: float, now: float) -> float:
+def scheduler_slack(scheduler, tpot_slo: float, now: float, plain_step_s: float | None = None,
+                    tokens_per_step: float = 1.0) -> float:
     """`tpot_slack` of a scheduler's running batch, its sequences waiting for KV joining."""
     s = scheduler
-    return tpot_slack(s.running, tpot_slo, now, len(s.loading) + len(s.remote))
+    if plain_step_s is None:
+        return tpot_slack(s.running, tpot_slo, now, len(s.loading) + len(s.remote))
+    return tpot_slack(s.running, tpot_slo, now, plain_step_s=plain_step_s,
+                      tokens_per_step=tokens_per_step, joiners=(*s.loading, *s.remote))
+
+
+def plain_step_time(scheduler, predictor: Predictor, recent_step_s: float | None = None) -> float:
+    """The predicted plain decode step of a scheduler's decoding sequences (with its measured
+    `recent_step_s`, shifted as `_shift` does)."""
+    decoding = [q for q in scheduler.running if q.num_cached >= q.num_prompt_tokens]
+    n, ctx = len(decoding), sum(q.num_tokens for q in decoding)
+    t = predictor.decode_step_time(n, ctx)
+    return t if recent_step_s is None or not n else recent_step_s
 
 
 def chunk_budget(state: InstanceState, predictor: Predictor, tpot_slo: float,
@@ -379,6 +427,8 @@ def step_budget(scheduler, predictor: Predictor, tpot_slo: float,
                           block_size=lim.block_size, max_num_seqs=lim.max_num_seqs,
                           max_num_batched_tokens=lim.max_num_batched_tokens, local_prefill=True,
                           recent_step_s=recent_step_s, tokens_per_step=tokens_per_step,
-                          step_slack_s=0.0 if now is None else scheduler_slack(s, tpot_slo, now))
+                          step_slack_s=0.0 if now is None else scheduler_slack(
+                              s, tpot_slo, now, plain_step_time(s, predictor, recent_step_s),
+                              tokens_per_step))
     budget = chunk_budget(state, predictor, tpot_slo)
     return max(1, min(lim.max_num_batched_tokens, len(decoding) + budget))

@@ -39,17 +39,19 @@ class DecodeWorker(EngineWorker):
     def __init__(self, engine: LLMEngine, importer: KVImporter, instance_id: str = "",
                  clock=time.monotonic, async_copy: bool = True,
                  step_budget: Callable[[Scheduler], int | None] | None = None,
-                 speculator: Speculator | None = None, tpot_slo: float | None = None) -> None:
+                 speculator: Speculator | None = None, tpot_slo: float | None = None,
+                 plain_step: Callable[[Scheduler], float] | None = None) -> None:
         """`async_copy=False` copies inside the step instead (every admission stalls the batch:
         the behaviour before asynchronous admission, kept for comparison). `step_budget`: the
         token budget of each mixed step from the scheduler's state (adaptive mode:
         backends.core.router.step_budget with the TPOT SLO), else the standing budget.
         `speculator`: speculative decoding (the deployment's decode.speculative), else none.
         `tpot_slo` (adaptive mode): its running sequences' TPOT slack goes into `stats()` for
-        the router (backends.core.router.tpot_slack)."""
+        the router (backends.core.router.tpot_slack), counting the sequences' later tokens
+        with `plain_step` (the predicted plain step of a scheduler's batch) where given."""
         super().__init__(engine, instance_id, clock, speculator=speculator)
         self.step_budget = step_budget
-        self.tpot_slo = tpot_slo
+        self.tpot_slo, self.plain_step = tpot_slo, plain_step
         self.num_local = 0                              # prompts taken to prefill here
         self.importer = importer
         self.async_copy = async_copy
@@ -143,8 +145,9 @@ class DecodeWorker(EngineWorker):
                 "loading": len(s.loading), "local_total": self.num_local,
                 "kv_transfer_bytes": self.kv_bytes,
                 "kv_transfer_seconds": self.kv_seconds,
-                "tpot_slack_s": 0.0 if self.tpot_slo is None else
-                scheduler_slack(s, self.tpot_slo, self.clock())}
+                "tpot_slack_s": 0.0 if self.tpot_slo is None else scheduler_slack(
+                    s, self.tpot_slo, self.clock(), self.plain_step and self.plain_step(s),
+                    self.speculator.tokens_per_step if self.speculator else 1.0)}
 
     def close(self) -> None:
         self._copier.shutdown(wait=True)

@@ -274,10 +274,11 @@ def build_decode_host(deployment: Any, index: int, send: Send,
                        **kw)
     instance_id = f"decode-{index}"
     speculator = _speculator(deployment, deployment.decode, index, config.vocab_size)
+    budget, plain_step = _adaptive_steps(deployment, speculator)
     worker = DecodeWorker(engine, make_importer(deployment.kv_transport, engine.kv), instance_id,
-                          step_budget=_step_budget(deployment, speculator), speculator=speculator,
+                          step_budget=budget, speculator=speculator,
                           tpot_slo=deployment.slo_tpot_s if deployment.serving_mode == "adaptive"
-                          else None)
+                          else None, plain_step=plain_step)
     return InstanceHost(worker, send, is_cancelled, on_step)
 
 
@@ -294,24 +295,27 @@ def _speculator(deployment: Any, phase: Any, index: int, vocab_size: int) -> Spe
                              deployment.max_model_len, drafter_options=options)
 
 
-def _step_budget(deployment: Any, speculator: Speculator | None = None
-                 ) -> Callable[[Any], int | None] | None:
-    """Adaptive mode: each mixed step of a decode instance sized to the TPOT SLO and the running
-    sequences' slack by the router's rule, with the deployment's latency profile and the speculator's measured yield (tokens
-    per step); without a usable profile, the standing decode.max_num_batched_tokens (logged)."""
+def _adaptive_steps(deployment: Any, speculator: Speculator | None = None
+                    ) -> tuple[Callable[[Any], int | None] | None, Callable[[Any], float] | None]:
+    """Adaptive mode: (the token budget of each mixed step of a decode instance, sized to the
+    TPOT SLO and the running sequences' slack by the router's rule, and the predicted plain
+    step its published slack counts later tokens with), from the deployment's latency profile
+    and the speculator's measured yield (tokens per step); without a usable profile, neither
+    (mixed steps take the standing decode.max_num_batched_tokens, logged)."""
     if deployment.serving_mode != "adaptive":
-        return None
-    from backends.core.router import step_budget
+        return None, None
+    from backends.core.router import plain_step_time, step_budget
     from planner.router_latency import deployment_predictor
     try:
         predictor = deployment_predictor(deployment, deployment.resolved_latency_profile()).decode
     except (OSError, ValueError) as e:
         log.warning("adaptive mode without a latency model (%s): mixed steps take up to "
                     "decode.max_num_batched_tokens tokens", e)
-        return None
-    return lambda scheduler: step_budget(
+        return None, None
+    return (lambda scheduler: step_budget(
         scheduler, predictor, deployment.slo_tpot_s,
-        tokens_per_step=speculator.tokens_per_step if speculator else 1.0, now=time.monotonic())
+        tokens_per_step=speculator.tokens_per_step if speculator else 1.0, now=time.monotonic()),
+        lambda scheduler: plain_step_time(scheduler, predictor))
 
 
 def build_colocated_host(deployment: Any, index: int, send: Send,
