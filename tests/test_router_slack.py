@@ -7,8 +7,9 @@ import pytest
 
 from backends.core.kv_cache import BlockManager
 from backends.core.limits import EngineLimits
-from backends.core.router import (DEFICIT_SLOS, MAX_SLACK_SLOS, SLACK_SHARE, InstanceState, chunk_budget,
-                                  step_budget, tpot_slack)
+from backends.core.router import (DEFICIT_SLOS, FUTURE_SHARE, MAX_SLACK_SLOS, SLACK_SHARE,
+                                  InstanceState, chunk_budget, plain_step_time, step_budget,
+                                  sure_tokens, tpot_slack)
 from backends.core.sampling import SamplingParams
 from backends.core.scheduler import Scheduler
 from backends.core.sequence import Sequence
@@ -117,3 +118,92 @@ def test_step_budget_spends_the_running_sequences_slack():
     s.add_remote(seq("joining", 9, 7))                          # now one waits to join
     assert step_budget(s, P, 0.1, now=0.2) == no_clock
     assert InstanceState.from_scheduler("decode_0", "decode", s).step_slack_s == 0.0
+
+
+# ---- later tokens: a sequence sure to produce more is held to its SLO at its end -------------
+
+def _sure(name, out_tokens, first_at, max_tokens=50, **kw):
+    q = _decoding(name, out_tokens, first_at)
+    q.params = SamplingParams(max_tokens=max_tokens, seed=0, ignore_eos=True, **kw)
+    return q
+
+
+def test_sure_tokens_are_those_nothing_can_stop():
+    assert sure_tokens(_sure("a", 10, 0.0)) == 40                     # ignore_eos: to max_tokens
+    assert sure_tokens(_decoding("b", 10, 0.0)) == 0                  # may stop at any EOS
+    assert sure_tokens(_sure("c", 10, 0.0, stop_token_ids=(3,))) == 0
+    assert sure_tokens(_sure("d", 10, 0.0, stop=("x",))) == 0
+    q = _decoding("e", 10, 0.0)
+    q.params = SamplingParams(max_tokens=50, seed=0, min_tokens=25)
+    assert sure_tokens(q) == 15
+
+
+def _final_tpot(q, first_step, plain, now):
+    """q's TPOT at its end: one step of `first_step` now, the rest plain."""
+    later = sure_tokens(q) - 1
+    return (now + first_step + later * plain - q.first_token_time) / (q.num_output_tokens + later)
+
+
+def test_a_sequence_with_later_tokens_lends_their_margin_to_one_long_step():
+    slo, plain, now = 0.1, 0.03, 10.0
+    q = _sure("q", 11, first_at=9.0)               # 10 gaps in 1 s: on its SLO, nothing banked
+    assert tpot_slack([q], slo, now) == 0.0        # per step: no slack
+    spare = 39 * (slo - plain)                     # this step and 38 later ones, 70 ms each
+    slack = tpot_slack([q], slo, now, plain_step_s=plain)
+    assert slack == pytest.approx(plain + FUTURE_SHARE * spare - slo) == pytest.approx(1.295)
+    assert _final_tpot(q, slo + slack, plain, now) < slo       # half the spare left
+    assert _final_tpot(q, plain + spare, plain, now) == pytest.approx(slo)   # all: on the edge
+    # steps that each spend half of what is left never take it past its SLO
+    t, s = now, _sure("s", 11, first_at=9.0)
+    for _ in range(10):
+        step = slo + tpot_slack([s], slo, t, plain_step_s=plain)
+        t += step
+        s.append_token(7)
+        assert _final_tpot(s, plain, plain, t - plain) <= slo + 1e-9
+    # one sure of fewer later tokens bounds the step: the least spare
+    short = _sure("short", 11, first_at=9.0, max_tokens=13)
+    assert tpot_slack([q, short], slo, now, plain_step_s=plain) < slack
+    # a spare spent (it ran long steps): plain steps only, however far behind
+    spent = _sure("spent", 11, first_at=5.0)
+    assert tpot_slack([spent], slo, now, plain_step_s=plain) == pytest.approx(plain - slo)
+    # a plain step over the SLO: nothing to lend
+    assert tpot_slack([q], slo, now, plain_step_s=0.12) == pytest.approx(0.02)
+    # one that may stop at any token keeps the per-step rule beside it
+    maybe = _decoding("maybe", 3, first_at=9.9)    # 0.1 s banked
+    assert tpot_slack([q, maybe], slo, now, plain_step_s=plain) == pytest.approx(SLACK_SHARE * 0.1)
+
+
+def test_sequences_waiting_to_join_count_with_their_own_spare():
+    slo, plain, now = 0.1, 0.03, 10.0
+    q = _sure("q", 11, first_at=9.0)
+    alone = tpot_slack([q], slo, now, plain_step_s=plain)
+    joiner = _sure("j", 1, first_at=9.5, max_tokens=20)        # waited 0.5 s for its KV
+    both = tpot_slack([q], slo, now, plain_step_s=plain, joiners=[joiner])
+    assert both == pytest.approx(plain + FUTURE_SHARE * (-0.5 + 19 * (slo - plain)) - slo)
+    assert both < alone
+    unsure = _decoding("u", 1, first_at=9.9)                  # may stop at once: banked nothing
+    assert tpot_slack([q], slo, now, plain_step_s=plain, joiners=[unsure]) == 0.0
+
+
+def test_the_step_budget_and_published_state_count_later_tokens():
+    lim = EngineLimits(num_kv_blocks=256, max_num_seqs=8, max_num_batched_tokens=4096,
+                       block_size=16, chunked_prefill=True)
+    budgets = []
+    for params in (SamplingParams(max_tokens=100, seed=0),
+                   SamplingParams(max_tokens=100, seed=0, ignore_eos=True)):
+        s = Scheduler(lim, BlockManager(lim.num_kv_blocks))
+        a = Sequence("a", [5] * 10, params)
+        s.add_remote(a)
+        s.admit_remote()
+        s.kv_arrived(a)
+        a.append_token(7)
+        a.first_token_time = 0.0
+        for t in range(20):                                     # on its SLO: nothing banked
+            s.update(s.schedule(now=0.1 * t), [7])
+        s.add(seq("long", 3000))
+        budgets.append(step_budget(s, P, 0.1, now=2.0))
+        plain = plain_step_time(s, P)
+        st = InstanceState.from_scheduler("decode_0", "decode", s, tpot_slo=0.1, now=2.0,
+                                          plain_step_s=plain)
+        assert P.mixed_step_time(1, a.num_tokens, budgets[-1] - 1) <= 0.1 + st.step_slack_s + 1e-9
+    assert budgets[1] > budgets[0]                 # 79 later tokens lend their margin

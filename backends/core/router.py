@@ -35,9 +35,17 @@ most DEFICIT_SLOS of it), which puts it back on its SLO, so a batch whose mixed 
 their prediction takes fewer prompt tokens; the router predicts a local prefill there after
 that step (or after plain decode steps, where the deficit leaves no room for a prompt token).
 A long prompt is then prefilled in larger chunks while the batch has slack, where a per-step
-bound would cut it into many small ones. A sequence waiting to join (its KV on the way) has
-banked nothing: while one is there, steps keep the per-step bound. One that arrives during a long step waits
-for it, as behind any mixed step.
+bound would cut it into many small ones. A sequence sure to produce more tokens (ignore_eos:
+the benchmarks; min_tokens) is held to its SLO at its end instead: its later steps, if plain,
+leave a margin under the SLO it may lend to a step now (half of what is left each time, see
+`tpot_slack`), so a decode instance can prefill a whole prompt in one step, as a colocated
+one does, where the TPOT averaged over the output allows it. (The router's prediction of a
+local prefill's later steps still assumes per-step-bound steps; with later tokens counted
+they are larger while the spare lasts and shrink towards plain steps after it.) A sequence
+waiting to join (its KV on the way) has banked nothing: while one is there, steps keep the
+per-step bound, unless it too is sure of later tokens (then its spare counts, its wait so
+far against it). One that arrives during a long step waits for it, as behind any mixed
+step.
 
 With `hits` (instance -> prompt tokens its prefix cache likely holds: the orchestrator's
 backends.core.cache_affinity guess), an option prefills only the rest of the prompt there,
