@@ -28,17 +28,19 @@ HOST_PROFILE = "results/profile_host.json"    # ./build.sh profile-host: measure
 class LatencyModelPredictor:
     model: LatencyModel
 
-    def prefill_time(self, prompt_lens: Sequence[int]) -> float:
-        return self.model.pp * self.model.prefill_time(prompt_lens) if prompt_lens else 0.0
+    def prefill_time(self, prompt_lens: Sequence[int], prefix: int = 0) -> float:
+        return self.model.pp * self.model.prefill_time(prompt_lens, [prefix] * len(prompt_lens)) \
+            if prompt_lens else 0.0
 
     def decode_step_time(self, num_seqs: int, total_context: int) -> float:
         return self.model.pp * self.model.decode_time(num_seqs, total_context) if num_seqs else 0.0
 
-    def mixed_step_time(self, num_seqs: int, total_context: int, chunk_tokens: int) -> float:
+    def mixed_step_time(self, num_seqs: int, total_context: int, chunk_tokens: int,
+                        prefix: int = 0) -> float:
         if not chunk_tokens:
             return self.decode_step_time(num_seqs, total_context)
         decode = self.model.decode_time(num_seqs, total_context, marginal=True) if num_seqs else 0.0
-        return self.model.pp * (self.model.prefill_time([chunk_tokens]) + decode)
+        return self.model.pp * (self.model.prefill_time([chunk_tokens], [prefix]) + decode)
 
 
 @dataclass(frozen=True)
@@ -49,14 +51,15 @@ class PhasePredictor:
     prefill: LatencyModelPredictor
     decode: LatencyModelPredictor
 
-    def prefill_time(self, prompt_lens: Sequence[int]) -> float:
-        return self.prefill.prefill_time(prompt_lens)
+    def prefill_time(self, prompt_lens: Sequence[int], prefix: int = 0) -> float:
+        return self.prefill.prefill_time(prompt_lens, prefix)
 
     def decode_step_time(self, num_seqs: int, total_context: int) -> float:
         return self.decode.decode_step_time(num_seqs, total_context)
 
-    def mixed_step_time(self, num_seqs: int, total_context: int, chunk_tokens: int) -> float:
-        return self.decode.mixed_step_time(num_seqs, total_context, chunk_tokens)
+    def mixed_step_time(self, num_seqs: int, total_context: int, chunk_tokens: int,
+                        prefix: int = 0) -> float:
+        return self.decode.mixed_step_time(num_seqs, total_context, chunk_tokens, prefix)
 
 
 def deployment_predictor(deployment, profile: str | Path) -> PhasePredictor:

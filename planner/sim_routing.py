@@ -45,7 +45,8 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from backends.core.limits import EngineLimits
-from backends.core.router import SLO, Decision, InstanceState, plain_step_time, route, step_budget
+from backends.core.router import SLO, Decision, InstanceState, route, step_budget
+from backends.core.tpot_slack import plain_steps
 from backends.core.scheduler import Batch, Scheduler
 from planner.router_latency import LatencyModelPredictor, PhasePredictor
 from planner.sim_records import Record
@@ -89,7 +90,7 @@ class Routing:
     def decode_state(self, e: _Engine) -> InstanceState:
         state = InstanceState.from_scheduler(
             self._name(e), "decode", e.scheduler, tpot_slo=self.slo.tpot, now=self.sim.now,
-            plain_step_s=plain_step_time(e.scheduler, self.decode_predictor))
+            plain=plain_steps(e.scheduler, self.decode_predictor))
         unreserved = e.blocks.num_blocks - self.reserved.get(id(e.blocks), 0)
         return replace(state, free_kv_blocks=max(0, min(state.free_kv_blocks, unreserved)))
 

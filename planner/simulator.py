@@ -203,7 +203,7 @@ class _Engine:
             if k == len(batch.seqs):
                 return decode
             decode -= lat.decode_time(k, 0) - lat.decode_time(k, 0, marginal=True)
-        return lat.prefill_time(batch.num_new[k:]) + decode
+        return lat.prefill_time(batch.num_new[k:], [q.num_cached for q in batch.seqs[k:]]) + decode
 
 
 class Simulator:

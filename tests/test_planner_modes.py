@@ -121,16 +121,19 @@ def test_replan_keeps_the_mode_where_no_other_pays():
 
 
 def test_replan_weighs_a_decode_instance_on_the_prefill_core():
-    """Summarization's prefill core idles between its long prompts: a decode instance there
-    (time-sliced with prefill in the simulator) is predicted to pay; a deployment served that
-    way is simulated with its shared core, and is not offered the same again."""
-    m = replan_modes(summarization_like(120), 0.3, SLO(5.48, 0.174))
+    """Chatbot at a 100 ms TPOT: the prefill core idles between prompts while decode binds, so
+    a decode instance there (time-sliced with prefill in the simulator) is predicted to pay; a
+    deployment served that way is simulated with its shared core, and is not offered the same
+    again. (Summarization, the case here before, stopped paying once the simulator priced a
+    chunk's attention over the prompt's earlier chunks: 2,000-token prompts chunked on a
+    shared core cost more.)"""
+    m = replan_modes(chatbot_like(300), 1.1, SLO(1.0, 0.1))
     found = m["by_mode"]
     assert set(found) == {"split", "adaptive", "adaptive-shared", "colocated"}
     assert m["recommend"] == "adaptive-shared" and m["gain"] >= 1.1
     assert found["adaptive-shared"]["goodput"] > found["adaptive"]["goodput"]
     shared = with_decode_on_prefill_cores(serving(default_deployment("models/x.gguf", 2), "adaptive"))
-    again = replan_modes(summarization_like(120), 0.3, SLO(5.48, 0.174), dep=shared)
+    again = replan_modes(chatbot_like(300), 1.1, SLO(1.0, 0.1), dep=shared)
     assert again["current"] == "adaptive" and "adaptive-shared" not in again["by_mode"]
     assert again["by_mode"]["adaptive"]["goodput"] == pytest.approx(found["adaptive-shared"]["goodput"], rel=0.05)
     assert again["recommend"] is None

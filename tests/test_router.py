@@ -25,13 +25,13 @@ TARGET = SLO(ttft=0.5, tpot=0.1)
 
 
 class Linear:
-    def prefill_time(self, lens):
+    def prefill_time(self, lens, prefix=0):            # no attention term: prefix is free
         return 0.010 + 1e-4 * sum(lens) if lens else 0.0
 
     def decode_step_time(self, n, ctx):
         return 0.010 + 1e-3 * n + 1e-5 * ctx if n else 0.0
 
-    def mixed_step_time(self, n, ctx, chunk):
+    def mixed_step_time(self, n, ctx, chunk, prefix=0):
         if not chunk:
             return self.decode_step_time(n, ctx)
         return self.prefill_time([chunk]) + 1e-3 * n + 1e-5 * ctx
@@ -302,3 +302,44 @@ def test_planner_predictor_prices_steps_as_the_simulator():
     assert pred.mixed_step_time(0, 0, 24) == pytest.approx(model.prefill_time([24]))
     assert LatencyModelPredictor(model.with_pp(2)).prefill_time([24]) == pytest.approx(
         2 * model.with_pp(2).prefill_time([24]))
+
+
+def test_a_chunk_after_cached_tokens_is_priced_with_its_attention_over_them():
+    """The quadratic term prices a chunk's attention over what precedes it (a cached prefix,
+    or the prompt's own earlier chunks), in the router and the simulator alike, and the
+    decode instance's step budget takes it: a later turn's chunk after its cached history is
+    smaller, and its local TTFT higher, than a cold chunk's."""
+    from backends.core.prefix_cache import PrefixCache
+    from planner.simulator import InstanceSpec, _Engine, _Stage
+    model = LatencyModel("m", "cpu", 1, prefill=(0.005, 1.3e-3, 5e-7),    # the AMD host's form
+                         decode_small=(0.008, 6e-6, 0.0), decode_large=(0.008, 6e-6, 0.0))
+    pred = LatencyModelPredictor(model)
+    assert pred.mixed_step_time(0, 0, 130, 800) == pytest.approx(
+        model.prefill_time([930]) - model.prefill_time([800]) + model.prefill[0])
+    assert pred.mixed_step_time(0, 0, 130, 800) > 1.4 * pred.mixed_step_time(0, 0, 130)
+    lim = EngineLimits(num_kv_blocks=512, max_num_seqs=8, max_num_batched_tokens=2048,
+                       block_size=16, chunked_prefill=True)
+    engine = _Engine("decode", 0, InstanceSpec(model, lim), _Stage(1), BlockManager(512))
+    later = seq("c", 1000)
+    later.num_cached = 800
+    batch = Batch(seqs=[seq("a", 10, 7), later], num_new=[1, 130], num_decodes=1)
+    assert pred.mixed_step_time(1, 11, 130, 800) == pytest.approx(engine.step_time(batch))
+    d = decode(running=2, context=600)
+    assert chunk_budget(d, pred, 0.1, prefix=1500) < chunk_budget(d, pred, 0.1)
+    # routed: the cached history is not free to attend over
+    slo = SLO(ttft=10.0, tpot=0.1)
+    local = next(o for o in route(1600, 50, slo, [], [d], pred, hits={"decode_0": 1500}).options
+                 if o.kind == "local")
+    assert local.ttft_s > pred.mixed_step_time(2, 600, 100)
+    # the decode instance's next chunk: after a part-way prompt's cached tokens, or after the
+    # first waiting prompt's cached prefix
+    s = Scheduler(lim, BlockManager(512, PrefixCache(16)))
+    assert s.next_chunk_prefix() == 0
+    first = Sequence("t1", list(range(1, 801)), SamplingParams(max_tokens=4, seed=0))
+    s.add(first)
+    s.update(s.schedule(token_budget=500), [0])
+    assert s.next_chunk_prefix() == 500                        # part-way
+    s.update(s.schedule(token_budget=500), [7])              # prefilled: its blocks cached
+    s.finish(first)
+    s.add(Sequence("t2", list(range(1, 801)) + [900] * 200, SamplingParams(max_tokens=4, seed=0)))
+    assert s.next_chunk_prefix() == 800                         # waiting, its history cached

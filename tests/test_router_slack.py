@@ -7,9 +7,9 @@ import pytest
 
 from backends.core.kv_cache import BlockManager
 from backends.core.limits import EngineLimits
-from backends.core.router import (DEFICIT_SLOS, FUTURE_SHARE, MAX_SLACK_SLOS, SLACK_SHARE,
-                                  InstanceState, chunk_budget, plain_step_time, step_budget,
-                                  sure_tokens, tpot_slack)
+from backends.core.router import InstanceState, chunk_budget, step_budget
+from backends.core.tpot_slack import (DEFICIT_SLOS, FUTURE_SHARE, MAX_SLACK_SLOS, SLACK_SHARE,
+                                      plain_steps, sure_tokens, tpot_slack)
 from backends.core.sampling import SamplingParams
 from backends.core.scheduler import Scheduler
 from backends.core.sequence import Sequence
@@ -202,8 +202,7 @@ def test_the_step_budget_and_published_state_count_later_tokens():
             s.update(s.schedule(now=0.1 * t), [7])
         s.add(seq("long", 3000))
         budgets.append(step_budget(s, P, 0.1, now=2.0))
-        plain = plain_step_time(s, P)
         st = InstanceState.from_scheduler("decode_0", "decode", s, tpot_slo=0.1, now=2.0,
-                                          plain_step_s=plain)
+                                          plain=plain_steps(s, P))
         assert P.mixed_step_time(1, a.num_tokens, budgets[-1] - 1) <= 0.1 + st.step_slack_s + 1e-9
     assert budgets[1] > budgets[0]                 # 79 later tokens lend their margin

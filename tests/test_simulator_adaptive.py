@@ -129,7 +129,7 @@ def test_local_prompts_ride_in_decode_steps_within_the_tpot_budget():
     prompt in a few large chunks), and the sequences they ran beside still meet their TPOT
     SLO (one whose KV arrived during such a step waited for it: not promised)."""
     import planner.simulator as simulator
-    from backends.core.router import plain_step_time, scheduler_slack
+    from backends.core.tpot_slack import plain_steps, scheduler_slack
     slo = SLO(ttft=1.0, tpot=0.1)
     steps, beside, real = [], set(), simulator._Engine.step_time
 
@@ -137,7 +137,7 @@ def test_local_prompts_ride_in_decode_steps_within_the_tpot_budget():
         t = real(engine, batch)
         if engine.role == "decode" and batch.num_decodes < len(batch.seqs):
             running = [q for q in engine.scheduler.running if q.num_cached >= q.num_prompt_tokens]
-            slack = scheduler_slack(engine.scheduler, slo.tpot, sim.now, plain_step_time(
+            slack = scheduler_slack(engine.scheduler, slo.tpot, sim.now, plain_steps(
                 engine.scheduler, sim.routing.decode_predictor))
             steps.append((t, slack, batch.num_decodes, len(running) - batch.num_decodes))
             if t > slo.tpot:

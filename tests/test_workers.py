@@ -403,9 +403,9 @@ def test_decode_mixed_steps_keep_to_the_step_budget_the_router_sizes(tiny_llama)
 
 def test_decode_worker_publishes_its_running_sequences_tpot_slack(tiny_llama):
     """Adaptive mode (a TPOT SLO given): stats() carries the slack the running batch banked
-    (router.tpot_slack) for the status page; a local prompt's first token stamps its TPOT clock."""
+    (backends.core.tpot_slack) for the status page; a local prompt's first token stamps its TPOT clock."""
     from backends.core.messages import GenerateRequest
-    from backends.core.router import MAX_SLACK_SLOS, SLACK_SHARE
+    from backends.core.tpot_slack import MAX_SLACK_SLOS, SLACK_SHARE
     config, sd = tiny_llama
     now = [100.0]
     dcfg = EngineConfig(dtype="float32", role="decode", limits=EngineLimits(

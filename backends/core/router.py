@@ -23,13 +23,16 @@ Predictions (seconds):
   prefill j's queued local tokens and this prompt (the first of them spends the slack, the
   rest have none); TPOT = the worse of a slack-free such step and j's decode step with this
   sequence added.
+- A prompt's chunks are priced after the tokens cached before them (its prefix-cache hit, its
+  own earlier chunks): attention runs over them, the quadratic term of the prefill model. A
+  later turn's 130 new tokens after 800 cached ones cost 1.7x a cold chunk on the AMD host.
 
 TPOT is a mean over a request's output (client.bench.metrics.tpot), so a decoding sequence
 whose steps so far were faster than its SLO has banked the difference: slack = SLO x (tokens
 out - 1) - time since its first token. One step may take up to SLO x yield + the least slack
 of the running sequences and every one of them still meets its TPOT even if it ended right
-after (`tpot_slack`: SLACK_SHARE of it, a margin for the prediction, and at most one more
-TPOT SLO: a request may join during the step unseen, see MAX_SLACK_SLOS). One that ran slower
+after (backends/core/tpot_slack.py: SLACK_SHARE of it, a margin for the prediction, and at most
+one more TPOT SLO: a request may join during the step unseen, see MAX_SLACK_SLOS). One that ran slower
 than its SLO so far has a deficit instead: the next step is held that much under the SLO (at
 most DEFICIT_SLOS of it), which puts it back on its SLO, so a batch whose mixed steps ran over
 their prediction takes fewer prompt tokens; the router predicts a local prefill there after
@@ -81,18 +84,22 @@ import math
 from dataclasses import asdict, dataclass, replace
 from typing import Literal, Mapping, Protocol, Sequence
 
+from backends.core.tpot_slack import plain_steps, scheduler_slack
+
 
 class Predictor(Protocol):
     """Step times in seconds. DistServe's Appendix A form depends on the batch only through
     these arguments: prefill a + b*sum(l) + c*sum(l^2), decode a + b*sum(ctx) + c*B."""
 
-    def prefill_time(self, prompt_lens: Sequence[int]) -> float: ...
+    def prefill_time(self, prompt_lens: Sequence[int], prefix: int = 0) -> float:
+        """Each of `prompt_lens` new tokens after `prefix` tokens already in the cache."""
 
     def decode_step_time(self, num_seqs: int, total_context: int) -> float: ...
 
-    def mixed_step_time(self, num_seqs: int, total_context: int, chunk_tokens: int) -> float:
+    def mixed_step_time(self, num_seqs: int, total_context: int, chunk_tokens: int,
+                        prefix: int = 0) -> float:
         """A decode step of `num_seqs` sequences that also prefills `chunk_tokens` prompt tokens
-        (non-decreasing in `chunk_tokens`)."""
+        after `prefix` cached ones (non-decreasing in `chunk_tokens` and `prefix`)."""
 
 
 class SLO(Protocol):                # planner.rate_search.SLO is one
@@ -140,11 +147,11 @@ class InstanceState:
     @classmethod
     def from_scheduler(cls, instance: str, phase: Literal["prefill", "decode"], scheduler,
                        recent_step_s: float | None = None, tpot_slo: float | None = None,
-                       now: float | None = None, plain_step_s: float | None = None
+                       now: float | None = None, plain: tuple[float, float] | None = None
                        ) -> InstanceState:
         """The state of a `backends.core.scheduler.Scheduler` (read, not changed); with
         `tpot_slo` and `now`, a decode instance's running sequences' slack too (`tpot_slack`,
-        counting their later tokens with `plain_step_s`)."""
+        counting their later tokens with `plain`: `plain_steps`)."""
         s, lim = scheduler, scheduler.config
         prefilling = [*s.waiting, *(q for q in s.running if q.num_cached < q.num_prompt_tokens)]
         decoding = [*(q for q in s.running if q.num_cached >= q.num_prompt_tokens), *s.loading, *s.remote]
@@ -156,7 +163,7 @@ class InstanceState:
                    len(decoding), sum(q.num_tokens for q in decoding), lim.block_size,
                    lim.max_num_seqs, lim.max_num_batched_tokens,
                    phase == "decode" and lim.chunked_prefill, recent_step_s,
-                   step_slack_s=scheduler_slack(s, tpot_slo, now, plain_step_s)
+                   step_slack_s=scheduler_slack(s, tpot_slo, now, plain)
                    if phase == "decode" and tpot_slo is not None and now is not None else 0.0)
 
 
@@ -196,104 +203,18 @@ def _shift(d: InstanceState, predictor: Predictor) -> float:
     return d.recent_step_s - predictor.decode_step_time(d.num_running, d.running_context)
 
 
-SLACK_SHARE = 0.8                       # of the banked slack a step may spend
-DEFICIT_SLOS = 0.5                      # a batch behind its TPOT SLO: its next step up to this
-# many SLOs shorter than the SLO (which makes it up). Without it every mixed step was sized to
-# the SLO itself, so a sequence's mean TPOT sat at the SLO and each step that ran over its
-# prediction put it past (served, multi-turn chat, 16 users: TPOT p50 86 ms at an 82 ms SLO).
-MAX_SLACK_SLOS = 1.0                    # ... and at most this many TPOT SLOs: a step of up to 2
-# SLOs. A request may join during the step without this instance knowing of it (a split
-# request still prefilling elsewhere): it waits for the step, and the wait counts towards its
-# TPOT, which over a short output cannot absorb much. Uncapped, the slack of a long-running
-# batch let single steps run for seconds (served, tight TPOT: split requests of 6-15 output
-# tokens waited 0.1-0.5 s to join behind a long local prefill and missed a 50 ms TPOT).
-FUTURE_SHARE = 0.5                      # of a sequence's spare its later tokens leave (tpot_slack)
-
-
-def sure_tokens(q) -> int:
-    """Output tokens sequence `q` is certain still to produce: up to max_tokens where nothing
-    can stop it earlier (ignore_eos, no stop ids or strings), else up to min_tokens."""
-    p = q.params
-    last = p.max_tokens if p.ignore_eos and not p.stop_token_ids and not p.stop else p.min_tokens
-    return max(0, last - q.num_output_tokens)
-
-
-def tpot_slack(seqs, tpot_slo: float, now: float, joining: int = 0,
-               plain_step_s: float | None = None, tokens_per_step: float = 1.0,
-               joiners=()) -> float:
-    """How much longer than `tpot_slo` x its yield the next step may take with each of the
-    decoding sequences among `seqs` still within `tpot_slo` on average (over its tokens so far
-    and the next) if it ended right after: SLACK_SHARE of the least slack banked; 0 with none
-    decoding, or `joining` sequences waiting to join (they banked nothing; neither has a
-    sequence without a first-token time yet); at most MAX_SLACK_SLOS x `tpot_slo`. Negative
-    when one is behind its SLO (a deficit, joining or not): the step must be that much
-    shorter, by at most DEFICIT_SLOS x `tpot_slo`.
-
-    With `plain_step_s` (the batch's predicted plain decode step), a sequence sure to produce
-    more tokens (`sure_tokens`) is held to its SLO at its end instead: all it may still spend
-    beyond plain steps is its spare = banked + (its steps from this one on) x (SLO x yield -
-    plain step). A step of plain + FUTURE_SHARE x spare leaves (1 - FUTURE_SHARE) of it, so
-    it never runs out while predictions hold, and the next steps shrink towards plain while
-    prompts keep coming (a spare at or under 0: plain steps only, until it ends). No
-    MAX_SLACK_SLOS bound there: each sequence's own spare bounds the step. The sequences in
-    `joiners` (their KV on the way) count with their spares, their wait so far against them,
-    where they have later tokens, else as `joining`."""
-    y = tokens_per_step
-    margin = None if plain_step_s is None else tpot_slo * y - plain_step_s
-    least, spare = None, None
-    for q, joiner in (*((q, False) for q in seqs), *((q, True) for q in joiners)):
-        if not joiner and (q.num_cached < q.num_prompt_tokens or not q.output_ids):
-            continue                    # prefilling: no TPOT yet
-        banked = 0.0 if q.first_token_time is None else \
-            tpot_slo * (q.num_output_tokens - 1) - (now - q.first_token_time)
-        steps = 0.0 if margin is None else sure_tokens(q) / y
-        if steps > 1:
-            mine = banked + steps * margin
-            spare = mine if spare is None else min(spare, mine)
-        elif joiner:
-            joining += 1
-        else:
-            least = banked if least is None else min(least, banked)
-    slacks = []
-    if least is not None:
-        slacks.append(max(least, -DEFICIT_SLOS * tpot_slo) if least < 0 else
-                      0.0 if joining else min(least * SLACK_SHARE, MAX_SLACK_SLOS * tpot_slo))
-    if spare is not None:               # over SLO x yield: plain + share x spare - SLO x yield
-        over = FUTURE_SHARE * max(0.0, spare) - margin
-        slacks.append(min(over, 0.0) if joining else over)
-    return min(slacks, default=0.0)
-
-
-def scheduler_slack(scheduler, tpot_slo: float, now: float, plain_step_s: float | None = None,
-                    tokens_per_step: float = 1.0) -> float:
-    """`tpot_slack` of a scheduler's running batch, its sequences waiting for KV joining."""
-    s = scheduler
-    if plain_step_s is None:
-        return tpot_slack(s.running, tpot_slo, now, len(s.loading) + len(s.remote))
-    return tpot_slack(s.running, tpot_slo, now, plain_step_s=plain_step_s,
-                      tokens_per_step=tokens_per_step, joiners=(*s.loading, *s.remote))
-
-
-def plain_step_time(scheduler, predictor: Predictor, recent_step_s: float | None = None) -> float:
-    """The predicted plain decode step of a scheduler's decoding sequences (with its measured
-    `recent_step_s`, shifted as `_shift` does)."""
-    decoding = [q for q in scheduler.running if q.num_cached >= q.num_prompt_tokens]
-    n, ctx = len(decoding), sum(q.num_tokens for q in decoding)
-    t = predictor.decode_step_time(n, ctx)
-    return t if recent_step_s is None or not n else recent_step_s
-
-
 def chunk_budget(state: InstanceState, predictor: Predictor, tpot_slo: float,
-                 slack: bool = True) -> int:
+                 slack: bool = True, prefix: int = 0) -> int:
     """The most prompt tokens one mixed step of `state`'s running batch can carry with the step
     predicted within `tpot_slo` x yield + (with `slack`) its `step_slack_s` (at most the step's
-    token budget less a token per running sequence); 0 when not even one token fits."""
+    token budget less a token per running sequence); 0 when not even one token fits. `prefix`:
+    the tokens the chunk's prompt has cached before it (its attention runs over them)."""
     shift, n, ctx = _shift(state, predictor), state.num_running, state.running_context
     limit = tpot_slo * state.tokens_per_step + (state.step_slack_s if slack else 0.0)
     lo, hi = 0, state.max_num_batched_tokens - n
     while lo < hi:                      # the largest c in [0, hi] that fits
         mid = (lo + hi + 1) // 2
-        if predictor.mixed_step_time(n, ctx, mid) + shift <= limit:
+        if predictor.mixed_step_time(n, ctx, mid, prefix) + shift <= limit:
             lo = mid
         else:
             hi = mid - 1
@@ -327,10 +248,13 @@ def _split(p: InstanceState, target: tuple[InstanceState, float] | None, prompt_
     share, extra = divmod(tokens, n)
     wait = predictor.prefill_time([share + 1] * extra + [share] * (n - extra)) if tokens else 0.0
     d, tpot = target
-    ttft = wait + predictor.prefill_time([prompt_len - hit])
+    ttft = wait + predictor.prefill_time([prompt_len - hit], hit)
     return _judged(Option("split", p.instance, d.instance, 0, ttft, tpot), slo,
                    f"prefill behind {tokens} queued tokens, decode on {d.instance} "
                    f"({d.num_running} running){_cached(hit)}")
+
+
+PRICED_STEPS = 256                      # a local prefill's steps priced one by one, at most
 
 
 def _local(d: InstanceState, prompt_len: int, max_tokens: int, slo: SLO, predictor: Predictor,
@@ -345,9 +269,10 @@ def _local(d: InstanceState, prompt_len: int, max_tokens: int, slo: SLO, predict
         return impossible("decode batch full")
     # the first step spends the running batch's banked slack, or repays its deficit: one step
     # that much under the SLO puts the sequence furthest behind back on it; the rest have none
-    first = chunk_budget(d, predictor, slo.tpot)
-    budget = chunk_budget(d, predictor, slo.tpot, slack=False)
-    tokens = d.queued_tokens + prompt_len - hit
+    # its chunks come after the queued prompts' (priced without their prefixes), after its hit
+    ahead, tokens = d.queued_tokens, d.queued_tokens + prompt_len - hit
+    first = chunk_budget(d, predictor, slo.tpot, prefix=0 if ahead else hit)
+    budget = chunk_budget(d, predictor, slo.tpot, slack=False, prefix=0 if ahead else hit)
     if budget == 0 and tokens > first:
         return impossible("running batch at its TPOT limit")
     shift, n, ctx = _shift(d, predictor), d.num_running, d.running_context
@@ -359,14 +284,18 @@ def _local(d: InstanceState, prompt_len: int, max_tokens: int, slo: SLO, predict
             return impossible("running batch at its TPOT limit")
         catch_up = max(1, math.ceil(-d.step_slack_s / room))
         delay, first = catch_up * plain, budget
-    head = min(tokens, first)
-    full, rest = divmod(tokens - head, budget) if budget else (0, 0)
+    # the steps: `first` tokens, then `budget` each, each priced after what precedes it
+    ttft, done, steps, size = delay, 0, 0, first
+    while done < tokens:
+        c = min(size, tokens - done)
+        t = predictor.mixed_step_time(n, ctx, c, hit + done - ahead if done >= ahead else 0) + shift
+        ttft, done, steps, size = ttft + t, done + c, steps + 1, budget
+        if steps == PRICED_STEPS and done < tokens:     # the rest at the last step's price
+            more = -(-(tokens - done) // budget)
+            ttft, steps, done = ttft + more * t, steps + more, tokens
     step = predictor.mixed_step_time(n, ctx, budget) + shift if budget else 0.0
-    ttft = delay + predictor.mixed_step_time(n, ctx, head) + shift + full * step + \
-        (predictor.mixed_step_time(n, ctx, rest) + shift if rest else 0.0)
     # its own TPOT: the slack-free mixed steps of later prompts, or its decode step
     tpot = max(min(step, ttft) / d.tokens_per_step, _join_tpot(d, prompt_len, predictor))
-    steps = 1 + full + (rest > 0)
     after = f" after {catch_up} plain step{'s' * (catch_up > 1)}" if catch_up else ""
     return _judged(Option("local", None, d.instance, budget, ttft, tpot, steps=steps), slo,
                    f"{steps} mixed step{'s' * (steps > 1)} of <= {max(first, budget)} tokens{after} "
@@ -436,7 +365,7 @@ def step_budget(scheduler, predictor: Predictor, tpot_slo: float,
                           max_num_batched_tokens=lim.max_num_batched_tokens, local_prefill=True,
                           recent_step_s=recent_step_s, tokens_per_step=tokens_per_step,
                           step_slack_s=0.0 if now is None else scheduler_slack(
-                              s, tpot_slo, now, plain_step_time(s, predictor, recent_step_s),
+                              s, tpot_slo, now, plain_steps(s, predictor, recent_step_s),
                               tokens_per_step))
-    budget = chunk_budget(state, predictor, tpot_slo)
+    budget = chunk_budget(state, predictor, tpot_slo, prefix=s.next_chunk_prefix())
     return max(1, min(lim.max_num_batched_tokens, len(decoding) + budget))

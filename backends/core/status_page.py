@@ -103,7 +103,7 @@ FIELDS: tuple[tuple[str, str], ...] = (
     ("tokens_per_step", "d"),         # decode: tokens a decoding sequence gets per step (EWMA;
                                       # 1 without speculation, more with accepted drafts)
     ("tpot_slack_s", "d"),            # decode, adaptive: the running batch's TPOT slack
-)                                     # (backends.core.router.tpot_slack; 0: none, < 0: behind)
+)                                     # (backends.core.tpot_slack.tpot_slack; 0: none, < 0: behind)
 FIELD_NAMES = tuple(name for name, _ in FIELDS)
 _INDEX = {name: i + 1 for i, name in enumerate(FIELD_NAMES)}    # 0 is written_at
 _BODY = struct.Struct("<d" + "".join(code for _, code in FIELDS))

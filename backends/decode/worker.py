@@ -23,7 +23,7 @@ from collections.abc import Callable
 
 from backends.core.engine import LLMEngine, StepOutput
 from backends.core.messages import Admitted, DecodeRequest, Failed, GenerateRequest, Message
-from backends.core.router import scheduler_slack
+from backends.core.tpot_slack import scheduler_slack
 from backends.core.scheduler import Scheduler
 from backends.core.sequence import Sequence, SequenceStatus
 from backends.core.spec_policy import Speculator
@@ -40,18 +40,18 @@ class DecodeWorker(EngineWorker):
                  clock=time.monotonic, async_copy: bool = True,
                  step_budget: Callable[[Scheduler], int | None] | None = None,
                  speculator: Speculator | None = None, tpot_slo: float | None = None,
-                 plain_step: Callable[[Scheduler], float] | None = None) -> None:
+                 plain_steps: Callable[[Scheduler], tuple[float, float]] | None = None) -> None:
         """`async_copy=False` copies inside the step instead (every admission stalls the batch:
         the behaviour before asynchronous admission, kept for comparison). `step_budget`: the
         token budget of each mixed step from the scheduler's state (adaptive mode:
         backends.core.router.step_budget with the TPOT SLO), else the standing budget.
         `speculator`: speculative decoding (the deployment's decode.speculative), else none.
         `tpot_slo` (adaptive mode): its running sequences' TPOT slack goes into `stats()` for
-        the router (backends.core.router.tpot_slack), counting the sequences' later tokens
-        with `plain_step` (the predicted plain step of a scheduler's batch) where given."""
+        the router (backends.core.tpot_slack.tpot_slack), counting the sequences' later tokens
+        with `plain_steps` (backends.core.tpot_slack.plain_steps of a scheduler) where given."""
         super().__init__(engine, instance_id, clock, speculator=speculator)
         self.step_budget = step_budget
-        self.tpot_slo, self.plain_step = tpot_slo, plain_step
+        self.tpot_slo, self.plain_steps = tpot_slo, plain_steps
         self.num_local = 0                              # prompts taken to prefill here
         self.importer = importer
         self.async_copy = async_copy
@@ -146,7 +146,7 @@ class DecodeWorker(EngineWorker):
                 "kv_transfer_bytes": self.kv_bytes,
                 "kv_transfer_seconds": self.kv_seconds,
                 "tpot_slack_s": 0.0 if self.tpot_slo is None else scheduler_slack(
-                    s, self.tpot_slo, self.clock(), self.plain_step and self.plain_step(s),
+                    s, self.tpot_slo, self.clock(), self.plain_steps and self.plain_steps(s),
                     self.speculator.tokens_per_step if self.speculator else 1.0)}
 
     def close(self) -> None:

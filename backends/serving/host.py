@@ -274,11 +274,11 @@ def build_decode_host(deployment: Any, index: int, send: Send,
                        **kw)
     instance_id = f"decode-{index}"
     speculator = _speculator(deployment, deployment.decode, index, config.vocab_size)
-    budget, plain_step = _adaptive_steps(deployment, speculator)
+    budget, plain = _adaptive_steps(deployment, speculator)
     worker = DecodeWorker(engine, make_importer(deployment.kv_transport, engine.kv), instance_id,
                           step_budget=budget, speculator=speculator,
                           tpot_slo=deployment.slo_tpot_s if deployment.serving_mode == "adaptive"
-                          else None, plain_step=plain_step)
+                          else None, plain_steps=plain)
     return InstanceHost(worker, send, is_cancelled, on_step)
 
 
@@ -296,15 +296,17 @@ def _speculator(deployment: Any, phase: Any, index: int, vocab_size: int) -> Spe
 
 
 def _adaptive_steps(deployment: Any, speculator: Speculator | None = None
-                    ) -> tuple[Callable[[Any], int | None] | None, Callable[[Any], float] | None]:
+                    ) -> tuple[Callable[[Any], int | None] | None, Callable[[Any], tuple[float, float]] | None]:
     """Adaptive mode: (the token budget of each mixed step of a decode instance, sized to the
-    TPOT SLO and the running sequences' slack by the router's rule, and the predicted plain
-    step its published slack counts later tokens with), from the deployment's latency profile
+    TPOT SLO and the running sequences' slack by the router's rule, and the plain steps
+    (backends.core.tpot_slack.plain_steps) its published slack counts later tokens with), from
+    the deployment's latency profile
     and the speculator's measured yield (tokens per step); without a usable profile, neither
     (mixed steps take the standing decode.max_num_batched_tokens, logged)."""
     if deployment.serving_mode != "adaptive":
         return None, None
-    from backends.core.router import plain_step_time, step_budget
+    from backends.core.router import step_budget
+    from backends.core.tpot_slack import plain_steps
     from planner.router_latency import deployment_predictor
     try:
         predictor = deployment_predictor(deployment, deployment.resolved_latency_profile()).decode
@@ -315,7 +317,7 @@ def _adaptive_steps(deployment: Any, speculator: Speculator | None = None
     return (lambda scheduler: step_budget(
         scheduler, predictor, deployment.slo_tpot_s,
         tokens_per_step=speculator.tokens_per_step if speculator else 1.0, now=time.monotonic()),
-        lambda scheduler: plain_step_time(scheduler, predictor))
+        lambda scheduler: plain_steps(scheduler, predictor))
 
 
 def build_colocated_host(deployment: Any, index: int, send: Send,
