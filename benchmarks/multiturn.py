@@ -81,8 +81,14 @@ def run_ours(system: str, sessions, users, think, slo, raw_dir: Path | None = No
         phases = (("colocated", dep.colocated),) if dep.systems == ("colocated",) else \
             (("prefill", dep.prefill), ("decode", dep.decode))
         instances = [instance_id(name, i) for name, phase in phases for i in range(phase.num_instances)]
-        stats = {i: send(server.control_dir / str(server.process.pid) / f"{i}.sock", {"op": "stats"})
-                 for i in instances}
+        stats, restarts = {}, len(server.restarts)
+        for i in instances:             # after a restart there may be no server to ask
+            try:
+                stats[i] = send(server.control_dir / str(server.process.pid) / f"{i}.sock",
+                                {"op": "stats"})
+            except (OSError, TypeError, AttributeError, ValueError) as e:
+                print(f"no stats from {i} ({type(e).__name__}: {e})", flush=True)
+    out["server_restarts"] = restarts
     out["instance_stats"] = {i: {k: v for k, v in s.items()
                                  if k.startswith(("prefix_", "kv_blocks", "local_total"))}
                              for i, s in stats.items()}
