@@ -194,15 +194,10 @@ class Scheduler:
         return batch.decodes_first()
 
     def next_chunk_prefix(self) -> int:
-        """The tokens cached before the prompt chunk a chunked step would run first (its
-        attention runs over them): a prompt part-way through, else the first waiting one's
-        cached prefix (0 without one)."""
+        """Tokens cached before the next chunked step's first prompt chunk (attended over)."""
         part = next((q for q in self.running if q.num_cached < q.num_prompt_tokens), None)
-        if part is not None:
-            return part.num_cached
-        if not self.waiting:
-            return 0
-        return self.waiting[0].num_cached + len(self._cached_prefix(self.waiting[0])) * self.config.block_size
+        hit = [] if part or not self.waiting else self._cached_prefix(self.waiting[0])
+        return part.num_cached if part else len(hit) * self.config.block_size
 
     def _cached_prefix(self, seq: Sequence) -> list[int]:
         """Cached blocks holding the leading full blocks of a waiting sequence's tokens (none
