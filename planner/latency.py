@@ -18,6 +18,7 @@ are converted when loaded.
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import os
 from dataclasses import asdict, dataclass, replace
@@ -94,7 +95,7 @@ class LatencyModel:
         term prices (p + n)^2 - p^2 for n tokens after p (a chunk of 130 tokens after 800 on
         the AMD host: 284 ms predicted, 340-358 measured; priced cold, 188)."""
         s1 = s2 = 0
-        for n, p in zip(prompt_lens, prefixes) if prefixes is not None else ((n, 0) for n in prompt_lens):
+        for n, p in zip(prompt_lens, itertools.repeat(0) if prefixes is None else prefixes):
             s1 += n
             s2 += n * n + 2 * p * n
         a, b, c = self.prefill

@@ -300,9 +300,9 @@ def _adaptive_steps(deployment: Any, speculator: Speculator | None = None
     """Adaptive mode: (the token budget of each mixed step of a decode instance, sized to the
     TPOT SLO and the running sequences' slack by the router's rule, and the plain steps
     (backends.core.tpot_slack.plain_steps) its published slack counts later tokens with), from
-    the deployment's latency profile
-    and the speculator's measured yield (tokens per step); without a usable profile, neither
-    (mixed steps take the standing decode.max_num_batched_tokens, logged)."""
+    the deployment's latency profile and the speculator's measured yield (tokens per step);
+    without a usable profile, neither (mixed steps take the standing
+    decode.max_num_batched_tokens, logged)."""
     if deployment.serving_mode != "adaptive":
         return None, None
     from backends.core.router import step_budget
