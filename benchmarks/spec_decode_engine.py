@@ -20,7 +20,10 @@ the two, in the same rounds: the n-gram drafter in a process of its own on --dra
 (backends/draft, what decode.draft_devices serves), its proposals taken when ready, never
 waited for; reported beside the in-process drafter, with how many of its proposals served.
 With --own-history-too the in-process drafter also runs without its corpus of finished
-requests (each sequence's own history only), in the same rounds.
+requests (each sequence's own history only), in the same rounds. With --draft-model PATH
+("self": the served model) a draft model drafts too (backends/core/model_drafter.py: its
+greedy continuation), in the same rounds: in-process on the same core, and with
+--remote-drafter also in a process of its own on --draft-core.
 Writes <out>.json and <out>.md.
 """
 from __future__ import annotations
@@ -49,8 +52,8 @@ def run_batch(engine, prompts: list[list[int]], params, speculator) -> dict:
         engine.add_request(f"r{i}", p, params)
     steps = 0
     while engine.has_unfinished():
+        started = time.perf_counter()                 # drafting included, as a served step
         drafts = speculator.drafts(engine.scheduler.running) if speculator else None
-        started = time.perf_counter()
         outs = engine.step(drafts=drafts)
         now = time.perf_counter()
         if speculator is not None and engine.last_batch is not None:
@@ -146,6 +149,8 @@ def write(results: dict, out: Path) -> None:
         lines += own_table(results)
     if any("remote" in r for r in results["runs"].values()):
         lines += remote_table(results)
+    if any("model" in r for r in results["runs"].values()):
+        lines += model_table(results)
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
@@ -183,24 +188,63 @@ def remote_table(results: dict) -> list[str]:
     return lines
 
 
+def model_table(results: dict) -> list[str]:
+    """A draft model (its greedy continuation) beside the n-gram drafter, same rounds."""
+    m = results["meta"]
+    remote = any("model-remote" in r for r in results["runs"].values())
+    lines = ["", f"## A draft model as the drafter ({m['draft_model']})", "",
+             "In-process: the draft model runs in the decode step, on the same core. "
+             + (f"Own process: on core {m['draft_core']}, its proposals taken when ready. " if remote else "")
+             + "Verify rows: sequence-steps that verified a draft (adaptive k stops drafting where "
+             "the measured acceptance and step cost say it does not pay, then probes now and then).", "",
+             "| workload | batch | TPOT none (ms) | TPOT n-gram (ms) | TPOT model in-process (ms) | speedup "
+             "| acceptance | verify rows |" + (" TPOT model own process (ms) | speedup | acceptance |" if remote else ""),
+             "|---|---|---|---|---|---|---|---|" + ("---|---|---|" if remote else "")]
+    for key, r in results["runs"].items():
+        w, b = key.split("/")
+        x = r["model"]
+        row = (f"| {w} | {b} | {r['tpot_none_s'] * 1e3:.1f} | {r['tpot_ngram_s'] * 1e3:.1f} "
+               f"| {x['tpot_s'] * 1e3:.1f} | {x['speedup']:.2f}x | {x['acceptance']:.1%} | {x['verify_rows']} |")
+        if remote:
+            y = r["model-remote"]
+            row += f" {y['tpot_s'] * 1e3:.1f} | {y['speedup']:.2f}x | {y['acceptance']:.1%} |"
+        lines.append(row)
+    return lines
+
+
 def speculators(args, engine, dep) -> tuple[dict, Any]:
-    """name -> a new Speculator for each run: the in-process n-gram, and with --remote-drafter
-    one drafting with a drafter process on --draft-core (shared by every run; returned too)."""
+    """name -> a new Speculator for each run: the in-process n-gram (and a draft model's with
+    --draft-model), and with --remote-drafter ones drafting with drafter processes on
+    --draft-core (shared by every run; returned too, by name)."""
     from backends.core.spec_decode import NgramDrafter
     from backends.core.spec_policy import AdaptiveK, Speculator, make_speculator
     out = {"ngram": lambda: make_speculator("ngram", args.max_k)}
     if args.own_history_too:
         out["own"] = lambda: Speculator(NgramDrafter(cross_request=False), AdaptiveK(args.max_k))
+    options = None
+    if args.draft_model:
+        from backends.core.model_drafter import ModelDrafter
+        path = dep.model_path if args.draft_model == "self" else args.draft_model
+        options = {"model": str(dep.resolved_model_path(model_path=path)), "dtype": engine.config.dtype,
+                   "vocab_size": engine.model_config.vocab_size, "max_model_len": dep.max_model_len,
+                   "num_kv_blocks": engine.config.limits.num_kv_blocks}
+        in_process = ModelDrafter(**options)          # one engine: its prefix cache carries over
+        out["model"] = lambda: Speculator(in_process, AdaptiveK(args.max_k))
     if not args.remote_drafter:
-        return out, None
+        return out, {}
     from backends.draft import remote_drafter
-    drafter = remote_drafter("ngram", args.max_k, (args.draft_core,), engine.model_config.vocab_size,
-                             dep.max_model_len)
-    if not drafter.wait_up(120):
-        drafter.close()
-        raise SystemExit("the drafter process did not come up in 120 s")
-    out["remote"] = lambda: Speculator(drafter, AdaptiveK(args.max_k))
-    return out, drafter
+    vocab = engine.model_config.vocab_size
+    drafters = {"remote": remote_drafter("ngram", args.max_k, (args.draft_core,), vocab, dep.max_model_len)}
+    if options:
+        drafters["model-remote"] = remote_drafter("model", args.max_k, (args.draft_core,), vocab,
+                                                  dep.max_model_len, options)
+    for name, drafter in drafters.items():
+        if not drafter.wait_up(120):
+            for d in drafters.values():
+                d.close()
+            raise SystemExit(f"the {name} drafter process did not come up in 120 s")
+        out[name] = lambda d=drafter: Speculator(d, AdaptiveK(args.max_k))
+    return out, drafters
 
 
 def run_workloads(args, engine, path: str, systems: dict, drafter: Any) -> dict:
@@ -249,6 +293,8 @@ def main() -> None:
                     help="also the n-gram drafter in a process of its own (backends/draft), side by side")
     ap.add_argument("--own-history-too", action="store_true",
                     help="also the n-gram drafter without its corpus of finished requests, side by side")
+    ap.add_argument("--draft-model", default=None,
+                    help="also a draft model as the drafter, side by side: a checkpoint, or 'self'")
     ap.add_argument("--draft-core", type=int, default=None,
                     help="that drafter's core (default: the core after --core)")
     args = ap.parse_args()
@@ -272,18 +318,20 @@ def main() -> None:
         role="both", weights=dep.weights,            # "both": it prefills too (untimed)
         prefix_caching=False))                       # every run prefills its prompts afresh
     load_before = [round(x, 2) for x in os.getloadavg()]
-    systems, drafter = speculators(args, engine, dep)
+    systems, drafters = speculators(args, engine, dep)
+    drafter = drafters.get("remote")
     try:
         results = {"runs": run_workloads(args, engine, path, systems, drafter)}
     finally:
-        if drafter:
-            drafter.close()
+        for d in drafters.values():
+            d.close()
     results["meta"] = {"command": "python -m benchmarks.spec_decode_engine " + " ".join(sys.argv[1:]),
                        "machine": f"{os.cpu_count()} cores", "core": args.core,
                        "load_before": load_before,
                        "load_after": [round(x, 2) for x in os.getloadavg()],
                        "max_tokens": args.max_tokens, "max_k": args.max_k, "rounds": args.rounds,
-                       "draft_core": args.draft_core if drafter else None}
+                       "draft_core": args.draft_core if drafter else None,
+                       "draft_model": args.draft_model}
     write(results, args.out)
     print(f"wrote {args.out}.json and .md")
 

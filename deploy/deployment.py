@@ -33,7 +33,7 @@ KV_TRANSPORTS = ("shm", "cuda_ipc")
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_PATH = "models/SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_CHUNKED_TOKEN_BUDGET = 512        # Sarathi-Serve's and vLLM's usual chunk budget
-SPECULATIVE_METHODS = ("ngram",)         # drafters: backends.core.spec_decode.DRAFTERS (no torch here)
+SPECULATIVE_METHODS = ("ngram", "model")  # drafters: backends.core.spec_decode.DRAFTERS (no torch here)
 MAX_SPECULATIVE_TOKENS = 16              # a verify row runs 1 + k tokens in one step
 
 
@@ -58,6 +58,9 @@ class PhaseSpec:
     # that proposes asynchronously (the instance never waits for it). null: in the instance's own
     # process, and left out of the JSON. cpu phases only (a drafter on its own gpu is not built).
     draft_devices: tuple | None = None
+    # speculative "model": the draft model's checkpoint (sharing the target's tokenizer; a relative
+    # path is taken as model_path is). null otherwise, and left out of the JSON.
+    draft_model: str | None = None
     # prefix caching (backends/core/prefix_cache.py): full KV blocks kept after their requests
     # and reused by prompts that start with the same tokens. On by default, then left out of the JSON.
     prefix_caching: bool = True
@@ -92,6 +95,11 @@ class PhaseSpec:
         if self.speculative is None and k != PhaseSpec.num_speculative_tokens:
             raise ValueError(f"num_speculative_tokens ({k}) is set but speculative is null: name a "
                              f"drafter ({SPECULATIVE_METHODS}) or leave it out")
+        if (self.speculative == "model") != (self.draft_model is not None):
+            raise ValueError("speculative 'model' drafts with draft_model: name both or neither "
+                             f"(speculative={self.speculative!r}, draft_model={self.draft_model!r})")
+        if self.draft_model is not None and (not isinstance(self.draft_model, str) or not self.draft_model):
+            raise ValueError(f"draft_model must be a checkpoint path, got {self.draft_model!r}")
         if self.draft_devices is not None:
             self._check_draft_devices()
 
@@ -332,9 +340,10 @@ class Deployment:
         path = Path(self.latency_profile)
         return path if path.is_absolute() else Path(root or os.environ.get("DISTSERVE_ROOT") or ROOT) / path
 
-    def resolved_model_path(self, root: str | Path | None = None) -> Path:
-        """model_path; a relative one is taken from `root`, $DISTSERVE_ROOT, or the repo root."""
-        path = Path(self.model_path)
+    def resolved_model_path(self, root: str | Path | None = None, model_path: str | None = None) -> Path:
+        """model_path (or another checkpoint's, e.g. a draft_model); a relative one is taken
+        from `root`, $DISTSERVE_ROOT, or the repo root."""
+        path = Path(self.model_path if model_path is None else model_path)
         if path.is_absolute():
             return path
         return Path(root or os.environ.get("DISTSERVE_ROOT") or ROOT) / path
@@ -349,8 +358,9 @@ class Deployment:
         for phase in (data["prefill"], data["decode"], data["colocated"]):
             if phase and phase["speculative"] is None:       # off: the JSON as it was before
                 del phase["speculative"], phase["num_speculative_tokens"]
-            if phase and phase["draft_devices"] is None:       # in-process: likewise
-                del phase["draft_devices"]
+            for key in ("draft_devices", "draft_model"):      # in-process, or not a model: likewise
+                if phase and phase[key] is None:
+                    del phase[key]
             for flag in ("prefix_caching", "draft_corpus"):
                 if phase and phase[flag]:                     # the default: likewise
                     del phase[flag]

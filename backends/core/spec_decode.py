@@ -238,12 +238,25 @@ class KeyedDrafts:
             index = self._indexes[key] = self._new_index()
         return self.drafter.propose_scored(token_ids, k, index=index)
 
+    def propose_many(self, keys: list, histories: list[list[int]], k: int) -> list[tuple[list[int], int]]:
+        """`propose` for several sequences: in one batched call where the drafter has one
+        (`propose_many`, e.g. a draft model's shared steps; unscored), else one by one."""
+        many = getattr(self.drafter, "propose_many", None)
+        if many is None or self.scored:
+            return [self.propose(key, ids, k) for key, ids in zip(keys, histories)]
+        return [(draft, 0) for draft in many(histories, k)]
+
     def forget(self, key) -> None:
         self._indexes.pop(key, None)
 
 
+def _model_drafter(**options) -> Drafter:
+    from backends.core.model_drafter import ModelDrafter      # it needs the engine, which needs us
+    return ModelDrafter(**options)
+
+
 # the drafters a deployment may name (deploy.deployment.SPECULATIVE_METHODS)
-DRAFTERS: dict[str, type] = {"ngram": NgramDrafter}
+DRAFTERS: dict[str, type] = {"ngram": NgramDrafter, "model": _model_drafter}
 
 
 def propose_drafts(seqs: Iterable[Sequence], drafter: Drafter, k: int) -> dict[str, list[int]]:

@@ -15,18 +15,24 @@ that evidence have done on this instance (the n-gram drafter keeps each sequence
 indexed as it grows, so asking costs about 10 us a sequence, not a scan of its history).
 `tokens_per_step` (an EWMA of the tokens a decoding sequence gets per step) goes on the
 instance's status page, so the router divides a step's time by it to predict TPOT.
+Drafting that takes time (a draft model in the step: backends/core/model_drafter.py) is timed
+apart from the step (`observe_drafting`; StepCost keeps the target's step alone): the drafter
+is asked only while the step's expected tokens per second, drafting included, beat a plain
+step's, and its probes are spaced to cost at most PROBE_SHARE of the steps' time.
 """
 from __future__ import annotations
 
-import bisect
+import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from backends.core.sequence import Sequence
+from backends.core.spec_cost import StepCost
 from backends.core.spec_decode import DRAFTERS, Drafter, KeyedDrafts, SpecStats
 
+PROBE_SHARE = 0.05                # a costly drafter's probes: at most this share of the steps' time
 YIELD_ALPHA = 0.1                 # the weight of one step in the tokens_per_step EWMA
 # The evidence classes scored drafts' acceptance is kept by (lower bounds of the score) and each
 # class's prior acceptance: n-gram drafts on the default model, chatbot, code and summarization
@@ -37,55 +43,6 @@ EVIDENCE_PRIORS = {1: 0.3, 2: 0.5, 3: 0.7, 5: 0.8, 9: 0.9}
 if TYPE_CHECKING:
     from backends.core.engine import StepOutput
     from backends.core.scheduler import Batch
-
-
-class StepCost:
-    """Seconds of a decode step by its rows n (its tokens: decode rows + draft tokens), an EWMA
-    per n of measured steps; the first step of each n is not counted (a new row count builds
-    new kernels: tens of ms once). An unmeasured n: linear between measured neighbours; beyond
-    them the slope of the two nearest (when it rises), else the prior curve 1 + prior_row_cost
-    x (n - 1) scaled through the nearest measured step. Before any measurement, the prior
-    itself (unitless: only ratios of estimates are used)."""
-
-    def __init__(self, alpha: float = 0.2, prior_row_cost: float = 0.15) -> None:
-        self.alpha = alpha
-        self.prior_row_cost = prior_row_cost
-        self.seconds: dict[int, float] = {}
-        self._ns: list[int] = []                      # the measured n, sorted
-        self._warmed: set[int] = set()
-
-    def observe(self, n: int, seconds: float) -> None:
-        if n <= 0 or not seconds > 0:
-            return
-        if n not in self._warmed:
-            self._warmed.add(n)
-            return
-        old = self.seconds.get(n)
-        if old is None:
-            bisect.insort(self._ns, n)
-            self.seconds[n] = seconds
-        else:                                          # a spike moves it at most alpha x old
-            self.seconds[n] = old + self.alpha * (min(seconds, 2 * old) - old)
-
-    def _prior(self, n: int) -> float:
-        return 1.0 + self.prior_row_cost * (n - 1)
-
-    def estimate(self, n: int) -> float:
-        ns, s = self._ns, self.seconds
-        if not ns:
-            return self._prior(n)
-        if n in s:
-            return s[n]
-        i = bisect.bisect_left(ns, n)
-        if 0 < i < len(ns):
-            lo, hi = ns[i - 1], ns[i]
-            return s[lo] + (s[hi] - s[lo]) * (n - lo) / (hi - lo)
-        pair = ns[-2:] if i else ns[:2]                 # the two nearest measured counts
-        end = pair[-1] if i else pair[0]
-        a, b = pair[0], pair[-1]
-        if a != b and s[b] > s[a]:
-            return max(s[end] + (s[b] - s[a]) / (b - a) * (n - end), 0.1 * s[end])
-        return s[end] * self._prior(n) / self._prior(end)
 
 
 @dataclass
@@ -161,6 +118,7 @@ class AdaptiveK:
         self.instance = _Acceptance()
         self.classes: dict[int, _Acceptance] = {}   # scored drafts' counts by evidence class
         self._forced: dict[str, int] = {}          # want's probe and ramps, for choose
+        self.draft_token_s: float | None = None    # EWMA: drafting seconds a step per token of k
 
     @staticmethod
     def evidence_class(evidence: int) -> int:
@@ -178,6 +136,31 @@ class AdaptiveK:
         counts = self.classes.get(cls)
         base = EVIDENCE_PRIORS[cls] if counts is None else counts.rate(EVIDENCE_PRIORS[cls], c.prior_weight)
         return base if seq is None else seq.rate(base, c.evidence_weight)
+
+    def observe_drafting(self, k: int, seconds: float) -> None:
+        """A step's drafting (`k`: the most tokens asked of any sequence) took `seconds`. Cheap
+        drafters (n-gram: microseconds) change nothing; a draft model's passes are weighed."""
+        if k <= 0 or not seconds >= 0:
+            return
+        per_token, old = seconds / k, self.draft_token_s
+        self.draft_token_s = per_token if old is None else old + 0.2 * (min(per_token, 4 * old) - old)
+
+    def _drafting_s(self, k: int) -> float:
+        """Predicted seconds of drafting `k` tokens a sequence (0 before it is measured, or
+        while step costs are still the unitless prior)."""
+        return k * self.draft_token_s if self.draft_token_s and self.cost.measured else 0.0
+
+    def _drafting_pays(self, b: int, asked: dict[str, int]) -> bool:
+        """Whether a step whose `asked` sequences draft (their lengths) beats a plain step of
+        `b` rows once the drafting's own time is counted: (b + gains) / (T(rows) + D) against
+        b / T(b). Only where drafting takes time (a draft model); the n-gram passes at once."""
+        drafting = self._drafting_s(max(asked.values(), default=0))
+        if not drafting:
+            return True
+        gains = sum(self.acceptance(r) ** j for r, k in asked.items() for j in range(1, k + 1))
+        rows = b + sum(asked.values())
+        return (b + gains) / (self.cost.estimate(rows) + drafting) > \
+            b / self.cost.estimate(b) * (1 + self.config.min_gain)
 
     def want(self, req_ids: list[str], scored: bool = False) -> dict[str, int]:
         """Draft lengths to ask the drafter for, for the sequences decoding next step (their
@@ -201,7 +184,11 @@ class AdaptiveK:
                 out[r] = self._forced[r] = st.ramp
             elif st.idle > c.probe_every:
                 idle.append(r)
-        probe = max(idle, key=lambda r: self.seqs[r].idle, default=None)
+        if out and not self._drafting_pays(b, out):   # a drafter whose passes cost more than they give
+            out, self._forced = {}, {}
+        # a probe costs a drafting pass: probes take at most PROBE_SHARE of the steps' time
+        spent = lambda r: self.seqs[r].idle * self.cost.estimate(b) * PROBE_SHARE >= self._drafting_s(1)
+        probe = max((r for r in idle if spent(r)), key=lambda r: self.seqs[r].idle, default=None)
         if probe is not None:
             out[probe] = self._forced[probe] = 1
         return out
@@ -242,7 +229,7 @@ class AdaptiveK:
             self.classes.setdefault(cls, _Acceptance()).add(num_drafted, num_accepted, c.instance_decay)
 
     def observe_step(self, num_rows: int, seconds: float) -> None:
-        """A decode step's rows and its measured seconds (drafting included)."""
+        """A decode step's rows and its measured seconds (drafting excluded: observe_drafting)."""
         self.cost.observe(num_rows, seconds)
 
     def forget(self, req_id: str) -> None:
@@ -283,6 +270,10 @@ class InProcess:
     def draft(self, seq: Sequence, k: int) -> list[int]:
         return self.drafter.propose(seq.all_ids, k)
 
+    def draft_many(self, seqs: list[Sequence], k: int) -> list[list[int]]:
+        """`draft` for several sequences, batched where the drafter can (a draft model)."""
+        return [d for d, _ in self._drafts.propose_many([s.req_id for s in seqs], [s.all_ids for s in seqs], k)]
+
     def draft_scored(self, seq: Sequence, k: int) -> tuple[list[int], int]:
         """(draft, its score); score 0 from a drafter that does not score."""
         return self._drafts.propose(seq.req_id, seq.all_ids, k)
@@ -309,8 +300,11 @@ class Speculator:
     (the decoding sequences' drafts, sized by AdaptiveK), `observe()` after it (what was
     accepted and what the step cost), `forget()` when a request leaves, `close()` at the end."""
 
-    def __init__(self, drafter: Drafter | DraftSource, policy: AdaptiveK) -> None:
-        """`drafter`: a DraftSource, or a Drafter to run in-process."""
+    def __init__(self, drafter: Drafter | DraftSource, policy: AdaptiveK,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
+        """`drafter`: a DraftSource, or a Drafter to run in-process. `clock`: times drafting."""
+        self.clock = clock
+        self._drafting_s = 0.0                   # the last drafts() call's drafting time
         self.source = drafter if isinstance(drafter, DraftSource) else InProcess(drafter)
         self.scored = bool(getattr(self.source, "scored", False))
         self.policy = policy
@@ -328,10 +322,18 @@ class Speculator:
         self.source.update(seqs)
         want = self.policy.want([s.req_id for s in seqs], scored=self.scored)
         proposals, self._evidence = {}, {}
-        for s in seqs:
-            if not (k := want.get(s.req_id)):
-                continue
-            draft, score = self.source.draft_scored(s, k) if self.scored else (self.source.draft(s, k), 0)
+        wanted = [(s, k) for s in seqs if (k := want.get(s.req_id))]
+        started = self.clock()
+        if not self.scored and wanted and (many := getattr(self.source, "draft_many", None)):
+            batched = many([s for s, _ in wanted], max(k for _, k in wanted))
+            drafted = [(s, k, (d, 0)) for (s, k), d in zip(wanted, batched)]
+        else:
+            drafted = [(s, k, self.source.draft_scored(s, k) if self.scored else (self.source.draft(s, k), 0))
+                       for s, k in wanted]
+        self._drafting_s = self.clock() - started if wanted else 0.0
+        if wanted:
+            self.policy.observe_drafting(max(k for _, k in wanted), self._drafting_s)
+        for s, k, (draft, score) in drafted:
             if draft:
                 proposals[s.req_id] = draft[:k]
                 if score:
@@ -342,7 +344,8 @@ class Speculator:
         self.source.update(o.seq for o in outputs if not o.finished and not o.seq.params.needs_history)
         drafts = batch.drafts
         if len(batch.seqs) == batch.num_decodes + len(drafts):     # no prompt rows: a clean cost
-            self.policy.observe_step(batch.num_tokens, seconds)
+            self.policy.observe_step(batch.num_tokens, seconds - self._drafting_s)
+        self._drafting_s = 0.0
         self.num_steps += bool(drafts)
         emitted = 0
         for out in outputs:

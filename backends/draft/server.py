@@ -51,9 +51,10 @@ class DraftServer:
         out = [reply for f in frames if (reply := self._handlers[f.kind](f)) is not None]
         if len(self.histories) > MAX_SEQUENCES:
             raise ProtocolError(f"more than {MAX_SEQUENCES} sequences at once")
-        for sid in self._changed:
-            history = self.histories[sid]
-            draft, score = self._drafts.propose(sid, history, self.num_draft)
+        sids = list(self._changed)
+        histories = [self.histories[sid] for sid in sids]
+        for sid, history, (draft, score) in zip(sids, histories,
+                                                 self._drafts.propose_many(sids, histories, self.num_draft)):
             out.append(Frame(Kind.PROPOSAL, sid, len(history), list(draft[:self.num_draft]),
                              min(score, MAX_SCORE) if draft else 0))
         return out
