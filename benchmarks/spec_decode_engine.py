@@ -228,27 +228,35 @@ def speculators(args, engine, dep) -> tuple[dict, Any]:
         options = {"model": str(dep.resolved_model_path(model_path=path)), "dtype": engine.config.dtype,
                    "vocab_size": engine.model_config.vocab_size, "max_model_len": dep.max_model_len,
                    "num_kv_blocks": engine.config.limits.num_kv_blocks}
-        in_process = ModelDrafter(**options)          # one engine: its prefix cache carries over
-        out["model"] = lambda: Speculator(in_process, AdaptiveK(args.max_k))
+        # a new engine each round: no prefix cache of an earlier round's same prompts
+        out["model"] = lambda: Speculator(ModelDrafter(**options), AdaptiveK(args.max_k))
     if not args.remote_drafter:
         return out, {}
     from backends.draft import remote_drafter
     vocab = engine.model_config.vocab_size
-    drafters = {"remote": remote_drafter("ngram", args.max_k, (args.draft_core,), vocab, dep.max_model_len)}
-    if options:
-        drafters["model-remote"] = remote_drafter("model", args.max_k, (args.draft_core,), vocab,
-                                                  dep.max_model_len, options)
-    for name, drafter in drafters.items():
+    methods = {"remote": ("ngram", None), **({"model-remote": ("model", options)} if options else {})}
+    current: dict[str, Any] = {}
+
+    def fresh(name: str):
+        """A new drafter process each round, the last one closed: a drafter kept between
+        rounds would draft this round's requests from its corpus (or cache) of their own
+        outputs in an earlier round."""
+        if (old := current.pop(name, None)) is not None:
+            old.close()
+        method, opts = methods[name]
+        drafter = current[name] = remote_drafter(method, args.max_k, (args.draft_core,), vocab,
+                                                 dep.max_model_len, opts)
         if not drafter.wait_up(120):
-            for d in drafters.values():
-                d.close()
             raise SystemExit(f"the {name} drafter process did not come up in 120 s")
-        out[name] = lambda d=drafter: Speculator(d, AdaptiveK(args.max_k))
-    return out, drafters
+        return Speculator(drafter, AdaptiveK(args.max_k))
+    for name in methods:
+        out[name] = lambda name=name: fresh(name)
+    return out, current
 
 
-def run_workloads(args, engine, path: str, systems: dict, drafter: Any) -> dict:
-    """measure() for each workload and batch size; the drafter process's counts per run."""
+def run_workloads(args, engine, path: str, systems: dict, drafters: dict) -> dict:
+    """measure() for each workload and batch size; the n-gram drafter process's counts (its
+    last round's: a new process each round)."""
     import dataclasses
 
     from backends.core.sampling import SamplingParams
@@ -263,11 +271,10 @@ def run_workloads(args, engine, path: str, systems: dict, drafter: Any) -> dict:
             prompts = [list(r.prompt_ids) for r in requests]
             groups = [prompts[i:i + batch] for i in range(0, len(prompts), batch)]
             params = SamplingParams(max_tokens=args.max_tokens, temperature=0, ignore_eos=True)
-            before = dataclasses.asdict(drafter.counts) if drafter else {}
             r = runs[f"{name}/{batch}"] = measure(engine, groups, params, systems, args.rounds)
+            drafter = drafters.get("remote")
             if drafter:
-                after = dataclasses.asdict(drafter.counts)
-                r["remote"]["drafter"] = {k: v - before[k] for k, v in after.items()}
+                r["remote"]["drafter"] = dataclasses.asdict(drafter.counts)
             print(f"{name:14s} batch {batch}: TPOT none {r['tpot_none_s'] * 1e3:6.1f} ms  ngram "
                   f"{r['tpot_ngram_s'] * 1e3:6.1f} ms  {r['speedup']:.2f}x  acceptance "
                   f"{r['acceptance']:.1%}  same output {r['identical_output']} "
@@ -319,9 +326,8 @@ def main() -> None:
         prefix_caching=False))                       # every run prefills its prompts afresh
     load_before = [round(x, 2) for x in os.getloadavg()]
     systems, drafters = speculators(args, engine, dep)
-    drafter = drafters.get("remote")
     try:
-        results = {"runs": run_workloads(args, engine, path, systems, drafter)}
+        results = {"runs": run_workloads(args, engine, path, systems, drafters)}
     finally:
         for d in drafters.values():
             d.close()
@@ -330,7 +336,7 @@ def main() -> None:
                        "load_before": load_before,
                        "load_after": [round(x, 2) for x in os.getloadavg()],
                        "max_tokens": args.max_tokens, "max_k": args.max_k, "rounds": args.rounds,
-                       "draft_core": args.draft_core if drafter else None,
+                       "draft_core": args.draft_core if args.remote_drafter else None,
                        "draft_model": args.draft_model}
     write(results, args.out)
     print(f"wrote {args.out}.json and .md")

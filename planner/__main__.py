@@ -30,6 +30,7 @@ from planner.latency import load_profile
 from planner.modes import choose, parse_modes, serve_modes
 from planner.placement import plan_colocated
 from planner.search import SLO, Placement, Planner, SearchSpace
+from planner.sim_spec import Speculation
 
 POOL_SIZE = 2000          # requests drawn from a named workload for the planner's length pool
 
@@ -111,6 +112,9 @@ def add_target_arguments(p: argparse.ArgumentParser, slo_required: bool = True) 
     p.add_argument("--max-requests", type=int, default=SearchSpace.max_requests,
                    help="most requests one probe simulates (default %(default)s)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--speculative", type=parse_speculative, default=None, metavar="DRAFTER:K:ACCEPTANCE",
+                   help="decode (and colocated) instances speculate: DRAFTER (ngram) drafts K tokens "
+                        "a step, each accepted with the measured ACCEPTANCE (e.g. ngram:3:0.6)")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -149,6 +153,18 @@ def resolve_target(args: argparse.Namespace) -> Target:
                        kv_dtype=args.kv_dtype, kv_gib=args.kv_gib)
 
 
+def parse_speculative(text: str) -> tuple[str, Speculation]:
+    """DRAFTER:K:ACCEPTANCE -> (drafter, Speculation(K, ACCEPTANCE))."""
+    try:
+        method, k, acceptance = text.split(":")
+        if method != "ngram":
+            raise ValueError(f"the planner simulates the n-gram drafter (its drafting takes no "
+                             f"step time), not {method!r}")
+        return method, Speculation(int(k), float(acceptance))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"--speculative {text!r}: {e} (expected e.g. ngram:3:0.6)") from None
+
+
 def build_planner(args: argparse.Namespace, target: Target, lengths) -> Planner:
     ours = target.measured_here
     pps = args.pps or ("1" if ours else "1,2")
@@ -157,7 +173,8 @@ def build_planner(args: argparse.Namespace, target: Target, lengths) -> Planner:
                         pps=tuple(int(x) for x in pps.split(",")), prefill_budget=args.prefill_budget,
                         max_num_seqs=max_seqs, block_size=target.info.get("block_size", 16),
                         num_requests=args.requests, min_span_s=args.span,
-                        max_requests=args.max_requests, seed=args.seed)
+                        max_requests=args.max_requests, seed=args.seed,
+                        speculation=args.speculative[1] if getattr(args, "speculative", None) else None)
 
 
 def describe(p: Placement | None) -> str:
@@ -246,7 +263,8 @@ def deployment_for(best: Placement, target: Target, args: argparse.Namespace):
     return to_deployment(best, info.get("model_path", DEFAULT_MODEL_PATH),
                          target.kv_blocks or args.kv_blocks, args.max_num_seqs or 32,
                          args.prefill_budget, info.get("dtype", "bfloat16"),
-                         info.get("block_size", 16), kv_dtype, SLO(args.ttft, args.tpot, args.target))
+                         info.get("block_size", 16), kv_dtype, SLO(args.ttft, args.tpot, args.target),
+                         speculative=(args.speculative[0], args.speculative[1].k) if args.speculative else None)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:

@@ -186,19 +186,23 @@ def _core_sets(start: int, count: int, size: int) -> tuple[tuple[tuple[int, ...]
 
 def to_deployment(p: Placement, model_path: str = DEFAULT_MODEL_PATH, num_kv_blocks: int = 1024,
                   max_num_seqs: int = 32, prefill_budget: int = 2048, dtype: str = "bfloat16",
-                  block_size: int = 16, kv_dtype: str = "auto", slo: SLO | None = None) -> Deployment:
+                  block_size: int = 16, kv_dtype: str = "auto", slo: SLO | None = None,
+                  speculative: tuple[str, int] | None = None) -> Deployment:
     """The Deployment that serves `p` (its mode goes beside it: save_deployment). A colocated
     placement serves only the colocated system; its prefill and decode phases (required
-    fields, not served) sit on its first and last instance's cores."""
+    fields, not served) sit on its first and last instance's cores. `speculative`: (drafter,
+    k) of the decode and colocated instances."""
     common = dict(device="cpu", num_kv_blocks=num_kv_blocks, max_num_seqs=max_num_seqs,
                   max_num_batched_tokens=prefill_budget)
+    spec = {} if speculative is None else {"speculative": speculative[0],
+                                           "num_speculative_tokens": speculative[1]}
     extra: dict[str, Any] = {} if slo is None else {"slo_ttft_s": slo.ttft, "slo_tpot_s": slo.tpot}
     if p.decode is None:
         cores, _ = _core_sets(0, p.num_prefill, p.prefill.num_devices)
         return Deployment(model_path=model_path, dtype=dtype, kv_dtype=kv_dtype, block_size=block_size,
                           prefill=PhaseSpec(devices=(cores[0],), **common),
                           decode=PhaseSpec(devices=(cores[-1],), **common),
-                          colocated=PhaseSpec(num_instances=len(cores), devices=cores, **common),
+                          colocated=PhaseSpec(num_instances=len(cores), devices=cores, **common, **spec),
                           systems=("colocated",), check_host=False, **extra)
     units = p.num_units if p.algorithm == "low" else 1
     n, m = p.num_prefill * units, p.num_decode * units
@@ -206,7 +210,7 @@ def to_deployment(p: Placement, model_path: str = DEFAULT_MODEL_PATH, num_kv_blo
     decode_cores, _ = _core_sets(nxt, m, p.decode.num_devices)
     dep = Deployment(model_path=model_path, dtype=dtype, kv_dtype=kv_dtype, block_size=block_size,
                      prefill=PhaseSpec(num_instances=n, devices=prefill_cores, **common),
-                     decode=PhaseSpec(num_instances=m, devices=decode_cores, **common),
+                     decode=PhaseSpec(num_instances=m, devices=decode_cores, **common, **spec),
                      check_host=False, **extra)
     return with_decode_on_prefill_cores(dep) if p.shared_cores else dep
 

@@ -128,27 +128,30 @@ def decode_fluid_rate(spec: InstanceSpec, lengths: Sequence[tuple[int, int]], sl
     they share the cache. Feasible while T <= TPOT, the cache holds every engine's tokens
     (plus half a block per sequence) and B <= max_num_seqs. Past the memory limit the real
     scheduler preempts and recomputes and the queue grows without bound, however long a
-    finite run takes to show it. A search start and a bound for pruning, not a result."""
+    finite run takes to show it. Speculating (spec.speculation: y tokens a verify row of
+    1 + k rows), a request takes O / y steps, each of its rows reads its context, and a step may
+    take TPOT x y. A search start and a bound for pruning, not a result."""
     lat = spec.latency
     pp = lat.pp
-    num_steps = sum(o - 1 for _, o in lengths) / len(lengths)
-    ctx_steps = sum((o - 1) * p + (o - 1) * o / 2 for p, o in lengths) / len(lengths)
+    y, rows = (spec.speculation.tokens_per_step, 1 + spec.speculation.k) if spec.speculation else (1.0, 1)
+    num_steps = sum(o - 1 for _, o in lengths) / len(lengths) / y
+    ctx_steps = sum((o - 1) * p + (o - 1) * o / 2 for p, o in lengths) / len(lengths) / y
     cache = spec.limits.num_kv_blocks * spec.limits.block_size
     regimes = [tuple(v * pp for v in lat.decode_coeffs(bs)) for bs in (1, lat.decode_threshold)]
 
     def step_time(rate: float) -> float:
         t = math.inf
         for i, (a, b, c) in enumerate(regimes):
-            den = 1 - rate * (b * ctx_steps + c * num_steps)
+            den = 1 - rate * rows * (b * ctx_steps + c * num_steps)
             t = a / den if den > 0 else math.inf
-            if i == 0 and rate * num_steps * t < lat.decode_threshold:
+            if i == 0 and rate * num_steps * rows * t < lat.decode_threshold:
                 break
         return t
 
     def feasible(rate: float) -> bool:
         t = step_time(rate / pp)
-        return (t <= slo.tpot and rate / pp * num_steps * t <= spec.limits.max_num_seqs
+        return (t <= slo.tpot * y and rate / pp * num_steps * t <= spec.limits.max_num_seqs
                 and rate * t * (ctx_steps + num_steps * spec.limits.block_size / 2) <= cache)
 
-    hi = pp * max(1 / (b * ctx_steps + c * num_steps) for _, b, c in regimes)
+    hi = pp * max(1 / (rows * (b * ctx_steps + c * num_steps)) for _, b, c in regimes)
     return max((r for r in np.linspace(hi / 1000, hi, 1000) if feasible(r)), default=0.0)

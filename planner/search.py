@@ -28,6 +28,7 @@ from backends.core.limits import EngineLimits
 from planner.latency import ETHERNET_25G, NVLINK_A100, LatencyTable, Link, model_key
 from planner.rate_search import (SLO, Probe, decode_fluid_rate, fits, goodput, lifetime,
                                  make_probe, prefill_capacity)
+from planner.sim_spec import Speculation
 from planner.simulator import InstanceSpec, SimConfig
 
 
@@ -84,6 +85,7 @@ class SearchSpace:
     seed: int = 0
     rel_tol: float = 0.04
     workers: int = 1                                 # processes for independent searches
+    speculation: Speculation | None = None           # decode and colocated instances speculate
 
     def instance(self, device: str, tp: int, pp: int, table: LatencyTable | None = None,
                  max_num_seqs: int | None = None) -> InstanceSpec | None:
@@ -96,7 +98,7 @@ class SearchSpace:
         if tokens is None:
             return None
         return InstanceSpec(lat, EngineLimits(tokens // self.block_size, max_num_seqs or self.max_num_seqs,
-                                              self.prefill_budget, self.block_size))
+                                              self.prefill_budget, self.block_size), self.speculation)
 
 
 @dataclass(frozen=True)

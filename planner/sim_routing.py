@@ -87,10 +87,14 @@ class Routing:
         return f"{e.role}_{e.index}"
 
     # ---- states ---------------------------------------------------------------------------
+    @staticmethod
+    def _tokens_per_step(e: _Engine) -> float:
+        return e.spec.speculation.tokens_per_step if e.spec.speculation else 1.0
+
     def decode_state(self, e: _Engine) -> InstanceState:
         state = InstanceState.from_scheduler(
             self._name(e), "decode", e.scheduler, tpot_slo=self.slo.tpot, now=self.sim.now,
-            plain=plain_steps(e.scheduler, self.decode_predictor))
+            plain=plain_steps(e.scheduler, self.decode_predictor), tokens_per_step=self._tokens_per_step(e))
         unreserved = e.blocks.num_blocks - self.reserved.get(id(e.blocks), 0)
         return replace(state, free_kv_blocks=max(0, min(state.free_kv_blocks, unreserved)))
 
@@ -154,11 +158,14 @@ class Routing:
         self.changed()
 
     # ---- a decode instance's step -----------------------------------------------------------
-    def schedule(self, e: _Engine, now: float) -> Batch | None:
-        """The decode instance's scheduler, its step budget set to its decodes + the chunk budget."""
+    def schedule(self, e: _Engine, now: float, drafts: dict | None = None) -> Batch | None:
+        """The decode instance's scheduler, its step budget set to its decodes + the chunk
+        budget (speculating: with the verify rows' yield; `drafts`, as the served instance's)."""
         s = e.scheduler
         decoding = [q for q in s.running if q.num_cached >= q.num_prompt_tokens]
-        batch = s.schedule(now, step_budget(s, self.decode_predictor, self.slo.tpot, now=now))
+        budget = step_budget(s, self.decode_predictor, self.slo.tpot, now=now,
+                             tokens_per_step=self._tokens_per_step(e))
+        batch = s.schedule(now, budget, drafts)
         # a decoding sequence behind a part-way prompt in `running` (its KV arrived after the
         # prompt was admitted) gets no token when the prompt's chunk takes the rest of the budget
         seqs = set(batch.seqs) if batch else set()

@@ -24,6 +24,10 @@ batch; one KV cache between them) sharing the first pipeline stage: a batch hold
 for the latency model's stage time and is done pp stage times later. At pp = 1 that is the
 plain engine.
 
+Speculative decoding (`InstanceSpec.speculation`, planner/sim_spec.py): a decode or colocated
+instance's decoding sequences verify k drafted tokens each step through the same scheduler
+calls as the served engine, accepted with the measured rate (seeded).
+
 Shared cores (`num_shared_decode` k): decode instances num_decode..num_decode+k-1 run on the
 cores of prefill instances 0..k-1 (planner.deployment.with_decode_on_prefill_cores: where
 prefill idles, its cores decode). The OS time-slices the two processes, modelled as processor
@@ -36,8 +40,8 @@ from __future__ import annotations
 
 import heapq
 import math
+import random
 from dataclasses import dataclass
-from operator import attrgetter
 from dataclasses import replace
 from typing import Callable, Literal, Sequence as Seq
 
@@ -50,19 +54,20 @@ from backends.core.scheduler import Batch, Scheduler
 from backends.core.sequence import FinishReason, Sequence, SequenceStatus
 from planner.latency import LatencyModel, Link
 from planner.sim_routing import Routing
+from planner.sim_spec import Speculation, step_rows
 from planner.sim_records import (Record, Request, SimResult, in_window, make_requests,  # noqa: F401
                                  poisson_arrivals)
 
 Mode = Literal["disaggregated", "colocated", "prefill", "decode", "adaptive"]
 MODES = ("disaggregated", "colocated", "prefill", "decode", "adaptive")
 SPLIT_MODES = ("disaggregated", "adaptive")        # prefill and decode instances
-_NUM_TOKENS = attrgetter("num_tokens")
 
 
 @dataclass(frozen=True)
 class InstanceSpec:
     latency: LatencyModel
     limits: EngineLimits
+    speculation: Speculation | None = None       # decode / colocated: drafts verified each step
 
     def scheduler(self, blocks: BlockManager | None = None, hand_off: bool = False) -> Scheduler:
         return Scheduler(self.limits, blocks or BlockManager(self.limits.num_kv_blocks), hand_off)
@@ -196,14 +201,15 @@ class _Engine:
         (chunked) step pays the prefill part plus the decode part's marginal cost (its
         constant term overlaps with the prefill's)."""
         lat = self.spec.latency
-        k = batch.num_decodes
+        rows, ctx, prompts = step_rows(batch)          # a verify row: 1 + k decode rows
         decode = 0.0
-        if k:
-            decode = lat.decode_time(k, sum(map(_NUM_TOKENS, batch.seqs[:k])))
-            if k == len(batch.seqs):
+        if rows:
+            decode = lat.decode_time(rows, ctx)
+            if not prompts:
                 return decode
-            decode -= lat.decode_time(k, 0) - lat.decode_time(k, 0, marginal=True)
-        return lat.prefill_time(batch.num_new[k:], [q.num_cached for q in batch.seqs[k:]]) + decode
+            decode -= lat.decode_time(rows, 0) - lat.decode_time(rows, 0, marginal=True)
+        return lat.prefill_time([batch.num_new[i] for i in prompts],
+                                [batch.seqs[i].num_cached for i in prompts]) + decode
 
 
 class Simulator:
@@ -230,6 +236,7 @@ class Simulator:
         self._params: dict[int, SamplingParams] = {}
         self._sources: dict[Sequence, tuple[_Engine | None, Sequence]] = {}   # decode seq -> prefill
         self.now = 0.0
+        self.rng = random.Random(0)                 # speculation's acceptances
         self.prefills = self._make("prefill", config.num_prefill, config.prefill,
                                    config.mode in (*SPLIT_MODES, "prefill"))
         self.decodes = self._make("decode", config.num_decode_instances, config.decode,
@@ -315,10 +322,12 @@ class Simulator:
             return
         if e.role == "decode":                              # at a step boundary, as the worker
             self._admit(e)
+        spec = e.spec.speculation if e.role != "prefill" else None
+        drafts = spec.drafts(e.scheduler) if spec else None
         if self.routing is not None and e.role == "decode":
-            batch = self.routing.schedule(e, self.now)      # its step budget: decodes + a chunk
+            batch = self.routing.schedule(e, self.now, drafts)  # its step budget: decodes + a chunk
         else:
-            batch = e.scheduler.schedule(self.now)
+            batch = e.scheduler.schedule(self.now, None, drafts)
         if batch is None:
             return
         e.busy = True
@@ -346,7 +355,9 @@ class Simulator:
     def _step_done(self, e: _Engine, batch: Batch) -> None:
         """...update: the scheduler's own `update`, as in LLMEngine.step (tokens are dummies)."""
         e.busy = False
-        for seq, _, reason in e.scheduler.update(batch, [0] * len(batch.sampled_seqs)):
+        spec = e.spec.speculation
+        new_ids = spec.new_ids(batch, self.rng) if spec and batch.drafts else [[0]] * len(batch.sampled_seqs)
+        for seq, _, reason in e.scheduler.update_accepted(batch, new_ids):
             self._after_token(e, seq, reason)
         self._poke(e)
 

@@ -152,9 +152,16 @@ def test_speculative_variants():
     c = parse_system("chunked-256+ngram")
     assert c.name == "chunked-256+ngram" and c.deployment("m.gguf", num_cores=2).colocated.speculative == "ngram"
     assert parse_system("disaggregated").deployment("m.gguf", num_cores=2).decode.speculative is None
-    parse_systems("disaggregated,disaggregated+ngram")                 # distinct names
-    with pytest.raises(ValueError, match="drafter"):
-        parse_system("disaggregated+medusa")
+    parse_systems("disaggregated,disaggregated+ngram,disaggregated+ngram@0")   # distinct names
+    r = parse_system("disaggregated+ngram@0")
+    d = r.deployment("m.gguf", num_cores=2)
+    assert r.name == "disaggregated+ngram@0" and d.decode.draft_devices == ((0,),)
+    assert "ngram drafter in a process on core 0" in r.label(d)
+    m = parse_system("disaggregated+model").deployment("m.gguf", num_cores=2)
+    assert (m.decode.speculative, m.decode.draft_model, m.decode.draft_devices) == ("model", "m.gguf", None)
+    for bad in ("disaggregated+medusa", "disaggregated+ngram@x"):
+        with pytest.raises(ValueError, match="drafter"):
+            parse_system(bad)
     with pytest.raises(ValueError, match="system"):
         parse_system("vllm+ngram")
 

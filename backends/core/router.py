@@ -147,11 +147,11 @@ class InstanceState:
     @classmethod
     def from_scheduler(cls, instance: str, phase: Literal["prefill", "decode"], scheduler,
                        recent_step_s: float | None = None, tpot_slo: float | None = None,
-                       now: float | None = None, plain: tuple[float, float] | None = None
-                       ) -> InstanceState:
+                       now: float | None = None, plain: tuple[float, float] | None = None,
+                       tokens_per_step: float = 1.0) -> InstanceState:
         """The state of a `backends.core.scheduler.Scheduler` (read, not changed); with
         `tpot_slo` and `now`, a decode instance's running sequences' slack too (`tpot_slack`,
-        counting their later tokens with `plain`: `plain_steps`)."""
+        counting their later tokens with `plain`: `plain_steps`; `tokens_per_step`: speculation's)."""
         s, lim = scheduler, scheduler.config
         prefilling = [*s.waiting, *(q for q in s.running if q.num_cached < q.num_prompt_tokens)]
         decoding = [*(q for q in s.running if q.num_cached >= q.num_prompt_tokens), *s.loading, *s.remote]
@@ -163,7 +163,8 @@ class InstanceState:
                    len(decoding), sum(q.num_tokens for q in decoding), lim.block_size,
                    lim.max_num_seqs, lim.max_num_batched_tokens,
                    phase == "decode" and lim.chunked_prefill, recent_step_s,
-                   step_slack_s=scheduler_slack(s, tpot_slo, now, plain)
+                   tokens_per_step=tokens_per_step,
+                   step_slack_s=scheduler_slack(s, tpot_slo, now, plain, tokens_per_step)
                    if phase == "decode" and tpot_slo is not None and now is not None else 0.0)
 
 

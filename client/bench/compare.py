@@ -41,19 +41,23 @@ SYSTEM_NAMES = {"disaggregated": "DistServe",
 @dataclass(frozen=True)
 class System:
     """One system to measure: its name (`chunked-256` has a token budget; `<system>+ngram`
-    decodes speculatively with that drafter), model to call."""
+    decodes speculatively with that drafter; `+model` drafts with a draft model, here the
+    served model itself), model to call."""
     kind: str                        # disaggregated | adaptive | colocated | chunked
     token_budget: int | None = None
     speculative: str | None = None   # a drafter (deploy.deployment.SPECULATIVE_METHODS)
+    draft_core: int | None = None    # `+ngram@0`: the drafter in a process of its own on this core
 
     @property
     def name(self) -> str:
         base = f"chunked-{self.token_budget}" if self.kind == "chunked" else self.kind
-        return base + (f"+{self.speculative}" if self.speculative else "")
+        core = f"@{self.draft_core}" if self.draft_core is not None else ""
+        return base + (f"+{self.speculative}{core}" if self.speculative else "")
 
     def label(self, deployment: Any) -> str:
         """What this system is, and where the deployment it served ran (its instances, cores)."""
-        spec = f", speculative decoding ({self.speculative} drafter, adaptive k)" \
+        where = "" if self.draft_core is None else f" in a process on core {self.draft_core}"
+        spec = f", speculative decoding ({self.speculative} drafter{where}, adaptive k)" \
             if self.speculative else ""
         return f"{SYSTEM_NAMES[self.kind].format(budget=self.token_budget)}{spec}: " \
                f"{placement(deployment)}"
@@ -68,8 +72,10 @@ class System:
         dep = self._deployment(model_path, num_cores)
         if self.speculative is None:
             return dep
-        decoding = {name: replace(getattr(dep, name), speculative=self.speculative)
-                    for name in ("decode", "colocated") if getattr(dep, name) is not None}
+        draft = {"draft_model": str(model_path)} if self.speculative == "model" else {}
+        decoding = {name: replace(phase, speculative=self.speculative, **draft, draft_devices=None
+                                  if self.draft_core is None else ((self.draft_core,),) * phase.num_instances)
+                    for name in ("decode", "colocated") if (phase := getattr(dep, name)) is not None}
         return replace(dep, **decoding)
 
     def _deployment(self, model_path: str | Path, num_cores: int | None = None) -> Any:
@@ -126,14 +132,17 @@ def without_prefix_caching(dep: Any) -> Any:
 
 def parse_system(text: str) -> System:
     """`disaggregated`, `adaptive`, `adaptive-shared`, `colocated`, `chunked` (the default
-    budget) or `chunked-<budget>`, each optionally `+<drafter>` (speculative decoding)."""
+    budget) or `chunked-<budget>`, each optionally `+<drafter>` (speculative decoding) or
+    `+<drafter>@<core>` (the drafter in a process of its own on that core)."""
     from deploy.deployment import DEFAULT_CHUNKED_TOKEN_BUDGET, SPECULATIVE_METHODS
     text = text.strip()
     if "+" in text:
         base, drafter = text.split("+", 1)
-        if drafter not in SPECULATIVE_METHODS:
-            raise ValueError(f"unknown drafter in system {text!r}: one of {SPECULATIVE_METHODS}")
-        return replace(parse_system(base), speculative=drafter)
+        drafter, _, core = drafter.partition("@")
+        if drafter not in SPECULATIVE_METHODS or (core and not core.isdigit()):
+            raise ValueError(f"unknown drafter in system {text!r}: one of {SPECULATIVE_METHODS}, "
+                             "optionally @<core>")
+        return replace(parse_system(base), speculative=drafter, draft_core=int(core) if core else None)
     if text in ("disaggregated", "adaptive", "adaptive-shared", "colocated"):
         return System(text)
     m = re.fullmatch(r"chunked(?:-(\d+))?", text)
@@ -158,7 +167,8 @@ def add_compare_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("systems")
     g.add_argument("--systems", type=_systems_arg, default=list(map(parse_system, DEFAULT_SYSTEMS)),
                    help="comma-separated: disaggregated, adaptive, adaptive-shared, colocated, chunked, "
-                        "chunked-<budget>, each optionally +ngram (speculative decoding) "
+                        "chunked-<budget>, each optionally +ngram or +model (speculative decoding; "
+                        "+ngram@0: its drafter in a process on core 0) "
                         f"(default: {','.join(DEFAULT_SYSTEMS)})")
     g.add_argument("--serve-model", help="model file served (default: the deployment's default)")
     g.add_argument("--prefix-caching", action="store_true",
