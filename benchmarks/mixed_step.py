@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     from backends.core.scheduler import Batch
     from backends.core.weights import load_checkpoint
     from planner.latency import load_profile
-    from planner.simulator import InstanceSpec, _Engine, _Stage
+    from planner.simulator import InstanceSpec, Stage as _Stage, _Engine
     from backends.core.kv_cache import BlockManager
 
     load_before = os.getloadavg()

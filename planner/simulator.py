@@ -28,21 +28,15 @@ Speculative decoding (`InstanceSpec.speculation`, planner/sim_spec.py): a decode
 instance's decoding sequences verify k drafted tokens each step through the same scheduler
 calls as the served engine, accepted with the measured rate (seeded).
 
-Shared cores (`num_shared_decode` k): decode instances num_decode..num_decode+k-1 run on the
-cores of prefill instances 0..k-1 (planner.deployment.with_decode_on_prefill_cores: where
-prefill idles, its cores decode). The OS time-slices the two processes, modelled as processor
-sharing: while both instances have a step in flight, each progresses at half speed, so a step
-ends when its latency-model time of work is done (`_Cores`). The router sees only each
-instance's own state (as the servers), so the slow-down is what no prediction sees; like the
-dispatcher on such a deployment, it takes a local option that meets both SLOs first.
+Shared cores (`num_shared_decode` k decode instances on prefill instances' cores, processor
+sharing): planner/sim_cores.py.
 """
 from __future__ import annotations
 
 import heapq
 import math
 import random
-from dataclasses import dataclass
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Callable, Literal, Sequence as Seq
 
 from backends.core.kv_cache import BlockManager
@@ -54,6 +48,7 @@ from backends.core.scheduler import Batch, Scheduler
 from backends.core.sequence import FinishReason, Sequence, SequenceStatus
 from planner.latency import LatencyModel, Link
 from planner.sim_routing import Routing
+from planner.sim_cores import SharedCores, Stage
 from planner.sim_spec import Speculation, step_rows
 from planner.sim_records import (Record, Request, SimResult, in_window, make_requests,  # noqa: F401
                                  poisson_arrivals)
@@ -131,65 +126,18 @@ class SimConfig:
         return self.num_decode + self.num_shared_decode
 
 
-class _Cores:
-    """Cores that two instances share: processor sharing, as the OS time-slices their
-    processes. Each step in flight has its latency-model time of work left; with n steps in
-    flight each progresses at 1/n speed. Every change re-plans the ends (`version`: older
-    planned ends are void)."""
-
-    def __init__(self) -> None:
-        self.active: dict[_Engine, list] = {}     # engine -> [work left (s), its batch]
-        self.since = 0.0
-        self.version = 0
-
-    def _advance(self, now: float) -> None:
-        if self.active:
-            done = (now - self.since) / len(self.active)
-            for entry in self.active.values():
-                entry[0] -= done
-        self.since = now
-
-    def start(self, sim: Simulator, e: _Engine, work: float, batch: Batch) -> None:
-        self._advance(sim.now)
-        self.active[e] = [work, batch]
-        self._plan(sim)
-
-    def end(self, sim: Simulator, e: _Engine) -> Batch:
-        self._advance(sim.now)
-        batch = self.active.pop(e)[1]
-        self._plan(sim)
-        return batch
-
-    def _plan(self, sim: Simulator) -> None:
-        self.version += 1
-        n = len(self.active)
-        for e, (left, _) in self.active.items():
-            sim._at(sim.now + max(0.0, left) * n, sim._shared_step_done, self, self.version, e)
-
-
-class _Stage:
-    """The first pipeline stage of one instance, shared by its pp virtual engines: one batch
-    at a time enters it and holds it for the latency model's (per-stage) time; the batch is
-    done pp stage times later, so pp batches can be in flight but none is faster than at pp 1."""
-
-    def __init__(self, pp: int) -> None:
-        self.pp = pp
-        self.busy = False
-        self.engines: list[_Engine] = []
-
-
 class _Engine:
     """One scheduler: an instance at pp 1, one of its pp virtual engines otherwise (vLLM's
     virtual engines: own queues and batches, one KV cache shared by the instance)."""
 
-    def __init__(self, role: str, index: int, spec: InstanceSpec, stage: _Stage,
+    def __init__(self, role: str, index: int, spec: InstanceSpec, stage: Stage,
                  blocks: BlockManager) -> None:
         self.role, self.index, self.spec, self.stage = role, index, spec, stage
         self.scheduler = spec.scheduler(blocks, hand_off=role == "prefill")
         self.blocks = blocks
         self.busy = False
         self.copy_free_at = 0.0             # decode: when its copy thread is free
-        self.cores: _Cores | None = None    # cores shared with another instance
+        self.cores: SharedCores | None = None    # cores shared with another instance
         self.num_steps = self.num_preempted = self.peak_blocks = 0
 
     def load(self) -> int:
@@ -242,7 +190,7 @@ class Simulator:
         self.decodes = self._make("decode", config.num_decode_instances, config.decode,
                                   config.mode in (*SPLIT_MODES, "decode"))
         for i in range(config.num_shared_decode):
-            cores = _Cores()
+            cores = SharedCores()
             self.prefills[i].cores = self.decodes[config.num_decode + i].cores = cores
         self.colocated = self._make("both", config.num_prefill, config.prefill,
                                     config.mode == "colocated")
@@ -254,7 +202,7 @@ class Simulator:
             return []
         pp, engines = spec.latency.pp, []
         for i in range(n):
-            stage, blocks = _Stage(pp), BlockManager(spec.limits.num_kv_blocks)
+            stage, blocks = Stage(pp), BlockManager(spec.limits.num_kv_blocks)
             stage.engines = [_Engine(role, i * pp + v, spec, stage, blocks) for v in range(pp)]
             engines += stage.engines
         return engines
@@ -343,12 +291,12 @@ class Simulator:
             self._at(self.now + duration, self._stage_free, stage)
         self._at(self.now + stage.pp * duration, self._step_done, e, batch)
 
-    def _stage_free(self, stage: _Stage) -> None:
+    def _stage_free(self, stage: Stage) -> None:
         stage.busy = False
         for e in stage.engines:
             self._poke(e)
 
-    def _shared_step_done(self, cores: _Cores, version: int, e: _Engine) -> None:
+    def _shared_step_done(self, cores: SharedCores, version: int, e: _Engine) -> None:
         if version == cores.version:                       # else re-planned since
             self._step_done(e, cores.end(self, e))
 

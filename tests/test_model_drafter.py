@@ -6,6 +6,7 @@ engine; the deployment names it with `speculative: model` and `draft_model`."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import pytest
 import torch
@@ -170,3 +171,60 @@ def test_drafting_time_is_weighed_apart_from_the_step(draft_s, pays):
     asked = sum(bool(spec.drafts([seq])) for _ in range(40))
     assert (asked == 40) if pays else (1 <= asked <= 2), asked
     assert policy.draft_token_s == pytest.approx(draft_s / 4)
+
+
+def test_until_drafting_is_timed_only_one_sequence_is_asked():
+    """A draft model's first call for a sequence prefills its prompt: before any call is timed,
+    a step asks the drafter for one sequence, not the whole batch; a cheap one is then asked for all."""
+    asked: list[int] = []
+
+    class CountingDrafter:
+        def propose_many(self, histories, k):
+            asked.append(len(histories))
+            return [[7] * k for _ in histories]
+
+        def propose(self, token_ids, k):
+            return self.propose_many([token_ids], k)[0]
+
+    spec = Speculator(CountingDrafter(), AdaptiveK(3), clock=itertools.count(0, 1e-4).__next__)
+    seqs = []
+    for i in range(4):
+        s = Sequence(f"s{i}", [1, 2, 3], GREEDY, output_ids=[4])
+        s.num_cached = 3
+        seqs.append(s)
+    spec.drafts(seqs)
+    spec.drafts(seqs)
+    assert asked == [1, 4]
+
+
+def test_a_drafter_that_never_has_a_draft_is_left_to_probes_and_told_nothing():
+    """A drafter process too slow to keep up (every proposal late) answers nothing: after a
+    few empty answers a sequence is asked only by probes, and the drafter is no longer sent its
+    tokens, so it idles instead of computing drafts no step will use."""
+    from backends.core.spec_policy import EMPTY_ASKS
+
+    class LateSource:                          # a DraftSource whose proposals never align
+        def __init__(self):
+            self.updates: list[list[str]] = []
+
+        def draft(self, seq, k):
+            return []
+
+        def update(self, seqs):
+            self.updates.append([q.req_id for q in seqs])
+
+        def forget(self, req_id): ...
+
+        def stats(self): return {}
+
+        def close(self): ...
+
+    source = LateSource()
+    spec = Speculator(source, AdaptiveK(3, probe_every=1000))
+    seq = Sequence("a", [1, 2, 3], GREEDY, output_ids=[4])
+    seq.num_cached = 3
+    for _ in range(EMPTY_ASKS + 3):
+        assert spec.drafts([seq]) == {}
+    told = [u for u in source.updates if u]
+    assert len(told) == EMPTY_ASKS               # then nothing: it is left to probes
+    assert not spec.policy.asking("a")

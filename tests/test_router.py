@@ -286,7 +286,7 @@ def test_state_from_a_chunked_decode_scheduler():
 # ---- the planner's predictor ----------------------------------------------------------------
 
 def test_planner_predictor_prices_steps_as_the_simulator():
-    from planner.simulator import InstanceSpec, _Engine, _Stage
+    from planner.simulator import InstanceSpec, Stage as _Stage, _Engine
     model = LatencyModel("m", "cpu", 1, prefill=(0.02, 1e-4, 1e-8), decode_small=(0.015, 2e-6, 5e-4),
                          decode_large=(0.015, 2e-6, 5e-4))
     pred = LatencyModelPredictor(model)
@@ -310,7 +310,7 @@ def test_a_chunk_after_cached_tokens_is_priced_with_its_attention_over_them():
     decode instance's step budget takes it: a later turn's chunk after its cached history is
     smaller, and its local TTFT higher, than a cold chunk's."""
     from backends.core.prefix_cache import PrefixCache
-    from planner.simulator import InstanceSpec, _Engine, _Stage
+    from planner.simulator import InstanceSpec, Stage as _Stage, _Engine
     model = LatencyModel("m", "cpu", 1, prefill=(0.005, 1.3e-3, 5e-7),    # the AMD host's form
                          decode_small=(0.008, 6e-6, 0.0), decode_large=(0.008, 6e-6, 0.0))
     pred = LatencyModelPredictor(model)

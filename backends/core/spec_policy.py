@@ -26,12 +26,14 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING
 
 from backends.core.sequence import Sequence
 from backends.core.spec_cost import StepCost
-from backends.core.spec_decode import DRAFTERS, Drafter, KeyedDrafts, SpecStats
+from backends.core.spec_decode import DRAFTERS, Drafter, SpecStats
+from backends.core.spec_sources import DraftSource, InProcess
 
+EMPTY_ASKS = 4                    # a sequence the drafter had nothing for this often: probes only
 PROBE_SHARE = 0.05                # a costly drafter's probes: at most this share of the steps' time
 YIELD_ALPHA = 0.1                 # the weight of one step in the tokens_per_step EWMA
 # The evidence classes scored drafts' acceptance is kept by (lower bounds of the score) and each
@@ -51,6 +53,7 @@ class _Acceptance:
     tried: float = 0.0           # ... and tried (accepted + the first rejected one)
     idle: int = 0                # steps since it last verified a draft
     ramp: int = 0                # its last draft was accepted whole: draft this many next
+    empty: int = 0               # asks in a row the drafter had no draft for
 
     def add(self, num_drafted: int, num_accepted: int, decay: float, max_k: int = 0) -> None:
         self.accepted = self.accepted * decay + num_accepted
@@ -178,7 +181,7 @@ class AdaptiveK:
         out, idle, self._forced = {}, [], {}
         for r, st in self.seqs.items():
             st.idle += 1
-            if self.acceptance(r) > threshold:
+            if self.acceptance(r) > threshold and st.empty < EMPTY_ASKS:
                 out[r] = c.max_k
             elif st.ramp:
                 out[r] = self._forced[r] = st.ramp
@@ -217,6 +220,18 @@ class AdaptiveK:
         k = Counter(r for _, _, r in gains[:best_m])
         return {**forced, **{r: proposals[r][:n] for r, n in k.items()}}
 
+    def asking(self, req_id: str) -> bool:
+        """Whether `req_id` is still asked for drafts every step (not left to probes)."""
+        st = self.seqs.get(req_id)
+        return st is None or st.empty < EMPTY_ASKS
+
+    def answered(self, req_id: str, has_draft: bool) -> None:
+        """Whether the drafter had a draft for `req_id` when asked: after EMPTY_ASKS empty
+        answers in a row it is asked only by probes (a drafter process too slow to keep up
+        is then told nothing and idles, instead of computing what no step will use)."""
+        if (st := self.seqs.get(req_id)) is not None:
+            st.empty = 0 if has_draft else st.empty + 1
+
     def record(self, req_id: str, num_drafted: int, num_accepted: int, evidence: int = 0) -> None:
         """A verify row's outcome (`evidence`: its draft's score; 0: unscored)."""
         c = self.config
@@ -234,65 +249,6 @@ class AdaptiveK:
 
     def forget(self, req_id: str) -> None:
         self.seqs.pop(req_id, None)
-
-
-@runtime_checkable
-class DraftSource(Protocol):
-    """Where a Speculator's proposals come from, per sequence."""
-
-    def draft(self, seq: Sequence, k: int) -> list[int]:
-        """Up to k tokens to follow `seq` as it is now ([]: none ready)."""
-        ...
-
-    def update(self, seqs: Iterable[Sequence]) -> None:
-        """These sequences have new tokens (or are new)."""
-        ...
-
-    def forget(self, req_id: str) -> None: ...
-
-    def stats(self) -> dict[str, float]: ...
-
-    def close(self) -> None: ...
-
-
-class InProcess:
-    """A Drafter run in the step thread, from the sequence's whole history. `scored`: the
-    drafter scores its drafts (`propose_scored`, e.g. NgramDrafter), and so does
-    `draft_scored` (a DraftSource may have these two; the Speculator asks)."""
-
-    def __init__(self, drafter: Drafter) -> None:
-        self.drafter = drafter
-        self._drafts = KeyedDrafts(drafter)
-        self.scored = self._drafts.scored
-        self._done = getattr(drafter, "done", None)      # told each sequence's tokens as it leaves
-        self._live: dict[str, Sequence] = {}
-
-    def draft(self, seq: Sequence, k: int) -> list[int]:
-        return self.drafter.propose(seq.all_ids, k)
-
-    def draft_many(self, seqs: list[Sequence], k: int) -> list[list[int]]:
-        """`draft` for several sequences, batched where the drafter can (a draft model)."""
-        return [d for d, _ in self._drafts.propose_many([s.req_id for s in seqs], [s.all_ids for s in seqs], k)]
-
-    def draft_scored(self, seq: Sequence, k: int) -> tuple[list[int], int]:
-        """(draft, its score); score 0 from a drafter that does not score."""
-        return self._drafts.propose(seq.req_id, seq.all_ids, k)
-
-    def update(self, seqs: Iterable[Sequence]) -> None:
-        if self._done is not None:
-            for seq in seqs:
-                self._live[seq.req_id] = seq
-
-    def forget(self, req_id: str) -> None:
-        self._drafts.forget(req_id)
-        if (seq := self._live.pop(req_id, None)) is not None:
-            self._done(seq.all_ids)
-
-    def stats(self) -> dict[str, float]:
-        return {}
-
-    def close(self) -> None:
-        pass
 
 
 class Speculator:
@@ -319,10 +275,13 @@ class Speculator:
         seqs = [s for s in running if s.num_tokens - s.num_cached == 1 and not s.params.needs_history]
         if not seqs:
             return {}
-        self.source.update(seqs)
         want = self.policy.want([s.req_id for s in seqs], scored=self.scored)
-        proposals, self._evidence = {}, {}
         wanted = [(s, k) for s in seqs if (k := want.get(s.req_id))]
+        if self.policy.draft_token_s is None and not self.scored:
+            wanted = wanted[:1]             # not timed yet: one sequence first (a draft model's
+                                            # first call for a sequence prefills its prompt)
+        self.source.update(seqs if self.scored else [s for s, _ in wanted])   # the rest: later
+        proposals, self._evidence = {}, {}
         started = self.clock()
         if not self.scored and wanted and (many := getattr(self.source, "draft_many", None)):
             batched = many([s for s, _ in wanted], max(k for _, k in wanted))
@@ -334,6 +293,8 @@ class Speculator:
         if wanted:
             self.policy.observe_drafting(max(k for _, k in wanted), self._drafting_s)
         for s, k, (draft, score) in drafted:
+            if not self.scored:
+                self.policy.answered(s.req_id, bool(draft))
             if draft:
                 proposals[s.req_id] = draft[:k]
                 if score:
@@ -341,7 +302,8 @@ class Speculator:
         return self.policy.choose(proposals, len(seqs), self._evidence)
 
     def observe(self, batch: Batch, outputs: list[StepOutput], seconds: float) -> None:
-        self.source.update(o.seq for o in outputs if not o.finished and not o.seq.params.needs_history)
+        live = [o.seq for o in outputs if not o.finished and not o.seq.params.needs_history]
+        self.source.update(live if self.scored else [q for q in live if self.policy.asking(q.req_id)])
         drafts = batch.drafts
         if len(batch.seqs) == batch.num_decodes + len(drafts):     # no prompt rows: a clean cost
             self.policy.observe_step(batch.num_tokens, seconds - self._drafting_s)

@@ -126,7 +126,7 @@ class DrafterCounts:
 
 
 class RemoteDrafter:
-    """A Speculator's DraftSource (spec_policy.py) backed by a drafter process."""
+    """A Speculator's DraftSource (spec_sources.py) backed by a drafter process."""
 
     def __init__(self, spec: DrafterSpec) -> None:
         self.spec = spec
