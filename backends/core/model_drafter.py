@@ -30,13 +30,9 @@ from backends.core.sampling import SamplingParams
 class ModelDrafter:
     def __init__(self, model: str | None = None, *, engine: LLMEngine | None = None,
                  vocab_size: int | None = None, weights: str = "auto", dtype: str = "bfloat16",
-                 num_kv_blocks: int = 1024, max_num_seqs: int = 32, max_model_len: int | None = None,
-                 cross_request: bool = True) -> None:
+                 num_kv_blocks: int = 1024, max_num_seqs: int = 32, max_model_len: int | None = None) -> None:
         """`model`: the draft checkpoint's path (or `engine`, built already). `vocab_size`: the
-        target's; a draft model with another vocabulary cannot draft for it. `cross_request`:
-        accepted for the deployment's drafter options (the n-gram's corpus); a model drafter
-        has none."""
-        del cross_request
+        target's; a draft model with another vocabulary cannot draft for it."""
         if (model is None) == (engine is None):
             raise ValueError("ModelDrafter needs the draft model's path or an engine, not both")
         if engine is None:

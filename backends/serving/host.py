@@ -288,9 +288,10 @@ def _speculator(deployment: Any, phase: Any, index: int, vocab_size: int) -> Spe
     if phase.speculative is None:
         return None
     cores = phase.draft_cores(index)
-    options = {"cross_request": phase.draft_corpus}
-    if phase.draft_model is not None:                 # a draft model: an engine of its own
-        options.update(model=str(deployment.resolved_model_path(model_path=phase.draft_model)),
+    if phase.draft_model is None:                     # the n-gram: its corpus of finished requests
+        options = {"cross_request": phase.draft_corpus}
+    else:                                             # a draft model: an engine of its own
+        options = dict(model=str(deployment.resolved_model_path(model_path=phase.draft_model)),
                        vocab_size=vocab_size, num_kv_blocks=phase.num_kv_blocks,
                        max_num_seqs=phase.max_num_seqs, max_model_len=deployment.max_model_len)
     if cores is None:
