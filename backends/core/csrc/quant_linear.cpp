@@ -49,7 +49,7 @@ constexpr int64_t kBlock = 32;          // inputs per scale
 constexpr int64_t kTile = 16;           // outputs per tile (the lanes)
 template <int BITS>
 constexpr int64_t kTileBytes = BITS * 64;   // codes of one tile x block: 512 codes
-constexpr int kRowTile = 4;             // rows of x that share one unpacking of a block
+constexpr int kRowTile = 8;             // rows of x that share one unpacking of a block
 
 struct QuantRows {                      // x, quantized per block of 32
   std::vector<int16_t> q;               // [M, K]
@@ -80,7 +80,7 @@ QuantRows quantize_rows(const at::Tensor& x) {
   return r;
 }
 
-inline __m512i pair(const int16_t* p) {   // inputs p[0], p[1] in every lane
+__attribute__((always_inline)) inline __m512i pair(const int16_t* p) {   // inputs p[0], p[1] in every lane
   int32_t v;
   std::memcpy(&v, p, sizeof v);
   return _mm512_set1_epi32(v);
@@ -89,7 +89,7 @@ inline __m512i pair(const int16_t* p) {   // inputs p[0], p[1] in every lane
 // One tile x block's codes as int16: w[p] holds input pair p (inputs 2p, 2p + 1 of the block) of
 // the 16 outputs, element e = output e / 2, input 2p + e % 2.
 template <int BITS>
-inline void unpack(const uint8_t* c, __m512i* w) {
+__attribute__((always_inline)) inline void unpack(const uint8_t* c, __m512i* w) {
   const __m512i low = _mm512_set1_epi16(0x0F);
   for (int u = 0; u < 8; ++u) {
     if constexpr (BITS == 4) {
@@ -148,7 +148,11 @@ void rows_tile(int rows, const QuantRows& xq, int64_t k, int64_t m0, int64_t t0,
     case 1: tile<BITS, 1>(xq, k, m0, t0, t1, codes, so, y, ys); break;
     case 2: tile<BITS, 2>(xq, k, m0, t0, t1, codes, so, y, ys); break;
     case 3: tile<BITS, 3>(xq, k, m0, t0, t1, codes, so, y, ys); break;
-    default: tile<BITS, 4>(xq, k, m0, t0, t1, codes, so, y, ys); break;
+    case 4: tile<BITS, 4>(xq, k, m0, t0, t1, codes, so, y, ys); break;
+    case 5: tile<BITS, 5>(xq, k, m0, t0, t1, codes, so, y, ys); break;
+    case 6: tile<BITS, 6>(xq, k, m0, t0, t1, codes, so, y, ys); break;
+    case 7: tile<BITS, 7>(xq, k, m0, t0, t1, codes, so, y, ys); break;
+    default: tile<BITS, 8>(xq, k, m0, t0, t1, codes, so, y, ys); break;
   }
 }
 
