@@ -29,11 +29,13 @@ from backends.core.weights import load_checkpoint
 from benchmarks import report as report_files
 
 MATMUL_OPS = {"aten::mm", "aten::addmm", "mkldnn::_linear_pointwise", "aten::_weight_int4pack_mm_for_cpu", "aten::_weight_int8pack_mm",
-              "aten::linear", "aten::matmul"}
+              "aten::linear", "aten::matmul", "distserve::quant_linear"}
 ATTENTION_OPS = {"aten::bmm", "aten::_softmax", "aten::softmax", "aten::masked_fill_", "aten::index_select",
                  "aten::_index_put_impl_", "aten::index_put_", "aten::stack",
                  "aten::_scaled_dot_product_flash_attention_for_cpu", "aten::scaled_dot_product_attention",
-                 "aten::_scaled_dot_product_attention_math", "aten::baddbmm"}
+                 "aten::_scaled_dot_product_attention_math", "aten::baddbmm",
+                 "distserve::paged_chunk_attention", "distserve::paged_prefix_attention",
+                 "distserve::paged_decode_attention"}
 CASES = (("decode", 1, 32), ("decode", 1, 512), ("decode", 32, 160), ("prefill", 1, 512))
 PARAMS = SamplingParams(max_tokens=10_000, temperature=0, ignore_eos=True)
 

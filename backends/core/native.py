@@ -19,6 +19,9 @@ Ops (registered as torch.ops.distserve.*):
   backends/core/model.py calls them).
 - quant_linear(x, codes, scales_offsets): int4 weights x few rows (csrc/quant_linear.cpp; used by
   backends/core/quant.Int4Linear). Built only on CPUs with AVX-512 VNNI (`has("quant_linear")`).
+- paged_chunk_attention(..., query_lens, scale): long chunks of new tokens (prefill, a prompt's
+  tail after its cached prefix), bf16, AVX-512 BF16 dot products with an online softmax
+  (csrc/chunk_attention.cpp). Built only on CPUs with AVX-512 BF16.
 - decode_layers(x, weights, ...): a decode step's whole layer stack, calling the ops above from
   C++ (csrc/layer_stack.cpp; backends/core/layer_stack.py); it needs quant_linear at run time.
 DISTSERVE_NATIVE=0 turns them all off (the torch ops run), for comparisons.
@@ -40,15 +43,17 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 SOURCES = tuple(Path(__file__).with_name("csrc") / name
-                for name in ("paged_decode.cpp", "fused.cpp", "quant_linear.cpp", "layer_stack.cpp"))
-HEADERS = tuple(Path(__file__).with_name("csrc") / name for name in ("common.h", "amx.h"))
+                for name in ("paged_decode.cpp", "fused.cpp", "quant_linear.cpp", "layer_stack.cpp",
+                             "chunk_attention.cpp"))
+HEADERS = tuple(Path(__file__).with_name("csrc") / name for name in ("common.h", "amx.h", "paged.h"))
 NAME = "distserve_native"
 # -ffast-math lets exp vectorize (glibc's libmvec). It assumes no inf/NaN: the kernels' inputs
 # are finite activations and K/V (a NaN in them would give a wrong finite value, not a NaN).
 CFLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-ffast-math")
 OPS = ("paged_decode_attention", "paged_prefix_attention", "silu_and_mul", "add_rms_norm", "rope",
        "decode_layers")
-OPTIONAL_OPS = ("quant_linear",)      # built only where the CPU has their instructions (AVX-512 VNNI)
+OPTIONAL_OPS = ("quant_linear", "paged_chunk_attention")   # built only where the CPU has their
+# instructions (AVX-512 VNNI; AVX-512 BF16)
 STALE_LOCK_S = 600
 log = logging.getLogger(__name__)
 

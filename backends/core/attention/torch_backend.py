@@ -45,6 +45,8 @@ class TorchPlan:
     groups: tuple[tuple[torch.Tensor, AttentionMetadata], ...] | None = None
     # prefill of short rows only, for the native prefix kernel: each row's new tokens ([S] int32)
     short_rows: torch.Tensor | None = None
+    # prefill with a longer row, for the native chunk kernel (bf16): each row's new tokens
+    chunk_rows: torch.Tensor | None = None
 
 
 def decode_groups(context_lens: list[int] | tuple[int, ...],
@@ -106,6 +108,7 @@ class TorchAttentionBackend(AttentionBackend):
         self.group_cost_tokens = group_cost_tokens
         self.batched_heads_max_batch = BATCHED_HEADS_MAX_BATCH
         self._native = native
+        self._native_chunks: bool | None = None
 
     @property
     def native(self) -> bool:
@@ -113,6 +116,15 @@ class TorchAttentionBackend(AttentionBackend):
             from backends.core import native
             self._native = native.enabled() and native.available()
         return self._native
+
+    @property
+    def native_chunks(self) -> bool:
+        """Long prefill rows by our chunk kernel (csrc/chunk_attention.cpp: bf16, AVX-512 BF16
+        hosts), where it is built and the native kernels are on."""
+        if self._native_chunks is None:
+            from backends.core import native
+            self._native_chunks = self.native and native.has("paged_chunk_attention")
+        return self._native_chunks
 
     # -- per step ---------------------------------------------------------------------------
     def plan(self, meta: AttentionMetadata, tables: list[list[int]]) -> TorchPlan:
@@ -133,9 +145,13 @@ class TorchAttentionBackend(AttentionBackend):
         if d:
             t = torch.arange(meta.block_tables.shape[1] * bs, device=device)
             return TorchPlan(*slots, decode_mask=(t[None, :] < meta.seq_lens[:, None])[:, None, None, :])
-        if max(qlens) <= NATIVE_MAX_QUERY and device.type == "cpu" and self.native:
+        if device.type == "cpu" and self.native:
             # token j of a row of q new tokens over c attends to the first c - q + j + 1 positions
-            return TorchPlan(*slots, short_rows=torch.tensor(qlens, dtype=torch.int32, device=device))
+            rows = torch.tensor(qlens, dtype=torch.int32, device=device)
+            if max(qlens) <= NATIVE_MAX_QUERY:
+                return TorchPlan(*slots, short_rows=rows)
+            if self.native_chunks:
+                return TorchPlan(*slots, chunk_rows=rows)
         return TorchPlan(*slots)
 
     # -- per layer --------------------------------------------------------------------------
@@ -169,6 +185,12 @@ class TorchAttentionBackend(AttentionBackend):
             return torch.ops.distserve.paged_prefix_attention(
                 q.contiguous(), cache.k, cache.v, meta.block_tables, meta.seq_lens,
                 meta.plan.short_rows, scale).view(q.shape[0], -1)
+        if meta.plan.chunk_rows is not None and self._native_reads(q, cache) and \
+                q.dtype == torch.bfloat16 and q.shape[-1] in (64, 128):
+            # long rows (prefill, a prompt's tail after its cached prefix): K/V read from the cache
+            return torch.ops.distserve.paged_chunk_attention(
+                q.contiguous(), cache.k, cache.v, meta.block_tables, meta.seq_lens,
+                meta.plan.chunk_rows, scale).view(q.shape[0], -1)
         # SDPA gets 4-D [1, H, S, hd] inputs: with 3-D ones it falls back to a ~3x slower path.
         outs, start = [], 0
         for i, (qlen, clen) in enumerate(zip(meta.query_lens, meta.context_lens)):

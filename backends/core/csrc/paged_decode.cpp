@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "common.h"
+#include "paged.h"
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__AVX512BW__)
 #define DISTSERVE_AMX_ATTENTION 1
@@ -35,6 +36,7 @@
 
 namespace {
 
+using distserve::check_paged;
 using distserve::load;
 
 // Blocks are scattered over the pool, so the hardware prefetcher cannot see the next one
@@ -584,43 +586,6 @@ bool dispatch_multi(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   return dispatch_shape<MultiOp, T>(q.size(2), q.size(1) / k.size(1), q, k, v, t, l, starts, scale, out);
 }
 
-// Checks shared by both ops: shapes, dtypes, layout, and that every context length fits its
-// block table and every block id it reaches is inside the cache (nothing outside is ever read).
-void check_paged(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                 const at::Tensor& block_tables, const at::Tensor& context_lens) {
-  TORCH_CHECK(q.device().is_cpu(), "paged attention runs on CPU tensors");
-  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(),
-              "expected q [B, H, hd] and K/V caches [blocks, KVH, block_size, hd]");
-  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && q.scalar_type() == v_cache.scalar_type(),
-              "q and the KV cache must have one dtype");
-  TORCH_CHECK(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kFloat,
-              "paged attention supports float32 and bfloat16, got ", q.scalar_type());
-  TORCH_CHECK(q.size(2) == k_cache.size(3) && q.size(1) % k_cache.size(1) == 0,
-              "head_dim differs, or the query heads are not a multiple of the KV heads");
-  TORCH_CHECK(block_tables.scalar_type() == at::kLong && context_lens.scalar_type() == at::kInt,
-              "block_tables must be int64 and context_lens int32");
-  TORCH_CHECK(block_tables.dim() == 2 && context_lens.numel() == block_tables.size(0),
-              "one block table row and one context length per sequence");
-  // the KV pool interleaves layers, so a layer's blocks are strided; within a block, dense
-  const auto dense_block = [](const at::Tensor& c) {
-    return c.stride(3) == 1 && c.stride(2) == c.size(3) && c.stride(1) == c.size(2) * c.size(3);
-  };
-  TORCH_CHECK(q.is_contiguous() && block_tables.is_contiguous() && context_lens.is_contiguous() &&
-                  dense_block(k_cache) && dense_block(v_cache) && k_cache.stride(0) == v_cache.stride(0),
-              "q, block_tables and context_lens must be contiguous, and each KV block dense");
-  const int64_t bs = k_cache.size(2), num_blocks = k_cache.size(0);
-  const int32_t* lens = context_lens.data_ptr<int32_t>();
-  const int64_t* tables = block_tables.data_ptr<int64_t>();
-  for (int64_t b = 0; b < block_tables.size(0); ++b) {
-    TORCH_CHECK(lens[b] > 0 && (lens[b] + bs - 1) / bs <= block_tables.size(1),
-                "context length ", lens[b], " of sequence ", b, " does not fit its block table");
-    for (int64_t n = 0; n < (lens[b] + bs - 1) / bs; ++n) {
-      const int64_t blk = tables[b * block_tables.size(1) + n];
-      TORCH_CHECK(blk >= 0 && blk < num_blocks, "block id ", blk, " out of [0, ", num_blocks, ")");
-    }
-  }
-}
-
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
                                   const at::Tensor& v_cache, const at::Tensor& block_tables,
                                   const at::Tensor& context_lens, double scale) {
@@ -646,18 +611,7 @@ at::Tensor paged_prefix_attention(const at::Tensor& q, const at::Tensor& k_cache
                                   const at::Tensor& context_lens, const at::Tensor& query_lens,
                                   double scale) {
   check_paged(q, k_cache, v_cache, block_tables, context_lens);
-  TORCH_CHECK(query_lens.scalar_type() == at::kInt && query_lens.is_contiguous() &&
-                  query_lens.numel() == block_tables.size(0),
-              "query_lens must be int32, one per sequence");
-  const int32_t* ql = query_lens.data_ptr<int32_t>();
-  const int32_t* cl = context_lens.data_ptr<int32_t>();
-  std::vector<int64_t> starts(query_lens.numel() + 1, 0);
-  for (int64_t s = 0; s < query_lens.numel(); ++s) {
-    TORCH_CHECK(ql[s] >= 1 && ql[s] <= kMaxQuery && ql[s] <= cl[s], "sequence ", s, ": ", ql[s],
-                " new tokens over a context of ", cl[s], " (1 to ", kMaxQuery, ", within the context)");
-    starts[s + 1] = starts[s] + ql[s];
-  }
-  TORCH_CHECK(starts.back() == q.size(0), "q has ", q.size(0), " rows, query_lens sum to ", starts.back());
+  const std::vector<int64_t> starts = distserve::query_starts(q, block_tables, context_lens, query_lens, kMaxQuery);
   at::Tensor out = at::empty_like(q);
   const bool done = q.scalar_type() == at::kBFloat16
       ? dispatch_multi<c10::BFloat16>(q, k_cache, v_cache, block_tables, context_lens, starts, scale, out)
