@@ -1,16 +1,23 @@
 """Speculative decoding (backends/core/spec_decode.py): the n-gram drafter, lossless acceptance
 (greedy and seeded sampling give the very tokens of plain decoding; the sampling rule for a
 draft distribution reproduces the target's, by chi-square), KV roll-back without leaks, and
-stop criteria on accepted tokens."""
+stop criteria on accepted tokens. What a costly drafter's calls cost (spec_policy.py): per
+token of k and per backlog token (a draft model computes a sequence's unseen tokens first),
+learnt apart; new sequences with long prompts are not prefilled for a drafter that does not
+pay, its probes stay within PROBE_SHARE, and one that pays is still asked for every sequence."""
 from __future__ import annotations
+
+import itertools
 
 import numpy as np
 import pytest
 import torch
 
 from backends.core.sampling import SamplingParams, _mix, _sample_row
+from backends.core.sequence import Sequence
 from backends.core.spec_decode import (MAX_EVIDENCE, NgramDrafter, SpecStats, TokenCorpus, accept_draft,
                                        accept_with_probs, propose_drafts, target_probs)
+from backends.core.spec_policy import PROBE_SHARE, AdaptiveK, Speculator
 from tests.helpers import GREEDY, assert_no_leaks, generate, make_engine
 
 REPETITIVE = ("Alice sent the report to Bob on Monday. Bob read the report and sent it to Carol. "
@@ -313,3 +320,156 @@ def test_a_finished_sequences_text_drafts_for_the_next_one():
     assert corpus.lookup(np.asarray([1, 2, 3]), 2) == ([], 0)
     assert corpus.lookup(np.asarray([0, 12, 13]), 2) == ([14, 15], 2)
     assert all(key in corpus.docs for key, _ in corpus.index.values())
+
+
+# -- what a costly drafter's calls cost: k and the backlog (spec_policy.py) -----------------
+MS = 1e-3
+PROMPT = 1500                           # a summarization prompt's tokens
+
+
+def step_s(rows: int) -> float:
+    """A made-up decode step: 40 ms, and 2 ms a row more."""
+    return 0.040 + 0.002 * (rows - 1)
+
+
+class BacklogDrafter:
+    """A draft model's costs on the test's clock: `per_k` seconds a token of k (its passes, for
+    all the call's sequences at once) and `per_token` a token of a history it has not seen (what
+    it computes first: a new sequence's prompt, an idle one's tokens since its last call). Each
+    history's first token names its sequence. It proposes 7s (accepted as the test decides)."""
+
+    def __init__(self, clock: list[float], per_k: float, per_token: float) -> None:
+        self.clock, self.per_k, self.per_token = clock, per_k, per_token
+        self.seen: dict[int, int] = {}
+        self.calls: list[list[int]] = []        # each call's sequences (their first tokens)
+
+    def propose_many(self, histories, k):
+        unseen = sum(len(h) - self.seen.get(h[0], 0) for h in histories)
+        self.clock[0] += k * self.per_k + unseen * self.per_token
+        self.seen.update((h[0], len(h)) for h in histories)
+        self.calls.append([h[0] for h in histories])
+        return [[7] * k for _ in histories]
+
+    def propose(self, token_ids, k):
+        return self.propose_many([token_ids], k)[0]
+
+
+def timed_policy(max_k: int = 3, **kw) -> AdaptiveK:
+    policy = AdaptiveK(max_k, **kw)
+    for n in list(range(1, 41)) * 2:                         # each n's first step: a warm-up
+        policy.observe_step(n, step_s(n))
+    return policy
+
+
+def serve(policy: AdaptiveK, drafter: BacklogDrafter, steps: int, *, accept: bool, life: int,
+          b: int = 8, first_prompt: int = PROMPT) -> tuple[float, dict[int, list[int]]]:
+    """`steps` decode steps of b sequences, each left after `life` steps (the first b staggered,
+    with `first_prompt` tokens) for a new one with a PROMPT-token prompt; every draft accepted
+    (`accept`) or none. The steps' seconds (made up: step_s by rows, drafting apart) and the
+    steps each sequence (by its first token) was asked at, from its first step."""
+    spec = Speculator(drafter, policy, clock=lambda: drafter.clock[0])
+    ids = itertools.count(1000)
+
+    def new(prompt: int, steps_left: int) -> list:
+        s = Sequence(f"s{(i := next(ids))}", [i] + [5] * (prompt - 1), GREEDY, output_ids=[4])
+        s.num_cached = s.num_tokens - 1
+        return [s, steps_left]
+
+    live = [new(first_prompt, life * (j + 1) // b) for j in range(b)]
+    born = dict.fromkeys((s.prompt_ids[0] for s, _ in live), 0)
+    asked: dict[int, list[int]] = {first: [] for first in born}
+    seconds = 0.0
+    for step in range(steps):
+        calls = len(drafter.calls)
+        drafts = spec.drafts([s for s, _ in live])
+        for first in (x for call in drafter.calls[calls:] for x in call):
+            asked[first].append(step - born[first])
+        seconds += step_s(b + sum(map(len, drafts.values())))
+        for entry in live:
+            s, d = entry[0], drafts.get(entry[0].req_id, [])
+            if d:
+                policy.record(s.req_id, len(d), len(d) if accept else 0)
+            for _ in range(1 + (len(d) if accept else 0)):
+                s.append_token(7)
+            s.num_cached = s.num_tokens - 1
+            entry[1] -= 1
+            if entry[1] == 0:
+                spec.forget(s.req_id)
+                entry[:] = new(PROMPT, life)
+                born[entry[0].prompt_ids[0]], asked[entry[0].prompt_ids[0]] = step + 1, []
+    return seconds, asked
+
+
+def test_drafting_costs_per_token_of_k_and_per_backlog_token_are_learnt_apart():
+    """A drafter costing 1 ms a token of k and 0.5 ms a backlog token: the steps' calls (the
+    batch's last accepted tokens) time k, the calls that bring a new sequence's prompt time the
+    backlog, and a call is predicted from both (a new sequence's probe: its prefill)."""
+    policy, clock = timed_policy(), [0.0]
+    serve(policy, BacklogDrafter(clock, 1 * MS, 0.5 * MS), 300, accept=True, life=60)
+    assert policy.draft_token_s == pytest.approx(1 * MS, rel=0.05)
+    assert policy.backlog_token_s == pytest.approx(0.5 * MS, rel=0.05)
+    assert policy._drafting_s(1, PROMPT) == pytest.approx(1 * MS + PROMPT * 0.5 * MS, rel=0.05)
+    # backward compatible: a call told no backlog times k, as before
+    old = AdaptiveK(3)
+    old.observe_drafting(4, 8 * MS)
+    assert old.draft_token_s == pytest.approx(2 * MS) and old.backlog_token_s is None
+
+
+@pytest.mark.parametrize("per_k, per_token", [(1 * MS, 0.5 * MS), (1 * MS, 0.05 * MS), (60 * MS, 0.0)],
+                         ids=["prefill-750ms", "prefill-75ms", "slow-passes"])
+def test_a_drafter_that_never_pays_leaves_new_sequences_to_probes_within_budget(per_k, per_token):
+    """Acceptance 0, a drafter timed on short prompts first, then sent new sequences with
+    1,500-token prompts (a prefill each: 75-750 ms, against 54 ms steps), 8 at a time: no new
+    sequence is asked every step, and probes wait until their own cost, backlog included, is
+    paid for by the sequence's 1/8 of PROBE_SHARE, so drafting takes about PROBE_SHARE of the
+    steps' time at most. (Before the backlog was priced, each new sequence's probe every
+    probe_every steps cost a prefill: 44% of the steps' time at 750 ms; and each sequence had
+    the whole PROBE_SHARE: 38% with 60 ms passes.)"""
+    policy, clock = timed_policy(), [0.0]
+    steps_s, asked = serve(policy, BacklogDrafter(clock, per_k, per_token), 3000, accept=False, life=300,
+                           first_prompt=4)
+    assert clock[0] <= (PROBE_SHARE + 0.01) * steps_s, clock[0] / steps_s
+    long = {first: steps for first, steps in asked.items() if first >= 1008}    # the new sequences
+    assert len(long) >= 70
+    assert max(map(len, long.values())) <= 300 // policy.config.probe_every + 1
+    if per_token * PROMPT > 0.5:           # a prefill no sequence's share pays for in its life
+        assert not any(long.values())
+    else:                                  # else probed now and then
+        assert sum(map(bool, long.values())) >= len(long) // 2
+
+
+def test_a_new_sequence_is_asked_only_while_the_drafter_pays_on_those_it_drafts_for():
+    """A new sequence's acceptance is the instance's (high here), but its first call prefills
+    its prompt: it is asked only while the sequence drafted for lately pays."""
+    policy = timed_policy()
+    policy.observe_drafting(3, 3 * MS)                                  # 1 ms a token of k
+    policy.observe_drafting(3, 3 * MS + PROMPT * 0.5 * MS, backlog=PROMPT)   # 0.5 ms a backlog token
+    assert (policy.draft_token_s, policy.backlog_token_s) == pytest.approx((1 * MS, 0.5 * MS))
+    for _ in range(20):                                                 # others were accepted
+        policy.want(["z"])
+        policy.record("z", 3, 3)
+    policy.forget("z")
+    policy.want(["a"], num_tokens={"a": 100})
+    policy.drafting(["a"])                                              # "a" drafted for ...
+    for n in range(101, 106):                                           # ... and rejected
+        policy.want(["a"], num_tokens={"a": n})
+        policy.drafting(["a"])
+        policy.record("a", 3, 0)
+    assert "b" not in policy.want(["a", "b"], num_tokens={"a": 106, "b": PROMPT})
+    assert policy.backlog("b") == PROMPT
+    for n in range(106, 112):                                           # "a" turns repetitive
+        policy.want(["a"], num_tokens={"a": n})
+        policy.drafting(["a"])
+        policy.record("a", 3, 3)
+    assert policy.want(["a", "b"], num_tokens={"a": 112, "b": PROMPT}) == {"a": 3, "b": 3}
+
+
+def test_a_cheap_drafter_that_pays_is_still_asked_for_every_sequence():
+    """Every draft accepted, drafting cheap next to the step (a new sequence's prompt: 1.5 ms):
+    once timed (one sequence first, twice: its prompt, then k), every sequence is asked at
+    every step, a new one from its first."""
+    policy, clock = timed_policy(), [0.0]
+    drafter = BacklogDrafter(clock, 0.01 * MS, 0.001 * MS)
+    serve(policy, drafter, 200, accept=True, life=40)
+    assert list(map(len, drafter.calls[:2])) == [1, 1]
+    assert all(len(call) == 8 for call in drafter.calls[2:]) and len(drafter.calls) == 200

@@ -18,7 +18,12 @@ instance's status page, so the router divides a step's time by it to predict TPO
 Drafting that takes time (a draft model in the step: backends/core/model_drafter.py) is timed
 apart from the step (`observe_drafting`; StepCost keeps the target's step alone): the drafter
 is asked only while the step's expected tokens per second, drafting included, beat a plain
-step's, and its probes are spaced to cost at most PROBE_SHARE of the steps' time.
+step's, and its probes are spaced to cost at most PROBE_SHARE of the steps' time. A draft
+model's call first computes each asked sequence's backlog (its tokens the drafter has not seen:
+a new sequence's whole prompt, an idle one's tokens since it was last asked), so a call is
+priced as k x draft_token_s + backlog x backlog_token_s, both learnt from the timed calls: a
+probe waits until its own backlog is paid for, and a new or long-idle sequence is asked only
+while the drafter pays on the sequences it drafts for every step.
 """
 from __future__ import annotations
 
@@ -29,7 +34,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from backends.core.sequence import Sequence
-from backends.core.spec_cost import StepCost
+from backends.core.spec_cost import BACKLOG_FREE, DraftingCost, StepCost
 from backends.core.spec_decode import DRAFTERS, Drafter, SpecStats
 from backends.core.spec_sources import DraftSource, InProcess
 
@@ -54,6 +59,8 @@ class _Acceptance:
     idle: int = 0                # steps since it last verified a draft
     ramp: int = 0                # its last draft was accepted whole: draft this many next
     empty: int = 0               # asks in a row the drafter had no draft for
+    length: int = 0              # its tokens now (Sequence.num_tokens; 0: not told)
+    drafted: int = 0             # ... at its last drafting call (0: never drafted)
 
     def add(self, num_drafted: int, num_accepted: int, decay: float, max_k: int = 0) -> None:
         self.accepted = self.accepted * decay + num_accepted
@@ -103,6 +110,10 @@ class AdaptiveK:
     so text that turns repetitive is picked up; while a left-out sequence's drafts are accepted
     whole, it drafts again next step with twice as many (up to max_k; a ramp, outside the cost
     rule) until its estimate catches up.
+    Drafting that takes time (a draft model) is priced per call from two learnt rates, per token
+    of k and per backlog token (`observe_drafting`); a probe waits until its own backlog is paid
+    for, and a sequence with a large backlog (new, or left out long) is asked only while the
+    drafter pays on the sequences it drafts for every step (`want`: `_paying`).
     Scored drafts (`choose(..., evidence=)`, a drafter's confidence such as the n-gram's match
     length) are judged otherwise: the instance keeps acceptance counts per evidence class
     (EVIDENCE_PRIORS: the classes and their priors), and a draft's a is the sequence's counts
@@ -121,7 +132,8 @@ class AdaptiveK:
         self.instance = _Acceptance()
         self.classes: dict[int, _Acceptance] = {}   # scored drafts' counts by evidence class
         self._forced: dict[str, int] = {}          # want's probe and ramps, for choose
-        self.draft_token_s: float | None = None    # EWMA: drafting seconds a step per token of k
+        self.drafting_cost = DraftingCost()         # seconds a drafting call, learnt
+        self._paying = True     # the last verdict on the sequences drafted lately: does it pay?
 
     @staticmethod
     def evidence_class(evidence: int) -> int:
@@ -140,24 +152,62 @@ class AdaptiveK:
         base = EVIDENCE_PRIORS[cls] if counts is None else counts.rate(EVIDENCE_PRIORS[cls], c.prior_weight)
         return base if seq is None else seq.rate(base, c.evidence_weight)
 
-    def observe_drafting(self, k: int, seconds: float) -> None:
-        """A step's drafting (`k`: the most tokens asked of any sequence) took `seconds`. Cheap
-        drafters (n-gram: microseconds) change nothing; a draft model's passes are weighed."""
-        if k <= 0 or not seconds >= 0:
-            return
-        per_token, old = seconds / k, self.draft_token_s
-        self.draft_token_s = per_token if old is None else old + 0.2 * (min(per_token, 4 * old) - old)
+    def observe_drafting(self, k: int, seconds: float, backlog: int = 0, num_seqs: int = 1) -> None:
+        """A step's drafting call (`k`: the most tokens asked of any sequence; `backlog`: the
+        tokens of its `num_seqs` sequences the drafter had not seen) took `seconds`
+        (DraftingCost.observe). Cheap drafters (n-gram: microseconds) change nothing; a draft
+        model's passes are weighed."""
+        self.drafting_cost.observe(k, seconds, backlog, num_seqs)
 
-    def _drafting_s(self, k: int) -> float:
-        """Predicted seconds of drafting `k` tokens a sequence (0 before it is measured, or
-        while step costs are still the unitless prior)."""
-        return k * self.draft_token_s if self.draft_token_s and self.cost.measured else 0.0
+    @property
+    def draft_token_s(self) -> float | None:
+        return self.drafting_cost.token_s
+
+    @property
+    def backlog_token_s(self) -> float | None:
+        return self.drafting_cost.backlog_s
+
+    def _drafting_s(self, k: int, backlog: int = 0) -> float:
+        """Predicted seconds of a drafting call of `k` tokens a sequence whose sequences bring
+        `backlog` unseen tokens (0 while its rates are unmeasured, or while step costs are
+        still the unitless prior)."""
+        return self.drafting_cost.predict(k, backlog) if self.cost.measured else 0.0
+
+    def backlog(self, req_id: str) -> int:
+        """`req_id`'s tokens the drafter has not seen (its whole sequence if never drafted;
+        0 where the caller of `want` gave no lengths)."""
+        st = self.seqs.get(req_id)
+        return max(st.length - st.drafted, 0) if st is not None else 0
+
+    def drafting(self, req_ids: Iterable[str]) -> int:
+        """These sequences are in the drafting call now: their backlogs (summed, for
+        observe_drafting); from now the drafter has seen them."""
+        total = 0
+        for r in req_ids:
+            if (st := self.seqs.get(r)) is not None:
+                total += max(st.length - st.drafted, 0)
+                st.drafted = st.length
+        return total
+
+    def _cold(self, req_id: str) -> bool:
+        """Whether asking `req_id` first costs a backlog beyond a step's (new, or left out
+        long) that matters: more than min_gain of a step (a drafter process's calls take
+        microseconds, whatever the backlog)."""
+        backlog = self.backlog(req_id)
+        return backlog > max(BACKLOG_FREE, self.config.max_k + 1) and \
+            self._drafting_s(0, backlog) > self.config.min_gain * self.cost.estimate(len(self.seqs))
 
     def _drafting_pays(self, b: int, asked: dict[str, int]) -> bool:
         """Whether a step whose `asked` sequences draft (their lengths) beats a plain step of
         `b` rows once the drafting's own time is counted: (b + gains) / (T(rows) + D) against
-        b / T(b). Only where drafting takes time (a draft model); the n-gram passes at once."""
-        drafting = self._drafting_s(max(asked.values(), default=0))
+        b / T(b). Only where drafting takes time (a draft model); the n-gram passes at once.
+        D is the steady state's: k's part and each sequence's catch-up as if asked every step
+        (at most its k accepted tokens and the target's), not a new or idle sequence's whole
+        backlog. That backlog is paid once and repaid by every later step the sequence drafts,
+        and one step's gain never repays a prompt's prefill: charged here, it would shut out
+        every new sequence for good. Whether to pay it at all is `want`'s (`_paying`)."""
+        catch_up = sum(min(self.backlog(r), k + 1) for r, k in asked.items())
+        drafting = self._drafting_s(max(asked.values(), default=0), catch_up)
         if not drafting:
             return True
         gains = sum(self.acceptance(r) ** j for r, k in asked.items() for j in range(1, k + 1))
@@ -165,12 +215,17 @@ class AdaptiveK:
         return (b + gains) / (self.cost.estimate(rows) + drafting) > \
             b / self.cost.estimate(b) * (1 + self.config.min_gain)
 
-    def want(self, req_ids: list[str], scored: bool = False) -> dict[str, int]:
+    def want(self, req_ids: list[str], scored: bool = False,
+             num_tokens: dict[str, int] | None = None) -> dict[str, int]:
         """Draft lengths to ask the drafter for, for the sequences decoding next step (their
         states are kept; any other's dropped). `scored`: the drafter scores its drafts, so
-        every sequence is asked for max_k (choose judges each draft by its score)."""
+        every sequence is asked for max_k (choose judges each draft by its score).
+        `num_tokens`: each sequence's tokens now, for its backlog (None: no backlogs)."""
         c = self.config
         self.seqs = {r: self.seqs.get(r) or _Acceptance() for r in req_ids}
+        for r, n in (num_tokens or {}).items():
+            if (st := self.seqs.get(r)) is not None:
+                st.length = n
         if scored:
             self._forced = {}
             return dict.fromkeys(req_ids, c.max_k)
@@ -187,10 +242,30 @@ class AdaptiveK:
                 out[r] = self._forced[r] = st.ramp
             elif st.idle > c.probe_every:
                 idle.append(r)
-        if out and not self._drafting_pays(b, out):   # a drafter whose passes cost more than they give
-            out, self._forced = {}, {}
-        # a probe costs a drafting pass: probes take at most PROBE_SHARE of the steps' time
-        spent = lambda r: self.seqs[r].idle * self.cost.estimate(b) * PROBE_SHARE >= self._drafting_s(1)
+        # The sequences drafted for lately (a small backlog) judge the drafter at its steady
+        # state; a cold one (new, or left out long: its prompt or idle tokens to compute first)
+        # is asked only while they pay, since its pooled acceptance alone says nothing of this
+        # drafter on it and its first call may cost a prefill. While it does not pay, cold
+        # ones are left to probes, which wait until their backlog is paid for. With no sequence
+        # drafted lately (all new), the last verdict stands.
+        warm = {r: k for r, k in out.items() if not self._cold(r)}
+        if warm:
+            self._paying = self._drafting_pays(b, warm)
+        elif any(st.drafted and not self._cold(r) for r, st in self.seqs.items()):
+            self._paying = False          # drafted lately, and none of them worth asking
+        if out and not (self._paying and self._drafting_pays(b, out)):
+            # a drafter whose passes cost more than they give (the cold ones' steady state
+            # included), or one not paying on the sequences it drafts for; those left out are
+            # probed like any other (else an acceptance estimate that passes the threshold
+            # while the cost rule says no would never be tested again)
+            kept = warm if self._paying and warm else {}
+            idle += [r for r in out if r not in kept and self.seqs[r].idle > c.probe_every]
+            out, self._forced = kept, {r: k for r, k in self._forced.items() if r in kept}
+        # A probe costs a drafting call, its own backlog included: each of the b sequences is
+        # probed on its own clock, so each gets 1/b of PROBE_SHARE of the steps' time (a new
+        # sequence's probe, a prefill, comes after proportionately many steps, if ever)
+        budget = self.cost.estimate(b) * PROBE_SHARE / b
+        spent = lambda r: self.seqs[r].idle * budget >= self._drafting_s(1, self.backlog(r))
         probe = max((r for r in idle if spent(r)), key=lambda r: self.seqs[r].idle, default=None)
         if probe is not None:
             out[probe] = self._forced[probe] = 1
@@ -275,11 +350,14 @@ class Speculator:
         seqs = [s for s in running if s.num_tokens - s.num_cached == 1 and not s.params.needs_history]
         if not seqs:
             return {}
-        want = self.policy.want([s.req_id for s in seqs], scored=self.scored)
+        want = self.policy.want([s.req_id for s in seqs], scored=self.scored,
+                                num_tokens={s.req_id: s.num_tokens for s in seqs})
         wanted = [(s, k) for s in seqs if (k := want.get(s.req_id))]
         if self.policy.draft_token_s is None and not self.scored:
-            wanted = wanted[:1]             # not timed yet: one sequence first (a draft model's
-                                            # first call for a sequence prefills its prompt)
+            # not timed yet: one sequence first (a draft model's first call for a sequence
+            # prefills its prompt), the least behind (its call times k, not a prefill)
+            wanted = sorted(wanted, key=lambda w: self.policy.backlog(w[0].req_id))[:1]
+        backlog = self.policy.drafting(s.req_id for s, _ in wanted)
         self.source.update(seqs if self.scored else [s for s, _ in wanted])   # the rest: later
         proposals, self._evidence = {}, {}
         started = self.clock()
@@ -291,7 +369,7 @@ class Speculator:
                        for s, k in wanted]
         self._drafting_s = self.clock() - started if wanted else 0.0
         if wanted:
-            self.policy.observe_drafting(max(k for _, k in wanted), self._drafting_s)
+            self.policy.observe_drafting(max(k for _, k in wanted), self._drafting_s, backlog, len(wanted))
         for s, k, (draft, score) in drafted:
             if not self.scored:
                 self.policy.answered(s.req_id, bool(draft))
