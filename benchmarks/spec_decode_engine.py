@@ -53,7 +53,8 @@ def run_batch(engine, prompts: list[list[int]], params, speculator) -> dict:
     steps = 0
     while engine.has_unfinished():
         started = time.perf_counter()                 # drafting included, as a served step
-        drafts = speculator.drafts(engine.scheduler.running) if speculator else None
+        drafts = speculator.drafts(engine.scheduler.running) \
+            if speculator and engine.scheduler.decodes_next() else None
         outs = engine.step(drafts=drafts)
         now = time.perf_counter()
         if speculator is not None and engine.last_batch is not None:

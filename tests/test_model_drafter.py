@@ -173,6 +173,25 @@ def test_drafting_time_is_weighed_apart_from_the_step(draft_s, pays):
     assert policy.draft_token_s == pytest.approx(draft_s / 4)
 
 
+def test_a_draft_model_is_timed_when_the_speculator_starts(tiny_llama):
+    """Its costs are learnt from calibration calls before any real sequence asks (a long
+    prompt's first call is a prefill: in a decode step, before the policy knows its cost): a
+    backlog token's and a token of k's, each > 0, and the backlog rate is what a 256-token
+    prefill took over 256; the calls leave no sequence behind in the draft engine."""
+    ticks = itertools.count(0, 1e-3)
+    drafter = drafter_of(tiny_llama)
+    calls = drafter.calibrate(3, ticks.__next__)
+    assert [(k, backlog) for k, _, backlog in calls] == [(3, 256), (3, 1)]
+    assert all(seconds > 0 for _, seconds, _ in calls)
+    assert_no_leaks(drafter.engine)
+    policy = AdaptiveK(3)
+    Speculator(drafter, policy)
+    assert policy.draft_token_s > 0 and policy.backlog_token_s > 0
+    plain = AdaptiveK(3)                       # a drafter with no calibration: nothing learnt yet
+    Speculator(DRAFTERS["ngram"](), plain)
+    assert plain.draft_token_s is None and plain.backlog_token_s is None
+
+
 def test_until_drafting_is_timed_only_one_sequence_is_asked():
     """A draft model's first call for a sequence prefills its prompt: before any call is timed,
     a step asks the drafter for one sequence, not the whole batch; a cheap one is then asked for all."""

@@ -178,3 +178,25 @@ def test_finishing_from_any_queue_frees_its_blocks(make_scheduler):
     s.finish(remote)
     s.finish(loading)
     assert all(q.status == SequenceStatus.FINISHED for q in (waiting, remote, loading))
+
+
+def test_decodes_next_says_whether_drafts_can_ride_the_next_step(make_scheduler):
+    """The default policy prefills first whenever a waiting prompt has a seat (a drafter asked
+    before such a step drafts for nothing); the chunked policy verifies drafts beside a chunk;
+    a prefill engine never verifies."""
+    s = make_scheduler(max_num_seqs=2)
+    s.add(make_request("a", max_tokens=3))
+    assert not s.decodes_next()                         # a's prefill comes first
+    run(s)
+    assert s.decodes_next()                             # a decodes, nothing waits
+    s.add(make_request("b", max_tokens=2))
+    assert not s.decodes_next()                         # b has a seat: a prefill step
+    run(s)
+    s.add(make_request("c", max_tokens=2))
+    assert s.decodes_next()                             # c waits for a seat: a and b decode
+    drain(s)
+    chunked = make_scheduler(chunked_prefill=True)
+    chunked.add(make_request("d", max_tokens=2))
+    assert chunked.decodes_next()
+    drain(chunked)
+    assert not make_scheduler(hand_off=True).decodes_next()

@@ -20,11 +20,15 @@ process on cores of its own (decode.draft_devices) to keep its passes off the ta
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Sequence as Seq
 
 from backends.core.engine import EngineConfig, LLMEngine
 from backends.core.limits import EngineLimits
 from backends.core.sampling import SamplingParams
+
+
+CALIBRATE_TOKENS = 256          # a calibration call's history: its prefill times the backlog
 
 
 class ModelDrafter:
@@ -51,6 +55,23 @@ class ModelDrafter:
 
     def propose(self, token_ids: list[int], k: int) -> list[int]:
         return self.propose_many([token_ids], k)[0]
+
+    def calibrate(self, k: int, clock=time.perf_counter, history: int = CALIBRATE_TOKENS) -> list[tuple[int, float, int]]:
+        """Time the drafter before any real sequence asks (as Speculator starts): a call whose
+        sequence brings `history` unseen tokens (a new sequence's prompt, prefilled first), then
+        one that brings a single token (every step's), after a throwaway call that builds the
+        kernels. (k, seconds, backlog) for each, for AdaptiveK.observe_drafting. Without it the
+        first real call is timed instead, and for a long prompt it is a prefill (seconds, in a
+        decode step). The synthetic histories stay in the prefix cache, evictable."""
+        vocab = self.engine.model_config.vocab_size
+        ids = [(7 * i + 11) % (vocab - 1) + 1 for i in range(history + 1)]
+        self.propose(ids[:16][::-1], k)                           # kernels
+        out = []
+        for tokens, backlog in ((ids[:-1], history), (ids, 1)):
+            started = clock()
+            self.propose(tokens, k)
+            out.append((k, clock() - started, backlog))
+        return out
 
     def propose_many(self, histories: Seq[list[int]], k: int) -> list[list[int]]:
         """Each history's greedy continuation of up to k tokens (fewer where the draft model's

@@ -144,6 +144,15 @@ class Scheduler:
                 seq.first_token_time = now      # its first token came out of the last step
         return batch
 
+    def decodes_next(self) -> bool:
+        """Whether the next step can verify drafts: any step of the chunked policy (drafts ride
+        beside a chunk), a decode step of the default one, which prefills first whenever a
+        waiting prompt has a seat (a drafter asked before such a step drafts for nothing; a
+        draft model's call costs a pass or a prompt's prefill)."""
+        if self.config.chunked_prefill or self.hand_off:
+            return not self.hand_off
+        return not (self.waiting and len(self.running) + len(self.loading) < self.config.max_num_seqs)
+
     def _blocks_needed(self, seq: Sequence, num_tokens: int) -> int:
         return max(0, -(-num_tokens // self.config.block_size) - len(seq.block_ids))
 

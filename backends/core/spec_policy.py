@@ -343,6 +343,10 @@ class Speculator:
         self.counts = SpecStats()
         self.num_steps = 0                       # steps that verified at least one draft
         self.tokens_per_step = 1.0               # EWMA: tokens a decoding sequence gets a step
+        # a costly drafter (a draft model) is timed now, not on a real sequence's first call
+        # (a prompt's prefill in a decode step, before the policy knows what that costs)
+        for k, seconds, backlog in getattr(self.source, "calibrate", lambda k, clock: [])(policy.config.max_k, clock):
+            policy.observe_drafting(k, seconds, backlog)
 
     def drafts(self, running: Iterable[Sequence]) -> dict[str, list[int]]:
         # decoding next, and not under penalties or bans: those depend on each position's

@@ -41,6 +41,11 @@ class InProcess:
         self._done = getattr(drafter, "done", None)      # told each sequence's tokens as it leaves
         self._live: dict[str, Sequence] = {}
 
+    def calibrate(self, k: int, clock) -> list[tuple[int, float, int]]:
+        """The drafter's timed calibration calls where it has them (a draft model), else none."""
+        calibrate = getattr(self.drafter, "calibrate", None)
+        return calibrate(k, clock) if calibrate is not None else []
+
     def draft(self, seq: Sequence, k: int) -> list[int]:
         return self.drafter.propose(seq.all_ids, k)
 

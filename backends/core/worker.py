@@ -118,7 +118,8 @@ class EngineWorker:
         if self.engine.scheduler.has_runnable():
             prefilling = self.backlog.requests > 0
             started = self.clock()
-            drafts = self.speculator.drafts(self.engine.scheduler.running) if self.speculator else None
+            drafts = self.speculator.drafts(self.engine.scheduler.running) \
+                if self.speculator and self.engine.scheduler.decodes_next() else None
             step_outs = self.engine.step(started, self.token_budget(), drafts)
             now = self.clock()
             for o in step_outs:
