@@ -473,3 +473,23 @@ def test_a_cheap_drafter_that_pays_is_still_asked_for_every_sequence():
     serve(policy, drafter, 200, accept=True, life=40)
     assert list(map(len, drafter.calls[:2])) == [1, 1]
     assert all(len(call) == 8 for call in drafter.calls[2:]) and len(drafter.calls) == 200
+
+
+def test_a_costly_backlog_waits_until_step_costs_are_measured():
+    """Before any step is timed, costs are unitless priors: a sequence whose backlog a
+    calibrated draft model would take more than UNWEIGHED_MAX_S to compute (a prompt's prefill)
+    is not asked, not even probed; a short one is; once steps are timed, both are weighed."""
+    from backends.core.spec_policy import UNWEIGHED_MAX_S
+    policy = AdaptiveK(3, prior_accept=0.95)
+    policy.observe_drafting(3, 0.4, backlog=256)          # calibration: 256 tokens in 0.4 s
+    policy.observe_drafting(3, 0.03, backlog=1)
+    assert policy.drafting_cost.predict(0, 1000) > UNWEIGHED_MAX_S > policy.drafting_cost.predict(0, 4)
+    for _ in range(5):
+        asked = policy.want(["long", "short"], num_tokens={"long": 1000, "short": 4})
+        assert "long" not in asked
+    assert "short" in asked
+    for n in (1, 2, 3, 4, 5):
+        for _ in range(2):
+            policy.observe_step(n, 0.01 * n)
+    policy.want(["long", "short"], num_tokens={"long": 1000, "short": 4})
+    assert not policy._waits("long")

@@ -39,6 +39,7 @@ from backends.core.spec_decode import DRAFTERS, Drafter, SpecStats
 from backends.core.spec_sources import DraftSource, InProcess
 
 EMPTY_ASKS = 4                    # a sequence the drafter had nothing for this often: probes only
+UNWEIGHED_MAX_S = 0.01            # a drafting call's seconds allowed before step costs are measured
 PROBE_SHARE = 0.05                # a costly drafter's probes: at most this share of the steps' time
 YIELD_ALPHA = 0.1                 # the weight of one step in the tokens_per_step EWMA
 # The evidence classes scored drafts' acceptance is kept by (lower bounds of the score) and each
@@ -197,6 +198,14 @@ class AdaptiveK:
         return backlog > max(BACKLOG_FREE, self.config.max_k + 1) and \
             self._drafting_s(0, backlog) > self.config.min_gain * self.cost.estimate(len(self.seqs))
 
+    def _waits(self, req_id: str) -> bool:
+        """Whether `req_id` is not asked at all yet: while step costs are still the unitless
+        prior (the first steps), a call whose backlog is predicted to take more than
+        UNWEIGHED_MAX_S cannot be weighed against them (a draft model's prompt prefill: a code
+        request's first steps paid 0.3 s in the draft model before this rule)."""
+        return not self.cost.measured and \
+            self.drafting_cost.predict(0, self.backlog(req_id)) > UNWEIGHED_MAX_S
+
     def _drafting_pays(self, b: int, asked: dict[str, int]) -> bool:
         """Whether a step whose `asked` sequences draft (their lengths) beats a plain step of
         `b` rows once the drafting's own time is counted: (b + gains) / (T(rows) + D) against
@@ -236,6 +245,8 @@ class AdaptiveK:
         out, idle, self._forced = {}, [], {}
         for r, st in self.seqs.items():
             st.idle += 1
+            if self._waits(r):
+                continue
             if self.acceptance(r) > threshold and st.empty < EMPTY_ASKS:
                 out[r] = c.max_k
             elif st.ramp:
