@@ -46,7 +46,7 @@ BATCHES = (1, 8)
 
 def run_batch(engine, prompts: list[list[int]], params, speculator) -> dict:
     """Generate for `prompts` together: TPOT per request, tokens, and the speculator's counts."""
-    from backends.core.spec_policy import Speculator
+    from backends.core.speculator import Speculator
     first, last, tokens = {}, {}, {}
     for i, p in enumerate(prompts):
         engine.add_request(f"r{i}", p, params)
@@ -218,7 +218,8 @@ def speculators(args, engine, dep) -> tuple[dict, Any]:
     --draft-model), and with --remote-drafter ones drafting with drafter processes on
     --draft-core (shared by every run; returned too, by name)."""
     from backends.core.spec_decode import NgramDrafter
-    from backends.core.spec_policy import AdaptiveK, Speculator, make_speculator
+    from backends.core.spec_policy import AdaptiveK
+    from backends.core.speculator import Speculator, make_speculator
     out = {"ngram": lambda: make_speculator("ngram", args.max_k)}
     if args.own_history_too:
         out["own"] = lambda: Speculator(NgramDrafter(cross_request=False), AdaptiveK(args.max_k))

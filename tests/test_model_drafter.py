@@ -15,7 +15,8 @@ from backends.core.engine import LLMEngine
 from backends.core.model_drafter import ModelDrafter
 from backends.core.spec_decode import DRAFTERS, KeyedDrafts
 from backends.core.sequence import Sequence
-from backends.core.spec_policy import AdaptiveK, Speculator
+from backends.core.spec_policy import AdaptiveK
+from backends.core.speculator import Speculator
 from backends.core.weights import load_checkpoint
 from backends.draft import remote_speculator
 from backends.draft.protocol import Frame, Kind

@@ -22,7 +22,8 @@ from backends.core.messages import Failed
 from backends.core.sampling import SamplingParams
 from backends.core.sequence import Sequence
 from backends.core.spec_decode import NgramDrafter
-from backends.core.spec_policy import AdaptiveK, Speculator
+from backends.core.spec_policy import AdaptiveK
+from backends.core.speculator import Speculator
 from backends.decode.worker import DecodeWorker
 from backends.draft import DrafterSpec, RemoteDrafter, aligned_draft
 from backends.draft.protocol import MAX_SCORE, FROM_DRAFTER, TO_DRAFTER, Frame, FrameReader, Kind, ProtocolError

@@ -17,7 +17,8 @@ from backends.core.sampling import SamplingParams, _mix, _sample_row
 from backends.core.sequence import Sequence
 from backends.core.spec_decode import (MAX_EVIDENCE, NgramDrafter, SpecStats, TokenCorpus, accept_draft,
                                        accept_with_probs, propose_drafts, target_probs)
-from backends.core.spec_policy import PROBE_SHARE, AdaptiveK, Speculator
+from backends.core.spec_policy import PROBE_SHARE, AdaptiveK
+from backends.core.speculator import Speculator
 from tests.helpers import GREEDY, assert_no_leaks, generate, make_engine
 
 REPETITIVE = ("Alice sent the report to Bob on Monday. Bob read the report and sent it to Carol. "

@@ -16,7 +16,8 @@ from backends.core.sampling import SamplingParams
 from backends.core.scheduler import Batch
 from backends.core.sequence import Sequence
 from backends.core.spec_decode import NgramDrafter
-from backends.core.spec_policy import AdaptiveK, Speculator, StepCost, make_speculator
+from backends.core.spec_policy import AdaptiveK, StepCost
+from backends.core.speculator import Speculator, make_speculator
 from backends.core.worker import num_prompt_tokens
 from backends.decode.worker import DecodeWorker
 from backends.prefill.worker import PrefillWorker

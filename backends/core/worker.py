@@ -37,7 +37,7 @@ from backends.core.engine import LLMEngine, StepOutput
 from backends.core.messages import Accepted, Failed, Message, Tokens, is_final
 from backends.core.scheduler import Batch
 from backends.core.sequence import Sequence
-from backends.core.spec_policy import Speculator
+from backends.core.speculator import Speculator
 from backends.core.worker_loop import Inbox
 
 log = logging.getLogger(__name__)

@@ -26,7 +26,7 @@ from backends.core.messages import Admitted, DecodeRequest, Failed, GenerateRequ
 from backends.core.tpot_slack import scheduler_slack
 from backends.core.scheduler import Scheduler
 from backends.core.sequence import Sequence, SequenceStatus
-from backends.core.spec_policy import Speculator
+from backends.core.speculator import Speculator
 from backends.core.worker import EngineWorker, Entry, Output, with_first_token_timing
 from kvtransfer import KVImporter, KVTransferError
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import json
 
-from backends.core.spec_policy import AdaptiveK, Speculator
+from backends.core.spec_policy import AdaptiveK
+from backends.core.speculator import Speculator
 from backends.draft.client import DrafterSpec, RemoteDrafter, aligned_draft
 
 __all__ = ["DrafterSpec", "RemoteDrafter", "aligned_draft", "remote_drafter", "remote_speculator"]

@@ -35,7 +35,7 @@ from backends.core.weight_share import ENV_VAR as SHARED_WEIGHTS_ENV, checkpoint
 from backends.core.weights import load_checkpoint
 from backends.core.kv_cache import dtype_from_name
 from backends.core.model_runner import resolve_device
-from backends.core.spec_policy import Speculator, make_speculator
+from backends.core.speculator import Speculator, make_speculator
 from backends.core.worker import EngineWorker
 from backends.core.worker_loop import WorkerLoop
 from backends.decode.worker import DecodeWorker
