@@ -176,7 +176,7 @@ class AdaptiveK:
         total = 0
         for r in req_ids:
             if (st := self.seqs.get(r)) is not None:
-                total += max(st.length - st.drafted, 0)
+                total += self.backlog(r)
                 st.drafted = st.length
         return total
 
