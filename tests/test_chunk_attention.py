@@ -112,7 +112,10 @@ def test_model_prefill_logits_match_sdpa(smollm_fp32, monkeypatch):
     """The default model in bf16, through the kernel and through torch's SDPA: a 300-token
     prompt's last logits within bf16 noise of each other with the same top token; and greedy
     decoding of that prompt prefilled in chunks of 128 (each chunk after the cached ones) gives
-    both paths' tokens identical for 8 tokens."""
+    both paths' tokens identical for 8 tokens, or up to a step where the float32 model's two best
+    logits are within bf16's resolution (0.25 at these magnitudes) and each path took one of them.
+    (The prompt has one: after its first token, 494 leads 98 by 0.09 in float32, and the two
+    bf16 paths took one each once the kernel's per-chunk packing changed its rounding.)"""
     from backends.core.sampling import SamplingParams
     from tests.helpers import generate
     config, sd = smollm_fp32
@@ -127,4 +130,10 @@ def test_model_prefill_logits_match_sdpa(smollm_fp32, monkeypatch):
     a, b = logits[True], logits[False]
     assert (a - b).abs().max().item() <= 0.03 * b.abs().max().item()
     assert a.argmax().item() == b.argmax().item()
-    assert tokens[True] == tokens[False] and len(tokens[True][0]) == 8
+    a, b = tokens[True][0], tokens[False][0]
+    assert len(a) == len(b) == 8
+    k = next((i for i in range(8) if a[i] != b[i]), 8)
+    if k < 8:
+        ref = prefill_logits(make_engine(config, sd, num_kv_blocks=64), prompt + a[:k]).float()
+        (first, second), (t1, t2) = ref.topk(2).values.tolist(), ref.topk(2).indices.tolist()
+        assert first - second < 0.25 and {a[k], b[k]} == {t1, t2}, (k, a, b, first, second)

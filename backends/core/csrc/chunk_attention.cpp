@@ -7,9 +7,12 @@
 // (causal). torch's SDPA on this CPU (flash for causal, masked math after a cached prefix) runs
 // at 18-67 GFLOP/s on one core; here the dot products are vdpbf16ps (16 lanes x 2 bf16 products,
 // float32 sums), FlashAttention's online softmax over chunks of 64 positions:
-//   - per (sequence, KV head), its context's K and V are packed once into the instruction's
-//     pair layout: K as [position / 16][dim pair][16 positions] (a score vector is 16 positions
-//     of one query row), V as [position pair][dim] (an output vector is 16 dims of one row);
+//   - per (sequence, KV head), its context's K and V are packed into the instruction's pair
+//     layout: K as [position / 16][dim pair][16 positions] (a score vector is 16 positions of one
+//     query row), V as [position pair][dim] (an output vector is 16 dims of one row); with many
+//     query rows (prefill) the whole context once, with few (decode, verify rows: up to 16 row
+//     blocks) chunk by chunk into L1, each chunk serving every row before the next is packed, the
+//     blocks four chunks ahead asked for (decode's working set is out of cache);
 //   - a block of R query rows (a row: one token's query head; the G heads sharing the KV head and
 //     consecutive tokens) computes 64 positions' scores, masks what it may not see, rescales its
 //     running output when its running max grows, and adds P x V.
@@ -26,8 +29,9 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512BF16__)
-#include <immintrin.h>
+#include "paged.h"
+
+#ifdef DISTSERVE_CHUNK_ATTENTION
 
 #include <algorithm>
 #include <cmath>
@@ -37,12 +41,14 @@
 #include <vector>
 
 #include "common.h"
-#include "paged.h"
 
 namespace {
 
 constexpr int64_t kChunk = 64;          // positions per online-softmax step: 4 score vectors a row
 constexpr int64_t kSub = kChunk / 16;
+// a (sequence, KV head) with up to this many blocks of query rows runs chunk-major (each chunk
+// packed once into L1 for all of them); more, the context is packed whole first
+constexpr int64_t kFewBlocks = 16;
 // a masked score, finite (-ffast-math assumes no infinities): its e^(s - max) is 0, and a row's
 // running max starts here, so its first correction factor is 0 too
 constexpr float kMasked = -1e30f;
@@ -74,30 +80,73 @@ inline __m512 dp(__m512 acc, __m512 a, __m512 b) {
   return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b);
 }
 
-// One (sequence, KV head)'s context in the pair layouts; positions past its length are zeros.
+// One (sequence, KV head)'s context (K/V rows in the paged cache) and its chunks in the pair
+// layouts: K as [16 positions][HD / 2][16] (4 of them a chunk), V as [position pair][HD]
+// (32 a chunk); positions past the context are zeros. Vector code: packing was scalar and cost
+// more than the attention itself for a few query rows (a verify step's).
+template <int HD>
+struct Context {
+  const uint16_t *k_head, *v_head;
+  const int64_t* table;
+  int64_t len, bs, block_stride;
+
+  const uint16_t* row(const uint16_t* head, int64_t t) const {
+    alignas(64) static const uint16_t zeros[HD] = {};
+    return t < len ? head + table[t / bs] * block_stride + (t % bs) * HD : zeros;
+  }
+
+  // asks for positions [c0, c0 + kChunk)'s K/V rows (blocks are scattered over the pool: the
+  // hardware prefetcher cannot see the next one coming)
+  void prefetch(int64_t c0) const {
+    for (int64_t t = c0; t < std::min(c0 + kChunk, len); t += bs - t % bs) {
+      const int64_t n = std::min({bs - t % bs, c0 + kChunk - t, len - t}) * HD;
+      distserve::prefetch_block<2>(row(k_head, t), n);
+      distserve::prefetch_block<2>(row(v_head, t), n);
+    }
+  }
+
+  // positions [c0, c0 + kChunk) -> kd (kChunk * HD / 2) and vd (kChunk / 2 * HD)
+  void pack_chunk(int64_t c0, uint32_t* kd, uint32_t* vd) const {
+    // V: positions 2p and 2p + 1 interleaved per dim (their bf16 pair is one uint32)
+    alignas(64) static const uint16_t lo_idx[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+                                                    8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+    const __m512i ilo = _mm512_load_si512(lo_idx), ihi = _mm512_add_epi16(ilo, _mm512_set1_epi16(16));
+    for (int64_t t = 0; t < kChunk; t += 2) {
+      const uint16_t *a = row(v_head, c0 + t), *b = row(v_head, c0 + t + 1);
+      uint32_t* vr = vd + (t / 2) * HD;
+      for (int i = 0; i < HD; i += 32) {
+        const __m512i x = _mm512_loadu_si512(a + i), y = _mm512_loadu_si512(b + i);
+        _mm512_storeu_si512(vr + i, _mm512_permutex2var_epi16(x, ilo, y));
+        _mm512_storeu_si512(vr + i + 16, _mm512_permutex2var_epi16(x, ihi, y));
+      }
+    }
+    // K: 16 positions x 16 dim pairs at a time, transposed to [dim pair][16 positions]
+    for (int64_t t0 = 0; t0 < kChunk; t0 += 16) {
+      const uint16_t* rows[16];
+      for (int p = 0; p < 16; ++p) rows[p] = row(k_head, c0 + t0 + p);
+      uint32_t* kr = kd + (t0 / 16) * (HD / 2) * 16;
+      for (int j = 0; j < HD / 32; ++j) {
+        __m512 r[16];                   // 32-bit lanes: a pair of bf16 each
+        for (int p = 0; p < 16; ++p) r[p] = _mm512_loadu_ps(rows[p] + 32 * j);
+        distserve::transpose16(r);
+        for (int i = 0; i < 16; ++i) _mm512_storeu_ps(kr + (16 * j + i) * 16, r[i]);
+      }
+    }
+  }
+};
+
+// The whole context packed, for many query rows (each sweeps it chunk by chunk).
 template <int HD>
 struct Packed {
   std::vector<uint32_t> k;              // [padded / 16][HD / 2][16]
   std::vector<uint32_t> v;              // [padded / 2][HD]
 
-  void pack(const uint16_t* k_head, const uint16_t* v_head, const int64_t* table, int64_t len,
-            int64_t bs, int64_t block_stride) {
-    const int64_t padded = (len + kChunk - 1) / kChunk * kChunk;
-    k.assign(padded * HD / 2, 0u);
-    v.assign(padded / 2 * HD, 0u);
-    for (int64_t t = 0; t < len; ++t) {
-      const int64_t off = table[t / bs] * block_stride + (t % bs) * HD;
-      const uint16_t* kr = k_head + off;
-      const uint16_t* vr = v_head + off;
-      uint32_t* kd = k.data() + (t / 16) * (HD / 2) * 16 + t % 16;
-      for (int i = 0; i < HD / 2; ++i) {
-        uint32_t pair;
-        std::memcpy(&pair, kr + 2 * i, sizeof pair);
-        kd[i * 16] = pair;
-      }
-      uint16_t* vd = reinterpret_cast<uint16_t*>(v.data() + (t / 2) * HD) + (t % 2);
-      for (int i = 0; i < HD; ++i) vd[2 * i] = vr[i];
-    }
+  void pack(const Context<HD>& ctx) {
+    const int64_t padded = (ctx.len + kChunk - 1) / kChunk * kChunk;
+    k.resize(padded * HD / 2);
+    v.resize(padded / 2 * HD);
+    for (int64_t c0 = 0; c0 < padded; c0 += kChunk)
+      ctx.pack_chunk(c0, k.data() + c0 * (HD / 2), v.data() + (c0 / 2) * HD);
   }
 };
 
@@ -128,26 +177,36 @@ __attribute__((always_inline)) inline void scores(const uint32_t* kc, const uint
     for (int u = 0; u < kSub; ++u) _mm512_store_ps(sc[r] + 16 * u, s[r][u]);
 }
 
-// Rows rows[0..R) of one (sequence, KV head): q[r] (HD bf16), each seeing lim[r] positions;
-// out[r] gets the attention output.
+// R query rows of one (sequence, KV head): q[r] (HD bf16), each seeing lim[r] positions; out[r]
+// gets the attention output (nullptr: a padding row). The running output, max and sum of the
+// online softmax, advanced one chunk of packed K/V at a time.
 template <int HD, int R>
-void attend_rows(const Packed<HD>& pk, const uint16_t* const* q, const int64_t* lim, float scale,
-                 c10::BFloat16* const* out) {
-  constexpr int kOut = HD / 16;                       // output vectors a row
+struct RowBlock {
+  static constexpr int kOut = HD / 16;                // output vectors a row
   alignas(64) float o[R][HD];
-  alignas(64) uint16_t pbuf[R][2][kChunk];    // P as bf16 hi + lo parts (below)
   float m[R], l[R];
-  for (int r = 0; r < R; ++r) {
-    m[r] = kMasked;
-    l[r] = 0.f;
-    std::fill(o[r], o[r] + HD, 0.f);
+  const uint16_t* q[R];
+  int64_t lim[R];
+  c10::BFloat16* out[R];
+  int64_t end, low;                                   // the most and the fewest positions a row sees
+
+  void start() {
+    for (int r = 0; r < R; ++r) {
+      m[r] = kMasked;
+      l[r] = 0.f;
+      std::fill(o[r], o[r] + HD, 0.f);
+    }
+    end = *std::max_element(lim, lim + R);
+    low = *std::min_element(lim, lim + R);
   }
-  const int64_t end = *std::max_element(lim, lim + R), low = *std::min_element(lim, lim + R);
-  const __m512 vscale = _mm512_set1_ps(scale), ninf = _mm512_set1_ps(kMasked);
-  for (int64_t c0 = 0; c0 < end; c0 += kChunk) {
+
+  // positions [c0, c0 + kChunk), c0 < end: K packed at kc, V at vc
+  void step(const uint32_t* kc, const uint32_t* vc, int64_t c0, float scale) {
+    alignas(64) uint16_t pbuf[R][2][kChunk];          // P as bf16 hi + lo parts (below)
+    const __m512 vscale = _mm512_set1_ps(scale), ninf = _mm512_set1_ps(kMasked);
     // scores: s[r][u] = 16 positions c0 + 16u + lane of row r
     alignas(64) float sc[R][kChunk];
-    scores<HD, R>(pk.k.data() + (c0 / 16) * (HD / 2) * 16, q, sc);
+    scores<HD, R>(kc, q, sc);
     const bool masked = c0 + kChunk > low;
     for (int r = 0; r < R; ++r) {
       __mmask16 keep[kSub];
@@ -181,7 +240,6 @@ void attend_rows(const Packed<HD>& pk, const uint16_t* const* q, const int64_t* 
     __m512 acc[R][kOut];
     for (int r = 0; r < R; ++r)
       for (int c = 0; c < kOut; ++c) acc[r][c] = _mm512_load_ps(o[r] + 16 * c);
-    const uint32_t* vc = pk.v.data() + (c0 / 2) * HD;
     const int64_t pairs = (std::min(end - c0, kChunk) + 1) / 2;
     for (int64_t pp = 0; pp < pairs; ++pp) {
       __m512 vv[kOut];
@@ -197,12 +255,15 @@ void attend_rows(const Packed<HD>& pk, const uint16_t* const* q, const int64_t* 
     for (int r = 0; r < R; ++r)
       for (int c = 0; c < kOut; ++c) _mm512_store_ps(o[r] + 16 * c, acc[r][c]);
   }
-  for (int r = 0; r < R; ++r) {
-    if (out[r] == nullptr) continue;                  // a padding row of the last block
-    const float inv = 1.f / l[r];
-    for (int i = 0; i < HD; ++i) distserve::store(out[r] + i, o[r][i] * inv);
+
+  void finish() {
+    for (int r = 0; r < R; ++r) {
+      if (out[r] == nullptr) continue;
+      const float inv = 1.f / l[r];
+      for (int i = 0; i < HD; ++i) distserve::store(out[r] + i, o[r][i] * inv);
+    }
   }
-}
+};
 
 template <int HD>
 void run(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
@@ -219,22 +280,44 @@ void run(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cac
   c10::BFloat16* op = out.data_ptr<c10::BFloat16>();
   at::parallel_for(0, S * kvh, 1, [&](int64_t begin, int64_t end) {
     Packed<HD> pk;
+    RowBlock<HD, R> blocks[kFewBlocks];
+    alignas(64) uint32_t kbuf[kChunk * HD / 2], vbuf[kChunk / 2 * HD];
     for (int64_t task = begin; task < end; ++task) {
       const int64_t s = task / kvh, h = task % kvh, nq = starts[s + 1] - starts[s], len = lens[s];
-      pk.pack(kp + h * bs * HD, vp + h * bs * HD, tables + s * max_blocks, len, bs, block_stride);
+      const Context<HD> ctx{kp + h * bs * HD, vp + h * bs * HD, tables + s * max_blocks, len, bs, block_stride};
       const int64_t rows = nq * G;                    // row i: token i / G, query head h * G + i % G
-      for (int64_t r0 = 0; r0 < rows; r0 += R) {
-        const uint16_t* qr[R];
-        c10::BFloat16* outr[R];
-        int64_t lim[R];
+      const auto fill = [&](RowBlock<HD, R>& blk, int64_t r0) {
         for (int r = 0; r < R; ++r) {
           const int64_t i = std::min(r0 + r, rows - 1), j = i / G;
           const int64_t at = (starts[s] + j) * H * HD + (h * G + i % G) * HD;
-          qr[r] = qp + at;
-          outr[r] = r0 + r < rows ? op + at : nullptr;
-          lim[r] = len - nq + 1 + j;
+          blk.q[r] = qp + at;
+          blk.out[r] = r0 + r < rows ? op + at : nullptr;
+          blk.lim[r] = len - nq + 1 + j;
         }
-        attend_rows<HD, R>(pk, qr, lim, static_cast<float>(scale), outr);
+        blk.start();
+      };
+      if (rows <= kFewBlocks * R) {
+        // few rows (decode, verify): chunk by chunk, each packed into L1 once for every row
+        const int64_t n = (rows + R - 1) / R;
+        for (int64_t b = 0; b < n; ++b) fill(blocks[b], b * R);
+        for (int64_t c = 1; c < 4; ++c) ctx.prefetch(c * kChunk);
+        for (int64_t c0 = 0; c0 < len; c0 += kChunk) {
+          ctx.pack_chunk(c0, kbuf, vbuf);
+          ctx.prefetch(c0 + 4 * kChunk);
+          for (int64_t b = 0; b < n; ++b)
+            if (c0 < blocks[b].end) blocks[b].step(kbuf, vbuf, c0, static_cast<float>(scale));
+        }
+        for (int64_t b = 0; b < n; ++b) blocks[b].finish();
+        continue;
+      }
+      // many rows (prefill): the context packed once, each block of rows sweeping it
+      pk.pack(ctx);
+      for (int64_t r0 = 0; r0 < rows; r0 += R) {
+        RowBlock<HD, R>& blk = blocks[0];
+        fill(blk, r0);
+        for (int64_t c0 = 0; c0 < blk.end; c0 += kChunk)
+          blk.step(pk.k.data() + c0 * (HD / 2), pk.v.data() + (c0 / 2) * HD, c0, static_cast<float>(scale));
+        blk.finish();
       }
     }
   });
@@ -248,12 +331,21 @@ at::Tensor paged_chunk_attention(const at::Tensor& q, const at::Tensor& k_cache,
   TORCH_CHECK(q.size(2) == 64 || q.size(2) == 128, "paged_chunk_attention: head size 64 or 128, got ", q.size(2));
   const std::vector<int64_t> starts = distserve::query_starts(q, block_tables, context_lens, query_lens, std::numeric_limits<int32_t>::max());
   at::Tensor out = at::empty_like(q);
-  if (q.size(2) == 64) run<64>(q, k_cache, v_cache, block_tables, context_lens, starts, scale, out);
-  else run<128>(q, k_cache, v_cache, block_tables, context_lens, starts, scale, out);
+  distserve::chunk_attention(q, k_cache, v_cache, block_tables, context_lens, starts, scale, out);
   return out;
 }
 
 }  // namespace
+
+bool distserve::chunk_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                const at::Tensor& block_tables, const at::Tensor& context_lens,
+                                const std::vector<int64_t>& starts, double scale, at::Tensor& out) {
+  if (q.scalar_type() != at::kBFloat16) return false;
+  if (q.size(2) == 64) run<64>(q, k_cache, v_cache, block_tables, context_lens, starts, scale, out);
+  else if (q.size(2) == 128) run<128>(q, k_cache, v_cache, block_tables, context_lens, starts, scale, out);
+  else return false;
+  return true;
+}
 
 TORCH_LIBRARY_FRAGMENT(distserve, m) {
   m.def("paged_chunk_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
@@ -264,4 +356,4 @@ TORCH_LIBRARY_IMPL(distserve, CPU, m) {
   m.impl("paged_chunk_attention", &paged_chunk_attention);
 }
 
-#endif  // AVX-512 BF16: elsewhere the op is not registered and long chunks run on torch's SDPA
+#endif  // DISTSERVE_CHUNK_ATTENTION (AVX-512 BF16): elsewhere the op is not registered and long chunks run on torch's SDPA

@@ -5,9 +5,72 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <vector>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512BF16__)
+#define DISTSERVE_CHUNK_ATTENTION 1     // chunk_attention.cpp is built (else its op is not registered)
+#endif
+
 namespace distserve {
+
+// Blocks are scattered over the pool, so the hardware prefetcher cannot see the next one
+// coming: ask for it while the current one is computed (Locality 3: into L1; 2: into L2).
+template <int Locality = 3, typename T>
+inline void prefetch_block(const T* p, int64_t n) {
+  const char* c = reinterpret_cast<const char*>(p);
+  for (int64_t off = 0; off < n * static_cast<int64_t>(sizeof(T)); off += 64) __builtin_prefetch(c + off, 0, Locality);
+}
+
+#if defined(__AVX512F__)
+// 16 x 16 floats (or any 32-bit lanes): r[i] (row i) -> r[i] = column i
+inline void transpose16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44);
+    r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xEE);
+    r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+  }
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_f32x4(r[i], r[4 + i], 0x88);
+    t[4 + i] = _mm512_shuffle_f32x4(r[i], r[4 + i], 0xDD);
+    t[8 + i] = _mm512_shuffle_f32x4(r[8 + i], r[12 + i], 0x88);
+    t[12 + i] = _mm512_shuffle_f32x4(r[8 + i], r[12 + i], 0xDD);
+  }
+  for (int i = 0; i < 8; ++i) {
+    r[i] = _mm512_shuffle_f32x4(t[i], t[8 + i], 0x88);
+    r[8 + i] = _mm512_shuffle_f32x4(t[i], t[8 + i], 0xDD);
+  }
+}
+#endif
+
+#ifdef DISTSERVE_CHUNK_ATTENTION
+// The chunk kernel (chunk_attention.cpp) for q's rows; starts as query_starts gives them (each
+// sequence's rows end at its context's end). False where it does not run: dtype other than
+// bfloat16, head size other than 64 / 128.
+bool chunk_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                     const at::Tensor& block_tables, const at::Tensor& context_lens,
+                     const std::vector<int64_t>& starts, double scale, at::Tensor& out);
+
+// Whether decode and short (verify) rows take the chunk kernel too: unless
+// DISTSERVE_CHUNK_ATTENTION=0 (A/B runs).
+inline bool chunk_attention_enabled() {
+  static const bool on = [] {
+    const char* env = std::getenv("DISTSERVE_CHUNK_ATTENTION");
+    return !(env != nullptr && env[0] == '0');
+  }();
+  return on;
+}
+#endif
 
 // Shapes, dtypes, layout, and that every context length fits its
 // block table and every block id it reaches is inside the cache (nothing outside is ever read).
