@@ -21,7 +21,9 @@ Ops (registered as torch.ops.distserve.*):
   backends/core/quant.Int4Linear). Built only on CPUs with AVX-512 VNNI (`has("quant_linear")`).
 - paged_chunk_attention(..., query_lens, scale): long chunks of new tokens (prefill, a prompt's
   tail after its cached prefix), bf16, AVX-512 BF16 dot products with an online softmax
-  (csrc/chunk_attention.cpp). Built only on CPUs with AVX-512 BF16.
+  (csrc/chunk_attention.cpp). Built only on CPUs with AVX-512 BF16. Where it is built and the
+  AMX tiles are not used, the two ops above run bf16 on it too (few rows a sequence: chunk by
+  chunk, K/V packed into L1); DISTSERVE_CHUNK_ATTENTION=0 keeps them on their own kernels.
 - decode_layers(x, weights, ...): a decode step's whole layer stack, calling the ops above from
   C++ (csrc/layer_stack.cpp; backends/core/layer_stack.py); it needs quant_linear at run time.
 DISTSERVE_NATIVE=0 turns them all off (the torch ops run), for comparisons.

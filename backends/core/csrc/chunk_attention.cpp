@@ -1,6 +1,7 @@
 // Attention for chunks of many new tokens (a prompt's prefill, a prompt's tail after its cached
 // prefix, a chunk of a chunked prefill), bf16, on CPU cores with AVX-512 BF16, straight from the
-// paged KV cache (no gathered copy of the context, no mask tensor).
+// paged KV cache (no gathered copy of the context, no mask tensor). On hosts without AMX it also
+// serves bf16 decode and verify rows (paged_decode.cpp's ops call distserve::chunk_attention).
 //
 // Sequence s has query_lens[s] new tokens (rows of q, sequence after sequence) at the end of its
 // context_lens[s] positions; token j attends to the first context_lens[s] - query_lens[s] + 1 + j
