@@ -13,7 +13,7 @@ import pytest
 
 from backends.core.kv_cache import BlockManager
 from backends.core.limits import EngineLimits
-from backends.core.router import Decision, InstanceState, chunk_budget, route
+from backends.core.router import Decision, InstanceState, chunk_budget, prefill_slowdown, route
 from backends.core.sampling import SamplingParams
 from backends.core.scheduler import Batch, Scheduler
 from backends.core.sequence import Sequence
@@ -166,6 +166,24 @@ def test_measured_step_time_shifts_the_predictions():
     assert go(100, [prefill(queued=1000)], [light]).kind == "local"
     d = go(100, [prefill(queued=1000)], [slow])
     assert d.kind == "local" and d.chosen.ttft_s == pytest.approx(0.044 + 0.046)
+
+
+def test_a_prefill_instance_measured_slower_than_the_model_is_priced_so():
+    # the model prefills at 1e-4 s a token (10,000 a second); measured at half that, split's
+    # TTFT doubles; 3,000 tokens: 0.31 s by the model (split, within 0.5 s), 0.62 s measured,
+    # so the local prefill over several steps (0.47 s) is the one that meets both SLOs
+    assert go(3000, [prefill()], [decode()]).kind == "split"
+    d = go(3000, [prefill(prefill_rate=5000.0)], [decode()])
+    split = next(o for o in d.options if o.kind == "split")
+    assert split.ttft_s == pytest.approx(0.62) and not split.meets_slo
+    assert "2.00x the model's time (measured)" in split.reason
+    assert d.kind == "local" and d.chosen.meets_slo
+    # measured faster: priced faster, within the trusted range (0.25-8x)
+    assert prefill_slowdown(prefill(prefill_rate=20000.0), P) == pytest.approx(0.5)
+    assert prefill_slowdown(prefill(prefill_rate=1.0), P) == 8.0
+    assert prefill_slowdown(prefill(), P) == 1.0                  # nothing measured yet
+    with pytest.raises(ValueError, match="prefill_rate"):
+        prefill(prefill_rate=0.0)
 
 
 def test_speculation_yield_divides_tpot_and_widens_the_chunk_budget():

@@ -336,6 +336,10 @@ def test_to_instance_state():
     assert to_instance_state(status(role="prefill", tokens_per_step=2.5)).tokens_per_step == 1.0
     assert to_instance_state(status(tpot_slack_s=0.25)).step_slack_s == 0.25      # adaptive
     assert to_instance_state(status(role="prefill", tpot_slack_s=0.25)).step_slack_s == 0.0
+    # a prefill instance's measured rate reaches the router (0: not measured yet)
+    assert to_instance_state(status(role="prefill", prefill_rate=900.0)).prefill_rate == 900.0
+    assert to_instance_state(status(role="prefill")).prefill_rate is None
+    assert to_instance_state(status(prefill_rate=900.0)).prefill_rate is None
 
 
 # -- the host publishes ------------------------------------------------------------------------

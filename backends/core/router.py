@@ -57,7 +57,12 @@ loaded enough to lose the advantage. (KV is still counted for the whole prompt: 
 blocks that may be evicted by the time the prompt runs.)
 
 A decode instance's measured `recent_step_s`, when published, stands in for the predicted time
-of its current batch: every prediction there is shifted by (measured - predicted). With
+of its current batch: every prediction there is shifted by (measured - predicted). A prefill
+instance's measured `prefill_rate` (prompt tokens a second at the margin, from its recent
+steps) scales a split option's predicted TTFT by how much slower (or faster) than the latency
+model it prefills: a prefill instance sharing its core with a decode instance ran about half
+the model's speed (served, multi-turn, 12-16 users: split options predicted 1.2-1.9 s, measured
+2.8-3.9 s p50). With
 speculative decoding a step verifies drafts: it costs more (the measured step time carries
 that) and gives each sequence `tokens_per_step` tokens on average, so its TPOT is the step's
 time divided by that yield (and a mixed step may take up to TPOT SLO x yield).
@@ -125,6 +130,7 @@ class InstanceState:
     max_num_batched_tokens: int = 2048  # tokens per step
     local_prefill: bool = False         # a decode instance running mixed (chunked) steps
     recent_step_s: float | None = None  # decode: measured time of its recent steps
+    prefill_rate: float | None = None   # prefill: measured marginal prompt tokens a second
     tokens_per_step: float = 1.0        # decode: tokens a sequence gets per step (speculation)
     step_slack_s: float = 0.0           # decode: how much over TPOT SLO x yield its next step may
     #                                     take (negative: how much under, a batch behind its SLO)
@@ -138,6 +144,8 @@ class InstanceState:
                 raise ValueError(f"{self.instance}: bad {name} {getattr(self, name)!r}")
         if not self.tokens_per_step >= 1:
             raise ValueError(f"{self.instance}: bad tokens_per_step {self.tokens_per_step!r}")
+        if self.prefill_rate is not None and not (math.isfinite(self.prefill_rate) and self.prefill_rate > 0):
+            raise ValueError(f"{self.instance}: bad prefill_rate {self.prefill_rate!r}")
         if not math.isfinite(self.step_slack_s):
             raise ValueError(f"{self.instance}: bad step_slack_s {self.step_slack_s!r}")
 
@@ -222,6 +230,23 @@ def chunk_budget(state: InstanceState, predictor: Predictor, tpot_slo: float,
     return lo
 
 
+SPEED_REF_TOKENS = 256                  # the model's marginal rate is taken from 256 to 512 tokens
+SPEED_RANGE = (0.25, 8.0)               # a measured slowdown is trusted within this range
+
+
+def prefill_slowdown(p: InstanceState, predictor: Predictor) -> float:
+    """How many times the latency model's time p's prefills take, by its measured marginal rate
+    against the model's (1.0 before it has measured one)."""
+    if p.prefill_rate is None:
+        return 1.0
+    n = SPEED_REF_TOKENS
+    model_s_per_token = (predictor.prefill_time([2 * n]) - predictor.prefill_time([n])) / n
+    if not model_s_per_token > 0:
+        return 1.0
+    lo, hi = SPEED_RANGE
+    return min(hi, max(lo, 1.0 / (p.prefill_rate * model_s_per_token)))
+
+
 def _judged(option: Option, slo: SLO, why: str) -> Option:
     misses = [name for name, t, limit in (("TTFT", option.ttft_s, slo.ttft),
                                           ("TPOT", option.tpot_s, slo.tpot)) if t > limit]
@@ -249,9 +274,11 @@ def _split(p: InstanceState, target: tuple[InstanceState, float] | None, prompt_
     share, extra = divmod(tokens, n)
     wait = predictor.prefill_time([share + 1] * extra + [share] * (n - extra)) if tokens else 0.0
     d, tpot = target
-    ttft = wait + predictor.prefill_time([prompt_len - hit], hit)
+    slow = prefill_slowdown(p, predictor)
+    ttft = (wait + predictor.prefill_time([prompt_len - hit], hit)) * slow
+    speed = f" at {slow:.2f}x the model's time (measured)" if slow != 1.0 else ""
     return _judged(Option("split", p.instance, d.instance, 0, ttft, tpot), slo,
-                   f"prefill behind {tokens} queued tokens, decode on {d.instance} "
+                   f"prefill behind {tokens} queued tokens{speed}, decode on {d.instance} "
                    f"({d.num_running} running){_cached(hit)}")
 
 

@@ -414,5 +414,6 @@ def to_instance_state(status: InstanceStatus,
         max_num_seqs=status.max_num_seqs, max_num_batched_tokens=status.max_num_batched_tokens,
         local_prefill=decode and status.local_prefill,
         recent_step_s=status.step_ewma_s if decode and status.step_ewma_s > 0 else None,
+        prefill_rate=status.prefill_rate if not decode and status.prefill_rate > 0 else None,
         tokens_per_step=status.tokens_per_step if decode and status.tokens_per_step >= 1 else 1.0,
         step_slack_s=status.tpot_slack_s if decode else 0.0)
