@@ -21,6 +21,16 @@ from deploy.deployment import Deployment, PhaseSpec
 from deploy.render import DEPLOYMENT_PARAMETER
 
 
+def enable_crash_traces() -> None:
+    """On a fatal signal (SIGSEGV, SIGBUS, SIGABRT, ...) the stub prints every thread's Python stack
+    to stderr (the server log) before it dies. An orchestrator stub died mid-benchmark with a
+    segfault inside libpython and left no trace of where (ninth session, multi-turn at 16 users)."""
+    import faulthandler
+    import sys
+    if not faulthandler.is_enabled():
+        faulthandler.enable(file=sys.stderr, all_threads=True)
+
+
 def deployment_from_config(model_config: str | dict[str, Any], check_host: bool = True) -> Deployment:
     """The Deployment carried in a model config (`args["model_config"]`, JSON text or dict)."""
     config = json.loads(model_config) if isinstance(model_config, str) else model_config

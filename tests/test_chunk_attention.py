@@ -65,6 +65,29 @@ def test_kernel_matches_float64(query_lens, context_lens):
     assert (out - want).abs().max().item() < 2e-2
 
 
+@pytest.mark.parametrize("routed", ["1", "0"])
+def test_decode_and_verify_ops_on_either_kernel(monkeypatch, routed):
+    """bf16 decode rows and short (verify) rows: paged_decode_attention and paged_prefix_attention
+    run on this kernel where it is built and AMX is not used, unless DISTSERVE_CHUNK_ATTENTION=0
+    (then on paged_decode.cpp's own); both ways against float64, so whichever kernel a host does
+    not route to stays tested too. Contexts across the chunk-major path's chunks and prefetches."""
+    monkeypatch.setenv("DISTSERVE_CHUNK_ATTENTION", routed)
+    context_lens = [1, 70, 300, 1100]
+    cache, tables = pool_cache(context_lens, torch.bfloat16, seed=3)
+    meta = AttentionMetadata.build(len(context_lens), [1] * len(context_lens), context_lens, tables, BS)
+    q = (torch.randn(len(context_lens), KVH * G, HD, generator=torch.Generator().manual_seed(3)) * 2).bfloat16()
+    out = torch.ops.distserve.paged_decode_attention(q, cache.k, cache.v, meta.block_tables, meta.seq_lens, HD ** -0.5)
+    want = causal_reference(q, cache, tables, context_lens, [1] * len(context_lens), HD ** -0.5)
+    assert (out.view(len(out), -1).double() - want).abs().max().item() < 2e-2
+    query_lens = [5, 1, 8, 3]
+    meta = AttentionMetadata.build(0, query_lens, context_lens[1:] + [9], tables[1:] + tables[:1], BS)
+    q = (torch.randn(sum(query_lens), KVH * G, HD, generator=torch.Generator().manual_seed(4)) * 2).bfloat16()
+    out = torch.ops.distserve.paged_prefix_attention(q, cache.k, cache.v, meta.block_tables, meta.seq_lens,
+                                                     torch.tensor(query_lens, dtype=torch.int32), HD ** -0.5)
+    want = causal_reference(q, cache, tables[1:] + tables[:1], context_lens[1:] + [9], query_lens, HD ** -0.5)
+    assert (out.view(len(out), -1).double() - want).abs().max().item() < 2e-2
+
+
 @pytest.mark.parametrize("kvh,g,hd,bs", [(2, 4, 128, 16), (1, 8, 64, 32), (3, 1, 64, 8), (2, 5, 128, 16)])
 def test_kernel_shapes(kvh, g, hd, bs):
     """Head sizes 64 and 128, 1-8 query heads per KV head (a row block may span tokens), block

@@ -48,7 +48,8 @@ class EngineModel:
 
     def initialize(self, args: dict[str, Any]) -> None:
         from deploy.contract import instance_id, model_instance
-        from deploy.runtime import init_instance
+        from deploy.runtime import enable_crash_traces, init_instance
+        enable_crash_traces()
         phase = self.PHASE or model_instance(args["model_name"])[0]
         deployment, _, index = init_instance(args, phase)
         metrics = EngineMetrics(self.pb, phase, instance_id(phase, index))

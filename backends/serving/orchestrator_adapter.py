@@ -86,7 +86,8 @@ class OrchestratorModel:
 
     def initialize(self, args: dict[str, Any]) -> None:
         from backends.core.tokenizer import Tokenizer
-        from deploy.runtime import deployment_from_config
+        from deploy.runtime import deployment_from_config, enable_crash_traces
+        enable_crash_traces()
         deployment = deployment_from_config(args["model_config"])
         # distserve_batched (max_batch_size 1): outputs get the leading batch dimension too
         config = args["model_config"]

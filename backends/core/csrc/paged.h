@@ -62,13 +62,10 @@ bool chunk_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::T
                      const std::vector<int64_t>& starts, double scale, at::Tensor& out);
 
 // Whether decode and short (verify) rows take the chunk kernel too: unless
-// DISTSERVE_CHUNK_ATTENTION=0 (A/B runs).
+// DISTSERVE_CHUNK_ATTENTION=0 (A/B runs, and tests of the other kernels; read at every call).
 inline bool chunk_attention_enabled() {
-  static const bool on = [] {
-    const char* env = std::getenv("DISTSERVE_CHUNK_ATTENTION");
-    return !(env != nullptr && env[0] == '0');
-  }();
-  return on;
+  const char* env = std::getenv("DISTSERVE_CHUNK_ATTENTION");
+  return !(env != nullptr && env[0] == '0');
 }
 #endif
 

@@ -7,6 +7,8 @@
 // of V, written in the query's dtype. Tasks run under at::parallel_for (the instance's intra-op
 // threads). Compiled on the host that runs it (-march=native, backends/core/attention/native.py);
 // the inner loops are plain float loops the compiler vectorizes (bf16 -> float is a 16-bit shift).
+// bf16 on a host with the chunk kernel and without AMX: both ops run on the chunk kernel
+// instead (chunk_rows below).
 //
 // Shapes: q [B, H, hd]; k_cache, v_cache [num_blocks, KVH, block_size, hd] (q's dtype: float or
 // bfloat16; dense within a block, blocks at any stride: the pool interleaves layers);
@@ -559,10 +561,11 @@ bool dispatch_multi(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
 // run chunk-major, each 64-position chunk of K/V packed into L1 once for all of them) where it is
 // built and the AMX tiles are not used. One core of the AMD EPYC host (no AMX), SmolLM2's 9
 // query / 3 KV heads, one layer, against this file's kernels:
-//   - 5 new tokens (a verify row) over 2,000 positions: 269 us against 671; eight such
-//     sequences 3.36 against 6.16 ms (attend_multi's cost grows with the rows);
-//   - decode over 2,000 positions: 102 us against 124; eight sequences 1.24 against 1.30 ms;
-//     over 300: 17 against 21 us, eight 127 against 152.
+//   - 5 new tokens (a verify row) over 2,000 positions: 266 us against 655; eight such
+//     sequences 3.36 against 5.89 ms (attend_multi's cost grows with the rows);
+//   - decode over 2,000 positions: 102 us against 124; over 300: 17 against 21, eight
+//     sequences 127 against 145; eight over 1,000 399-460 against 479-750. Eight over 2,000
+//     (out of cache) swung between runs: 0.98-1.23 ms against 1.07-1.84.
 bool chunk_rows(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                 const at::Tensor& block_tables, const at::Tensor& context_lens,
                 const std::vector<int64_t>& starts, double scale, at::Tensor& out) {
