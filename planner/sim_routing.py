@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING
 
 from backends.core.limits import EngineLimits
 from backends.core.router import SLO, Decision, InstanceState, route, step_budget
-from backends.core.tpot_slack import plain_steps
+from backends.core.tpot_slack import Expected, plain_steps
 from backends.core.scheduler import Batch, Scheduler
 from planner.router_latency import LatencyModelPredictor, PhasePredictor
 from planner.sim_records import Record
@@ -129,11 +129,12 @@ class Routing:
             self.holds[rec.req.req_id] = (id(dst.blocks), blocks)
             if self.reserved[id(dst.blocks)] > dst.blocks.num_blocks:
                 raise RuntimeError(f"{chosen.decode}: the router overcommitted its KV")
-        engine = dst
-        if chosen.kind == "split":
+        engine, seq = dst, sim._sequence(rec)
+        if chosen.kind == "split":                 # the decode instance is told at once
             self.target[rec.req.req_id] = dst
+            dst.scheduler.expect(Expected.of(seq.req_id, seq.params, sim.now))
             engine = self.names[chosen.prefill]
-        engine.scheduler.add(sim._sequence(rec))
+        engine.scheduler.add(seq)
         sim._poke(engine)
 
     def decode_for(self, req_id: int) -> _Engine:

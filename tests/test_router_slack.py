@@ -8,8 +8,9 @@ import pytest
 from backends.core.kv_cache import BlockManager
 from backends.core.limits import EngineLimits
 from backends.core.router import InstanceState, chunk_budget, step_budget
-from backends.core.tpot_slack import (DEFICIT_SLOS, FUTURE_SHARE, MAX_SLACK_SLOS, SLACK_SHARE,
-                                      plain_steps, sure_tokens, tpot_slack)
+from backends.core.tpot_slack import (DEFICIT_SLOS, EXPECT_TTL_S, FUTURE_SHARE, IDLE_STEP_SLOS,
+                                      MAX_SLACK_SLOS, SLACK_SHARE, Expected, plain_steps,
+                                      scheduler_slack, sure_tokens, tpot_slack)
 from backends.core.sampling import SamplingParams
 from backends.core.scheduler import Scheduler
 from backends.core.sequence import Sequence
@@ -206,3 +207,53 @@ def test_the_step_budget_and_published_state_count_later_tokens():
                                           plain=plain_steps(s, P))
         assert P.mixed_step_time(1, a.num_tokens, budgets[-1] - 1) <= 0.1 + st.step_slack_s + 1e-9
     assert budgets[1] > budgets[0]                 # 79 later tokens lend their margin
+
+
+# ---- an idle decode instance, and the joiners it expects --------------------------------------
+
+def test_an_idle_instance_bounds_a_step_only_by_its_token_budget():
+    slo, plain = 0.1, 0.03
+    assert tpot_slack([], slo, 10.0, plain_step_s=plain) == IDLE_STEP_SLOS * slo
+    assert tpot_slack([], slo, 10.0) == 0.0                  # the per-step rule is unchanged
+    prefilling = seq("p", 900)                               # a local prompt has no TPOT yet
+    assert tpot_slack([prefilling], slo, 10.0, plain_step_s=plain) == IDLE_STEP_SLOS * slo
+    # a sequence waiting for its KV, or one expected, is not idle
+    joiner = _sure("j", 1, first_at=9.5, max_tokens=20)
+    assert tpot_slack([], slo, 10.0, plain_step_s=plain, joiners=[joiner]) < 1.0
+    lim = EngineLimits(num_kv_blocks=256, max_num_seqs=8, max_num_batched_tokens=2048,
+                       block_size=16, chunked_prefill=True)
+    s = Scheduler(lim, BlockManager(lim.num_kv_blocks))
+    s.add(seq("long", 1500))
+    assert step_budget(s, P, 0.1, now=1.0) >= 1500           # the whole prompt in one step
+    s.expect(Expected("x", 3, since=1.0))                    # 3 tokens after its first
+    spare = 0.1 + 2 * (0.1 - P.decode_step_time(1, 1))       # this step's margin, 2 later ones
+    budget = step_budget(s, P, 0.1, now=1.0)
+    assert budget < 1500                                     # the prompt over two steps
+    assert P.mixed_step_time(0, 0, budget) <= FUTURE_SHARE * spare + 1e-9 < P.mixed_step_time(0, 0, budget + 1)
+
+
+def test_expected_joiners_count_with_their_spare_until_they_arrive_or_expire():
+    slo, plain, now = 0.1, 0.03, 10.0
+    lim = EngineLimits(num_kv_blocks=256, max_num_seqs=8, max_num_batched_tokens=4096,
+                       block_size=16, chunked_prefill=True)
+    s = Scheduler(lim, BlockManager(lim.num_kv_blocks))
+    params = SamplingParams(max_tokens=20, seed=0, ignore_eos=True)
+    e = Expected.of("j", params, since=now)
+    assert e.sure == 19                                      # its first token comes from prefill
+    assert Expected.of("k", SamplingParams(max_tokens=20, seed=0), now).sure == 0   # may stop
+    s.expect(e)
+    joiner = _sure("j", 1, first_at=now, max_tokens=20)     # the same request, arrived
+    expected = scheduler_slack(s, slo, now, (plain, plain))
+    assert expected == pytest.approx(tpot_slack([], slo, now, plain_step_s=plain,
+                                                later_step_s=plain, joiners=[joiner]))
+    assert expected == pytest.approx(plain + FUTURE_SHARE * 19 * (slo - plain) - slo)
+    # one that cannot promise a token after its first holds the batch like a joiner
+    s.expect(Expected.of("k", SamplingParams(max_tokens=20, seed=0), now))
+    assert scheduler_slack(s, slo, now, (plain, plain)) == pytest.approx(min(0.0, expected))
+    assert scheduler_slack(s, slo, now) == 0.0                                # per step too
+    # arrival (its KV now on the way) replaces the expectation; expiry drops the rest
+    arrived = Sequence("k", [5] * 10, SamplingParams(max_tokens=20, seed=0), output_ids=[7])
+    s.add_remote(arrived)
+    assert [x.req_id for x in s.expecting(now)] == ["j"]
+    assert s.expecting(now + EXPECT_TTL_S + 1) == [] and s.expected == {}
+    assert scheduler_slack(s, slo, now, (plain, plain)) == 0.0   # k is a joiner now: holds it

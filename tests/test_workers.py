@@ -173,6 +173,25 @@ def test_cancel_frees_kv_on_both_sides(pair):
     assert not decode.requests and not prefill.requests
 
 
+def test_decode_expects_a_split_request_until_it_arrives_or_is_cancelled(pair):
+    prefill, decode, _ = pair
+    reqs = [PrefillRequest(f"r{i}", list(range(3, 15)), PARAMS) for i in range(2)]
+    decode.expect("r0", 11)                                       # routed here, prefilling
+    decode.expect("r1", 11)
+    decode.step()                                                 # drained on the step thread
+    assert sorted(decode.engine.scheduler.expected) == ["r0", "r1"]
+    decode.cancel("r1")                                           # its prefill failed
+    decode.step()
+    assert list(decode.engine.scheduler.expected) == ["r0"]
+    results = _prefill(prefill, reqs[:1])
+    decode.submit(_decode_request(reqs[0], results["r0"]))
+    decode.step()
+    assert decode.engine.scheduler.expected == {}                 # it arrived
+    decode.expect("r0", 11)                                       # a late word: ignored
+    assert _tokens(_decode_all(decode)["r0"]) and decode.engine.scheduler.expected == {}
+    assert_no_leaks(decode.engine)
+
+
 def test_bad_prefill_requests(pair):
     prefill, _, _ = pair
     with pytest.raises(ValueError, match="empty"):

@@ -95,19 +95,36 @@ def send(path: Path, message: dict[str, Any], timeout: float = 5.0) -> dict[str,
             return json.loads(f.readline(MAX_LINE))
 
 
+MAX_SURE_TOKENS = 1 << 20
+
+
 def instance_handler(cancel: Callable[[str], None], stats: Callable[[], dict[str, Any]],
-                     wake: Callable[[], None] = lambda: None) -> Callable[[dict[str, Any]], dict[str, Any]]:
-    """The standard op table of an engine instance."""
+                     wake: Callable[[], None] = lambda: None,
+                     expect: Callable[[str, int], None] | None = None
+                     ) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """The standard op table of an engine instance; with `expect`, also
+    `{"op": "expect", "req_id": ..., "sure_tokens": n}`: a request routed here is being
+    prefilled elsewhere (backends.core.tpot_slack.Expected)."""
+    def req_id_of(msg: dict[str, Any]) -> str:
+        req_id = msg.get("req_id")
+        if not isinstance(req_id, str) or not req_id:
+            raise ValueError(f"{msg.get('op')} needs a req_id string")
+        return req_id
+
     def handle(msg: dict[str, Any]) -> dict[str, Any]:
         op = msg.get("op")
         if op == "cancel":
-            req_id = msg.get("req_id")
-            if not isinstance(req_id, str):
-                raise ValueError("cancel needs a req_id string")
-            cancel(req_id)
+            cancel(req_id_of(msg))
             wake()
+            return {"ok": True}
+        if op == "expect" and expect is not None:
+            req_id, sure = req_id_of(msg), msg.get("sure_tokens")
+            if type(sure) is not int or not 0 <= sure <= MAX_SURE_TOKENS:
+                raise ValueError(f"expect needs sure_tokens, an int in [0, {MAX_SURE_TOKENS}]")
+            expect(req_id, sure)
             return {"ok": True}
         if op == "stats":
             return stats()
-        raise ValueError(f"unknown op {op!r} (cancel, stats)")
+        ops = "cancel, expect, stats" if expect is not None else "cancel, stats"
+        raise ValueError(f"unknown op {op!r} ({ops})")
     return handle

@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from backends.core.kv_cache import BlockManager
 from backends.core.limits import EngineLimits
 from backends.core.sequence import FinishReason, Sequence, SequenceStatus
+from backends.core.tpot_slack import EXPECT_TTL_S, Expected
 
 
 @dataclass
@@ -105,6 +106,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.remote: deque[Sequence] = deque()      # WAITING_FOR_KV, no blocks yet
         self.loading: list[Sequence] = []           # WAITING_FOR_KV, blocks held, KV being copied in
+        self.expected: dict[str, Expected] = {}     # routed here, still prefilling elsewhere
 
     def add(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.WAITING
@@ -355,8 +357,25 @@ class Scheduler:
         return None
 
     # -- sequences whose prompt KV is computed elsewhere (a decode instance) -------------------
+    def expect(self, joiner: Expected) -> None:
+        """A request routed here is being prefilled elsewhere: its wait counts in the TPOT
+        slack (tpot_slack) until it arrives (`add_remote`), is aborted, or EXPECT_TTL_S pass."""
+        self.expecting(joiner.since)
+        self.expected[joiner.req_id] = joiner
+
+    def expecting(self, now: float) -> list[Expected]:
+        """The expected joiners, those older than EXPECT_TTL_S dropped (any thread may read)."""
+        live = list(self.expected.values())
+        if live and now - live[0].since > EXPECT_TTL_S:
+            for e in live:
+                if now - e.since > EXPECT_TTL_S:
+                    self.expected.pop(e.req_id, None)
+            live = list(self.expected.values())
+        return live
+
     def add_remote(self, seq: Sequence) -> None:
         """Queue a prefilled sequence (prompt + first token) whose KV is still elsewhere."""
+        self.expected.pop(seq.req_id, None)
         seq.status = SequenceStatus.WAITING_FOR_KV
         self.remote.append(seq)
 

@@ -9,6 +9,7 @@ prefills with it; the decode instance publishes it; the planner's simulator runs
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 
@@ -27,16 +28,46 @@ MAX_SLACK_SLOS = 1.0                    # ... and at most this many TPOT SLOs: a
 # TPOT, which over a short output cannot absorb much. Uncapped, the slack of a long-running
 # batch let single steps run for seconds (served, tight TPOT: split requests of 6-15 output
 # tokens waited 0.1-0.5 s to join behind a long local prefill and missed a 50 ms TPOT).
+IDLE_STEP_SLOS = 50.0                   # nothing decoding, joining or expected: a step may run
+# this many TPOT SLOs over the SLO, in effect up to its token budget (2,048 tokens: about 2.4 s
+# on one AMD EPYC core), as a colocated instance prefills a whole prompt at once. Held to the
+# SLO instead, an idle decode instance cut prompts into ~35-token chunks (served, chatbot at
+# the paper's SLO ratios: a 926-token prompt in 27 mixed steps, 2.29 s to its first token
+# against a 1.51 s SLO, while the prefill instance's queue grew behind it).
+EXPECT_TTL_S = 30.0                     # an expected joiner not arrived by then is dropped (the
+#                                         prefill instance's KV lease lasts as long)
 FUTURE_GROWTH = 2.0                     # later plain steps priced at this many times the batch
 FUTURE_SHARE = 0.5                      # of a sequence's spare its later tokens leave (tpot_slack)
 
 
-def sure_tokens(q) -> int:
-    """Output tokens sequence `q` is certain still to produce: up to max_tokens where nothing
-    can stop it earlier (ignore_eos, no stop ids or strings), else up to min_tokens."""
-    p = q.params
+@dataclass(frozen=True)
+class Expected:
+    """A split request the router sent to this decode instance whose prompt is still being
+    prefilled elsewhere: it will join the batch, and the steps until then delay its second
+    token. The instance learns of it at routing time (the orchestrator's `expect`), not when
+    its KV is ready, so a long mixed step here is held to its spare too."""
+    req_id: str
+    sure: int                           # output tokens it is sure to produce after its first
+    since: float                        # when it was expected (the instance's clock)
+
+    @classmethod
+    def of(cls, req_id: str, params, since: float) -> Expected:
+        """A split request with sampling `params`: its first token comes from prefill."""
+        return cls(req_id, sure_after(params, 1), since)
+
+
+def sure_after(params, produced: int) -> int:
+    """Output tokens a request with sampling `params` is certain still to produce after
+    `produced`: up to max_tokens where nothing can stop it earlier (ignore_eos, no stop ids or
+    strings), else up to min_tokens."""
+    p = params
     last = p.max_tokens if p.ignore_eos and not p.stop_token_ids and not p.stop else p.min_tokens
-    return max(0, last - q.num_output_tokens)
+    return max(0, last - produced)
+
+
+def sure_tokens(q) -> int:
+    """Output tokens sequence (or `Expected` joiner) `q` is certain still to produce."""
+    return q.sure if isinstance(q, Expected) else sure_after(q.params, q.num_output_tokens)
 
 
 def tpot_slack(seqs, tpot_slo: float, now: float, joining: int = 0,
@@ -58,8 +89,9 @@ def tpot_slack(seqs, tpot_slo: float, now: float, joining: int = 0,
     it never runs out while predictions hold, and the next steps shrink towards plain while
     prompts keep coming (a spare at or under 0: plain steps only, until it ends). No
     MAX_SLACK_SLOS bound there: each sequence's own spare bounds the step. The sequences in
-    `joiners` (their KV on the way) count with their spares, their wait so far against them,
-    where they have later tokens, else as `joining`."""
+    `joiners` (their KV on the way, or `Expected`: still prefilling elsewhere) count with their
+    spares, their wait so far against them, where they have later tokens, else as `joining`.
+    With `plain_step_s` and nothing decoding, joining or expected: IDLE_STEP_SLOS x `tpot_slo`."""
     y = tokens_per_step
     margin = None if plain_step_s is None else tpot_slo * y - plain_step_s
     later = margin if later_step_s is None or margin is None else tpot_slo * y - later_step_s
@@ -67,7 +99,7 @@ def tpot_slack(seqs, tpot_slo: float, now: float, joining: int = 0,
     for q, joiner in (*((q, False) for q in seqs), *((q, True) for q in joiners)):
         if not joiner and (q.num_cached < q.num_prompt_tokens or not q.output_ids):
             continue                    # prefilling: no TPOT yet
-        banked = 0.0 if q.first_token_time is None else \
+        banked = 0.0 if getattr(q, "first_token_time", None) is None else \
             tpot_slo * (q.num_output_tokens - 1) - (now - q.first_token_time)
         steps = 0.0 if margin is None else sure_tokens(q) / y
         if steps > 1:
@@ -78,6 +110,8 @@ def tpot_slack(seqs, tpot_slo: float, now: float, joining: int = 0,
         else:
             least = banked if least is None else min(least, banked)
     slacks = []
+    if least is None and spare is None and not joining and margin is not None:
+        return IDLE_STEP_SLOS * tpot_slo            # idle: nothing here to hold a step short
     if least is not None:
         slacks.append(max(least, -DEFICIT_SLOS * tpot_slo) if least < 0 else
                       0.0 if joining else min(least * SLACK_SHARE, MAX_SLACK_SLOS * tpot_slo))
@@ -89,13 +123,16 @@ def tpot_slack(seqs, tpot_slo: float, now: float, joining: int = 0,
 
 def scheduler_slack(scheduler, tpot_slo: float, now: float,
                     plain: tuple[float, float] | None = None, tokens_per_step: float = 1.0) -> float:
-    """`tpot_slack` of a scheduler's running batch, its sequences waiting for KV joining; with
+    """`tpot_slack` of a scheduler's running batch, its sequences waiting for KV (and those it
+    expects: `Scheduler.expect`) joining; with
     `plain` (`plain_steps`: this step's plain time, later ones'), their later tokens count."""
     s = scheduler
     if plain is None:
-        return tpot_slack(s.running, tpot_slo, now, len(s.loading) + len(s.remote))
+        return tpot_slack(s.running, tpot_slo, now,
+                          len(s.loading) + len(s.remote) + len(s.expecting(now)))
     return tpot_slack(s.running, tpot_slo, now, plain_step_s=plain[0], later_step_s=plain[1],
-                      tokens_per_step=tokens_per_step, joiners=(*s.loading, *s.remote))
+                      tokens_per_step=tokens_per_step,
+                      joiners=(*s.loading, *s.remote, *s.expecting(now)))
 
 
 def plain_steps(scheduler, predictor: _StepPredictor, recent_step_s: float | None = None

@@ -38,6 +38,7 @@ from backends.core.messages import Accepted, Failed, Message, Tokens, is_final
 from backends.core.scheduler import Batch
 from backends.core.sequence import Sequence
 from backends.core.speculator import Speculator
+from backends.core.tpot_slack import Expected
 from backends.core.worker_loop import Inbox
 
 log = logging.getLogger(__name__)
@@ -71,8 +72,9 @@ class EngineWorker:
         self.instance_id = instance_id
         self.clock = clock
         self.requests: dict[str, Entry] = {}         # the step thread's only
-        self._inbox = Inbox()
+        self._inbox = Inbox(clock)
         self.num_requests = 0                        # accepted so far
+        self.num_expected = 0                        # told to expect (split, prefilling elsewhere)
         self.admission = admission or AdmissionPolicy()
         self.backlog = Backlog()                     # prompt tokens queued for prefill here
         self.num_rejected = 0                        # refused as overloaded
@@ -99,6 +101,10 @@ class EngineWorker:
 
     def cancel(self, req_id: str) -> None:
         self._inbox.cancel(req_id)
+
+    def expect(self, req_id: str, sure: int) -> None:
+        """`req_id` was routed here and is being prefilled elsewhere (any thread)."""
+        self._inbox.expect(req_id, sure)
 
     def prefills(self, req: Any) -> bool:
         """Whether `req`'s prompt is prefilled here (it then counts in the admission backlog)."""
@@ -147,11 +153,17 @@ class EngineWorker:
 
     def _drain_inbox(self) -> list[Output]:
         out: list[Output] = []
-        for op, arg, _ in self._inbox.drain():
+        for op, arg, at in self._inbox.drain():
             if op == "cancel":
                 entry = self.requests.get(arg)
+                self.engine.scheduler.expected.pop(arg, None)
                 if entry is not None:
                     out += self._cancel(entry)
+                continue
+            if op == "expect":                  # unless it arrived first
+                self.num_expected += 1
+                if arg[0] not in self.requests:
+                    self.engine.scheduler.expect(Expected(arg[0], arg[1], at))
                 continue
             if arg.req_id in self.requests:
                 self._settle(arg)

@@ -45,6 +45,9 @@ class Inbox:
     def cancel(self, req_id: str) -> None:
         self._queue.put(("cancel", req_id, 0.0))
 
+    def expect(self, req_id: str, sure: int) -> None:
+        self._queue.put(("expect", (req_id, sure), self.clock()))
+
     def empty(self) -> bool:
         return self._queue.empty()
 
@@ -52,7 +55,8 @@ class Inbox:
         return self._queue.qsize()
 
     def drain(self) -> Iterator[tuple[str, Any, float]]:
-        """("submit", request, arrival time) or ("cancel", req_id, 0.0), oldest first."""
+        """("submit", request, arrival time), ("cancel", req_id, 0.0) or ("expect", (req_id,
+        sure tokens), arrival time), oldest first."""
         while not self._queue.empty():
             yield self._queue.get()
 

@@ -143,6 +143,7 @@ class DecodeWorker(EngineWorker):
         s = self.engine.scheduler
         return {**super().stats(), "pending": len(s.remote) + self._inbox.qsize(),
                 "loading": len(s.loading), "local_total": self.num_local,
+                "expected": len(s.expected), "expected_total": self.num_expected,
                 "kv_transfer_bytes": self.kv_bytes,
                 "kv_transfer_seconds": self.kv_seconds,
                 "tpot_slack_s": 0.0 if self.tpot_slo is None else scheduler_slack(

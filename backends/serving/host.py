@@ -132,7 +132,9 @@ class InstanceHost:
         self.loop = WorkerLoop(self._steps, self._emit, self._poll_cancelled, self._crash, after,
                                name=f"{self.instance_id}-loop")
         self.control = ControlServer(socket_path(run_dir(), self.instance_id),
-                                     instance_handler(self._cancel, self.stats, self.loop.wake))
+                                     instance_handler(self._cancel, self.stats, self.loop.wake,
+                                                      self.worker.expect if self.worker.ROLE == "decode"
+                                                      else None))
         self.loop.start()
 
     def parse(self, raw: bytes) -> Any:

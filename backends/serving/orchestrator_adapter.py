@@ -41,6 +41,7 @@ from backends.orchestrator.dispatch import adaptive_dispatcher
 from backends.orchestrator.health import InstanceMonitor, Watch, phase_of
 from backends.core.admission import OVERLOADED
 from backends.core.messages import Accepted, Admitted, Failed, Prefilled, Tokens, decode
+from backends.core.tpot_slack import sure_after
 from backends.orchestrator.pipeline import Chunk, Generation, Orchestrator, RequestFailed
 from backends.serving.adapter import bytes_tensor
 from backends.serving.metrics import HealthMetrics, RequestMetrics
@@ -198,11 +199,33 @@ class OrchestratorModel:
             if placement.kind == "local":        # prefilled in chunks in its decode steps
                 return self.orch.run_colocated(gen, self._stream_from("decode", placement.decode),
                                                self._cancel, is_cancelled)
-            return self.orch.run(gen, functools.partial(self._prefill, instance=placement.prefill),
-                                 self._stream_from("decode", placement.decode), self._cancel,
-                                 is_cancelled)
+            return self._expected(functools.partial(
+                self.orch.run, gen, functools.partial(self._prefill, instance=placement.prefill),
+                self._stream_from("decode", placement.decode), self._cancel, is_cancelled),
+                placement.decode, gen)
         return self.orch.run(gen, self._prefill, self._stream_from("decode"), self._cancel,
                              is_cancelled)
+
+    async def _expected(self, run: Any, instance: str, gen: Generation) -> AsyncIterator[Chunk]:
+        """`run()`'s chunks, a split request's, once its decode instance has been told to expect
+        it (before its prefill starts, so the word cannot come after the request itself): the
+        instance holds its mixed steps to what this request can wait. If they end in an error
+        (its prefill failed, say), that instance is told to forget it."""
+        await asyncio.get_running_loop().run_in_executor(
+            self.pool, self._send_expect, instance, gen.req_id, sure_after(gen.params, 1))
+        try:
+            async for chunk in run():
+                yield chunk
+        except BaseException:
+            self._cancel(instance, gen.req_id)
+            raise
+
+    def _send_expect(self, instance_id: str, req_id: str, sure: int) -> None:
+        try:
+            send(socket_path(self.control_dir, instance_id),
+                 {"op": "expect", "req_id": req_id, "sure_tokens": sure}, timeout=EXPECT_TIMEOUT_S)
+        except OSError as e:                # it only shapes that instance's steps: go on
+            log.warning("could not tell %s to expect %s: %s", instance_id, req_id, e)
 
     def _phase_down(self, phase: str) -> str:
         """Why no instance of `phase` can serve ("" while one can)."""
@@ -372,6 +395,7 @@ class OrchestratorModel:
 
 
 SERVER_URL_ENV = "DISTSERVE_SERVER_URL"
+EXPECT_TIMEOUT_S = 0.5         # telling a decode instance to expect a request: at most this long
 CANCEL_POLL_S = 0.25            # how often a request waiting on an instance checks its client
 
 

@@ -399,6 +399,10 @@ def test_adaptive_mode_prefills_short_prompts_on_decode_when_prefill_is_busy(tmp
         assert sum(r["kind"] == "local" for r in routes) == local
         for r in routes:
             assert r["decode"] == "decode-0" and r["prefill"] == ("prefill-0" if r["kind"] == "split" else None)
+        # decode was told of each split request before its prefill, and has forgotten them all
+        stats = instance_stats(srv, "decode-0")
+        assert stats["expected_total"] >= sum(r["kind"] == "split" for r in routes) >= 1, stats
+        assert stats["expected"] == 0, stats
         wait_kv_free(srv, ("prefill-0", "decode-0"))
 
 
