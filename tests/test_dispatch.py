@@ -179,3 +179,21 @@ def test_where_prefill_shares_decode_cores_local_placements_come_first(tmp_path)
     off = dataclasses.replace(plain, prefill=dataclasses.replace(plain.prefill, prefix_caching=False),
                               decode=dataclasses.replace(plain.decode, prefix_caching=False))
     assert adaptive_dispatcher(off, tmp_path, live).affinity is None
+
+
+def test_a_prefill_state_counts_what_it_has_not_received_yet():
+    # the page is newer than both placements (an idle instance writes one every 50 ms) but
+    # says the instance had received only the first: the second is still on its way
+    states = {"prefill-0": (prefill(0), 0.0, 0), "decode-0": (decode(0), 0.0)}
+    clock = Clock()
+    d = Dispatcher(["prefill-0"], ["decode-0"], states.get, lambda i: True, clock=clock,
+                   mode="adaptive", slo=SLOs(10.0, 1.0), predictor=Linear())
+    d.place(300, 10)
+    d.place(200, 10)
+    states["prefill-0"] = (prefill(0, 300), 11.0, 1)       # written after both, has the first
+    state = d._adjusted(*states["prefill-0"])
+    assert (state.queued_tokens, state.queued_requests) == (500, 4)   # 300 + 200 in transit
+    states["prefill-0"] = (prefill(0, 500), 11.5, 2)       # both arrived: nothing added
+    assert d._adjusted(*states["prefill-0"]).queued_tokens == 500
+    # by time alone (no count on the page) a page written after a send drops it
+    assert d._adjusted(prefill(0, 300), 11.0).queued_tokens == 300

@@ -73,7 +73,9 @@ class EngineWorker:
         self.clock = clock
         self.requests: dict[str, Entry] = {}         # the step thread's only
         self._inbox = Inbox(clock)
-        self.num_requests = 0                        # accepted so far
+        self.num_requests = 0                        # accepted so far (counted on arrival, with
+        #                                              the backlog: the router's count of what
+        #                                              reached this instance pairs with it)
         self.num_expected = 0                        # told to expect (split, prefilling elsewhere)
         self.admission = admission or AdmissionPolicy()
         self.backlog = Backlog()                     # prompt tokens queued for prefill here
@@ -97,6 +99,7 @@ class EngineWorker:
                 raise
             entry.backlog = len(req.prompt_ids)
             self.backlog.add(entry.backlog)
+        self.num_requests += 1
         self._inbox.submit(entry)
 
     def cancel(self, req_id: str) -> None:
@@ -172,7 +175,6 @@ class EngineWorker:
                 continue
             self.requests[arg.req_id] = arg
             self.engine.add(arg.seq)
-            self.num_requests += 1
             out += [self._emit(arg, m) for m in self.accepted(arg)]
         return out
 
