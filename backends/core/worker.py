@@ -72,7 +72,7 @@ class EngineWorker:
         self.instance_id = instance_id
         self.clock = clock
         self.requests: dict[str, Entry] = {}         # the step thread's only
-        self._inbox = Inbox(clock)
+        self._inbox = Inbox()
         self.num_requests = 0                        # accepted so far (counted on arrival, with
         #                                              the backlog: the router's count of what
         #                                              reached this instance pairs with it)
@@ -156,7 +156,7 @@ class EngineWorker:
 
     def _drain_inbox(self) -> list[Output]:
         out: list[Output] = []
-        for op, arg, at in self._inbox.drain():
+        for op, arg, _ in self._inbox.drain():
             if op == "cancel":
                 entry = self.requests.get(arg)
                 self.engine.scheduler.expected.pop(arg, None)
@@ -166,7 +166,7 @@ class EngineWorker:
             if op == "expect":                  # unless it arrived first
                 self.num_expected += 1
                 if arg[0] not in self.requests:
-                    self.engine.scheduler.expect(Expected(arg[0], arg[1], at))
+                    self.engine.scheduler.expect(Expected(arg[0], arg[1], self.clock()))
                 continue
             if arg.req_id in self.requests:
                 self._settle(arg)

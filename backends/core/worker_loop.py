@@ -46,7 +46,7 @@ class Inbox:
         self._queue.put(("cancel", req_id, 0.0))
 
     def expect(self, req_id: str, sure: int) -> None:
-        self._queue.put(("expect", (req_id, sure), self.clock()))
+        self._queue.put(("expect", (req_id, sure), 0.0))
 
     def empty(self) -> bool:
         return self._queue.empty()
@@ -56,7 +56,7 @@ class Inbox:
 
     def drain(self) -> Iterator[tuple[str, Any, float]]:
         """("submit", request, arrival time), ("cancel", req_id, 0.0) or ("expect", (req_id,
-        sure tokens), arrival time), oldest first."""
+        sure tokens), 0.0), oldest first."""
         while not self._queue.empty():
             yield self._queue.get()
 

@@ -98,15 +98,24 @@ def test_killed_decode_fails_its_streams_at_once_and_is_reloaded(server):
           f"served again after {recovered:.1f} s")
 
 
-def _ready_gauge(server) -> float:
-    """distserve_ready on the metrics port (1: every phase has an instance up)."""
+def _gauge(server, prefix: str, label: str = "") -> float:
     import urllib.request
     with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(server.metrics_url, timeout=10) as r:
         text = r.read().decode()
     values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-              if line.startswith("distserve_ready{")]
-    assert len(values) == 1, "no distserve_ready gauge"
+              if line.startswith(prefix) and label in line]
+    assert len(values) == 1, f"no {prefix}...{label} gauge"
     return values[0]
+
+
+def _ready_gauge(server) -> float:
+    """distserve_ready on the metrics port (1: every phase has an instance up)."""
+    return _gauge(server, "distserve_ready{")
+
+
+def _instance_up(server, instance: str) -> float:
+    """distserve_instance_up of one instance (1: the orchestrator counts it up)."""
+    return _gauge(server, "distserve_instance_up{", f'instance="{instance}"')
 
 
 def test_killed_prefill_fails_what_waits_on_it_and_is_reloaded(server):
@@ -224,7 +233,12 @@ def test_with_two_decode_instances_the_live_one_serves_while_the_dead_one_is_rel
         first_new = serves_again(srv, killed)                         # one live decode instance
 
         # during the reload every new request goes to decode-1, and succeeds (checked at once:
-        # on a fast host the reload may be done before decode-1's streams end)
+        # on a fast host the reload may be done before decode-1's streams end). Once the monitor
+        # counts decode-0 down, that is: serves_again's request may have gone to decode-1 before
+        # it did, and a request placed on decode-0 before then fails ("decode-0 is dead").
+        while _instance_up(srv, "decode-0") != 0.0:
+            assert time.monotonic() - killed < RECOVER_S, "decode-0 was never counted down"
+            time.sleep(0.1)
         with pytest.raises(OSError):
             instance_stats(srv, "decode-0")                           # not back yet
         client = DistServeClient(srv.grpc_url, "grpc", timeout=60)
