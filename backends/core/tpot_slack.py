@@ -52,8 +52,13 @@ class Expected:
 
     @classmethod
     def of(cls, req_id: str, params, since: float) -> Expected:
-        """A split request with sampling `params`: its first token comes from prefill."""
-        return cls(req_id, sure_after(params, 1), since)
+        """A split request with sampling `params`."""
+        return cls(req_id, sure_after_prefill(params), since)
+
+
+def sure_after_prefill(params) -> int:
+    """`sure_after` for a split request: its first token comes from the prefill instance."""
+    return sure_after(params, 1)
 
 
 def sure_after(params, produced: int) -> int:

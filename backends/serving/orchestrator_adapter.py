@@ -41,7 +41,7 @@ from backends.orchestrator.dispatch import adaptive_dispatcher
 from backends.orchestrator.health import InstanceMonitor, Watch, phase_of
 from backends.core.admission import OVERLOADED
 from backends.core.messages import Accepted, Admitted, Failed, Prefilled, Tokens, decode
-from backends.core.tpot_slack import sure_after
+from backends.core.tpot_slack import sure_after_prefill
 from backends.orchestrator.pipeline import Chunk, Generation, Orchestrator, RequestFailed
 from backends.serving.adapter import bytes_tensor
 from backends.serving.metrics import HealthMetrics, RequestMetrics
@@ -212,7 +212,7 @@ class OrchestratorModel:
         instance holds its mixed steps to what this request can wait. If they end in an error
         (its prefill failed, say), that instance is told to forget it."""
         await asyncio.get_running_loop().run_in_executor(
-            self.pool, self._send_expect, instance, gen.req_id, sure_after(gen.params, 1))
+            self.pool, self._send_expect, instance, gen.req_id, sure_after_prefill(gen.params))
         try:
             async for chunk in run():
                 yield chunk
