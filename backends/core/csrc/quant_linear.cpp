@@ -103,6 +103,20 @@ __attribute__((always_inline)) inline void unpack(const uint8_t* c, __m512i* w) 
   }
 }
 
+// The codes and scales of the tile x block kPrefetch ahead, asked for before they are needed: a
+// weight that does not fit in cache (the tied 8-bit head, 28 MB for SmolLM2) streams from memory
+// while several rows' dot products run, where with the hardware prefetcher alone the two took
+// turns. One AMD EPYC core (no AMX), the head, medians, without / with, two rounds alternated:
+// 8 rows 4.9, 4.8 / 2.8, 2.9 ms; 16 rows 10.8, 9.0 / 5.7, 5.7; 1 row 1.5, 1.3 / 1.2, 1.3.
+// Layers whose codes sit in cache gain nothing. Prefetching past the end is harmless.
+constexpr int64_t kPrefetch = 8;
+template <int BITS>
+__attribute__((always_inline)) inline void prefetch(const uint8_t* c, const uint16_t* sb) {
+  for (int64_t line = 0; line < kTileBytes<BITS>; line += 64)
+    _mm_prefetch(reinterpret_cast<const char*>(c + line), _MM_HINT_T0);
+  _mm_prefetch(reinterpret_cast<const char*>(sb), _MM_HINT_T0);
+}
+
 // rows [m0, m0 + R) of y, output tiles [t0, t1)
 template <int BITS, int R, typename T>
 void tile(const QuantRows& xq, int64_t k, int64_t m0, int64_t t0, int64_t t1, const uint8_t* codes,
@@ -114,6 +128,7 @@ void tile(const QuantRows& xq, int64_t k, int64_t m0, int64_t t0, int64_t t1, co
     for (int64_t b = 0; b < nb; ++b) {
       const uint8_t* c = codes + (t * nb + b) * kTileBytes<BITS>;
       const uint16_t* sb = so + (t * nb + b) * 2 * kTile;
+      prefetch<BITS>(c + kPrefetch * kTileBytes<BITS>, sb + kPrefetch * 2 * kTile);
       __m512i w[16];
       unpack<BITS>(c, w);
       const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sb)));
