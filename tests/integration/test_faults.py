@@ -108,6 +108,14 @@ def _gauge(server, prefix: str, label: str = "") -> float:
     return values[0]
 
 
+def _wait_until(cond, since: float, what: str) -> None:
+    """Poll `cond` every 0.1 s until it holds; fail with `what` once RECOVER_S have passed
+    since `since` (time.monotonic)."""
+    while not cond():
+        assert time.monotonic() - since < RECOVER_S, what
+        time.sleep(0.1)
+
+
 def _ready_gauge(server) -> float:
     """distserve_ready on the metrics port (1: every phase has an instance up)."""
     return _gauge(server, "distserve_ready{")
@@ -236,9 +244,7 @@ def test_with_two_decode_instances_the_live_one_serves_while_the_dead_one_is_rel
         # on a fast host the reload may be done before decode-1's streams end). Once the monitor
         # counts decode-0 down, that is: serves_again's request may have gone to decode-1 before
         # it did, and a request placed on decode-0 before then fails ("decode-0 is dead").
-        while _instance_up(srv, "decode-0") != 0.0:
-            assert time.monotonic() - killed < RECOVER_S, "decode-0 was never counted down"
-            time.sleep(0.1)
+        _wait_until(lambda: _instance_up(srv, "decode-0") == 0.0, killed, "decode-0 was never counted down")
         with pytest.raises(OSError):
             instance_stats(srv, "decode-0")                           # not back yet
         client = DistServeClient(srv.grpc_url, "grpc", timeout=60)
@@ -343,9 +349,7 @@ def test_a_crashed_tritonserver_is_restarted(server):
     # server went on answering meanwhile: a request sent at once could succeed there (seen in
     # the suite: this test passed its request to the dying server, and the restart landed in
     # the next test). Serving again counts only once the supervisor has replaced it.
-    while server.process.pid == old_pid:
-        assert time.monotonic() - killed < RECOVER_S, "tritonserver was not restarted"
-        time.sleep(0.1)
+    _wait_until(lambda: server.process.pid != old_pid, killed, "tritonserver was not restarted")
     recovered = serves_again(server, killed)
     assert server.process.pid != old_pid and len(server.restarts) == before + 1
     settled(server)
