@@ -1,7 +1,8 @@
 """The decode step's layer stack in one native call (backends/core/layer_stack.py,
 csrc/layer_stack.cpp) against the Python layer loop it replaces, on the default model's weights:
 the same bits for decode steps and short verify rows (each row to its own causal length), the
-same K/V written, the same greedy tokens; where it steps aside; and the checks on what it writes."""
+same K/V written (bf16, and int8 with its scales), the same greedy tokens; where it steps aside;
+and the checks on what it writes."""
 from __future__ import annotations
 
 import pytest
@@ -26,11 +27,14 @@ def built():
                     "python -m backends.core.native --build")
 
 
-@pytest.fixture(scope="module")
-def engine(smollm_codes):
+@pytest.fixture(scope="module", params=["auto", "int8"])
+def engine(smollm_codes, request):
+    """A decode instance's model: int4 on our kernel (a dense copy beside it past 64 rows); bf16
+    KV, and int8 KV (quantized by the stack as the Python loop's store_kv does it)."""
+    if request.param == "int8" and not native.has("paged_attention_int8"):
+        pytest.skip("int8 KV's attention kernel is not built here (AVX-512 BF16)")
     config, sd = smollm_codes
-    # a decode instance's model: int4 on our kernel (a dense copy beside it past 64 rows)
-    return LLMEngine(config, sd, EngineConfig(weights="auto", role="decode",
+    return LLMEngine(config, sd, EngineConfig(weights="auto", role="decode", kv_dtype=request.param,
                                               limits=EngineLimits(num_kv_blocks=256, chunked_prefill=True)))
 
 
@@ -143,4 +147,4 @@ def test_a_slot_outside_the_pool_is_refused(engine):
         torch.ops.distserve.decode_layers(
             x, stack._weights, cos, cos, [c.k for c in kv.layers], [c.v for c in kv.layers],
             good.block_tables, good.seq_lens, good.plan.slot_blocks, good.plan.slot_offsets,
-            torch.tensor([1], dtype=torch.int32), stack.heads, stack.kv_heads, stack.eps, stack.scale, 1)
+            torch.tensor([1], dtype=torch.int32), stack.heads, stack.kv_heads, stack.eps, stack.scale, 1, [], [])

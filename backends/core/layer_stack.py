@@ -5,7 +5,9 @@ Python cost about 8 of a batch-1 step's 22 ms (SmolLM2, docs/profile_step.md). W
 piece runs on our native kernels anyway (int4 weights on `quant_linear`, bf16 KV read by the
 paged kernels), the same ops run from C++ in the same order, so the results are bit-identical
 to `DecoderLayer.forward`, which still serves everything else: prefills and chunks, steps of
-more than 64 rows, mixed steps, int8 KV, float32, other devices.
+more than 64 rows, mixed steps, float32, other devices. int8 KV runs here where its attention
+op is built (csrc/chunk_attention.cpp, AVX-512 BF16): the rows' K/V quantized as
+kv_cache.quantize_kv does it, bit for bit.
 
 DISTSERVE_LAYER_STACK=0 turns it off (for comparisons).
 """
@@ -31,8 +33,10 @@ def enabled() -> bool:
 class LayerStack:
     """The model's per-layer tensors for `decode_layers`, and when a step may use it."""
 
-    def __init__(self, layers) -> None:
+    def __init__(self, layers, int8: bool = False) -> None:
+        """`int8`: int8 KV runs here too (its attention op is built)."""
         self.layers = list(layers)
+        self.int8 = int8
         first = self.layers[0]
         self.heads, self.kv_heads, self.head_dim = first.num_heads, first.num_kv_heads, first.head_dim
         self.scale, self.eps = first.scale, first.input_layernorm.eps
@@ -50,7 +54,7 @@ class LayerStack:
                 mod = getattr(layer, name)
                 if not (isinstance(mod, Int4Linear) and mod.native) or (name != "qkv_proj" and mod.bias is not None):
                     return None
-        return cls(layers)
+        return cls(layers, native.has("paged_attention_int8"))
 
     def _refresh(self) -> None:
         """The op's tensors, gathered again whenever the layers' buffers were rebound (weight
@@ -85,7 +89,10 @@ class LayerStack:
                 and isinstance(backend, TorchAttentionBackend) and backend.native):
             return False, None
         cache = kv.layers[0]
-        if cache.is_quantized or cache.k.dtype != x.dtype:
+        if cache.is_quantized:
+            if not (self.int8 and self.head_dim in (64, 128)):
+                return False, None
+        elif cache.k.dtype != x.dtype:
             return False, None
         if meta.is_decode:
             return True, None
@@ -101,8 +108,10 @@ class LayerStack:
         plan = meta.plan
         if self._weights is None:       # else query_lens() refreshed them this step
             self._refresh()
+        layers = kv.layers
+        scales = ([c.k_scale for c in layers], [c.v_scale for c in layers]) if layers[0].is_quantized else ([], [])
         return torch.ops.distserve.decode_layers(
-            x, self._weights, cos, signed_sin, [c.k for c in kv.layers], [c.v for c in kv.layers],
+            x, self._weights, cos, signed_sin, [c.k for c in layers], [c.v for c in layers],
             meta.block_tables, meta.seq_lens, plan.slot_blocks, plan.slot_offsets, query_lens,
             self.heads, self.kv_heads, self.eps, self.scale,
-            meta.num_decodes if query_lens is not None else 0)
+            meta.num_decodes if query_lens is not None else 0, *scales)

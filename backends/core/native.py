@@ -24,8 +24,12 @@ Ops (registered as torch.ops.distserve.*):
   (csrc/chunk_attention.cpp). Built only on CPUs with AVX-512 BF16. Where it is built and the
   AMX tiles are not used, the two ops above run bf16 on it too (few rows a sequence: chunk by
   chunk, K/V packed into L1); DISTSERVE_CHUNK_ATTENTION=0 keeps them on their own kernels.
+- paged_attention_int8(q, k, v, k_scale, v_scale, ..., query_lens, scale): the same kernel over
+  int8 KV (any rows: decode, verify, prefill), its values unpacked to bf16 integers and its
+  scales applied to the scores and the probabilities. Built with paged_chunk_attention.
 - decode_layers(x, weights, ...): a decode step's whole layer stack, calling the ops above from
-  C++ (csrc/layer_stack.cpp; backends/core/layer_stack.py); it needs quant_linear at run time.
+  C++ (csrc/layer_stack.cpp; backends/core/layer_stack.py); it needs quant_linear at run time,
+  and paged_attention_int8 for int8 KV.
 DISTSERVE_NATIVE=0 turns them all off (the torch ops run), for comparisons.
 """
 from __future__ import annotations
@@ -54,7 +58,7 @@ NAME = "distserve_native"
 CFLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-ffast-math")
 OPS = ("paged_decode_attention", "paged_prefix_attention", "silu_and_mul", "add_rms_norm", "rope",
        "decode_layers")
-OPTIONAL_OPS = ("quant_linear", "paged_chunk_attention")   # built only where the CPU has their
+OPTIONAL_OPS = ("quant_linear", "paged_chunk_attention", "paged_attention_int8")   # built only where the CPU has their
 # instructions (AVX-512 VNNI; AVX-512 BF16)
 STALE_LOCK_S = 600
 log = logging.getLogger(__name__)

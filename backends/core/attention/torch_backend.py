@@ -7,10 +7,13 @@ runs our kernel where it is built (backends/core/native.py, csrc/paged_decode.cp
 straight from its blocks, to its own length). Otherwise, and for int8 KV, decode runs,
 per KV head, one bmm of its G query heads against that head's dense gathered context; batch 1
 with a short context takes one SDPA call instead, and a batch of very different context
-lengths is split into length groups. int8 KV (int8.py) is quantized on store and dequantized
-on read: into dense K/V for SDPA, and folded into the scores (K scales) and the probabilities
-(V scales) in a decode that takes all KV heads in one batched matmul (the int8 -> bf16
-conversion is a copy anyway, so the head-major layout it writes costs nothing extra).
+lengths is split into length groups. int8 KV is quantized on store. On CPU hosts with the chunk
+kernel (bf16 queries, AVX-512 BF16) every row reads it there, straight from the cache
+(csrc/chunk_attention.cpp's `paged_attention_int8`: K scales on the scores, V scales on the
+probabilities). Elsewhere (int8.py) it is dequantized on read: into dense K/V for SDPA, and
+folded into the scores and the probabilities in a decode that takes all KV heads in one
+batched matmul (the int8 -> bf16 conversion is a copy anyway, so the head-major layout it
+writes costs nothing extra).
 """
 from __future__ import annotations
 
@@ -47,6 +50,8 @@ class TorchPlan:
     short_rows: torch.Tensor | None = None
     # prefill with a longer row, for the native chunk kernel (bf16): each row's new tokens
     chunk_rows: torch.Tensor | None = None
+    # decode: one new token a row ([B] int32 ones), for the native int8 kernel
+    decode_rows: torch.Tensor | None = None
 
 
 def decode_groups(context_lens: list[int] | tuple[int, ...],
@@ -109,6 +114,7 @@ class TorchAttentionBackend(AttentionBackend):
         self.batched_heads_max_batch = BATCHED_HEADS_MAX_BATCH
         self._native = native
         self._native_chunks: bool | None = None
+        self._native_int8_op: bool | None = None
 
     @property
     def native(self) -> bool:
@@ -138,13 +144,14 @@ class TorchAttentionBackend(AttentionBackend):
             return TorchPlan(*slots, parts=parts)
         # (the native kernel ignores groups; int8 or other-dtype KV still takes them)
         if d > 1 and len(groups := decode_groups(clens, self.group_cost_tokens)) > 1:
-            return TorchPlan(*slots, groups=tuple(
+            return TorchPlan(*slots, decode_rows=torch.ones(d, dtype=torch.int32, device=device), groups=tuple(
                 (torch.tensor(g, device=device),
                  AttentionMetadata.build(len(g), [1] * len(g), [clens[i] for i in g],
                                          [tables[i] for i in g], bs, device)) for g in groups))
         if d:
             t = torch.arange(meta.block_tables.shape[1] * bs, device=device)
-            return TorchPlan(*slots, decode_mask=(t[None, :] < meta.seq_lens[:, None])[:, None, None, :])
+            return TorchPlan(*slots, decode_mask=(t[None, :] < meta.seq_lens[:, None])[:, None, None, :],
+                             decode_rows=torch.ones(d, dtype=torch.int32, device=device))
         if device.type == "cpu" and self.native:
             # token j of a row of q new tokens over c attends to the first c - q + j + 1 positions
             rows = torch.tensor(qlens, dtype=torch.int32, device=device)
@@ -179,6 +186,10 @@ class TorchAttentionBackend(AttentionBackend):
                           self._prefill(q[d:], k[d:], v[d:], cache, prefills, scale)])
 
     def _prefill(self, q, k, v, cache: LayerKV, meta: AttentionMetadata, scale: float):
+        rows = meta.plan.short_rows if meta.plan.short_rows is not None else meta.plan.chunk_rows
+        if rows is not None and self._native_int8(q, cache):
+            # int8 KV (its K/V stored already): every row on the chunk kernel, from the cache
+            return self._int8(q, cache, meta, rows, scale)
         if meta.plan.short_rows is not None and self._native_reads(q, cache) and \
                 q.shape[-1] in (64, 128) and q.shape[1] // cache.k.shape[1] <= 8:
             # short rows (their K/V stored already): each token a query over its own prefix
@@ -216,11 +227,32 @@ class TorchAttentionBackend(AttentionBackend):
         return q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16) and \
             not cache.is_quantized and cache.k.dtype == q.dtype and self.native
 
+    @property
+    def native_int8(self) -> bool:
+        """int8 KV read by our chunk kernel (csrc/chunk_attention.cpp's `paged_attention_int8`:
+        bf16 queries, AVX-512 BF16 hosts), where it is built and the native kernels are on."""
+        if self._native_int8_op is None:
+            from backends.core import native
+            self._native_int8_op = self.native and native.has("paged_attention_int8")
+        return self._native_int8_op
+
+    def _native_int8(self, q: torch.Tensor, cache: LayerKV) -> bool:
+        return cache.is_quantized and q.device.type == "cpu" and q.dtype == torch.bfloat16 and \
+            q.shape[-1] in (64, 128) and self.native_int8
+
+    @staticmethod
+    def _int8(q, cache: LayerKV, meta: AttentionMetadata, rows: torch.Tensor, scale: float):
+        return torch.ops.distserve.paged_attention_int8(
+            q.contiguous(), cache.k, cache.v, cache.k_scale, cache.v_scale, meta.block_tables,
+            meta.seq_lens, rows, scale).view(q.shape[0], -1)
+
     def _decode(self, q, cache: LayerKV, meta: AttentionMetadata, scale: float):
         # One query per sequence; per KV head, its G query heads go in one bmm against that
         # head's dense gathered context (GQA without repeating K/V, and no transposing copies,
         # which on CPU cost more than the matmuls; SDPA's CPU flash kernel is slower for q_len 1).
         B, H, hd = q.shape
+        if meta.plan.decode_rows is not None and self._native_int8(q, cache):
+            return self._int8(q, cache, meta, meta.plan.decode_rows, scale)
         if self._native_reads(q, cache):
             # our kernel: straight from the paged cache, each sequence to its own length
             return torch.ops.distserve.paged_decode_attention(

@@ -39,6 +39,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "common.h"
@@ -86,15 +87,22 @@ inline __m512 dp(__m512 acc, __m512 a, __m512 b) {
 // layouts: K as [16 positions][HD / 2][16] (4 of them a chunk), V as [position pair][HD]
 // (32 a chunk); positions past the context are zeros. Vector code: packing was scalar and cost
 // more than the attention itself for a few query rows (a verify step's).
-template <int HD>
+// E: the cache's element, uint16_t (bf16) or int8_t (int8 KV: a bf16 scale per position and
+// head, kv_cache.quantize_kv). int8 values become bf16 integers when packed (exact: |v| <= 127),
+// so the dot products are the bf16 path's; K's scales multiply the scores and V's the
+// probabilities (after the softmax's sum), as attention/int8.py applies them. A decode step
+// at long contexts reads its K/V at the core's memory bandwidth, so int8 halves that time.
+template <int HD, typename E>
 struct Context {
-  const uint16_t *k_head, *v_head;
+  static constexpr bool kQuant = std::is_same_v<E, int8_t>;
+  const E *k_head, *v_head;
+  const uint16_t *ks_head, *vs_head;   // int8: the head's scales ([block][position]), else null
   const int64_t* table;
-  int64_t len, bs, block_stride;
+  int64_t len, bs, block_stride, scale_stride;
 
-  alignas(64) static constexpr uint16_t zeros[HD] = {};    // the rows past the context
+  alignas(64) static constexpr E zeros[HD] = {};    // the rows past the context
 
-  const uint16_t* row(const uint16_t* head, int64_t t) const {
+  const E* row(const E* head, int64_t t) const {
     return t < len ? head + table[t / bs] * block_stride + (t % bs) * HD : zeros;
   }
 
@@ -102,16 +110,21 @@ struct Context {
   // hardware prefetcher cannot see the next one coming)
   void prefetch(int64_t c0) const {
     for (int64_t t = c0; t < std::min(c0 + kChunk, len); t += bs - t % bs) {
-      const int64_t n = std::min({bs - t % bs, c0 + kChunk - t, len - t}) * HD;
-      distserve::prefetch_block<2>(row(k_head, t), n);
-      distserve::prefetch_block<2>(row(v_head, t), n);
+      const int64_t n = std::min({bs - t % bs, c0 + kChunk - t, len - t});
+      distserve::prefetch_block<2>(row(k_head, t), n * HD);
+      distserve::prefetch_block<2>(row(v_head, t), n * HD);
+      if constexpr (kQuant) {
+        const int64_t at = table[t / bs] * scale_stride + t % bs;
+        distserve::prefetch_block<2>(ks_head + at, n);
+        distserve::prefetch_block<2>(vs_head + at, n);
+      }
     }
   }
 
   // positions [c0, c0 + kChunk)'s K and V rows: one division for the chunk, a block's rows being
   // consecutive (`row` divides by the block size twice a position; one AMD core, batch 16 at 800
   // positions: a decode step 1-3% shorter, within the noise of two runs)
-  void rows_of(int64_t c0, const uint16_t** kr, const uint16_t** vr) const {
+  void rows_of(int64_t c0, const E** kr, const E** vr) const {
     int64_t b = c0 / bs, o = c0 % bs;
     for (int64_t i = 0; i < kChunk; ++i) {
       if (c0 + i < len) {
@@ -128,50 +141,114 @@ struct Context {
     }
   }
 
+  // int8: positions [c0, c0 + kChunk)'s K and V scales as floats (0 past the context)
+  void scales_of(int64_t c0, float* ks, float* vs) const {
+    int64_t b = c0 / bs, o = c0 % bs;
+    for (int64_t i = 0; i < kChunk; ++i) {
+      if (c0 + i < len) {
+        const int64_t at = table[b] * scale_stride + o;
+        ks[i] = bf16_to_float(ks_head[at]);
+        vs[i] = bf16_to_float(vs_head[at]);
+      } else {
+        ks[i] = vs[i] = 0.f;
+      }
+      if (++o == bs) {
+        o = 0;
+        ++b;
+      }
+    }
+  }
+
   // positions [c0, c0 + kChunk) -> kd (kChunk * HD / 2) and vd (kChunk / 2 * HD)
   void pack_chunk(int64_t c0, uint32_t* kd, uint32_t* vd) const {
-    const uint16_t *krows[kChunk], *vrows[kChunk];
+    const E *krows[kChunk], *vrows[kChunk];
     rows_of(c0, krows, vrows);
-    // V: positions 2p and 2p + 1 interleaved per dim (their bf16 pair is one uint32)
-    alignas(64) static const uint16_t lo_idx[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
-                                                    8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
-    const __m512i ilo = _mm512_load_si512(lo_idx), ihi = _mm512_add_epi16(ilo, _mm512_set1_epi16(16));
-    for (int64_t t = 0; t < kChunk; t += 2) {
-      const uint16_t *a = vrows[t], *b = vrows[t + 1];
-      uint32_t* vr = vd + (t / 2) * HD;
-      for (int i = 0; i < HD; i += 32) {
-        const __m512i x = _mm512_loadu_si512(a + i), y = _mm512_loadu_si512(b + i);
-        _mm512_storeu_si512(vr + i, _mm512_permutex2var_epi16(x, ilo, y));
-        _mm512_storeu_si512(vr + i + 16, _mm512_permutex2var_epi16(x, ihi, y));
+    if constexpr (kQuant) {
+      // V: 16 dims of positions 2p and 2p + 1 as floats; an integer's float has 16 zero low bits,
+      // so its bf16 is the high half: (a >> 16) | b is the pair
+      for (int64_t t = 0; t < kChunk; t += 2) {
+        uint32_t* vr = vd + (t / 2) * HD;
+        for (int i = 0; i < HD; i += 16) {
+          const __m512i a = _mm512_castps_si512(int8_floats(vrows[t] + i));
+          const __m512i b = _mm512_castps_si512(int8_floats(vrows[t + 1] + i));
+          _mm512_storeu_si512(vr + i, _mm512_or_si512(_mm512_srli_epi32(a, 16), b));
+        }
+      }
+    } else {
+      // V: positions 2p and 2p + 1 interleaved per dim (their bf16 pair is one uint32)
+      alignas(64) static const uint16_t lo_idx[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+                                                      8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+      const __m512i ilo = _mm512_load_si512(lo_idx), ihi = _mm512_add_epi16(ilo, _mm512_set1_epi16(16));
+      for (int64_t t = 0; t < kChunk; t += 2) {
+        const uint16_t *a = vrows[t], *b = vrows[t + 1];
+        uint32_t* vr = vd + (t / 2) * HD;
+        for (int i = 0; i < HD; i += 32) {
+          const __m512i x = _mm512_loadu_si512(a + i), y = _mm512_loadu_si512(b + i);
+          _mm512_storeu_si512(vr + i, _mm512_permutex2var_epi16(x, ilo, y));
+          _mm512_storeu_si512(vr + i + 16, _mm512_permutex2var_epi16(x, ihi, y));
+        }
       }
     }
     // K: 16 positions x 16 dim pairs at a time, transposed to [dim pair][16 positions]
     for (int64_t t0 = 0; t0 < kChunk; t0 += 16) {
-      const uint16_t* const* rows = krows + t0;
+      const E* const* rows = krows + t0;
       uint32_t* kr = kd + (t0 / 16) * (HD / 2) * 16;
       for (int j = 0; j < HD / 32; ++j) {
         __m512 r[16];                   // 32-bit lanes: a pair of bf16 each
-        for (int p = 0; p < 16; ++p) r[p] = _mm512_loadu_ps(rows[p] + 32 * j);
+        for (int p = 0; p < 16; ++p) {
+          if constexpr (kQuant) r[p] = int8_pairs(rows[p] + 32 * j);
+          else r[p] = _mm512_loadu_ps(rows[p] + 32 * j);
+        }
         distserve::transpose16(r);
         for (int i = 0; i < 16; ++i) _mm512_storeu_ps(kr + (16 * j + i) * 16, r[i]);
       }
     }
   }
+
+  static float bf16_to_float(uint16_t x) {
+    const uint32_t bits = static_cast<uint32_t>(x) << 16;
+    float f;
+    std::memcpy(&f, &bits, sizeof f);
+    return f;
+  }
+
+  // 16 int8 -> 16 floats (integers)
+  static __m512 int8_floats(const int8_t* p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  }
+
+  // 32 int8 (16 dim pairs) -> 16 lanes of (bf16 of the even dim, bf16 of the odd dim above it)
+  static __m512 int8_pairs(const int8_t* p) {
+    const __m512i w = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    const __m512i even = _mm512_srai_epi32(_mm512_slli_epi32(w, 16), 16), odd = _mm512_srai_epi32(w, 16);
+    const __m512i lo = _mm512_srli_epi32(_mm512_castps_si512(_mm512_cvtepi32_ps(even)), 16);
+    return _mm512_castsi512_ps(_mm512_or_si512(lo, _mm512_castps_si512(_mm512_cvtepi32_ps(odd))));
+  }
 };
 
 // The whole context packed, for many query rows (each sweeps it chunk by chunk).
-template <int HD>
+template <int HD, typename E>
 struct Packed {
   std::vector<uint32_t> k;              // [padded / 16][HD / 2][16]
   std::vector<uint32_t> v;              // [padded / 2][HD]
+  std::vector<float> ks, vs;            // int8: [padded] scales
 
-  void pack(const Context<HD>& ctx) {
+  void pack(const Context<HD, E>& ctx) {
     const int64_t padded = (ctx.len + kChunk - 1) / kChunk * kChunk;
     k.resize(padded * HD / 2);
     v.resize(padded / 2 * HD);
-    for (int64_t c0 = 0; c0 < padded; c0 += kChunk)
+    if constexpr (Context<HD, E>::kQuant) {
+      ks.resize(padded);
+      vs.resize(padded);
+    }
+    for (int64_t c0 = 0; c0 < padded; c0 += kChunk) {
       ctx.pack_chunk(c0, k.data() + c0 * (HD / 2), v.data() + (c0 / 2) * HD);
+      if constexpr (Context<HD, E>::kQuant) ctx.scales_of(c0, ks.data() + c0, vs.data() + c0);
+    }
   }
+
+  const float* k_scales(int64_t c0) const { return ks.empty() ? nullptr : ks.data() + c0; }
+  const float* v_scales(int64_t c0) const { return vs.empty() ? nullptr : vs.data() + c0; }
 };
 
 // sc[r][0, 64) = the scores (unscaled) of rows q[0..R) against the chunk's 64 positions, packed
@@ -224,8 +301,10 @@ struct RowBlock {
     low = *std::min_element(lim, lim + R);
   }
 
-  // positions [c0, c0 + kChunk), c0 < end: K packed at kc, V at vc
-  void step(const uint32_t* kc, const uint32_t* vc, int64_t c0, float scale) {
+  // positions [c0, c0 + kChunk), c0 < end: K packed at kc, V at vc; int8 KV: the positions'
+  // K scales ks (on the scores) and V scales vs (on the probabilities), else null
+  void step(const uint32_t* kc, const uint32_t* vc, int64_t c0, float scale, const float* ks = nullptr,
+            const float* vs = nullptr) {
     alignas(64) uint16_t pbuf[R][2][kChunk];          // P as bf16 hi + lo parts (below)
     const __m512 vscale = _mm512_set1_ps(scale), ninf = _mm512_set1_ps(kMasked);
     // scores: s[r][u] = 16 positions c0 + 16u + lane of row r
@@ -238,7 +317,8 @@ struct RowBlock {
       for (int u = 0; u < kSub; ++u) {
         const int64_t seen = std::clamp<int64_t>(lim[r] - (c0 + 16 * u), 0, 16);
         keep[u] = masked ? static_cast<__mmask16>((1u << seen) - 1u) : static_cast<__mmask16>(0xFFFF);
-        s[u] = _mm512_mask_mul_ps(ninf, keep[u], _mm512_load_ps(sc[r] + 16 * u), vscale);
+        const __m512 mul = ks ? _mm512_mul_ps(_mm512_loadu_ps(ks + 16 * u), vscale) : vscale;
+        s[u] = _mm512_mask_mul_ps(ninf, keep[u], _mm512_load_ps(sc[r] + 16 * u), mul);
         mx = _mm512_max_ps(mx, s[u]);
       }
       const float m_new = std::max(m[r], _mm512_reduce_max_ps(mx));
@@ -246,8 +326,9 @@ struct RowBlock {
       __m512 sum = _mm512_setzero_ps();
       const __m512 vm = _mm512_set1_ps(m_new);
       for (int u = 0; u < kSub; ++u) {
-        const __m512 p = _mm512_maskz_mov_ps(keep[u], exp_nonpositive(_mm512_sub_ps(s[u], vm)));
+        __m512 p = _mm512_maskz_mov_ps(keep[u], exp_nonpositive(_mm512_sub_ps(s[u], vm)));
         sum = _mm512_add_ps(sum, p);
+        if (vs) p = _mm512_mul_ps(p, _mm512_loadu_ps(vs + 16 * u));
         const __m256i hi = (__m256i)_mm512_cvtneps_pbh(p);
         const __m512 hi_f = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(hi), 16));
         _mm256_store_si256(reinterpret_cast<__m256i*>(pbuf[r][0] + 16 * u), hi);
@@ -289,26 +370,34 @@ struct RowBlock {
   }
 };
 
-template <int HD>
-void run(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-         const at::Tensor& block_tables, const at::Tensor& context_lens, const std::vector<int64_t>& starts,
-         double scale, at::Tensor& out) {
+template <int HD, typename E>
+void run(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor* k_scale,
+         const at::Tensor* v_scale, const at::Tensor& block_tables, const at::Tensor& context_lens,
+         const std::vector<int64_t>& starts, double scale, at::Tensor& out) {
   constexpr int R = HD == 64 ? 4 : 2;                 // rows a block: R x 4 score and R x HD/16 output registers
   const int64_t S = block_tables.size(0), kvh = k_cache.size(1), bs = k_cache.size(2), H = q.size(1);
   const int64_t G = H / kvh, max_blocks = block_tables.size(1), block_stride = k_cache.stride(0);
   const auto* qp = reinterpret_cast<const uint16_t*>(q.data_ptr<c10::BFloat16>());
-  const auto* kp = reinterpret_cast<const uint16_t*>(k_cache.data_ptr<c10::BFloat16>());
-  const auto* vp = reinterpret_cast<const uint16_t*>(v_cache.data_ptr<c10::BFloat16>());
+  const auto* kp = static_cast<const E*>(k_cache.data_ptr());
+  const auto* vp = static_cast<const E*>(v_cache.data_ptr());
+  const uint16_t* ksp = k_scale ? static_cast<const uint16_t*>(k_scale->data_ptr()) : nullptr;
+  const uint16_t* vsp = v_scale ? static_cast<const uint16_t*>(v_scale->data_ptr()) : nullptr;
+  const int64_t scale_stride = k_scale ? k_scale->stride(0) : 0;
   const int64_t* tables = block_tables.data_ptr<int64_t>();
   const int32_t* lens = context_lens.data_ptr<int32_t>();
   c10::BFloat16* op = out.data_ptr<c10::BFloat16>();
   at::parallel_for(0, S * kvh, 1, [&](int64_t begin, int64_t end) {
-    Packed<HD> pk;
+    Packed<HD, E> pk;
     RowBlock<HD, R> blocks[kFewBlocks];
     alignas(64) uint32_t kbuf[kChunk * HD / 2], vbuf[kChunk / 2 * HD];
+    alignas(64) float ksbuf[kChunk], vsbuf[kChunk];
+    const float* kss = Context<HD, E>::kQuant ? ksbuf : nullptr;
+    const float* vss = Context<HD, E>::kQuant ? vsbuf : nullptr;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t s = task / kvh, h = task % kvh, nq = starts[s + 1] - starts[s], len = lens[s];
-      const Context<HD> ctx{kp + h * bs * HD, vp + h * bs * HD, tables + s * max_blocks, len, bs, block_stride};
+      const Context<HD, E> ctx{kp + h * bs * HD, vp + h * bs * HD, ksp ? ksp + h * bs : nullptr,
+                               vsp ? vsp + h * bs : nullptr, tables + s * max_blocks, len, bs, block_stride,
+                               scale_stride};
       const int64_t rows = nq * G;                    // row i: token i / G, query head h * G + i % G
       const auto fill = [&](RowBlock<HD, R>& blk, int64_t r0) {
         for (int r = 0; r < R; ++r) {
@@ -327,9 +416,10 @@ void run(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cac
         for (int64_t c = 1; c < kAhead; ++c) ctx.prefetch(c * kChunk);
         for (int64_t c0 = 0; c0 < len; c0 += kChunk) {
           ctx.pack_chunk(c0, kbuf, vbuf);
+          if constexpr (Context<HD, E>::kQuant) ctx.scales_of(c0, ksbuf, vsbuf);
           ctx.prefetch(c0 + kAhead * kChunk);
           for (int64_t b = 0; b < n; ++b)
-            if (c0 < blocks[b].end) blocks[b].step(kbuf, vbuf, c0, static_cast<float>(scale));
+            if (c0 < blocks[b].end) blocks[b].step(kbuf, vbuf, c0, static_cast<float>(scale), kss, vss);
         }
         for (int64_t b = 0; b < n; ++b) blocks[b].finish();
         continue;
@@ -340,7 +430,8 @@ void run(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cac
         RowBlock<HD, R>& blk = blocks[0];
         fill(blk, r0);
         for (int64_t c0 = 0; c0 < blk.end; c0 += kChunk)
-          blk.step(pk.k.data() + c0 * (HD / 2), pk.v.data() + (c0 / 2) * HD, c0, static_cast<float>(scale));
+          blk.step(pk.k.data() + c0 * (HD / 2), pk.v.data() + (c0 / 2) * HD, c0, static_cast<float>(scale),
+                   pk.k_scales(c0), pk.v_scales(c0));
         blk.finish();
       }
     }
@@ -365,19 +456,36 @@ bool distserve::chunk_attention(const at::Tensor& q, const at::Tensor& k_cache, 
                                 const at::Tensor& block_tables, const at::Tensor& context_lens,
                                 const std::vector<int64_t>& starts, double scale, at::Tensor& out) {
   if (q.scalar_type() != at::kBFloat16) return false;
-  if (q.size(2) == 64) run<64>(q, k_cache, v_cache, block_tables, context_lens, starts, scale, out);
-  else if (q.size(2) == 128) run<128>(q, k_cache, v_cache, block_tables, context_lens, starts, scale, out);
+  if (q.size(2) == 64) run<64, uint16_t>(q, k_cache, v_cache, nullptr, nullptr, block_tables, context_lens, starts, scale, out);
+  else if (q.size(2) == 128) run<128, uint16_t>(q, k_cache, v_cache, nullptr, nullptr, block_tables, context_lens, starts, scale, out);
   else return false;
   return true;
+}
+
+at::Tensor distserve::paged_attention_int8(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                           const at::Tensor& k_scale, const at::Tensor& v_scale,
+                                           const at::Tensor& block_tables, const at::Tensor& context_lens,
+                                           const at::Tensor& query_lens, double scale) {
+  distserve::check_paged(q, k_cache, v_cache, block_tables, context_lens, &k_scale, &v_scale);
+  TORCH_CHECK(q.scalar_type() == at::kBFloat16, "paged_attention_int8: bfloat16 queries only, got ", q.scalar_type());
+  TORCH_CHECK(q.size(2) == 64 || q.size(2) == 128, "paged_attention_int8: head size 64 or 128, got ", q.size(2));
+  const std::vector<int64_t> starts = distserve::query_starts(q, block_tables, context_lens, query_lens, std::numeric_limits<int32_t>::max());
+  at::Tensor out = at::empty_like(q);
+  if (q.size(2) == 64) run<64, int8_t>(q, k_cache, v_cache, &k_scale, &v_scale, block_tables, context_lens, starts, scale, out);
+  else run<128, int8_t>(q, k_cache, v_cache, &k_scale, &v_scale, block_tables, context_lens, starts, scale, out);
+  return out;
 }
 
 TORCH_LIBRARY_FRAGMENT(distserve, m) {
   m.def("paged_chunk_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
         "Tensor context_lens, Tensor query_lens, float scale) -> Tensor");
+  m.def("paged_attention_int8(Tensor q, Tensor k_cache, Tensor v_cache, Tensor k_scale, Tensor v_scale, "
+        "Tensor block_tables, Tensor context_lens, Tensor query_lens, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(distserve, CPU, m) {
   m.impl("paged_chunk_attention", &paged_chunk_attention);
+  m.impl("paged_attention_int8", &distserve::paged_attention_int8);
 }
 
 #endif  // DISTSERVE_CHUNK_ATTENTION (AVX-512 BF16): elsewhere the op is not registered and long chunks run on torch's SDPA

@@ -20,8 +20,11 @@
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -38,6 +41,8 @@ using Unary = Tensor(const Tensor&);
 using Decode = Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, double);
 using Prefix = Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                       const Tensor&, double);
+using Int8 = Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                    const Tensor&, const Tensor&, const Tensor&, double);
 
 struct Ops {
   c10::TypedOperatorHandle<Linear> quant_linear;
@@ -59,6 +64,40 @@ const Ops& ops() {            // looked up once; quant_linear throws here where 
                d.findSchemaOrThrow("distserve::paged_prefix_attention", "").typed<Prefix>()};
   }();
   return o;
+}
+
+// int8 KV's op (chunk_attention.cpp), looked up where a step needs it: it is built only on
+// hosts with AVX-512 BF16
+const c10::TypedOperatorHandle<Int8>& int8_op() {
+  static const auto o = c10::Dispatcher::singleton().findSchemaOrThrow("distserve::paged_attention_int8", "").typed<Int8>();
+  return o;
+}
+
+// rows [N, heads, hd] (bf16; rows strided, heads dense) -> int8 values at cache[blocks[i], :,
+// offsets[i]] and bf16 scales at scales[blocks[i], :, offsets[i]], as kv_cache.quantize_kv
+// rounds them: scale = absmax / 127 rounded up to bf16; value = x / scale rounded half to even
+void store_rows_int8(const Tensor& rows, const Tensor& cache, const Tensor& scales, const int64_t* blocks,
+                     const int64_t* offsets) {
+  const int64_t n = rows.size(0), heads = rows.size(1), hd = rows.size(2);
+  const auto* src = static_cast<const c10::BFloat16*>(rows.data_ptr());
+  auto* dst = static_cast<int8_t*>(cache.data_ptr());
+  auto* sdst = static_cast<c10::BFloat16*>(scales.data_ptr());
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t h = 0; h < heads; ++h) {
+      const c10::BFloat16* x = src + i * rows.stride(0) + h * rows.stride(1);
+      float amax = 0.f;
+      for (int64_t j = 0; j < hd; ++j) amax = std::max(amax, std::fabs(static_cast<float>(x[j])));
+      uint32_t bits;
+      const float ratio = amax / 127.f;
+      std::memcpy(&bits, &ratio, sizeof bits);
+      bits = (bits + 0xFFFFu) & 0xFFFF0000u;            // the smallest bf16 >= ratio
+      float scale;
+      std::memcpy(&scale, &bits, sizeof scale);
+      const float inv = 1.f / std::max(scale, std::numeric_limits<float>::min());
+      sdst[blocks[i] * scales.stride(0) + h * scales.stride(1) + offsets[i]] = c10::BFloat16(scale);
+      int8_t* out = dst + blocks[i] * cache.stride(0) + h * cache.stride(1) + offsets[i] * cache.stride(2);
+      for (int64_t j = 0; j < hd; ++j) out[j] = static_cast<int8_t>(std::nearbyint(static_cast<float>(x[j]) * inv));
+    }
 }
 
 // rows [N, heads, hd] (rows strided, heads dense) -> cache[blocks[i], :, offsets[i]]
@@ -92,12 +131,18 @@ Tensor attention(const Ops& op, const Tensor& q, const Tensor& kc, const Tensor&
                                  seq_lens.narrow(0, d, s - d), *query_lens, scale)});
 }
 
+// int8 KV: every row on the chunk kernel in one call (decode rows are one new token each)
+Tensor attention_int8(const Tensor& q, const Tensor& kc, const Tensor& vc, const Tensor& ks, const Tensor& vs,
+                      const Tensor& block_tables, const Tensor& seq_lens, const Tensor& rows, double scale) {
+  return int8_op().call(q, kc, vc, ks, vs, block_tables, seq_lens, rows, scale);
+}
+
 std::tuple<Tensor, Tensor> decode_layers(
     const Tensor& x_in, at::TensorList weights, const Tensor& cos, const Tensor& signed_sin,
     at::TensorList k_caches, at::TensorList v_caches, const Tensor& block_tables,
     const Tensor& seq_lens, const Tensor& slot_blocks, const Tensor& slot_offsets,
     const std::optional<Tensor>& query_lens, int64_t heads, int64_t kv_heads, double eps,
-    double scale, int64_t num_decodes) {
+    double scale, int64_t num_decodes, at::TensorList k_scales, at::TensorList v_scales) {
   const int64_t layers = static_cast<int64_t>(k_caches.size());
   TORCH_CHECK(layers > 0 && static_cast<int64_t>(v_caches.size()) == layers &&
                   static_cast<int64_t>(weights.size()) == layers * kPerLayer,
@@ -118,14 +163,25 @@ std::tuple<Tensor, Tensor> decode_layers(
               " of ", seq_lens.size(0), " sequences, ", n, " tokens)");
   const int64_t* blocks = slot_blocks.data_ptr<int64_t>();
   const int64_t* offsets = slot_offsets.data_ptr<int64_t>();
+  const bool quantized = !k_scales.empty();
+  TORCH_CHECK(!quantized || (static_cast<int64_t>(k_scales.size()) == layers &&
+                             static_cast<int64_t>(v_scales.size()) == layers && x_in.scalar_type() == at::kBFloat16),
+              "decode_layers: int8 KV needs bf16 rows and one K and one V scale tensor per layer");
   for (int64_t l = 0; l < layers; ++l) {
     const Tensor& kc = k_caches[l];
     const Tensor& vc = v_caches[l];
+    const auto dtype = quantized ? at::kChar : x_in.scalar_type();
     TORCH_CHECK(kc.dim() == 4 && vc.sizes() == kc.sizes() && kc.strides() == vc.strides() &&
-                    kc.scalar_type() == x_in.scalar_type() && vc.scalar_type() == x_in.scalar_type() &&
+                    kc.scalar_type() == dtype && vc.scalar_type() == dtype &&
                     kc.size(1) == kv_heads && kc.size(3) == hd,
                 "decode_layers: layer ", l, "'s K/V caches must be [blocks, ", kv_heads, ", block_size, ", hd,
-                "] in x's dtype");
+                "] in x's dtype (int8 with scales)");
+    if (quantized)       // the scales' layout: the attention op checks it before it reads
+      TORCH_CHECK(k_scales[l].scalar_type() == at::kBFloat16 && v_scales[l].scalar_type() == at::kBFloat16 &&
+                      k_scales[l].dim() == 3 && v_scales[l].sizes() == k_scales[l].sizes() &&
+                      k_scales[l].size(0) == kc.size(0) && k_scales[l].size(1) == kv_heads &&
+                      k_scales[l].size(2) == kc.size(2),
+                  "decode_layers: layer ", l, "'s K/V scales must be bf16 [blocks, ", kv_heads, ", block_size]");
   }
   const int64_t num_blocks = k_caches[0].size(0), block_size = k_caches[0].size(2);
   for (int64_t i = 0; i < n; ++i)      // every write lands inside the pool (attention checks its reads)
@@ -133,6 +189,12 @@ std::tuple<Tensor, Tensor> decode_layers(
                 "decode_layers: slot (", blocks[i], ", ", offsets[i], ") outside the KV cache");
 
   const Ops& op = ops();
+  Tensor rows;              // int8 KV: each sequence's new tokens, decodes' one included
+  if (quantized) {
+    const int64_t d = query_lens.has_value() ? num_decodes : seq_lens.size(0);
+    rows = at::ones({d}, seq_lens.options().dtype(at::kInt));
+    if (query_lens.has_value()) rows = at::cat({rows, query_lens->to(at::kInt)});
+  }
   Tensor x = x_in, delta, normed;
   for (int64_t l = 0; l < layers; ++l) {
     const Tensor* w = weights.data() + l * kPerLayer;
@@ -145,11 +207,18 @@ std::tuple<Tensor, Tensor> decode_layers(
     Tensor qk = op.rope.call(qkv.narrow(1, 0, (heads + kv_heads) * hd).view({n, heads + kv_heads, hd}),
                              cos, signed_sin);
     Tensor v = qkv.narrow(1, (heads + kv_heads) * hd, kv_heads * hd).view({n, kv_heads, hd});
-    store_rows(qk.narrow(1, heads, kv_heads), k_caches[l], blocks, offsets);
-    store_rows(v, v_caches[l], blocks, offsets);
     Tensor q = qk.narrow(1, 0, heads).contiguous();
-    Tensor attn = attention(op, q, k_caches[l], v_caches[l], block_tables, seq_lens, query_lens,
-                            num_decodes, scale);
+    Tensor attn;
+    if (quantized) {
+      store_rows_int8(qk.narrow(1, heads, kv_heads), k_caches[l], k_scales[l], blocks, offsets);
+      store_rows_int8(v, v_caches[l], v_scales[l], blocks, offsets);
+      attn = attention_int8(q, k_caches[l], v_caches[l], k_scales[l], v_scales[l], block_tables, seq_lens,
+                            rows, scale);
+    } else {
+      store_rows(qk.narrow(1, heads, kv_heads), k_caches[l], blocks, offsets);
+      store_rows(v, v_caches[l], blocks, offsets);
+      attn = attention(op, q, k_caches[l], v_caches[l], block_tables, seq_lens, query_lens, num_decodes, scale);
+    }
     Tensor o = linear(op, attn.view({n, heads * hd}), w[5], w[6], Tensor());
     std::tie(x, normed) = op.add_rms_norm.call(x, o, w[1], eps);
     delta = linear(op, op.silu_and_mul.call(linear(op, normed, w[7], w[8], Tensor())), w[9], w[10], Tensor());
@@ -162,7 +231,8 @@ std::tuple<Tensor, Tensor> decode_layers(
 TORCH_LIBRARY_FRAGMENT(distserve, m) {
   m.def("decode_layers(Tensor x, Tensor[] weights, Tensor cos, Tensor signed_sin, Tensor[] k_caches, "
         "Tensor[] v_caches, Tensor block_tables, Tensor seq_lens, Tensor slot_blocks, Tensor slot_offsets, "
-        "Tensor? query_lens, int heads, int kv_heads, float eps, float scale, int num_decodes=0) -> (Tensor, Tensor)");
+        "Tensor? query_lens, int heads, int kv_heads, float eps, float scale, int num_decodes, "
+        "Tensor[] k_scales, Tensor[] v_scales) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(distserve, CPU, m) {

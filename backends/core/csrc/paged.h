@@ -61,6 +61,13 @@ bool chunk_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::T
                      const at::Tensor& block_tables, const at::Tensor& context_lens,
                      const std::vector<int64_t>& starts, double scale, at::Tensor& out);
 
+// Attention for q's rows (bf16) over int8 K/V with their bf16 scales (kv_cache.quantize_kv:
+// one per position and KV head), any number of new tokens a sequence, on the chunk kernel.
+at::Tensor paged_attention_int8(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                const at::Tensor& k_scale, const at::Tensor& v_scale,
+                                const at::Tensor& block_tables, const at::Tensor& context_lens,
+                                const at::Tensor& query_lens, double scale);
+
 // Whether decode and short (verify) rows take the chunk kernel too: unless
 // DISTSERVE_CHUNK_ATTENTION=0 (A/B runs, and tests of the other kernels; read at every call).
 inline bool chunk_attention_enabled() {
@@ -71,13 +78,28 @@ inline bool chunk_attention_enabled() {
 
 // Shapes, dtypes, layout, and that every context length fits its
 // block table and every block id it reaches is inside the cache (nothing outside is ever read).
+// With k_scale and v_scale: int8 K/V and their bfloat16 scales [blocks, KVH, block_size].
 inline void check_paged(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                        const at::Tensor& block_tables, const at::Tensor& context_lens) {
+                        const at::Tensor& block_tables, const at::Tensor& context_lens,
+                        const at::Tensor* k_scale = nullptr, const at::Tensor* v_scale = nullptr) {
   TORCH_CHECK(q.device().is_cpu(), "paged attention runs on CPU tensors");
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(),
               "expected q [B, H, hd] and K/V caches [blocks, KVH, block_size, hd]");
-  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && q.scalar_type() == v_cache.scalar_type(),
-              "q and the KV cache must have one dtype");
+  if (k_scale != nullptr || v_scale != nullptr) {
+    TORCH_CHECK(k_scale != nullptr && v_scale != nullptr, "int8 KV needs both K and V scales");
+    TORCH_CHECK(k_cache.scalar_type() == at::kChar && v_cache.scalar_type() == at::kChar,
+                "int8 KV: the K/V caches must be int8");
+    const auto dense_scales = [&](const at::Tensor& s) {
+      return s.scalar_type() == at::kBFloat16 && s.dim() == 3 && s.size(0) == k_cache.size(0) &&
+             s.size(1) == k_cache.size(1) && s.size(2) == k_cache.size(2) && s.stride(2) == 1 &&
+             s.stride(1) == s.size(2);
+    };
+    TORCH_CHECK(dense_scales(*k_scale) && dense_scales(*v_scale) && k_scale->stride(0) == v_scale->stride(0),
+                "int8 KV: scales must be bfloat16 [blocks, KVH, block_size], dense within a block");
+  } else {
+    TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && q.scalar_type() == v_cache.scalar_type(),
+                "q and the KV cache must have one dtype");
+  }
   TORCH_CHECK(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kFloat,
               "paged attention supports float32 and bfloat16, got ", q.scalar_type());
   TORCH_CHECK(q.size(2) == k_cache.size(3) && q.size(1) % k_cache.size(1) == 0,
