@@ -5,6 +5,8 @@ prefix caching on, on the same two cores, the same sessions, think times and SLO
     python -m benchmarks.multiturn [--users 2,4,8] [--sessions 8] [--slo-ttft 3.92 --slo-tpot 0.082]
         [--systems ours-cache,ours-nocache,ours-adaptive,ours-shared,vllm] [--out docs/multiturn]
 
+A system named "NAME:KV_DTYPE" (ours-shared:int8) serves NAME with that KV dtype.
+
 Ours: `./build.sh serve`'s deployment (1 prefill core + 1 decode core), reached over Triton
 gRPC; ours-adaptive serves it in adaptive mode (the router sends prompts to prefill or
 prefills them in the decode instance's steps, by the SLOs given here), ours-shared adds a
@@ -56,8 +58,12 @@ def each_count_cold(run_one, users: list[int]) -> dict:
 
 
 def deployment(system: str, slo):
-    """Our deployment for `system` (see the module's docstring)."""
+    """Our deployment for `system` (see the module's docstring); "SYSTEM:KV_DTYPE" (e.g.
+    ours-shared:int8) serves it with that KV dtype (deploy.deployment.KV_DTYPES)."""
     import dataclasses
+    system, _, kv_dtype = system.partition(":")
+    if kv_dtype:
+        return dataclasses.replace(deployment(system, slo), kv_dtype=kv_dtype)
     from client.bench.compare import without_prefix_caching
     from deploy.deployment import default_deployment
     from planner.deployment import serving, with_decode_on_prefill_cores
