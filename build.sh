@@ -13,7 +13,7 @@
 #                               stub killed half-way: nothing hangs or leaks -> docs/soak.* (python -m benchmarks.soak)
 #   ./build.sh generate "text"  .venv and the default model, then offline generation on it
 #   ./build.sh profile [--quick]   setup, then profile the engine on one core -> docs/profile_cpu.json
-#   ./build.sh profile-host     profile this CPU for the router -> results/profile_host.json (serve
+#   ./build.sh profile-host [int8]  profile this CPU for the router -> results/profile_host[_int8].json (serve
 #                               does it once where docs/profile_cpu.json is another CPU's)
 #   ./build.sh plan --workload chatbot --ttft S --tpot S [--devices 1x2] [--out dep.json]
 #                               setup, then choose a placement with that profile (python -m planner plan)
@@ -125,16 +125,18 @@ build_native() {
 # The router prices steps with a latency profile; step times do not carry over between CPUs
 # (planner/router_latency.profile_for_host). Where the shipped one is another CPU's and this
 # one has none yet, measure it (a minute or two, one core) -> results/profile_host.json.
+# `profile-host int8` measures it with int8 KV, for deployments that use it -> results/profile_host_int8.json.
 ensure_host_profile() {
-  local force="${1:-}"
+  local force="${1:-}" kv="${2:-bfloat16}" out
   if [ -z "$force" ] && "$PY" -c 'import sys
 from planner.profile import cpu_model
 from planner.router_latency import HOST_PROFILE, profiled_cpu
 sys.exit(cpu_model() not in (profiled_cpu(sys.argv[1]), profiled_cpu(HOST_PROFILE)))' "$CPU_PROFILE"; then
     return 0
   fi
-  log "profiling the engine on this CPU for the router's step times -> results/profile_host.json"
-  "$PY" -m planner profile --model "$DEFAULT_MODEL" --out "$ROOT/results/profile_host.json"
+  out="$("$PY" -c 'import sys; from planner.router_latency import host_profile; print(host_profile(sys.argv[1]))' "$kv")"
+  log "profiling the engine on this CPU ($kv KV) for the router's step times -> $out"
+  "$PY" -m planner profile --model "$DEFAULT_MODEL" --kv-dtype "$kv" --out "$ROOT/$out"
 }
 
 setup() { setup_venv; build_native; fetch_model; fetch_datasets; }
@@ -179,7 +181,7 @@ case "$cmd" in
     ;;
   profile-host)
     setup_model
-    ensure_host_profile force
+    ensure_host_profile force "$@"
     ;;
   plan)
     setup

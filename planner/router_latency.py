@@ -24,6 +24,13 @@ log = logging.getLogger(__name__)
 HOST_PROFILE = "results/profile_host.json"    # ./build.sh profile-host: measured on this machine
 
 
+def host_profile(kv_dtype: str = "auto") -> str:
+    """This machine's profile for deployments with `kv_dtype` KV: HOST_PROFILE for bf16 (the
+    default deployment's), results/profile_host_<kv_dtype>.json for another (`./build.sh
+    profile-host int8`): a decode step's attention cost depends on its KV's dtype."""
+    return HOST_PROFILE if kv_dtype in ("auto", "bfloat16") else f"results/profile_host_{kv_dtype}.json"
+
+
 @dataclass(frozen=True)
 class LatencyModelPredictor:
     model: LatencyModel
@@ -68,7 +75,7 @@ def deployment_predictor(deployment, profile: str | Path) -> PhasePredictor:
     phase priced on its instances' shape. ValueError if the profile is for another model or
     lacks that shape (the orchestrator then routes without predictions)."""
     from planner.deployment import _tp, load_target
-    profile = profile_for_host(profile)
+    profile = profile_for_host(profile, kv_dtype=deployment.kv_dtype)
     target = load_target(profile)
     served = model_key(Path(deployment.model_path).name.removesuffix(".gguf"))
     if target.model != served:
@@ -83,28 +90,58 @@ def deployment_predictor(deployment, profile: str | Path) -> PhasePredictor:
 
 def profiled_cpu(profile: str | Path) -> str | None:
     """The CPU a profile of ours was measured on (None: not recorded, or not readable)."""
+    return _profiled(profile, "machine", "cpu_model")
+
+
+def profiled_kv_dtype(profile: str | Path) -> str | None:
+    """The KV dtype a profile of ours was measured with (None: not recorded, or not readable)."""
+    return _profiled(profile, "kv_dtype")
+
+
+def _profiled(profile: str | Path, *keys: str) -> str | None:
     try:
-        return json.loads(Path(profile).read_text())["profile"]["machine"]["cpu_model"]
+        value = json.loads(Path(profile).read_text())["profile"]
+        for key in keys:
+            value = value[key]
+        return value
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
-def profile_for_host(profile: str | Path, root: str | Path | None = None) -> Path:
-    """`profile`, unless it was measured on another CPU and HOST_PROFILE (under `root`,
-    $DISTSERVE_ROOT or the repository) was measured on this one: then that. Step times do not
-    carry over between CPUs: the shipped profile is an Intel Xeon's (AMX), where a 130-token
-    prefill chunk took 78 ms; on an AMD EPYC (AVX-512 BF16, no AMX) 203 ms, and the router sized
-    mixed steps and predicted TTFTs 2-5x too optimistically. With no profile of this CPU it
-    warns and keeps `profile`."""
+def profile_for_host(profile: str | Path, root: str | Path | None = None, kv_dtype: str = "auto") -> Path:
+    """`profile`, unless it was measured on another CPU or with another KV dtype than the
+    deployment's (`kv_dtype`; "auto": bf16) and this machine's own (host_profile(kv_dtype),
+    under `root`, $DISTSERVE_ROOT or the repository) fits: then that. Step times do not carry
+    over between CPUs: the shipped profile is an Intel Xeon's (AMX), where a 130-token prefill
+    chunk took 78 ms; on an AMD EPYC (AVX-512 BF16, no AMX) 203 ms, and the router sized mixed
+    steps and predicted TTFTs 2-5x too optimistically. Nor between KV dtypes: int8 KV's decode
+    steps at 1,000 positions are a fifth shorter. With no profile of this CPU it warns and keeps
+    `profile`; with this CPU's of another KV dtype only, it warns and takes that."""
     from planner.profile import ROOT, cpu_model
-    here, measured = cpu_model(), profiled_cpu(profile)
-    if measured is None or measured == here:
-        return Path(profile)
-    host = Path(root or os.environ.get("DISTSERVE_ROOT") or ROOT) / HOST_PROFILE
-    if profiled_cpu(host) == here:
-        log.info("latency profile: %s (this CPU, %s) instead of %s (%s)", host, here, profile, measured)
-        return host
+    here = cpu_model()
+    base = Path(root or os.environ.get("DISTSERVE_ROOT") or ROOT)
+    kv = "bfloat16" if kv_dtype == "auto" else kv_dtype
+    given, own, own_bf16 = Path(profile), base / host_profile(kv_dtype), base / HOST_PROFILE
+
+    def cpu_fits(p: Path, unrecorded_ok: bool = False) -> bool:
+        measured = profiled_cpu(p)
+        return measured == here or (unrecorded_ok and measured is None)
+
+    def kv_fits(p: Path) -> bool:
+        return profiled_kv_dtype(p) in (None, kv)
+
+    if cpu_fits(given, unrecorded_ok=True) and kv_fits(given):
+        return given
+    if cpu_fits(own) and kv_fits(own):
+        log.info("latency profile: %s (this CPU, %s KV) instead of %s", own, kv, profile)
+        return own
+    for other in (given, own, own_bf16):
+        if cpu_fits(other, unrecorded_ok=other is given):
+            log.warning("latency profile %s was measured with %s KV, the deployment's is %s: decode "
+                        "steps are priced as that KV's (./build.sh profile-host %s measures this one)",
+                        other, profiled_kv_dtype(other), kv, kv)
+            return other
     log.warning("latency profile %s was measured on %s, this host is %s: predicted step times may "
                 "be off by several times (./build.sh profile-host measures this one)",
-                profile, measured, here)
-    return Path(profile)
+                profile, profiled_cpu(given), here)
+    return given

@@ -152,6 +152,30 @@ def test_a_profile_of_another_cpu_gives_way_to_one_of_this_cpu(tmp_path, monkeyp
     assert profile_for_host(shipped, tmp_path) == host                     # this CPU's
 
 
+def test_an_int8_kv_deployment_takes_this_cpus_int8_profile(tmp_path, monkeypatch, caplog):
+    """A decode step's attention costs less over int8 KV, so a deployment with int8 KV prices its
+    steps with a profile measured with it (`./build.sh profile-host int8`) where this CPU has one;
+    else with this CPU's bf16 one, and a warning."""
+    import json
+    import planner.profile
+    from planner.router_latency import HOST_PROFILE, host_profile, profile_for_host
+    doc = json.loads(open("docs/profile_cpu.json").read())
+    doc["profile"]["machine"]["cpu_model"] = "This CPU"
+    monkeypatch.setattr(planner.profile, "cpu_model", lambda: "This CPU")
+    shipped = tmp_path / "shipped.json"
+    shipped.write_text(json.dumps(doc))
+    assert doc["profile"]["kv_dtype"] == "bfloat16" and host_profile("auto") == HOST_PROFILE
+    assert profile_for_host(shipped, tmp_path, kv_dtype="bfloat16") == shipped
+    with caplog.at_level("WARNING"):
+        assert profile_for_host(shipped, tmp_path, kv_dtype="int8") == shipped     # none with int8
+    assert "measured with bfloat16 KV, the deployment's is int8" in caplog.text
+    own = tmp_path / host_profile("int8")
+    own.parent.mkdir(parents=True)
+    own.write_text(json.dumps({**doc, "profile": {**doc["profile"], "kv_dtype": "int8"}}))
+    assert profile_for_host(shipped, tmp_path, kv_dtype="int8") == own
+    assert profile_for_host(shipped, tmp_path) == shipped                         # bf16: unchanged
+
+
 def test_where_prefill_shares_decode_cores_local_placements_come_first(tmp_path):
     """An idle prefill instance predicts the lowest TTFT (no decode marginal cost), so the
     router splits; with a decode instance on the prefill instance's cores (adaptive-shared)
