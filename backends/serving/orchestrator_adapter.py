@@ -44,6 +44,7 @@ from backends.core.messages import Accepted, Admitted, Failed, Prefilled, Tokens
 from backends.core.tpot_slack import sure_after_prefill
 from backends.orchestrator.pipeline import Chunk, Generation, Orchestrator, RequestFailed
 from backends.serving.adapter import bytes_tensor
+from backends.serving.bls_keep import Keeper
 from backends.serving.metrics import HealthMetrics, RequestMetrics
 from deploy.contract import DISTSERVE_SPEC, instance_id, instance_model
 from deploy.supervisor import reload_model
@@ -96,6 +97,7 @@ class OrchestratorModel:
         tokenizer = Tokenizer.load(str(deployment.resolved_model_path()))
         self.orch = Orchestrator(tokenizer, deployment.max_model_len, deployment.default_max_tokens)
         self.pool = ThreadPoolExecutor(max_workers=256, thread_name_prefix="bls-stream")
+        self.keep = Keeper()                     # finished BLS streams, freed with the GIL (bls_keep)
         self.control_dir = run_dir()
         if self.MODE not in ("disaggregated", "colocated"):
             raise ValueError(f"MODE must be disaggregated or colocated, got {self.MODE!r}")
@@ -350,6 +352,8 @@ class OrchestratorModel:
                 for w in (watch, kv_watch):
                     if w is not None:
                         w.close()
+                if done:
+                    self.keep.hold(responses)
                 # an unfinished stream is read to its end in the background (after the read in
                 # flight, if the instance went down mid-read); failed or cancelled before the
                 # instance accepted it, the request is cancelled once it does (a cancel that
@@ -376,6 +380,7 @@ class OrchestratorModel:
             if isinstance(msg, Accepted):
                 self._send_cancel(msg.instance_id, cancel_req_id)
                 cancel_req_id = None
+        self.keep.hold(responses)
 
     def _cancel(self, instance_id: str, req_id: str) -> None:
         """Cancel `req_id` on an instance, from the pool: the send may wait on a stopped
