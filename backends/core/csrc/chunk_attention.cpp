@@ -141,7 +141,9 @@ struct Context {
     }
   }
 
-  // int8: positions [c0, c0 + kChunk)'s K and V scales as floats (0 past the context)
+  // int8: positions [c0, c0 + kChunk)'s K and V scales as floats (0 past the context). A walk of
+  // its own: folded into rows_of's, the decode step (batch 16 at 1,000 positions, one AMD core)
+  // took 80.2 ms against 74.7
   void scales_of(int64_t c0, float* ks, float* vs) const {
     int64_t b = c0 / bs, o = c0 % bs;
     for (int64_t i = 0; i < kChunk; ++i) {

@@ -131,12 +131,6 @@ Tensor attention(const Ops& op, const Tensor& q, const Tensor& kc, const Tensor&
                                  seq_lens.narrow(0, d, s - d), *query_lens, scale)});
 }
 
-// int8 KV: every row on the chunk kernel in one call (decode rows are one new token each)
-Tensor attention_int8(const Tensor& q, const Tensor& kc, const Tensor& vc, const Tensor& ks, const Tensor& vs,
-                      const Tensor& block_tables, const Tensor& seq_lens, const Tensor& rows, double scale) {
-  return int8_op().call(q, kc, vc, ks, vs, block_tables, seq_lens, rows, scale);
-}
-
 std::tuple<Tensor, Tensor> decode_layers(
     const Tensor& x_in, at::TensorList weights, const Tensor& cos, const Tensor& signed_sin,
     at::TensorList k_caches, at::TensorList v_caches, const Tensor& block_tables,
@@ -212,7 +206,8 @@ std::tuple<Tensor, Tensor> decode_layers(
     if (quantized) {
       store_rows_int8(qk.narrow(1, heads, kv_heads), k_caches[l], k_scales[l], blocks, offsets);
       store_rows_int8(v, v_caches[l], v_scales[l], blocks, offsets);
-      attn = attention_int8(q, k_caches[l], v_caches[l], k_scales[l], v_scales[l], block_tables, seq_lens,
+      // every row on the chunk kernel in one call (decode rows are one new token each)
+      attn = int8_op().call(q, k_caches[l], v_caches[l], k_scales[l], v_scales[l], block_tables, seq_lens,
                             rows, scale);
     } else {
       store_rows(qk.narrow(1, heads, kv_heads), k_caches[l], blocks, offsets);
