@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
     from backends.core import native
     if not native.has("quant_linear"):
         raise SystemExit("the native quant_linear kernel is not built here "
-                         "(python -m backends.core.native --build; needs AVX-512 VNNI)")
+                         "(python -m backends.core.native --build; needs AVX-512 VNNI or AVX2)")
     engines = {"torch int4": build(False), "native": build(True)}
     load_before = os.getloadavg()
     samples: dict[str, dict[str, list[float]]] = {}

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module", autouse=True)
 def built():
     if not native.has("quant_linear"):
-        pytest.skip("the native quant_linear kernel is not built here (needs AVX-512 VNNI and "
+        pytest.skip("the native quant_linear kernel is not built here (needs AVX-512 VNNI or AVX2, and "
                     "python -m backends.core.native --build)")
 
 

@@ -33,7 +33,7 @@ from backends.core.sampling import SamplingParams
 from backends.core.scheduler import Batch, Scheduler
 from backends.core.sequence import FinishReason, Sequence, SequenceStatus
 from backends.core.spec_decode import SpecStats
-from backends.core.quant import INT4_GROUP_SIZES, native_int4_enabled
+from backends.core.quant import INT4_GROUP_SIZES, native_int4_enabled, widen_dense
 from backends.core.weight_format import WEIGHT_FORMATS, resolve_format
 from backends.core.weight_share import checkpoint_key, release_free_memory, share_weights, weights_key
 
@@ -149,7 +149,8 @@ class LLMEngine:
         fmt = resolve_format(engine_config.weights, engine_config.role, device, engine_config.dtype)
         key = weights_key(checkpoint_id, fmt, engine_config.dtype, str(engine_config.weight_group_size),
                           f"prepack={engine_config.prepack_weights}", torch.__version__,
-                          f"native_int4={native_int4_enabled(dtype_from_name(engine_config.dtype))}")
+                          f"native_int4={native_int4_enabled(dtype_from_name(engine_config.dtype))}",
+                          f"wide={widen_dense(dtype_from_name(engine_config.dtype), device)}")
         share_weights(model, engine_config.shared_weights_dir, key, device)
 
     @staticmethod

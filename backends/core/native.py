@@ -18,7 +18,8 @@ Ops (registered as torch.ops.distserve.*):
 - silu_and_mul, add_rms_norm, rope: a layer's element-wise steps, fused (csrc/fused.cpp;
   backends/core/model.py calls them).
 - quant_linear(x, codes, scales_offsets): int4 weights x few rows (csrc/quant_linear.cpp; used by
-  backends/core/quant.Int4Linear). Built only on CPUs with AVX-512 VNNI (`has("quant_linear")`).
+  backends/core/quant.Int4Linear). Built on CPUs with AVX-512 VNNI, or AVX2 with FMA and F16C
+  (the same integer dot products on 256-bit vectors; `has("quant_linear")`).
 - paged_chunk_attention(..., query_lens, scale): long chunks of new tokens (prefill, a prompt's
   tail after its cached prefix), bf16, AVX-512 BF16 dot products with an online softmax
   (csrc/chunk_attention.cpp). Built only on CPUs with AVX-512 BF16. Where it is built and the
@@ -59,7 +60,7 @@ CFLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-ffast-math")
 OPS = ("paged_decode_attention", "paged_prefix_attention", "silu_and_mul", "add_rms_norm", "rope",
        "decode_layers")
 OPTIONAL_OPS = ("quant_linear", "paged_chunk_attention", "paged_attention_int8")   # built only where the CPU has their
-# instructions (AVX-512 VNNI; AVX-512 BF16)
+# instructions (AVX-512 VNNI or AVX2; AVX-512 BF16)
 STALE_LOCK_S = 600
 log = logging.getLogger(__name__)
 

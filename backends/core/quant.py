@@ -13,7 +13,7 @@ Formats (chosen by measurement on one core of this project's CPU, docs/profile_s
   kernel takes bf16 scale/zero, so GGUF's fp16 d (and Q4_1's m + 8d) round to bf16's 8-bit
   mantissa, the same precision the dense bf16 weights have.
 
-Where the native library has `quant_linear` (csrc/quant_linear.cpp, AVX-512 VNNI hosts), layers
+Where the native library has `quant_linear` (csrc/quant_linear.cpp, AVX-512 VNNI or AVX2 hosts), layers
 with bf16 activations whose codes fit (4-bit, or 8-bit Q8_0 as one plane; outputs a multiple of
 16) run on it instead, in its own layout (`pack_int4_native`; torch's packing is then not built).
 It unpacks each weight once for every row of the step (1-4 rows: int16 dot products; 5-16:
@@ -108,7 +108,7 @@ NATIVE_TILE = 16       # outputs per tile there
 
 def native_int4_enabled(dtype: torch.dtype) -> bool:
     """Whether int4 layers with `dtype` activations run on our kernel (csrc/quant_linear.cpp): bf16
-    activations, the native library loaded with the op (AVX-512 VNNI hosts). float32 engines keep
+    activations, the native library loaded with the op (AVX-512 VNNI or AVX2 hosts). float32 engines keep
     torch's kernel, which is exact on float32 activations."""
     if dtype != torch.bfloat16:
         return False
@@ -191,8 +191,22 @@ PREPACK_BATCH_HINT = 128      # oneDNN picks its blocking for this many rows; an
 
 
 def can_prepack(dtype: torch.dtype, device: torch.device) -> bool:
-    return (device.type == "cpu" and dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
-            and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return device.type == "cpu" and dtype == torch.bfloat16 and bf16_gemm_native()
+
+
+def bf16_gemm_native() -> bool:
+    """Whether torch's CPU bf16 GEMM is oneDNN's native one on this host (AVX-512 BF16, AMX, or
+    AVX-NE-CONVERT). Elsewhere (an AVX2 host) it is a slow fallback: one core of an AMD EPYC
+    without AVX-512, a 157 x 576 x 1536 GEMM, 36.4 ms in bf16 against 3.8 ms in float32 with the
+    conversions of x and y included (1 row 0.24 against 0.09 ms)."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def widen_dense(dtype: torch.dtype, device: torch.device) -> bool:
+    """Dense bf16 weights run as float32 GEMMs on this host (`WideLinear`): a bf16 CPU engine
+    where the bf16 GEMM is not native. The float32 weights are the bf16 ones exactly and the
+    GEMM accumulates in float32 either way, so results differ only in summation order."""
+    return device.type == "cpu" and dtype == torch.bfloat16 and not bf16_gemm_native()
 
 
 def prepack_dense(weight: torch.Tensor) -> torch.Tensor:
@@ -215,6 +229,20 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return packed_linear(x, self.packed, self.bias)
+
+
+class WideLinear(nn.Module):
+    """nn.Linear on bf16 activations with its weight held in float32 (see `widen_dense`): x is
+    widened, the float32 GEMM runs, y is rounded back to x's dtype."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.out_features, self.in_features = linear.out_features, linear.in_features
+        self.register_buffer("weight", linear.weight.detach().float())
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.float(), self.weight, self.bias).to(x.dtype)
 
 
 class Int4Linear(nn.Module):
@@ -248,6 +276,11 @@ class Int4Linear(nn.Module):
         if self.dense is not None:
             self.dense_packed, self.dense = prepack_dense(self.dense), None
 
+    def widen(self) -> None:
+        """Hold the dense fallback in float32 (`widen_dense`: bf16 GEMMs are slow on this host)."""
+        if self.dense is not None:
+            self.dense = self.dense.float()
+
     def _planes(self):
         return [(getattr(self, f"packed{i}"), getattr(self, f"scales_zeros{i}"))
                 for i in range(self.num_planes)]
@@ -259,6 +292,9 @@ class Int4Linear(nn.Module):
         if x.shape[0] > most_packed and self.dense_packed is not None:
             return packed_linear(x, self.dense_packed, self.bias)
         if x.shape[0] > most and self.dense is not None:
+            if self.dense.dtype != x.dtype:                 # widened (see `widen`)
+                y = F.linear(x.to(self.dense.dtype), self.dense).to(x.dtype)
+                return y if self.bias is None else y.add_(self.bias)
             return F.linear(x, self.dense, self.bias)
         if self.native:
             y = torch.ops.distserve.quant_linear(x.contiguous(), self.native_codes, self.native_so)
@@ -274,7 +310,7 @@ class Int4Linear(nn.Module):
         """Dequantized rows (output channels) `ids`: [len(ids), K] (an embedding lookup). Reads
         torch's packed layout, which depends on the CPU (check `rows_supported()` first)."""
         if self.dense is not None:
-            return self.dense[ids]
+            return self.dense[ids].to(self.native_dtype)
         if self.native:
             return unpack_int4_native(self.native_codes, self.native_so, ids).to(self.native_dtype)
         out = None

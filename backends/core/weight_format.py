@@ -10,14 +10,16 @@
   the dense AMX GEMM is 8x faster than the int4 kernel at 512 rows) keeps dense weights; a
   decode or colocated engine runs GGUF Q4_x / Q8_0 layers on the int4 kernel and keeps the
   dense weight beside them for steps of more than INT4_MAX_ROWS_PACKED (4) rows, 12 when not
-  prepacked; on our native kernel (quant.py: AVX-512 VNNI hosts, bf16) for up to
+  prepacked; on our native kernel (quant.py: AVX-512 VNNI or AVX2 hosts, bf16) for up to
   NATIVE_INT4_MAX_ROWS (64) rows, the Q8_0 head as one 8-bit plane. HF checkpoints, float32
   engines and GPU engines stay dense (the int4/int8 kernels are CPU ones, fast on bf16
   activations only).
 
 The int4 kernel holds GGUF codes exactly with float32 activations; with bf16 its scales round
 to bf16, the precision the dense bf16 weights have, so `auto` loses nothing a dense bf16 engine
-keeps. Dense weights are prepacked for oneDNN unless `prepack` is off (private to the process).
+keeps. Dense weights are prepacked for oneDNN unless `prepack` is off (private to the process); on a
+host whose bf16 GEMM is not native (AVX2: 10x slower than float32) a bf16 engine holds them in
+float32 instead and widens the activations around each GEMM (quant.widen_dense).
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ import torch
 from torch import nn
 
 from backends.core.quant import (GroupQuant, Int4Linear, Int8Linear, PackedLinear, RowsEmbedding,
-                                 can_prepack, quantize_int4, rows_supported)
+                                 WideLinear, can_prepack, quantize_int4, rows_supported, widen_dense)
 
 WEIGHT_FORMATS = ("bf16", "int8", "int4", "auto")
 
@@ -54,6 +56,8 @@ def apply_weight_format(model: nn.Module, state_dict: dict, fmt: str, group_size
     param = next(model.parameters())
     if prepack and can_prepack(param.dtype, param.device):
         _prepack(model)
+    elif widen_dense(param.dtype, param.device):
+        _widen(model)
 
 
 def _prepack(model: nn.Module) -> None:
@@ -62,6 +66,14 @@ def _prepack(model: nn.Module) -> None:
             _set_module(model, name, PackedLinear(module))
         elif isinstance(module, Int4Linear):
             module.prepack()
+
+
+def _widen(model: nn.Module) -> None:
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear):
+            _set_module(model, name, WideLinear(module))
+        elif isinstance(module, Int4Linear):
+            module.widen()
 
 
 def _quantize(model: nn.Module, state_dict: dict, fmt: str, group_size: int) -> None:

@@ -25,6 +25,12 @@
 #include <ATen/Parallel.h>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__) && defined(__F16C__)
+#define DISTSERVE_QL_AVX512 1
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define DISTSERVE_QL_AVX2 1     // the same kernel on 256-bit vectors: vpmaddwd + vpaddd for vpdpwssd
+#endif
+
+#if defined(DISTSERVE_QL_AVX512) || defined(DISTSERVE_QL_AVX2)
 #include <immintrin.h>
 
 #include <algorithm>
@@ -33,7 +39,7 @@
 #include <cstring>
 #include <vector>
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+#if defined(DISTSERVE_QL_AVX512) && defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
 #define DISTSERVE_AMX 1
 #include "amx.h"
 #endif
@@ -80,6 +86,7 @@ QuantRows quantize_rows(const at::Tensor& x) {
   return r;
 }
 
+#ifdef DISTSERVE_QL_AVX512
 __attribute__((always_inline)) inline __m512i pair(const int16_t* p) {   // inputs p[0], p[1] in every lane
   int32_t v;
   std::memcpy(&v, p, sizeof v);
@@ -103,6 +110,37 @@ __attribute__((always_inline)) inline void unpack(const uint8_t* c, __m512i* w) 
   }
 }
 
+#else  // DISTSERVE_QL_AVX2: one tile as two halves of 8 outputs, a vpmaddwd + vpaddd per vpdpwssd
+
+__attribute__((always_inline)) inline __m256i pair(const int16_t* p) {   // inputs p[0], p[1] in every lane
+  int32_t v;
+  std::memcpy(&v, p, sizeof v);
+  return _mm256_set1_epi32(v);
+}
+
+// As the AVX-512 unpack, each 32-element vector split in two: w[2 p + h] holds input pair p of
+// outputs 8 h .. 8 h + 7 (the first and second 16 bytes of each 32-byte chunk).
+template <int BITS>
+__attribute__((always_inline)) inline void unpack(const uint8_t* c, __m256i* w) {
+  const __m256i low = _mm256_set1_epi16(0x0F);
+  for (int u = 0; u < 8; ++u) {
+    for (int h = 0; h < 2; ++h) {
+      const __m128i* lo = reinterpret_cast<const __m128i*>(c + 32 * u + 16 * h);
+      if constexpr (BITS == 4) {
+        const __m256i bytes = _mm256_cvtepu8_epi16(_mm_loadu_si128(lo));
+        w[2 * u + h] = _mm256_and_si256(bytes, low);
+        w[2 * (8 + u) + h] = _mm256_srli_epi16(bytes, 4);
+      } else {
+        const __m128i* hi = reinterpret_cast<const __m128i*>(c + 32 * (8 + u) + 16 * h);
+        w[2 * u + h] = _mm256_cvtepu8_epi16(_mm_loadu_si128(lo));
+        w[2 * (8 + u) + h] = _mm256_cvtepu8_epi16(_mm_loadu_si128(hi));
+      }
+    }
+  }
+}
+
+#endif
+
 // The codes and scales of the tile x block kPrefetch ahead, asked for before they are needed: a
 // weight that does not fit in cache (the tied 8-bit head, 28 MB for SmolLM2) streams from memory
 // while several rows' dot products run, where with the hardware prefetcher alone the two took
@@ -117,6 +155,7 @@ __attribute__((always_inline)) inline void prefetch(const uint8_t* c, const uint
   _mm_prefetch(reinterpret_cast<const char*>(sb), _MM_HINT_T0);
 }
 
+#ifdef DISTSERVE_QL_AVX512
 // rows [m0, m0 + R) of y, output tiles [t0, t1)
 template <int BITS, int R, typename T>
 void tile(const QuantRows& xq, int64_t k, int64_t m0, int64_t t0, int64_t t1, const uint8_t* codes,
@@ -155,6 +194,57 @@ void tile(const QuantRows& xq, int64_t k, int64_t m0, int64_t t0, int64_t t1, co
     }
   }
 }
+
+#else
+// rows [m0, m0 + R) of y, output tiles [t0, t1); the integer dot products are the AVX-512
+// kernel's exactly, and so is each lane's float arithmetic
+template <int BITS, int R, typename T>
+void tile(const QuantRows& xq, int64_t k, int64_t m0, int64_t t0, int64_t t1, const uint8_t* codes,
+          const uint16_t* so, T* y, int64_t ys) {
+  const int64_t nb = k / kBlock;
+  for (int64_t t = t0; t < t1; ++t) {
+    __m256 acc[R][2];
+    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; ++b) {
+      const uint8_t* c = codes + (t * nb + b) * kTileBytes<BITS>;
+      const uint16_t* sb = so + (t * nb + b) * 2 * kTile;
+      prefetch<BITS>(c + kPrefetch * kTileBytes<BITS>, sb + kPrefetch * 2 * kTile);
+      __m256i w[32];
+      unpack<BITS>(c, w);
+      __m256 s[2], o[2];
+      for (int h = 0; h < 2; ++h) {
+        s[h] = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sb + 8 * h)));
+        o[h] = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sb + kTile + 8 * h)));
+      }
+      for (int r = 0; r < R; ++r) {
+        const int64_t row = m0 + r;
+        const int16_t* xr = xq.q.data() + row * k + b * kBlock;
+        __m256i lo[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()}, hi[2] = {lo[0], lo[1]};
+        for (int u = 0; u < 8; ++u) {
+          const __m256i xl = pair(xr + 2 * u), xh = pair(xr + 16 + 2 * u);
+          for (int h = 0; h < 2; ++h) {
+            lo[h] = _mm256_add_epi32(lo[h], _mm256_madd_epi16(w[2 * u + h], xl));
+            hi[h] = _mm256_add_epi32(hi[h], _mm256_madd_epi16(w[2 * (8 + u) + h], xh));
+          }
+        }
+        const __m256 d = _mm256_set1_ps(xq.d[row * nb + b]), sum = _mm256_set1_ps(xq.sum[row * nb + b]);
+        for (int h = 0; h < 2; ++h) {
+          const __m256 dot = _mm256_cvtepi32_ps(_mm256_add_epi32(lo[h], hi[h]));
+          acc[r][h] = _mm256_fmadd_ps(dot, _mm256_mul_ps(s[h], d), acc[r][h]);
+          acc[r][h] = _mm256_fmadd_ps(o[h], sum, acc[r][h]);
+        }
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      alignas(32) float out[kTile];
+      _mm256_store_ps(out, acc[r][0]);
+      _mm256_store_ps(out + 8, acc[r][1]);
+      T* yr = y + (m0 + r) * ys + t * kTile;
+      for (int64_t i = 0; i < kTile; ++i) store(yr + i, out[i]);
+    }
+  }
+}
+#endif
 
 template <int BITS, typename T>
 void rows_tile(int rows, const QuantRows& xq, int64_t k, int64_t m0, int64_t t0, int64_t t1,
@@ -440,4 +530,4 @@ TORCH_LIBRARY_IMPL(distserve, CPU, m) {
   m.impl("quant_linear", &quant_linear);
 }
 
-#endif  // AVX-512 VNNI: on other CPUs the op is not registered and int4 layers use torch's kernel
+#endif  // AVX-512 VNNI or AVX2 + FMA: on other CPUs the op is not registered and int4 layers use torch's kernel
