@@ -2,6 +2,7 @@
 
     python -m benchmarks.engine --model PATH [--weights bf16,int8,int4,auto]
         [--subjects ours,hf,vllm,llamacpp] [--install-peers] [--peers-dir DIR] [--core N] [--quick]
+        [--batches 1 8 32] [--prefill-lens 128 512 2048] [--rounds 3]
 
 Every subject runs in its own worker process (benchmarks.engine_worker) pinned to the same core
 with one thread; this process drives them over pipes, one measurement at a time, taking turns
@@ -25,7 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from benchmarks import engine_report
@@ -319,6 +320,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"), help="activation dtype")
     p.add_argument("--out", default="docs/bench_engine", help="output prefix (.json, .md, .png)")
     p.add_argument("--quick", action="store_true", help="small sizes, one round: a smoke run")
+    p.add_argument("--batches", type=int, nargs="+", default=None, help="decode batch sizes (1 among them)")
+    p.add_argument("--prefill-lens", type=int, nargs="+", default=None, help="prefill prompt lengths")
+    p.add_argument("--rounds", type=int, default=None, help="rounds of every measurement")
     p.add_argument("--core", type=int, default=None, help="the core every subject runs on (default: 1, "
                    "or the highest allowed)")
     p.add_argument("--peers-dir", default=None, help="peer venvs (default $DISTSERVE_PEERS_DIR or /work/peers)")
@@ -335,6 +339,9 @@ def main(argv: list[str] | None = None) -> None:
         from benchmarks.peers.install import install_all
         install_all([k for k in kinds if k in PEERS], root)
     s = QUICK if args.quick else Settings()
+    if args.batches or args.prefill_lens or args.rounds:
+        s = replace(s, batches=tuple(args.batches or s.batches), rounds=args.rounds or s.rounds,
+                    prefill_lens=tuple(args.prefill_lens or s.prefill_lens))
     vocab_size = _vocab_size(args.model)
     log_dir = Path(tempfile.mkdtemp(prefix="bench_engine_"))
     plans = plan_subjects(kinds, formats, args.model, s, args.dtype, core, root)

