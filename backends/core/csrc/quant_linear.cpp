@@ -1,5 +1,5 @@
 // y = x @ W^T for int4 (or 8-bit) weights and few rows of x (decode steps, verify rows), on CPU
-// cores with AVX-512 VNNI. torch's CPU int4 kernel dequantizes the weights again for every row of x (a
+// cores with AVX-512 VNNI, or AVX2 (each vpdpwssd as vpmaddwd + vpaddd, below). torch's CPU int4 kernel dequantizes the weights again for every row of x (a
 // step of 5 rows costs 2.5x a step of 1); here each unpacked weight serves every row.
 //
 // Weights (packed by backends/core/quant.py, `pack_int4_native`): W [N, K], N a multiple of 16
