@@ -227,7 +227,8 @@ def test_a_refusing_instance_whose_process_lives_is_stuck_not_dead():
     async def go():
         import os
         fleet, monitor = make("decode-0")
-        monitor.probe = lambda i: {"pid": os.getpid()}  # a process that surely exists
+        monitor.probe = lambda i: {"pid": os.getpid()}  # a process that surely exists ...
+        monitor.proc = lambda pid: ("T", 100)           # ... seen stopped
         sweep(fleet, monitor)
         monitor.probe = fleet.probe
         fleet.state["decode-0"] = "dead"                # refused
@@ -240,10 +241,74 @@ def test_a_refusing_instance_whose_process_lives_is_stuck_not_dead():
     asyncio.run(go())
 
 
-def test_process_alive():
+def test_a_silent_instance_that_uses_cpu_is_busy_until_busy_after_s_and_a_wedged_one_is_stuck():
+    """Silence alone is not a verdict: a process running and using CPU (a long step on an
+    overloaded core) gets busy_after_s; one stopped, or using no CPU (wedged), gets stuck_after_s."""
+    async def go():
+        fleet, monitor = make("prefill-0", "decode-0", "decode-1")
+        monitor.busy_after_s = 12.0
+        ticks = {"prefill-0": 0, "decode-0": 0, "decode-1": 0}
+        state = {"prefill-0": "R", "decode-0": "S", "decode-1": "T"}
+        pids = {"prefill-0": 11, "decode-0": 12, "decode-1": 13}
+        fleet.stats = {i: {"pid": pids[i]} for i in pids}
+        by_pid = {v: k for k, v in pids.items()}
+        monitor.proc = lambda pid: (state[by_pid[pid]], ticks[by_pid[pid]])
+        sweep(fleet, monitor)
+        watches = {i: monitor.watch_instance(i) for i in pids}
+        for i in pids:
+            fleet.state[i] = "stopped"                  # every probe times out from now on
+        for _ in range(11):                             # 11 s of silence
+            ticks["prefill-0"] += 100                   # busy: it keeps computing
+            sweep(fleet, monitor)
+        await settle()
+        assert not watches["prefill-0"].failed.done()
+        assert "using no CPU" in watches["decode-0"].failed.result()
+        assert "its process stopped" in watches["decode-1"].failed.result()
+        ticks["prefill-0"] += 100
+        sweep(fleet, monitor)                           # 12 s: busy or not, it is stuck now
+        await settle()
+        assert "using CPU" in watches["prefill-0"].failed.result()
+        fleet.state["prefill-0"] = "up"                 # it answers: up, and a new silence ...
+        sweep(fleet, monitor)
+        fleet.state["prefill-0"] = "stopped"
+        for _ in range(5):                              # ... that uses no CPU is stuck in 4 s
+            sweep(fleet, monitor)
+        await settle()
+        assert [e[1:] for e in monitor.events if e[1] == "prefill-0"] == [
+            ("prefill-0", STUCK), ("prefill-0", "up"), ("prefill-0", STUCK)]
+        for w in watches.values():
+            w.close()
+    asyncio.run(go())
+
+
+def test_process_state_of_a_real_busy_and_a_stopped_process():
     import os
-    from backends.orchestrator.health import process_alive
-    assert process_alive(os.getpid()) and not process_alive(None) and not process_alive(2 ** 22 + 17)
+    import signal
+    import subprocess
+    import sys
+    import time
+    from backends.orchestrator.health import process_state
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)
+        first = process_state(busy.pid)
+        time.sleep(0.5)
+        second = process_state(busy.pid)
+        assert first[0] == "R" and second[1] > first[1]
+        os.kill(busy.pid, signal.SIGSTOP)
+        for _ in range(100):
+            if process_state(busy.pid)[0] == "T":
+                break
+            time.sleep(0.01)
+        stopped = process_state(busy.pid)
+        assert stopped[0] == "T"
+        time.sleep(0.3)
+        assert process_state(busy.pid)[1] == stopped[1]           # no CPU while stopped
+    finally:
+        busy.kill()
+        busy.wait()
+    assert process_state(busy.pid) is None and process_state(None) is None
+    assert process_state(os.getpid())[0] == "R" and process_state(2 ** 22 + 17) is None
 
 
 def test_an_instance_unloaded_in_order_fails_its_requests_but_is_not_reloaded():

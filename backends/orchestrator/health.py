@@ -19,8 +19,11 @@ stats, a short timeout):
   If it is still gone `reload_after_s` later (Triton did not restart the stub itself),
   `reload(model)` is asked to bring it back (Triton's model-control API), on a thread of its
   own, again every `retry_reload_s` while it stays gone;
-- no answer for `stuck_after_s` (stopped, or wedged): DOWN; its requests fail; no reload (a
-  stopped process may resume: SIGCONT);
+- no answer for `stuck_after_s`, and its process is stopped (SIGSTOP), gone from view, or has
+  used no CPU time since the silence began (wedged): DOWN; its requests fail; no reload (a
+  stopped process may resume: SIGCONT). A silent process that keeps using CPU is busy, not
+  stuck (a long step on a shared, overloaded core can delay its answer by seconds): it is
+  given `busy_after_s` before the same verdict;
 - an answer saying it has held work without progress for `stall_after_s` (its `stalled_s`: no
   batch run and no output, or a response stuck in its sender; backends/serving/host.py): STUCK,
   its requests fail, and it stays down while the stall lasts (it has logged its threads'
@@ -56,17 +59,20 @@ from deploy.contract import instance_model
 log = logging.getLogger(__name__)
 
 DEAD, STUCK = "dead", "stuck"
+SLOW_PROBE_S = 0.5
 
 
-def process_alive(pid: Any) -> bool:
-    """Whether process `pid` (an int, or None: unknown) exists and is not a zombie."""
+def process_state(pid: Any) -> tuple[str, int] | None:
+    """(state letter, CPU clock ticks used) of process `pid` from /proc, or None if it is
+    unknown or gone. "T"/"t": stopped; "Z": a zombie."""
     if not isinstance(pid, int):
-        return False
+        return None
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
+            fields = f.read().rsplit(")", 1)[1].split()
+        return fields[0], int(fields[11]) + int(fields[12])      # utime + stime
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def phase_of(instance_id: str) -> str:
@@ -119,15 +125,19 @@ class InstanceMonitor:
     def __init__(self, instance_ids: list[str], probe: Callable[[str], Any],
                  reload: Callable[[str], None], interval_s: float = 1.0, stuck_after_s: float = 4.0,
                  stall_after_s: float = 90.0, reload_after_s: float = 3.0, retry_reload_s: float = 30.0,
-                 clock: Callable[[], float] = time.monotonic,
+                 busy_after_s: float = 30.0, clock: Callable[[], float] = time.monotonic,
                  model_of: Callable[[str], str] = instance_model,
-                 on_round: Callable[[dict[str, str]], None] | None = None) -> None:
-        """`on_round(status())` runs after each round of probes (e.g. health gauges)."""
+                 on_round: Callable[[dict[str, str]], None] | None = None,
+                 proc: Callable[[Any], tuple[str, int] | None] = process_state) -> None:
+        """`on_round(status())` runs after each round of probes (e.g. health gauges); `proc(pid)`
+        reads a process's state and CPU time (`process_state`)."""
         self.instance_ids = list(instance_ids)
         self.on_round = on_round
         self.probe, self.reload, self.model_of = probe, reload, model_of
         self.interval_s, self.stuck_after_s, self.clock = interval_s, stuck_after_s, clock
-        self.stall_after_s = stall_after_s
+        self.stall_after_s, self.busy_after_s, self.proc = stall_after_s, busy_after_s, proc
+        self._cpu_at_silence: dict[str, int] = {}      # CPU ticks when its silence began
+        self._busy_noted: set[str] = set()              # silent but busy: logged once
         self._lock = threading.Lock()
         self._watches: set[Watch] = set()
         self._down: dict[str, str] = {}               # instance -> DEAD / STUCK
@@ -235,12 +245,17 @@ class InstanceMonitor:
         now = self.clock()
         with self._lock:
             placed = tuple(self._sent.get(instance, (0, 0)))
+        started = time.monotonic()
         try:
             reply = self.probe(instance)
+            took = time.monotonic() - started
+            if took >= SLOW_PROBE_S:            # a clue for a later false STUCK: who was slow
+                log.warning("%s took %.2f s to answer its probe", instance, took)
             if isinstance(reply, dict) and reply.get("error"):
                 raise RuntimeError(reply["error"])
         except (ConnectionRefusedError, FileNotFoundError) as e:
-            if process_alive(self._pid.get(instance)):
+            state = self.proc(self._pid.get(instance))
+            if state is not None and state[0] not in "ZX":
                 e = TimeoutError("its process lives but does not accept (stopped?)")
                 self._silent(instance, now, e)
                 return
@@ -261,6 +276,8 @@ class InstanceMonitor:
             self._silent(instance, now, e)
             return
         self._last_answer[instance] = now
+        self._cpu_at_silence.pop(instance, None)
+        self._busy_noted.discard(instance)
         pid = reply.get("pid") if isinstance(reply, dict) else None
         if self._pid.get(instance, pid) != pid:
             self._went_down(instance, DEAD, f"restarted: process {self._pid[instance]} -> {pid}",
@@ -287,10 +304,29 @@ class InstanceMonitor:
 
     def _silent(self, instance: str, now: float, e: BaseException) -> None:
         """No answer: STUCK once silent for `stuck_after_s` since its last answer (or since the
-        first silence, if it never answered: its socket exists, so it bound it, then stopped)."""
+        first silence, if it never answered: its socket exists, so it bound it, then stopped),
+        unless its process is busy (running and using CPU since the silence began): then once
+        silent for `busy_after_s`."""
         since = self._last_answer.setdefault(instance, now)
-        if now - since >= self.stuck_after_s:
-            self._went_down(instance, STUCK, f"no answer for {now - since:.1f} s ({e})")
+        silent_for = now - since
+        proc = self.proc(self._pid.get(instance))
+        if proc is not None:
+            self._cpu_at_silence.setdefault(instance, proc[1])
+        if silent_for < self.stuck_after_s:
+            return
+        busy = (proc is not None and proc[0] not in "TtZX"
+                and proc[1] > self._cpu_at_silence.get(instance, proc[1]))
+        if busy and silent_for < self.busy_after_s:
+            if instance not in self._busy_noted:
+                self._busy_noted.add(instance)
+                log.warning("%s has not answered for %.1f s, but its process is running: busy, "
+                            "not stuck (stuck after %.0f s)", instance, silent_for, self.busy_after_s)
+            return
+        why = f"no answer for {silent_for:.1f} s"
+        if proc is not None:
+            why += ", its process stopped" if proc[0] in "Tt" else (
+                ", its process using CPU" if busy else ", its process using no CPU")
+        self._went_down(instance, STUCK, f"{why} ({e})")
 
     def _went_down(self, instance: str, state: str, why: str, whole_phase: bool = False) -> None:
         """Fail the requests on `instance` (and those not yet placed, when no instance of its
