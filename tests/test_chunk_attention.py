@@ -1,6 +1,6 @@
-"""Our chunk attention kernel (backends/core/csrc/chunk_attention.cpp: long runs of new tokens,
-bf16, AVX-512 BF16): against a float64 reference for prompts with and without a cached prefix,
-lengths on both sides of its 64-position chunks, the shapes we serve, the pool's strided blocks;
+"""Our chunk attention kernel (long runs of new tokens, bf16: backends/core/csrc/chunk_attention.cpp
+on AVX-512 BF16 hosts, chunk_attention_avx2.cpp on AVX2 ones, whichever this host builds): against
+a float64 reference for prompts with and without a cached prefix, lengths on both sides of its 64-position chunks, the shapes we serve, the pool's strided blocks;
 its input checks; the backend's choice of it for long prefill rows; and the default model's
 prefill logits through it against torch's SDPA."""
 from __future__ import annotations
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module", autouse=True)
 def built():
     if not native.has("paged_chunk_attention"):
-        pytest.skip("the chunk attention kernel is not built here (needs AVX-512 BF16 and "
+        pytest.skip("the chunk attention kernel is not built here (needs AVX-512 BF16 or AVX2 and "
                     "python -m backends.core.native --build)")
 
 

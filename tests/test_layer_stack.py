@@ -34,10 +34,11 @@ def engine(smollm_codes, request):
     if request.param == "int8" and not native.has("paged_attention_int8"):
         pytest.skip("int8 KV's attention kernel is not built here (AVX-512 BF16)")
     config, sd = smollm_codes
-    # no prefix cache: the greedy test runs the same prompts twice, and a prompt's tail after a
-    # cached prefix may round differently from a fresh prefill where the chunk kernel is not built
+    # the greedy test runs the same prompts twice: where the chunk kernel is not built, a prompt's
+    # tail after its cached prefix runs SDPA over the gathered context and may round differently
+    # from its fresh prefill, so there the prefix cache is off
     return LLMEngine(config, sd, EngineConfig(weights="auto", role="decode", kv_dtype=request.param,
-                                              prefix_caching=False,
+                                              prefix_caching=native.has("paged_chunk_attention"),
                                               limits=EngineLimits(num_kv_blocks=256, chunked_prefill=True)))
 
 

@@ -22,9 +22,11 @@ Ops (registered as torch.ops.distserve.*):
   (the same integer dot products on 256-bit vectors; `has("quant_linear")`).
 - paged_chunk_attention(..., query_lens, scale): long chunks of new tokens (prefill, a prompt's
   tail after its cached prefix), bf16, AVX-512 BF16 dot products with an online softmax
-  (csrc/chunk_attention.cpp). Built only on CPUs with AVX-512 BF16. Where it is built and the
-  AMX tiles are not used, the two ops above run bf16 on it too (few rows a sequence: chunk by
-  chunk, K/V packed into L1); DISTSERVE_CHUNK_ATTENTION=0 keeps them on their own kernels.
+  (csrc/chunk_attention.cpp). Where it is built and the AMX tiles are not used, the two ops
+  above run bf16 on it too (few rows a sequence: chunk by chunk, K/V packed into L1);
+  DISTSERVE_CHUNK_ATTENTION=0 keeps them on their own kernels. On CPUs with AVX2 and FMA but
+  not AVX-512 BF16, csrc/chunk_attention_avx2.cpp is this op (float32 FMAs over K/V widened
+  once per sequence and KV head; long rows only: the two ops above keep their own kernels).
 - paged_attention_int8(q, k, v, k_scale, v_scale, ..., query_lens, scale): the same kernel over
   int8 KV (any rows: decode, verify, prefill), its values unpacked to bf16 integers and its
   scales applied to the scores and the probabilities. Built with paged_chunk_attention.
@@ -51,7 +53,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 SOURCES = tuple(Path(__file__).with_name("csrc") / name
                 for name in ("paged_decode.cpp", "fused.cpp", "quant_linear.cpp", "layer_stack.cpp",
-                             "chunk_attention.cpp"))
+                             "chunk_attention.cpp", "chunk_attention_avx2.cpp"))
 HEADERS = tuple(Path(__file__).with_name("csrc") / name for name in ("common.h", "amx.h", "paged.h"))
 NAME = "distserve_native"
 # -ffast-math lets exp vectorize (glibc's libmvec). It assumes no inf/NaN: the kernels' inputs
@@ -60,7 +62,7 @@ CFLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-ffast-math")
 OPS = ("paged_decode_attention", "paged_prefix_attention", "silu_and_mul", "add_rms_norm", "rope",
        "decode_layers")
 OPTIONAL_OPS = ("quant_linear", "paged_chunk_attention", "paged_attention_int8")   # built only where the CPU has their
-# instructions (AVX-512 VNNI or AVX2; AVX-512 BF16)
+# instructions (AVX-512 VNNI or AVX2; AVX-512 BF16 or AVX2; AVX-512 BF16)
 STALE_LOCK_S = 600
 log = logging.getLogger(__name__)
 

@@ -125,8 +125,9 @@ class TorchAttentionBackend(AttentionBackend):
 
     @property
     def native_chunks(self) -> bool:
-        """Long prefill rows by our chunk kernel (csrc/chunk_attention.cpp: bf16, AVX-512 BF16
-        hosts), where it is built and the native kernels are on."""
+        """Long prefill rows by our chunk kernel (bf16: csrc/chunk_attention.cpp on AVX-512 BF16
+        hosts, chunk_attention_avx2.cpp on AVX2 ones), where it is built and the native kernels
+        are on."""
         if self._native_chunks is None:
             from backends.core import native
             self._native_chunks = self.native and native.has("paged_chunk_attention")

@@ -443,10 +443,8 @@ void run(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cac
 at::Tensor paged_chunk_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                  const at::Tensor& block_tables, const at::Tensor& context_lens,
                                  const at::Tensor& query_lens, double scale) {
-  distserve::check_paged(q, k_cache, v_cache, block_tables, context_lens);
-  TORCH_CHECK(q.scalar_type() == at::kBFloat16, "paged_chunk_attention: bfloat16 only, got ", q.scalar_type());
-  TORCH_CHECK(q.size(2) == 64 || q.size(2) == 128, "paged_chunk_attention: head size 64 or 128, got ", q.size(2));
-  const std::vector<int64_t> starts = distserve::query_starts(q, block_tables, context_lens, query_lens, std::numeric_limits<int32_t>::max());
+  const std::vector<int64_t> starts =
+      distserve::check_chunk_op(q, k_cache, v_cache, block_tables, context_lens, query_lens);
   at::Tensor out = at::empty_like(q);
   distserve::chunk_attention(q, k_cache, v_cache, block_tables, context_lens, starts, scale, out);
   return out;

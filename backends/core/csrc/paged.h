@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <cstdlib>
+#include <limits>
 #include <vector>
 
 #if defined(__AVX512F__)
@@ -14,6 +15,8 @@
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512BF16__)
 #define DISTSERVE_CHUNK_ATTENTION 1     // chunk_attention.cpp is built (else its op is not registered)
+#elif defined(__AVX2__) && defined(__FMA__)
+#define DISTSERVE_CHUNK_ATTENTION_AVX2 1   // chunk_attention_avx2.cpp registers paged_chunk_attention
 #endif
 
 namespace distserve {
@@ -146,6 +149,17 @@ inline std::vector<int64_t> query_starts(const at::Tensor& q, const at::Tensor& 
   }
   TORCH_CHECK(starts.back() == q.size(0), "q has ", q.size(0), " rows, query_lens sum to ", starts.back());
   return starts;
+}
+
+// paged_chunk_attention's inputs (either kernel: chunk_attention.cpp, chunk_attention_avx2.cpp):
+// bf16, head size 64 or 128; each sequence's first row in q, as query_starts gives them.
+inline std::vector<int64_t> check_chunk_op(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                           const at::Tensor& block_tables, const at::Tensor& context_lens,
+                                           const at::Tensor& query_lens) {
+  check_paged(q, k_cache, v_cache, block_tables, context_lens);
+  TORCH_CHECK(q.scalar_type() == at::kBFloat16, "paged_chunk_attention: bfloat16 only, got ", q.scalar_type());
+  TORCH_CHECK(q.size(2) == 64 || q.size(2) == 128, "paged_chunk_attention: head size 64 or 128, got ", q.size(2));
+  return query_starts(q, block_tables, context_lens, query_lens, std::numeric_limits<int32_t>::max());
 }
 
 }  // namespace distserve
