@@ -1,4 +1,5 @@
-"""int8 KV on our chunk kernel (backends/core/csrc/chunk_attention.cpp, `paged_attention_int8`):
+"""int8 KV on our chunk kernel (`paged_attention_int8`: backends/core/csrc/chunk_attention.cpp on
+AVX-512 BF16 hosts, chunk_attention_avx2.cpp on AVX2 ones, whichever this host builds):
 decode, verify and prefill rows against a float64 reference over the dequantized cache (the
 kernel's only roundings are its bf16 output and P's two bf16 parts, as for bf16 KV); the pool's
 real int8 layout (values and scales in one strided plane per block); its input checks; the
@@ -21,7 +22,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module", autouse=True)
 def built():
     if not native.has("paged_attention_int8"):
-        pytest.skip("the chunk attention kernel is not built here (needs AVX-512 BF16 and "
+        pytest.skip("the chunk attention kernel is not built here (needs AVX-512 BF16 or AVX2 and "
                     "python -m backends.core.native --build)")
 
 

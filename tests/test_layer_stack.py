@@ -32,7 +32,7 @@ def engine(smollm_codes, request):
     """A decode instance's model: int4 on our kernel (a dense copy beside it past 64 rows); bf16
     KV, and int8 KV (quantized by the stack as the Python loop's store_kv does it)."""
     if request.param == "int8" and not native.has("paged_attention_int8"):
-        pytest.skip("int8 KV's attention kernel is not built here (AVX-512 BF16)")
+        pytest.skip("int8 KV's attention kernel is not built here (AVX-512 BF16 or AVX2)")
     config, sd = smollm_codes
     # the greedy test runs the same prompts twice: where the chunk kernel is not built, a prompt's
     # tail after its cached prefix runs SDPA over the gathered context and may round differently

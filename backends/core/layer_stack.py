@@ -6,8 +6,8 @@ piece runs on our native kernels anyway (int4 weights on `quant_linear`, bf16 KV
 paged kernels), the same ops run from C++ in the same order, so the results are bit-identical
 to `DecoderLayer.forward`, which still serves everything else: prefills and chunks, steps of
 more than 64 rows, mixed steps, float32, other devices. int8 KV runs here where its attention
-op is built (csrc/chunk_attention.cpp, AVX-512 BF16): the rows' K/V quantized as
-kv_cache.quantize_kv does it, bit for bit.
+op is built (csrc/chunk_attention.cpp with AVX-512 BF16, chunk_attention_avx2.cpp with AVX2):
+the rows' K/V quantized as kv_cache.quantize_kv does it, bit for bit.
 
 DISTSERVE_LAYER_STACK=0 turns it off (for comparisons).
 """

@@ -29,7 +29,8 @@ Ops (registered as torch.ops.distserve.*):
   once per sequence and KV head; long rows only: the two ops above keep their own kernels).
 - paged_attention_int8(q, k, v, k_scale, v_scale, ..., query_lens, scale): the same kernel over
   int8 KV (any rows: decode, verify, prefill), its values unpacked to bf16 integers and its
-  scales applied to the scores and the probabilities. Built with paged_chunk_attention.
+  scales applied to the scores and the probabilities (AVX2: K/V dequantized to float32 as they
+  are widened). Built with paged_chunk_attention.
 - decode_layers(x, weights, ...): a decode step's whole layer stack, calling the ops above from
   C++ (csrc/layer_stack.cpp; backends/core/layer_stack.py); it needs quant_linear at run time,
   and paged_attention_int8 for int8 KV.
@@ -62,7 +63,7 @@ CFLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-ffast-math")
 OPS = ("paged_decode_attention", "paged_prefix_attention", "silu_and_mul", "add_rms_norm", "rope",
        "decode_layers")
 OPTIONAL_OPS = ("quant_linear", "paged_chunk_attention", "paged_attention_int8")   # built only where the CPU has their
-# instructions (AVX-512 VNNI or AVX2; AVX-512 BF16 or AVX2; AVX-512 BF16)
+# instructions (AVX-512 VNNI or AVX2; AVX-512 BF16 or AVX2 for the other two)
 STALE_LOCK_S = 600
 log = logging.getLogger(__name__)
 

@@ -8,12 +8,13 @@ straight from its blocks, to its own length). Otherwise, and for int8 KV, decode
 per KV head, one bmm of its G query heads against that head's dense gathered context; batch 1
 with a short context takes one SDPA call instead, and a batch of very different context
 lengths is split into length groups. int8 KV is quantized on store. On CPU hosts with the chunk
-kernel (bf16 queries, AVX-512 BF16) every row reads it there, straight from the cache
-(csrc/chunk_attention.cpp's `paged_attention_int8`: K scales on the scores, V scales on the
-probabilities). Elsewhere (int8.py) it is dequantized on read: into dense K/V for SDPA, and
-folded into the scores and the probabilities in a decode that takes all KV heads in one
-batched matmul (the int8 -> bf16 conversion is a copy anyway, so the head-major layout it
-writes costs nothing extra).
+kernel (bf16 queries; AVX-512 BF16 or AVX2) every row reads it there, straight from the cache
+(`paged_attention_int8`: csrc/chunk_attention.cpp applies K scales to the scores and V scales to
+the probabilities, csrc/chunk_attention_avx2.cpp dequantizes K/V as it widens them).
+Elsewhere (int8.py) it is dequantized on read: into dense K/V for SDPA, and folded into the
+scores and the probabilities in a decode that takes all KV heads in one batched matmul (the
+int8 -> bf16 conversion is a copy anyway, so the head-major layout it writes costs nothing
+extra).
 """
 from __future__ import annotations
 
@@ -230,8 +231,8 @@ class TorchAttentionBackend(AttentionBackend):
 
     @property
     def native_int8(self) -> bool:
-        """int8 KV read by our chunk kernel (csrc/chunk_attention.cpp's `paged_attention_int8`:
-        bf16 queries, AVX-512 BF16 hosts), where it is built and the native kernels are on."""
+        """int8 KV read by our chunk kernel (`paged_attention_int8`: bf16 queries, AVX-512 BF16
+        or AVX2 hosts), where it is built and the native kernels are on."""
         if self._native_int8_op is None:
             from backends.core import native
             self._native_int8_op = self.native and native.has("paged_attention_int8")

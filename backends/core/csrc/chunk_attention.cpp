@@ -466,10 +466,8 @@ at::Tensor distserve::paged_attention_int8(const at::Tensor& q, const at::Tensor
                                            const at::Tensor& k_scale, const at::Tensor& v_scale,
                                            const at::Tensor& block_tables, const at::Tensor& context_lens,
                                            const at::Tensor& query_lens, double scale) {
-  distserve::check_paged(q, k_cache, v_cache, block_tables, context_lens, &k_scale, &v_scale);
-  TORCH_CHECK(q.scalar_type() == at::kBFloat16, "paged_attention_int8: bfloat16 queries only, got ", q.scalar_type());
-  TORCH_CHECK(q.size(2) == 64 || q.size(2) == 128, "paged_attention_int8: head size 64 or 128, got ", q.size(2));
-  const std::vector<int64_t> starts = distserve::query_starts(q, block_tables, context_lens, query_lens, std::numeric_limits<int32_t>::max());
+  const std::vector<int64_t> starts = distserve::check_int8_op(q, k_cache, v_cache, k_scale, v_scale, block_tables,
+                                                               context_lens, query_lens);
   at::Tensor out = at::empty_like(q);
   if (q.size(2) == 64) run<64, int8_t>(q, k_cache, v_cache, &k_scale, &v_scale, block_tables, context_lens, starts, scale, out);
   else run<128, int8_t>(q, k_cache, v_cache, &k_scale, &v_scale, block_tables, context_lens, starts, scale, out);
@@ -477,10 +475,8 @@ at::Tensor distserve::paged_attention_int8(const at::Tensor& q, const at::Tensor
 }
 
 TORCH_LIBRARY_FRAGMENT(distserve, m) {
-  m.def("paged_chunk_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
-        "Tensor context_lens, Tensor query_lens, float scale) -> Tensor");
-  m.def("paged_attention_int8(Tensor q, Tensor k_cache, Tensor v_cache, Tensor k_scale, Tensor v_scale, "
-        "Tensor block_tables, Tensor context_lens, Tensor query_lens, float scale) -> Tensor");
+  m.def(distserve::kChunkAttentionSchema);
+  m.def(distserve::kAttentionInt8Schema);
 }
 
 TORCH_LIBRARY_IMPL(distserve, CPU, m) {

@@ -30,6 +30,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "common.h"
@@ -74,33 +75,105 @@ inline float hsum(__m256 v) {
 }
 
 // One (sequence, KV head)'s context widened to float32: K as [padded / 8][HD][8], V as
-// [padded][HD]; positions past the context are zeros.
+// [padded][HD]; positions past the context are zeros. E: the cache's element, uint16_t (bf16) or
+// int8_t (int8 KV, kv_cache.quantize_kv: a bf16 scale per position and head, ks/vs). An int8 value
+// times its bf16 scale has at most 16 significant bits, so the dequantized K/V are exact in
+// float32; the scores then differ from chunk_attention.cpp's (scale applied to the sum) in
+// rounding only.
+// 8 x 8 floats: r[i] (row i) -> r[i] = column i
+inline void transpose8(__m256 r[8]) {
+  __m256 t[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    r[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+    r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+    r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+  }
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm256_permute2f128_ps(r[i], r[4 + i], 0x20);
+    t[4 + i] = _mm256_permute2f128_ps(r[i], r[4 + i], 0x31);
+  }
+  for (int i = 0; i < 8; ++i) r[i] = t[i];
+}
+
+inline __m256 widen8(const uint16_t* p) {           // 8 bf16 -> 8 floats (exact)
+  const __m128i x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(x), 16));
+}
+
+inline __m256 widen8(const int8_t* p) {             // 8 int8 -> 8 floats (integers)
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+
+inline float bf16_float(uint16_t x) {
+  const uint32_t bits = static_cast<uint32_t>(x) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+// One (sequence, KV head)'s context widened to float32: K as [padded / 8][HD][8], V as
+// [padded][HD]; positions past the context are zeros. E: the cache's element, uint16_t (bf16) or
+// int8_t (int8 KV, kv_cache.quantize_kv: a bf16 scale per position and head, ks/vs). An int8 value
+// times its bf16 scale has at most 16 significant bits, so the dequantized K/V are exact in
+// float32; the scores then differ from chunk_attention.cpp's (scale applied to the sum) in
+// rounding only. Vector code, 8 positions at a time (K through 8 x 8 transposes): a decode step
+// packs its whole context for a few rows, and scalar packing cost several times the attention.
 template <int HD>
 struct Packed {
-  std::vector<float> k, v;
+  float *k = nullptr, *v = nullptr;     // 64-byte aligned in kbuf, vbuf: a 32-byte load on a 16-byte
+  std::vector<float> kbuf, vbuf;        // boundary splits a cache line every other time (malloc
+                                        // gives 16; runs then varied 5.4-7.1 ms for the same layer)
 
-  void pack(const uint16_t* k_head, const uint16_t* v_head, const int64_t* table, int64_t len, int64_t bs,
-            int64_t block_stride) {
-    const int64_t padded = (len + kChunk - 1) / kChunk * kChunk;
-    k.assign(padded * HD, 0.f);
-    v.assign(padded * HD, 0.f);
-    for (int64_t t = 0; t < len; ++t) {
-      const int64_t at = table[t / bs] * block_stride + (t % bs) * HD;
-      const uint16_t *kr = k_head + at, *vr = v_head + at;
-      float* kd = k.data() + (t / 8) * HD * 8 + t % 8;
-      float* vd = v.data() + t * HD;
-      for (int d = 0; d < HD; ++d) {
-        kd[d * 8] = widen(kr[d]);
-        vd[d] = widen(vr[d]);
-      }
-    }
+  static float* aligned(std::vector<float>& buf, int64_t n) {
+    buf.resize(n + 16);
+    const auto at = reinterpret_cast<uintptr_t>(buf.data());
+    return reinterpret_cast<float*>((at + 63) & ~static_cast<uintptr_t>(63));
   }
 
-  static float widen(uint16_t x) {
-    const uint32_t bits = static_cast<uint32_t>(x) << 16;
-    float f;
-    std::memcpy(&f, &bits, sizeof f);
-    return f;
+  template <typename E>
+  void pack(const E* k_head, const E* v_head, const uint16_t* ks_head, const uint16_t* vs_head,
+            const int64_t* table, int64_t len, int64_t bs, int64_t block_stride, int64_t scale_stride) {
+    alignas(32) static constexpr E zeros[HD] = {};
+    const int64_t padded = (len + kChunk - 1) / kChunk * kChunk;
+    k = aligned(kbuf, padded * HD);
+    v = aligned(vbuf, padded * HD);
+    for (int64_t t0 = 0; t0 < padded; t0 += 8) {
+      const E *kr[8], *vr[8];
+      __m256 kscale[8], vscale[8];
+      for (int i = 0; i < 8; ++i) {
+        const int64_t t = t0 + i;
+        if (t < len) {
+          const int64_t at = table[t / bs] * block_stride + (t % bs) * HD;
+          kr[i] = k_head + at;
+          vr[i] = v_head + at;
+        } else {
+          kr[i] = vr[i] = zeros;
+        }
+        if constexpr (std::is_same_v<E, int8_t>) {
+          const int64_t sat = t < len ? table[t / bs] * scale_stride + t % bs : 0;
+          kscale[i] = _mm256_set1_ps(t < len ? bf16_float(ks_head[sat]) : 0.f);
+          vscale[i] = _mm256_set1_ps(t < len ? bf16_float(vs_head[sat]) : 0.f);
+        }
+      }
+      float* kd = k + t0 * HD;                 // [HD][8] for these 8 positions
+      for (int d0 = 0; d0 < HD; d0 += 8) {
+        __m256 r[8];
+        for (int i = 0; i < 8; ++i) {
+          r[i] = widen8(kr[i] + d0);
+          if constexpr (std::is_same_v<E, int8_t>) r[i] = _mm256_mul_ps(r[i], kscale[i]);
+          __m256 w = widen8(vr[i] + d0);
+          if constexpr (std::is_same_v<E, int8_t>) w = _mm256_mul_ps(w, vscale[i]);
+          _mm256_storeu_ps(v + (t0 + i) * HD + d0, w);
+        }
+        transpose8(r);
+        for (int j = 0; j < 8; ++j) _mm256_storeu_ps(kd + (d0 + j) * 8, r[j]);
+      }
+    }
   }
 };
 
@@ -143,7 +216,7 @@ struct RowBlock {
 
   void start(const uint16_t* const* qrows) {
     for (int r = 0; r < kR; ++r) {
-      for (int d = 0; d < HD; ++d) q[r][d] = Packed<HD>::widen(qrows[r][d]);
+      for (int d = 0; d < HD; ++d) q[r][d] = bf16_float(qrows[r][d]);
       std::fill(o[r], o[r] + HD, 0.f);
       m[r] = kMasked;
       l[r] = 0.f;
@@ -156,10 +229,10 @@ struct RowBlock {
   void step(const Packed<HD>& pk, int64_t c0, float scale) {
     float* rows[kR];
     for (int r = 0; r < kR; ++r) rows[r] = p[r];
-    scores32<HD>(pk.k.data() + c0 * HD, q, rows);
+    scores32<HD>(pk.k + c0 * HD, q, rows);
     if (c0 + 32 < end) {
       for (int r = 0; r < kR; ++r) rows[r] = p[r] + 32;
-      scores32<HD>(pk.k.data() + (c0 + 32) * HD, q, rows);
+      scores32<HD>(pk.k + (c0 + 32) * HD, q, rows);
     }
     const int64_t width = std::min<int64_t>(end - c0, kChunk);
     const int nvec = static_cast<int>((width + 7) / 8);
@@ -192,7 +265,7 @@ struct RowBlock {
           _mm256_store_ps(o[r] + i, _mm256_mul_ps(_mm256_load_ps(o[r] + i), _mm256_set1_ps(corr)));
     }
     // o[r] += P[r] V, 32 output dims at a time
-    const float* vc = pk.v.data() + c0 * HD;
+    const float* vc = pk.v + c0 * HD;
     for (int c0d = 0; c0d < HD; c0d += 32) {
       __m256 acc[kR][4];
 #pragma GCC unroll 4
@@ -226,14 +299,18 @@ struct RowBlock {
   }
 };
 
-template <int HD>
-void run(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& block_tables,
-         const at::Tensor& context_lens, const std::vector<int64_t>& starts, double scale, at::Tensor& out) {
+template <int HD, typename E>
+void run(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor* k_scale,
+         const at::Tensor* v_scale, const at::Tensor& block_tables, const at::Tensor& context_lens,
+         const std::vector<int64_t>& starts, double scale, at::Tensor& out) {
   const int64_t S = block_tables.size(0), kvh = k_cache.size(1), bs = k_cache.size(2), H = q.size(1);
   const int64_t G = H / kvh, max_blocks = block_tables.size(1), block_stride = k_cache.stride(0);
   const auto* qp = reinterpret_cast<const uint16_t*>(q.data_ptr<c10::BFloat16>());
-  const auto* kp = reinterpret_cast<const uint16_t*>(k_cache.data_ptr<c10::BFloat16>());
-  const auto* vp = reinterpret_cast<const uint16_t*>(v_cache.data_ptr<c10::BFloat16>());
+  const auto* kp = static_cast<const E*>(k_cache.data_ptr());
+  const auto* vp = static_cast<const E*>(v_cache.data_ptr());
+  const uint16_t* ksp = k_scale ? static_cast<const uint16_t*>(k_scale->data_ptr()) : nullptr;
+  const uint16_t* vsp = v_scale ? static_cast<const uint16_t*>(v_scale->data_ptr()) : nullptr;
+  const int64_t scale_stride = k_scale ? k_scale->stride(0) : 0;
   const int64_t* tables = block_tables.data_ptr<int64_t>();
   const int32_t* lens = context_lens.data_ptr<int32_t>();
   c10::BFloat16* op = out.data_ptr<c10::BFloat16>();
@@ -242,7 +319,8 @@ void run(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cac
     std::vector<RowBlock<HD>> blocks(kGroup);
     for (int64_t task = begin; task < stop; ++task) {
       const int64_t s = task / kvh, h = task % kvh, nq = starts[s + 1] - starts[s], len = lens[s];
-      pk.pack(kp + h * bs * HD, vp + h * bs * HD, tables + s * max_blocks, len, bs, block_stride);
+      pk.pack(kp + h * bs * HD, vp + h * bs * HD, ksp ? ksp + h * bs : nullptr, vsp ? vsp + h * bs : nullptr,
+              tables + s * max_blocks, len, bs, block_stride, scale_stride);
       const int64_t rows = nq * G;                    // row i: token i / G, query head h * G + i % G
       for (int64_t g0 = 0; g0 < rows; g0 += kR * kGroup) {
         const int64_t n = std::min<int64_t>(kGroup, (rows - g0 + kR - 1) / kR);
@@ -277,20 +355,34 @@ at::Tensor paged_chunk_attention(const at::Tensor& q, const at::Tensor& k_cache,
   const std::vector<int64_t> starts =
       distserve::check_chunk_op(q, k_cache, v_cache, block_tables, context_lens, query_lens);
   at::Tensor out = at::empty_like(q);
-  if (q.size(2) == 64) run<64>(q, k_cache, v_cache, block_tables, context_lens, starts, scale, out);
-  else run<128>(q, k_cache, v_cache, block_tables, context_lens, starts, scale, out);
+  if (q.size(2) == 64) run<64, uint16_t>(q, k_cache, v_cache, nullptr, nullptr, block_tables, context_lens, starts, scale, out);
+  else run<128, uint16_t>(q, k_cache, v_cache, nullptr, nullptr, block_tables, context_lens, starts, scale, out);
+  return out;
+}
+
+// int8 KV (any rows a sequence: decode, verify, prefill), as chunk_attention.cpp's op of that name
+at::Tensor paged_attention_int8(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                const at::Tensor& k_scale, const at::Tensor& v_scale,
+                                const at::Tensor& block_tables, const at::Tensor& context_lens,
+                                const at::Tensor& query_lens, double scale) {
+  const std::vector<int64_t> starts = distserve::check_int8_op(q, k_cache, v_cache, k_scale, v_scale, block_tables,
+                                                               context_lens, query_lens);
+  at::Tensor out = at::empty_like(q);
+  if (q.size(2) == 64) run<64, int8_t>(q, k_cache, v_cache, &k_scale, &v_scale, block_tables, context_lens, starts, scale, out);
+  else run<128, int8_t>(q, k_cache, v_cache, &k_scale, &v_scale, block_tables, context_lens, starts, scale, out);
   return out;
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(distserve, m) {
-  m.def("paged_chunk_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
-        "Tensor context_lens, Tensor query_lens, float scale) -> Tensor");
+  m.def(distserve::kChunkAttentionSchema);
+  m.def(distserve::kAttentionInt8Schema);
 }
 
 TORCH_LIBRARY_IMPL(distserve, CPU, m) {
   m.impl("paged_chunk_attention", &paged_chunk_attention);
+  m.impl("paged_attention_int8", &paged_attention_int8);
 }
 
 #endif  // DISTSERVE_CHUNK_ATTENTION_AVX2

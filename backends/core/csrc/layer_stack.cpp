@@ -66,8 +66,8 @@ const Ops& ops() {            // looked up once; quant_linear throws here where 
   return o;
 }
 
-// int8 KV's op (chunk_attention.cpp), looked up where a step needs it: it is built only on
-// hosts with AVX-512 BF16
+// int8 KV's op (chunk_attention.cpp, or chunk_attention_avx2.cpp), looked up where a step needs it:
+// it is built only on hosts with AVX-512 BF16 or AVX2
 const c10::TypedOperatorHandle<Int8>& int8_op() {
   static const auto o = c10::Dispatcher::singleton().findSchemaOrThrow("distserve::paged_attention_int8", "").typed<Int8>();
   return o;

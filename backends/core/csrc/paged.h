@@ -21,6 +21,15 @@
 
 namespace distserve {
 
+// The schemas of the chunk kernel's ops, defined by whichever of chunk_attention.cpp (AVX-512
+// BF16) and chunk_attention_avx2.cpp (AVX2) this host builds.
+constexpr const char* kChunkAttentionSchema =
+    "paged_chunk_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
+    "Tensor context_lens, Tensor query_lens, float scale) -> Tensor";
+constexpr const char* kAttentionInt8Schema =
+    "paged_attention_int8(Tensor q, Tensor k_cache, Tensor v_cache, Tensor k_scale, Tensor v_scale, "
+    "Tensor block_tables, Tensor context_lens, Tensor query_lens, float scale) -> Tensor";
+
 // Blocks are scattered over the pool, so the hardware prefetcher cannot see the next one
 // coming: ask for it while the current one is computed (Locality 3: into L1; 2: into L2).
 template <int Locality = 3, typename T>
@@ -159,6 +168,18 @@ inline std::vector<int64_t> check_chunk_op(const at::Tensor& q, const at::Tensor
   check_paged(q, k_cache, v_cache, block_tables, context_lens);
   TORCH_CHECK(q.scalar_type() == at::kBFloat16, "paged_chunk_attention: bfloat16 only, got ", q.scalar_type());
   TORCH_CHECK(q.size(2) == 64 || q.size(2) == 128, "paged_chunk_attention: head size 64 or 128, got ", q.size(2));
+  return query_starts(q, block_tables, context_lens, query_lens, std::numeric_limits<int32_t>::max());
+}
+
+// paged_attention_int8's inputs (either kernel): bf16 queries, head size 64 or 128, int8 K/V and
+// their scales; each sequence's first row in q.
+inline std::vector<int64_t> check_int8_op(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                          const at::Tensor& k_scale, const at::Tensor& v_scale,
+                                          const at::Tensor& block_tables, const at::Tensor& context_lens,
+                                          const at::Tensor& query_lens) {
+  check_paged(q, k_cache, v_cache, block_tables, context_lens, &k_scale, &v_scale);
+  TORCH_CHECK(q.scalar_type() == at::kBFloat16, "paged_attention_int8: bfloat16 queries only, got ", q.scalar_type());
+  TORCH_CHECK(q.size(2) == 64 || q.size(2) == 128, "paged_attention_int8: head size 64 or 128, got ", q.size(2));
   return query_starts(q, block_tables, context_lens, query_lens, std::numeric_limits<int32_t>::max());
 }
 
