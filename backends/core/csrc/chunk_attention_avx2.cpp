@@ -74,12 +74,6 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// One (sequence, KV head)'s context widened to float32: K as [padded / 8][HD][8], V as
-// [padded][HD]; positions past the context are zeros. E: the cache's element, uint16_t (bf16) or
-// int8_t (int8 KV, kv_cache.quantize_kv: a bf16 scale per position and head, ks/vs). An int8 value
-// times its bf16 scale has at most 16 significant bits, so the dequantized K/V are exact in
-// float32; the scores then differ from chunk_attention.cpp's (scale applied to the sum) in
-// rounding only.
 // 8 x 8 floats: r[i] (row i) -> r[i] = column i
 inline void transpose8(__m256 r[8]) {
   __m256 t[8];
