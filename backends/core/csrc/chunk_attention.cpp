@@ -364,11 +364,8 @@ struct RowBlock {
   }
 
   void finish() {
-    for (int r = 0; r < R; ++r) {
-      if (out[r] == nullptr) continue;
-      const float inv = 1.f / l[r];
-      for (int i = 0; i < HD; ++i) distserve::store(out[r] + i, o[r][i] * inv);
-    }
+    for (int r = 0; r < R; ++r)
+      if (out[r] != nullptr) distserve::store_normalized(out[r], o[r], l[r], HD);
   }
 };
 
@@ -403,11 +400,10 @@ void run(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cac
       const int64_t rows = nq * G;                    // row i: token i / G, query head h * G + i % G
       const auto fill = [&](RowBlock<HD, R>& blk, int64_t r0) {
         for (int r = 0; r < R; ++r) {
-          const int64_t i = std::min(r0 + r, rows - 1), j = i / G;
-          const int64_t at = (starts[s] + j) * H * HD + (h * G + i % G) * HD;
-          blk.q[r] = qp + at;
-          blk.out[r] = r0 + r < rows ? op + at : nullptr;
-          blk.lim[r] = len - nq + 1 + j;
+          const distserve::ChunkRow row = distserve::chunk_row(r0 + r, rows, G, h, starts[s], nq, len, H, HD);
+          blk.q[r] = qp + row.at;
+          blk.out[r] = row.real ? op + row.at : nullptr;
+          blk.lim[r] = row.lim;
         }
         blk.start();
       };

@@ -285,11 +285,8 @@ struct RowBlock {
   }
 
   void finish() {
-    for (int r = 0; r < kR; ++r) {
-      if (out[r] == nullptr) continue;
-      const float inv = 1.f / l[r];
-      for (int i = 0; i < HD; ++i) distserve::store(out[r] + i, o[r][i] * inv);
-    }
+    for (int r = 0; r < kR; ++r)
+      if (out[r] != nullptr) distserve::store_normalized(out[r], o[r], l[r], HD);
   }
 };
 
@@ -323,11 +320,11 @@ void run(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cac
           RowBlock<HD>& blk = blocks[b];
           const uint16_t* qrows[kR];
           for (int r = 0; r < kR; ++r) {
-            const int64_t row = g0 + b * kR + r, i = std::min<int64_t>(row, rows - 1), j = i / G;
-            const int64_t at = (starts[s] + j) * H * HD + (h * G + i % G) * HD;
-            qrows[r] = qp + at;
-            blk.out[r] = row < rows ? op + at : nullptr;
-            blk.lim[r] = len - nq + 1 + j;
+            const distserve::ChunkRow row =
+                distserve::chunk_row(g0 + b * kR + r, rows, G, h, starts[s], nq, len, H, HD);
+            qrows[r] = qp + row.at;
+            blk.out[r] = row.real ? op + row.at : nullptr;
+            blk.lim[r] = row.lim;
           }
           blk.start(qrows);
           end = std::max(end, blk.end);

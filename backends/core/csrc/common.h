@@ -26,4 +26,10 @@ inline void store(c10::BFloat16* p, float x) {
   p->x = static_cast<uint16_t>(bits >> 16);
 }
 
+// out[0, n) = o[0, n) / l, rounded to bf16: an attention row's output from its running sum
+inline void store_normalized(c10::BFloat16* out, const float* o, float l, int64_t n) {
+  const float inv = 1.f / l;
+  for (int64_t i = 0; i < n; ++i) store(out + i, o[i] * inv);
+}
+
 }  // namespace distserve

@@ -4,6 +4,7 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <limits>
@@ -158,6 +159,22 @@ inline std::vector<int64_t> query_starts(const at::Tensor& q, const at::Tensor& 
   }
   TORCH_CHECK(starts.back() == q.size(0), "q has ", q.size(0), " rows, query_lens sum to ", starts.back());
   return starts;
+}
+
+// Row `row` of a (sequence, KV head) task in the chunk kernels (either file): token row / G, query
+// head h * G + row % G, of a sequence whose nq new tokens start at q row `start` and end its `len`
+// positions. `at`: the row's offset in q and out ([tokens, H, HD]); `lim`: the positions it sees
+// (causal); `real`: false for a block's padding rows past `rows`, which read the last row and
+// write nothing.
+struct ChunkRow {
+  int64_t at, lim;
+  bool real;
+};
+
+inline ChunkRow chunk_row(int64_t row, int64_t rows, int64_t G, int64_t h, int64_t start, int64_t nq, int64_t len,
+                          int64_t H, int64_t HD) {
+  const int64_t i = std::min(row, rows - 1), j = i / G;
+  return {(start + j) * H * HD + (h * G + i % G) * HD, len - nq + 1 + j, row < rows};
 }
 
 // paged_chunk_attention's inputs (either kernel: chunk_attention.cpp, chunk_attention_avx2.cpp):
