@@ -119,8 +119,8 @@ def read_model_config(path: Path) -> ModelConfig | None:
     from backends.core import weights
     try:
         if path.is_file():
-            from gguf import GGUFReader
-            reader = GGUFReader(path)
+            from backends.core.gguf_file import GGUFFile
+            reader = GGUFFile(path)
             arch = weights._gguf_value(reader, "general.architecture")
             return weights._gguf_config(reader, arch, {t.name: t for t in reader.tensors})
         return weights._hf_config(json.loads((path / "config.json").read_text()))

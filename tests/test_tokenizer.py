@@ -54,9 +54,8 @@ CONVERSATIONS = [
 def gguf_meta() -> dict:
     if not MODEL.is_file():
         pytest.skip(f"GGUF model not found at {MODEL} (set DISTSERVE_MODEL)")
-    import gguf
-    reader = gguf.GGUFReader(str(MODEL))
-    return {k: f.contents() for k, f in reader.fields.items() if k.startswith("tokenizer.")}
+    from backends.core.gguf_file import read_metadata     # tests/test_gguf_file.py: as gguf-py reads it
+    return read_metadata(MODEL, "tokenizer.")
 
 
 @pytest.fixture(scope="module")

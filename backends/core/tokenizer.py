@@ -18,12 +18,13 @@ from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any, Sequence
 
-import gguf
 import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as Backend
+
+from backends.core.gguf_file import read_metadata
 
 ROLES = frozenset({"system", "user", "assistant", "tool"})
 # End-of-turn tokens a chat model may emit instead of its eos; used only if registered as special.
@@ -86,12 +87,12 @@ class Tokenizer:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"GGUF file not found: {path}")
-        meta = {k: f.contents() for k, f in gguf.GGUFReader(str(path)).fields.items() if k.startswith("tokenizer.")}
+        meta = read_metadata(path, "tokenizer.")
         return cls.from_gguf_metadata(meta, source=str(path))
 
     @classmethod
     def from_gguf_metadata(cls, meta: dict[str, Any], source: str = "GGUF") -> Tokenizer:
-        """Build from `tokenizer.*` GGUF keys (as `GGUFReader` field contents)."""
+        """Build from `tokenizer.*` GGUF keys, decoded (`gguf_file.read_metadata`)."""
         kind = meta.get("tokenizer.ggml.model")
         if kind == "llama":
             raise NotImplementedError(

@@ -106,10 +106,11 @@ def _check_names(config: ModelConfig, state: dict[str, torch.Tensor], path: Path
 
 def _load_gguf(path: Path, dtype: torch.dtype, keep_quantized: bool = False
                ) -> tuple[ModelConfig, dict[str, torch.Tensor | GroupQuant]]:
-    from gguf import GGUFReader
     from gguf.quants import dequantize
 
-    reader = GGUFReader(path)
+    from backends.core.gguf_file import GGUFFile
+
+    reader = GGUFFile(path)
     arch = _gguf_value(reader, "general.architecture")
     if arch not in GGUF_ARCHS:
         raise ValueError(f"GGUF architecture {arch!r} is not supported; choose one of {GGUF_ARCHS}")
@@ -158,8 +159,8 @@ def _gguf_group_quant(raw: np.ndarray, kind: str, shape: tuple[int, ...]) -> Gro
 
 
 def _gguf_value(reader: Any, key: str, default: Any = None) -> Any:
-    field = reader.fields.get(key)
-    return default if field is None else field.contents()
+    """A metadata value of a `gguf_file.GGUFFile` (decoded already), or `default`."""
+    return reader.fields.get(key, default)
 
 
 def _f32(value: Any) -> float:
