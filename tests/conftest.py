@@ -30,6 +30,19 @@ def smollm_fp32(gguf_path):
 
 
 @pytest.fixture(scope="session")
+def hf_default_model(gguf_path):
+    """The reference: transformers' float32 model of the default checkpoint, loaded once (its GGUF
+    dequantization takes ~18 s on a 2-core host; test_reference and test_weights share it)."""
+    from transformers import AutoModelForCausalLM
+    if gguf_path.suffix == ".gguf":
+        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
+                                                     dtype=torch.float32)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(gguf_path, dtype=torch.float32)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
 def smollm_tokenizer(gguf_path):
     from backends.core.tokenizer import Tokenizer
     return Tokenizer.load(gguf_path)

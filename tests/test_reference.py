@@ -76,10 +76,8 @@ PROMPTS = ["The capital of France is",
 
 
 @pytest.fixture(scope="module")
-def hf_gguf(gguf_path):
-    from transformers import AutoModelForCausalLM
-    return AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
-                                                dtype=torch.float32).eval()
+def hf_gguf(hf_default_model):
+    return hf_default_model
 
 
 def test_smollm_gguf_prefill_logits_match_hf(smollm_fp32, smollm_tokenizer, hf_gguf):

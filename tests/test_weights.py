@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,6 @@ from backends.core.weights import expected_param_names, llama3_freq_factors, loa
 transformers = pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
 
-DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
           "original_max_position_embeddings": 64}
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -235,16 +233,8 @@ def test_gguf_qwen2_biases_no_permute(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- the real default model
 
 @pytest.fixture(scope="module")
-def real_model() -> tuple[Path, torch.nn.Module]:
-    path = Path(os.environ.get("DISTSERVE_MODEL", DEFAULT_MODEL))
-    if not path.exists():
-        pytest.skip(f"model {path} absent (set DISTSERVE_MODEL or run ./build.sh setup)")
-    if path.suffix == ".gguf":
-        model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
-                                                                  dtype=torch.float32)
-    else:
-        model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    return path, model.eval()
+def real_model(gguf_path, hf_default_model) -> tuple[Path, torch.nn.Module]:
+    return gguf_path, hf_default_model
 
 
 def test_real_model_matches_transformers(real_model: tuple[Path, torch.nn.Module]) -> None:
