@@ -12,7 +12,7 @@ from backends.core import attention as A
 from backends.core import native
 from backends.core.attention.metadata import AttentionMetadata
 from tests.helpers import make_engine, prefill_logits
-from tests.test_native_kernels import BS, HD, KVH, G, pool_cache
+from tests.test_native_kernels import BS, HD, KVH, G, pool_cache, same_bits_on_two_threads
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -62,6 +62,11 @@ def run(query_lens, context_lens, kvh=KVH, g=G, hd=HD, bs=BS, seed=0):
 def test_kernel_matches_float64(query_lens, context_lens):
     """Within bf16's rounding of the output (and of P, as FlashAttention keeps it)."""
     out, want = run(query_lens, context_lens)
+    assert (out - want).abs().max().item() < 2e-2
+
+
+def test_threads_split_the_work_without_changing_a_bit():
+    out, want = same_bits_on_two_threads(run, [100, 3, 64, 1, 77, 130], [100, 70, 200, 1, 300, 1000])
     assert (out - want).abs().max().item() < 2e-2
 
 

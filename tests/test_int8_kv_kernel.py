@@ -14,7 +14,7 @@ from backends.core import native
 from backends.core.attention.metadata import AttentionMetadata
 from backends.core.kv_cache import KVLayout, KVPool, dequantize_kv, quantize_kv
 from tests.test_chunk_attention import causal_reference
-from tests.test_native_kernels import BS, HD, KVH, G
+from tests.test_native_kernels import BS, HD, KVH, G, same_bits_on_two_threads
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -75,6 +75,11 @@ def close(out: torch.Tensor, want: torch.Tensor) -> bool:
 def test_kernel_matches_float64(query_lens, context_lens):
     """Within bf16's rounding of the output, over the values the cache holds."""
     out, want = run(query_lens, context_lens)
+    assert close(out, want)
+
+
+def test_threads_split_the_work_without_changing_a_bit():
+    out, want = same_bits_on_two_threads(run, [100, 3, 64, 1, 77, 130], [100, 70, 200, 1, 300, 1000])
     assert close(out, want)
 
 

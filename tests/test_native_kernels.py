@@ -38,6 +38,21 @@ def pool_cache(context_lens, dtype, seed=0, kvh=KVH, bs=BS, hd=HD):
     return LayerKV(pool[:, 2, 0], pool[:, 2, 1]), tables
 
 
+def same_bits_on_two_threads(run, *args):
+    """`run(*args)` (a kernel's (out, float64 want)) on one torch thread and then on two: the
+    kernels split their work by sequence and KV head, so both must give the same bits. Returns
+    the two-thread run. The kernel tests run one thread (conftest.one_thread); an instance
+    given two cores runs two."""
+    one, _ = run(*args)
+    torch.set_num_threads(2)
+    try:
+        two = run(*args)
+    finally:
+        torch.set_num_threads(1)
+    assert torch.equal(one, two[0])
+    return two
+
+
 def reference(q, cache, tables, context_lens, scale):
     out = []
     kvh, hd = cache.k.shape[1], cache.k.shape[3]
