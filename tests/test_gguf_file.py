@@ -4,6 +4,7 @@ and on files written with gguf-py's writer (every value type, both byte orders, 
 alignment); and a damaged file fails with a ValueError, never reads past its end."""
 from __future__ import annotations
 
+import struct
 import time
 from pathlib import Path
 
@@ -106,6 +107,55 @@ def test_nested_arrays_are_nested_lists(tmp_path):
     w.write_tensors_to_file()
     w.close()
     assert GGUFFile(path).fields["t.nested"] == [[1, 2], [3]]
+
+
+def test_a_zero_dim_tensor_reads_as_gguf_py_reads_it(tmp_path):
+    path = tmp_path / "z.gguf"
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_tensor("scalar", np.array(3.5, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    t = assert_same_as_gguf_py(path).tensors[0]
+    assert t.shape.tolist() == [] and t.data.shape == () and float(t.data) == 3.5
+
+
+def test_a_value_that_is_not_utf8_does_not_fail_the_load(tmp_path):
+    """gguf-py fails only when such a value is read; here it keeps its bytes as surrogates, so a
+    field no loader reads (a description, say) cannot stop a model from loading."""
+    path = tmp_path / "t.gguf"
+    _write(path)
+    raw = bytearray(path.read_bytes())
+    at = raw.index("héllo ✓".encode())
+    raw[at] = 0xFF
+    path.write_bytes(raw)
+    f = GGUFFile(path)
+    assert f.fields["t.str"].startswith("\udcff") and f.fields["t.strs"] == ["a", "", "ŝ", "Ġthe"]
+    with pytest.raises(UnicodeDecodeError):
+        gguf.GGUFReader(path).fields["t.str"].contents()
+
+
+def test_arrays_nested_past_the_limit_are_refused(tmp_path):
+    """An array of arrays 3,000 deep (36 KB) would exhaust Python's recursion: a ValueError."""
+    def nested(depth: int) -> bytes:
+        out = b""
+        for _ in range(depth):              # type ARRAY, count 1 (the value of each level)
+            out += struct.pack("<IQ", GGUFValueType.ARRAY, 1)
+        return out + struct.pack("<IQ", GGUFValueType.INT32, 0)     # innermost: no ints
+    for depth, ok in ((8, True), (3000, False)):
+        body = struct.pack("<Q", 1) + b"x" + struct.pack("<I", GGUFValueType.ARRAY) + nested(depth)
+        path = tmp_path / f"n{depth}.gguf"
+        path.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + body)
+        if ok:
+            value = GGUFFile(path).fields["x"]
+            for _ in range(depth):
+                assert isinstance(value, list) and len(value) == 1
+                value = value[0]
+            assert value == []
+        else:
+            with pytest.raises(ValueError, match="nested deeper"):
+                GGUFFile(path)
 
 
 def test_a_damaged_file_fails_with_a_value_error_at_every_cut(tmp_path):

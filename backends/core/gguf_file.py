@@ -8,14 +8,16 @@ reload. This reader decodes the same format (GGUF v2 and v3, either byte order) 
 
 - `fields`: key -> value, decoded as gguf-py's `ReaderField.contents()` decodes it (ints,
   floats and bools as Python scalars, strings as str, arrays as lists; an array of arrays as
-  nested lists, which gguf-py flattens);
+  nested lists, which gguf-py flattens; a value string that is not UTF-8 keeps its bytes as
+  surrogates, where gguf-py raises when it is read);
 - `tensors`: name, GGML type, dims (GGUF order, innermost first), element and byte counts,
   absolute data offset, and `data`: a read-only view of the map, typed and shaped as gguf-py's
   (float16/32/64 and int8-64 as elements, row-major; every block type as bytes per row).
 
 The file is checked as it is read (magic, version, every length and offset inside the file,
-tensor data inside the file and aligned, no duplicate key or tensor), so a truncated or hostile
-file fails with a ValueError naming what is wrong, before anything reads past its end.
+arrays nested at most 8 deep, tensor data inside the file and aligned, no duplicate key or
+tensor), so a truncated or hostile file fails with a ValueError naming what is wrong, before
+anything reads past its end.
 `tests/test_gguf_file.py` checks it against gguf-py on the default model and on written files.
 """
 from __future__ import annotations
@@ -48,6 +50,7 @@ _ELEMENTS = {GGMLQuantizationType.F16: "f2", GGMLQuantizationType.F32: "f4",
              GGMLQuantizationType.I16: "i2", GGMLQuantizationType.I32: "i4",
              GGMLQuantizationType.I64: "i8"}
 _MAX_DIMS = 8
+_MAX_NESTING = 8                    # arrays of arrays: deeper is a damaged (or hostile) file
 
 
 @dataclass(frozen=True)
@@ -114,10 +117,12 @@ class GGUFFile:
         self._pos += size
         return value
 
-    def _string(self) -> str:
+    def _string(self, errors: str = "strict") -> str:
+        """Keys and tensor names must be UTF-8; a value that is not keeps its bytes as
+        surrogates (`errors="surrogateescape"`), so a field no loader reads cannot fail a load."""
         raw = self._take(self._scalar("Q"))
         try:
-            return str(raw, "utf-8")
+            return str(raw, "utf-8", errors)
         except UnicodeDecodeError as e:
             raise ValueError(f"{self.path}: a string before offset {self._pos} is not UTF-8") from e
 
@@ -128,9 +133,9 @@ class GGUFFile:
         except ValueError:
             raise ValueError(f"{self.path}: unknown value type {raw} before offset {self._pos}") from None
 
-    def _value(self, kind: GGUFValueType) -> Any:
+    def _value(self, kind: GGUFValueType, depth: int = 0) -> Any:
         if kind == GGUFValueType.STRING:
-            return self._string()
+            return self._string("surrogateescape")
         if kind in _SCALARS:
             return self._scalar(_SCALARS[kind][0])
         if kind == GGUFValueType.ARRAY:
@@ -143,8 +148,10 @@ class GGUFFile:
             if count > self._size - self._pos:      # every element takes at least a byte
                 raise ValueError(f"{self.path}: array of {count} at offset {self._pos} exceeds the file")
             if item == GGUFValueType.STRING:
-                return [self._string() for _ in range(count)]
-            return [self._value(item) for _ in range(count)]
+                return [self._string("surrogateescape") for _ in range(count)]
+            if depth >= _MAX_NESTING:
+                raise ValueError(f"{self.path}: arrays nested deeper than {_MAX_NESTING} at offset {self._pos}")
+            return [self._value(item, depth + 1) for _ in range(count)]
         raise ValueError(f"{self.path}: unhandled value type {kind!r}")
 
     # --------------------------------------------------------------- tensors
@@ -152,7 +159,7 @@ class GGUFFile:
     def _tensor_info(self) -> tuple[str, list[int], GGMLQuantizationType, int]:
         name = self._string()
         n_dims = self._scalar("I")
-        if not 0 < n_dims <= _MAX_DIMS:
+        if not 0 <= n_dims <= _MAX_DIMS:
             raise ValueError(f"{self.path}: tensor {name!r} has {n_dims} dims")
         dims = [self._scalar("Q") for _ in range(n_dims)]
         raw = self._scalar("I")
@@ -179,8 +186,8 @@ class GGUFFile:
             seen.add(name)
             block, type_size = GGML_QUANT_SIZES[kind]
             n_elems = int(np.prod(dims, dtype=object))
-            if dims[0] % block:
-                raise ValueError(f"{self.path}: tensor {name!r}'s rows ({dims[0]}) are not whole "
+            if (dims[0] if dims else 1) % block:
+                raise ValueError(f"{self.path}: tensor {name!r}'s rows ({dims[0] if dims else 1}) are not whole "
                                  f"{kind.name} blocks of {block}")
             n_bytes = n_elems // block * type_size
             start = self.data_offset + rel
