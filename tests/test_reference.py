@@ -75,12 +75,7 @@ PROMPTS = ["The capital of France is",
            "Once upon a time, in a land far away, there lived a " * 6]
 
 
-@pytest.fixture(scope="module")
-def hf_gguf(hf_default_model):
-    return hf_default_model
-
-
-def test_smollm_gguf_prefill_logits_match_hf(smollm_fp32, smollm_tokenizer, hf_gguf):
+def test_smollm_gguf_prefill_logits_match_hf(smollm_fp32, smollm_tokenizer, hf_default_model):
     # Same GGUF, both sides dequantize to float32; observed max |diff| ~3e-5 on logits of
     # magnitude ~20 (1.6e-6 relative), so 1e-4 relative leaves 60x headroom for BLAS
     # summation-order differences on other CPUs while catching any real mismatch
@@ -91,7 +86,7 @@ def test_smollm_gguf_prefill_logits_match_hf(smollm_fp32, smollm_tokenizer, hf_g
         ids = smollm_tokenizer.encode(text)
         ours = prefill_logits(engine, ids)
         with torch.no_grad():
-            ref = hf_gguf(torch.tensor([ids])).logits[0, -1].float()
+            ref = hf_default_model(torch.tensor([ids])).logits[0, -1].float()
         _close(ours, ref)
         assert int(ours.argmax()) == int(ref.argmax())
     assert_no_leaks(engine)

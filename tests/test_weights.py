@@ -232,13 +232,8 @@ def test_gguf_qwen2_biases_no_permute(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------- the real default model
 
-@pytest.fixture(scope="module")
-def real_model(gguf_path, hf_default_model) -> tuple[Path, torch.nn.Module]:
-    return gguf_path, hf_default_model
-
-
-def test_real_model_matches_transformers(real_model: tuple[Path, torch.nn.Module]) -> None:
-    path, model = real_model
+def test_real_model_matches_transformers(gguf_path: Path, hf_default_model: torch.nn.Module) -> None:
+    path, model = gguf_path, hf_default_model
     config, state = load_checkpoint(path, torch.float32)
     hf = model.config
     assert (config.num_layers, config.num_heads, config.num_kv_heads) == (
