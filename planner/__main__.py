@@ -97,7 +97,9 @@ def add_target_arguments(p: argparse.ArgumentParser, slo_required: bool = True) 
                    help="NODESxDEVICES_PER_NODE (default: 1xCORES with our profiles, else 4x8)")
     p.add_argument("--pps", default=None,
                    help="pipeline degrees to consider (default 1,2; 1 on CPU cores)")
-    p.add_argument("--prefill-budget", type=int, default=2048, help="L_m")
+    p.add_argument("--prefill-budget", type=int, default=None,
+                   help="L_m, the prefill batch's tokens (default: where the profile's prefill "
+                        "reaches 95%% of its best rate, LatencyModel.saturation_length)")
     p.add_argument("--kv-blocks", type=int, default=1024, help="KV blocks per instance (CPU plans)")
     p.add_argument("--kv-gib", type=float, default=None,
                    help="KV memory per instance in GiB (CPU plans, instead of --kv-blocks): as many "
@@ -165,12 +167,23 @@ def parse_speculative(text: str) -> tuple[str, Speculation]:
         raise argparse.ArgumentTypeError(f"--speculative {text!r}: {e} (expected e.g. ngram:3:0.6)") from None
 
 
+def prefill_budget(args: argparse.Namespace, target: Target) -> int:
+    """--prefill-budget, else L_m of the profile's one-device prefill (2048 where it has none)."""
+    if args.prefill_budget is not None:
+        return args.prefill_budget
+    try:
+        return target.table.get(target.model, target.device, 1).saturation_length()
+    except KeyError:
+        return 2048
+
+
 def build_planner(args: argparse.Namespace, target: Target, lengths) -> Planner:
     ours = target.measured_here
     pps = args.pps or ("1" if ours else "1,2")
     max_seqs = args.max_num_seqs or (32 if ours else 256)
     return make_planner(target, lengths, SLO(args.ttft, args.tpot, args.target), args.devices,
-                        pps=tuple(int(x) for x in pps.split(",")), prefill_budget=args.prefill_budget,
+                        pps=tuple(int(x) for x in pps.split(",")),
+                        prefill_budget=prefill_budget(args, target),
                         max_num_seqs=max_seqs, block_size=target.info.get("block_size", 16),
                         num_requests=args.requests, min_span_s=args.span,
                         max_requests=args.max_requests, seed=args.seed,
@@ -262,7 +275,7 @@ def deployment_for(best: Placement, target: Target, args: argparse.Namespace):
     kv_dtype = target.kv_dtype if target.measured_here else "auto"
     return to_deployment(best, info.get("model_path", DEFAULT_MODEL_PATH),
                          target.kv_blocks or args.kv_blocks, args.max_num_seqs or 32,
-                         args.prefill_budget, info.get("dtype", "bfloat16"),
+                         prefill_budget(args, target), info.get("dtype", "bfloat16"),
                          info.get("block_size", 16), kv_dtype, SLO(args.ttft, args.tpot, args.target),
                          speculative=(args.speculative[0], args.speculative[1].k) if args.speculative else None)
 

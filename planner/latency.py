@@ -53,6 +53,9 @@ def _coeffs(value: Sequence[float], what: str) -> Coeffs:
     return (float(value[0]), float(value[1]), float(value[2]))
 
 
+SATURATION_SHARE = 0.95         # L_m: the prompt length at this share of the best prefill rate
+
+
 @dataclass(frozen=True)
 class LatencyModel:
     """Step times of one instance of `model` on `tp` x `pp` devices of kind `device`."""
@@ -101,6 +104,20 @@ class LatencyModel:
         a, b, c = self.prefill
         t = a + b * s1 + c * s2
         return t / self.pp + self.pp * self.pp_overhead_s if self._derived else t
+
+    def saturation_length(self, share: float = SATURATION_SHARE, limit: int = 2048,
+                          step: int = 16) -> int:
+        """L_m (DistServe section 4.1): the shortest prompt, a multiple of `step` up to `limit`,
+        whose prefill runs at `share` of the best rate (tokens a second) of any such length. A
+        prefill batch longer than that gains less than 1 - `share` in throughput, and every prompt
+        in it waits for the whole batch: a prompt that arrives while the instance is busy delays
+        the first token of those queued before it by its own prefill."""
+        if not 0 < share <= 1 or step < 1 or limit < step:
+            raise ValueError(f"bad share {share}, step {step} or limit {limit}")
+        lengths = range(step, limit + 1, step)
+        rates = [n / self.prefill_time([n]) for n in lengths]
+        best = max(rates)
+        return next(n for n, r in zip(lengths, rates) if r >= share * best)
 
     def decode_coeffs(self, batch_size: int) -> Coeffs:
         """The (a, b, c) of a decode step of `batch_size` sequences at this pp."""

@@ -61,16 +61,25 @@ def single_request(target: Target, lengths: Sequence[tuple[int, int]]) -> tuple[
     return lat.prefill_time([p90]), float(np.mean([lat.decode_time(1, p90 + k) for k in range(1, out)]))
 
 
-def configs(compare: dict[str, Any], target: Target, slo: SLO) -> dict[str, SimConfig]:
+def configs(compare: dict[str, Any], target: Target, slo: SLO,
+            prefill_budget: int | None = None) -> dict[str, SimConfig]:
     """Each system simulated on its deployment as run; a system the run did not serve on the
-    2-core deployments `client.bench compare` would have used."""
+    2-core deployments `client.bench compare` would have used. `prefill_budget`: every prefill
+    batch (split's prefill instances, colocated's prompt batches) up to this many tokens
+    instead of the deployments' own L_m."""
     from deploy.deployment import colocated_deployment
+    def batch(dep: Deployment) -> Deployment:
+        if prefill_budget is None:
+            return dep
+        return replace(dep, **{ph: replace(spec, max_num_batched_tokens=prefill_budget)
+                               for ph in ("prefill", "colocated")
+                               if (spec := getattr(dep, ph)) is not None and not spec.chunked_prefill})
     deps = {s["system"]["name"]: Deployment.from_dict(s["system"]["deployment"], check_host=False)
             for s in compare["systems"]}
-    ours = next(deps[n] for n in ("disaggregated", "adaptive", "adaptive-shared") if n in deps)
+    ours = batch(next(deps[n] for n in ("disaggregated", "adaptive", "adaptive-shared") if n in deps))
     split = replace(deployment_configs(ours, target)["disaggregated"].split(), num_shared_decode=0)
     model, cores = ours.model_path, len(set().union(*(ph.all_devices() for ph in ours.phases().values())))
-    colocated = deps.get("colocated") or colocated_deployment(model, cores)
+    colocated = batch(deps.get("colocated") or colocated_deployment(model, cores))
     chunked = deps.get("chunked-512") or colocated_deployment(model, cores, chunked_prefill=True,
                                                               token_budget=512)
     return {"split": split, "adaptive": split.adaptive(slo),
@@ -111,8 +120,8 @@ def routes_at(config: SimConfig, lengths, slo: SLO, rate: float) -> dict[str, An
 
 
 def setting(name: str, compare: dict[str, Any], target: Target, lengths, slo: SLO,
-            seeds: Sequence[int]) -> dict[str, Any]:
-    cfgs = configs(compare, target, slo)
+            seeds: Sequence[int], prefill_budget: int | None = None) -> dict[str, Any]:
+    cfgs = configs(compare, target, slo, prefill_budget)
     found = {s: [search(c, lengths, slo, seed) for seed in seeds] for s, c in cfgs.items()}
     mean = {s: float(np.mean(g)) for s, g in found.items()}
     chosen = max(CHOICES, key=lambda s: mean[s])                                 # ties: simpler
@@ -124,17 +133,20 @@ def setting(name: str, compare: dict[str, Any], target: Target, lengths, slo: SL
             if mean["adaptive"] > 0 else None}
 
 
-def run(path: Path, target: Target, seeds: Sequence[int], rescale: bool = True) -> list[dict[str, Any]]:
+def run(path: Path, target: Target, seeds: Sequence[int], rescale: bool = True, as_run: bool = True,
+        prefill_budget: int | None = None) -> list[dict[str, Any]]:
     compare = read_json(path)
     name = path.name.split(".")[0].removeprefix("compare-")
     lengths = pool_lengths(compare["workload"])
     s = compare["slo"]
-    out = [{**setting(f"{name} (as run)", compare, target, lengths, SLO(s["ttft_s"], s["tpot_s"]), seeds),
-            "workload": compare["workload"], "slo_source": "as run"}]
-    if s.get("mode") == "relative" and rescale:
+    relative = s.get("mode") == "relative"
+    out = [{**setting(f"{name} (as run)", compare, target, lengths, SLO(s["ttft_s"], s["tpot_s"]), seeds,
+                      prefill_budget),
+            "workload": compare["workload"], "slo_source": "as run"}] if as_run or not relative else []
+    if relative and rescale:
         ttft1, tpot1 = single_request(target, lengths)
         slo = SLO(s["ttft_multiple"] * ttft1, s["tpot_multiple"] * tpot1)
-        out.append({**setting(f"{name} (rescaled)", compare, target, lengths, slo, seeds),
+        out.append({**setting(f"{name} (rescaled)", compare, target, lengths, slo, seeds, prefill_budget),
                     "measured": {}, "workload": compare["workload"],
                     "slo_source": f"{s['ttft_multiple']}x / {s['tpot_multiple']}x this profile's "
                                   f"single request ({ttft1:.3f} s / {tpot1 * 1e3:.1f} ms)"})
@@ -201,11 +213,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", type=Path, default=Path("docs/profile_cpu.json"))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--out", type=Path, default=Path("docs/adaptive_sim"))
-    p.add_argument("--no-rescale", action="store_true",
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--no-rescale", action="store_true",
                    help="judge relative-SLO runs only at the SLOs they ran with")
+    g.add_argument("--rescaled-only", action="store_true",
+                   help="judge relative-SLO runs only at their multiples of this profile's single request")
+    p.add_argument("--prefill-budget", type=int, default=None,
+                   help="simulate every prefill batch up to this many tokens (L_m) instead of the "
+                        "runs' deployments' own")
     args = p.parse_args(argv)
     target = load_target(args.profile)
-    results = [r for path in args.compare for r in run(path, target, args.seeds, not args.no_rescale)]
+    results = [r for path in args.compare for r in run(path, target, args.seeds, not args.no_rescale,
+                                                       not args.rescaled_only, args.prefill_budget)]
     command = "python -m planner.mode_compare " + " ".join(sys.argv[1:] if argv is None else map(str, argv))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     png = args.out.with_suffix(".png")

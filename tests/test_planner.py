@@ -47,6 +47,32 @@ def test_fit_recovers_coefficients_from_noisy_samples():
         np.testing.assert_allclose(getattr(fit, name), getattr(truth, name), rtol=0.1)
 
 
+def test_saturation_length_is_where_prefill_reaches_its_share_of_the_best_rate():
+    linear = LatencyModel("toy", "cpu", 1, (0.01, 1e-4, 0.0), (0.005, 1e-6, 1e-4), (0.004, 1e-6, 2e-4))
+    rate = lambda lat, n: n / lat.prefill_time([n])                     # noqa: E731
+    # a + b L: the rate grows to the limit; 95% of rate(2048) first at L = 961.6 -> 976
+    assert linear.saturation_length() == 976
+    assert linear.saturation_length(share=0.5) == 96        # 0.01 x 4767 / (1 - 0.4767) = 91.1
+    quadratic = make_latency()                                # c > 0: the rate peaks at sqrt(a / c)
+    lm = quadratic.saturation_length()
+    best = max(rate(quadratic, n) for n in range(16, 2049, 16))
+    assert rate(quadratic, lm) >= 0.95 * best > rate(quadratic, lm - 16) and lm < 1000
+    assert quadratic.saturation_length(step=1) <= lm
+    for bad in (dict(share=0.0), dict(share=1.5), dict(step=0), dict(limit=8)):
+        with pytest.raises(ValueError):
+            quadratic.saturation_length(**bad)
+
+
+def test_default_prefill_batch_is_the_shipped_profiles_saturation_length():
+    """Re-measured docs/profile_cpu.json: revisit DEFAULT_PREFILL_BATCH_TOKENS."""
+    from deploy.deployment import DEFAULT_PREFILL_BATCH_TOKENS, ROOT, default_deployment
+    from planner.deployment import load_target
+    shipped = load_target(ROOT / "docs" / "profile_cpu.json")
+    lat = shipped.table.get(shipped.model, shipped.device, 1)
+    assert lat.saturation_length() == DEFAULT_PREFILL_BATCH_TOKENS
+    assert default_deployment(num_cores=2).prefill.max_num_batched_tokens == DEFAULT_PREFILL_BATCH_TOKENS
+
+
 def test_profile_roundtrips_through_our_format(tmp_path):
     table = LatencyTable([make_latency()])
     path = tmp_path / "p.json"

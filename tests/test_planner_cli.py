@@ -8,7 +8,7 @@ import pytest
 
 from planner.deployment import load_deployment
 from planner.__main__ import main
-from planner.latency import LatencyModel, LatencyTable
+from planner.latency import LatencyModel, LatencyTable, load_profile
 
 
 def write_inputs(tmp_path):
@@ -75,6 +75,13 @@ def test_plan_for_this_machine_with_a_cpu_profile(tmp_path, capsys):
     assert mode == plan["mode"]
     assert dep.prefill.devices == ((0,),) and dep.decode.devices == ((1,),)
     assert dep.model_path == "models/toy.gguf" and dep.dtype == "bfloat16" and dep.block_size == 16
+    # the prefill batch stops at the profile's L_m unless --prefill-budget says otherwise
+    lm = load_profile(profile).get("toy-cpu", "cpu-core", 1).saturation_length()
+    assert dep.prefill.max_num_batched_tokens == lm and 16 <= lm < 2048
+    assert main(["plan", "--profile", str(profile), "--workload", str(tmp_path / "w.json"), "--ttft",
+                 "0.5", "--tpot", "0.1", "--devices", "1x2", *FAST, "--prefill-budget", "512",
+                 "--out", str(tmp_path / "dep512.json")]) == 0
+    assert load_deployment(tmp_path / "dep512.json", check_host=False)[0].prefill.max_num_batched_tokens == 512
 
 
 def test_plan_takes_a_named_workload_or_a_trace(tmp_path, monkeypatch, capsys):

@@ -148,3 +148,19 @@ def test_recommend_rule():
     assert close["recommend"] is None and close["best"] == "adaptive"
     rescue = recommend("split", {"split": found(1.0, False), "adaptive": found(1.05, True)})
     assert rescue["recommend"] == "adaptive" and "meets the target" in rescue["why"]
+
+
+def test_mode_compare_simulates_every_prefill_batch_at_the_budget_given():
+    from planner.fidelity import read_json
+    from planner.mode_compare import configs
+    from deploy.deployment import ROOT
+    run = read_json(ROOT / "docs" / "goodput" / "raw" / "compare-code-z2-zen2.json.gz")
+    target, slo = load_target(CPU_PROFILE), SLO(1.0, 0.06)
+    as_run = configs(run, target, slo)
+    assert as_run["split"].prefill.limits.max_num_batched_tokens == 2048    # that run's deployments
+    for name, cfg in configs(run, target, slo, prefill_budget=128).items():
+        limits = cfg.prefill.limits
+        # chunked-512's steps keep their budget: a chunk is not a prefill batch
+        assert limits.max_num_batched_tokens == (512 if name == "chunked-512" else 128), name
+        if cfg.decode is not None:
+            assert cfg.decode.limits == as_run[name].decode.limits
