@@ -37,8 +37,8 @@ DEFAULT_CHUNKED_TOKEN_BUDGET = 512        # Sarathi-Serve's and vLLM's usual chu
 # a prefill reaches 95% of its best rate (planner.latency.LatencyModel.saturation_length) a
 # longer batch gains little and delays the prompts queued in it by every prompt that joins them.
 # The shipped profile (docs/profile_cpu.json, an Intel core) puts it at 256, the AMD EPYC Zen 2
-# host's at 80. Simulated, code completion on the Zen 2 profile, adaptive: 94.6% -> 95.9% of
-# requests within both SLOs at 1.75 rps; chatbot at a tight TPOT 75.0% -> 87.9% at 0.625 rps.
+# host's at 80. Simulated on the Zen 2 profile (docs/goodput/prefill_batch), 2048 -> 256:
+# adaptive's goodput on chatbot at a tight TPOT 0.51 -> 0.58 rps, on code 1.85 -> 1.91.
 DEFAULT_PREFILL_BATCH_TOKENS = 256
 SPECULATIVE_METHODS = ("ngram", "model")  # drafters: backends.core.spec_decode.DRAFTERS (no torch here)
 MAX_SPECULATIVE_TOKENS = 16              # a verify row runs 1 + k tokens in one step

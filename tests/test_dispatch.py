@@ -221,3 +221,51 @@ def test_a_prefill_state_counts_what_it_has_not_received_yet():
     assert d._adjusted(*states["prefill-0"]).queued_tokens == 500
     # by time alone (no count on the page) a page written after a send drops it
     assert d._adjusted(prefill(0, 300), 11.0).queued_tokens == 300
+
+
+def test_the_measured_lateness_of_predictions_goes_into_the_instances_state():
+    """Split predictions that ran 0.3 s late move the next prompt, predicted the same, to the
+    decode instance; the bias is the median of the recent errors (the prediction it was made
+    with excluded), needs BIAS_MIN_SAMPLES of them and forgets those older than BIAS_HORIZON_S."""
+    from backends.orchestrator.dispatch import BIAS_HORIZON_S, BIAS_MIN_SAMPLES
+    states = {"prefill-0": prefill(0, 0), "decode-0": decode(0, 2, local=True)}
+    d = make(states, mode="adaptive", slo=SLOs(1.0, 0.1), predictor=Linear())
+    first = d.place(1500, 16)              # split 0.16 s; local 6 steps of <= 254 tokens, 0.25 s
+    assert first.kind == "split" and first.predicted_ttft_s == pytest.approx(0.16)
+    for late in (0.3, 0.29, 5.0, 0.31)[:BIAS_MIN_SAMPLES - 1]:
+        d.observe(first, first.predicted_ttft_s + late)
+    assert d.ttft_bias("prefill-0", d.clock()) == 0.0           # too few to go by
+    d.observe(first, first.predicted_ttft_s + 0.31)
+    assert d.ttft_bias("prefill-0", d.clock()) == pytest.approx(0.305)   # the median: 5 s ignored
+    d.recent.clear()                                # (the same published states as before)
+    again = d.place(1500, 16)
+    split = next(o for o in again.decision["options"] if o["kind"] == "split")
+    assert split["ttft_bias_s"] == pytest.approx(0.305) and "measured bias" in split["reason"]
+    assert again.kind == "local"
+    # a local prediction's error is its decode instance's, and the bias excluded from it
+    d.observe(again, again.predicted_ttft_s + 0.01)
+    assert d.errors["decode-0"][-1][1] == pytest.approx(0.01)
+    d.clock.now += BIAS_HORIZON_S + 1
+    assert d.ttft_bias("prefill-0", d.clock()) == 0.0           # forgotten: predicted afresh
+
+
+def test_observed_reports_the_first_chunk_of_a_request():
+    import asyncio
+    from types import SimpleNamespace
+    from backends.orchestrator.dispatch import Placement, observed
+    d = make({"prefill-0": prefill(0), "decode-0": decode(0)}, mode="adaptive")
+    seen = []
+    d.observe = lambda placement, ttft: seen.append((placement.kind, ttft))
+
+    async def chunks(first_timing):
+        d.clock.now += 0.25
+        yield SimpleNamespace(timing=first_timing)
+        d.clock.now += 1.0
+        yield SimpleNamespace(timing=SimpleNamespace(ttft_s=9.0))
+
+    async def drain(it):
+        return [c async for c in it]
+    streamed = asyncio.run(drain(observed(chunks(None), d, Placement("split", "decode-0", "prefill-0"))))
+    whole = asyncio.run(drain(observed(chunks(SimpleNamespace(ttft_s=0.2)), d, Placement("local", "decode-0"))))
+    assert len(streamed) == len(whole) == 2
+    assert seen == [("split", pytest.approx(0.25)), ("local", 0.2)]    # once each: the first chunk

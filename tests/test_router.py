@@ -13,7 +13,8 @@ import pytest
 
 from backends.core.kv_cache import BlockManager
 from backends.core.limits import EngineLimits
-from backends.core.router import Decision, InstanceState, chunk_budget, prefill_slowdown, route
+from backends.core.router import (FEW_LOCAL_STEPS, Decision, InstanceState, chunk_budget,
+                                  prefill_slowdown, route)
 from backends.core.sampling import SamplingParams
 from backends.core.scheduler import Batch, Scheduler
 from backends.core.sequence import Sequence
@@ -87,6 +88,32 @@ def test_a_local_prefill_over_several_steps_only_where_no_split_meets_both():
     assert d.reason == "meets both SLOs only by a local prefill over several steps"
     # one step: cheap, and it competes on TTFT as before
     assert go(100, [prefill(queued=1000)], [decode()]).chosen.steps == 1
+
+
+def test_a_local_prefill_over_a_few_steps_is_taken_where_it_is_clearly_sooner():
+    # behind 2,000 queued tokens split takes 0.37 s; the same 3 local steps (0.252 s) are
+    # sooner by more than LOCAL_MARGIN (10%) of the 0.5 s TTFT SLO
+    d = go(1500, [prefill(queued=2000)], [decode()])
+    split, local = d.options
+    assert split.meets_slo and split.ttft_s == pytest.approx(0.37)
+    assert d.kind == "local" and d.chosen.steps == 3
+    assert d.reason == "meets both SLOs, a local prefill over a few steps clearly sooner"
+    # sooner by far, but over more than FEW_LOCAL_STEPS steps (a TPOT SLO that leaves 180
+    # tokens a step: 9 steps, 0.47 s) against split behind 5,000 tokens (0.67 s): split
+    d = go(1500, [prefill(queued=5000)], [decode()], slo=SLO(1.0, 0.052))
+    split, local = d.options
+    assert local.meets_slo and local.steps == 9 > FEW_LOCAL_STEPS and split.meets_slo
+    assert local.ttft_s < split.ttft_s - 0.1 and d.kind == "split"
+
+
+def test_a_measured_bias_is_added_to_the_predictions_of_its_instance():
+    plain = go(1500, [prefill(queued=1000)], [decode()])
+    late = go(1500, [prefill(queued=1000, ttft_bias_s=0.2)], [decode(ttft_bias_s=-0.01)])
+    for before, after, bias in zip(plain.options, late.options, (0.2, -0.01)):
+        assert after.ttft_s == pytest.approx(before.ttft_s + bias) and after.ttft_bias_s == bias
+        assert "measured bias" in after.reason
+    assert plain.kind == "split" and late.kind == "local"      # split now 0.47 s, local 0.242 s
+    assert not late.options[0].meets_slo or late.options[0].ttft_s > 0.45
 
 
 def test_decode_batch_at_its_tpot_limit_sends_a_short_prompt_to_prefill():

@@ -21,6 +21,12 @@ By time alone a prefill instance's page written while a request was still on its
 at 4.5 rps, two prompts routed split in the same instant were both predicted "behind 0 queued
 tokens", and split TTFTs came out 0.2-0.4 s over their predictions.
 
+In adaptive mode the dispatcher also learns how late its predictions run: `observe(placement,
+ttft_s)` (or `observed(chunks, ...)` around a request's output) records each routed request's
+first-token time against the router's prediction, and the median error of the recent prompts
+prefilled on an instance (`ttft_bias`) goes into that instance's state, so the router adds it
+to every option that prefills there.
+
 Modes: "split" (DistServe: prefill instance, then decode instance; each the least loaded that
 has room), "adaptive" (backends/core/router.route decides split or local prefill on a decode
 instance, from the instances' states and the latency model, against the SLOs). Without a
@@ -31,9 +37,10 @@ mode predicts each option with the prompt tokens its instance likely has cached.
 """
 from __future__ import annotations
 
+import statistics
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -42,6 +49,10 @@ from backends.core.router import Decision, InstanceState, Predictor, route
 from backends.core.routing import least_loaded
 
 MODES = ("split", "adaptive")
+BIAS_SAMPLES = 32                   # the last this many first tokens of prompts prefilled on an
+BIAS_MIN_SAMPLES = 4                # instance (at least this many, none older than BIAS_HORIZON_S)
+BIAS_HORIZON_S = 30.0               # give the measured bias of its TTFT predictions (`ttft_bias`)
+BIAS_MAX_SLOS = 1.0                 # ... within this many TTFT SLOs either way
 Published = tuple[InstanceState, float] | tuple[InstanceState, float, int]
 # (state, written at: time.monotonic()[, requests the instance had received by then])
 
@@ -62,6 +73,11 @@ class Placement:
     decode: str                                      # the decode instance (both kinds)
     prefill: str | None = None                       # split: the prefill instance
     decision: dict[str, Any] | None = None           # adaptive: the router's options and reasons
+    predicted_ttft_s: float | None = None            # adaptive: the chosen option's, bias excluded
+
+    @property
+    def prefilled_on(self) -> str:
+        return self.prefill if self.prefill is not None else self.decode
 
 
 @dataclass
@@ -89,6 +105,7 @@ class Dispatcher:
     horizon_s: float = 5.0                           # forget placements older than this
     recent: deque = field(default_factory=deque)
     sent: dict = field(default_factory=dict)         # instance -> requests placed there so far
+    errors: dict = field(default_factory=dict)       # instance -> deque of (at, TTFT - prediction)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -141,7 +158,27 @@ class Dispatcher:
                                  f"this request: {decision.reason}")
             return replace(self._split(prefills, decodes), decision=decision.to_dict())
         return Placement("local" if chosen.kind == "local" else "split", chosen.decode,
-                         chosen.prefill, decision.to_dict())
+                         chosen.prefill, decision.to_dict(), chosen.ttft_s - chosen.ttft_bias_s)
+
+    # -- measured prediction error ------------------------------------------------------------
+    def observe(self, placement: Placement, ttft_s: float) -> None:
+        """A request placed by the router reached its first token `ttft_s` after placement."""
+        if placement.predicted_ttft_s is None or not ttft_s >= 0:
+            return
+        errors = self.errors.setdefault(placement.prefilled_on, deque(maxlen=BIAS_SAMPLES))
+        errors.append((self.clock(), ttft_s - placement.predicted_ttft_s))
+
+    def ttft_bias(self, instance: str, now: float) -> float:
+        """The median of the recent errors of predictions for prompts prefilled on `instance`
+        (0 with fewer than BIAS_MIN_SAMPLES in the last BIAS_HORIZON_S: an instance the bias
+        kept requests away from is predicted afresh), at most BIAS_MAX_SLOS TTFT SLOs."""
+        errors = self.errors.get(instance)
+        while errors and now - errors[0][0] > BIAS_HORIZON_S:
+            errors.popleft()
+        if not errors or len(errors) < BIAS_MIN_SAMPLES:
+            return 0.0
+        bias = statistics.median(e for _, e in errors)
+        return max(-BIAS_MAX_SLOS * self.slo.ttft, min(BIAS_MAX_SLOS * self.slo.ttft, bias))
 
     # -- state ------------------------------------------------------------------------------
     def _live(self, phase: str, ids: Sequence[str], now: float) -> list[tuple[str, InstanceState | None]]:
@@ -151,7 +188,12 @@ class Dispatcher:
             if not self.live(i):
                 continue
             published = self.states(i)
-            out.append((i, None if published is None else self._adjusted(*published)))
+            if published is None:
+                out.append((i, None))
+                continue
+            state = self._adjusted(*published)
+            bias = self.ttft_bias(i, now) if self.mode == "adaptive" else 0.0
+            out.append((i, replace(state, ttft_bias_s=bias) if bias else state))
         if not out and phase == "decode":
             raise NoInstance("no decode instance is up")
         return out
@@ -184,6 +226,21 @@ class Dispatcher:
         local = placement.kind == "local"
         self.recent.append(_Sent(now, placement.decode, sent(placement.decode),
                                  to_prefill if local else 0, 1, prompt_len))
+
+
+async def observed(chunks: AsyncIterator[Any], dispatcher: Dispatcher,
+                   placement: Placement) -> AsyncIterator[Any]:
+    """`chunks` (a request's output, backends.orchestrator.pipeline.Chunk), telling `dispatcher`
+    when the first one came: its timing's TTFT where it carries one (a request not streamed
+    has one chunk, its last), else the time since this was called."""
+    t0, seen = dispatcher.clock(), False
+    async for chunk in chunks:
+        if not seen:
+            seen = True
+            timing = getattr(chunk, "timing", None)
+            ttft = getattr(timing, "ttft_s", None)
+            dispatcher.observe(placement, dispatcher.clock() - t0 if ttft is None else ttft)
+        yield chunk
 
 
 def _load(state: InstanceState | None, phase: str) -> tuple[int, int]:

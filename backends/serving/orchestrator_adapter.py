@@ -37,7 +37,7 @@ from typing import Any, AsyncIterator, ClassVar
 import numpy as np
 
 from backends.core.control import run_dir, send, socket_path
-from backends.orchestrator.dispatch import adaptive_dispatcher
+from backends.orchestrator.dispatch import adaptive_dispatcher, observed
 from backends.orchestrator.health import InstanceMonitor, Watch, phase_of
 from backends.core.admission import OVERLOADED
 from backends.core.messages import Accepted, Admitted, Failed, Prefilled, Tokens, decode
@@ -199,12 +199,14 @@ class OrchestratorModel:
                                               gen.prompt_ids)
             gen = dataclasses.replace(gen, route=placement.decision)
             if placement.kind == "local":        # prefilled in chunks in its decode steps
-                return self.orch.run_colocated(gen, self._stream_from("decode", placement.decode),
-                                               self._cancel, is_cancelled)
-            return self._expected(functools.partial(
-                self.orch.run, gen, functools.partial(self._prefill, instance=placement.prefill),
-                self._stream_from("decode", placement.decode), self._cancel, is_cancelled),
-                placement.decode, gen)
+                chunks = self.orch.run_colocated(gen, self._stream_from("decode", placement.decode),
+                                                 self._cancel, is_cancelled)
+            else:
+                chunks = self._expected(functools.partial(
+                    self.orch.run, gen, functools.partial(self._prefill, instance=placement.prefill),
+                    self._stream_from("decode", placement.decode), self._cancel, is_cancelled),
+                    placement.decode, gen)
+            return observed(chunks, self.dispatcher, placement)   # how late its prediction ran
         return self.orch.run(gen, self._prefill, self._stream_from("decode"), self._cancel,
                              is_cancelled)
 
