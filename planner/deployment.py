@@ -29,7 +29,8 @@ from planner.latency import (KV_BYTES_PER_TOKEN, LatencyTable, Link, anchor_path
                              load_profile, model_key)
 from planner.profile import profile_info
 from planner.placement import plan_high, plan_low
-from planner.search import SERVE_MODES, SLO, Cluster, Placement, Planner, SearchSpace
+from planner.search import (DECODE_STEP_TOKENS, SERVE_MODES, SLO, Cluster, Placement, Planner,
+                            SearchSpace)
 from planner.simulator import InstanceSpec, SimConfig
 
 A100_PROFILE = anchor_path("distserve-a100-profile.distserve.json")
@@ -170,7 +171,7 @@ def placement_config(planner: Planner, p: Placement) -> SimConfig:
                          num_prefill=p.num_prefill)
     link = cluster.inter_link if p.algorithm == "high" and cluster.num_nodes > 1 else cluster.intra_link
     config = SimConfig("disaggregated", space.instance(cluster.device, p.prefill.tp, p.prefill.pp),
-                       space.instance(cluster.device, p.decode.tp, p.decode.pp),
+                       space.instance(cluster.device, p.decode.tp, p.decode.pp, decode=True),
                        p.num_prefill * units, p.num_decode * units, link, space.kv_bytes_per_token)
     if p.shared_cores:
         config = config.shared()
@@ -210,7 +211,9 @@ def to_deployment(p: Placement, model_path: str = DEFAULT_MODEL_PATH, num_kv_blo
     decode_cores, _ = _core_sets(nxt, m, p.decode.num_devices)
     dep = Deployment(model_path=model_path, dtype=dtype, kv_dtype=kv_dtype, block_size=block_size,
                      prefill=PhaseSpec(num_instances=n, devices=prefill_cores, **common),
-                     decode=PhaseSpec(num_instances=m, devices=decode_cores, **common, **spec),
+                     decode=PhaseSpec(num_instances=m, devices=decode_cores,
+                                      **{**common, "max_num_batched_tokens": max(DECODE_STEP_TOKENS, max_num_seqs)},
+                                      **spec),
                      check_host=False, **extra)
     return with_decode_on_prefill_cores(dep) if p.shared_cores else dep
 

@@ -109,15 +109,17 @@ class LatencyModel:
                           step: int = 16) -> int:
         """L_m (DistServe section 4.1): the shortest prompt, a multiple of `step` up to `limit`,
         whose prefill runs at `share` of the best rate (tokens a second) of any such length. A
-        prefill batch longer than that gains less than 1 - `share` in throughput, and every prompt
+        prefill batch longer than that gains at most 1 / `share` - 1 in throughput, and every prompt
         in it waits for the whole batch: a prompt that arrives while the instance is busy delays
         the first token of those queued before it by its own prefill."""
         if not 0 < share <= 1 or step < 1 or limit < step:
             raise ValueError(f"bad share {share}, step {step} or limit {limit}")
-        lengths = range(step, limit + 1, step)
-        rates = [n / self.prefill_time([n]) for n in lengths]
-        best = max(rates)
-        return next(n for n, r in zip(lengths, rates) if r >= share * best)
+        times = [(n, self.prefill_time([n])) for n in range(step, limit + 1, step)]
+        rates = [(n, n / t) for n, t in times if t > 0]     # a fit's intercept may be <= 0
+        if not rates:
+            raise ValueError("the prefill model predicts no positive time up to the limit")
+        best = max(r for _, r in rates)
+        return next(n for n, r in rates if r >= share * best)
 
     def decode_coeffs(self, batch_size: int) -> Coeffs:
         """The (a, b, c) of a decode step of `batch_size` sequences at this pp."""

@@ -37,7 +37,7 @@ def _verify(planner: Planner, config: SimConfig, rate: float) -> float:
 def _config(planner: Planner, p: PhaseChoice, d: PhaseChoice, n: int, m: int, link) -> SimConfig:
     space, device = planner.space, planner.cluster.device
     return SimConfig("disaggregated", space.instance(device, p.tp, p.pp),
-                     space.instance(device, d.tp, d.pp), n, m, link, space.kv_bytes_per_token)
+                     space.instance(device, d.tp, d.pp, decode=True), n, m, link, space.kv_bytes_per_token)
 
 
 def _slice(n: int, m: int, max_instances: int = 8) -> tuple[int, int]:

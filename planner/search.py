@@ -56,6 +56,9 @@ class Cluster:
         return self.num_nodes * self.gpus_per_node
 
 
+DECODE_STEP_TOKENS = 2048      # a decode instance's step budget (deploy.deployment's default)
+
+
 @dataclass(frozen=True)
 class SearchSpace:
     """What the planner may choose, and the simulation budget per probe.
@@ -88,8 +91,10 @@ class SearchSpace:
     speculation: Speculation | None = None           # decode and colocated instances speculate
 
     def instance(self, device: str, tp: int, pp: int, table: LatencyTable | None = None,
-                 max_num_seqs: int | None = None) -> InstanceSpec | None:
-        """The instance spec, or None when (tp, pp) has no latency model or does not fit."""
+                 max_num_seqs: int | None = None, decode: bool = False) -> InstanceSpec | None:
+        """The instance spec, or None when (tp, pp) has no latency model or does not fit;
+        `decode`: a decode instance's, its steps' token budget DECODE_STEP_TOKENS (its mixed
+        steps in adaptive mode), not the prefill batch's L_m."""
         tokens = self.capacity.get((model_key(self.model), tp, pp))
         try:
             lat = (table or self.table).get(self.model, device, tp, pp)
@@ -97,8 +102,10 @@ class SearchSpace:
             return None
         if tokens is None:
             return None
-        return InstanceSpec(lat, EngineLimits(tokens // self.block_size, max_num_seqs or self.max_num_seqs,
-                                              self.prefill_budget, self.block_size), self.speculation)
+        seqs = max_num_seqs or self.max_num_seqs
+        budget = max(DECODE_STEP_TOKENS, seqs) if decode else self.prefill_budget
+        return InstanceSpec(lat, EngineLimits(tokens // self.block_size, seqs, budget, self.block_size),
+                            self.speculation)
 
 
 @dataclass(frozen=True)

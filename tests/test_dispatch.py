@@ -242,9 +242,18 @@ def test_the_measured_lateness_of_predictions_goes_into_the_instances_state():
     split = next(o for o in again.decision["options"] if o["kind"] == "split")
     assert split["ttft_bias_s"] == pytest.approx(0.305) and "measured bias" in split["reason"]
     assert again.kind == "local"
-    # a local prediction's error is its decode instance's, and the bias excluded from it
+    # a local prediction's error is its decode instance's
     d.observe(again, again.predicted_ttft_s + 0.01)
     assert d.errors["decode-0"][-1][1] == pytest.approx(0.01)
+    # a prompt placed where a bias applies: its prediction is kept without it, so the errors
+    # recorded stay those of the model, not of the corrected prediction
+    d.recent.clear()
+    long = d.place(4000, 16)        # split: local needs 16 steps, more than FEW_LOCAL_STEPS
+    chosen = next(o for o in long.decision["options"] if o["kind"] == "split")
+    assert long.kind == "split" and chosen["ttft_bias_s"] == pytest.approx(0.305)
+    assert long.predicted_ttft_s == pytest.approx(chosen["ttft_s"] - 0.305)
+    d.observe(long, long.predicted_ttft_s + 0.3)
+    assert d.errors["prefill-0"][-1][1] == pytest.approx(0.3)
     d.clock.now += BIAS_HORIZON_S + 1
     assert d.ttft_bias("prefill-0", d.clock()) == 0.0           # forgotten: predicted afresh
 
@@ -257,15 +266,35 @@ def test_observed_reports_the_first_chunk_of_a_request():
     seen = []
     d.observe = lambda placement, ttft: seen.append((placement.kind, ttft))
 
-    async def chunks(first_timing):
-        d.clock.now += 0.25
-        yield SimpleNamespace(timing=first_timing)
-        d.clock.now += 1.0
-        yield SimpleNamespace(timing=SimpleNamespace(ttft_s=9.0))
+    closed = []
 
-    async def drain(it):
-        return [c async for c in it]
-    streamed = asyncio.run(drain(observed(chunks(None), d, Placement("split", "decode-0", "prefill-0"))))
-    whole = asyncio.run(drain(observed(chunks(SimpleNamespace(ttft_s=0.2)), d, Placement("local", "decode-0"))))
-    assert len(streamed) == len(whole) == 2
-    assert seen == [("split", pytest.approx(0.25)), ("local", 0.2)]    # once each: the first chunk
+    async def chunks(first_timing):
+        try:
+            d.clock.now += 0.25
+            yield SimpleNamespace(timing=first_timing)
+            d.clock.now += 1.0
+            yield SimpleNamespace(timing=SimpleNamespace(first_token_at=99.0))
+        finally:
+            closed.append(True)
+
+    async def drain(it, n=None):
+        out = []
+        async for c in it:
+            out.append(c)
+            if len(out) == n:
+                break
+        await it.aclose()
+        return out
+    split, local = Placement("split", "decode-0", "prefill-0"), Placement("local", "decode-0")
+    streamed = asyncio.run(drain(observed(chunks(None), d, split)))
+    t0 = d.clock.now                                # a request's only chunk: at its first token
+    whole = asyncio.run(drain(observed(chunks(SimpleNamespace(first_token_at=t0 + 0.2)), d, local)))
+    bare = asyncio.run(drain(observed(chunks(SimpleNamespace(first_token_at=None)), d, local)))
+    assert len(streamed) == len(whole) == len(bare) == 2
+    assert seen == [("split", pytest.approx(0.25)), ("local", pytest.approx(0.2))]   # the first chunk
+    # closing the wrapper after its first chunk closes the request's own stream (its cancel)
+    closed.clear()
+    assert len(asyncio.run(drain(observed(chunks(None), d, split), n=1))) == 1 and closed == [True]
+    # the bookkeeping never fails a request
+    d.observe = lambda placement, ttft: 1 / 0
+    assert len(asyncio.run(drain(observed(chunks(None), d, split)))) == 2

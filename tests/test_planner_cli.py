@@ -78,6 +78,7 @@ def test_plan_for_this_machine_with_a_cpu_profile(tmp_path, capsys):
     # the prefill batch stops at the profile's L_m unless --prefill-budget says otherwise
     lm = load_profile(profile).get("toy-cpu", "cpu-core", 1).saturation_length()
     assert dep.prefill.max_num_batched_tokens == lm and 16 <= lm < 2048
+    assert dep.decode.max_num_batched_tokens == 2048          # decode's steps: not L_m
     assert main(["plan", "--profile", str(profile), "--workload", str(tmp_path / "w.json"), "--ttft",
                  "0.5", "--tpot", "0.1", "--devices", "1x2", *FAST, "--prefill-budget", "512",
                  "--out", str(tmp_path / "dep512.json")]) == 0

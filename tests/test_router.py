@@ -114,6 +114,9 @@ def test_a_measured_bias_is_added_to_the_predictions_of_its_instance():
         assert "measured bias" in after.reason
     assert plain.kind == "split" and late.kind == "local"      # split now 0.47 s, local 0.242 s
     assert not late.options[0].meets_slo or late.options[0].ttft_s > 0.45
+    # a bias below minus the prediction gives 0, never a negative time
+    early = go(100, [prefill(ttft_bias_s=-5.0)], [decode(ttft_bias_s=-5.0)])
+    assert all(o.ttft_s == 0.0 and o.ttft_bias_s > -1.0 for o in early.options)
 
 
 def test_decode_batch_at_its_tpot_limit_sends_a_short_prompt_to_prefill():

@@ -277,6 +277,11 @@ def _cached(hit: int) -> str:
     return f"; {hit} prompt tokens cached" if hit else ""
 
 
+def _bias(state: InstanceState, ttft: float) -> float:
+    """`state`'s measured bias, added to a prediction of `ttft` (never below 0)."""
+    return max(state.ttft_bias_s, -ttft)
+
+
 def _biased(state: InstanceState) -> str:
     return f" {state.ttft_bias_s * 1e3:+.0f} ms (measured bias)" if state.ttft_bias_s else ""
 
@@ -292,9 +297,10 @@ def _split(p: InstanceState, target: tuple[InstanceState, float] | None, prompt_
     wait = predictor.prefill_time([share + 1] * extra + [share] * (n - extra)) if tokens else 0.0
     d, tpot = target
     slow = prefill_slowdown(p, predictor)
-    ttft = (wait + predictor.prefill_time([prompt_len - hit], hit)) * slow + p.ttft_bias_s
+    ttft = (wait + predictor.prefill_time([prompt_len - hit], hit)) * slow
+    bias = _bias(p, ttft)
     speed = f" at {slow:.2f}x the model's time (measured)" if slow != 1.0 else ""
-    return _judged(Option("split", p.instance, d.instance, 0, ttft, tpot, ttft_bias_s=p.ttft_bias_s),
+    return _judged(Option("split", p.instance, d.instance, 0, ttft + bias, tpot, ttft_bias_s=bias),
                    slo, f"prefill behind {tokens} queued tokens{speed}{_biased(p)}, decode on "
                    f"{d.instance} ({d.num_running} running){_cached(hit)}")
 
@@ -347,8 +353,9 @@ def _local(d: InstanceState, prompt_len: int, max_tokens: int, slo: SLO, predict
     # its own TPOT: the slack-free mixed steps of later prompts, or its decode step
     tpot = max(min(step, ttft) / d.tokens_per_step, _join_tpot(d, prompt_len, predictor))
     after = f" after {catch_up} plain step{'s' * (catch_up > 1)}" if catch_up else ""
-    return _judged(Option("local", None, d.instance, budget, ttft + d.ttft_bias_s, tpot, steps=steps,
-                          ttft_bias_s=d.ttft_bias_s), slo,
+    bias = _bias(d, ttft)
+    return _judged(Option("local", None, d.instance, budget, ttft + bias, tpot, steps=steps,
+                          ttft_bias_s=bias), slo,
                    f"{steps} mixed step{'s' * (steps > 1)} of <= {max(first, budget)} tokens{after} "
                    f"beside {n} running (slack {d.step_slack_s * 1e3:.0f} ms){_biased(d)}{_cached(hit)}")
 

@@ -37,6 +37,8 @@ mode predicts each option with the prompt tokens its instance likely has cached.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import statistics
 import time
 from collections import deque
@@ -48,6 +50,7 @@ from backends.core.cache_affinity import CacheAffinity
 from backends.core.router import Decision, InstanceState, Predictor, route
 from backends.core.routing import least_loaded
 
+log = logging.getLogger(__name__)
 MODES = ("split", "adaptive")
 BIAS_SAMPLES = 32                   # the last this many first tokens of prompts prefilled on an
 BIAS_MIN_SAMPLES = 4                # instance (at least this many, none older than BIAS_HORIZON_S)
@@ -231,16 +234,23 @@ class Dispatcher:
 async def observed(chunks: AsyncIterator[Any], dispatcher: Dispatcher,
                    placement: Placement) -> AsyncIterator[Any]:
     """`chunks` (a request's output, backends.orchestrator.pipeline.Chunk), telling `dispatcher`
-    when the first one came: its timing's TTFT where it carries one (a request not streamed
-    has one chunk, its last), else the time since this was called."""
+    how long after its first iteration the first one came. A first chunk that is also the last
+    (a request not streamed) came at the end: its timing's `first_token_at` (time.monotonic,
+    as `dispatcher.clock` by default) is used, or, without one, nothing is told. Closing this
+    closes `chunks`."""
     t0, seen = dispatcher.clock(), False
-    async for chunk in chunks:
-        if not seen:
-            seen = True
-            timing = getattr(chunk, "timing", None)
-            ttft = getattr(timing, "ttft_s", None)
-            dispatcher.observe(placement, dispatcher.clock() - t0 if ttft is None else ttft)
-        yield chunk
+    async with contextlib.aclosing(chunks):
+        async for chunk in chunks:
+            if not seen:
+                seen = True
+                timing = getattr(chunk, "timing", None)
+                at = dispatcher.clock() if timing is None else getattr(timing, "first_token_at", None)
+                if at is not None:
+                    try:
+                        dispatcher.observe(placement, at - t0)
+                    except Exception:               # bookkeeping: never fail the request
+                        log.exception("could not record a first token's time")
+            yield chunk
 
 
 def _load(state: InstanceState | None, phase: str) -> tuple[int, int]:
