@@ -40,6 +40,7 @@ DEFAULT_CHUNKED_TOKEN_BUDGET = 512        # Sarathi-Serve's and vLLM's usual chu
 # host's at 80. Simulated on the Zen 2 profile (docs/goodput/prefill_batch), 2048 -> 256:
 # adaptive's goodput on chatbot at a tight TPOT 0.51 -> 0.58 rps, on code 1.85 -> 1.91.
 DEFAULT_PREFILL_BATCH_TOKENS = 256
+DEFAULT_DECODE_STEP_TOKENS = 2048       # a decode step's tokens (with chunked prefill: its mixed steps)
 SPECULATIVE_METHODS = ("ngram", "model")  # drafters: backends.core.spec_decode.DRAFTERS (no torch here)
 MAX_SPECULATIVE_TOKENS = 16              # a verify row runs 1 + k tokens in one step
 
@@ -453,7 +454,7 @@ def default_deployment(model_path: str | Path = DEFAULT_MODEL_PATH,
         prefill=PhaseSpec(device="cpu", devices=(prefill_cores,), num_kv_blocks=512, max_num_seqs=16,
                           max_num_batched_tokens=DEFAULT_PREFILL_BATCH_TOKENS),
         decode=PhaseSpec(device="cpu", devices=(decode_cores,), num_kv_blocks=1024,
-                         max_num_seqs=32, max_num_batched_tokens=2048),
+                         max_num_seqs=32, max_num_batched_tokens=DEFAULT_DECODE_STEP_TOKENS),
         check_host=num_cores <= host_cores,
     )
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Sequence
 
 from deploy.deployment import SERVE_MODES  # noqa: F401 - the planner names the same modes
+from deploy.deployment import DEFAULT_DECODE_STEP_TOKENS as DECODE_STEP_TOKENS
 from backends.core.limits import EngineLimits
 from planner.latency import ETHERNET_25G, NVLINK_A100, LatencyTable, Link, model_key
 from planner.rate_search import (SLO, Probe, decode_fluid_rate, fits, goodput, lifetime,
@@ -54,9 +55,6 @@ class Cluster:
     @property
     def num_devices(self) -> int:
         return self.num_nodes * self.gpus_per_node
-
-
-DECODE_STEP_TOKENS = 2048      # a decode instance's step budget (deploy.deployment's default)
 
 
 @dataclass(frozen=True)

@@ -282,8 +282,8 @@ def _bias(state: InstanceState, ttft: float) -> float:
     return max(state.ttft_bias_s, -ttft)
 
 
-def _biased(state: InstanceState) -> str:
-    return f" {state.ttft_bias_s * 1e3:+.0f} ms (measured bias)" if state.ttft_bias_s else ""
+def _biased(bias: float) -> str:
+    return f" {bias * 1e3:+.0f} ms (measured bias)" if bias else ""
 
 
 def _split(p: InstanceState, target: tuple[InstanceState, float] | None, prompt_len: int,
@@ -301,7 +301,7 @@ def _split(p: InstanceState, target: tuple[InstanceState, float] | None, prompt_
     bias = _bias(p, ttft)
     speed = f" at {slow:.2f}x the model's time (measured)" if slow != 1.0 else ""
     return _judged(Option("split", p.instance, d.instance, 0, ttft + bias, tpot, ttft_bias_s=bias),
-                   slo, f"prefill behind {tokens} queued tokens{speed}{_biased(p)}, decode on "
+                   slo, f"prefill behind {tokens} queued tokens{speed}{_biased(bias)}, decode on "
                    f"{d.instance} ({d.num_running} running){_cached(hit)}")
 
 
@@ -357,7 +357,7 @@ def _local(d: InstanceState, prompt_len: int, max_tokens: int, slo: SLO, predict
     return _judged(Option("local", None, d.instance, budget, ttft + bias, tpot, steps=steps,
                           ttft_bias_s=bias), slo,
                    f"{steps} mixed step{'s' * (steps > 1)} of <= {max(first, budget)} tokens{after} "
-                   f"beside {n} running (slack {d.step_slack_s * 1e3:.0f} ms){_biased(d)}{_cached(hit)}")
+                   f"beside {n} running (slack {d.step_slack_s * 1e3:.0f} ms){_biased(bias)}{_cached(hit)}")
 
 
 def route(prompt_len: int, max_tokens: int, slo: SLO, prefill_states: Sequence[InstanceState],
