@@ -138,3 +138,18 @@ def test_hf_folder_round_trips_through_our_loader(tiny_dir: Path, tmp_path: Path
 def test_settings_need_batch_one() -> None:
     with pytest.raises(ValueError, match="include 1"):
         bench.Settings(batches=(2, 4))
+
+
+def test_verify_rows_bounds_on_a_hand_made_cost_curve() -> None:
+    from benchmarks.verify_rows import best_speedup, least_acceptance, no_waste_speedup
+    free_rows = {k: 1.0 for k in range(5)}                  # rows cost nothing (an AMX-like tile)
+    assert best_speedup(free_rows, 0.5) == pytest.approx((1 + 0.5 + 0.25 + 0.125 + 0.0625, 4))
+    assert no_waste_speedup(free_rows, 2) == 3.0
+    linear = {k: 1.0 + 0.5 * k for k in range(5)}          # each row half a plain step
+    assert no_waste_speedup(linear, 2) == pytest.approx(1.5)
+    assert best_speedup(linear, 0.0) == (1.0, 0)            # nothing accepted: k = 0 is best
+    s, k = best_speedup(linear, 0.9)
+    assert k == 3 and s == pytest.approx(sum(0.9 ** j for j in range(4)) / 2.5)   # k = 4: 4.10 / 3 < 3.44 / 2.5
+    p = least_acceptance(linear, 1.5)
+    assert p is not None and best_speedup(linear, p)[0] >= 1.5 > best_speedup(linear, p - 0.01)[0]
+    assert least_acceptance({0: 1.0, 1: 3.0}, 1.5) is None  # a row costing 2 steps never pays
