@@ -130,3 +130,49 @@ def test_bad_inputs_are_clear_errors(system, inputs, match):
     orch = system[2]
     with pytest.raises(ValueError, match=match):
         orch.parse(inputs)
+
+
+def test_a_split_request_cancels_on_its_decode_instance_only_if_it_did_not_finish():
+    """The adapter's _expected (adaptive mode's split requests): an error, or a client gone
+    before the last chunk, tells the decode instance to forget the request; a request that got
+    its last chunk does not, though the Triton adapter stops iterating at that chunk and the
+    generator is only finalized later."""
+    from concurrent.futures import ThreadPoolExecutor
+    from types import SimpleNamespace
+    from backends.orchestrator.pipeline import Chunk
+    from backends.serving.orchestrator_adapter import OrchestratorModel
+
+    model = OrchestratorModel.__new__(OrchestratorModel)
+    model.pool = ThreadPoolExecutor(1)
+    expected, cancelled = [], []
+    model._send_expect = lambda instance, req_id, sure: expected.append((instance, req_id))
+    model._cancel = lambda instance, req_id: cancelled.append((instance, req_id))
+
+    def serve(req_id: str, fail: bool = False, stop_after: int | None = None) -> list[Chunk]:
+        gen = SimpleNamespace(req_id=req_id, params=SamplingParams(max_tokens=4))
+
+        async def run():
+            yield Chunk("a", [1])
+            if fail:
+                raise RuntimeError("prefill failed")
+            yield Chunk("b", [2])
+            yield Chunk("c", [3], finish_reason="length")
+
+        async def respond() -> list[Chunk]:
+            got = []
+            async for chunk in model._expected(run, "decode_0", gen):   # as _respond consumes it
+                got.append(chunk)
+                if chunk.finish_reason is not None or len(got) == stop_after:
+                    return got
+            return got
+        try:
+            return asyncio.run(respond())      # run() ends the loop: abandoned generators finalized
+        except RuntimeError:
+            return []
+
+    assert [c.text for c in serve("done")] == ["a", "b", "c"]
+    assert serve("failed", fail=True) == []
+    assert len(serve("gone", stop_after=2)) == 2
+    model.pool.shutdown()
+    assert [r for _, r in expected] == ["done", "failed", "gone"]
+    assert cancelled == [("decode_0", "failed"), ("decode_0", "gone")]

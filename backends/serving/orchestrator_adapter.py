@@ -213,15 +213,20 @@ class OrchestratorModel:
     async def _expected(self, run: Any, instance: str, gen: Generation) -> AsyncIterator[Chunk]:
         """`run()`'s chunks, a split request's, once its decode instance has been told to expect
         it (before its prefill starts, so the word cannot come after the request itself): the
-        instance holds its mixed steps to what this request can wait. If they end in an error
-        (its prefill failed, say), that instance is told to forget it."""
+        instance holds its mixed steps to what this request can wait. If they end before the
+        last chunk (its prefill failed, say, or the stream was closed), that instance is told to
+        forget it; not after it (`_respond` stops at the last chunk, and this generator is closed
+        later)."""
         await asyncio.get_running_loop().run_in_executor(
             self.pool, self._send_expect, instance, gen.req_id, sure_after_prefill(gen.params))
+        finished = False
         try:
             async for chunk in run():
+                finished = chunk.finish_reason is not None
                 yield chunk
         except BaseException:
-            self._cancel(instance, gen.req_id)
+            if not finished:
+                self._cancel(instance, gen.req_id)
             raise
 
     def _send_expect(self, instance_id: str, req_id: str, sure: int) -> None:
