@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
             samples[k].extend(step_times(engine, 1, k, args.steps, f"r{rnd}-{k}"))
     cost = {k: statistics.median(v) for k, v in samples.items()}
     bounds = {p: best_speedup(cost, p) for p in ACCEPTANCE}
-    flags = open("/proc/cpuinfo").read().split("flags")[1].split("\n")[0].split() if Path("/proc/cpuinfo").exists() else []
+    flags = native.cpu_flags()
     doc = {"command": "python -m benchmarks.verify_rows " + " ".join(argv if argv is not None else []),
            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "core": args.core,
            "isa": sorted(f for f in flags if f.startswith(("avx", "amx"))),

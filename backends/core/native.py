@@ -71,14 +71,18 @@ log = logging.getLogger(__name__)
 CPU_LINES = ("model name", "flags", "Features", "CPU implementer", "CPU part")   # x86, aarch64
 
 
-def cpu_has(*flags: str) -> bool:
-    """This host's CPU lists every one of `flags` (/proc/cpuinfo, x86 names: "amx_bf16")."""
+def cpu_flags() -> set[str]:
+    """This host's CPU feature flags (/proc/cpuinfo, x86 names: "amx_bf16"); none without it."""
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        return False
-    have = {f for ln in lines if ln.startswith("flags") for f in ln.split(":", 1)[1].split()}
-    return set(flags) <= have
+        return set()
+    return {f for ln in lines if ln.startswith("flags") for f in ln.split(":", 1)[1].split()}
+
+
+def cpu_has(*flags: str) -> bool:
+    """This host's CPU lists every one of `flags`."""
+    return set(flags) <= cpu_flags()
 
 
 def _key() -> str:
