@@ -205,3 +205,23 @@ def test_replay_rejects_mismatched_arrivals():
     with pytest.raises(ValueError):
         asyncio.run(replay_async(TritonHttp("x", "m"), [Request((1,), 1, "a")], [0.0, 1.0],
                                  progress=False))
+
+
+def test_measurements_share_one_event_loop(monkeypatch):
+    """grpc.aio hands a closed channel's late completions to the loop the channel was made on:
+    every replay of a process runs on one loop, which stays open between them."""
+    from client.bench import runner
+    loops = []
+    real = runner.replay_async
+
+    async def spy(*args, **kwargs):
+        loops.append(asyncio.get_running_loop())
+        return await real(*args, **kwargs)
+    monkeypatch.setattr(runner, "replay_async", spy)
+    with serve(grpc_triton) as (url, _):
+        for rnd in range(2):                            # a stream that times out in each
+            requests = [Request((b, 7, 8), 4, f"r{rnd}-{i}") for i, b in enumerate([1, 4, 1])]
+            results = runner.replay("triton-grpc", url, "distserve", requests, [0.0, 0.01, 0.02],
+                                    timeout_s=0.3, progress=False)
+            assert [r.ok for r in results] == [True, False, True]
+    assert len(loops) == 2 and loops[0] is loops[1] and not loops[0].is_closed()

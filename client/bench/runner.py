@@ -10,14 +10,35 @@ on the server); none is dropped. Results come back in workload order.
 from __future__ import annotations
 
 import asyncio
+import atexit
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, TypeVar
 
 from .endpoints import Endpoint, make_endpoint
 from .metrics import RequestResult, Timeline
 from .pools import Request
 
 Clock = Callable[[], float]
+T = TypeVar("T")
+_loop: asyncio.Runner | None = None
+_loop_lock = threading.Lock()
+
+
+def run_sync(coro: Coroutine[Any, Any, T]) -> T:
+    """Run `coro` to its end on this process's one benchmark loop (made on first use, closed at
+    exit), as `asyncio.run` would. One loop for every measurement, not one each: grpc.aio binds
+    the loop a channel is made on, and a late completion of a closed channel's call (a timed-out
+    stream's pending reads) is handed to that loop; with a loop a measurement it was closed by
+    then, and the next measurement's loop printed "RuntimeError: Event loop is closed"
+    (client/grpc_stream.py)."""
+    global _loop
+    with _loop_lock:                        # one measurement at a time: callers on threads wait
+        if _loop is None:
+            _loop = asyncio.Runner()
+            atexit.register(_loop.close)
+        return _loop.run(coro)
 
 
 async def replay_async(endpoint: Endpoint, requests: Sequence[Request], arrivals: Sequence[float],
@@ -90,7 +111,7 @@ def replay(endpoint: str, url: str, model: str, requests: Sequence[Request],
                 await sequential_async(ep, warmup, timeout_s)
             return await replay_async(ep, requests, arrivals, timeout_s=timeout_s,
                                       progress=progress, desc=desc)
-    return asyncio.run(main())
+    return run_sync(main())
 
 
 def sequential(endpoint: str, url: str, model: str, requests: Sequence[Request],
@@ -98,4 +119,4 @@ def sequential(endpoint: str, url: str, model: str, requests: Sequence[Request],
     async def main() -> list[RequestResult]:
         async with make_endpoint(endpoint, url, model) as ep:
             return await sequential_async(ep, requests, timeout_s)
-    return asyncio.run(main())
+    return run_sync(main())

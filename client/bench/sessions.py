@@ -136,12 +136,13 @@ def sweep_users(endpoint: str, url: str, model: str, sessions: Sequence[Sequence
     """Replay every session at each user count in turn; each count's summary (with `raw_dir`,
     every request's result too, as <raw_dir>/users-<n>.json.gz)."""
     from .endpoints import make_endpoint
+    from .runner import run_sync
     points = {}
     for n in users:
         async def run() -> tuple[list, float]:
             async with make_endpoint(endpoint, url, model) as ep:
                 return await replay_sessions(ep, sessions, n, think_s=think_s, seed=seed)
-        results, seconds = asyncio.run(run())
+        results, seconds = run_sync(run())
         points[n] = summarize(results, seconds, slo)
         if raw_dir is not None:
             import gzip
