@@ -166,10 +166,12 @@ def test_speculative_variants():
         parse_system("vllm+ngram")
 
 
-def test_every_adaptive_system_serves_the_runs_slos(monkeypatch):
-    """The router's SLOs are the run's from the first system on: absolute SLOs are known before
-    any server starts (an adaptive system listed first was served with the deployment's
-    defaults once); a relative SLO measured on an adaptive first system is refused."""
+def test_every_system_serves_the_runs_slos(monkeypatch):
+    """The router's SLOs, and every system's overload limit (overload_factor x its TTFT SLO), are
+    the run's from the first system on: absolute SLOs are known before any server starts (an
+    adaptive system listed first was served with the deployment's defaults once; a split system
+    of a summarization run refused prompts queued behind one 8.6 s prefill, at a 4 s default
+    against the run's 34 s); a relative SLO measured on an adaptive first system is refused."""
     import deploy.render
     from client.bench.compare import run_compare
     served = []
@@ -186,6 +188,12 @@ def test_every_adaptive_system_serves_the_runs_slos(monkeypatch):
     with pytest.warns(UserWarning, match="share cores"), pytest.raises(Stop):
         run_compare(args)
     assert (served[0].slo_ttft_s, served[0].slo_tpot_s) == (1.5, 0.05)
+    split = parse_args(["compare", "--workload", "code", "--num-requests", "4", "--slo-mode", "absolute",
+                        "--slo-ttft", "30", "--slo-tpot", "0.08", "--systems", "disaggregated"])
+    with pytest.raises(Stop):
+        run_compare(split)
+    assert (served[1].slo_ttft_s, served[1].slo_tpot_s) == (30, 0.08)
+    del served[1]
     relative = parse_args(["compare", "--workload", "code", "--num-requests", "4",
                            "--systems", "adaptive,colocated"])
     with pytest.raises(ValueError, match="non-adaptive system first"):

@@ -218,8 +218,12 @@ def run_compare(args: argparse.Namespace) -> dict[str, Any]:
         deployment = system.deployment(model_path)
         if not args.prefix_caching:
             deployment = without_prefix_caching(deployment)
-        if system.kind in ("adaptive", "adaptive-shared") and slo is not None:   # the router's SLOs
+        if slo is not None:         # the router's SLOs, and every system's overload limit
             deployment = replace(deployment, slo_ttft_s=slo.ttft_s, slo_tpot_s=slo.tpot_s)
+        elif deployment.overload_factor is not None:
+            log(f"{system.name}: served with the deployment's TTFT SLO ({deployment.slo_ttft_s:g} s) "
+                "until the run's is measured on it: it refuses a request predicted to wait over "
+                f"{deployment.overload_factor * deployment.slo_ttft_s:g} s")
         if args.max_model_len:
             deployment = replace(deployment, max_model_len=args.max_model_len)
         run_dir = run_root / system.name
