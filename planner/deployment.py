@@ -29,8 +29,8 @@ from planner.latency import (KV_BYTES_PER_TOKEN, LatencyTable, Link, anchor_path
                              load_profile, model_key)
 from planner.profile import profile_info
 from planner.placement import plan_high, plan_low
-from planner.search import (DECODE_STEP_TOKENS, SERVE_MODES, SLO, Cluster, Placement, Planner,
-                            SearchSpace)
+from planner.search import (SERVE_MODES, SLO, Cluster, Placement, Planner, SearchSpace,
+                            decode_step_tokens)
 from planner.simulator import InstanceSpec, SimConfig
 
 A100_PROFILE = anchor_path("distserve-a100-profile.distserve.json")
@@ -212,7 +212,7 @@ def to_deployment(p: Placement, model_path: str = DEFAULT_MODEL_PATH, num_kv_blo
     dep = Deployment(model_path=model_path, dtype=dtype, kv_dtype=kv_dtype, block_size=block_size,
                      prefill=PhaseSpec(num_instances=n, devices=prefill_cores, **common),
                      decode=PhaseSpec(num_instances=m, devices=decode_cores,
-                                      **{**common, "max_num_batched_tokens": max(DECODE_STEP_TOKENS, max_num_seqs)},
+                                      **{**common, "max_num_batched_tokens": decode_step_tokens(max_num_seqs)},
                                       **spec),
                      check_host=False, **extra)
     return with_decode_on_prefill_cores(dep) if p.shared_cores else dep

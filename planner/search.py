@@ -33,6 +33,12 @@ from planner.sim_spec import Speculation
 from planner.simulator import InstanceSpec, SimConfig
 
 
+def decode_step_tokens(max_num_seqs: int) -> int:
+    """A decode instance's step budget: DECODE_STEP_TOKENS (its mixed steps in adaptive mode),
+    never below one token for each sequence it runs."""
+    return max(DECODE_STEP_TOKENS, max_num_seqs)
+
+
 @dataclass(frozen=True)
 class Cluster:
     num_nodes: int
@@ -91,7 +97,7 @@ class SearchSpace:
     def instance(self, device: str, tp: int, pp: int, table: LatencyTable | None = None,
                  max_num_seqs: int | None = None, decode: bool = False) -> InstanceSpec | None:
         """The instance spec, or None when (tp, pp) has no latency model or does not fit;
-        `decode`: a decode instance's, its steps' token budget DECODE_STEP_TOKENS (its mixed
+        `decode`: a decode instance's, its steps' token budget decode_step_tokens (its mixed
         steps in adaptive mode), not the prefill batch's L_m."""
         tokens = self.capacity.get((model_key(self.model), tp, pp))
         try:
@@ -101,7 +107,7 @@ class SearchSpace:
         if tokens is None:
             return None
         seqs = max_num_seqs or self.max_num_seqs
-        budget = max(DECODE_STEP_TOKENS, seqs) if decode else self.prefill_budget
+        budget = decode_step_tokens(seqs) if decode else self.prefill_budget
         return InstanceSpec(lat, EngineLimits(tokens // self.block_size, seqs, budget, self.block_size),
                             self.speculation)
 
