@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from benchmarks import soak
+from deploy.server import IPC_MUTEX_ABORT
 
 if TYPE_CHECKING:
     from benchmarks.soak import Outcome, RssSampler, Settings
@@ -58,11 +59,25 @@ def kill_summary(outcomes: list[Outcome], kill: dict[str, Any]) -> dict[str, Any
             "failed_sent_after_kill": sum(o.status == "failed" for o in after)}
 
 
+def unexplained_deaths(processes: list[dict[str, Any]], kill: dict[str, Any],
+                       restarts: dict[str, Any]) -> tuple[list[dict[str, Any]], bool]:
+    """The server processes that died during the run, other than the killed stub, and whether
+    the kill made Triton's python backend abort tritonserver (restarted since: docs/faults.md).
+    After that abort the old server's processes went with it, up to the moment it answered
+    again; they are not counted, and a death after that moment still is."""
+    deaths = [p for p in processes if not p["alive_at_end"] and p["pid"] != kill["pid"]]
+    triton_abort = bool(restarts["count"]) and restarts["cause"] == IPC_MUTEX_ABORT
+    if triton_abort and kill["server_answering_after_s"] is not None:
+        recovered_by = kill["at_s"] + kill["server_answering_after_s"]
+        deaths = [p for p in deaths if p["gone_s"] > recovered_by]
+    return deaths, triton_abort
+
+
 def build_report(*, command: str, settings: Settings, rate: float, ref: dict[str, Any],
                  workload: dict[str, Any], deployment: dict[str, Any], outcomes: list[Outcome],
                  kill: dict[str, Any], end_state: dict[str, dict], idle_after_s: float,
-                 left: dict[str, Any], memory: RssSampler, loadavg: tuple, server_log_errors: list[str],
-                 stopped_s: float) -> dict[str, Any]:
+                 left: dict[str, Any], memory: RssSampler, restarts: dict[str, Any], loadavg: tuple,
+                 server_log_errors: list[str], stopped_s: float) -> dict[str, Any]:
     counts = {s: sum(o.status == s for o in outcomes) for s in soak.STATUSES}
     counts["sent"] = sum(o.send_s is not None for o in outcomes)
     failed = [o for o in outcomes if o.status == "failed"]
@@ -79,7 +94,7 @@ def build_report(*, command: str, settings: Settings, rate: float, ref: dict[str
     k = kill_summary(outcomes, kill)
     commit, changes = git_commit()
     processes = memory.summary()
-    deaths = [p for p in processes if not p["alive_at_end"] and p["pid"] != kill["pid"]]
+    deaths, triton_abort = unexplained_deaths(processes, k, restarts)
     problems = [p for p, bad in (
         ("a server process died during the run: " + ", ".join(
             f"{p['process']} (pid {p['pid']}) gone at t = {p['gone_s']:.0f} s, {p['exit'] or 'exit unknown'}"
@@ -93,6 +108,8 @@ def build_report(*, command: str, settings: Settings, rate: float, ref: dict[str
         ("shared-memory segments left after stop", left["segments_with_server_prefix"] or left["kv_pools"]),
         ("server processes left after stop", left["server_processes"]),
         ("the server did not answer again after the kill", k["server_answering_after_s"] is None),
+        (f"tritonserver was restarted ({restarts['cause'] or 'no crash in its log'})",
+         restarts["count"] and not triton_abort),
     ) if bad]
     return {
         "kind": "soak",
@@ -121,6 +138,7 @@ def build_report(*, command: str, settings: Settings, rate: float, ref: dict[str
             "cancelled_mid_stream": sum((o.cancelled_at_tokens or 0) > 0 for o in cancelled),
             "planned_but_ended_first": {s: sum(o.status == s for o in planned) for s in ("completed", "failed")}},
         "kill": k,
+        "server_restarts": restarts | {"triton_ipc_mutex_abort": triton_abort},
         "end_state": {"idle_after_s": idle_after_s, "kv_blocks_used": kv_held, "leases": leases,
                       "instances": end_state},
         "left_after_stop": left,
@@ -167,6 +185,17 @@ def _s(x: float | None, fmt: str = ".1f") -> str:
     return "-" if x is None else format(x, fmt)
 
 
+def restart_sentence(restarts: dict[str, Any] | None) -> str:
+    if not restarts or not restarts["count"]:
+        return ""
+    took = ", ".join(f"{t:.1f} s" for t in restarts["took_s"])
+    if restarts["triton_ipc_mutex_abort"]:
+        return (f"The kill made tritonserver itself abort (`{IPC_MUTEX_ABORT}` in Triton's python "
+                f"backend: the stub died holding its IPC mutex, docs/faults.md); the supervisor "
+                f"restarted it ({took}). ")
+    return f"tritonserver was restarted {restarts['count']} time(s) ({took}): {str(restarts['cause']).rstrip('.')}. "
+
+
 def markdown(r: dict[str, Any]) -> str:
     c, k, e, m = r["counts"], r["kill"], r["end_state"], r["machine"]
     w = r["workload"]
@@ -174,7 +203,8 @@ def markdown(r: dict[str, Any]) -> str:
     first = k["first_sent_after_kill_completed"]
     out = (f"# Soak: {c['sent']} ShareGPT requests, client cancellations, one decode kill\n\n"
            f"{'**PASS**' if r['ok'] else '**FAIL**: ' + '; '.join(r['problems'])}. "
-           f"Command: `{r['command']}`; commit {r['git_commit']}"
+           + restart_sentence(r.get("server_restarts"))
+           + f"Command: `{r['command']}`; commit {r['git_commit']}"
            + (f" (local changes: {', '.join(r['git_changes'][:10])})" if r.get("git_changes") else "")
            + f", {r['created']}. "
            f"{m['cpu_model']}, {m['num_cores']} cores, load average {m['loadavg_start'][0]:.2f} at the start, "

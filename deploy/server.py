@@ -70,6 +70,21 @@ def crashed(returncode: int | None) -> bool:
     return returncode is not None and returncode < 0 and -returncode in CRASH_SIGNALS
 
 
+# Triton's python backend aborts the whole server when a stub dies holding one of the mutexes
+# of their shared memory: the server's next lock of it finds the owner dead and throws this,
+# uncaught (docs/faults.md). Nothing in our code can prevent it; the supervisor restarts.
+IPC_MUTEX_ABORT = "boost::interprocess::lock_exception"
+
+
+def crash_cause(log_text: str) -> str | None:
+    """Why the tritonserver that wrote this log crashed: IPC_MUTEX_ABORT (the python backend's
+    abort on a stub killed holding its IPC mutex), else its "Signal (N) received." line, else
+    None (the log shows no crash)."""
+    if IPC_MUTEX_ABORT in log_text:
+        return IPC_MUTEX_ABORT
+    return next((line.strip() for line in log_text.splitlines() if line.startswith("Signal (")), None)
+
+
 class TritonServer:
     """One tritonserver process serving `model_repository`.
 
@@ -317,9 +332,19 @@ class TritonServer:
             finally:
                 self._restarting.clear()
 
+    @property
+    def kept_log(self) -> Path:
+        """Where a restart keeps the log of the server that died (how it died is in it)."""
+        return self.log_file.with_name(self.log_file.name + ".before-restart")
+
+    def restart_cause(self) -> str | None:
+        """crash_cause() of the server the last restart replaced; None if none was restarted."""
+        if not self.restarts or not self.kept_log.exists():
+            return None
+        return crash_cause(self.kept_log.read_text(errors="replace"))
+
     def _keep_log(self) -> Path:
-        """The log of the server that died, kept beside the new one's (how it died is in it)."""
-        kept = self.log_file.with_name(self.log_file.name + ".before-restart")
+        kept = self.kept_log
         if self.log_file.exists():
             self.log_file.replace(kept)
         return kept

@@ -23,7 +23,7 @@ import traceback
 
 import torch
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from backends.core.control import ControlServer, instance_handler, run_dir, socket_path
 from backends.core.engine import EngineConfig, LLMEngine
@@ -45,11 +45,19 @@ from kvtransfer import make_exporter, make_importer
 
 log = logging.getLogger(__name__)
 Send = Callable[[Any, str, bool], None]          # (ctx, payload, final)
+T = TypeVar("T")
 
 
 # Each metric update is an IPC round trip to the server per gauge: publish a few times a
 # second, not after every engine step (part of the decode stub's extra CPU per token).
 METRICS_PERIOD_S = 0.1
+# How often the loop asks Triton whether a client cancelled an outstanding request. Each
+# request.is_cancelled() is an IPC round trip to tritonserver under the stub's shared-memory
+# mutexes; asked every step for every sequence, it was as many round trips as tokens sent. A stub
+# killed while it holds one of those mutexes makes the python backend abort the whole server
+# (docs/faults.md), so fewer is safer as well as cheaper. The orchestrator cancels through the
+# control socket at once; this poll is for clients of an instance's own model (colocated).
+CANCEL_POLL_PERIOD_S = 0.1
 STEP_EWMA_ALPHA = 0.2             # weight of the newest step in the status page's step_ewma_s
 STACK_DUMP_AFTER_S = 30.0         # a stall this long puts every thread's stack in the log
 
@@ -61,14 +69,16 @@ def thread_stacks() -> str:
                      for ident, frame in sys._current_frames().items())
 
 
-def _throttled(fn: Callable[[], None], period_s: float) -> Callable[[], None]:
+def _throttled(fn: Callable[[], T], period_s: float, skipped: T = None) -> Callable[[], T]:
+    """fn, called at most once per period_s; a call in between returns `skipped`."""
     last = [float("-inf")]
 
-    def call() -> None:
+    def call() -> T:
         now = time.monotonic()
-        if now - last[0] >= period_s:
-            last[0] = now
-            fn()
+        if now - last[0] < period_s:
+            return skipped
+        last[0] = now
+        return fn()
     return call
 
 
@@ -129,7 +139,8 @@ class InstanceHost:
             self._publish_status()
             if metrics:
                 metrics()
-        self.loop = WorkerLoop(self._steps, self._emit, self._poll_cancelled, self._crash, after,
+        poll = _throttled(self._poll_cancelled, CANCEL_POLL_PERIOD_S, [])
+        self.loop = WorkerLoop(self._steps, self._emit, poll, self._crash, after,
                                name=f"{self.instance_id}-loop")
         self.control = ControlServer(socket_path(run_dir(), self.instance_id),
                                      instance_handler(self._cancel, self.stats, self.loop.wake,
