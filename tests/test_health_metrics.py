@@ -82,3 +82,43 @@ def test_engine_gauges_are_set_only_when_they_change():
     assert sets == []
     metrics.update({**stats, "kv_blocks_used": 7, "kv_transfer_bytes": 25})
     assert sorted(sets) == [("distserve_kv_blocks_used", 7.0), ("distserve_kv_transfer_bytes_total", 15.0)]
+
+
+def test_close_deletes_every_metric_before_finalize_returns():
+    """A pb_utils metric left for the interpreter's exit is deleted after the stub is gone, and
+    its destructor's IPC segfaulted every stub at unload (triton-inference-server/server#8662):
+    close_metrics deletes them all (families included) while the stub lives; later calls from
+    a straggling thread do nothing."""
+    import weakref
+    from types import SimpleNamespace
+    from backends.serving.metrics import EngineMetrics, HealthMetrics, RequestMetrics, close_metrics
+    from deploy.contract import Timing
+
+    class Family(FakeMetrics):
+        COUNTER, HISTOGRAM = "counter", "histogram"
+        made: list = []
+
+        def __init__(self, *a, **kw) -> None:
+            super().__init__(*a, **kw)
+            Family.made.append(weakref.ref(self))
+
+        def Metric(self, labels: dict, buckets=None):   # noqa: N802 - pb_utils' name
+            m = super().Metric(labels)
+            m.increment = m.observe = lambda v: None
+            Family.made.append(weakref.ref(m))
+            return m
+
+    pb = SimpleNamespace(MetricFamily=Family)
+    engine = EngineMetrics(pb, "decode", "decode-0")
+    request = RequestMetrics(pb)
+    health = HealthMetrics(pb, ["prefill-0", "decode-0"], phase_of)
+    engine.update({"pending": 1, "running": 2})
+    request.in_flight(+1)
+    health.update({"prefill-0": "up", "decode-0": "up"})
+    assert len(Family.made) > 20 and all(ref() is not None for ref in Family.made)
+    close_metrics(engine, request, health)
+    assert [ref for ref in Family.made if ref() is not None] == []
+    engine.update({"pending": 3})
+    request.in_flight(-1)
+    request.observe(Timing(ttft_s=0.1, tpot_s=0.01, e2e_s=1.0))
+    health.update({"prefill-0": "dead"})

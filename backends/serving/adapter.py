@@ -15,7 +15,7 @@ import numpy as np
 
 from backends.core.messages import Failed, encode
 from backends.serving.host import build_colocated_host, build_decode_host, build_prefill_host
-from backends.serving.metrics import EngineMetrics
+from backends.serving.metrics import EngineMetrics, close_metrics
 
 log = logging.getLogger(__name__)
 _BUILDERS = {"prefill": build_prefill_host, "decode": build_decode_host,
@@ -52,9 +52,9 @@ class EngineModel:
         enable_crash_traces()
         phase = self.PHASE or model_instance(args["model_name"])[0]
         deployment, _, index = init_instance(args, phase)
-        metrics = EngineMetrics(self.pb, phase, instance_id(phase, index))
+        self.metrics = EngineMetrics(self.pb, phase, instance_id(phase, index))
         self.host = _BUILDERS[phase](deployment, index, self._send, self._is_cancelled,
-                                     metrics.update)
+                                     self.metrics.update)
 
     def execute(self, requests: list[Any]) -> None:
         for request in requests:
@@ -80,3 +80,4 @@ class EngineModel:
 
     def finalize(self) -> None:
         self.host.close()
+        close_metrics(self.metrics)

@@ -2,9 +2,16 @@
 
 Engine instances publish gauges from their worker's stats after every step; the orchestrator
 observes TTFT/TPOT per request. Names are prefixed `distserve_`.
+
+Each class has close(), which the model's finalize() calls: it drops the metrics and their
+families while the stub can still tell the server. Left to the interpreter's exit, their
+destructors reach for the stub after it is gone, and every stub segfaulted as it unloaded
+("Fatal Python error: Segmentation fault ... Garbage-collecting"; Triton's
+triton-inference-server/server#8662). After close() the methods do nothing.
 """
 from __future__ import annotations
 
+import gc
 from typing import Any
 
 from deploy.contract import Timing
@@ -42,6 +49,9 @@ class EngineMetrics:
                                      kind=pb.MetricFamily.COUNTER)
             self._counters[key] = (family, family.Metric(labels=labels), [0.0])
 
+    def close(self) -> None:
+        self._gauges, self._counters = {}, {}
+
     def update(self, stats: dict[str, Any]) -> None:
         """Set what changed since the last update. Each set is an IPC round trip to the server
         under the stub's shared-memory mutex, so an idle instance makes none (a stub killed
@@ -78,16 +88,23 @@ class RequestMetrics:
             self._hist[key] = (family, family.Metric(labels={"model": model},
                                                      buckets=LATENCY_BUCKETS))
 
+    def close(self) -> None:
+        self._in_flight = self._in_flight_family = None
+        self._hist = {}
+
     def in_flight(self, delta: int) -> None:
-        self._in_flight.increment(float(delta))
+        metric = self._in_flight
+        if metric is not None:
+            metric.increment(float(delta))
 
     def observe(self, timing: Timing | None) -> None:
-        if timing is None:
+        hist = self._hist
+        if timing is None or not hist:
             return
         for key, value in (("ttft_seconds", timing.ttft_s), ("tpot_seconds", timing.tpot_s),
                            ("e2e_seconds", timing.e2e_s)):
             if value is not None:
-                self._hist[key][1].observe(float(value))
+                hist[key][1].observe(float(value))
 
 
 class HealthMetrics:
@@ -108,13 +125,26 @@ class HealthMetrics:
                     for i in instance_ids}
         self._ready = ready.Metric(labels={"model": model})
 
+    def close(self) -> None:
+        self._up, self._ready, self._families = {}, None, ()
+
     def update(self, status: dict[str, str]) -> None:
         """`status`: InstanceMonitor.status() (instance -> "up" / "starting" / "dead" / "stuck")."""
+        up, ready = self._up, self._ready
+        if ready is None:
+            return
         phases: dict[str, bool] = {}
         for instance, state in status.items():
             is_up = state == "up"
-            if instance in self._up:
-                self._up[instance].set(1.0 if is_up else 0.0)
+            if instance in up:
+                up[instance].set(1.0 if is_up else 0.0)
             phase = self.phase_of(instance)
             phases[phase] = phases.get(phase, False) or is_up
-        self._ready.set(1.0 if phases and all(phases.values()) else 0.0)
+        ready.set(1.0 if phases and all(phases.values()) else 0.0)
+
+
+def close_metrics(*metrics: EngineMetrics | RequestMetrics | HealthMetrics) -> None:
+    """close() each, then collect: every metric is deleted before finalize() returns."""
+    for m in metrics:
+        m.close()
+    gc.collect()

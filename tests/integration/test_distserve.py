@@ -50,6 +50,11 @@ def server(tmp_path_factory, gguf_path):
         yield srv
     leftover = _our_segments() - before
     assert not leftover, f"shared-memory segments left after the server stopped: {leftover}"
+    # every stub unloads cleanly: none crashes in its exit (metrics deleted in finalize,
+    # backends/serving/metrics.py)
+    log_text = srv.log_file.read_text(errors="replace")
+    at = log_text.find("Fatal Python error")
+    assert at < 0, f"a stub crashed as the server stopped:\n{log_text[max(0, at - 1500):at + 1500]}"
 
 
 @pytest.fixture(scope="module")
