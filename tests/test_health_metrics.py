@@ -85,13 +85,13 @@ def test_engine_gauges_are_set_only_when_they_change():
 
 
 def test_close_deletes_every_metric_before_finalize_returns():
-    """A pb_utils metric left for the interpreter's exit is deleted after the stub is gone, and
+    """A pb_utils object left for the interpreter's exit is deleted after the stub is gone, and
     its destructor's IPC segfaulted every stub at unload (triton-inference-server/server#8662):
-    close_metrics deletes them all (families included) while the stub lives; later calls from
-    a straggling thread do nothing."""
+    release_at_finalize deletes every metric (families included) and whatever else the model
+    held, cycles too, while the stub lives; later calls from a straggling thread do nothing."""
     import weakref
     from types import SimpleNamespace
-    from backends.serving.metrics import EngineMetrics, HealthMetrics, RequestMetrics, close_metrics
+    from backends.serving.metrics import EngineMetrics, HealthMetrics, RequestMetrics, release_at_finalize
     from deploy.contract import Timing
 
     class Family(FakeMetrics):
@@ -116,8 +116,14 @@ def test_close_deletes_every_metric_before_finalize_returns():
     request.in_flight(+1)
     health.update({"prefill-0": "up", "decode-0": "up"})
     assert len(Family.made) > 20 and all(ref() is not None for ref in Family.made)
-    close_metrics(engine, request, health)
+    class Held:                                          # e.g. a BLS stream bls_keep holds
+        pass
+    model = SimpleNamespace(metrics=engine, kept=[Held()])
+    model.kept[0].cycle = model.kept                     # a cycle: only a collection frees it
+    kept = weakref.ref(model.kept[0])
+    release_at_finalize(model, engine, request, health)
     assert [ref for ref in Family.made if ref() is not None] == []
+    assert kept() is None and vars(model) == {}          # what else the model held, gone too
     engine.update({"pending": 3})
     request.in_flight(-1)
     request.observe(Timing(ttft_s=0.1, tpot_s=0.01, e2e_s=1.0))

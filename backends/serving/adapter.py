@@ -15,7 +15,7 @@ import numpy as np
 
 from backends.core.messages import Failed, encode
 from backends.serving.host import build_colocated_host, build_decode_host, build_prefill_host
-from backends.serving.metrics import EngineMetrics, close_metrics
+from backends.serving.metrics import EngineMetrics, release_at_finalize
 
 log = logging.getLogger(__name__)
 _BUILDERS = {"prefill": build_prefill_host, "decode": build_decode_host,
@@ -80,4 +80,4 @@ class EngineModel:
 
     def finalize(self) -> None:
         self.host.close()
-        close_metrics(self.metrics)
+        release_at_finalize(self, self.metrics)

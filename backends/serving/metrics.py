@@ -3,11 +3,9 @@
 Engine instances publish gauges from their worker's stats after every step; the orchestrator
 observes TTFT/TPOT per request. Names are prefixed `distserve_`.
 
-Each class has close(), which the model's finalize() calls: it drops the metrics and their
-families while the stub can still tell the server. Left to the interpreter's exit, their
-destructors reach for the stub after it is gone, and every stub segfaulted as it unloaded
-("Fatal Python error: Segmentation fault ... Garbage-collecting"; Triton's
-triton-inference-server/server#8662). After close() the methods do nothing.
+Each class has close(), which the model's finalize() calls (release_at_finalize): it drops
+the metrics and their families while the stub can still tell the server. After close() the
+methods do nothing.
 """
 from __future__ import annotations
 
@@ -143,8 +141,15 @@ class HealthMetrics:
         ready.set(1.0 if phases and all(phases.values()) else 0.0)
 
 
-def close_metrics(*metrics: EngineMetrics | RequestMetrics | HealthMetrics) -> None:
-    """close() each, then collect: every metric is deleted before finalize() returns."""
+def release_at_finalize(model: Any, *metrics: EngineMetrics | RequestMetrics | HealthMetrics) -> None:
+    """The end of a model's finalize(): delete every python-backend object it holds while the
+    stub still works. Each `metrics` is closed; then the model's attributes are dropped (kept
+    BLS streams, response senders, ...) and reference cycles collected. An object of Triton's
+    left for the interpreter's exit is destroyed after the stub is gone, and its destructor's
+    message through the stub segfaulted every stub as it unloaded ("Fatal Python error:
+    Segmentation fault ... Garbage-collecting"; triton-inference-server/server#8662 for
+    metrics; a BLS response iterator does the same). The model is unusable afterwards."""
     for m in metrics:
         m.close()
+    vars(model).clear()
     gc.collect()

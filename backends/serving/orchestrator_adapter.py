@@ -45,7 +45,7 @@ from backends.core.tpot_slack import sure_after_prefill
 from backends.orchestrator.pipeline import Chunk, Generation, Orchestrator, RequestFailed
 from backends.serving.adapter import bytes_tensor
 from backends.serving.bls_keep import Keeper
-from backends.serving.metrics import HealthMetrics, RequestMetrics, close_metrics
+from backends.serving.metrics import HealthMetrics, RequestMetrics, release_at_finalize
 from deploy.contract import DISTSERVE_SPEC, instance_id, instance_model
 from deploy.supervisor import reload_model
 
@@ -404,7 +404,7 @@ class OrchestratorModel:
     def finalize(self) -> None:
         self.monitor.stop()
         self.pool.shutdown(wait=False, cancel_futures=True)
-        close_metrics(self.health, self.metrics)
+        release_at_finalize(self, self.health, self.metrics)
 
 
 SERVER_URL_ENV = "DISTSERVE_SERVER_URL"
