@@ -78,11 +78,13 @@ IPC_MUTEX_ABORT = "boost::interprocess::lock_exception"
 
 def crash_cause(log_text: str) -> str | None:
     """Why the tritonserver that wrote this log crashed: IPC_MUTEX_ABORT (the python backend's
-    abort on a stub killed holding its IPC mutex), else its "Signal (N) received." line, else
-    None (the log shows no crash)."""
+    abort on a stub killed holding its IPC mutex), else its "Signal (N) received." line for a
+    fault signal (CRASH_SIGNALS), else None. Triton prints the same line for the SIGTERM of an
+    ordinary stop, which is no crash."""
     if IPC_MUTEX_ABORT in log_text:
         return IPC_MUTEX_ABORT
-    return next((line.strip() for line in log_text.splitlines() if line.startswith("Signal (")), None)
+    faults = tuple(f"Signal ({int(s)})" for s in CRASH_SIGNALS)
+    return next((line.strip() for line in log_text.splitlines() if line.startswith(faults)), None)
 
 
 class TritonServer:

@@ -25,6 +25,7 @@ def test_crash_cause_reads_the_old_log():
     assert crash_cause(abort) == IPC_MUTEX_ABORT
     assert crash_cause("I1208 serving\nSignal (11) received.\n 0# ...\n") == "Signal (11) received."
     assert crash_cause("I1208 serving\nI1208 stopping\n") is None
+    assert crash_cause("I1208 serving\nSignal (15) received.\nI1208 unloading\n") is None   # a stop
 
 
 def _proc(pid, process, gone_s=None):
